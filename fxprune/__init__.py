@@ -1,0 +1,29 @@
+"""fxprune: structured channel pruning as a torch.fx compiler pass.
+
+    import fxprune, torchvision
+    small = fxprune.compile(torchvision.models.resnet50(), target_gflops=2.0)
+    print(fxprune.report(small))
+"""
+
+from .api import DEFAULT_INPUT_SHAPE, analyze, compile, count_flops, prune, report
+from .errors import (
+    ArgumentError,
+    FxPruneError,
+    PlanError,
+    ShapeError,
+    TargetUnreachableError,
+    TraceError,
+    VerificationError,
+)
+from .graph import DependencyGraph, Group, Member, Plan
+from .report import Report
+from .selectors import L1, Selector, Uniform
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "compile", "analyze", "prune", "report", "count_flops", "DEFAULT_INPUT_SHAPE",
+    "DependencyGraph", "Group", "Member", "Plan", "Report", "Selector", "Uniform", "L1",
+    "FxPruneError", "ArgumentError", "TraceError", "ShapeError", "PlanError",
+    "TargetUnreachableError", "VerificationError",
+]

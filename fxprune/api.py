@@ -1,0 +1,163 @@
+"""The public API: compose the passes. Nothing here touches a graph directly."""
+
+from __future__ import annotations
+
+import difflib
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .errors import ArgumentError, PlanError
+from .flops import FlopModel, total_macs
+from .graph import DependencyGraph, Plan
+from .passes.annotate import annotate
+from .passes.capture import capture, structural_copy
+from .passes.couple import couple
+from .passes.rewrite import rewrite
+from .passes.select import removed_mask, select
+from .passes.shapes import eval_mode, propagate_shapes
+from .passes.verify import verify as verify_pass
+from .report import Report
+from .selectors import Selector, get_selector
+
+__all__ = ["compile", "analyze", "prune", "report", "count_flops", "DEFAULT_INPUT_SHAPE"]
+
+DEFAULT_INPUT_SHAPE = (1, 3, 224, 224)
+"""Shape of the example input used when none is given: one seeded ``torch.randn`` image batch."""
+
+Inputs = torch.Tensor | Sequence[Any] | None
+
+
+def _example_inputs(example_inputs: Inputs, seed: int) -> tuple[Any, ...]:
+    if example_inputs is None:
+        gen = torch.Generator().manual_seed(seed)
+        return (torch.randn(DEFAULT_INPUT_SHAPE, generator=gen),)
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    raise ArgumentError(
+        f"example_inputs must be a tensor or a tuple of positional inputs, got {type(example_inputs).__name__}"
+    )
+
+
+@dataclass
+class _Analysis:
+    gm: torch.fx.GraphModule
+    graph: DependencyGraph
+    flops: FlopModel
+    inputs: tuple[Any, ...]
+
+
+def _check_ignore(model: nn.Module, ignore: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(ignore, str):
+        ignore = (ignore,)
+    names = {n for n, _ in model.named_modules()}
+    out = tuple(ignore)
+    for name in out:
+        if name not in names:
+            close = difflib.get_close_matches(name, sorted(names), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ArgumentError(f"ignore= names module {name!r}, which {type(model).__name__} does not have{hint}")
+    return out
+
+
+def _analyze(model: nn.Module, example_inputs: Inputs, ignore: Iterable[str], seed: int) -> _Analysis:
+    ignore = _check_ignore(model, ignore)
+    inputs = _example_inputs(example_inputs, seed)
+    gm = capture(model)
+    propagate_shapes(gm, inputs)
+    graph = couple(gm, ignore)
+    return _Analysis(gm, graph, FlopModel(graph, total_macs(gm)), inputs)
+
+
+def analyze(model: nn.Module, example_inputs: Inputs = None, *, ignore: Iterable[str] = ()) -> DependencyGraph:
+    """Dependency groups of ``model``: which channels must be pruned together, which cannot and why."""
+    return _analyze(model, example_inputs, ignore, 0).graph
+
+
+def _finish(a: _Analysis, plan: Plan, verify: bool) -> torch.fx.GraphModule:
+    pruned = rewrite(a.gm, a.graph, plan)
+    removed = removed_mask(a.graph, plan)
+    record = pruned.meta["fxprune"]
+    if verify:
+        result = verify_pass(a.gm, pruned, a.graph, removed, a.inputs)
+        record["verified"] = {"max_abs_error": result.max_abs_error, "tolerance": result.tolerance}
+    record["report"] = annotate(a.gm, pruned, a.graph, removed, a.flops).to_dict()
+    record["plan"] = json.loads(plan.to_json())
+    return pruned
+
+
+def compile(  # noqa: A001 - the product's verb
+    model: nn.Module,
+    target_gflops: float | None = None,
+    *,
+    ratio: float | None = None,
+    example_inputs: Inputs = None,
+    selector: str | Selector = "uniform",
+    ignore: Iterable[str] = (),
+    seed: int = 0,
+    verify: bool = True,
+) -> torch.fx.GraphModule:
+    """Prune ``model`` to a FLOPs budget and return a new, smaller ``torch.fx.GraphModule``.
+
+    Give exactly one of ``target_gflops`` (GFLOPs of the result, FLOPs = 2 x MACs of conv, linear and
+    matmul as counted by ``FlopCounterMode``) or ``ratio`` (fraction of those FLOPs to remove).
+    ``example_inputs`` defaults to one seeded ``torch.randn(1, 3, 224, 224)``. ``ignore`` names modules
+    whose output channels must stay. The model's outputs never lose channels and ``model`` itself is never
+    modified. With ``verify=True`` the result is checked against the masked original (see verify.py).
+    """
+    if (target_gflops is None) == (ratio is None):
+        raise ArgumentError("give exactly one of target_gflops= (GFLOPs of the result) or ratio= (fraction of FLOPs to remove)")
+    if ratio is not None and not 0.0 <= ratio < 1.0:
+        raise ArgumentError(f"ratio must be in [0, 1), got {ratio}")
+    if target_gflops is not None and not target_gflops > 0:
+        raise ArgumentError(f"target_gflops must be positive, got {target_gflops}")
+    sel = get_selector(selector)
+    a = _analyze(model, example_inputs, ignore, seed)
+    total = total_macs(a.gm)
+    target = target_gflops * 1e9 / 2 if target_gflops is not None else (1.0 - ratio) * total
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        scores = sel.scores(a.graph, a.gm)
+    plan = select(a.graph, a.flops, target, scores)
+    return _finish(a, plan, verify)
+
+
+def prune(model: nn.Module, plan: Plan | dict[int, Sequence[int]], example_inputs: Inputs = None, *, verify: bool = True) -> torch.fx.GraphModule:
+    """Apply an explicit plan: for each group id of ``analyze(model)``, the positions of atoms to keep."""
+    a = _analyze(model, example_inputs, (), 0)
+    plan = plan if isinstance(plan, Plan) else Plan({int(k): list(v) for k, v in plan.items()})
+    for gid, keep in plan.keep.items():
+        if not 0 <= gid < len(a.graph.groups):
+            raise PlanError(f"plan names group {gid}, but the model has groups 0..{len(a.graph.groups) - 1}")
+        g = a.graph.groups[gid]
+        keep = list(keep)
+        if g.frozen and len(keep) != g.width:
+            raise PlanError(f"group {gid} is frozen ({g.frozen[0]}); it must keep all {g.width} channels")
+        if not keep or len(set(keep)) != len(keep) or min(keep) < 0 or max(keep) >= g.width:
+            raise PlanError(f"group {gid} (width {g.width}, first member {g.members[0]}): keep must be distinct positions in 0..{g.width - 1}, at least one")
+    return _finish(a, plan, verify)
+
+
+def report(gm: torch.fx.GraphModule) -> Report:
+    """The FLOP/parameter report of a GraphModule returned by ``compile`` or ``prune``."""
+    record = getattr(gm, "meta", {}).get("fxprune") if isinstance(gm, torch.fx.GraphModule) else None
+    if not record or "report" not in record:
+        raise ArgumentError("report() takes a GraphModule returned by fxprune.compile or fxprune.prune; for any other module use fxprune.count_flops")
+    return Report.from_dict(record["report"])
+
+
+def count_flops(module: nn.Module, example_inputs: Inputs) -> int:
+    """FLOPs (2 x MACs) that ``FlopCounterMode`` counts for one eval-mode forward; ``module`` is untouched."""
+    inputs = _example_inputs(example_inputs, 0)
+    copy = structural_copy(module)
+    with torch.no_grad(), eval_mode(copy), FlopCounterMode(display=False) as counter:
+        copy(*inputs)
+    return int(counter.get_total_flops())

@@ -1,0 +1,49 @@
+"""fxprune's exception types.
+
+Every error a user can trigger is one of these, with a message that names the node or module at fault
+and says what to do about it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "FxPruneError",
+    "ArgumentError",
+    "TraceError",
+    "ShapeError",
+    "PlanError",
+    "TargetUnreachableError",
+    "VerificationError",
+]
+
+
+class FxPruneError(Exception):
+    """Base class of every fxprune error."""
+
+
+class ArgumentError(FxPruneError, ValueError):
+    """A public function was called with arguments that cannot work together."""
+
+
+class TraceError(FxPruneError):
+    """The model could not be captured as a torch.fx graph."""
+
+
+class ShapeError(FxPruneError):
+    """Running the captured graph on the example inputs failed."""
+
+
+class PlanError(FxPruneError):
+    """A pruning plan does not fit the model's dependency groups."""
+
+
+class TargetUnreachableError(FxPruneError):
+    """The FLOPs target is below what the prunable groups can reach."""
+
+    def __init__(self, message: str, smallest_gflops: float) -> None:
+        super().__init__(message)
+        self.smallest_gflops = smallest_gflops
+
+
+class VerificationError(FxPruneError):
+    """The pruned model does not compute what the plan says it should."""

@@ -1,0 +1,60 @@
+"""FLOPs of a pruned model without running it.
+
+Every contracting node (conv, linear, matmul) costs ``macs * prod(kept_i / size_i)`` over the pruned
+dimensions it touches (its FlopTerm); everything the shapes pass counted elsewhere is constant. Because
+a conv's MACs are (output positions) x numel(weight), this is exact: the tests check it against
+``torch.utils.flop_counter.FlopCounterMode`` run on the pruned model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.fx
+
+from .graph import DependencyGraph
+
+__all__ = ["FlopModel", "total_macs"]
+
+
+def total_macs(gm: torch.fx.GraphModule) -> int:
+    """MACs the shapes pass recorded for the whole graph (FlopCounterMode FLOPs / 2)."""
+    return sum(int(n.meta.get("fxprune_flops", 0)) for n in gm.graph.nodes) // 2
+
+
+class FlopModel:
+    """MACs as a function of the removed-atom mask, vectorized for the target search."""
+
+    def __init__(self, graph: DependencyGraph, total: int) -> None:
+        self.graph = graph
+        self.terms = graph.flop_terms
+        self.constant = total - sum(t.macs for t in self.terms)
+        factors = [(i, f) for i, t in enumerate(self.terms) for f in t.factors]
+        sentinel = graph.num_atoms  # index of an atom that is never removed
+        self.index = torch.cat([torch.where(f < 0, sentinel, f) for _, f in factors]) if factors else torch.empty(0, dtype=torch.long)
+        self.segment = torch.cat([torch.full((f.numel(),), k) for k, (_, f) in enumerate(factors)]) if factors else torch.empty(0, dtype=torch.long)
+        self.sizes = torch.tensor([f.numel() for _, f in factors], dtype=torch.float64)
+        self.term_of = torch.tensor([i for i, _ in factors], dtype=torch.long)
+        self.macs_vec = torch.tensor([t.macs for t in self.terms], dtype=torch.float64)
+
+    def macs(self, removed: torch.Tensor) -> float:
+        """Approximate (float64) MACs for the target search."""
+        if not self.terms:
+            return float(self.constant)
+        kept = (~torch.cat([removed, removed.new_zeros(1)]))[self.index].to(torch.float64)
+        per_factor = torch.zeros(len(self.sizes), dtype=torch.float64).index_add_(0, self.segment, kept) / self.sizes
+        ratio = torch.ones(len(self.terms), dtype=torch.float64).scatter_reduce(0, self.term_of, per_factor, "prod")
+        return float((self.macs_vec * ratio).sum()) + self.constant
+
+    def per_node(self, removed: torch.Tensor) -> dict[str, int]:
+        """Exact integer MACs of every FlopTerm node after removing ``removed``."""
+        out = {}
+        for t in self.terms:
+            num = math.prod(int((~removed[f[f >= 0]]).sum()) + int((f < 0).sum()) for f in t.factors)
+            den = math.prod(f.numel() for f in t.factors)
+            out[t.node] = t.macs * num // den
+        return out
+
+    def exact(self, removed: torch.Tensor) -> int:
+        return self.constant + sum(self.per_node(removed).values())

@@ -1,0 +1,168 @@
+"""The data the passes hand to each other: DependencyGraph, Group, Member, Plan, Patch, FlopTerm.
+
+Vocabulary. A *channel* is one index along one dimension of one parameter (``layer1.0.conv1.weight``
+dim 0, index 5). Channels that must be removed together (a residual add, a shuffle, a shared weight)
+form one *atom*. Atoms that touch the same set of parameter dimensions form a *group*; a group's width
+is its number of atoms, and a plan keeps a subset of each group's atoms.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+import torch
+from tabulate import tabulate
+
+__all__ = ["Member", "Group", "Patch", "FlopTerm", "DependencyGraph", "Plan"]
+
+
+@dataclass(frozen=True)
+class Member:
+    """One dimension of one parameter or buffer that a group's atoms index into."""
+
+    name: str  # qualified parameter/buffer name, e.g. "layer1.0.conv1.weight"
+    dim: int
+    module: str  # owning module (or graph node for functional use)
+    role: str  # "out" (produces channels), "in" (reads them) or "param" (per-channel state)
+
+    def __str__(self) -> str:
+        return f"{self.name}[{self.dim}]"
+
+
+@dataclass
+class Group:
+    """Atoms with the same members. ``channels[m][k]`` lists member m's indices owned by atom k."""
+
+    id: int
+    atoms: torch.Tensor  # global atom ids, in channel order
+    members: tuple[Member, ...]
+    frozen: tuple[str, ...] = ()  # reasons; empty means prunable
+
+    @property
+    def width(self) -> int:
+        return int(self.atoms.numel())
+
+    @property
+    def prunable(self) -> bool:
+        return not self.frozen and self.width > 1
+
+
+@dataclass(frozen=True)
+class Patch:
+    """A literal in the graph or a module attribute that must follow a pruned size.
+
+    kind "attr": module ``target``'s attribute ``field`` becomes the pruned size of ``node`` along
+    ``dim`` (wrapped in a tuple when ``as_tuple``). kind "arg": the literal at ``path`` inside node
+    ``target``'s (args, kwargs) becomes that size. kind "slice": the slice at ``path`` is re-indexed to
+    the kept positions of ``node`` along ``dim``. kind "split": node ``target`` becomes a split with the
+    pruned sizes of its pieces along ``dim``.
+    """
+
+    kind: str
+    target: str
+    node: str
+    dim: int
+    field: str = ""
+    path: tuple[Any, ...] = ()
+    as_tuple: bool = False
+
+
+@dataclass(frozen=True)
+class FlopTerm:
+    """MACs of one graph node: ``macs * prod(kept_i / size_i)`` over its prunable factors.
+
+    Each factor is an atom-id vector (-1: never removed) along one pruned dimension.
+    """
+
+    node: str
+    macs: int
+    factors: tuple[torch.Tensor, ...]
+
+
+@dataclass
+class DependencyGraph:
+    """Channel coupling of a captured model: groups, per-tensor channel atoms, patches, FLOP terms."""
+
+    groups: list[Group]
+    member_atoms: dict[tuple[str, int], torch.Tensor]  # (param name, dim) -> atom id per index
+    members: dict[tuple[str, int], Member]
+    tensor_atoms: dict[str, tuple[int, torch.Tensor]]  # node name -> (dim, atom id per index)
+    patches: list[Patch]
+    flop_terms: list[FlopTerm]
+    consumers: list[tuple[str, int, int]]  # (node, arg index, dim) read channel-wise by a contraction
+    notes: dict[str, str]  # node name -> why pruning there is not exactly output-preserving
+    families: dict[str, str]  # node name -> op family ("contract", "elementwise", "shape", ...)
+    num_atoms: int
+    opaque: tuple[str, ...] = ()
+    atom_group: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+
+    def group(self, gid: int) -> Group:
+        return self.groups[gid]
+
+    def groups_of(self, module: str) -> list[Group]:
+        """Groups that touch any parameter of ``module`` (a qualified module name)."""
+        prefix = module + "."
+        return [g for g in self.groups if any(m.name.startswith(prefix) for m in g.members)]
+
+    @property
+    def prunable_groups(self) -> list[Group]:
+        return [g for g in self.groups if g.prunable]
+
+    def to_networkx(self) -> nx.Graph:
+        """Bipartite graph: ``("group", id)`` nodes joined to ``("member", "param[dim]")`` nodes."""
+        g = nx.Graph()
+        for grp in self.groups:
+            g.add_node(("group", grp.id), kind="group", width=grp.width, frozen=list(grp.frozen))
+            for m in grp.members:
+                g.add_node(("member", str(m)), kind="member", module=m.module, role=m.role)
+                g.add_edge(("group", grp.id), ("member", str(m)))
+        return g
+
+    def to_dot(self) -> str:
+        """Graphviz DOT text of :meth:`to_networkx`: groups as boxes (frozen ones grey), members as ellipses."""
+        lines = ["graph fxprune {", "  rankdir=LR;"]
+        for grp in self.groups:
+            label = f"group {grp.id}\\nwidth {grp.width}"
+            style = 'style=filled fillcolor="#dddddd"' if grp.frozen else 'style=filled fillcolor="#cfe8ff"'
+            if grp.frozen:
+                label += "\\nfrozen: " + grp.frozen[0].replace('"', "'")
+            lines.append(f'  "g{grp.id}" [shape=box {style} label="{label}"];')
+        seen: set[str] = set()
+        for grp in self.groups:
+            for m in grp.members:
+                if str(m) not in seen:
+                    seen.add(str(m))
+                    lines.append(f'  "{m}" [label="{m}\\n({m.role})"];')
+                lines.append(f'  "g{grp.id}" -- "{m}";')
+        lines.append("}")
+        return "\n".join(lines) + "\n"
+
+    def table(self, max_members: int = 4) -> str:
+        rows = []
+        for grp in self.groups:
+            names = [str(m) for m in grp.members]
+            shown = ", ".join(names[:max_members]) + (f", ... (+{len(names) - max_members})" if len(names) > max_members else "")
+            status = "prunable" if grp.prunable else ("frozen: " + "; ".join(grp.frozen) if grp.frozen else "width 1")
+            rows.append([grp.id, grp.width, len(names), status, shown])
+        return tabulate(rows, headers=["group", "width", "members", "status", "first members"])
+
+    def __str__(self) -> str:
+        n = len(self.prunable_groups)
+        return f"DependencyGraph: {len(self.groups)} groups, {n} prunable\n" + self.table()
+
+
+@dataclass
+class Plan:
+    """For each group id, the positions (0..width-1) of the atoms to keep. Groups not listed keep all."""
+
+    keep: dict[int, list[int]]
+
+    def to_json(self) -> str:
+        return json.dumps({str(k): v for k, v in sorted(self.keep.items())})
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        return cls({int(k): [int(i) for i in v] for k, v in json.loads(text).items()})

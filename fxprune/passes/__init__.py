@@ -1,0 +1,1 @@
+"""fxprune passes: capture, shapes, couple, select, rewrite, annotate, verify."""

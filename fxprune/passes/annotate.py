@@ -1,0 +1,91 @@
+"""annotate: original + pruned GraphModule -> per-node MACs in ``node.meta`` and a Report.
+
+MACs before come from the shapes pass (FlopCounterMode, per node); MACs after come from the exact
+FlopModel, and are written to the pruned graph's ``node.meta["fxprune_macs"]``. Element-wise,
+normalization, pooling and reduction ops are estimated separately at one FLOP per output element.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import torch
+import torch.fx
+from torch import nn
+
+from ..flops import FlopModel, total_macs
+from ..graph import DependencyGraph
+from ..report import LayerRow, Report
+from .rewrite import kept_mask
+
+__all__ = ["annotate"]
+
+_IN = ("in_channels", "in_features", "num_features", "num_channels", "normalized_shape", "num_parameters")
+_OUT = ("out_channels", "out_features", "num_features", "num_channels", "normalized_shape", "num_parameters")
+_OTHER_FAMILIES = ("elementwise", "channelwise", "norm", "reduction")
+
+
+def _channels(mod: nn.Module, fields: tuple[str, ...]) -> int | None:
+    for f in fields:
+        v = getattr(mod, f, None)
+        if isinstance(v, int):
+            return v
+        if isinstance(v, (tuple, list)) and v and isinstance(v[-1], int):
+            return v[-1]
+    return None
+
+
+def _numel(mod: nn.Module) -> int:
+    return sum(p.numel() for p in mod.parameters())
+
+
+def annotate(
+    gm: torch.fx.GraphModule,
+    pruned: torch.fx.GraphModule,
+    graph: DependencyGraph,
+    removed: torch.Tensor,
+    flop_model: FlopModel,
+) -> Report:
+    after = flop_model.per_node(removed)
+    before_mods, after_mods = dict(gm.named_modules()), dict(pruned.named_modules())
+    pruned_nodes = {n.name: n for n in pruned.graph.nodes}
+    rows: list[LayerRow] = []
+    other = [0, 0]
+    for node in gm.graph.nodes:
+        macs0 = int(node.meta.get("fxprune_flops", 0)) // 2
+        macs1 = after.get(node.name, macs0)
+        if node.name in pruned_nodes:
+            pruned_nodes[node.name].meta["fxprune_macs"] = macs1
+        if graph.families.get(node.name) in _OTHER_FAMILIES and "tensor_meta" in node.meta:
+            n0 = math.prod(node.meta["tensor_meta"].shape)
+            entry = graph.tensor_atoms.get(node.name)
+            frac = float(kept_mask(graph, removed, entry[1]).double().mean()) if entry is not None else 1.0
+            other[0] += n0
+            other[1] += round(n0 * frac)
+        if node.op == "call_module":
+            m0, m1 = before_mods[node.target], after_mods[node.target]
+            p0, p1 = _numel(m0), _numel(m1)
+            if not p0 and not macs0:
+                continue
+            rows.append(LayerRow(node.target, type(m0).__name__, (_channels(m0, _IN), _channels(m1, _IN)),
+                                 (_channels(m0, _OUT), _channels(m1, _OUT)), (p0, p1), (macs0, macs1)))
+        elif macs0:
+            op = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+            rows.append(LayerRow(node.name, op, (None, None), (None, None), (0, 0), (macs0, macs1)))
+    notes = []
+    frozen = [g for g in graph.groups if g.frozen]
+    if frozen:
+        reasons = Counter(r for g in frozen for r in g.frozen[:1])
+        top = "; ".join(f"{r} ({n} groups)" if n > 1 else r for r, n in reasons.most_common(5))
+        notes.append(f"{len(frozen)} of {len(graph.groups)} groups frozen: {top}")
+    if graph.opaque:
+        notes.append("kept opaque (could not be traced): " + ", ".join(graph.opaque))
+    notes.extend(graph.notes.values())
+    return Report(
+        rows=rows,
+        params=(_numel(gm), _numel(pruned)),
+        macs=(total_macs(gm), flop_model.exact(removed)),
+        other_flops=(other[0], other[1]),
+        notes=notes,
+    )

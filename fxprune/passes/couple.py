@@ -1,0 +1,736 @@
+"""couple: shape-annotated GraphModule -> DependencyGraph, by label propagation.
+
+Walks the graph once, carrying ``Labels`` for every tensor (see labels.py). Each op belongs to one
+family, and the family says what happens to labels:
+
+* elementwise (add, mul, activations, where ...): labels meeting at one position are merged;
+* channel-wise (BatchNorm, pooling, interpolation, padding): labels stay with their channel;
+* shape (view, permute, cat, split, getitem, pixel_shuffle ...): the op itself runs on the label tensor;
+* contracting (conv, linear, matmul): the contracted labels are read, fresh labels are produced;
+* statistics over channels (LayerNorm, GroupNorm): allowed, with a note (see verify.py);
+* anything else: every label it touches is frozen, and the reason is kept.
+
+Parameters are tied to labels through *slots* ("index i of ``conv.weight`` dim 0 is label L"); the
+union-find classes of labels that own slots are the atoms of the resulting DependencyGraph.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+from torch.fx.node import map_aggregate, map_arg
+from torch.fx.passes.shape_prop import TensorMetadata
+
+from ..graph import DependencyGraph, FlopTerm, Group, Member, Patch
+from .labels import Labels, Param, UnionFind, compress
+
+__all__ = ["couple"]
+
+_ELEMENTWISE_FUNCS: set[Any] = {
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.pow,
+    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.neg, operator.mod,
+    torch.add, torch.sub, torch.subtract, torch.mul, torch.multiply, torch.div, torch.true_divide,
+    torch.maximum, torch.minimum, torch.where, torch.lerp, torch.addcmul, torch.addcdiv, torch.pow,
+    torch.clamp, torch.clip, torch.sqrt, torch.rsqrt, torch.exp, torch.log, torch.abs, torch.neg,
+    torch.sigmoid, torch.tanh, torch.relu, torch.relu_, torch.erf, torch.sign, torch.square,
+    F.relu, F.relu_, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.sigmoid, F.tanh,
+    F.leaky_relu, F.elu, F.selu, F.celu, F.mish, F.softplus, F.hardtanh, F.logsigmoid,
+    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
+}
+_ELEMENTWISE_METHODS = {
+    "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "pow", "sqrt", "rsqrt", "exp",
+    "abs", "neg", "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "clamp", "clamp_", "clip",
+    "square", "masked_fill", "masked_fill_", "lerp", "addcmul", "maximum", "minimum",
+}
+_FIRST_OPERAND_FUNCS: set[Any] = {
+    torch.zeros_like, torch.ones_like, torch.empty_like, torch.rand_like, torch.randn_like,
+    torch.full_like, torch.clone,
+}
+_FIRST_OPERAND_METHODS = {
+    "contiguous", "clone", "detach", "float", "half", "double", "bfloat16", "to", "type", "type_as",
+    "cpu", "cuda", "requires_grad_",
+}
+_ELEMENTWISE_MODULES: tuple[type, ...] = (
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
+    nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Softsign, nn.Hardtanh,
+    nn.Tanhshrink, nn.LogSigmoid, nn.Threshold, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
+    nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
+)
+_SPATIAL_MODULES: tuple[type, ...] = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.LPPool1d, nn.LPPool2d, nn.Upsample,
+    nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d,
+    nn.ConstantPad3d, nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d, nn.ReplicationPad1d,
+    nn.ReplicationPad2d, nn.ReplicationPad3d,
+)
+_SPATIAL_FUNCS: set[Any] = {
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
+    F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.lp_pool1d, F.lp_pool2d, F.interpolate, F.upsample,
+    torch.max_pool2d, torch.avg_pool1d, torch.adaptive_avg_pool1d,
+}
+_CHANNEL_PARAM_MODULES: tuple[type, ...] = (
+    nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.PReLU,
+)
+# Shape ops that need nothing rewritten when a channel dim shrinks.
+_SHAPE_FUNCS: set[Any] = {
+    torch.flatten, torch.permute, torch.transpose, torch.swapaxes, torch.movedim, torch.squeeze,
+    torch.unsqueeze, torch.cat, torch.concat, torch.concatenate, torch.stack, torch.flip, torch.t,
+    torch.pixel_shuffle, torch.pixel_unshuffle, F.pixel_shuffle, F.pixel_unshuffle, torch.tile,
+}
+_SHAPE_METHODS = {
+    "flatten", "permute", "transpose", "swapaxes", "movedim", "squeeze", "unsqueeze", "flip", "t",
+    "expand_as", "view_as", "reshape_as", "repeat", "tile",
+}
+_RESHAPE_METHODS = {"view", "reshape", "expand", "broadcast_to"}
+_RESHAPE_FUNCS: set[Any] = {torch.reshape, torch.broadcast_to}
+_SPLIT = {torch.split: "split", torch.chunk: "chunk", "split": "split", "chunk": "chunk"}
+_MATMUL: set[Any] = {torch.matmul, operator.matmul, torch.bmm, torch.mm, "matmul", "bmm", "mm"}
+_CONV_FUNCS = {
+    F.conv1d: False, F.conv2d: False, F.conv3d: False,
+    F.conv_transpose1d: True, F.conv_transpose2d: True, F.conv_transpose3d: True,
+}
+_REDUCTIONS = {"mean", "sum", "amax", "amin", torch.mean, torch.sum, torch.amax, torch.amin}
+_SOFTMAX = {F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "softmax", "log_softmax"}
+
+
+def _arg(node: torch.fx.Node, i: int, name: str, default: Any = None) -> Any:
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get(name, default)
+
+
+def _target_name(node: torch.fx.Node) -> str:
+    t = node.target
+    return t if isinstance(t, str) else getattr(t, "__name__", str(t))
+
+
+class _Coupler:
+    """Abstract interpreter over a shape-annotated GraphModule; see the module docstring."""
+
+    def __init__(self, gm: torch.fx.GraphModule, ignore: Iterable[str]) -> None:
+        self.gm = gm
+        self.modules = dict(gm.named_modules())
+        self.uf = UnionFind()
+        self.env: dict[torch.fx.Node, Any] = {}
+        self.slots: dict[tuple[str, int], list[torch.Tensor]] = defaultdict(list)
+        self.member_info: dict[tuple[str, int], Member] = {}
+        self.frozen: dict[int, str] = {}
+        self.notes: dict[str, str] = {}
+        self.patches: list[Patch] = []
+        self.flop_terms: list[tuple[str, int, list[torch.Tensor]]] = []
+        self.consumers: list[tuple[str, int, int]] = []
+        self.param_labels: dict[str, Labels] = {}
+        self.ignore = tuple(ignore)
+        self.families: dict[str, str] = {}
+
+    # ----------------------------------------------------------------- helpers
+    def freeze(self, value: Any, reason: str) -> None:
+        def visit(v: Any) -> Any:
+            if isinstance(v, Param):
+                v = self.as_labels(v)
+            if isinstance(v, Labels):
+                for lab in v.ids.tolist():
+                    self.frozen.setdefault(lab, reason)
+            return v
+
+        map_aggregate(value, visit)
+
+    def frozen_like(self, node: torch.fx.Node, reason: str) -> Any:
+        """Fresh frozen labels shaped like ``node``'s output (any nesting of tensors)."""
+
+        def make(meta: Any) -> Any:
+            if isinstance(meta, TensorMetadata):
+                lab = Labels(tuple(meta.shape), None, self.uf.fresh(1))
+                self.freeze(lab, reason)
+                return lab
+            if isinstance(meta, (tuple, list)):
+                return type(meta)(make(m) for m in meta) if not hasattr(meta, "_fields") else type(meta)(*map(make, meta))
+            if isinstance(meta, dict):
+                return {k: make(v) for k, v in meta.items()}
+            return meta
+
+        return make(node.meta.get("tensor_meta"))
+
+    def as_labels(self, v: Any) -> Any:
+        """Labels for a tensor value; parameters get labels along their last non-singleton dim."""
+        if not isinstance(v, Param):
+            return v
+        if v.name in self.param_labels:
+            return self.param_labels[v.name]
+        shape = tuple(v.tensor.shape)
+        dims = [d for d, s in enumerate(shape) if s > 1]
+        if not dims:
+            lab = Labels(shape, None, self.uf.fresh(1))
+        else:
+            lab = Labels(shape, dims[-1], self.uf.fresh(shape[dims[-1]]))
+            self.bind(v.name, dims[-1], lab.ids, v.name.rpartition(".")[0] or v.name, "param")
+        self.param_labels[v.name] = lab
+        return lab
+
+    def bind(self, name: str, dim: int, ids: torch.Tensor, module: str, role: str) -> None:
+        self.slots[(name, dim)].append(ids)
+        self.member_info.setdefault((name, dim), Member(name, dim, module, role))
+
+    def shape(self, node: torch.fx.Node) -> tuple[int, ...]:
+        return tuple(node.meta["tensor_meta"].shape)
+
+    def value(self, a: Any) -> Any:
+        return map_arg(a, lambda n: self.env[n])
+
+    def flops(self, node: torch.fx.Node, factors: list[torch.Tensor]) -> None:
+        f = int(node.meta.get("fxprune_flops", 0))
+        if f:
+            self.flop_terms.append((node.name, f // 2, factors))
+
+    # ----------------------------------------------------------------- driver
+    def run(self) -> None:
+        for node in self.gm.graph.nodes:
+            if node.op in ("call_function", "call_method", "call_module") and "tensor_meta" not in node.meta:
+                self.env[node] = node.meta.get("fxprune_value")
+                continue
+            self.env[node] = getattr(self, "op_" + node.op)(node)
+            if node.op == "call_module" and self.ignore and any(
+                node.target == p or node.target.startswith(p + ".") for p in self.ignore
+            ):
+                self.freeze(self.env[node], f"module {node.target} is in ignore=")
+
+    def op_placeholder(self, node: torch.fx.Node) -> Any:
+        if "tensor_meta" not in node.meta:
+            return None
+        return self.frozen_like(node, f"model input {node.name}")
+
+    def op_get_attr(self, node: torch.fx.Node) -> Any:
+        obj = self.gm
+        for part in node.target.split("."):
+            obj = getattr(obj, part)
+        return Param(node.target, obj) if isinstance(obj, torch.Tensor) else obj
+
+    def op_output(self, node: torch.fx.Node) -> Any:
+        out = self.value(node.args[0])
+        self.freeze(out, "model output")
+        return out
+
+    def op_call_module(self, node: torch.fx.Node) -> Any:
+        mod = self.modules[node.target]
+        args = [self.value(a) for a in node.args]
+        if isinstance(mod, _ELEMENTWISE_MODULES):
+            return self.elementwise(node, args[:1])
+        if isinstance(mod, _SPATIAL_MODULES):
+            return self.channelwise(node, args[0], {}, node.target)
+        if isinstance(mod, _CHANNEL_PARAM_MODULES):
+            params = {f"{node.target}.{n}": t for n, t in [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)]}
+            return self.channelwise(node, args[0], params, node.target)
+        if isinstance(mod, nn.modules.conv._ConvNd):
+            bias = f"{node.target}.bias" if mod.bias is not None else None
+            return self.conv(node, args[0], Param(f"{node.target}.weight", mod.weight), bias, mod.groups,
+                             mod.transposed, node.target)
+        if isinstance(mod, nn.Linear):
+            bias = f"{node.target}.bias" if mod.bias is not None else None
+            return self.linear(node, args[0], Param(f"{node.target}.weight", mod.weight), bias, node.target)
+        if isinstance(mod, nn.LayerNorm):
+            return self.layer_norm(node, args[0], len(mod.normalized_shape), mod, node.target)
+        if isinstance(mod, nn.GroupNorm):
+            return self.group_norm(node, args[0], mod.num_groups, mod, node.target)
+        if isinstance(mod, (nn.Flatten, nn.PixelShuffle, nn.PixelUnshuffle)):
+            return self.shape_op(node, lambda x: mod(x))
+        if isinstance(mod, (nn.Softmax, nn.LogSoftmax)):
+            return self.softmax(node, args[0], mod.dim)
+        if isinstance(mod, nn.ChannelShuffle):
+            return self.channel_shuffle(node, args[0], mod.groups)
+        return self.unknown(node, f"module {node.target} ({type(mod).__name__}) is not understood")
+
+    def op_call_function(self, node: torch.fx.Node) -> Any:
+        t = node.target
+        args = [self.value(a) for a in node.args]
+        if t in _ELEMENTWISE_FUNCS or getattr(t, "__name__", "") == "stochastic_depth":
+            return self.elementwise(node, [*args, *self.value(list(node.kwargs.values()))])
+        if t in _FIRST_OPERAND_FUNCS:
+            return self.elementwise(node, args[:1])
+        if t is operator.getitem:
+            if isinstance(args[0], (Labels, Param)):
+                return self.getitem(node, self.as_labels(args[0]))
+            return args[0][args[1]]
+        return self.dispatch(node, t, args)
+
+    def op_call_method(self, node: torch.fx.Node) -> Any:
+        name = node.target
+        args = [self.value(a) for a in node.args]
+        if name in _ELEMENTWISE_METHODS:
+            return self.elementwise(node, [*args, *self.value(list(node.kwargs.values()))])
+        if name in _FIRST_OPERAND_METHODS:
+            return self.elementwise(node, args[:1])
+        return self.dispatch(node, name, args)
+
+    def dispatch(self, node: torch.fx.Node, t: Any, args: list[Any]) -> Any:
+        """Rules shared by call_function and call_method (``t`` is a function or a method name)."""
+        method = isinstance(t, str)
+        if t in _SHAPE_FUNCS or t in _SHAPE_METHODS:
+            return self.shape_op(node, None)
+        if t in _RESHAPE_FUNCS or t in _RESHAPE_METHODS:
+            return self.reshape(node)
+        if t in _SPLIT:
+            return self.split(node, _SPLIT[t])
+        if t in _SPATIAL_FUNCS:
+            return self.channelwise(node, args[0], {}, node.name)
+        if t in _CONV_FUNCS:
+            x, w = args[0], args[1]
+            b = _arg(node, 2, "bias")
+            groups = _arg(node, 6, "groups", 1)
+            if isinstance(w, Param) and (b is None or isinstance(self.value(b), Param)) and isinstance(groups, int):
+                bias = self.value(b).name if b is not None else None
+                return self.conv(node, x, w, bias, groups, _CONV_FUNCS[t], node.name)
+        if t is F.linear:
+            w, b = args[1], self.value(_arg(node, 2, "bias"))
+            if isinstance(w, Param) and (b is None or isinstance(b, Param)):
+                return self.linear(node, args[0], w, b.name if b is not None else None, node.name)
+        if t in _MATMUL:
+            return self.matmul(node, self.as_labels(args[0]), self.as_labels(args[1]))
+        if t is F.layer_norm:
+            return self.layer_norm(node, args[0], len(_arg(node, 1, "normalized_shape")), None, node.name)
+        if t is F.group_norm:
+            return self.group_norm(node, args[0], _arg(node, 1, "num_groups"), None, node.name)
+        if t is F.batch_norm or t is F.instance_norm:
+            names = ("running_mean", "running_var", "weight", "bias")
+            offs = 1 if t is F.batch_norm else 1
+            params = {}
+            for i, n in enumerate(names):
+                p = self.value(_arg(node, offs + i, n))
+                if isinstance(p, Param):
+                    params[p.name] = p.tensor
+            return self.channelwise(node, args[0], params, node.name)
+        if t is F.pad:
+            pad = _arg(node, 1, "pad")
+            x = self.as_labels(args[0])
+            if x.dim is None or x.dim < len(x.shape) - len(pad) // 2:
+                return x.with_shape(self.shape(node))
+        if t in _REDUCTIONS:
+            return self.reduction(node, self.as_labels(args[0]))
+        if t in _SOFTMAX:
+            return self.softmax(node, args[0], _arg(node, 1, "dim"))
+        if t is F.channel_shuffle or t is torch.channel_shuffle:
+            return self.channel_shuffle(node, args[0], _arg(node, 1, "groups"))
+        if t in ("roll",) or t is torch.roll:
+            return self.roll(node, self.as_labels(args[0]))
+        return self.unknown(node, f"{'method' if method else 'function'} {_target_name(node)} at node {node.name} is not understood")
+
+    # ----------------------------------------------------------------- families
+    def unknown(self, node: torch.fx.Node, reason: str) -> Any:
+        self.families.setdefault(node.name, "unknown")
+        for a in [*node.args, *node.kwargs.values()]:
+            self.freeze(self.value(a), reason)
+        return self.frozen_like(node, reason)
+
+    def elementwise(self, node: torch.fx.Node, operands: list[Any]) -> Any:
+        self.families.setdefault(node.name, "elementwise")
+        out_shape = self.shape(node)
+        nd = len(out_shape)
+        labs = [self.as_labels(v) for v in operands if isinstance(v, (Labels, Param))]
+        if not labs:
+            return self.frozen_like(node, f"node {node.name} creates a tensor")
+
+        def aligned_size(lab: Labels, d: int) -> int:
+            k = d - (nd - len(lab.shape))
+            return lab.shape[k] if k >= 0 else 1
+
+        varying = {lab.dim + nd - len(lab.shape) for lab in labs if lab.dim is not None and lab.shape[lab.dim] > 1}
+        if len(varying) > 1:
+            return self.elementwise_general(node, labs, out_shape)
+        if not varying:
+            for lab in labs[1:]:
+                self.uf.union(int(labs[0].ids[0]), int(lab.ids[0]))
+            return Labels(out_shape, None, labs[0].ids[:1])
+        d = varying.pop()
+        out = next(lab for lab in labs if lab.dim is not None and lab.dim + nd - len(lab.shape) == d)
+        for lab in labs:
+            if lab is out or aligned_size(lab, d) == 1:
+                continue  # broadcast along the channel dim: not tied to any one channel
+            if lab.dim is None:
+                self.uf.union_pairs(lab.ids[:1].expand_as(out.ids), out.ids)
+            else:
+                self.uf.union_pairs(lab.ids, out.ids)
+        return Labels(out_shape, d, out.ids)
+
+    def elementwise_general(self, node: torch.fx.Node, labs: list[Labels], out_shape: tuple[int, ...]) -> Labels:
+        full = [lab.full() for lab in labs]
+        full = [f.reshape([1] * (len(out_shape) - f.dim()) + list(f.shape)).expand(out_shape) for f in full]
+        for f in full[1:]:
+            self.uf.union_pairs(full[0], f)
+        return compress(self.uf, full[0])
+
+    def channelwise(self, node: torch.fx.Node, x: Any, params: dict[str, torch.Tensor], owner: str) -> Labels:
+        self.families.setdefault(node.name, "channelwise")
+        x = self.as_labels(x)
+        out_shape = self.shape(node)
+        if x.dim not in (None, 1):
+            self.freeze(x, f"{owner} works per channel on dim 1, but channels vary along dim {x.dim} here")
+            x = Labels(x.shape, None, x.ids[:1])
+        if x.dim == 1:
+            for name, t in params.items():
+                if t.dim() == 1 and t.shape[0] == x.shape[1] and x.shape[1] > 1:
+                    self.bind(name, 0, x.ids, owner, "param")
+            self.patch_attr(node, owner, x, 1)
+        return x.with_shape(out_shape)
+
+    def patch_attr(self, node: torch.fx.Node, owner: str, x: Labels, dim: int) -> None:
+        mod = self.modules.get(node.target) if node.op == "call_module" else None
+        fields = {
+            nn.modules.batchnorm._BatchNorm: ("num_features",),
+            nn.modules.instancenorm._InstanceNorm: ("num_features",),
+            nn.PReLU: ("num_parameters",),
+        }
+        for cls, names in fields.items():
+            if isinstance(mod, cls):
+                for f in names:
+                    if not (f == "num_parameters" and mod.num_parameters == 1):
+                        self.patches.append(Patch("attr", owner, node.args[0].name, dim, field=f))
+
+    def conv(self, node: torch.fx.Node, x: Any, w: Param, bias: str | None, groups: int, transposed: bool, owner: str) -> Labels:
+        self.families.setdefault(node.name, "contract")
+        x = self.as_labels(x)
+        wt = w.tensor
+        c_in = wt.shape[0] if transposed else wt.shape[1] * groups
+        c_out = wt.shape[1] * groups if transposed else wt.shape[0]
+        in_dim, out_dim = (0, 1) if transposed else (1, 0)
+        if x.dim not in (None, 1):
+            self.freeze(x, f"{owner} reads channels on dim 1, but channels vary along dim {x.dim} here")
+        xin = x.ids if x.dim == 1 else x.ids[:1].expand(c_in)
+        src = node.args[0].name
+        if groups > 1 and groups == c_in:  # depthwise: each output channel belongs to one input channel
+            out_ids = xin.repeat_interleave(c_out // c_in)
+            if transposed:
+                self.bind(w.name, 0, xin, owner, "in")
+            else:
+                self.bind(w.name, 0, out_ids, owner, "out")
+            factors = [out_ids]
+            if node.op == "call_module":
+                self.patches.append(Patch("attr", owner, src, 1, field="groups"))
+            else:
+                path = ("args", 6) if len(node.args) > 6 else ("kwargs", "groups")
+                self.patches.append(Patch("arg", node.name, src, 1, path=path))
+        else:
+            ipg, opg = c_in // groups, c_out // groups
+            out_ids = self.uf.fresh(c_out)
+            if groups > 1:  # every group loses the same positions, so the group count can stay
+                self.uf.union_pairs(xin, xin[:ipg].repeat(groups))
+                self.uf.union_pairs(out_ids, out_ids[:opg].repeat(groups))
+            w_in = xin if transposed else xin[:ipg]
+            w_out = out_ids[:opg] if transposed else out_ids
+            self.bind(w.name, in_dim, w_in, owner, "in")
+            self.bind(w.name, out_dim, w_out, owner, "out")
+            self.consumers.append((node.name, 0, 1))
+            factors = [w_in, w_out]
+        if bias is not None:
+            self.bind(bias, 0, out_ids, owner, "out")
+        self.flops(node, factors)
+        if node.op == "call_module":
+            self.patches.append(Patch("attr", owner, src, 1, field="in_channels"))
+            self.patches.append(Patch("attr", owner, node.name, 1, field="out_channels"))
+        return Labels(self.shape(node), 1, out_ids)
+
+    def linear(self, node: torch.fx.Node, x: Any, w: Param, bias: str | None, owner: str) -> Labels:
+        self.families.setdefault(node.name, "contract")
+        x = self.as_labels(x)
+        out_shape = self.shape(node)
+        last = len(x.shape) - 1
+        n_out, n_in = w.tensor.shape
+        if x.dim not in (None, last) and x.shape[x.dim] > 1:
+            # Channels vary along a dim the linear does not contract: they pass through unchanged,
+            # and the linear's own output features cannot be pruned.
+            self.flops(node, [x.ids])
+            return x.with_shape(out_shape)
+        xin = x.ids if x.dim == last else x.ids[:1].expand(n_in)
+        out_ids = self.uf.fresh(n_out)
+        self.bind(w.name, 1, xin, owner, "in")
+        self.bind(w.name, 0, out_ids, owner, "out")
+        if bias is not None:
+            self.bind(bias, 0, out_ids, owner, "out")
+        self.consumers.append((node.name, 0, last))
+        self.flops(node, [xin, out_ids])
+        if node.op == "call_module":
+            self.patches.append(Patch("attr", owner, node.args[0].name, last, field="in_features"))
+            self.patches.append(Patch("attr", owner, node.name, len(out_shape) - 1, field="out_features"))
+        return Labels(out_shape, len(out_shape) - 1, out_ids)
+
+    def matmul(self, node: torch.fx.Node, a: Labels, b: Labels) -> Labels:
+        self.families.setdefault(node.name, "contract")
+        out_shape = self.shape(node)
+        if len(a.shape) < 2 or len(b.shape) < 2:
+            return self.unknown(node, f"matmul with a 1-d operand at node {node.name}")
+        ad = None if a.dim is None or a.shape[a.dim] == 1 else a.dim - len(a.shape)
+        bd = None if b.dim is None or b.shape[b.dim] == 1 else b.dim - len(b.shape)
+        factors: list[torch.Tensor] = []
+        if ad == -1 and bd == -2:
+            self.uf.union_pairs(a.ids, b.ids)
+        if ad == -1 or bd == -2:
+            factors.append(a.ids if ad == -1 else b.ids)
+            if ad == -1:
+                self.consumers.append((node.name, 0, len(a.shape) - 1))
+            if bd == -2:
+                self.consumers.append((node.name, 1, len(b.shape) - 2))
+        carried = [(lab, d) for lab, d in ((a, ad), (b, bd)) if d is not None and not (lab is a and d == -1) and not (lab is b and d == -2)]
+        if len(carried) > 1:
+            for lab, _ in carried:
+                self.freeze(lab, f"matmul at node {node.name} keeps channels of both operands")
+            carried = []
+        if carried:
+            lab, d = carried[0]
+            factors.append(lab.ids)
+        self.flops(node, factors)
+        if carried:
+            return Labels(out_shape, len(out_shape) + carried[0][1], carried[0][0].ids)
+        return Labels(out_shape, None, self.uf.fresh(1))
+
+    def layer_norm(self, node: torch.fx.Node, x: Any, k: int, mod: nn.Module | None, owner: str) -> Labels:
+        self.families.setdefault(node.name, "norm")
+        x = self.as_labels(x)
+        out = x.with_shape(self.shape(node))
+        nd = len(x.shape)
+        if x.dim is None or x.dim < nd - k or x.shape[x.dim] == 1:
+            return out
+        if k != 1:
+            self.freeze(x, f"{owner} normalizes over several dims including the channel dim")
+            return out
+        self.notes[node.name] = f"{owner} normalizes over pruned channels: statistics change with pruning"
+        for name, p in self.norm_params(node, mod, owner, (2, 3)):
+            self.bind(name, 0, x.ids, owner, "param")
+        if mod is not None:
+            self.patches.append(Patch("attr", owner, node.args[0].name, x.dim, field="normalized_shape", as_tuple=True))
+        else:
+            path = ("args", 1) if len(node.args) > 1 else ("kwargs", "normalized_shape")
+            self.patches.append(Patch("arg", node.name, node.args[0].name, x.dim, path=path, as_tuple=True))
+        return out
+
+    def group_norm(self, node: torch.fx.Node, x: Any, groups: int, mod: nn.Module | None, owner: str) -> Labels:
+        self.families.setdefault(node.name, "norm")
+        x = self.as_labels(x)
+        out = x.with_shape(self.shape(node))
+        if x.dim != 1 or x.shape[1] == 1:
+            if x.dim is not None:
+                self.freeze(x, f"{owner} expects channels on dim 1")
+            return out
+        c = x.shape[1]
+        for name, p in self.norm_params(node, mod, owner, (2, 3)):
+            self.bind(name, 0, x.ids, owner, "param")
+        src = node.args[0].name
+        if mod is not None:
+            self.patches.append(Patch("attr", owner, src, 1, field="num_channels"))
+        if groups == c:
+            if mod is not None:
+                self.patches.append(Patch("attr", owner, src, 1, field="num_groups"))
+            else:
+                path = ("args", 1) if len(node.args) > 1 else ("kwargs", "num_groups")
+                self.patches.append(Patch("arg", node.name, src, 1, path=path))
+            return out
+        if groups > 1:
+            self.uf.union_pairs(x.ids, x.ids[: c // groups].repeat(groups))
+        self.notes[node.name] = f"{owner} normalizes over groups of pruned channels: statistics change with pruning"
+        return out
+
+    def norm_params(self, node: torch.fx.Node, mod: nn.Module | None, owner: str, positions: tuple[int, int]) -> list[tuple[str, torch.Tensor]]:
+        if mod is not None:
+            return [(f"{owner}.{n}", p) for n, p in mod.named_parameters(recurse=False)]
+        found = []
+        for i, name in zip(positions, ("weight", "bias")):
+            p = self.value(_arg(node, i, name))
+            if isinstance(p, Param):
+                found.append((p.name, p.tensor))
+        return found
+
+    def softmax(self, node: torch.fx.Node, x: Any, dim: int | None) -> Labels:
+        self.families.setdefault(node.name, "elementwise")
+        x = self.as_labels(x)
+        nd = len(x.shape)
+        if x.dim is not None and (dim is None or dim % nd == x.dim):
+            self.freeze(x, f"softmax over the channel dim at node {node.name}")
+        return x.with_shape(self.shape(node))
+
+    def reduction(self, node: torch.fx.Node, x: Labels) -> Labels:
+        self.families.setdefault(node.name, "reduction")
+        dims = _arg(node, 1, "dim")
+        keepdim = bool(_arg(node, 2, "keepdim", False))
+        nd = len(x.shape)
+        dims = list(range(nd)) if dims is None else [d % nd for d in ((dims,) if isinstance(dims, int) else dims)]
+        out_shape = self.shape(node)
+        if x.dim is None:
+            return Labels(out_shape, None, x.ids[:1])
+        if x.dim in dims:
+            self.freeze(x, f"{_target_name(node)} over the channel dim at node {node.name}")
+            return Labels(out_shape, None, x.ids[:1])
+        new_dim = x.dim if keepdim else x.dim - sum(d < x.dim for d in dims)
+        return Labels(out_shape, new_dim, x.ids)
+
+    def roll(self, node: torch.fx.Node, x: Labels) -> Any:
+        dims = _arg(node, 2, "dims")
+        nd = len(x.shape)
+        dims = [] if dims is None else [d % nd for d in ((dims,) if isinstance(dims, int) else dims)]
+        if x.dim is not None and (not dims or x.dim in dims):
+            self.freeze(x, f"roll along the channel dim at node {node.name}")
+        return self.shape_op(node, None)
+
+    def channel_shuffle(self, node: torch.fx.Node, x: Any, groups: int) -> Labels:
+        """Channel shuffle is a view to (groups, C/groups), a transpose and a flatten: run exactly that."""
+        x = self.as_labels(x)
+        if x.dim not in (None, 1):
+            self.freeze(x, f"channel shuffle at node {node.name} expects channels on dim 1")
+            return x
+        n, c, *rest = x.shape
+        t = x.full().view(n, groups, c // groups, *rest)
+        mid = compress(self.uf, t)
+        if mid.dim not in (None, 2):
+            self.freeze(x, f"channel shuffle at node {node.name}")
+        return compress(self.uf, mid.full().transpose(1, 2).reshape(x.shape))
+
+    # ----------------------------------------------------------------- shape ops
+    def run_on_labels(self, node: torch.fx.Node, fn: Callable[..., Any] | None) -> Any:
+        self.families.setdefault(node.name, "shape")
+        def full(v: Any) -> Any:
+            v = self.as_labels(v)
+            return v.full() if isinstance(v, Labels) else v
+
+        args = map_aggregate(self.value(node.args), full)
+        kwargs = map_aggregate(self.value(node.kwargs), full)
+        if fn is None:
+            fn = node.target if node.op == "call_function" else (lambda s, *a, **k: getattr(s, node.target)(*a, **k))
+        result = fn(*args, **kwargs)
+        return map_aggregate(result, lambda r: compress(self.uf, r) if isinstance(r, torch.Tensor) else r)
+
+    def shape_op(self, node: torch.fx.Node, fn: Callable[..., Any] | None) -> Any:
+        return self.run_on_labels(node, fn)
+
+    def reshape(self, node: torch.fx.Node) -> Any:
+        out = self.run_on_labels(node, None)
+        if out.dim is None:
+            return out
+        a = node.args
+        if node.op == "call_method" and len(a) == 2 and isinstance(a[1], (tuple, list)):
+            base, sizes = ("args", 1), a[1]
+        elif node.op == "call_method" and len(a) > 1:
+            base, sizes = ("args",), a[1:]
+        elif len(a) > 1:
+            base, sizes = ("args", 1), a[1]
+        else:
+            key = "shape" if "shape" in node.kwargs else "size"
+            base, sizes = ("kwargs", key), node.kwargs.get(key, ())
+        if isinstance(sizes, (tuple, list)) and len(sizes) == len(out.shape):
+            s = sizes[out.dim]
+            if isinstance(s, int) and s != -1:
+                idx = out.dim + (1 if base == ("args",) else 0)
+                self.patches.append(Patch("arg", node.name, node.name, out.dim, path=(*base, idx)))
+        return out
+
+    def split(self, node: torch.fx.Node, kind: str) -> Any:
+        x = self.as_labels(self.env[node.args[0]])
+        out = self.run_on_labels(node, None)
+        dim = _arg(node, 2, "dim", 0) % len(x.shape)
+        if x.dim == dim:
+            self.patches.append(Patch("split", node.name, node.args[0].name, dim, field=kind))
+        return out
+
+    def getitem(self, node: torch.fx.Node, x: Labels) -> Any:
+        out = self.run_on_labels(node, None)
+        if x.dim is None:
+            return out
+        idx = node.args[1]
+        entries = list(idx) if isinstance(idx, tuple) else [idx]
+        if any(e is Ellipsis for e in entries):
+            k = entries.index(Ellipsis)
+            n_real = sum(e is not None for e in entries) - 1
+            entries = entries[:k] + [slice(None)] * (len(x.shape) - n_real) + entries[k + 1:]
+        dim = 0
+        for pos, e in enumerate(entries):
+            if e is None:
+                continue
+            if dim == x.dim:
+                if isinstance(e, slice) and e == slice(None):
+                    break
+                ev = self.value(e)
+                if isinstance(ev, slice) and ev.step in (None, 1):
+                    path = ("args", 1, pos) if isinstance(idx, tuple) else ("args", 1)
+                    self.patches.append(Patch("slice", node.name, node.args[0].name, x.dim, path=path))
+                elif isinstance(ev, int):
+                    self.freeze(Labels((1,), 0, x.ids[ev:ev + 1] if ev >= 0 else x.ids[ev:][:1]),
+                                f"node {node.name} selects a single channel")
+                else:
+                    self.freeze(x, f"node {node.name} indexes the channel dim")
+                break
+            dim += 1
+        return out
+
+
+def _finalize(c: _Coupler, opaque: tuple[str, ...]) -> DependencyGraph:
+    uf = c.uf
+    # A parameter index bound to several labels ties them together.
+    for key, bound in c.slots.items():
+        for ids in bound[1:]:
+            uf.union_pairs(bound[0], ids)
+    atom_of_root: dict[int, int] = {}
+    member_roots: dict[tuple[str, int], torch.Tensor] = {}
+    for key, bound in c.slots.items():
+        roots = uf.roots(bound[0])
+        member_roots[key] = roots
+        for r in roots.tolist():
+            atom_of_root.setdefault(r, len(atom_of_root))
+    num_atoms = len(atom_of_root)
+
+    def to_atoms(ids: torch.Tensor) -> torch.Tensor:
+        roots = uf.roots(ids)
+        return torch.tensor([atom_of_root.get(r, -1) for r in roots.tolist()], dtype=torch.long)
+
+    member_atoms = {k: torch.tensor([atom_of_root[r] for r in v.tolist()], dtype=torch.long) for k, v in member_roots.items()}
+    reasons: dict[int, list[str]] = defaultdict(list)
+    for lab, why in c.frozen.items():
+        a = atom_of_root.get(uf.find(lab))
+        if a is not None and why not in reasons[a] and len(reasons[a]) < 3:
+            reasons[a].append(why)
+
+    signature: dict[int, list[tuple[str, int]]] = defaultdict(list)
+    for key, atoms in member_atoms.items():
+        for a in dict.fromkeys(atoms.tolist()):
+            signature[a].append(key)
+    by_sig: dict[tuple[Any, ...], list[int]] = {}
+    for a in range(num_atoms):
+        by_sig.setdefault((tuple(signature[a]), tuple(reasons.get(a, ()))), []).append(a)
+    groups = []
+    atom_group = torch.empty(num_atoms, dtype=torch.long)
+    for (sig, why), atoms in by_sig.items():
+        gid = len(groups)
+        atom_group[atoms] = gid
+        groups.append(Group(gid, torch.tensor(atoms, dtype=torch.long), tuple(c.member_info[k] for k in sig), why))
+
+    tensor_atoms: dict[str, tuple[int, torch.Tensor]] = {}
+    for node, v in c.env.items():
+        if isinstance(v, Labels) and v.dim is not None:
+            tensor_atoms[node.name] = (v.dim, to_atoms(v.ids))
+    flop_terms = [FlopTerm(name, macs, tuple(to_atoms(f) for f in fs)) for name, macs, fs in c.flop_terms]
+    return DependencyGraph(
+        groups=groups,
+        member_atoms=member_atoms,
+        members=dict(c.member_info),
+        tensor_atoms=tensor_atoms,
+        patches=c.patches,
+        flop_terms=flop_terms,
+        consumers=c.consumers,
+        notes=c.notes,
+        families=c.families,
+        num_atoms=num_atoms,
+        opaque=opaque,
+        atom_group=atom_group,
+    )
+
+
+def couple(gm: torch.fx.GraphModule, ignore: Iterable[str] = ()) -> DependencyGraph:
+    """Build the DependencyGraph of a GraphModule annotated by the shapes pass."""
+    c = _Coupler(gm, ignore)
+    with torch.no_grad():
+        c.run()
+    opaque = tuple(gm.meta.get("fxprune_opaque", ()))
+    return _finalize(c, opaque)

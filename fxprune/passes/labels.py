@@ -1,0 +1,108 @@
+"""Channel labels: the abstract values the coupling pass propagates through a graph.
+
+Every channel a producer creates gets an integer label. A tensor's labels are kept compactly as
+``Labels(shape, dim, ids)``: the label of position p is ``ids[p[dim]]``; ``dim=None`` means one label
+for the whole tensor. Shape ops run on the materialized label tensor (``full()``) and the result is
+compressed back; labels that meet at one position are merged in a union-find.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Labels", "Param", "UnionFind", "compress"]
+
+
+class UnionFind:
+    """Union-find over integer labels; the smaller label is always the root, so results are stable."""
+
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+
+    def fresh(self, n: int) -> torch.Tensor:
+        start = len(self.parent)
+        self.parent.extend(range(start, start + n))
+        return torch.arange(start, start + n)
+
+    def find(self, x: int) -> int:
+        parent = self.parent
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+    def union_pairs(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Merge ``a[i]`` with ``b[i]`` for every i (both flattened, same length)."""
+        pairs = torch.unique(torch.stack([a.reshape(-1), b.reshape(-1)], 1), dim=0)
+        for x, y in pairs.tolist():
+            if x != y:
+                self.union(x, y)
+
+    def roots(self, t: torch.Tensor) -> torch.Tensor:
+        uniq, inverse = torch.unique(t, return_inverse=True)
+        return torch.tensor([self.find(x) for x in uniq.tolist()], dtype=torch.long)[inverse]
+
+
+@dataclass(frozen=True)
+class Labels:
+    """Labels of one tensor value: position p carries ``ids[p[dim]]`` (``ids[0]`` when dim is None)."""
+
+    shape: tuple[int, ...]
+    dim: int | None
+    ids: torch.Tensor
+
+    def full(self) -> torch.Tensor:
+        if self.dim is None:
+            return self.ids[:1].reshape([1] * len(self.shape)).expand(self.shape).contiguous()
+        view = [1] * len(self.shape)
+        view[self.dim] = -1
+        return self.ids.view(view).expand(self.shape).contiguous()
+
+    def with_shape(self, shape: tuple[int, ...], dim: int | None = None) -> "Labels":
+        return Labels(tuple(shape), self.dim if dim is None else dim, self.ids)
+
+
+@dataclass(frozen=True)
+class Param:
+    """A parameter or buffer read by a ``get_attr`` node, before it is used as data."""
+
+    name: str
+    tensor: torch.Tensor
+
+
+def compress(uf: UnionFind, t: torch.Tensor) -> Labels:
+    """Turn a full label tensor back into ``Labels``.
+
+    Where labels vary along more than one dim, the labels inside each slice of the dim with the fewest
+    distinct labels per slice are merged: removing channels then removes whole slices of that dim,
+    which is what a later reshape of the pruned tensor needs (a channel shuffle's halves, say).
+    """
+    shape = tuple(t.shape)
+    if t.numel() == 0:
+        return Labels(shape, None, uf.fresh(1))
+    t = uf.roots(t)
+    varying = [
+        d for d in range(t.dim()) if shape[d] > 1 and not torch.equal(t, t.narrow(d, 0, 1).expand_as(t))
+    ]
+    if not varying:
+        return Labels(shape, None, t.reshape(-1)[:1].clone())
+    if len(varying) > 1:
+        best = min(varying, key=lambda d: (_distinct_per_slice(t, d), -shape[d]))
+        rows = t.movedim(best, 0).reshape(shape[best], -1)
+        uf.union_pairs(rows[:, :1].expand_as(rows), rows)
+        return Labels(shape, best, rows[:, 0].clone())
+    d = varying[0]
+    return Labels(shape, d, t.movedim(d, 0).reshape(shape[d], -1)[:, 0].clone())
+
+
+def _distinct_per_slice(t: torch.Tensor, d: int) -> float:
+    rows = t.movedim(d, 0).reshape(t.shape[d], -1)
+    key = torch.arange(rows.shape[0]).unsqueeze(1) * (int(t.max()) + 1) + rows
+    return torch.unique(key).numel() / rows.shape[0]

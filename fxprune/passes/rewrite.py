@@ -1,0 +1,190 @@
+"""rewrite: GraphModule + DependencyGraph + Plan -> a new, smaller GraphModule.
+
+The result owns every tensor it uses: pruned parameters and buffers are sliced with ``index_select``,
+the others are cloned, so training the result never touches the input model. Module attributes
+(``out_channels``, ``num_features`` ...) and graph literals (reshape sizes, split sizes, slices along a
+channel dim, ``normalized_shape``) follow the pruned sizes, as listed by the coupling pass's patches.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+from ..graph import DependencyGraph, Patch, Plan
+from .select import removed_mask
+
+__all__ = ["rewrite", "kept_mask"]
+
+
+def kept_mask(graph: DependencyGraph, removed: torch.Tensor, atoms: torch.Tensor) -> torch.Tensor:
+    return (atoms < 0) | ~removed[atoms.clamp(min=0)]
+
+
+def _set_in(container: Any, path: tuple[Any, ...], value: Any) -> Any:
+    if not path:
+        return value
+    head, rest = path[0], path[1:]
+    if isinstance(container, dict):
+        return {**container, head: _set_in(container[head], rest, value)}
+    items = list(container)
+    items[head] = _set_in(items[head], rest, value)
+    return type(container)(items) if not isinstance(container, torch.Size) else tuple(items)
+
+
+def _get_in(node: torch.fx.Node, path: tuple[Any, ...]) -> Any:
+    obj: Any = node.args if path[0] == "args" else node.kwargs
+    for p in path[1:]:
+        obj = obj[p]
+    return obj
+
+
+class _Rewriter:
+    def __init__(self, gm: torch.fx.GraphModule, graph: DependencyGraph, plan: Plan) -> None:
+        self.gm = gm
+        self.graph = graph
+        self.removed = removed_mask(graph, plan)
+        self.nodes = {n.name: n for n in gm.graph.nodes}
+        self.kept = {}
+        for key, atoms in graph.member_atoms.items():
+            mask = kept_mask(graph, self.removed, atoms)
+            if not bool(mask.all()):
+                self.kept[key] = mask.nonzero().flatten()
+
+    def tensor_kept(self, name: str, dim: int) -> torch.Tensor:
+        """Kept-position mask of node ``name``'s output along ``dim``."""
+        entry = self.graph.tensor_atoms.get(name)
+        if entry is not None and entry[0] == dim:
+            return kept_mask(self.graph, self.removed, entry[1])
+        return torch.ones(self.nodes[name].meta["tensor_meta"].shape[dim], dtype=torch.bool)
+
+    def size(self, p: Patch) -> Any:
+        n = int(self.tensor_kept(p.node, p.dim).sum())
+        return (n,) if p.as_tuple else n
+
+    def new_tensor(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        data = t.detach()
+        sliced = False
+        for dim in range(data.dim()):
+            idx = self.kept.get((name, dim))
+            if idx is not None:
+                data = data.index_select(dim, idx)
+                sliced = True
+        data = data if sliced else data.clone()
+        if isinstance(t, nn.Parameter):
+            return nn.Parameter(data, requires_grad=t.requires_grad)
+        return data
+
+    def copy_module(self, mod: nn.Module, prefix: str) -> nn.Module:
+        new = copy.copy(mod)
+        new._parameters = {k: None if v is None else self.new_tensor(f"{prefix}{k}", v) for k, v in mod._parameters.items()}
+        new._buffers = {k: None if v is None else self.new_tensor(f"{prefix}{k}", v) for k, v in mod._buffers.items()}
+        new._modules = {k: None if v is None else self.copy_module(v, f"{prefix}{k}.") for k, v in mod._modules.items()}
+        return new
+
+    def patch_graph(self, new_graph: torch.fx.Graph, val_map: dict[torch.fx.Node, torch.fx.Node]) -> None:
+        new_nodes = {old.name: new for old, new in val_map.items()}
+        for p in self.graph.patches:
+            node = new_nodes.get(p.target)
+            if p.kind == "arg":
+                self.set_arg(node, p.path, self.size(p))
+            elif p.kind == "slice":
+                s = _get_in(self.nodes[p.target], p.path)
+                s = slice(*(self.int_value(v) for v in (s.start, s.stop, s.step)))
+                kept = self.tensor_kept(p.node, p.dim)
+                start, stop, _ = s.indices(kept.numel())
+                self.set_arg(node, p.path, slice(int(kept[:start].sum()), int(kept[:max(stop, start)].sum()), None))
+            elif p.kind == "split":
+                self.make_split(node, p)
+
+    def int_value(self, v: Any) -> Any:
+        return v.meta["fxprune_value"] if isinstance(v, torch.fx.Node) else v
+
+    def set_arg(self, node: torch.fx.Node, path: tuple[Any, ...], value: Any) -> None:
+        if path[0] == "args":
+            node.args = _set_in(node.args, path[1:], value)
+        else:
+            node.kwargs = _set_in(node.kwargs, path[1:], value)
+
+    def make_split(self, node: torch.fx.Node, p: Patch) -> None:
+        old = self.nodes[p.target]
+        kept = self.tensor_kept(p.node, p.dim)
+        sizes, start = [], 0
+        for meta in old.meta["tensor_meta"]:
+            end = start + meta.shape[p.dim]
+            sizes.append(int(kept[start:end].sum()))
+            start = end
+        x = node.args[0]
+        if node.op == "call_method":
+            node.target = "split"
+        else:
+            node.target = torch.split
+        node.args = (x, sizes)
+        node.kwargs = {"dim": p.dim}
+
+    def run(self) -> torch.fx.GraphModule:
+        gm = self.gm
+        new_graph = torch.fx.Graph()
+        val_map: dict[torch.fx.Node, torch.fx.Node] = {}
+        new_graph.output(new_graph.graph_copy(gm.graph, val_map))
+        self.patch_graph(new_graph, val_map)
+        for n in new_graph.nodes:
+            for k in ("tensor_meta", "fxprune_value", "fxprune_flops"):
+                n.meta.pop(k, None)
+        new = torch.fx.GraphModule(gm, new_graph, gm.__class__.__name__)
+        done: set[str] = set()
+        for name in sorted({n.target for n in new_graph.nodes if n.op == "call_module"}):
+            parent, _, field = name.rpartition(".")
+            setattr(new.get_submodule(parent), field, self.copy_module(gm.get_submodule(name), name + "."))
+            done.add(name)
+        for n in new_graph.nodes:
+            if n.op != "get_attr" or any(n.target.startswith(d + ".") for d in done):
+                continue
+            owner_name, _, field = n.target.rpartition(".")
+            owner = new.get_submodule(owner_name)
+            value = getattr(owner, field)
+            if isinstance(value, torch.Tensor):
+                t = self.new_tensor(n.target, value)
+                if field in owner._parameters:
+                    owner._parameters[field] = t
+                elif field in owner._buffers:
+                    owner._buffers[field] = t
+                else:
+                    setattr(owner, field, t)
+        for p in self.graph.patches:
+            if p.kind == "attr":
+                setattr(new.get_submodule(p.target), p.field, self.size(p))
+        new.recompile()
+        new.training = gm.training
+        new.meta["fxprune"] = {"kept": self.kept_record()}
+        return new
+
+    def kept_record(self) -> dict[str, Any]:
+        """JSON-ready record of kept indices: per parameter and dim, and per module's in/out channels."""
+        params = {name: {} for name, _ in self.kept}
+        for (name, dim), idx in self.kept.items():
+            params[name][str(dim)] = idx.tolist()
+        modules = {}
+        for n in self.gm.graph.nodes:
+            if n.op != "call_module":
+                continue
+            entry = {}
+            src = n.args[0] if n.args and isinstance(n.args[0], torch.fx.Node) else None
+            for key, name in (("in", src.name if src is not None else None), ("out", n.name)):
+                atoms = self.graph.tensor_atoms.get(name) if name else None
+                if atoms is not None:
+                    mask = kept_mask(self.graph, self.removed, atoms[1])
+                    if not bool(mask.all()):
+                        entry[key] = mask.nonzero().flatten().tolist()
+            if entry:
+                modules[n.target] = entry
+        return {"parameters": params, "modules": modules}
+
+
+def rewrite(gm: torch.fx.GraphModule, graph: DependencyGraph, plan: Plan) -> torch.fx.GraphModule:
+    """A new GraphModule that keeps only the atoms ``plan`` keeps; ``gm`` is left as it was."""
+    return _Rewriter(gm, graph, plan).run()

@@ -1,0 +1,64 @@
+"""shapes: run the captured graph once and record what later passes need in ``node.meta``.
+
+Reuses ``torch.fx.passes.shape_prop.ShapeProp`` (``meta["tensor_meta"]``) and adds, per node:
+``meta["fxprune_value"]`` for non-tensor results (sizes, ints) so the coupling pass can replay shape
+arithmetic, and ``meta["fxprune_flops"]``: the FLOPs that ``torch.utils.flop_counter.FlopCounterMode``
+counts while that node runs. The graph runs in eval mode under ``torch.no_grad`` so BatchNorm running
+statistics are never updated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.fx
+from torch.fx.passes.shape_prop import ShapeProp
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..errors import ShapeError
+
+__all__ = ["propagate_shapes", "eval_mode"]
+
+
+@contextlib.contextmanager
+def eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    """Put every submodule in eval mode for the duration, then restore each one's flag."""
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
+class _ShapeFlopProp(ShapeProp):
+    """ShapeProp that also records non-tensor results and per-node FLOPs."""
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        with FlopCounterMode(display=False) as counter:
+            result = super().run_node(n)
+        n.meta["fxprune_flops"] = counter.get_total_flops()
+        if "tensor_meta" not in n.meta:
+            n.meta["fxprune_value"] = result
+        return result
+
+
+def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Any:
+    """Annotate ``gm`` in place and return its output on ``example_inputs``."""
+    for node in gm.graph.nodes:
+        node.meta.pop("tensor_meta", None)
+        node.meta.pop("fxprune_value", None)
+    try:
+        with torch.no_grad(), eval_mode(gm), contextlib.redirect_stderr(io.StringIO()):
+            return _ShapeFlopProp(gm).propagate(*example_inputs)
+    except RuntimeError as exc:
+        cause = exc.__cause__ or exc
+        raise ShapeError(
+            f"running the captured graph on the example inputs failed: {exc}\n  cause: {cause}\n"
+            "  hint: pass example_inputs= with the shapes and dtypes the model expects"
+        ) from exc

@@ -1,0 +1,97 @@
+"""Report: the per-layer FLOP/parameter table of one pruning, before -> after."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from tabulate import tabulate
+
+__all__ = ["Report", "LayerRow"]
+
+
+@dataclass
+class LayerRow:
+    name: str
+    op: str
+    in_channels: tuple[int | None, int | None]
+    out_channels: tuple[int | None, int | None]
+    params: tuple[int, int]
+    macs: tuple[int, int]
+
+    @property
+    def flops(self) -> tuple[int, int]:
+        return (2 * self.macs[0], 2 * self.macs[1])
+
+
+def _arrow(pair: tuple[Any, Any], fmt: Any = str) -> str:
+    a, b = pair
+    if a is None:
+        return "-"
+    return fmt(a) if a == b else f"{fmt(a)} -> {fmt(b)}"
+
+
+def _si(n: float) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.3g}{unit}"
+    return str(int(n))
+
+
+@dataclass
+class Report:
+    """Per-layer and total channels, parameters, MACs and FLOPs (FLOPs = 2 x MACs), before -> after.
+
+    ``macs``/``flops`` count conv, linear and matmul work exactly as FlopCounterMode does. ``other_flops``
+    is a separate estimate for everything else (one FLOP per output element of element-wise,
+    normalization and pooling ops).
+    """
+
+    rows: list[LayerRow]
+    params: tuple[int, int]
+    macs: tuple[int, int]
+    other_flops: tuple[int, int]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def flops(self) -> tuple[int, int]:
+        return (2 * self.macs[0], 2 * self.macs[1])
+
+    def _table(self, fmt: str) -> str:
+        body = [
+            [r.name, r.op, _arrow(r.in_channels), _arrow(r.out_channels), _arrow(r.params, _si),
+             _arrow(r.macs, _si), _arrow(r.flops, _si)]
+            for r in self.rows
+        ]
+        body.append(["total", "", "", "", _arrow(self.params, _si), _arrow(self.macs, _si), _arrow(self.flops, _si)])
+        headers = ["layer", "op", "in ch", "out ch", "params", "MACs", "FLOPs"]
+        return tabulate(body, headers=headers, tablefmt=fmt)
+
+    def summary(self) -> str:
+        f0, f1 = self.flops
+        p0, p1 = self.params
+        return (
+            f"FLOPs {f0 / 1e9:.4g} G -> {f1 / 1e9:.4g} G ({100 * (1 - f1 / max(f0, 1)):.1f}% removed); "
+            f"params {p0 / 1e6:.4g} M -> {p1 / 1e6:.4g} M; other ops {_si(self.other_flops[0])} -> "
+            f"{_si(self.other_flops[1])} FLOPs"
+        )
+
+    def __str__(self) -> str:
+        text = self._table("simple") + "\n" + self.summary()
+        if self.notes:
+            text += "\n" + "\n".join(f"note: {n}" for n in self.notes)
+        return text
+
+    def to_markdown(self) -> str:
+        text = self._table("github") + "\n\n" + self.summary() + "\n"
+        if self.notes:
+            text += "\n" + "\n".join(f"- {n}" for n in self.notes) + "\n"
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Report":
+        rows = [LayerRow(**{k: tuple(v) if isinstance(v, list) else v for k, v in r.items()}) for r in d["rows"]]
+        return cls(rows, tuple(d["params"]), tuple(d["macs"]), tuple(d["other_flops"]), list(d["notes"]))
