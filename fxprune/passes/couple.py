@@ -29,78 +29,28 @@ from torch.fx.node import map_aggregate, map_arg
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from ..graph import DependencyGraph, FlopTerm, Group, Member, Patch
+from ..optable import (
+    CHANNEL_PARAM_MODULES,
+    CONV_FUNCS,
+    ELEMENTWISE_FUNCS,
+    ELEMENTWISE_METHODS,
+    ELEMENTWISE_MODULES,
+    FIRST_OPERAND_FUNCS,
+    FIRST_OPERAND_METHODS,
+    MATMUL,
+    REDUCTIONS,
+    RESHAPE_FUNCS,
+    RESHAPE_METHODS,
+    SHAPE_FUNCS,
+    SHAPE_METHODS,
+    SOFTMAX,
+    SPATIAL_FUNCS,
+    SPATIAL_MODULES,
+    SPLIT,
+)
 from .labels import Labels, Param, UnionFind, compress
 
 __all__ = ["couple"]
-
-_ELEMENTWISE_FUNCS: set[Any] = {
-    operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.pow,
-    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.neg, operator.mod,
-    torch.add, torch.sub, torch.subtract, torch.mul, torch.multiply, torch.div, torch.true_divide,
-    torch.maximum, torch.minimum, torch.where, torch.lerp, torch.addcmul, torch.addcdiv, torch.pow,
-    torch.clamp, torch.clip, torch.sqrt, torch.rsqrt, torch.exp, torch.log, torch.abs, torch.neg,
-    torch.sigmoid, torch.tanh, torch.relu, torch.relu_, torch.erf, torch.sign, torch.square,
-    F.relu, F.relu_, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.sigmoid, F.tanh,
-    F.leaky_relu, F.elu, F.selu, F.celu, F.mish, F.softplus, F.hardtanh, F.logsigmoid,
-    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
-}
-_ELEMENTWISE_METHODS = {
-    "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "pow", "sqrt", "rsqrt", "exp",
-    "abs", "neg", "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "clamp", "clamp_", "clip",
-    "square", "masked_fill", "masked_fill_", "lerp", "addcmul", "maximum", "minimum",
-}
-_FIRST_OPERAND_FUNCS: set[Any] = {
-    torch.zeros_like, torch.ones_like, torch.empty_like, torch.rand_like, torch.randn_like,
-    torch.full_like, torch.clone,
-}
-_FIRST_OPERAND_METHODS = {
-    "contiguous", "clone", "detach", "float", "half", "double", "bfloat16", "to", "type", "type_as",
-    "cpu", "cuda", "requires_grad_",
-}
-_ELEMENTWISE_MODULES: tuple[type, ...] = (
-    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
-    nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Softsign, nn.Hardtanh,
-    nn.Tanhshrink, nn.LogSigmoid, nn.Threshold, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
-    nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
-)
-_SPATIAL_MODULES: tuple[type, ...] = (
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.LPPool1d, nn.LPPool2d, nn.Upsample,
-    nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d,
-    nn.ConstantPad3d, nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d, nn.ReplicationPad1d,
-    nn.ReplicationPad2d, nn.ReplicationPad3d,
-)
-_SPATIAL_FUNCS: set[Any] = {
-    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
-    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
-    F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.lp_pool1d, F.lp_pool2d, F.interpolate, F.upsample,
-    torch.max_pool2d, torch.avg_pool1d, torch.adaptive_avg_pool1d,
-}
-_CHANNEL_PARAM_MODULES: tuple[type, ...] = (
-    nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.PReLU,
-)
-# Shape ops that need nothing rewritten when a channel dim shrinks.
-_SHAPE_FUNCS: set[Any] = {
-    torch.flatten, torch.permute, torch.transpose, torch.swapaxes, torch.movedim, torch.squeeze,
-    torch.unsqueeze, torch.cat, torch.concat, torch.concatenate, torch.stack, torch.flip, torch.t,
-    torch.pixel_shuffle, torch.pixel_unshuffle, F.pixel_shuffle, F.pixel_unshuffle, torch.tile,
-}
-_SHAPE_METHODS = {
-    "flatten", "permute", "transpose", "swapaxes", "movedim", "squeeze", "unsqueeze", "flip", "t",
-    "expand_as", "view_as", "reshape_as", "repeat", "tile",
-}
-_RESHAPE_METHODS = {"view", "reshape", "expand", "broadcast_to"}
-_RESHAPE_FUNCS: set[Any] = {torch.reshape, torch.broadcast_to}
-_SPLIT = {torch.split: "split", torch.chunk: "chunk", "split": "split", "chunk": "chunk"}
-_MATMUL: set[Any] = {torch.matmul, operator.matmul, torch.bmm, torch.mm, "matmul", "bmm", "mm"}
-_CONV_FUNCS = {
-    F.conv1d: False, F.conv2d: False, F.conv3d: False,
-    F.conv_transpose1d: True, F.conv_transpose2d: True, F.conv_transpose3d: True,
-}
-_REDUCTIONS = {"mean", "sum", "amax", "amin", torch.mean, torch.sum, torch.amax, torch.amin}
-_SOFTMAX = {F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "softmax", "log_softmax"}
-
 
 def _arg(node: torch.fx.Node, i: int, name: str, default: Any = None) -> Any:
     if len(node.args) > i:
@@ -222,11 +172,11 @@ class _Coupler:
     def op_call_module(self, node: torch.fx.Node) -> Any:
         mod = self.modules[node.target]
         args = [self.value(a) for a in node.args]
-        if isinstance(mod, _ELEMENTWISE_MODULES):
+        if isinstance(mod, ELEMENTWISE_MODULES):
             return self.elementwise(node, args[:1])
-        if isinstance(mod, _SPATIAL_MODULES):
+        if isinstance(mod, SPATIAL_MODULES):
             return self.channelwise(node, args[0], {}, node.target)
-        if isinstance(mod, _CHANNEL_PARAM_MODULES):
+        if isinstance(mod, CHANNEL_PARAM_MODULES):
             params = {f"{node.target}.{n}": t for n, t in [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)]}
             return self.channelwise(node, args[0], params, node.target)
         if isinstance(mod, nn.modules.conv._ConvNd):
@@ -251,9 +201,9 @@ class _Coupler:
     def op_call_function(self, node: torch.fx.Node) -> Any:
         t = node.target
         args = [self.value(a) for a in node.args]
-        if t in _ELEMENTWISE_FUNCS or getattr(t, "__name__", "") == "stochastic_depth":
+        if t in ELEMENTWISE_FUNCS or getattr(t, "__name__", "") == "stochastic_depth":
             return self.elementwise(node, [*args, *self.value(list(node.kwargs.values()))])
-        if t in _FIRST_OPERAND_FUNCS:
+        if t in FIRST_OPERAND_FUNCS:
             return self.elementwise(node, args[:1])
         if t is operator.getitem:
             if isinstance(args[0], (Labels, Param)):
@@ -264,35 +214,35 @@ class _Coupler:
     def op_call_method(self, node: torch.fx.Node) -> Any:
         name = node.target
         args = [self.value(a) for a in node.args]
-        if name in _ELEMENTWISE_METHODS:
+        if name in ELEMENTWISE_METHODS:
             return self.elementwise(node, [*args, *self.value(list(node.kwargs.values()))])
-        if name in _FIRST_OPERAND_METHODS:
+        if name in FIRST_OPERAND_METHODS:
             return self.elementwise(node, args[:1])
         return self.dispatch(node, name, args)
 
     def dispatch(self, node: torch.fx.Node, t: Any, args: list[Any]) -> Any:
         """Rules shared by call_function and call_method (``t`` is a function or a method name)."""
         method = isinstance(t, str)
-        if t in _SHAPE_FUNCS or t in _SHAPE_METHODS:
+        if t in SHAPE_FUNCS or t in SHAPE_METHODS:
             return self.shape_op(node, None)
-        if t in _RESHAPE_FUNCS or t in _RESHAPE_METHODS:
+        if t in RESHAPE_FUNCS or t in RESHAPE_METHODS:
             return self.reshape(node)
-        if t in _SPLIT:
-            return self.split(node, _SPLIT[t])
-        if t in _SPATIAL_FUNCS:
+        if t in SPLIT:
+            return self.split(node, SPLIT[t])
+        if t in SPATIAL_FUNCS:
             return self.channelwise(node, args[0], {}, node.name)
-        if t in _CONV_FUNCS:
+        if t in CONV_FUNCS:
             x, w = args[0], args[1]
             b = _arg(node, 2, "bias")
             groups = _arg(node, 6, "groups", 1)
             if isinstance(w, Param) and (b is None or isinstance(self.value(b), Param)) and isinstance(groups, int):
                 bias = self.value(b).name if b is not None else None
-                return self.conv(node, x, w, bias, groups, _CONV_FUNCS[t], node.name)
+                return self.conv(node, x, w, bias, groups, CONV_FUNCS[t], node.name)
         if t is F.linear:
             w, b = args[1], self.value(_arg(node, 2, "bias"))
             if isinstance(w, Param) and (b is None or isinstance(b, Param)):
                 return self.linear(node, args[0], w, b.name if b is not None else None, node.name)
-        if t in _MATMUL:
+        if t in MATMUL:
             return self.matmul(node, self.as_labels(args[0]), self.as_labels(args[1]))
         if t is F.layer_norm:
             return self.layer_norm(node, args[0], len(_arg(node, 1, "normalized_shape")), None, node.name)
@@ -312,9 +262,9 @@ class _Coupler:
             x = self.as_labels(args[0])
             if x.dim is None or x.dim < len(x.shape) - len(pad) // 2:
                 return x.with_shape(self.shape(node))
-        if t in _REDUCTIONS:
+        if t in REDUCTIONS:
             return self.reduction(node, self.as_labels(args[0]))
-        if t in _SOFTMAX:
+        if t in SOFTMAX:
             return self.softmax(node, args[0], _arg(node, 1, "dim"))
         if t is F.channel_shuffle or t is torch.channel_shuffle:
             return self.channel_shuffle(node, args[0], _arg(node, 1, "groups"))
@@ -666,50 +616,67 @@ class _Coupler:
         return out
 
 
+def _first_appearance_ids(values: torch.Tensor) -> torch.Tensor:
+    """Dense ids for the distinct values, numbered in order of first appearance."""
+    uniq, inverse = torch.unique(values, return_inverse=True)
+    first = torch.full((uniq.numel(),), values.numel(), dtype=torch.long)
+    first.scatter_reduce_(0, inverse, torch.arange(values.numel()), "amin")
+    rank = torch.empty_like(first)
+    rank[torch.argsort(first)] = torch.arange(first.numel())
+    return rank[inverse]
+
+
 def _finalize(c: _Coupler, opaque: tuple[str, ...]) -> DependencyGraph:
     uf = c.uf
     # A parameter index bound to several labels ties them together.
-    for key, bound in c.slots.items():
+    for bound in c.slots.values():
         for ids in bound[1:]:
             uf.union_pairs(bound[0], ids)
-    atom_of_root: dict[int, int] = {}
-    member_roots: dict[tuple[str, int], torch.Tensor] = {}
-    for key, bound in c.slots.items():
-        roots = uf.roots(bound[0])
-        member_roots[key] = roots
-        for r in roots.tolist():
-            atom_of_root.setdefault(r, len(atom_of_root))
-    num_atoms = len(atom_of_root)
+    root = uf.root_table()
+    keys = list(c.slots)
+    # Atoms are the roots that own slots, numbered in order of first appearance.
+    slot_roots = torch.cat([root[c.slots[k][0]] for k in keys])
+    ids = _first_appearance_ids(slot_roots)
+    atom_of = torch.full((len(uf.parent),), -1, dtype=torch.long)
+    atom_of[slot_roots] = ids
+    num_atoms = int(ids.max()) + 1 if ids.numel() else 0
 
     def to_atoms(ids: torch.Tensor) -> torch.Tensor:
-        roots = uf.roots(ids)
-        return torch.tensor([atom_of_root.get(r, -1) for r in roots.tolist()], dtype=torch.long)
+        return atom_of[root[ids]]
 
-    member_atoms = {k: torch.tensor([atom_of_root[r] for r in v.tolist()], dtype=torch.long) for k, v in member_roots.items()}
+    member_atoms = {k: to_atoms(c.slots[k][0]) for k in keys}
     reasons: dict[int, list[str]] = defaultdict(list)
+    by_reason: dict[str, list[int]] = defaultdict(list)
     for lab, why in c.frozen.items():
-        a = atom_of_root.get(uf.find(lab))
-        if a is not None and why not in reasons[a] and len(reasons[a]) < 3:
-            reasons[a].append(why)
+        by_reason[why].append(lab)
+    for why, labs in by_reason.items():
+        for a in torch.unique(to_atoms(torch.tensor(labs))).tolist():
+            if a >= 0 and len(reasons[a]) < 3:
+                reasons[a].append(why)
 
-    signature: dict[int, list[tuple[str, int]]] = defaultdict(list)
-    for key, atoms in member_atoms.items():
-        for a in dict.fromkeys(atoms.tolist()):
-            signature[a].append(key)
-    by_sig: dict[tuple[Any, ...], list[int]] = {}
-    for a in range(num_atoms):
-        by_sig.setdefault((tuple(signature[a]), tuple(reasons.get(a, ()))), []).append(a)
-    groups = []
-    atom_group = torch.empty(num_atoms, dtype=torch.long)
-    for (sig, why), atoms in by_sig.items():
-        gid = len(groups)
-        atom_group[atoms] = gid
-        groups.append(Group(gid, torch.tensor(atoms, dtype=torch.long), tuple(c.member_info[k] for k in sig), why))
+    # Atoms with the same members (and the same freeze reasons) form a group; compare members through
+    # a sum of random 62-bit codes, one per member.
+    codes = torch.randint(0, 2**62, (len(keys),), generator=torch.Generator().manual_seed(0))
+    signature = torch.zeros(num_atoms, dtype=torch.long)
+    for k, key in enumerate(keys):
+        present = torch.unique(member_atoms[key])
+        signature.index_add_(0, present, codes[k].expand(present.numel()).contiguous())
+    for a, r in reasons.items():
+        signature[a] += hash(tuple(r)) % 2**62
+    atom_group = _first_appearance_ids(signature)
+    group_atoms = [[] for _ in range(int(atom_group.max()) + 1 if num_atoms else 0)]
+    for a, g in enumerate(atom_group.tolist()):
+        group_atoms[g].append(a)
+    group_members: list[list[Member]] = [[] for _ in group_atoms]
+    for key in keys:
+        for g in torch.unique(atom_group[member_atoms[key]]).tolist():
+            group_members[g].append(c.member_info[key])
+    groups = [
+        Group(gid, torch.tensor(atoms, dtype=torch.long), tuple(group_members[gid]), tuple(reasons.get(atoms[0], ())))
+        for gid, atoms in enumerate(group_atoms)
+    ]
 
-    tensor_atoms: dict[str, tuple[int, torch.Tensor]] = {}
-    for node, v in c.env.items():
-        if isinstance(v, Labels) and v.dim is not None:
-            tensor_atoms[node.name] = (v.dim, to_atoms(v.ids))
+    tensor_atoms = {node.name: (v.dim, to_atoms(v.ids)) for node, v in c.env.items() if isinstance(v, Labels) and v.dim is not None}
     flop_terms = [FlopTerm(name, macs, tuple(to_atoms(f) for f in fs)) for name, macs, fs in c.flop_terms]
     return DependencyGraph(
         groups=groups,

@@ -45,6 +45,15 @@ class UnionFind:
             if x != y:
                 self.union(x, y)
 
+    def root_table(self) -> torch.Tensor:
+        """Root of every label, all at once (pointer jumping on a tensor copy of the parents)."""
+        p = torch.tensor(self.parent, dtype=torch.long)
+        while True:
+            q = p[p]
+            if torch.equal(q, p):
+                return p
+            p = q
+
     def roots(self, t: torch.Tensor) -> torch.Tensor:
         uniq, inverse = torch.unique(t, return_inverse=True)
         return torch.tensor([self.find(x) for x in uniq.tolist()], dtype=torch.long)[inverse]

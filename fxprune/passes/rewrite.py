@@ -68,13 +68,14 @@ class _Rewriter:
 
     def new_tensor(self, name: str, t: torch.Tensor) -> torch.Tensor:
         data = t.detach()
-        sliced = False
-        for dim in range(data.dim()):
-            idx = self.kept.get((name, dim))
-            if idx is not None:
-                data = data.index_select(dim, idx)
-                sliced = True
-        data = data if sliced else data.clone()
+        pruned = {d: self.kept[(name, d)] for d in range(data.dim()) if (name, d) in self.kept}
+        if not pruned:
+            data = data.clone()
+        elif set(pruned) == {0, 1}:  # one gather instead of two copies: the usual conv/linear weight
+            data = data[pruned[0][:, None], pruned[1]]
+        else:
+            for d, idx in pruned.items():
+                data = data.index_select(d, idx)
         if isinstance(t, nn.Parameter):
             return nn.Parameter(data, requires_grad=t.requires_grad)
         return data

@@ -20,6 +20,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import ShapeError
+from ..optable import flopless
 
 __all__ = ["propagate_shapes", "eval_mode"]
 
@@ -39,10 +40,18 @@ def eval_mode(module: torch.nn.Module) -> Iterator[None]:
 class _ShapeFlopProp(ShapeProp):
     """ShapeProp that also records non-tensor results and per-node FLOPs."""
 
+    def __init__(self, gm: torch.fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.modules = dict(gm.named_modules())
+
     def run_node(self, n: torch.fx.Node) -> Any:
-        with FlopCounterMode(display=False) as counter:
+        if flopless(n, self.modules):
             result = super().run_node(n)
-        n.meta["fxprune_flops"] = counter.get_total_flops()
+            n.meta["fxprune_flops"] = 0
+        else:
+            with FlopCounterMode(display=False) as counter:
+                result = super().run_node(n)
+            n.meta["fxprune_flops"] = counter.get_total_flops()
         if "tensor_meta" not in n.meta:
             n.meta["fxprune_value"] = result
         return result

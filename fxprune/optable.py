@@ -1,0 +1,107 @@
+"""Op tables: which torch functions, Tensor methods and nn modules belong to which op family.
+
+Shared by the coupling pass (one rule per family) and the shapes pass (families that never do
+FLOP-counted work skip FlopCounterMode, which is costly per op).
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+ELEMENTWISE_FUNCS: set[Any] = {
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.pow,
+    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.neg, operator.mod,
+    torch.add, torch.sub, torch.subtract, torch.mul, torch.multiply, torch.div, torch.true_divide,
+    torch.maximum, torch.minimum, torch.where, torch.lerp, torch.addcmul, torch.addcdiv, torch.pow,
+    torch.clamp, torch.clip, torch.sqrt, torch.rsqrt, torch.exp, torch.log, torch.abs, torch.neg,
+    torch.sigmoid, torch.tanh, torch.relu, torch.relu_, torch.erf, torch.sign, torch.square,
+    F.relu, F.relu_, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.sigmoid, F.tanh,
+    F.leaky_relu, F.elu, F.selu, F.celu, F.mish, F.softplus, F.hardtanh, F.logsigmoid,
+    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
+}
+ELEMENTWISE_METHODS = {
+    "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "pow", "sqrt", "rsqrt", "exp",
+    "abs", "neg", "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "clamp", "clamp_", "clip",
+    "square", "masked_fill", "masked_fill_", "lerp", "addcmul", "maximum", "minimum",
+}
+FIRST_OPERAND_FUNCS: set[Any] = {
+    torch.zeros_like, torch.ones_like, torch.empty_like, torch.rand_like, torch.randn_like,
+    torch.full_like, torch.clone,
+}
+FIRST_OPERAND_METHODS = {
+    "contiguous", "clone", "detach", "float", "half", "double", "bfloat16", "to", "type", "type_as",
+    "cpu", "cuda", "requires_grad_",
+}
+ELEMENTWISE_MODULES: tuple[type, ...] = (
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
+    nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Softsign, nn.Hardtanh,
+    nn.Tanhshrink, nn.LogSigmoid, nn.Threshold, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
+    nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
+)
+SPATIAL_MODULES: tuple[type, ...] = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.LPPool1d, nn.LPPool2d, nn.Upsample,
+    nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d,
+    nn.ConstantPad3d, nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d, nn.ReplicationPad1d,
+    nn.ReplicationPad2d, nn.ReplicationPad3d,
+)
+SPATIAL_FUNCS: set[Any] = {
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
+    F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.lp_pool1d, F.lp_pool2d, F.interpolate, F.upsample,
+    torch.max_pool2d, torch.avg_pool1d, torch.adaptive_avg_pool1d,
+}
+CHANNEL_PARAM_MODULES: tuple[type, ...] = (
+    nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.PReLU,
+)
+# Shape ops that need nothing rewritten when a channel dim shrinks.
+SHAPE_FUNCS: set[Any] = {
+    torch.flatten, torch.permute, torch.transpose, torch.swapaxes, torch.movedim, torch.squeeze,
+    torch.unsqueeze, torch.cat, torch.concat, torch.concatenate, torch.stack, torch.flip, torch.t,
+    torch.pixel_shuffle, torch.pixel_unshuffle, F.pixel_shuffle, F.pixel_unshuffle, torch.tile,
+}
+SHAPE_METHODS = {
+    "flatten", "permute", "transpose", "swapaxes", "movedim", "squeeze", "unsqueeze", "flip", "t",
+    "expand_as", "view_as", "reshape_as", "repeat", "tile",
+}
+RESHAPE_METHODS = {"view", "reshape", "expand", "broadcast_to"}
+RESHAPE_FUNCS: set[Any] = {torch.reshape, torch.broadcast_to}
+SPLIT = {torch.split: "split", torch.chunk: "chunk", "split": "split", "chunk": "chunk"}
+MATMUL: set[Any] = {torch.matmul, operator.matmul, torch.bmm, torch.mm, "matmul", "bmm", "mm"}
+CONV_FUNCS = {
+    F.conv1d: False, F.conv2d: False, F.conv3d: False,
+    F.conv_transpose1d: True, F.conv_transpose2d: True, F.conv_transpose3d: True,
+}
+REDUCTIONS = {"mean", "sum", "amax", "amin", torch.mean, torch.sum, torch.amax, torch.amin}
+SOFTMAX = {F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "softmax", "log_softmax"}
+
+
+
+FLOPLESS_FUNCS = ELEMENTWISE_FUNCS | FIRST_OPERAND_FUNCS | SHAPE_FUNCS | RESHAPE_FUNCS | SPATIAL_FUNCS | {
+    operator.getitem, torch.split, torch.chunk, F.batch_norm, F.layer_norm, F.group_norm, F.pad,
+    getattr, torch.mean, torch.sum,
+}
+FLOPLESS_METHODS = ELEMENTWISE_METHODS | FIRST_OPERAND_METHODS | SHAPE_METHODS | RESHAPE_METHODS | {
+    "split", "chunk", "size", "dim", "mean", "sum", "numel",
+}
+FLOPLESS_MODULES = ELEMENTWISE_MODULES + SPATIAL_MODULES + CHANNEL_PARAM_MODULES + (
+    nn.LayerNorm, nn.GroupNorm, nn.Flatten, nn.Softmax, nn.ChannelShuffle,
+)
+
+
+def flopless(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """True when FlopCounterMode is known to count nothing for this node."""
+    if node.op == "call_module":
+        return isinstance(modules[node.target], FLOPLESS_MODULES)
+    if node.op == "call_function":
+        return node.target in FLOPLESS_FUNCS
+    if node.op == "call_method":
+        return node.target in FLOPLESS_METHODS
+    return True
