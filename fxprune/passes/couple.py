@@ -534,13 +534,13 @@ class _Coupler:
             return x
         n, c, *rest = x.shape
         t = x.full().view(n, groups, c // groups, *rest)
-        mid = compress(self.uf, t)
+        mid = compress(self.uf, t, frozenset({2}))
         if mid.dim not in (None, 2):
             self.freeze(x, f"channel shuffle at node {node.name}")
         return compress(self.uf, mid.full().transpose(1, 2).reshape(x.shape))
 
     # ----------------------------------------------------------------- shape ops
-    def run_on_labels(self, node: torch.fx.Node, fn: Callable[..., Any] | None) -> Any:
+    def run_on_labels(self, node: torch.fx.Node, fn: Callable[..., Any] | None, prefer: frozenset[int] = frozenset()) -> Any:
         self.families.setdefault(node.name, "shape")
         def full(v: Any) -> Any:
             v = self.as_labels(v)
@@ -551,15 +551,12 @@ class _Coupler:
         if fn is None:
             fn = node.target if node.op == "call_function" else (lambda s, *a, **k: getattr(s, node.target)(*a, **k))
         result = fn(*args, **kwargs)
-        return map_aggregate(result, lambda r: compress(self.uf, r) if isinstance(r, torch.Tensor) else r)
+        return map_aggregate(result, lambda r: compress(self.uf, r, prefer) if isinstance(r, torch.Tensor) else r)
 
     def shape_op(self, node: torch.fx.Node, fn: Callable[..., Any] | None) -> Any:
         return self.run_on_labels(node, fn)
 
     def reshape(self, node: torch.fx.Node) -> Any:
-        out = self.run_on_labels(node, None)
-        if out.dim is None:
-            return out
         a = node.args
         if node.op == "call_method" and len(a) == 2 and isinstance(a[1], (tuple, list)):
             base, sizes = ("args", 1), a[1]
@@ -570,12 +567,49 @@ class _Coupler:
         else:
             key = "shape" if "shape" in node.kwargs else "size"
             base, sizes = ("kwargs", key), node.kwargs.get(key, ())
-        if isinstance(sizes, (tuple, list)) and len(sizes) == len(out.shape):
+        sizes = sizes if isinstance(sizes, (tuple, list)) else ()
+        derived = frozenset(d for d, s in enumerate(sizes) if self.channel_derived(s))
+        out = self.run_on_labels(node, None, derived)
+        if out.dim is not None and len(sizes) == len(out.shape):
             s = sizes[out.dim]
             if isinstance(s, int) and s != -1:
                 idx = out.dim + (1 if base == ("args",) else 0)
                 self.patches.append(Patch("arg", node.name, node.name, out.dim, path=(*base, idx)))
         return out
+
+    def channel_derived(self, arg: Any) -> bool:
+        """Whether a size argument is computed from some tensor's channel count (``x.size(1) // 2``)."""
+        stack, seen = [arg], set()
+        while stack:
+            n = stack.pop()
+            if not isinstance(n, torch.fx.Node) or n in seen or "tensor_meta" in n.meta:
+                continue
+            seen.add(n)
+            base, dim = self.size_source(n)
+            if base is not None:
+                x = self.as_labels(self.env[base])
+                if isinstance(x, Labels) and x.dim is not None and dim is not None and dim % len(x.shape) == x.dim:
+                    return True
+                continue
+            stack.extend(n.all_input_nodes)
+        return False
+
+    def size_source(self, n: torch.fx.Node) -> tuple[torch.fx.Node | None, int | None]:
+        """(tensor, dim) when ``n`` reads one size of a tensor: ``x.size(d)``, ``x.size()[d]``, ``x.shape[d]``."""
+        def whole(m: Any) -> torch.fx.Node | None:
+            if isinstance(m, torch.fx.Node) and m.op == "call_method" and m.target == "size" and len(m.args) == 1 and not m.kwargs:
+                return m.args[0]
+            if isinstance(m, torch.fx.Node) and m.op == "call_function" and m.target is getattr and m.args[1] == "shape":
+                return m.args[0]
+            return None
+
+        if n.op == "call_method" and n.target == "size" and (len(n.args) > 1 or n.kwargs):
+            return n.args[0], _arg(n, 1, "dim")
+        if n.op == "call_function" and n.target is operator.getitem and whole(n.args[0]) is not None and isinstance(n.args[1], int):
+            return whole(n.args[0]), n.args[1]
+        if whole(n) is not None:
+            return whole(n), None
+        return None, None
 
     def split(self, node: torch.fx.Node, kind: str) -> Any:
         x = self.as_labels(self.env[node.args[0]])

@@ -86,12 +86,15 @@ class Param:
     tensor: torch.Tensor
 
 
-def compress(uf: UnionFind, t: torch.Tensor) -> Labels:
+def compress(uf: UnionFind, t: torch.Tensor, force: frozenset[int] = frozenset()) -> Labels:
     """Turn a full label tensor back into ``Labels``.
 
-    Where labels vary along more than one dim, the labels inside each slice of the dim with the fewest
-    distinct labels per slice are merged: removing channels then removes whole slices of that dim,
-    which is what a later reshape of the pruned tensor needs (a channel shuffle's halves, say).
+    Where labels vary along more than one dim, the labels inside each slice of one dim are merged:
+    removing channels then removes whole slices of that dim, which is what a later reshape of the
+    pruned tensor needs (a channel shuffle's halves, say). ``force`` names dims whose size the program
+    computes from the channel count: when labels vary along any other dim, the split must happen
+    along a forced dim (the largest), because that is the size that follows pruning at run time.
+    Otherwise the dim with the fewest distinct labels per slice is used.
     """
     shape = tuple(t.shape)
     if t.numel() == 0:
@@ -100,15 +103,21 @@ def compress(uf: UnionFind, t: torch.Tensor) -> Labels:
     varying = [
         d for d in range(t.dim()) if shape[d] > 1 and not torch.equal(t, t.narrow(d, 0, 1).expand_as(t))
     ]
+    if force and any(d not in force for d in varying):
+        return _merge_slices(uf, t, max(force, key=lambda d: shape[d]))
     if not varying:
         return Labels(shape, None, t.reshape(-1)[:1].clone())
     if len(varying) > 1:
-        best = min(varying, key=lambda d: (_distinct_per_slice(t, d), -shape[d]))
-        rows = t.movedim(best, 0).reshape(shape[best], -1)
-        uf.union_pairs(rows[:, :1].expand_as(rows), rows)
-        return Labels(shape, best, rows[:, 0].clone())
+        return _merge_slices(uf, t, min(varying, key=lambda d: (_distinct_per_slice(t, d), -shape[d])))
     d = varying[0]
     return Labels(shape, d, t.movedim(d, 0).reshape(shape[d], -1)[:, 0].clone())
+
+
+def _merge_slices(uf: UnionFind, t: torch.Tensor, d: int) -> Labels:
+    """Merge all labels inside each slice of dim ``d``; the result varies along ``d`` only."""
+    rows = t.movedim(d, 0).reshape(t.shape[d], -1)
+    uf.union_pairs(rows[:, :1].expand_as(rows), rows)
+    return Labels(tuple(t.shape), d, rows[:, 0].clone())
 
 
 def _distinct_per_slice(t: torch.Tensor, d: int) -> float:
