@@ -34,7 +34,8 @@ def _arrow(pair: tuple[Any, Any], fmt: Any = str) -> str:
 def _si(n: float) -> str:
     for unit, size in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= size:
-            return f"{n / size:.3g}{unit}"
+            text = f"{n / size:.3g}"
+            return (f"{n / size:.0f}" if "e" in text else text) + unit
     return str(int(n))
 
 

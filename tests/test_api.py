@@ -1,0 +1,200 @@
+"""The public API's contract: untouched inputs, determinism, targets, plans, reports and errors."""
+
+from __future__ import annotations
+
+import json
+
+import networkx as nx
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import fxprune
+from conftest import lively, same_state, state_copy
+
+X = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def resnet() -> nn.Module:
+    torch.manual_seed(0)
+    return lively(torchvision.models.resnet18(weights=None).eval())
+
+
+def test_user_model_is_never_modified(resnet: nn.Module) -> None:
+    resnet.train()  # train mode: a careless forward would update BatchNorm running statistics
+    state = state_copy(resnet)
+    flags = [m.training for m in resnet.modules()]
+    with torch.no_grad():
+        resnet.eval()
+        before = resnet(X)
+        resnet.train()
+    pruned = fxprune.compile(resnet, ratio=0.5, example_inputs=X)
+    fxprune.analyze(resnet, X)
+    fxprune.count_flops(resnet, X)
+    assert same_state(resnet, state)
+    assert [m.training for m in resnet.modules()] == flags
+    resnet.eval()
+    with torch.no_grad():
+        assert torch.equal(resnet(X), before)
+    # The result shares no storage with the user's model: training it leaves the model alone.
+    ptrs = {p.data_ptr() for p in resnet.parameters()} | {b.data_ptr() for b in resnet.buffers()}
+    assert not ptrs & {p.data_ptr() for p in pruned.parameters()}
+    pruned.train()
+    pruned(X).sum().backward()
+    torch.optim.SGD(pruned.parameters(), lr=0.1).step()
+    assert same_state(resnet, state)
+
+
+def test_same_seed_same_result(resnet: nn.Module) -> None:
+    a = fxprune.compile(resnet, ratio=0.4, example_inputs=X, selector="l1", seed=3)
+    b = fxprune.compile(resnet, ratio=0.4, example_inputs=X, selector="l1", seed=3)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert a.meta["fxprune"]["plan"] == b.meta["fxprune"]["plan"]
+    assert a.code == b.code
+
+
+def test_default_example_input_is_one_224_image() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    before = fxprune.count_flops(model, torch.zeros(fxprune.DEFAULT_INPUT_SHAPE))
+    pruned = fxprune.compile(model, ratio=0.3)
+    assert fxprune.report(pruned).flops[0] == before
+
+
+@pytest.mark.parametrize("gflops", [0.2, 0.12, 0.05])
+def test_target_gflops_is_met_within_3_percent(resnet: nn.Module, gflops: float) -> None:
+    pruned = fxprune.compile(resnet, gflops, example_inputs=X)
+    after = fxprune.count_flops(pruned, X)
+    assert 0.97 * gflops * 1e9 <= after <= gflops * 1e9
+
+
+def test_unreachable_target_names_the_smallest_reachable(resnet: nn.Module) -> None:
+    with pytest.raises(fxprune.TargetUnreachableError, match="GFLOPs") as info:
+        fxprune.compile(resnet, 0.0001, example_inputs=X)
+    smallest = info.value.smallest_gflops
+    assert 0 < smallest < 0.01
+    pruned = fxprune.compile(resnet, smallest * 1.001, example_inputs=X)
+    assert fxprune.count_flops(pruned, X) <= smallest * 1.001e9
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({}, "exactly one"),
+        ({"target_gflops": 1.0, "ratio": 0.5}, "exactly one"),
+        ({"ratio": 1.5}, "ratio must be"),
+        ({"target_gflops": -1.0}, "positive"),
+        ({"ratio": 0.5, "selector": "magic"}, "unknown selector 'magic'"),
+        ({"ratio": 0.5, "ignore": ["layer9"]}, "layer9"),
+        ({"ratio": 0.5, "example_inputs": "cat.png"}, "example_inputs"),
+    ],
+)
+def test_bad_arguments_get_clear_errors(resnet: nn.Module, kwargs: dict, match: str) -> None:
+    kwargs.setdefault("example_inputs", X)
+    with pytest.raises(fxprune.ArgumentError, match=match):
+        fxprune.compile(resnet, **kwargs)
+
+
+def test_wrong_input_shape_is_a_shape_error(resnet: nn.Module) -> None:
+    with pytest.raises(fxprune.ShapeError, match="example_inputs"):
+        fxprune.compile(resnet, ratio=0.5, example_inputs=torch.randn(1, 5, 32, 32))
+
+
+class Untraceable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.conv(x)
+        return self.conv(-x)
+
+
+def test_untraceable_root_is_a_trace_error_naming_the_line() -> None:
+    with pytest.raises(fxprune.TraceError, match=r"test_api.py:\d+: if x.sum\(\) > 0"):
+        fxprune.compile(Untraceable(), ratio=0.5, example_inputs=X)
+
+
+def test_prune_with_explicit_plan(resnet: nn.Module) -> None:
+    graph = fxprune.analyze(resnet, X)
+    g = next(g for g in graph.groups if any(m.name == "layer2.0.conv1.weight" and m.dim == 0 for m in g.members))
+    pruned = fxprune.prune(resnet, {g.id: [0, 5, 7]}, X)
+    assert pruned.get_submodule("layer2.0.conv1").out_channels == 3
+    torch.testing.assert_close(pruned.get_submodule("layer2.0.conv1").weight, resnet.layer2[0].conv1.weight[[0, 5, 7]])
+    kept = pruned.meta["fxprune"]["kept"]
+    assert kept["modules"]["layer2.0.conv2"]["in"] == [0, 5, 7]
+    assert kept["parameters"]["layer2.0.bn1.running_mean"]["0"] == [0, 5, 7]
+    json.dumps(pruned.meta["fxprune"])  # the whole record is JSON-serializable
+
+
+def test_bad_plans_are_plan_errors(resnet: nn.Module) -> None:
+    graph = fxprune.analyze(resnet, X)
+    frozen = next(g for g in graph.groups if g.frozen and g.width > 1)
+    prunable = graph.prunable_groups[0]
+    with pytest.raises(fxprune.PlanError, match="frozen"):
+        fxprune.prune(resnet, {frozen.id: [0]}, X)
+    with pytest.raises(fxprune.PlanError, match="distinct positions"):
+        fxprune.prune(resnet, {prunable.id: [0, prunable.width]}, X)
+    with pytest.raises(fxprune.PlanError, match="groups 0"):
+        fxprune.prune(resnet, {999: [0]}, X)
+    plan = fxprune.Plan({prunable.id: [1, 2]})
+    assert fxprune.Plan.from_json(plan.to_json()) == plan
+
+
+def test_report_table_markdown_and_dict(resnet: nn.Module) -> None:
+    pruned = fxprune.compile(resnet, ratio=0.5, example_inputs=X)
+    rep = fxprune.report(pruned)
+    text = str(rep)
+    assert "layer1.0.conv1" in text and "total" in text and "->" in text
+    assert rep.to_markdown().startswith("| layer")
+    d = json.loads(json.dumps(rep.to_dict()))
+    assert fxprune.Report.from_dict(d).flops == rep.flops
+    conv = next(r for r in rep.rows if r.name == "layer1.0.conv1")
+    assert conv.out_channels[1] < conv.out_channels[0] == 64
+    assert sum(r.macs[1] for r in rep.rows) == rep.macs[1]
+    with pytest.raises(fxprune.ArgumentError, match="count_flops"):
+        fxprune.report(resnet)
+
+
+def test_analyze_exposes_groups_as_networkx_dot_and_table(resnet: nn.Module) -> None:
+    graph = fxprune.analyze(resnet, X)
+    g = graph.to_networkx()
+    assert isinstance(g, nx.Graph) and g.number_of_nodes() > len(graph.groups)
+    stream = next(gr for gr in graph.groups if any(m.name == "conv1.weight" and m.dim == 0 for m in gr.members))
+    assert g.has_edge(("group", stream.id), ("member", "layer1.0.conv2.weight[0]"))
+    dot = graph.to_dot()
+    assert dot.startswith("graph fxprune {") and dot.rstrip().endswith("}")
+    text = str(graph)
+    assert "frozen: model input x" in text and "frozen: model output" in text
+    assert graph.groups_of("layer1.0.conv1")
+
+
+class KeepLast:
+    """A custom selector: keep the highest-index channels."""
+
+    def scores(self, graph, gm):
+        return {g.id: torch.arange(g.width, dtype=torch.float64) for g in graph.prunable_groups}
+
+
+def test_custom_selector_object(resnet: nn.Module) -> None:
+    graph = fxprune.analyze(resnet, X)
+    pruned = fxprune.compile(resnet, ratio=0.3, example_inputs=X, selector=KeepLast())
+    plan = pruned.meta["fxprune"]["plan"]
+    for gid, keep in plan.items():
+        width = graph.groups[int(gid)].width
+        assert keep == list(range(width - len(keep), width))
+    with pytest.raises(fxprune.ArgumentError, match="scores"):
+        fxprune.compile(resnet, ratio=0.3, example_inputs=X, selector=object())
+
+
+def test_l1_keeps_the_largest_filters() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    with torch.no_grad():
+        model[0].weight.mul_(torch.arange(1, 9, dtype=torch.float32).view(8, 1, 1, 1) ** 2)
+    pruned = fxprune.compile(model, ratio=0.45, example_inputs=X[:, :, :16, :16], selector="l1")
+    kept = pruned.meta["fxprune"]["kept"]["parameters"]["0.weight"]["0"]
+    assert kept == list(range(8 - len(kept), 8))

@@ -1,0 +1,335 @@
+"""Coupling on small hand-built models, one per kind of coupling real models have.
+
+Each model is pruned with verify=True (the pruned model must equal its masked original) and the test
+then checks what the coupling says about the structure.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import fxprune
+from conftest import lively
+
+X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+
+
+def compile_ok(model: nn.Module, x: torch.Tensor = X, ratio: float = 0.4, **kw) -> torch.fx.GraphModule:
+    lively(model.eval())
+    pruned = fxprune.compile(model, ratio=ratio, example_inputs=x, **kw)
+    with torch.no_grad():
+        ref, out = model(x), pruned(x)
+    torch.testing.assert_close(torch.tensor(_shape(out)), torch.tensor(_shape(ref)))
+    rep = fxprune.report(pruned)
+    assert rep.flops[1] <= (1 - ratio) * rep.flops[0] * 1.0000001
+    return pruned
+
+
+def _shape(out):
+    if isinstance(out, dict):
+        return [list(v.shape) for v in out.values()]
+    if isinstance(out, (tuple, list)):
+        return [list(v.shape) for v in out]
+    return list(out.shape)
+
+
+def group_with(model: nn.Module, name: str, dim: int = 0, x: torch.Tensor = X) -> fxprune.Group:
+    graph = fxprune.analyze(model, x)
+    return next(g for g in graph.groups if any(m.name == name and m.dim == dim for m in g.members))
+
+
+def member_names(group: fxprune.Group) -> set[str]:
+    return {f"{m.name}[{m.dim}]" for m in group.members}
+
+
+class Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.a = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.stem(x)
+        return self.head(F.relu(self.bn(self.a(y))) + y)
+
+
+def test_residual_add_ties_both_producers() -> None:
+    g = group_with(Residual(), "stem.weight")
+    assert {"stem.weight[0]", "a.weight[0]", "bn.weight[0]", "a.weight[1]", "head.weight[1]"} <= member_names(g)
+    assert g.prunable and g.width == 8
+    compile_ok(Residual())
+
+
+class Shuffle(nn.Module):
+    def __init__(self, fused: bool) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.c = nn.Conv2d(8, 4, 1)
+        self.fused = fused
+
+    def forward(self, x):
+        y = self.a(x)
+        if self.fused:
+            y = F.channel_shuffle(y, 2)
+        else:
+            n, c, h, w = y.size()
+            y = y.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
+        return self.c(self.b(y))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_channel_shuffle_pairs_channels_across_halves(fused: bool) -> None:
+    g = group_with(Shuffle(fused), "a.weight")
+    assert g.prunable and g.width == 4  # channel j and j + 4 can only go together
+    compile_ok(Shuffle(fused))
+
+
+class PermuteFlatten(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, stride=2, padding=1)
+        self.fc = nn.Linear(6 * 4 * 4, 5)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).permute(0, 2, 3, 1).flatten(1))
+
+
+def test_permute_flatten_linear_slices_interleaved_features() -> None:
+    pruned = compile_ok(PermuteFlatten(), ratio=0.3)
+    kept = pruned.meta["fxprune"]["kept"]["parameters"]
+    channels = kept["conv.weight"]["0"]
+    want = [pos * 6 + c for pos in range(16) for c in channels]  # channels-last: channel is the fastest index
+    assert kept["fc.weight"]["1"] == want
+
+
+class SplitCat(nn.Module):
+    def __init__(self, literal: bool) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 12, 1)
+        self.b = nn.Conv2d(4, 4, 3, padding=1)
+        self.c = nn.Conv2d(12, 4, 1)
+        self.literal = literal
+
+    def forward(self, x):
+        y = self.a(x)
+        p, q = torch.split(y, [4, 8], dim=1) if self.literal else (y[:, :4], y[:, 4:])
+        return self.c(torch.cat([self.b(p), q], 1))
+
+
+@pytest.mark.parametrize("literal", [True, False])
+def test_split_and_slices_follow_pruned_sizes(literal: bool) -> None:
+    compile_ok(SplitCat(literal), ratio=0.5)
+
+
+class SE(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.squeeze = nn.Conv2d(8, 2, 1)
+        self.expand = nn.Conv2d(2, 8, 1)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        s = torch.sigmoid(self.expand(F.relu(self.squeeze(F.adaptive_avg_pool2d(y, 1)))))
+        return self.head(y * s)
+
+
+def test_se_gate_joins_the_stream() -> None:
+    g = group_with(SE(), "conv.weight")
+    assert {"expand.weight[0]", "squeeze.weight[1]", "head.weight[1]"} <= member_names(g)
+    compile_ok(SE())
+
+
+class Shared(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.block = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.stem(x)
+        return self.head(self.block(F.relu(self.block(y))))
+
+
+def test_module_called_twice() -> None:
+    g = group_with(Shared(), "block.weight")  # its output feeds itself: one group with the stem
+    assert "stem.weight[0]" in member_names(g)
+    compile_ok(Shared())
+
+
+class MultiOut(nn.Module):
+    def __init__(self, as_dict: bool) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.cls = nn.Conv2d(8, 5, 1)
+        self.box = nn.Conv2d(8, 4, 1)
+        self.as_dict = as_dict
+
+    def forward(self, x):
+        y = self.body(x)
+        if self.as_dict:
+            return {"cls": self.cls(y), "box": self.box(y)}
+        return self.cls(y), self.box(y)
+
+
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_tuple_and_dict_outputs_keep_their_channels(as_dict: bool) -> None:
+    pruned = compile_ok(MultiOut(as_dict))
+    out = pruned(X)
+    assert isinstance(out, dict) == as_dict
+
+
+class Functional(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(8, 3, 3, 3) * 0.3)
+        self.b1 = nn.Parameter(torch.randn(8) * 0.1)
+        self.scale = nn.Parameter(torch.rand(8, 1, 1) + 0.5)
+        self.register_buffer("shift", torch.randn(1, 8, 1, 1) * 0.1)
+        self.w2 = nn.Parameter(torch.randn(5, 8) * 0.3)
+
+    def forward(self, x):
+        y = F.relu(F.conv2d(x, self.w1, self.b1, padding=1) * self.scale + self.shift)
+        return F.linear(y.mean((2, 3)), self.w2)
+
+
+def test_functional_ops_on_parameters_and_per_channel_buffers() -> None:
+    g = group_with(Functional(), "w1")
+    assert {"w1[0]", "b1[0]", "scale[0]", "shift[1]", "w2[1]"} <= member_names(g)
+    pruned = compile_ok(Functional())
+    assert pruned.w1.shape[0] == pruned.scale.shape[0] == pruned.shift.shape[1] == pruned.w2.shape[1] < 8
+
+
+class Dims(nn.Module):
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        conv = {"1d": nn.Conv1d, "3d": nn.Conv3d}.get(kind, nn.Conv2d)
+        self.kind = kind
+        self.a = conv(3, 8, 3, padding=1)
+        self.b = nn.ConvTranspose2d(8, 8, 2, stride=2) if kind == "transpose" else conv(8, 8, 3, padding=1)
+        self.c = conv(8, 4, 1)
+
+    def forward(self, x):
+        if self.kind == "1d":
+            x = x.flatten(2)
+        elif self.kind == "3d":
+            x = x.unsqueeze(2).expand(-1, -1, 4, -1, -1)
+        return self.c(F.relu(self.b(F.relu(self.a(x)))))
+
+
+@pytest.mark.parametrize("kind", ["1d", "3d", "transpose"])
+def test_conv1d_conv3d_conv_transpose(kind: str) -> None:
+    pruned = compile_ok(Dims(kind))
+    assert pruned.get_submodule("b").weight.shape[1 if kind == "transpose" else 0] < 8
+
+
+class Norms(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.prelu = nn.PReLU(8)
+        self.gn = nn.GroupNorm(2, 8)
+        self.inorm = nn.InstanceNorm2d(8, affine=True, track_running_stats=True)
+        self.b = nn.Conv2d(8, 8, 3, padding=1, groups=4)
+        self.dw = nn.Conv2d(8, 16, 3, padding=1, groups=8)  # depthwise with multiplier 2
+        self.c = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        y = self.inorm(self.gn(self.prelu(self.a(x))))
+        return self.c(self.dw(self.b(y)))
+
+
+def test_prelu_groupnorm_instancenorm_grouped_and_depthwise() -> None:
+    model = lively(Norms().eval())
+    graph = fxprune.analyze(model, X)
+    stream = group_with(model, "a.weight")
+    assert stream.width == 2  # grouped conv (4 groups) and GroupNorm (2 groups) tie channels in fours
+    plan = {g.id: list(range(g.width // 2)) for g in graph.prunable_groups}
+    pruned = fxprune.prune(model, plan, X)
+    gn, b, dw = pruned.get_submodule("gn"), pruned.get_submodule("b"), pruned.get_submodule("dw")
+    assert gn.num_groups == 2 and gn.num_channels == gn.weight.numel() < 8
+    assert b.groups == 4 and b.in_channels % 4 == 0 and b.out_channels % 4 == 0
+    assert dw.groups == dw.in_channels and dw.out_channels == 2 * dw.in_channels
+    notes = fxprune.report(pruned).notes
+    assert any("gn" in n and "statistics" in n for n in notes)
+
+
+def test_layernorm_over_channels_convnext_block() -> None:
+    torch.manual_seed(0)
+    block = torchvision.models.convnext.CNBlock(16, layer_scale=0.5, stochastic_depth_prob=0.1)
+    model = nn.Sequential(nn.Conv2d(3, 16, 1), block, nn.Conv2d(16, 4, 1))
+    pruned = compile_ok(model, ratio=0.3)
+    ln = pruned.get_submodule("1.block.2")
+    assert ln.normalized_shape[0] == ln.weight.numel()
+
+
+class Unknown(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.b = nn.Conv2d(8, 8, 1)
+        self.c = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.c(torch.cumsum(self.a(x), 1) + self.b(self.a(x)))
+
+
+def test_unknown_op_freezes_with_reason() -> None:
+    g = group_with(Unknown(), "a.weight")
+    assert not g.prunable and any("cumsum" in r for r in g.frozen)
+    inner = group_with(Unknown(), "b.weight")
+    assert inner.frozen  # b's output is added to cumsum's output
+    assert "cumsum" in str(fxprune.analyze(Unknown(), X))
+
+
+class Branchy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.b = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        if y.sum() > 0:  # data-dependent: cannot be traced symbolically
+            y = y * 2
+        return self.b(y)
+
+
+class Wrapper(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre = nn.Conv2d(3, 3, 1)
+        self.inner = Branchy()
+
+    def forward(self, x):
+        return self.inner(self.pre(x))
+
+
+def test_untraceable_submodule_is_kept_opaque() -> None:
+    graph = fxprune.analyze(Wrapper(), X)
+    assert graph.opaque == ("inner",)
+    model = Wrapper().eval()
+    with pytest.raises(fxprune.TargetUnreachableError):
+        fxprune.compile(model, ratio=0.5, example_inputs=X)
+    assert any("inner" in r for g in graph.groups for r in g.frozen)
+
+
+def test_stochastic_depth_and_dropout_pass_channels_through() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), torchvision.ops.StochasticDepth(0.2, "row"), nn.Dropout(0.1), nn.Conv2d(8, 4, 1))
+    compile_ok(model)
+
+
+def test_ignore_keeps_a_modules_output_channels() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    pruned = compile_ok(model, ratio=0.2, ignore=["2"])
+    assert pruned.get_submodule("2").out_channels == 8
+    assert pruned.get_submodule("0").out_channels < 8
