@@ -31,20 +31,23 @@ class FlopModel:
         self.terms = graph.flop_terms
         self.constant = total - sum(t.macs for t in self.terms)
         factors = [(i, f) for i, t in enumerate(self.terms) for f in t.factors]
-        sentinel = graph.num_atoms  # index of an atom that is never removed
-        self.index = torch.cat([torch.where(f < 0, sentinel, f) for _, f in factors]) if factors else torch.empty(0, dtype=torch.long)
-        self.segment = torch.cat([torch.full((f.numel(),), k) for k, (_, f) in enumerate(factors)]) if factors else torch.empty(0, dtype=torch.long)
         self.sizes = torch.tensor([f.numel() for _, f in factors], dtype=torch.float64)
         self.term_of = torch.tensor([i for i, _ in factors], dtype=torch.long)
         self.macs_vec = torch.tensor([t.macs for t in self.terms], dtype=torch.float64)
+        # counts[f, a] = how many indices of factor f belong to atom a, as a sparse matrix.
+        rows = torch.cat([torch.full((f.numel(),), k) for k, (_, f) in enumerate(factors)]) if factors else torch.empty(0, dtype=torch.long)
+        cols = torch.cat([f for _, f in factors]) if factors else torch.empty(0, dtype=torch.long)
+        keep = cols >= 0
+        key, counts = torch.unique(rows[keep] * max(graph.num_atoms, 1) + cols[keep], return_counts=True)
+        index = torch.stack([key // max(graph.num_atoms, 1), key % max(graph.num_atoms, 1)])
+        self.counts = torch.sparse_coo_tensor(index, counts.to(torch.float64), (len(factors), graph.num_atoms), is_coalesced=True, check_invariants=False)
 
     def macs(self, removed: torch.Tensor) -> float:
-        """Approximate (float64) MACs for the target search."""
+        """MACs (float64) after removing ``removed``, for the target search."""
         if not self.terms:
             return float(self.constant)
-        kept = (~torch.cat([removed, removed.new_zeros(1)]))[self.index].to(torch.float64)
-        per_factor = torch.zeros(len(self.sizes), dtype=torch.float64).index_add_(0, self.segment, kept) / self.sizes
-        ratio = torch.ones(len(self.terms), dtype=torch.float64).scatter_reduce(0, self.term_of, per_factor, "prod")
+        kept = self.sizes - self.counts @ removed.to(torch.float64)
+        ratio = torch.ones(len(self.terms), dtype=torch.float64).scatter_reduce(0, self.term_of, kept / self.sizes, "prod")
         return float((self.macs_vec * ratio).sum()) + self.constant
 
     def per_node(self, removed: torch.Tensor) -> dict[str, int]:

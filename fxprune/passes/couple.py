@@ -16,6 +16,7 @@ union-find classes of labels that own slots are the atoms of the resulting Depen
 
 from __future__ import annotations
 
+import math
 import operator
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -147,7 +148,10 @@ class _Coupler:
             if node.op in ("call_function", "call_method", "call_module") and "tensor_meta" not in node.meta:
                 self.env[node] = node.meta.get("fxprune_value")
                 continue
-            self.env[node] = getattr(self, "op_" + node.op)(node)
+            try:
+                self.env[node] = getattr(self, "op_" + node.op)(node)
+            except Exception as exc:  # a rule that cannot handle this use of an op: freeze, never guess
+                self.env[node] = self.unknown(node, f"node {node.name} could not be analyzed ({type(exc).__name__}: {exc})")
             if node.op == "call_module" and self.ignore and any(
                 node.target == p or node.target.startswith(p + ".") for p in self.ignore
             ):
@@ -310,7 +314,7 @@ class _Coupler:
         return Labels(out_shape, d, out.ids)
 
     def elementwise_general(self, node: torch.fx.Node, labs: list[Labels], out_shape: tuple[int, ...]) -> Labels:
-        full = [lab.full() for lab in labs]
+        full = [self.full(lab) for lab in labs]
         full = [f.reshape([1] * (len(out_shape) - f.dim()) + list(f.shape)).expand(out_shape) for f in full]
         for f in full[1:]:
             self.uf.union_pairs(full[0], f)
@@ -533,18 +537,26 @@ class _Coupler:
             self.freeze(x, f"channel shuffle at node {node.name} expects channels on dim 1")
             return x
         n, c, *rest = x.shape
-        t = x.full().view(n, groups, c // groups, *rest)
+        t = self.full(x).view(n, groups, c // groups, *rest)
         mid = compress(self.uf, t, frozenset({2}))
         if mid.dim not in (None, 2):
             self.freeze(x, f"channel shuffle at node {node.name}")
         return compress(self.uf, mid.full().transpose(1, 2).reshape(x.shape))
 
     # ----------------------------------------------------------------- shape ops
+    def full(self, lab: Labels) -> torch.Tensor:
+        """The label tensor of ``lab``, with every label replaced by its current root."""
+        return Labels(lab.shape, lab.dim, self.uf.roots(lab.ids)).full()
+
     def run_on_labels(self, node: torch.fx.Node, fn: Callable[..., Any] | None, prefer: frozenset[int] = frozenset()) -> Any:
         self.families.setdefault(node.name, "shape")
+        fast = self.layout(node)
+        if fast is not None:
+            return fast
+
         def full(v: Any) -> Any:
             v = self.as_labels(v)
-            return v.full() if isinstance(v, Labels) else v
+            return self.full(v) if isinstance(v, Labels) else v
 
         args = map_aggregate(self.value(node.args), full)
         kwargs = map_aggregate(self.value(node.kwargs), full)
@@ -552,6 +564,70 @@ class _Coupler:
             fn = node.target if node.op == "call_function" else (lambda s, *a, **k: getattr(s, node.target)(*a, **k))
         result = fn(*args, **kwargs)
         return map_aggregate(result, lambda r: compress(self.uf, r, prefer) if isinstance(r, torch.Tensor) else r)
+
+    def layout(self, node: torch.fx.Node) -> Labels | None:
+        """Ops that only move, merge or join dims, done on compact labels (None: materialize instead)."""
+        meta = node.meta.get("tensor_meta")
+        if not isinstance(meta, TensorMetadata):
+            return None
+        out_shape = tuple(meta.shape)
+        name = _target_name(node)
+        mod = self.modules[node.target] if node.op == "call_module" else None
+        if mod is not None:
+            if not isinstance(mod, nn.Flatten):
+                return None
+            name = "flatten"
+        if name in ("cat", "concat", "concatenate"):
+            return self.layout_cat(node, out_shape)
+        x = self.as_labels(self.env.get(node.args[0]) if isinstance(node.args[0], torch.fx.Node) else None)
+        if not isinstance(x, Labels):
+            return None
+        if x.dim is None:
+            return Labels(out_shape, None, x.ids)
+        n, d, ids = len(x.shape), x.dim, x.ids
+        rest = [a for a in node.args[1:]]
+
+        def norm(k: int, size: int = n) -> int:
+            return k % size
+
+        if name == "permute":
+            dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest or node.kwargs.get("dims")
+            new = [norm(k) for k in dims].index(d)
+        elif name in ("transpose", "swapaxes"):
+            a, b = norm(rest[0]), norm(rest[1])
+            new = b if d == a else a if d == b else d
+        elif name == "t":
+            new = 1 - d if n == 2 else d
+        elif name == "unsqueeze":
+            k = norm(_arg(node, 1, "dim"), n + 1)
+            new = d + (k <= d)
+        elif name == "flatten":
+            if mod is not None:
+                start, end = norm(mod.start_dim), norm(mod.end_dim)
+            else:
+                start, end = norm(_arg(node, 1, "start_dim", 0)), norm(_arg(node, 2, "end_dim", -1))
+            if d < start:
+                new = d
+            elif d > end:
+                new = d - (end - start)
+            else:
+                inner = math.prod(x.shape[d + 1:end + 1])
+                ids, new = ids.repeat_interleave(inner).repeat(math.prod(x.shape[start:d])), start
+        else:
+            return None
+        return Labels(out_shape, new, ids) if out_shape[new] == ids.numel() else None
+
+    def layout_cat(self, node: torch.fx.Node, out_shape: tuple[int, ...]) -> Labels | None:
+        labs = [self.as_labels(v) for v in self.value(node.args[0])]
+        if not all(isinstance(lab, Labels) for lab in labs):
+            return None
+        dim = _arg(node, 1, "dim", 0) % len(out_shape)
+        if all(lab.dim in (dim, None) for lab in labs):
+            return Labels(out_shape, dim, torch.cat([lab.ids if lab.dim == dim else lab.ids[:1].expand(lab.shape[dim]) for lab in labs]))
+        first = labs[0]
+        if all(lab.dim == first.dim and torch.equal(self.uf.roots(lab.ids), self.uf.roots(first.ids)) for lab in labs):
+            return Labels(out_shape, first.dim, first.ids)
+        return None
 
     def shape_op(self, node: torch.fx.Node, fn: Callable[..., Any] | None) -> Any:
         return self.run_on_labels(node, fn)
@@ -568,8 +644,15 @@ class _Coupler:
             key = "shape" if "shape" in node.kwargs else "size"
             base, sizes = ("kwargs", key), node.kwargs.get(key, ())
         sizes = sizes if isinstance(sizes, (tuple, list)) else ()
-        derived = frozenset(d for d, s in enumerate(sizes) if self.channel_derived(s))
-        out = self.run_on_labels(node, None, derived)
+        sources = {d: self.channel_sources(s) for d, s in enumerate(sizes)}
+        out = self.run_on_labels(node, None, frozenset(d for d, src in sources.items() if src))
+        for d, src in sources.items():
+            # A size read from another tensor's channel count only follows pruning if both tensors
+            # lose the same channels.
+            for lab in src:
+                if out.dim != d or set(self.uf.roots(lab.ids).tolist()) != set(self.uf.roots(out.ids).tolist()):
+                    self.freeze(lab, f"node {node.name} takes a size from the channel count of another tensor")
+                    self.freeze(out, f"node {node.name} takes a size from the channel count of another tensor")
         if out.dim is not None and len(sizes) == len(out.shape):
             s = sizes[out.dim]
             if isinstance(s, int) and s != -1:
@@ -577,9 +660,9 @@ class _Coupler:
                 self.patches.append(Patch("arg", node.name, node.name, out.dim, path=(*base, idx)))
         return out
 
-    def channel_derived(self, arg: Any) -> bool:
-        """Whether a size argument is computed from some tensor's channel count (``x.size(1) // 2``)."""
-        stack, seen = [arg], set()
+    def channel_sources(self, arg: Any) -> list[Labels]:
+        """Labels of the tensors whose channel count a size argument is computed from (``x.size(1) // 2``)."""
+        stack, seen, found = [arg], set(), []
         while stack:
             n = stack.pop()
             if not isinstance(n, torch.fx.Node) or n in seen or "tensor_meta" in n.meta:
@@ -589,10 +672,10 @@ class _Coupler:
             if base is not None:
                 x = self.as_labels(self.env[base])
                 if isinstance(x, Labels) and x.dim is not None and dim is not None and dim % len(x.shape) == x.dim:
-                    return True
+                    found.append(x)
                 continue
             stack.extend(n.all_input_nodes)
-        return False
+        return found
 
     def size_source(self, n: torch.fx.Node) -> tuple[torch.fx.Node | None, int | None]:
         """(tensor, dim) when ``n`` reads one size of a tensor: ``x.size(d)``, ``x.size()[d]``, ``x.shape[d]``."""
@@ -620,6 +703,16 @@ class _Coupler:
         return out
 
     def getitem(self, node: torch.fx.Node, x: Labels) -> Any:
+        tensors: list[Any] = []
+        map_aggregate(self.value(node.args[1]), lambda v: tensors.append(v) if isinstance(v, (Labels, Param)) else v)
+        if tensors:
+            # Indexing with a tensor: run it with the real index values (constant ones only) and freeze.
+            if any(isinstance(v, Labels) for v in tensors):
+                return self.unknown(node, f"node {node.name} indexes with a computed tensor")
+            self.families.setdefault(node.name, "shape")
+            index = map_aggregate(self.value(node.args[1]), lambda v: v.tensor if isinstance(v, Param) else v)
+            self.freeze(x, f"node {node.name} gathers with an index tensor")
+            return compress(self.uf, self.full(x)[index])
         out = self.run_on_labels(node, None)
         if x.dim is None:
             return out

@@ -40,10 +40,11 @@ class UnionFind:
 
     def union_pairs(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """Merge ``a[i]`` with ``b[i]`` for every i (both flattened, same length)."""
-        pairs = torch.unique(torch.stack([a.reshape(-1), b.reshape(-1)], 1), dim=0)
-        for x, y in pairs.tolist():
-            if x != y:
-                self.union(x, y)
+        a, b = a.reshape(-1), b.reshape(-1)
+        differ = a != b
+        n = len(self.parent)
+        for key in torch.unique(a[differ] * n + b[differ]).tolist():
+            self.union(key // n, key % n)
 
     def root_table(self) -> torch.Tensor:
         """Root of every label, all at once (pointer jumping on a tensor copy of the parents)."""
@@ -87,7 +88,7 @@ class Param:
 
 
 def compress(uf: UnionFind, t: torch.Tensor, force: frozenset[int] = frozenset()) -> Labels:
-    """Turn a full label tensor back into ``Labels``.
+    """Turn a full label tensor (of root labels) back into ``Labels``.
 
     Where labels vary along more than one dim, the labels inside each slice of one dim are merged:
     removing channels then removes whole slices of that dim, which is what a later reshape of the
@@ -99,7 +100,6 @@ def compress(uf: UnionFind, t: torch.Tensor, force: frozenset[int] = frozenset()
     shape = tuple(t.shape)
     if t.numel() == 0:
         return Labels(shape, None, uf.fresh(1))
-    t = uf.roots(t)
     varying = [
         d for d in range(t.dim()) if shape[d] > 1 and not torch.equal(t, t.narrow(d, 0, 1).expand_as(t))
     ]

@@ -176,7 +176,14 @@ def verify(
     oracle = build_oracle(gm, graph, removed)
     with torch.no_grad(), eval_mode(oracle), eval_mode(pruned):
         want = _leaves(oracle(*example_inputs))
-        got = _leaves(pruned(*example_inputs))
+        try:
+            got = _leaves(pruned(*example_inputs))
+        except Exception as exc:
+            raise VerificationError(
+                f"the pruned model fails to run: {type(exc).__name__}: {str(exc).splitlines()[0]}. This is a bug "
+                "in fxprune's coupling analysis; please report it with the model. Workaround: put the module "
+                "around the failing node in ignore=."
+            ) from exc
     if len(want) != len(got):
         raise VerificationError(f"the pruned model returns {len(got)} tensors, the original {len(want)}")
     worst = VerifyResult(0.0, 0.0, 0.0)

@@ -1,0 +1,114 @@
+"""Compile time: fxprune vs torch-pruning, side by side in one process.
+
+For each model (random weights, eval mode, one 1x3x224x224 input, 2 CPU threads) this times, after one
+warm-up run of each, the median of --repeat runs of
+
+* fxprune: ``fxprune.compile(model, ratio=0.5, example_inputs=x, verify=False)``;
+* torch-pruning: ``MetaPruner`` construction (builds the ``tp.DependencyGraph``) + one ``step()`` at
+  ``pruning_ratio=0.5`` with L1 magnitude importance, final classifier ignored, on a fresh deep copy
+  of the model per run (the copy is not timed). A call that runs longer than --tp-timeout seconds is
+  stopped with SIGALRM and the model's remaining torch-pruning runs are skipped.
+
+It also prints the number of torch.fx graph nodes and fxprune's time per 1000 nodes, to judge whether
+fxprune scales linearly with graph size, and the torch-pruning / fxprune time ratio.
+
+    python benchmarks/compile_time.py
+    python benchmarks/compile_time.py --models resnet50,swin_t --repeat 3 --tp-timeout 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import signal
+import statistics
+import sys
+import time
+
+import torch
+import torch.fx
+from tabulate import tabulate
+
+import fxprune
+from zoo import build_model, short_error, tp_prune
+
+DEFAULT_MODELS = "resnet50,densenet201,mobilenet_v2,efficientnet_b0,swin_t,maxvit_t,convnext_tiny,regnet_y_400mf"
+
+
+class Timeout(BaseException):  # not Exception, so library code cannot swallow it
+    pass
+
+
+def _alarm(signum, frame):
+    raise Timeout
+
+
+def fx_seconds(model, x) -> float:
+    start = time.perf_counter()
+    fxprune.compile(model, ratio=0.5, example_inputs=x, verify=False)
+    return time.perf_counter() - start
+
+
+def tp_seconds(model, x, timeout: int) -> float:
+    model = copy.deepcopy(model)
+    signal.alarm(timeout)
+    try:
+        start = time.perf_counter()
+        tp_prune(model, x)
+        return time.perf_counter() - start
+    finally:
+        signal.alarm(0)
+
+
+def median_seconds(measure, repeat: int) -> float | str:
+    """Warm up once, then the median of ``repeat`` runs; the short error or timeout on failure."""
+    try:
+        measure()
+        return statistics.median(measure() for _ in range(repeat))
+    except Timeout:
+        return "timeout"
+    except Exception as exc:
+        return short_error(exc, 40)
+
+
+def graph_nodes(model) -> int | str:
+    try:
+        return len(list(torch.fx.symbolic_trace(model).graph.nodes))
+    except Exception:
+        return "n/a"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated torchvision model names")
+    parser.add_argument("--repeat", type=int, default=5, help="timed runs per tool (default 5)")
+    parser.add_argument("--tp-timeout", type=int, default=120, help="seconds per torch-pruning call (default 120)")
+    args = parser.parse_args()
+
+    torch.set_num_threads(2)
+    signal.signal(signal.SIGALRM, _alarm)
+    rows = []
+    for name in args.models.split(","):
+        model = build_model(name)
+        x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+        nodes = graph_nodes(model)
+        fx = median_seconds(lambda: fx_seconds(model, x), args.repeat)
+        tp = median_seconds(lambda: tp_seconds(model, x, args.tp_timeout), args.repeat)
+        if tp == "timeout":
+            tp = f"timeout >{args.tp_timeout}s"
+        fx_ok, tp_ok = isinstance(fx, float), isinstance(tp, float)
+        rows.append([
+            name, nodes,
+            f"{fx:.2f}" if fx_ok else fx,
+            f"{1000 * fx / nodes:.2f}" if fx_ok and isinstance(nodes, int) else "-",
+            f"{tp:.2f}" if tp_ok else tp,
+            f"{tp / fx:.1f}x" if fx_ok and tp_ok else "-",
+        ])
+        print(f"{name} done", file=sys.stderr, flush=True)
+    headers = ["model", "fx nodes", "fxprune s", "fxprune s / 1k nodes", "torch-pruning s", "tp / fxprune"]
+    print(tabulate(rows, headers=headers, disable_numparse=True))
+    print(f"median of {args.repeat} runs after one warm-up; torch.get_num_threads() = {torch.get_num_threads()}")
+
+
+if __name__ == "__main__":
+    main()
