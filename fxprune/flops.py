@@ -34,19 +34,19 @@ class FlopModel:
         self.sizes = torch.tensor([f.numel() for _, f in factors], dtype=torch.float64)
         self.term_of = torch.tensor([i for i, _ in factors], dtype=torch.long)
         self.macs_vec = torch.tensor([t.macs for t in self.terms], dtype=torch.float64)
-        # counts[f, a] = how many indices of factor f belong to atom a, as a sparse matrix.
+        # (factor, atom, count) entries: how many indices of each factor belong to each atom.
         rows = torch.cat([torch.full((f.numel(),), k) for k, (_, f) in enumerate(factors)]) if factors else torch.empty(0, dtype=torch.long)
         cols = torch.cat([f for _, f in factors]) if factors else torch.empty(0, dtype=torch.long)
         keep = cols >= 0
-        key, counts = torch.unique(rows[keep] * max(graph.num_atoms, 1) + cols[keep], return_counts=True)
-        index = torch.stack([key // max(graph.num_atoms, 1), key % max(graph.num_atoms, 1)])
-        self.counts = torch.sparse_coo_tensor(index, counts.to(torch.float64), (len(factors), graph.num_atoms), is_coalesced=True, check_invariants=False)
+        width = max(graph.num_atoms, 1)
+        key, counts = torch.unique(rows[keep] * width + cols[keep], return_counts=True)
+        self.rows, self.cols, self.counts = key // width, key % width, counts.to(torch.float64)
 
     def macs(self, removed: torch.Tensor) -> float:
         """MACs (float64) after removing ``removed``, for the target search."""
         if not self.terms:
             return float(self.constant)
-        kept = self.sizes - self.counts @ removed.to(torch.float64)
+        kept = self.sizes.index_add(0, self.rows, self.counts * removed[self.cols], alpha=-1)
         ratio = torch.ones(len(self.terms), dtype=torch.float64).scatter_reduce(0, self.term_of, kept / self.sizes, "prod")
         return float((self.macs_vec * ratio).sum()) + self.constant
 

@@ -25,7 +25,8 @@ def test_readme_quickstart_runs() -> None:
 def test_compile_prints_report(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["compile", "torchvision:squeezenet1_1", "--ratio", "0.5", "--input-shape", "1,3,64,64"]) == 0
     out = capsys.readouterr().out
-    assert "features.3.squeeze" in out and "total" in out and "50.0% removed" in out and "verified" in out
+    assert "features.3.squeeze" in out and "total" in out and "verified" in out
+    assert float(re.search(r"\(([\d.]+)% removed\)", out).group(1)) >= 50.0
 
 
 def test_compile_markdown_and_target(capsys: pytest.CaptureFixture[str]) -> None:

@@ -254,10 +254,9 @@ class _Coupler:
             return self.group_norm(node, args[0], _arg(node, 1, "num_groups"), None, node.name)
         if t is F.batch_norm or t is F.instance_norm:
             names = ("running_mean", "running_var", "weight", "bias")
-            offs = 1 if t is F.batch_norm else 1
             params = {}
             for i, n in enumerate(names):
-                p = self.value(_arg(node, offs + i, n))
+                p = self.value(_arg(node, 1 + i, n))
                 if isinstance(p, Param):
                     params[p.name] = p.tensor
             return self.channelwise(node, args[0], params, node.name)
@@ -272,7 +271,7 @@ class _Coupler:
             return self.softmax(node, args[0], _arg(node, 1, "dim"))
         if t is F.channel_shuffle or t is torch.channel_shuffle:
             return self.channel_shuffle(node, args[0], _arg(node, 1, "groups"))
-        if t in ("roll",) or t is torch.roll:
+        if t == "roll" or t is torch.roll:
             return self.roll(node, self.as_labels(args[0]))
         return self.unknown(node, f"{'method' if method else 'function'} {_target_name(node)} at node {node.name} is not understood")
 
@@ -307,8 +306,8 @@ class _Coupler:
         for lab in labs:
             if lab is out or aligned_size(lab, d) == 1:
                 continue  # broadcast along the channel dim: not tied to any one channel
-            if lab.dim is None:
-                self.uf.union_pairs(lab.ids[:1].expand_as(out.ids), out.ids)
+            if lab.ids.numel() == 1:  # one label over the whole channel dim: tied to every channel
+                self.uf.union_pairs(lab.ids.expand_as(out.ids), out.ids)
             else:
                 self.uf.union_pairs(lab.ids, out.ids)
         return Labels(out_shape, d, out.ids)

@@ -2,8 +2,9 @@
 
 The budget logic lives here, once. Every prunable group loses the same fraction ``s`` of its atoms
 (``round(s * width)``, keeping at least ``min_keep``); ``s`` is found by bisection as the smallest
-fraction whose MACs fit the target; then the budget left over is filled by giving atoms back, one group
-at a time in group order, while the target still holds. Which atoms go is the selector's call: the
+fraction whose MACs fit the target; of the groups that lose more atoms at ``s`` than just below it,
+as many as fit (in group order, again by bisection) get those atoms back; while more than 0.5% of the
+budget is unused, each group in turn may get one more atom back. Which atoms go is the selector's call: the
 lowest-scored first, ties broken by position.
 """
 
@@ -70,16 +71,36 @@ def select(
             hi = mid
         else:
             lo = mid
-    counts = counts_at(hi)
+    # Between fraction lo (over budget) and hi (within it) some groups lose more atoms; give the
+    # first k of them (in group order) their atoms back, with the largest k that fits.
+    counts, over = counts_at(hi), counts_at(lo)
+    changed = [gid for gid in counts if counts[gid] != over[gid]]
+
+    def give_back(k: int) -> dict[int, int]:
+        return {**counts, **{gid: over[gid] for gid in changed[:k]}}
+
+    a, b = 0, len(changed)
+    while a < b:
+        k = (a + b + 1) // 2
+        if model.macs(removed_for(give_back(k))) <= target_macs:
+            a = k
+        else:
+            b = k - 1
+    counts = give_back(a)
     removed = removed_for(counts)
-    for g in groups:  # give back what the budget still allows, best-scored removed atom first
-        while counts[g.id] > 0:
+    current = model.macs(removed)
+    for g in groups:  # one more atom per group while over 0.5% of the budget is unused
+        if target_macs - current <= 0.005 * target_macs:
+            break
+        if counts[g.id]:
             atom = g.atoms[order[g.id][widths[g.id] - counts[g.id]]]
             removed[atom] = False
-            if model.macs(removed) > target_macs:
+            macs = model.macs(removed)
+            if macs <= target_macs:
+                counts[g.id] -= 1
+                current = macs
+            else:
                 removed[atom] = True
-                break
-            counts[g.id] -= 1
     keep = {
         g.id: sorted(order[g.id][: widths[g.id] - counts[g.id]].tolist()) for g in groups if counts[g.id]
     }

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 import torch.fx
 from torch.fx.passes.shape_prop import ShapeProp
-from torch.utils.flop_counter import FlopCounterMode
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 from ..errors import ShapeError
 from ..optable import flopless
@@ -45,9 +46,15 @@ class _ShapeFlopProp(ShapeProp):
         self.modules = dict(gm.named_modules())
 
     def run_node(self, n: torch.fx.Node) -> Any:
+        mod = self.modules.get(n.target) if n.op == "call_module" else None
         if flopless(n, self.modules):
             result = super().run_node(n)
             n.meta["fxprune_flops"] = 0
+        elif isinstance(mod, nn.modules.conv._ConvNd) and len(n.args[0].meta["tensor_meta"].shape) == mod.weight.dim():
+            # FlopCounterMode's own formula, without the cost of dispatching through the mode.
+            result = super().run_node(n)
+            x = list(n.args[0].meta["tensor_meta"].shape)
+            n.meta["fxprune_flops"] = conv_flop_count(x, list(mod.weight.shape), list(result.shape), mod.transposed)
         else:
             with FlopCounterMode(display=False) as counter:
                 result = super().run_node(n)
