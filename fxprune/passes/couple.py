@@ -453,7 +453,7 @@ class _Coupler:
             self.freeze(x, f"{owner} normalizes over several dims including the channel dim")
             return out
         self.notes[node.name] = f"{owner} normalizes over pruned channels: statistics change with pruning"
-        for name, p in self.norm_params(node, mod, owner, (2, 3)):
+        for name in self.norm_params(node, mod, owner):
             self.bind(name, 0, x.ids, owner, "param")
         if mod is not None:
             self.patches.append(Patch("attr", owner, node.args[0].name, x.dim, field="normalized_shape", as_tuple=True))
@@ -471,7 +471,7 @@ class _Coupler:
                 self.freeze(x, f"{owner} expects channels on dim 1")
             return out
         c = x.shape[1]
-        for name, p in self.norm_params(node, mod, owner, (2, 3)):
+        for name in self.norm_params(node, mod, owner):
             self.bind(name, 0, x.ids, owner, "param")
         src = node.args[0].name
         if mod is not None:
@@ -488,15 +488,12 @@ class _Coupler:
         self.notes[node.name] = f"{owner} normalizes over groups of pruned channels: statistics change with pruning"
         return out
 
-    def norm_params(self, node: torch.fx.Node, mod: nn.Module | None, owner: str, positions: tuple[int, int]) -> list[tuple[str, torch.Tensor]]:
+    def norm_params(self, node: torch.fx.Node, mod: nn.Module | None, owner: str) -> list[str]:
+        """Qualified names of a LayerNorm/GroupNorm's affine parameters (module or functional form)."""
         if mod is not None:
-            return [(f"{owner}.{n}", p) for n, p in mod.named_parameters(recurse=False)]
-        found = []
-        for i, name in zip(positions, ("weight", "bias")):
-            p = self.value(_arg(node, i, name))
-            if isinstance(p, Param):
-                found.append((p.name, p.tensor))
-        return found
+            return [f"{owner}.{n}" for n, _ in mod.named_parameters(recurse=False)]
+        found = [self.value(_arg(node, i, name)) for i, name in ((2, "weight"), (3, "bias"))]
+        return [p.name for p in found if isinstance(p, Param)]
 
     def softmax(self, node: torch.fx.Node, x: Any, dim: int | None) -> Labels:
         self.families.setdefault(node.name, "elementwise")

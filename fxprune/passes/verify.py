@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 import torch.fx
-from torch import nn
 from torch.fx.node import map_aggregate
 
 from ..errors import VerificationError
@@ -108,26 +107,21 @@ class _OracleBuilder:
         mask = self.mask_for(src, dim)
         if mask is None:
             return
-        x = new.args[0]
         with g.inserting_before(new):
             m = self.mask_node(g, mask)
             if old.op == "call_module":
                 mod = self.modules[old.target]
                 w = g.get_attr(f"{old.target}.weight") if getattr(mod, "weight", None) is not None else None
                 b = g.get_attr(f"{old.target}.bias") if getattr(mod, "bias", None) is not None else None
-                if isinstance(mod, nn.GroupNorm):
-                    repl = g.call_function(masked_group_norm, (x, m, mod.num_groups, w, b, mod.eps))
-                else:
-                    repl = g.call_function(masked_layer_norm, (x, m, w, b, mod.eps))
-            elif old.target is torch.nn.functional.group_norm:
-                a = list(new.args) + [None] * 5
-                kw = new.kwargs
-                repl = g.call_function(masked_group_norm, (x, m, a[1] if a[1] is not None else kw["num_groups"],
-                                                           a[2] or kw.get("weight"), a[3] or kw.get("bias"), a[4] or kw.get("eps", 1e-5)))
+                groups = getattr(mod, "num_groups", None)
+                eps = mod.eps
             else:
-                a = list(new.args) + [None] * 5
-                kw = new.kwargs
-                repl = g.call_function(masked_layer_norm, (x, m, a[2] or kw.get("weight"), a[3] or kw.get("bias"), a[4] or kw.get("eps", 1e-5)))
+                kw = new.normalized_arguments(self.gm, normalize_to_only_use_kwargs=True).kwargs
+                w, b, eps, groups = kw["weight"], kw["bias"], kw["eps"], kw.get("num_groups")
+            if groups is not None:
+                repl = g.call_function(masked_group_norm, (new.args[0], m, groups, w, b, eps))
+            else:
+                repl = g.call_function(masked_layer_norm, (new.args[0], m, w, b, eps))
         new.replace_all_uses_with(repl)
         g.erase_node(new)
 
