@@ -105,3 +105,18 @@ def flopless(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_method":
         return node.target in FLOPLESS_METHODS
     return True
+
+
+IN_FIELDS = ("in_channels", "in_features", "num_features", "num_channels", "normalized_shape", "num_parameters")
+OUT_FIELDS = ("out_channels", "out_features", "num_features", "num_channels", "normalized_shape", "num_parameters")
+
+
+def module_channels(mod: nn.Module, fields: tuple[str, ...]) -> int | None:
+    """A module's channel count from the first of ``fields`` it has (IN_FIELDS or OUT_FIELDS)."""
+    for f in fields:
+        v = getattr(mod, f, None)
+        if isinstance(v, int):
+            return v
+        if isinstance(v, (tuple, list)) and v and isinstance(v[-1], int):
+            return v[-1]
+    return None

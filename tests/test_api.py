@@ -126,7 +126,11 @@ def test_prune_with_explicit_plan(resnet: nn.Module) -> None:
     torch.testing.assert_close(pruned.get_submodule("layer2.0.conv1").weight, resnet.layer2[0].conv1.weight[[0, 5, 7]])
     kept = pruned.meta["fxprune"]["kept"]
     assert kept["modules"]["layer2.0.conv2"]["in"] == [0, 5, 7]
+    assert kept["modules"]["layer2.0.conv1"] == {"in": list(range(64)), "out": [0, 5, 7]}
+    assert kept["modules"]["fc"]["out"] == list(range(1000))
     assert kept["parameters"]["layer2.0.bn1.running_mean"]["0"] == [0, 5, 7]
+    assert kept["parameters"]["layer3.0.conv1.weight"] == {}  # untouched
+    assert set(kept["parameters"]) == set(resnet.state_dict())
     json.dumps(pruned.meta["fxprune"])  # the whole record is JSON-serializable
 
 

@@ -16,24 +16,13 @@ from torch import nn
 
 from ..flops import FlopModel, total_macs
 from ..graph import DependencyGraph
+from ..optable import IN_FIELDS, OUT_FIELDS, module_channels
 from ..report import LayerRow, Report
 from .rewrite import kept_mask
 
 __all__ = ["annotate"]
 
-_IN = ("in_channels", "in_features", "num_features", "num_channels", "normalized_shape", "num_parameters")
-_OUT = ("out_channels", "out_features", "num_features", "num_channels", "normalized_shape", "num_parameters")
 _OTHER_FAMILIES = ("elementwise", "channelwise", "norm", "reduction")
-
-
-def _channels(mod: nn.Module, fields: tuple[str, ...]) -> int | None:
-    for f in fields:
-        v = getattr(mod, f, None)
-        if isinstance(v, int):
-            return v
-        if isinstance(v, (tuple, list)) and v and isinstance(v[-1], int):
-            return v[-1]
-    return None
 
 
 def _numel(mod: nn.Module) -> int:
@@ -68,8 +57,8 @@ def annotate(
             p0, p1 = _numel(m0), _numel(m1)
             if not p0 and not macs0:
                 continue
-            rows.append(LayerRow(node.target, type(m0).__name__, (_channels(m0, _IN), _channels(m1, _IN)),
-                                 (_channels(m0, _OUT), _channels(m1, _OUT)), (p0, p1), (macs0, macs1)))
+            rows.append(LayerRow(node.target, type(m0).__name__, (module_channels(m0, IN_FIELDS), module_channels(m1, IN_FIELDS)),
+                                 (module_channels(m0, OUT_FIELDS), module_channels(m1, OUT_FIELDS)), (p0, p1), (macs0, macs1)))
         elif macs0:
             op = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
             rows.append(LayerRow(node.name, op, (None, None), (None, None), (0, 0), (macs0, macs1)))

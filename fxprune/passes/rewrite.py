@@ -16,6 +16,7 @@ import torch.fx
 from torch import nn
 
 from ..graph import DependencyGraph, Patch, Plan
+from ..optable import IN_FIELDS, OUT_FIELDS, module_channels
 from .select import removed_mask
 
 __all__ = ["rewrite", "kept_mask"]
@@ -165,24 +166,24 @@ class _Rewriter:
         return new
 
     def kept_record(self) -> dict[str, Any]:
-        """JSON-ready record of kept indices: per parameter and dim, and per module's in/out channels."""
-        params = {name: {} for name, _ in self.kept}
+        """JSON-ready record of kept indices, for every parameter/buffer (by dim; ``{}``: nothing removed)
+        and every called module (its input and output channels)."""
+        params: dict[str, dict[str, list[int]]] = {name: {} for name, _ in self.gm.state_dict().items()}
         for (name, dim), idx in self.kept.items():
-            params[name][str(dim)] = idx.tolist()
-        modules = {}
+            params.setdefault(name, {})[str(dim)] = idx.tolist()
+        modules: dict[str, dict[str, list[int]]] = {}
         for n in self.gm.graph.nodes:
             if n.op != "call_module":
                 continue
-            entry = {}
+            mod, entry = self.gm.get_submodule(n.target), {}
             src = n.args[0] if n.args and isinstance(n.args[0], torch.fx.Node) else None
-            for key, name in (("in", src.name if src is not None else None), ("out", n.name)):
-                atoms = self.graph.tensor_atoms.get(name) if name else None
+            for key, tensor, fields in (("in", src, IN_FIELDS), ("out", n, OUT_FIELDS)):
+                atoms = self.graph.tensor_atoms.get(tensor.name) if tensor is not None else None
                 if atoms is not None:
-                    mask = kept_mask(self.graph, self.removed, atoms[1])
-                    if not bool(mask.all()):
-                        entry[key] = mask.nonzero().flatten().tolist()
-            if entry:
-                modules[n.target] = entry
+                    entry[key] = kept_mask(self.graph, self.removed, atoms[1]).nonzero().flatten().tolist()
+                elif (width := module_channels(mod, fields)) is not None:
+                    entry[key] = list(range(width))
+            modules[n.target] = entry
         return {"parameters": params, "modules": modules}
 
 
