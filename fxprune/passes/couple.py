@@ -758,7 +758,7 @@ def _finalize(c: _Coupler, opaque: tuple[str, ...]) -> DependencyGraph:
     root = uf.root_table()
     keys = list(c.slots)
     # Atoms are the roots that own slots, numbered in order of first appearance.
-    slot_roots = torch.cat([root[c.slots[k][0]] for k in keys])
+    slot_roots = torch.cat([root[c.slots[k][0]] for k in keys]) if keys else torch.empty(0, dtype=torch.long)
     ids = _first_appearance_ids(slot_roots)
     atom_of = torch.full((len(uf.parent),), -1, dtype=torch.long)
     atom_of[slot_roots] = ids
