@@ -7,6 +7,7 @@
 
 from .api import DEFAULT_INPUT_SHAPE, analyze, compile, count_flops, prune, report
 from .errors import (
+    ArchiveError,
     ArgumentError,
     FxPruneError,
     PlanError,
@@ -16,14 +17,17 @@ from .errors import (
     VerificationError,
 )
 from .graph import DependencyGraph, Group, Member, Plan
+from .record import plan_fingerprint
 from .report import Report
 from .selectors import L1, Selector, Uniform
+from .serialize import apply_plan, load, save
 
 __version__ = "0.1.0"
 
 __all__ = [
     "compile", "analyze", "prune", "report", "count_flops", "DEFAULT_INPUT_SHAPE",
+    "save", "load", "apply_plan", "plan_fingerprint",
     "DependencyGraph", "Group", "Member", "Plan", "Report", "Selector", "Uniform", "L1",
     "FxPruneError", "ArgumentError", "TraceError", "ShapeError", "PlanError",
-    "TargetUnreachableError", "VerificationError",
+    "TargetUnreachableError", "VerificationError", "ArchiveError",
 ]

@@ -23,6 +23,7 @@ from .passes.rewrite import rewrite
 from .passes.select import removed_mask, select
 from .passes.shapes import eval_mode, propagate_shapes
 from .passes.verify import verify as verify_pass
+from .record import provenance
 from .report import Report
 from .selectors import Selector, get_selector
 
@@ -32,6 +33,7 @@ DEFAULT_INPUT_SHAPE = (1, 3, 224, 224)
 """Shape of the example input used when none is given: one seeded ``torch.randn`` image batch."""
 
 Inputs = torch.Tensor | Sequence[Any] | None
+Model = nn.Module | torch.export.ExportedProgram
 
 
 def _example_inputs(example_inputs: Inputs, seed: int) -> tuple[Any, ...]:
@@ -55,9 +57,11 @@ class _Analysis:
     inputs: tuple[Any, ...]
 
 
-def _check_ignore(model: nn.Module, ignore: Iterable[str]) -> tuple[str, ...]:
+def _check_ignore(model: Model, ignore: Iterable[str]) -> tuple[str, ...]:
     if isinstance(ignore, str):
         ignore = (ignore,)
+    if isinstance(model, torch.export.ExportedProgram):
+        model = model.module()
     names = {n for n, _ in model.named_modules()}
     out = tuple(ignore)
     for name in out:
@@ -68,16 +72,18 @@ def _check_ignore(model: nn.Module, ignore: Iterable[str]) -> tuple[str, ...]:
     return out
 
 
-def _analyze(model: nn.Module, example_inputs: Inputs, ignore: Iterable[str], seed: int) -> _Analysis:
+def _analyze(model: Model, example_inputs: Inputs, ignore: Iterable[str], seed: int) -> _Analysis:
     ignore = _check_ignore(model, ignore)
+    if example_inputs is None and isinstance(model, torch.export.ExportedProgram) and model.example_inputs:
+        example_inputs = model.example_inputs[0]
     inputs = _example_inputs(example_inputs, seed)
-    gm = capture(model)
+    gm = capture(model, inputs)
     propagate_shapes(gm, inputs)
     graph = couple(gm, ignore)
     return _Analysis(gm, graph, FlopModel(graph, total_macs(gm)), inputs)
 
 
-def analyze(model: nn.Module, example_inputs: Inputs = None, *, ignore: Iterable[str] = ()) -> DependencyGraph:
+def analyze(model: Model, example_inputs: Inputs = None, *, ignore: Iterable[str] = ()) -> DependencyGraph:
     """Dependency groups of ``model``: which channels must be pruned together, which cannot and why."""
     return _analyze(model, example_inputs, ignore, 0).graph
 
@@ -91,11 +97,12 @@ def _finish(a: _Analysis, plan: Plan, verify: bool) -> torch.fx.GraphModule:
         record["verified"] = {"max_abs_error": result.max_abs_error, "tolerance": result.tolerance}
     record["report"] = annotate(a.gm, pruned, a.graph, removed, a.flops).to_dict()
     record["plan"] = json.loads(plan.to_json())
+    record.update(provenance(a.graph, a.inputs))
     return pruned
 
 
 def compile(  # noqa: A001 - the product's verb
-    model: nn.Module,
+    model: Model,
     target_gflops: float | None = None,
     *,
     ratio: float | None = None,
@@ -112,6 +119,7 @@ def compile(  # noqa: A001 - the product's verb
     ``example_inputs`` defaults to one seeded ``torch.randn(1, 3, 224, 224)``. ``ignore`` names modules
     whose output channels must stay. The model's outputs never lose channels and ``model`` itself is never
     modified. With ``verify=True`` the result is checked against the masked original (see verify.py).
+    ``model`` may also be a ``torch.export.ExportedProgram`` (its example inputs are the default then).
     """
     if (target_gflops is None) == (ratio is None):
         raise ArgumentError("give exactly one of target_gflops= (GFLOPs of the result) or ratio= (fraction of FLOPs to remove)")
@@ -130,7 +138,7 @@ def compile(  # noqa: A001 - the product's verb
     return _finish(a, plan, verify)
 
 
-def prune(model: nn.Module, plan: Plan | dict[int, Sequence[int]], example_inputs: Inputs = None, *, verify: bool = True) -> torch.fx.GraphModule:
+def prune(model: Model, plan: Plan | dict[int, Sequence[int]], example_inputs: Inputs = None, *, verify: bool = True) -> torch.fx.GraphModule:
     """Apply an explicit plan: for each group id of ``analyze(model)``, the positions of atoms to keep."""
     a = _analyze(model, example_inputs, (), 0)
     plan = plan if isinstance(plan, Plan) else Plan({int(k): list(v) for k, v in plan.items()})

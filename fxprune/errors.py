@@ -14,6 +14,7 @@ __all__ = [
     "PlanError",
     "TargetUnreachableError",
     "VerificationError",
+    "ArchiveError",
 ]
 
 
@@ -47,3 +48,7 @@ class TargetUnreachableError(FxPruneError):
 
 class VerificationError(FxPruneError):
     """The pruned model does not compute what the plan says it should."""
+
+
+class ArchiveError(FxPruneError):
+    """An fxprune archive cannot be written, or a file given to load/apply_plan is not an intact one."""

@@ -96,12 +96,49 @@ FLOPLESS_MODULES = ELEMENTWISE_MODULES + SPATIAL_MODULES + CHANNEL_PARAM_MODULES
 )
 
 
+# aten ops (as torch.export emits them) -> the torch function or Tensor method with the same arguments.
+_ATEN_AS: dict[str, Any] = {
+    "conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d, "conv_transpose1d": F.conv_transpose1d,
+    "conv_transpose2d": F.conv_transpose2d, "conv_transpose3d": F.conv_transpose3d, "linear": F.linear,
+    "batch_norm": F.batch_norm, "instance_norm": F.instance_norm, "layer_norm": F.layer_norm,
+    "group_norm": F.group_norm, "relu": torch.relu, "relu_": torch.relu, "gelu": F.gelu, "gelu_": F.gelu,
+    "silu": F.silu, "silu_": F.silu, "hardswish": F.hardswish, "hardswish_": F.hardswish,
+    "hardsigmoid": F.hardsigmoid, "hardsigmoid_": F.hardsigmoid, "sigmoid": torch.sigmoid,
+    "sigmoid_": torch.sigmoid, "tanh": torch.tanh, "hardtanh": F.hardtanh, "hardtanh_": F.hardtanh,
+    "dropout": F.dropout, "dropout_": F.dropout, "add": torch.add, "add_": torch.add, "sub": torch.sub,
+    "sub_": torch.sub, "mul": torch.mul, "mul_": torch.mul, "div": torch.div, "div_": torch.div,
+    "clamp": torch.clamp, "where": torch.where, "neg": torch.neg, "exp": torch.exp, "sqrt": torch.sqrt,
+    "rsqrt": torch.rsqrt, "max_pool1d": F.max_pool1d, "max_pool2d": F.max_pool2d, "max_pool3d": F.max_pool3d,
+    "avg_pool1d": F.avg_pool1d, "avg_pool2d": F.avg_pool2d, "avg_pool3d": F.avg_pool3d,
+    "adaptive_avg_pool1d": F.adaptive_avg_pool1d, "adaptive_avg_pool2d": F.adaptive_avg_pool2d,
+    "adaptive_avg_pool3d": F.adaptive_avg_pool3d, "cat": torch.cat, "permute": torch.permute,
+    "transpose": torch.transpose, "flatten": torch.flatten, "unsqueeze": torch.unsqueeze,
+    "squeeze": torch.squeeze, "contiguous": "contiguous", "clone": torch.clone, "view": "view",
+    "reshape": torch.reshape, "expand": "expand", "chunk": torch.chunk, "split": torch.split,
+    "split_with_sizes": torch.split, "mean": torch.mean, "sum": torch.sum, "amax": torch.amax,
+    "softmax": torch.softmax, "log_softmax": torch.log_softmax, "pixel_shuffle": F.pixel_shuffle,
+    "pixel_unshuffle": F.pixel_unshuffle, "channel_shuffle": F.channel_shuffle, "roll": torch.roll,
+    "flip": torch.flip, "matmul": torch.matmul, "bmm": torch.bmm, "mm": torch.mm,
+    "zeros_like": torch.zeros_like, "ones_like": torch.ones_like,
+}
+
+
+def canonical(target: Any) -> Any:
+    """The torch function (or Tensor method name) a graph target stands for; aten ops map to theirs."""
+    if isinstance(target, torch._ops.OpOverload) and target.namespace == "aten":
+        return _ATEN_AS.get(target._opname, target)
+    return target
+
+
 def flopless(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
     """True when FlopCounterMode is known to count nothing for this node."""
     if node.op == "call_module":
         return isinstance(modules[node.target], FLOPLESS_MODULES)
+    t = canonical(node.target)
+    if isinstance(t, str):
+        return t in FLOPLESS_METHODS
     if node.op == "call_function":
-        return node.target in FLOPLESS_FUNCS
+        return t in FLOPLESS_FUNCS
     if node.op == "call_method":
         return node.target in FLOPLESS_METHODS
     return True

@@ -37,6 +37,7 @@ def annotate(
     flop_model: FlopModel,
 ) -> Report:
     after = flop_model.per_node(removed)
+    capture_note = gm.meta.get("fxprune_capture")
     before_mods, after_mods = dict(gm.named_modules()), dict(pruned.named_modules())
     pruned_nodes = {n.name: n for n in pruned.graph.nodes}
     rows: list[LayerRow] = []
@@ -68,6 +69,8 @@ def annotate(
         reasons = Counter(r for g in frozen for r in g.frozen[:1])
         top = "; ".join(f"{r} ({n} groups)" if n > 1 else r for r, n in reasons.most_common(5))
         notes.append(f"{len(frozen)} of {len(graph.groups)} groups frozen: {top}")
+    if capture_note and capture_note != "torch.fx.symbolic_trace":
+        notes.append(f"captured with {capture_note}")
     if graph.opaque:
         notes.append("kept opaque (could not be traced): " + ", ".join(graph.opaque))
     notes.extend(graph.notes.values())

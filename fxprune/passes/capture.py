@@ -1,17 +1,23 @@
-"""capture: ``nn.Module`` -> ``torch.fx.GraphModule``.
+"""capture: ``nn.Module`` or ``torch.export.ExportedProgram`` -> ``torch.fx.GraphModule``.
 
 The model is copied structurally first (new module objects that share the user's tensors), so nothing
 done to the graph or to module attributes afterwards can reach the user's model. Tracing follows
-``torch.fx.symbolic_trace``'s rules. Fallback: a submodule whose forward cannot be traced symbolically
-(data-dependent control flow, unsupported Python) is kept as one opaque call instead; the coupling pass
-then freezes every channel it touches. The names of such modules are listed in
-``gm.meta["fxprune_opaque"]`` and shown in the report.
+``torch.fx.symbolic_trace``'s rules. Fallbacks, in order, when that fails:
+
+1. ``torch.export.export`` (non-strict) on the example inputs: it handles shape-dependent Python that
+   symbolic tracing cannot, and yields an aten-level graph the coupling pass understands;
+2. symbolic tracing again, keeping each submodule that cannot be traced as one opaque call; the
+   coupling pass then freezes every channel it touches.
+
+``gm.meta["fxprune_capture"]`` says how the graph was captured (and why a fallback was needed), and
+``gm.meta["fxprune_opaque"]`` lists opaque modules; both are shown in the report.
 """
 
 from __future__ import annotations
 
 import copy
 import traceback
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -74,28 +80,64 @@ def _user_frame(exc: BaseException) -> str:
     return f"{f.filename}:{f.lineno}: {f.line}"
 
 
-def capture(model: nn.Module) -> torch.fx.GraphModule:
-    """Trace a structural copy of ``model``; untraceable submodules become opaque leaves."""
-    if not isinstance(model, nn.Module):
-        raise TraceError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    root = structural_copy(model)
+def _trace(root: nn.Module, opaque: set[str]) -> torch.fx.GraphModule:
+    tracer = _Tracer(opaque)
+    graph = tracer.trace(root)
+    gm = torch.fx.GraphModule(tracer.root, graph, root.__class__.__name__)
+    gm.meta["fxprune_opaque"] = sorted(opaque)
+    return gm
+
+
+def _trace_with_opaque(root: nn.Module) -> torch.fx.GraphModule:
+    """Symbolic tracing where every submodule that fails to trace becomes an opaque leaf."""
     opaque: set[str] = set()
     while True:
         tracer = _Tracer(opaque)
         try:
-            graph = tracer.trace(root)
-        except Exception as exc:
+            tracer.trace(root)
+        except Exception:
             where = tracer.failed_in
-            if where and where not in opaque and len(opaque) < _MAX_OPAQUE:
-                opaque.add(where)
-                continue
-            raise TraceError(
-                f"torch.fx could not trace {type(model).__name__}: {type(exc).__name__}: {exc}\n"
-                f"  at {_user_frame(exc)}\n"
-                "  hint: move data-dependent control flow into a submodule (it is then kept opaque and "
-                "its channels frozen), or wrap the function with torch.fx.wrap."
-            ) from exc
-        break
-    gm = torch.fx.GraphModule(tracer.root, graph, model.__class__.__name__)
-    gm.meta["fxprune_opaque"] = sorted(opaque)
+            if not where or where in opaque or len(opaque) >= _MAX_OPAQUE:
+                raise
+            opaque.add(where)
+            continue
+        return _trace(root, opaque)
+
+
+def _exported(ep: torch.export.ExportedProgram, how: str) -> torch.fx.GraphModule:
+    gm = ep.module()
+    gm.meta["fxprune_capture"] = how
+    gm.meta["fxprune_opaque"] = []
+    return gm
+
+
+def capture(model: nn.Module | torch.export.ExportedProgram, example_inputs: Sequence[Any] = ()) -> torch.fx.GraphModule:
+    """Capture ``model`` as a GraphModule of its own, with the fallbacks described above."""
+    if isinstance(model, torch.export.ExportedProgram):
+        return _exported(model, "torch.export (an ExportedProgram was given)")
+    if not isinstance(model, nn.Module):
+        raise TraceError(f"expected a torch.nn.Module or torch.export.ExportedProgram, got {type(model).__name__}")
+    root = structural_copy(model)
+    try:
+        gm = _trace(root, set())
+        gm.meta["fxprune_capture"] = "torch.fx.symbolic_trace"
+        return gm
+    except Exception as exc:
+        first = exc
+    reason = f"symbolic_trace failed at {_user_frame(first)}: {type(first).__name__}: {str(first).splitlines()[0]}"
+    try:
+        return _exported(torch.export.export(root, tuple(example_inputs), strict=False), f"torch.export ({reason})")
+    except Exception as exc:
+        export_error = exc
+    try:
+        gm = _trace_with_opaque(root)
+    except Exception:
+        raise TraceError(
+            f"could not capture {type(model).__name__} as a graph.\n"
+            f"  torch.fx.symbolic_trace: {type(first).__name__}: {first}\n    at {_user_frame(first)}\n"
+            f"  torch.export: {type(export_error).__name__}: {str(export_error).splitlines()[0]}\n"
+            "  hint: move data-dependent control flow into a submodule (it is then kept opaque and its "
+            "channels frozen), or wrap the function with torch.fx.wrap."
+        ) from first
+    gm.meta["fxprune_capture"] = f"torch.fx.symbolic_trace with opaque submodules ({reason})"
     return gm

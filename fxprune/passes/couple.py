@@ -31,6 +31,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 
 from ..graph import DependencyGraph, FlopTerm, Group, Member, Patch
 from ..optable import (
+    canonical,
     CHANNEL_PARAM_MODULES,
     CONV_FUNCS,
     ELEMENTWISE_FUNCS,
@@ -60,7 +61,7 @@ def _arg(node: torch.fx.Node, i: int, name: str, default: Any = None) -> Any:
 
 
 def _target_name(node: torch.fx.Node) -> str:
-    t = node.target
+    t = canonical(node.target)
     return t if isinstance(t, str) else getattr(t, "__name__", str(t))
 
 
@@ -203,7 +204,9 @@ class _Coupler:
         return self.unknown(node, f"module {node.target} ({type(mod).__name__}) is not understood")
 
     def op_call_function(self, node: torch.fx.Node) -> Any:
-        t = node.target
+        t = canonical(node.target)
+        if isinstance(t, str):  # an aten op that mirrors a Tensor method
+            return self.op_call_method(node, t)
         args = [self.value(a) for a in node.args]
         if t in ELEMENTWISE_FUNCS or getattr(t, "__name__", "") == "stochastic_depth":
             return self.elementwise(node, [*args, *self.value(list(node.kwargs.values()))])
@@ -215,8 +218,8 @@ class _Coupler:
             return args[0][args[1]]
         return self.dispatch(node, t, args)
 
-    def op_call_method(self, node: torch.fx.Node) -> Any:
-        name = node.target
+    def op_call_method(self, node: torch.fx.Node, name: str | None = None) -> Any:
+        name = name or node.target
         args = [self.value(a) for a in node.args]
         if name in ELEMENTWISE_METHODS:
             return self.elementwise(node, [*args, *self.value(list(node.kwargs.values()))])

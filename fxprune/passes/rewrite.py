@@ -131,6 +131,7 @@ class _Rewriter:
     def run(self) -> torch.fx.GraphModule:
         gm = self.gm
         new_graph = torch.fx.Graph()
+        new_graph._codegen = gm.graph._codegen  # keeps an exported graph's input/output structure
         val_map: dict[torch.fx.Node, torch.fx.Node] = {}
         new_graph.output(new_graph.graph_copy(gm.graph, val_map))
         self.patch_graph(new_graph, val_map)

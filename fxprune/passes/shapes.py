@@ -30,7 +30,8 @@ __all__ = ["propagate_shapes", "eval_mode"]
 def eval_mode(module: torch.nn.Module) -> Iterator[None]:
     """Put every submodule in eval mode for the duration, then restore each one's flag."""
     flags = [(m, m.training) for m in module.modules()]
-    module.eval()
+    for m, _ in flags:  # not module.eval(): exported modules refuse it (their mode is fixed at export)
+        m.training = False
     try:
         yield
     finally:

@@ -79,6 +79,7 @@ class _OracleBuilder:
 
     def build(self) -> torch.fx.GraphModule:
         g = torch.fx.Graph()
+        g._codegen = self.gm.graph._codegen
         val_map: dict[torch.fx.Node, torch.fx.Node] = {}
         g.output(g.graph_copy(self.gm.graph, val_map))
         old = {n.name: n for n in self.gm.graph.nodes}

@@ -1,0 +1,270 @@
+"""save / load / apply_plan: pruned models on disk, and nothing from the file is ever unpickled.
+
+An archive is what ``torch.export.save`` writes for ``torch.export.export(gm, example_inputs)``, plus
+one extra file, ``extra/fxprune.json``: the format version, the ``gm.meta["fxprune"]`` record (kept
+indices, plan, report, input specs; the fingerprint when recorded) and a sha256 of the record and of the
+archive's other entries.
+
+``torch.export.load`` alone is not safe on a file from elsewhere (torch 2.14): it calls
+``torch.load(weights_only=False)`` on weights and constants marked ``use_pickle``, retries the sample
+inputs with ``weights_only=False`` when ``weights_only=True`` fails, ``pickle.loads`` opaque constants,
+loads AOTInductor shared libraries, ``sympy.sympify``s (``eval``s) symbolic shape strings, and resolves
+any ``torch.*`` attribute named as a graph target. So ``load`` reads the file once, admits only the
+entries ``save`` writes, none pickled, no sample inputs, no symbolic shapes, checks the sha256, gives
+those same bytes to ``torch.export.load`` and admits only ATen operators in the resulting graph.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import json
+import operator
+import os
+import re
+import zipfile
+import zlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+from .api import Inputs, _example_inputs, analyze, prune
+from .errors import ArchiveError, ArgumentError, PlanError
+from .graph import Plan
+from .record import input_specs, inputs_from_specs, plan_fingerprint
+
+__all__ = ["FORMAT", "save", "load", "apply_plan"]
+
+FORMAT = "fxprune/1"
+"""Format version of ``extra/fxprune.json``; ``load`` refuses any other."""
+
+PathLike = str | os.PathLike[str]
+
+_RECORD_NAME = "fxprune.json"
+_RECORD = "extra/" + _RECORD_NAME
+# Every entry torch.export.save (torch 2.14) writes for one static-shape model, relative to the root.
+_ENTRIES = re.compile(
+    r"archive_format|archive_version|byteorder|\.data/(version|serialization_id)|models/model\.json"
+    r"|data/weights/(model_weights_config\.json|weight_\d+)|data/constants/(model_constants_config\.json|tensor_\d+)"
+    r"|data/sample_inputs/model\.pt|extra/fxprune\.json"
+)
+_UNHASHED = ("extra/", ".data/")  # the record itself, and the writer's bookkeeping
+_PAYLOAD_CONFIGS = ("data/weights/model_weights_config.json", "data/constants/model_constants_config.json")
+# What zipfile raises on a damaged archive: bad headers, CRC or deflate data, odd flags.
+_ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, RuntimeError, ValueError)
+
+
+def _refuse(path: PathLike, why: str) -> ArchiveError:
+    return ArchiveError(f"{os.fspath(path)}: {why}; load only files written by fxprune.save (write it again)")
+
+
+def _open(source: PathLike | bytes, path: PathLike) -> tuple[zipfile.ZipFile, str]:
+    """The archive as a ZipFile, and its single root folder ("name/")."""
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(source) if isinstance(source, bytes) else source)
+        names = zf.namelist()
+    except FileNotFoundError as e:
+        raise ArchiveError(f"{os.fspath(path)}: cannot read ({e.strerror})") from e
+    except _ZIP_ERRORS as e:
+        raise _refuse(path, f"not a zip archive, or truncated ({e})") from e
+    roots = {n.split("/", 1)[0] for n in names}
+    # torch's reader looks names up case-insensitively: two spellings could hide a second entry.
+    if len(roots) != 1 or len({n.lower() for n in names}) != len(names):
+        raise _refuse(path, "not a torch.export archive (entries outside one root folder, or duplicated)")
+    return zf, roots.pop() + "/"
+
+
+def _read(zf: zipfile.ZipFile, name: str, path: PathLike) -> bytes:
+    try:
+        return zf.read(name)
+    except KeyError as e:
+        raise _refuse(path, f"entry {name} is missing") from e
+    except _ZIP_ERRORS as e:
+        raise _refuse(path, f"entry {name} is corrupt ({e})") from e
+
+
+def _document(zf: zipfile.ZipFile, root: str, path: PathLike) -> dict[str, Any]:
+    """The parsed ``extra/fxprune.json``, checked for format version and shape."""
+    if root + _RECORD not in zf.namelist():
+        raise _refuse(path, f"not an fxprune archive (it has no {_RECORD})")
+    try:
+        doc = json.loads(_read(zf, root + _RECORD, path))
+    except ValueError as e:
+        raise _refuse(path, f"{_RECORD} is not valid JSON ({e})") from e
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        found = doc.get("format") if isinstance(doc, dict) else None
+        raise _refuse(path, f"format {found!r}, but this fxprune reads {FORMAT!r}")
+    if not (isinstance(doc.get("sha256"), str) and _well_formed(doc.get("fxprune"))):
+        raise _refuse(path, f"{_RECORD} lacks sha256, or its fxprune record is malformed")
+    return doc
+
+
+def _naturals(value: Any) -> bool:
+    return isinstance(value, list) and all(type(i) is int and i >= 0 for i in value)
+
+
+def _well_formed(record: Any) -> bool:
+    """Whether the fields load and apply_plan read (plan, inputs, fingerprint) have the types they expect."""
+    if not isinstance(record, dict):
+        return False
+    plan, specs, prints = record.get("plan"), record.get("inputs"), record.get("fingerprint", [])
+    plan_ok = isinstance(plan, dict) and all(k.isdigit() and _naturals(v) for k, v in plan.items())
+    specs_ok = isinstance(specs, list) and all(
+        isinstance(s, dict) and _naturals(s.get("shape")) and isinstance(getattr(torch, str(s.get("dtype")), None), torch.dtype)
+        for s in specs
+    )
+    prints_ok = isinstance(prints, list) and all(
+        isinstance(g, dict) and type(g.get("width")) is int and isinstance(g.get("members"), list) and g["members"]
+        and all(isinstance(m, str) for m in g["members"])
+        for g in prints
+    )
+    return plan_ok and specs_ok and prints_ok
+
+
+def _digest(zf: zipfile.ZipFile, root: str, record: dict[str, Any], path: PathLike) -> str:
+    """sha256 of the fxprune record (as canonical JSON) and of the names and contents of every entry but
+    the record's file and the writer's bookkeeping, which torch rewrites on every save."""
+    h = hashlib.sha256(json.dumps(record, sort_keys=True, separators=(",", ":")).encode())
+    for name in sorted(zf.namelist()):
+        rel = name[len(root):]
+        if not rel.startswith(_UNHASHED):
+            data = _read(zf, name, path)
+            h.update(f"{rel}\0{len(data)}\0".encode())
+            h.update(data)
+    return h.hexdigest()
+
+
+def _has_key(tree: Any, key: str) -> bool:
+    if isinstance(tree, dict):
+        return key in tree or any(_has_key(v, key) for v in tree.values())
+    return isinstance(tree, list) and any(_has_key(v, key) for v in tree)
+
+
+def _check_contents(zf: zipfile.ZipFile, root: str, path: PathLike) -> None:
+    """Refuse whatever torch.export.load would unpickle, execute or eval (see the module docstring)."""
+    for name in zf.namelist():
+        if not _ENTRIES.fullmatch(name[len(root):]):
+            raise _refuse(path, f"unexpected entry {name}")
+    try:
+        for config in _PAYLOAD_CONFIGS:
+            if any(meta["use_pickle"] is not False for meta in json.loads(_read(zf, root + config, path))["config"].values()):
+                raise _refuse(path, f"{config} lists a pickled tensor")
+        program = json.loads(_read(zf, root + "models/model.json", path))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise _refuse(path, f"malformed program or payload config ({type(e).__name__}: {e})") from e
+    if _read(zf, root + "data/sample_inputs/model.pt", path):
+        raise _refuse(path, "it holds pickled sample inputs")
+    if _has_key(program, "expr_str"):
+        raise _refuse(path, "its program has symbolic shapes")
+
+
+def _check_graph(ep: torch.export.ExportedProgram, path: PathLike) -> None:
+    """Admit only ATen operators (and getitem on their tuple results) as call targets."""
+    for node in ep.graph.nodes:
+        target = node.target
+        aten = isinstance(target, torch._ops.OpOverload) and target.namespace == "aten"
+        if node.op not in ("placeholder", "output") and not (node.op == "call_function" and (aten or target is operator.getitem)):
+            raise _refuse(path, f"graph node {node.name} calls {target!r}, which is not an ATen operator")
+
+
+def save(gm: torch.fx.GraphModule, path: PathLike, example_inputs: Inputs = None) -> None:
+    """Write a model from ``compile``/``prune``/``apply_plan``/``load`` to ``path`` (see the module docstring).
+
+    The archive holds a static-shape program: the loaded model takes inputs of the example inputs'
+    shapes. ``example_inputs`` defaults to random tensors of the shapes recorded in
+    ``gm.meta["fxprune"]["inputs"]``; a model without that record needs them.
+    """
+    record = gm.meta.get("fxprune") if isinstance(gm, torch.fx.GraphModule) else None
+    if not isinstance(record, dict) or "plan" not in record:
+        raise ArgumentError("save() takes a GraphModule returned by fxprune.compile, prune, apply_plan or load")
+    if example_inputs is None and "inputs" not in record:
+        raise ArgumentError(f"save() needs example_inputs= to export {os.fspath(path)}: this model records no input shapes")
+    inputs = inputs_from_specs(record["inputs"]) if example_inputs is None else _example_inputs(example_inputs, 0)
+    try:
+        ep = torch.export.export(gm, inputs)
+    except Exception as e:  # export fails in many ways (guards, unsupported ops, wrong inputs)
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ArchiveError(f"{os.fspath(path)}: torch.export.export failed on the pruned model ({type(e).__name__}: {first}); "
+                           "check that example_inputs= are inputs the model accepts") from e
+    ep.example_inputs = None  # torch.export.save would pickle them, and load would unpickle them
+    bare = io.BytesIO()
+    torch.export.save(ep, bare)
+    record = {**record, "inputs": input_specs(inputs)}
+    doc = {"format": FORMAT, "sha256": _digest(*_open(bare.getvalue(), path), record, path), "fxprune": record}
+    out = io.BytesIO()
+    torch.export.save(ep, out, extra_files={_RECORD_NAME: json.dumps(doc)})
+    try:
+        Path(path).write_bytes(out.getvalue())
+    except OSError as e:
+        raise ArchiveError(f"{os.fspath(path)}: cannot write ({e.strerror}); choose a writable path") from e
+
+
+def load(path: PathLike) -> torch.fx.GraphModule:
+    """Read a model written by ``save``: a GraphModule with ``meta["fxprune"]`` restored. Never unpickles."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ArchiveError(f"{os.fspath(path)}: cannot read ({e.strerror})") from e
+    zf, root = _open(data, path)
+    doc = _document(zf, root, path)
+    _check_contents(zf, root, path)
+    if _digest(zf, root, doc["fxprune"], path) != doc["sha256"]:
+        raise _refuse(path, "its contents do not match the sha256 recorded when it was saved (modified or damaged)")
+    try:
+        ep = torch.export.load(io.BytesIO(data))
+    except Exception as e:  # whatever torch's deserializer raises on a program it cannot rebuild
+        raise _refuse(path, f"torch.export.load failed ({type(e).__name__}: {e})") from e
+    _check_graph(ep, path)
+    gm = ep.module()
+    gm.meta["fxprune"] = doc["fxprune"]
+    return gm
+
+
+def _fingerprint_mismatch(saved: Sequence[dict[str, Any]], now: Sequence[dict[str, Any]]) -> str | None:
+    """How the first differing group differs, or None when the fingerprints match."""
+    for gid, (a, b) in enumerate(itertools.zip_longest(saved, now)):
+        if a == b:
+            continue
+        if a is None or b is None:
+            return f"group {gid} exists only in {'this model' if a is None else 'the plan'}"
+        differ = sorted(set(a["members"]) ^ set(b["members"]))
+        if a["width"] != b["width"] or not differ:
+            return f"group {gid} ({a['members'][0]}, ...) has width {a['width']} in the plan, {b['width']} here"
+        side = "the plan" if differ[0] in a["members"] else "this model"
+        return f"group {gid} ({a['members'][0]}, ...): member {differ[0]} is only in {side}"
+    return None
+
+
+def apply_plan(
+    model: nn.Module,
+    plan: Plan | Mapping[Any, Sequence[int]] | PathLike,
+    example_inputs: Inputs = None,
+    *,
+    verify: bool = True,
+) -> torch.fx.GraphModule:
+    """Prune ``model``, a fresh instance of the architecture a plan was made for, as the plan says.
+
+    ``plan`` is a ``Plan``, the dict in ``gm.meta["fxprune"]["plan"]``, or a file from ``save`` (only its
+    JSON record is read; ``example_inputs`` then default to the recorded shapes). When the plan comes
+    with a fingerprint, ``model``'s must match, else ``PlanError`` names the first differing group.
+    """
+    fingerprint = None
+    if isinstance(plan, (str, os.PathLike)):
+        source = os.fspath(plan)
+        zf, root = _open(source, source)
+        with zf:
+            record = _document(zf, root, source)["fxprune"]
+        plan, fingerprint = record["plan"], record.get("fingerprint")
+        if example_inputs is None:
+            example_inputs = inputs_from_specs(record["inputs"])
+    if fingerprint is not None:
+        mismatch = _fingerprint_mismatch(fingerprint, plan_fingerprint(analyze(model, example_inputs)))
+        if mismatch:
+            raise PlanError(f"the plan from {source} was made for another architecture than {type(model).__name__}: "
+                            f"{mismatch}; apply it to a model built like the one it came from")
+    return prune(model, plan, example_inputs, verify=verify)
