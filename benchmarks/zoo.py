@@ -16,6 +16,7 @@ Every model runs in its own subprocess with a timeout, so one crash or hang cost
 
     python benchmarks/zoo.py                                   # all models (takes hours)
     python benchmarks/zoo.py --models resnet18,squeezenet1_1 --timeout 120 --markdown
+    python benchmarks/zoo.py --timm --markdown                 # timm's CNN families (timm:NAME)
 """
 
 from __future__ import annotations
@@ -34,7 +35,19 @@ from tabulate import tabulate
 from torch import nn
 
 
+TIMM_MODELS = [
+    "resnet50", "resnext26ts", "efficientnet_b0", "efficientnetv2_rw_t", "regnety_008", "convnext_nano",
+    "mobilenetv3_large_100", "ghostnet_100", "rexnet_100", "dla34", "densenet121", "cspresnet50",
+    "repvgg_a2", "hrnet_w18_small", "mixnet_s", "tf_mobilenetv3_small_100", "resnest14d", "sebotnet33ts_256",
+]
+
+
 def build_model(name: str) -> nn.Module:
+    """A torchvision model by name, or a timm model as ``timm:NAME``; random weights, eval mode."""
+    if name.startswith("timm:"):
+        import timm
+
+        return timm.create_model(name[5:], pretrained=False).eval()
     kwargs = {"aux_logits": False, "init_weights": False} if name in ("googlenet", "inception_v3") else {}
     return torchvision.models.get_model(name, weights=None, **kwargs).eval()
 
@@ -44,6 +57,8 @@ def input_size(name: str, size: int) -> int:
         return 224  # the position embedding is built for 224x224
     if name == "inception_v3":
         return max(size, 299)
+    if name.endswith("_256"):  # timm models whose attention is built for 256x256
+        return 256
     return size
 
 
@@ -137,6 +152,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224, help="input resolution (default 224)")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per model and tool (default 300)")
     parser.add_argument("--markdown", action="store_true", help="print the table as GitHub markdown")
+    parser.add_argument("--timm", action="store_true", help="timm's CNN families instead of torchvision's models")
     parser.add_argument("--worker", choices=["fx", "tp"], help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -145,7 +161,12 @@ def main() -> None:
         print(json.dumps(work(args.models, args.size)))
         return
 
-    names = args.models.split(",") if args.models else torchvision.models.list_models(module=torchvision.models)
+    if args.models:
+        names = args.models.split(",")
+    elif args.timm:
+        names = [f"timm:{n}" for n in TIMM_MODELS]
+    else:
+        names = torchvision.models.list_models(module=torchvision.models)
     rows, traced, verified, tp_ok = [], 0, 0, 0
     for name in names:
         size = input_size(name, args.size)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,8 @@ from .report import Report
 from .selectors import Selector, get_selector
 
 __all__ = ["compile", "analyze", "prune", "report", "count_flops", "DEFAULT_INPUT_SHAPE"]
+
+log = logging.getLogger("fxprune")
 
 DEFAULT_INPUT_SHAPE = (1, 3, 224, 224)
 """Shape of the example input used when none is given: one seeded ``torch.randn`` image batch."""
@@ -78,8 +81,10 @@ def _analyze(model: Model, example_inputs: Inputs, ignore: Iterable[str], seed: 
         example_inputs = model.example_inputs[0]
     inputs = _example_inputs(example_inputs, seed)
     gm = capture(model, inputs)
+    log.info("captured %d graph nodes with %s", len(gm.graph.nodes), gm.meta["fxprune_capture"])
     propagate_shapes(gm, inputs)
     graph = couple(gm, ignore)
+    log.info("%d channel groups, %d prunable; %.4g GFLOPs", len(graph.groups), len(graph.prunable_groups), 2 * total_macs(gm) / 1e9)
     return _Analysis(gm, graph, FlopModel(graph, total_macs(gm)), inputs)
 
 
@@ -92,9 +97,11 @@ def _finish(a: _Analysis, plan: Plan, verify: bool) -> torch.fx.GraphModule:
     pruned = rewrite(a.gm, a.graph, plan)
     removed = removed_mask(a.graph, plan)
     record = pruned.meta["fxprune"]
+    log.info("rewrote the graph: %d of %d channel atoms removed", int(removed.sum()), a.graph.num_atoms)
     if verify:
         result = verify_pass(a.gm, pruned, a.graph, removed, a.inputs)
         record["verified"] = {"max_abs_error": result.max_abs_error, "tolerance": result.tolerance}
+        log.info("verified: max error %.3g (tolerance %.3g)", result.max_abs_error, result.tolerance)
     record["report"] = annotate(a.gm, pruned, a.graph, removed, a.flops).to_dict()
     record["plan"] = json.loads(plan.to_json())
     record.update(provenance(a.graph, a.inputs))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import subprocess
 import sys
@@ -42,6 +43,29 @@ def test_inspect_prints_groups(capsys: pytest.CaptureFixture[str]) -> None:
     assert "prunable" in out and "features.3.expand3x3.weight[0]" in out
 
 
+def test_inspect_draws_and_compile_writes_report_dir_and_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    dot, png, out, saved = tmp_path / "g.dot", tmp_path / "g.png", tmp_path / "out", tmp_path / "s.pt2"
+    assert main(["inspect", "torchvision:squeezenet1_1", "--input-shape", "1,3,64,64", "--dot", str(dot), "--png", str(png)]) == 0
+    text = dot.read_text()
+    assert text.startswith("graph fxprune {") and "frozen: model input x" in text and text.count("--") > 20
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["--quiet", "compile", "torchvision:squeezenet1_1", "--ratio", "0.5", "--input-shape", "1,3,64,64",
+                 "--report-dir", str(out), "--save", str(saved)]) == 0
+    assert json.loads((out / "report.json").read_text())["macs"][1] > 0
+    assert (out / "report.md").read_text().startswith("| layer")
+    assert (out / "widths.png").read_bytes()[:4] == b"\x89PNG"
+    capsys.readouterr()
+    assert main(["report", str(saved)]) == 0
+    assert "features.3.squeeze" in capsys.readouterr().out
+    assert main(["inspect", str(saved), "--input-shape", "1,3,64,64"]) == 0  # a saved model is a MODEL too
+    assert "prunable" in capsys.readouterr().out
+
+
+def test_timm_models_by_name(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--quiet", "compile", "timm:resnet18", "--ratio", "0.4", "--input-shape", "1,3,64,64"]) == 0
+    assert "layer1.0.conv1" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     "argv, code, message",
     [
@@ -50,13 +74,16 @@ def test_inspect_prints_groups(capsys: pytest.CaptureFixture[str]) -> None:
         (["compile", "torchvision:resnet18", "--target-gflops", "1e-6", "--input-shape", "1,3,32,32"], 1, "out of reach"),
         (["inspect", "nomodule.at.all:factory"], 1, "cannot import"),
         (["inspect", "resnet18"], 1, "expected torchvision:NAME"),
+        (["inspect", "timm:no_such_net"], 1, "timm has no model 'no_such_net'"),
+        (["report", "missing.pt2"], 1, "missing.pt2"),
+        (["inspect", "torchvision:resnet18", "--input-shape", "1,3,32,32", "--png", "x.gif"], 1, "cannot draw to x.gif"),
         (["compile", "torchvision:resnet18"], 2, "one of the arguments --target-gflops --ratio is required"),
         (["inspect", "torchvision:resnet18", "--input-shape", "a,b"], 2, "comma-separated integers"),
     ],
 )
 def test_bad_arguments_exit_non_zero_with_one_line(argv: list[str], code: int, message: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) if code == 2 else contextlib.nullcontext():
-        assert main(argv) == code
+        assert main(["--quiet", *argv]) == code
     err = capsys.readouterr().err.strip()
     assert message in err
     if code == 1:
