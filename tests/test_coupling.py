@@ -333,3 +333,27 @@ def test_ignore_keeps_a_modules_output_channels() -> None:
     pruned = compile_ok(model, ratio=0.2, ignore=["2"])
     assert pruned.get_submodule("2").out_channels == 8
     assert pruned.get_submodule("0").out_channels < 8
+
+
+class BufferMLP(nn.Module):
+    """A constant table through an MLP (Swin V2's continuous position bias does this)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("table", torch.randn(1, 5, 5, 4))
+        self.mlp = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 8))
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        bias = self.mlp(self.table).mean((1, 2)).view(1, 8, 1, 1)
+        return self.conv(x) + bias
+
+
+def test_buffer_fed_to_a_linear_is_masked_by_the_oracle() -> None:
+    model = BufferMLP().eval()
+    graph = fxprune.analyze(model, X)
+    table = group_with(model, "table", 3)
+    assert table.prunable and "mlp.0.weight[1]" in member_names(table)
+    plan = {g.id: list(range(g.width // 2)) for g in graph.prunable_groups}
+    pruned = fxprune.prune(model, plan, X)  # verify=True: the oracle must zero the removed table columns
+    assert pruned.table.shape[3] == 2

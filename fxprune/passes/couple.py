@@ -802,7 +802,8 @@ def _finalize(c: _Coupler, opaque: tuple[str, ...]) -> DependencyGraph:
         for gid, atoms in enumerate(group_atoms)
     ]
 
-    tensor_atoms = {node.name: (v.dim, to_atoms(v.ids)) for node, v in c.env.items() if isinstance(v, Labels) and v.dim is not None}
+    values = {node: c.param_labels.get(v.name, v) if isinstance(v, Param) else v for node, v in c.env.items()}
+    tensor_atoms = {node.name: (v.dim, to_atoms(v.ids)) for node, v in values.items() if isinstance(v, Labels) and v.dim is not None}
     flop_terms = [FlopTerm(name, macs, tuple(to_atoms(f) for f in fs)) for name, macs, fs in c.flop_terms]
     return DependencyGraph(
         groups=groups,
