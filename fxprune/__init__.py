@@ -19,7 +19,7 @@ from .errors import (
 from .graph import DependencyGraph, Group, Member, Plan
 from .record import plan_fingerprint
 from .report import Report
-from .selectors import L1, Selector, Uniform
+from .selectors import APoZ, BNScale, GflopsAware, L1, L2, MeanActivation, Random, Selector, Taylor, Uniform
 from .serialize import apply_plan, load, save
 
 __version__ = "0.1.0"
@@ -27,7 +27,8 @@ __version__ = "0.1.0"
 __all__ = [
     "compile", "analyze", "prune", "report", "count_flops", "DEFAULT_INPUT_SHAPE",
     "save", "load", "apply_plan", "plan_fingerprint",
-    "DependencyGraph", "Group", "Member", "Plan", "Report", "Selector", "Uniform", "L1",
+    "DependencyGraph", "Group", "Member", "Plan", "Report", "Selector", "Uniform", "Random", "L1", "L2",
+    "BNScale", "GflopsAware", "APoZ", "MeanActivation", "Taylor",
     "FxPruneError", "ArgumentError", "TraceError", "ShapeError", "PlanError",
     "TargetUnreachableError", "VerificationError", "ArchiveError",
 ]

@@ -21,12 +21,13 @@ from .passes.annotate import annotate
 from .passes.capture import capture, structural_copy
 from .passes.couple import couple
 from .passes.rewrite import rewrite
-from .passes.select import removed_mask, select
+from .passes.select import MODES, WidthRule, removed_mask, select
 from .passes.shapes import eval_mode, propagate_shapes
 from .passes.verify import verify as verify_pass
 from .record import provenance
 from .report import Report
 from .selectors import Selector, get_selector
+from .stats import LossFn
 
 __all__ = ["compile", "analyze", "prune", "report", "count_flops", "DEFAULT_INPUT_SHAPE"]
 
@@ -118,6 +119,11 @@ def compile(  # noqa: A001 - the product's verb
     ignore: Iterable[str] = (),
     seed: int = 0,
     verify: bool = True,
+    calibration: Any = None,
+    loss_fn: LossFn | None = None,
+    mode: str | None = None,
+    min_width: int = 1,
+    round_to: int = 1,
 ) -> torch.fx.GraphModule:
     """Prune ``model`` to a FLOPs budget and return a new, smaller ``torch.fx.GraphModule``.
 
@@ -127,6 +133,16 @@ def compile(  # noqa: A001 - the product's verb
     whose output channels must stay. The model's outputs never lose channels and ``model`` itself is never
     modified. With ``verify=True`` the result is checked against the masked original (see verify.py).
     ``model`` may also be a ``torch.export.ExportedProgram`` (its example inputs are the default then).
+
+    ``selector``: a name (uniform, random, l1, l2, bn_scale, gflops_aware, apoz, mean_activation, taylor)
+    or an object with a ``scores(graph, gm)`` method. The data-driven ones (apoz, mean_activation,
+    taylor) need ``calibration``: an iterable of batches (e.g. a DataLoader), each an input tensor,
+    ``(input,)`` or ``(input, target)``, input being a tensor or a tuple of positional inputs (a single
+    tensor is one batch); taylor also needs ``loss_fn(output, target)`` (target None for batches without
+    one). ``mode``: "per_group" (the default: every group loses the same fraction) or "global" (all
+    channels ranked together; always for gflops_aware). Every pruned group keeps at least ``min_width``
+    channel atoms, and a multiple of ``round_to`` when it is wider than that.
+    See passes/select.py for the exact rules.
     """
     if (target_gflops is None) == (ratio is None):
         raise ArgumentError("give exactly one of target_gflops= (GFLOPs of the result) or ratio= (fraction of FLOPs to remove)")
@@ -134,14 +150,21 @@ def compile(  # noqa: A001 - the product's verb
         raise ArgumentError(f"ratio must be in [0, 1), got {ratio}")
     if target_gflops is not None and not target_gflops > 0:
         raise ArgumentError(f"target_gflops must be positive, got {target_gflops}")
-    sel = get_selector(selector)
+    if mode is not None and mode not in MODES:
+        raise ArgumentError(f"unknown mode {mode!r}; choose 'per_group' (same fraction of every group) or 'global' (all channels ranked together)")
+    rule = WidthRule(min_width, round_to)
+    sel = get_selector(selector, calibration, loss_fn)
+    comparable = bool(getattr(sel, "comparable_across_groups", False))
+    if comparable and mode == "per_group":
+        raise ArgumentError(f"selector {getattr(sel, 'name', type(sel).__name__)!r} ranks channels of different groups against each other; it needs mode='global' (its default)")
+    mode = "global" if comparable else mode or "per_group"
     a = _analyze(model, example_inputs, ignore, seed)
     total = total_macs(a.gm)
     target = target_gflops * 1e9 / 2 if target_gflops is not None else (1.0 - ratio) * total
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         scores = sel.scores(a.graph, a.gm)
-    plan = select(a.graph, a.flops, target, scores)
+    plan = select(a.graph, a.flops, target, scores, mode=mode, rule=rule, comparable=comparable)
     return _finish(a, plan, verify)
 
 

@@ -88,7 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     target = c.add_mutually_exclusive_group(required=True)
     target.add_argument("--target-gflops", type=float, help="GFLOPs of the result (FLOPs = 2 x MACs)")
     target.add_argument("--ratio", type=float, help="fraction of FLOPs to remove")
-    c.add_argument("--selector", default="uniform", help="uniform (default) or l1")
+    c.add_argument("--selector", default="uniform", help="uniform (default), random, l1, l2, bn_scale or gflops_aware "
+                   "(the data-driven ones need calibration data: use the Python API)")
     c.add_argument("--ignore", action="append", default=[], metavar="MODULE", help="keep this module's output channels (repeatable)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--no-verify", action="store_true", help="skip the numerical check of the result")

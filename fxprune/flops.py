@@ -50,6 +50,21 @@ class FlopModel:
         ratio = torch.ones(len(self.terms), dtype=torch.float64).scatter_reduce(0, self.term_of, kept / self.sizes, "prod")
         return float((self.macs_vec * ratio).sum()) + self.constant
 
+    def saved_per_atom(self) -> torch.Tensor:
+        """MACs that removing each atom alone would save from the unpruned model (float64, per atom).
+
+        Only the terms an atom appears in change: each loses ``1 - prod_f (1 - count_f / size_f)`` of
+        its MACs over the factors ``f`` that hold the atom.
+        """
+        width = max(self.graph.num_atoms, 1)
+        saved = torch.zeros(self.graph.num_atoms, dtype=torch.float64)
+        if not self.terms:
+            return saved
+        key, inverse = torch.unique(self.term_of[self.rows] * width + self.cols, return_inverse=True)
+        left = 1 - self.counts / self.sizes[self.rows]
+        kept = torch.ones(key.numel(), dtype=torch.float64).scatter_reduce(0, inverse, left, "prod")
+        return saved.index_add(0, key % width, self.macs_vec[key // width] * (1 - kept))
+
     def per_node(self, removed: torch.Tensor) -> dict[str, int]:
         """Exact integer MACs of every FlopTerm node after removing ``removed``."""
         out = {}

@@ -80,6 +80,18 @@ CONV_FUNCS = {
     F.conv_transpose1d: True, F.conv_transpose2d: True, F.conv_transpose3d: True,
 }
 REDUCTIONS = {"mean", "sum", "amax", "amin", torch.mean, torch.sum, torch.amax, torch.amin}
+# Rectifier-like activations (a subset of the element-wise ops): their outputs are the activations
+# that activation-statistics selectors (apoz, mean_activation, taylor) look at.
+ACTIVATION_MODULES: tuple[type, ...] = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Mish,
+    nn.Softplus, nn.Hardtanh,
+)
+ACTIVATION_FUNCS: set[Any] = {
+    torch.relu, torch.relu_, F.relu, F.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu,
+    F.silu, F.hardswish, F.mish, F.softplus, F.hardtanh,
+}
+ACTIVATION_METHODS = {"relu", "relu_"}
+
 SOFTMAX = {F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "softmax", "log_softmax"}
 
 
@@ -142,6 +154,16 @@ def flopless(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_method":
         return node.target in FLOPLESS_METHODS
     return True
+
+
+def is_activation(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """True when ``node`` applies a rectifier-like activation (module, function or method form)."""
+    if node.op == "call_module":
+        return isinstance(modules[node.target], ACTIVATION_MODULES)
+    t = canonical(node.target)
+    if node.op == "call_method" or isinstance(t, str):
+        return t in ACTIVATION_METHODS
+    return node.op == "call_function" and t in ACTIVATION_FUNCS
 
 
 IN_FIELDS = ("in_channels", "in_features", "num_features", "num_channels", "normalized_shape", "num_parameters")

@@ -2,25 +2,41 @@
 
 A selector has one job: score every atom of every prunable group (higher = keep). How many atoms each
 group loses is decided once, by the budget logic in ``passes/select.py``, never by a selector. Any object
-with a ``scores(graph, gm)`` method of the same signature can be passed as ``selector=``.
+with a ``scores(graph, gm)`` method of the same signature can be passed as ``selector=``; one whose scores
+are comparable across groups as they are (not only within a group) sets ``comparable_across_groups =
+True``, and is then ranked globally without normalization.
+
+``gm`` is the captured GraphModule: it shares its tensors with the user's model, so a selector must not
+modify them. Data-driven selectors (``apoz``, ``mean_activation``, ``taylor``) run on calibration data
+through ``fxprune.stats``, which never touches them.
 """
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.fx
+import torch.nn.functional as F
+from torch import nn
 
 from .errors import ArgumentError
-from .graph import DependencyGraph
+from .flops import FlopModel, total_macs
+from .graph import DependencyGraph, Member
+from .optable import canonical
+from .stats import CALIBRATION_FORMS, LossFn, activation_scores
 
-__all__ = ["Selector", "Uniform", "L1", "get_selector"]
+__all__ = [
+    "Selector", "Uniform", "Random", "LpNorm", "L1", "L2", "BNScale", "GflopsAware", "ActivationSelector",
+    "APoZ", "MeanActivation", "Taylor", "get_selector",
+]
+
+Scores = dict[int, torch.Tensor]
 
 
 @runtime_checkable
 class Selector(Protocol):
-    def scores(self, graph: DependencyGraph, gm: torch.fx.GraphModule) -> dict[int, torch.Tensor]:
+    def scores(self, graph: DependencyGraph, gm: torch.fx.GraphModule) -> Scores:
         """Map each prunable group id to one score per atom (length ``group.width``)."""
         ...
 
@@ -30,40 +46,194 @@ class Uniform:
 
     name = "uniform"
 
-    def scores(self, graph: DependencyGraph, gm: torch.fx.GraphModule) -> dict[int, torch.Tensor]:
+    def scores(self, graph: DependencyGraph, gm: torch.fx.GraphModule) -> Scores:
         return {g.id: -torch.arange(g.width, dtype=torch.float64) for g in graph.prunable_groups}
 
 
-class L1:
-    """L1 norm of the weights that produce each atom (output slices of conv/linear weights).
+class Random:
+    """Uniform random scores from torch's global generator, which ``compile`` seeds with ``seed=``."""
 
-    Groups with no producing weight (a parameter used element-wise) fall back to all their members.
-    """
+    name = "random"
 
-    name = "l1"
+    def scores(self, graph: DependencyGraph, gm: torch.fx.GraphModule) -> Scores:
+        return {g.id: torch.rand(g.width, dtype=torch.float64) for g in graph.prunable_groups}
 
-    def scores(self, graph: DependencyGraph, gm: torch.fx.GraphModule) -> dict[int, torch.Tensor]:
-        state = {**dict(gm.named_parameters()), **dict(gm.named_buffers())}
-        out = {}
+
+def _state(gm: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
+    return {**dict(gm.named_parameters()), **dict(gm.named_buffers())}
+
+
+def _lp_sums(graph: DependencyGraph, state: dict[str, torch.Tensor], members: list[Member], p: float) -> torch.Tensor:
+    """Per atom (all atoms of ``graph``): the sum of ``|w|^p`` over the slices of ``members`` it owns."""
+    total = torch.zeros(graph.num_atoms, dtype=torch.float64)
+    for m in members:
+        t = state[m.name].detach().to(torch.float64).abs() ** p
+        total.index_add_(0, graph.member_atoms[(m.name, m.dim)], t.movedim(m.dim, 0).reshape(t.shape[m.dim], -1).sum(1))
+    return total
+
+
+class LpNorm:
+    """Lp norm of the weights that produce each atom (output slices of conv/linear weights, all of them
+    taken as one vector). Groups with no producing weight (a parameter used element-wise) fall back to
+    all their members."""
+
+    def __init__(self, p: float) -> None:
+        if not p > 0:
+            raise ArgumentError(f"LpNorm needs p > 0, got {p}")
+        self.p = p
+        self.name = f"l{p:g}"
+
+    def scores(self, graph: DependencyGraph, gm: torch.fx.GraphModule) -> Scores:
+        state, out = _state(gm), {}
         for g in graph.prunable_groups:
             members = [m for m in g.members if m.role == "out"] or list(g.members)
-            total = torch.zeros(graph.num_atoms, dtype=torch.float64)
-            for m in members:
-                t = state[m.name].detach().to(torch.float64)
-                norms = t.abs().movedim(m.dim, 0).reshape(t.shape[m.dim], -1).sum(1)
-                total.index_add_(0, graph.member_atoms[(m.name, m.dim)], norms)
-            out[g.id] = total[g.atoms]
+            out[g.id] = _lp_sums(graph, state, members, self.p)[g.atoms] ** (1 / self.p)
         return out
 
 
-_BY_NAME: dict[str, type] = {"uniform": Uniform, "l1": L1}
+class L1(LpNorm):
+    """L1 norm of the weights that produce each atom."""
+
+    def __init__(self) -> None:
+        super().__init__(1)
 
 
-def get_selector(selector: str | Selector) -> Selector:
+class L2(LpNorm):
+    """L2 norm of the weights that produce each atom."""
+
+    def __init__(self) -> None:
+        super().__init__(2)
+
+
+_NORM_MODULES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+_NORM_FUNCS = {F.batch_norm, F.instance_norm, F.group_norm, F.layer_norm}
+
+
+def _norm_weights(gm: torch.fx.GraphModule) -> set[str]:
+    """Qualified names of the affine weights (gamma) of the normalization layers ``gm`` calls."""
+    modules = dict(gm.named_modules())
+    found = set()
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(modules[node.target], _NORM_MODULES):
+            if getattr(modules[node.target], "weight", None) is not None:
+                found.add(f"{node.target}.weight")
+        elif node.op == "call_function" and canonical(node.target) in _NORM_FUNCS:
+            args = node.normalized_arguments(gm, normalize_to_only_use_kwargs=True)
+            weight = args.kwargs.get("weight") if args is not None else None
+            if isinstance(weight, torch.fx.Node) and weight.op == "get_attr":
+                found.add(weight.target)
+    return found
+
+
+class BNScale:
+    """|gamma| of the normalization layers (BatchNorm, InstanceNorm, GroupNorm, LayerNorm) that scale each
+    atom, summed when several do; groups without a norm weight fall back to l1."""
+
+    name = "bn_scale"
+
+    def scores(self, graph: DependencyGraph, gm: torch.fx.GraphModule) -> Scores:
+        weights = _norm_weights(gm)
+        state, fallback, out = _state(gm), L1().scores(graph, gm), {}
+        for g in graph.prunable_groups:
+            gammas = [m for m in g.members if m.role == "param" and m.name in weights]
+            out[g.id] = _lp_sums(graph, state, gammas, 1)[g.atoms] if gammas else fallback[g.id]
+        return out
+
+
+class GflopsAware:
+    """No ranking of channels: every atom scores ``-(MACs that removing it alone saves from the unpruned
+    model)`` (``FlopModel.saved_per_atom``), so the atoms whose removal saves the most go first. Scores
+    are MACs in every group, comparable as they are: compile ranks them globally."""
+
+    name = "gflops_aware"
+    comparable_across_groups = True
+
+    def scores(self, graph: DependencyGraph, gm: torch.fx.GraphModule) -> Scores:
+        saved = FlopModel(graph, total_macs(gm)).saved_per_atom()
+        return {g.id: -saved[g.atoms] for g in graph.prunable_groups}
+
+
+class ActivationSelector:
+    """Base of the data-driven selectors: scores atoms by a statistic of the activations on calibration
+    data (see ``fxprune.stats``). Subclasses define ``values`` and ``finish`` (``ChannelStatistic``)."""
+
+    name = ""
+    needs_grad = False
+
+    def __init__(self, calibration: Any = None, loss_fn: LossFn | None = None) -> None:
+        if calibration is None:
+            raise ArgumentError(f"selector {self.name!r} ranks channels by their activations: pass calibration= data, {CALIBRATION_FORMS}")
+        if self.needs_grad and loss_fn is None:
+            raise ArgumentError(f"selector {self.name!r} needs gradients: pass loss_fn=, called as loss_fn(output, target) on each calibration batch")
+        if loss_fn is not None and not self.needs_grad:
+            raise ArgumentError(f"loss_fn= is only used by selector 'taylor'; selector {self.name!r} does not take it")
+        self.calibration, self.loss_fn = calibration, loss_fn
+
+    def scores(self, graph: DependencyGraph, gm: torch.fx.GraphModule) -> Scores:
+        per_atom = activation_scores(graph, gm, self.calibration, self, self.loss_fn)
+        return {g.id: per_atom[g.atoms] for g in graph.prunable_groups}
+
+
+class APoZ(ActivationSelector):
+    """Average percentage of zeros: the share of a channel's activations that are <= 0 (a ReLU's zeros;
+    for other nodes, what a ReLU would zero). Score ``1 - APoZ``: the channels that are zero most often go first."""
+
+    name = "apoz"
+
+    def values(self, activation: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
+        return (activation <= 0).to(activation.dtype)
+
+    def finish(self, mean: torch.Tensor) -> torch.Tensor:
+        return 1 - mean
+
+
+class MeanActivation(ActivationSelector):
+    """Mean |activation| of each channel: the weakest channels go first."""
+
+    name = "mean_activation"
+
+    def values(self, activation: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
+        return activation.abs()
+
+    def finish(self, mean: torch.Tensor) -> torch.Tensor:
+        return mean
+
+
+class Taylor(ActivationSelector):
+    """First-order Taylor estimate of the loss change when a channel is zeroed: ``|mean(a * dL/da)|`` over
+    the batch and every position; the channels whose removal changes the loss least go first."""
+
+    name = "taylor"
+    needs_grad = True
+
+    def values(self, activation: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
+        return activation * grad
+
+    def finish(self, mean: torch.Tensor) -> torch.Tensor:
+        return mean.abs()
+
+
+_BY_NAME: dict[str, type] = {
+    "uniform": Uniform, "random": Random, "l1": L1, "l2": L2, "bn_scale": BNScale, "gflops_aware": GflopsAware,
+    "apoz": APoZ, "mean_activation": MeanActivation, "taylor": Taylor,
+}
+
+
+def get_selector(selector: str | Selector, calibration: Any = None, loss_fn: LossFn | None = None) -> Selector:
+    """The selector named ``selector`` (data-driven ones get ``calibration``/``loss_fn``), or the object itself."""
     if isinstance(selector, str):
         if selector not in _BY_NAME:
             raise ArgumentError(f"unknown selector {selector!r}; choose one of {sorted(_BY_NAME)} or pass an object with a scores(graph, gm) method")
-        return _BY_NAME[selector]()
-    if not isinstance(selector, Selector):
+        cls = _BY_NAME[selector]
+        if issubclass(cls, ActivationSelector):
+            return cls(calibration, loss_fn)
+        selector = cls()
+    elif not isinstance(selector, Selector):
         raise ArgumentError(f"selector {selector!r} has no scores(graph, gm) method")
+    if calibration is not None or loss_fn is not None:
+        given = "calibration=" if calibration is not None else "loss_fn="
+        raise ArgumentError(
+            f"{given} is only used by the data-driven selectors 'apoz', 'mean_activation' and 'taylor'; "
+            f"selector {getattr(selector, 'name', type(selector).__name__)!r} does not read it (a selector object takes its data itself)"
+        )
     return selector

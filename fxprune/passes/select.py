@@ -1,22 +1,64 @@
 """select: DependencyGraph + MACs target + selector scores -> Plan.
 
-The budget logic lives here, once. Every prunable group loses the same fraction ``s`` of its atoms
-(``round(s * width)``, keeping at least ``min_keep``); ``s`` is found by bisection as the smallest
-fraction whose MACs fit the target; of the groups that lose more atoms at ``s`` than just below it,
-as many as fit (in group order, again by bisection) get those atoms back; while more than 0.5% of the
-budget is unused, each group in turn may get one more atom back. Which atoms go is the selector's call: the
-lowest-scored first, ties broken by position.
+The budget logic lives here, once. Every prunable group removes its atoms in one fixed order: the
+lowest-scored first, ties broken by position (the last first). A *schedule* maps a fraction ``t`` in
+[0, 1] to how many atoms each group removes:
+
+* ``per_group`` (the default): each group removes ``round(t * width)`` atoms;
+* ``global``: all atoms of all groups are ranked together and the first ``round(t * N)`` of the ranking
+  go (N = number of atoms in prunable groups). The ranking sorts atoms by score, divided by the largest
+  |score| of their group so that groups on different scales compare (a group scored all zeros stays 0),
+  except for selectors whose scores are comparable as they are (``comparable_across_groups``, e.g.
+  gflops_aware's MACs); ties go by the atom's place in its group's order, then by group id.
+
+Every count then obeys the WidthRule: a pruned group keeps at least ``min_width`` atoms and, when it is
+wider than ``round_to``, a multiple of ``round_to`` (the kept count is rounded up, so the rule never
+removes more than the schedule asked; a group may always keep all of its atoms). ``t`` is found by
+bisection as the smallest fraction whose MACs fit the target; of the groups that remove more atoms at
+``t`` than just below it, as many as fit (in group order, again by bisection) get those atoms back;
+while more than 0.5% of the budget is unused, each group in turn may get one more step back (one atom,
+or ``round_to`` atoms). The result never exceeds the target.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 
-from ..errors import TargetUnreachableError
+from ..errors import ArgumentError, TargetUnreachableError
 from ..flops import FlopModel
-from ..graph import DependencyGraph, Plan
+from ..graph import DependencyGraph, Group, Plan
 
-__all__ = ["select", "removed_mask"]
+__all__ = ["select", "removed_mask", "WidthRule", "MODES"]
+
+MODES = ("per_group", "global")
+
+
+@dataclass(frozen=True)
+class WidthRule:
+    """How many atoms a pruned group may keep: at least ``min_width`` and, when the group is wider than
+    ``round_to``, a multiple of ``round_to``. A group may always keep all its atoms."""
+
+    min_width: int = 1
+    round_to: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("min_width", "round_to"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ArgumentError(f"{name} must be an integer >= 1, got {value!r}")
+
+    def kept(self, width: int, removed: int) -> int:
+        """The smallest allowed kept count that is at least ``width - removed``."""
+        k = max(width - removed, self.min_width)
+        if width > self.round_to:
+            k = -(-k // self.round_to) * self.round_to
+        return min(k, width)
+
+    def __str__(self) -> str:
+        return f"min_width={self.min_width}, round_to={self.round_to}"
 
 
 def removed_mask(graph: DependencyGraph, plan: Plan) -> torch.Tensor:
@@ -30,16 +72,60 @@ def removed_mask(graph: DependencyGraph, plan: Plan) -> torch.Tensor:
     return removed
 
 
+def _check_scores(groups: list[Group], scores: dict[int, torch.Tensor]) -> None:
+    for g in groups:
+        s = scores.get(g.id)
+        if not isinstance(s, torch.Tensor) or tuple(s.shape) != (g.width,) or not bool(torch.isfinite(s).all()):
+            got = f"shape {tuple(s.shape)}" if isinstance(s, torch.Tensor) else type(s).__name__
+            raise ArgumentError(
+                f"the selector's scores for group {g.id} (first member {g.members[0]}) must be a tensor of "
+                f"{g.width} finite numbers, one per atom; got {got}"
+            )
+
+
+def _per_group_schedule(groups: list[Group]) -> Callable[[float], list[int]]:
+    return lambda t: [round(t * g.width) for g in groups]
+
+
+def _global_schedule(groups: list[Group], order: dict[int, torch.Tensor], scores: dict[int, torch.Tensor], comparable: bool) -> Callable[[float], list[int]]:
+    """Schedule of the global ranking (see the module docstring): a prefix of one sequence of group indices."""
+    if not groups:
+        return lambda t: []
+    keys, ranks, owners = [], [], []
+    for i, g in enumerate(groups):
+        s = scores[g.id].to(torch.float64)
+        top = s.abs().max()
+        if not comparable and top > 0:
+            s = s / top
+        keys.append(s[order[g.id].flip(0)])
+        ranks.append(torch.arange(g.width))
+        owners.append(torch.full((g.width,), i))
+    key, rank, owner = torch.cat(keys), torch.cat(ranks), torch.cat(owners)
+    idx = torch.sort(rank, stable=True).indices
+    sequence = owner[idx[torch.sort(key[idx], stable=True).indices]]
+    return lambda t: torch.bincount(sequence[: round(t * sequence.numel())], minlength=len(groups)).tolist()
+
+
 def select(
     graph: DependencyGraph,
     model: FlopModel,
     target_macs: float,
     scores: dict[int, torch.Tensor],
-    min_keep: int = 1,
+    *,
+    mode: str = "per_group",
+    rule: WidthRule = WidthRule(),
+    comparable: bool = False,
 ) -> Plan:
+    """The plan that fits ``target_macs`` (see the module docstring); ``comparable``: the scores compare
+    across groups as they are (global mode does not normalize them)."""
     groups = graph.prunable_groups
+    _check_scores(groups, scores)
     order = {g.id: torch.sort(scores[g.id], descending=True, stable=True).indices for g in groups}
     widths = {g.id: g.width for g in groups}
+    schedule = _per_group_schedule(groups) if mode == "per_group" else _global_schedule(groups, order, scores, comparable)
+
+    def counts_at(t: float) -> dict[int, int]:
+        return {g.id: g.width - rule.kept(g.width, n) for g, n in zip(groups, schedule(t))}
 
     def removed_for(counts: dict[int, int]) -> torch.Tensor:
         removed = torch.zeros(graph.num_atoms, dtype=torch.bool)
@@ -49,15 +135,13 @@ def select(
                 removed[g.atoms[order[g.id][widths[g.id] - n:]]] = True
         return removed
 
-    def counts_at(s: float) -> dict[int, int]:
-        return {gid: min(w - min_keep, round(s * w)) for gid, w in widths.items()}
-
     smallest = model.macs(removed_for(counts_at(1.0)))
     if smallest > target_macs:
         raise TargetUnreachableError(
             f"the FLOPs target {2 * target_macs / 1e9:.4g} GFLOPs is out of reach: with every prunable "
-            f"group at {min_keep} channel(s) the model still needs {2 * smallest / 1e9:.4g} GFLOPs "
-            f"({len(groups)} prunable groups). Ask for at least that, or un-freeze groups (see analyze()).",
+            f"group at its smallest allowed width ({rule}) the model still needs {2 * smallest / 1e9:.4g} GFLOPs "
+            f"({len(groups)} prunable groups). Ask for at least that, lower min_width/round_to, or un-freeze "
+            "groups (see analyze()).",
             smallest_gflops=2 * smallest / 1e9,
         )
     lo, hi = 0.0, 1.0
@@ -89,18 +173,20 @@ def select(
     counts = give_back(a)
     removed = removed_for(counts)
     current = model.macs(removed)
-    for g in groups:  # one more atom per group while over 0.5% of the budget is unused
+    for g in groups:  # one more step per group while over 0.5% of the budget is unused
         if target_macs - current <= 0.005 * target_macs:
             break
-        if counts[g.id]:
-            atom = g.atoms[order[g.id][widths[g.id] - counts[g.id]]]
-            removed[atom] = False
+        n, w = counts[g.id], widths[g.id]
+        if n:
+            fewer = w - rule.kept(w, n - 1)
+            atoms = g.atoms[order[g.id][w - n : w - fewer]]
+            removed[atoms] = False
             macs = model.macs(removed)
             if macs <= target_macs:
-                counts[g.id] -= 1
+                counts[g.id] = fewer
                 current = macs
             else:
-                removed[atom] = True
+                removed[atoms] = True
     keep = {
         g.id: sorted(order[g.id][: widths[g.id] - counts[g.id]].tolist()) for g in groups if counts[g.id]
     }

@@ -1,0 +1,205 @@
+"""Calibration statistics: per-atom activation statistics, gathered once for every data-driven selector.
+
+The captured graph runs in eval mode, under a ``torch.fx.Interpreter`` that hands the output of every
+probed node to a statistic, on a copy whose parameters are new leaf tensors sharing the user's storage
+and whose buffers are clones: no gradient and no buffer update can reach the user's model. Probed nodes
+are the call nodes whose output has a channel dim in ``DependencyGraph.tensor_atoms`` carrying atoms of
+prunable groups. For each atom only the outputs of rectifier-like activations (``optable.is_activation``)
+that carry it count, or every probed node that carries it when no activation does.
+
+Per node, the statistic's per-element values are averaged per channel over the batch, every other
+position and all calibration batches, then ``finish`` turns the means into per-channel scores; an atom's
+score is the mean of the scores of the channels it owns (0 when no probed node carries it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
+
+import torch
+import torch.fx
+from torch import nn
+
+from .errors import ArgumentError, FxPruneError
+from .graph import DependencyGraph
+from .optable import is_activation
+from .passes.capture import structural_copy
+from .passes.shapes import eval_mode
+
+__all__ = ["ChannelStatistic", "CALIBRATION_FORMS", "calibration_batches", "activation_scores"]
+
+LossFn = Callable[[Any, Any], torch.Tensor]
+
+CALIBRATION_FORMS = (
+    "an iterable of batches (a DataLoader, a list...), each an input tensor, a 1-tuple (input,) or an "
+    "(input, target) pair, where input is a tensor or a tuple of positional inputs; a single tensor is one batch"
+)
+
+
+class ChannelStatistic(Protocol):
+    """What a data-driven selector measures. ``needs_grad``: ``values`` needs the loss gradient."""
+
+    needs_grad: bool
+
+    def values(self, activation: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
+        """Per-element values (activation's shape), to be averaged per channel."""
+        ...
+
+    def finish(self, mean: torch.Tensor) -> torch.Tensor:
+        """Per-channel means -> per-channel scores (higher = keep)."""
+        ...
+
+
+def calibration_batches(data: Any) -> Iterator[tuple[tuple[Any, ...], Any]]:
+    """Each batch of ``data`` as (positional inputs, target or None); the forms are CALIBRATION_FORMS."""
+    if isinstance(data, torch.Tensor):
+        data = [data]
+    if not hasattr(data, "__iter__"):
+        raise ArgumentError(f"calibration= is a {type(data).__name__}; expected {CALIBRATION_FORMS}")
+    for i, batch in enumerate(data):
+        if isinstance(batch, torch.Tensor):
+            yield (batch,), None
+        elif isinstance(batch, (tuple, list)) and len(batch) in (1, 2):
+            inputs = batch[0]
+            yield (tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)), (batch[1] if len(batch) == 2 else None)
+        else:
+            size = f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""
+            raise ArgumentError(f"calibration batch {i} is a {type(batch).__name__}{size}; expected {CALIBRATION_FORMS}")
+
+
+def _detached_copy(gm: torch.fx.GraphModule, requires_grad: bool) -> torch.fx.GraphModule:
+    """A structural copy of ``gm`` with parameters detached (new leaves, same storage) and buffers cloned."""
+    copy = structural_copy(gm)
+    for m in copy.modules():
+        for name, p in m._parameters.items():
+            if p is not None:
+                m._parameters[name] = nn.Parameter(p.detach(), requires_grad=requires_grad)
+        for name, b in m._buffers.items():
+            if b is not None:
+                m._buffers[name] = b.detach().clone()
+    return copy
+
+
+def _probed(graph: DependencyGraph, gm: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
+    """Probed node -> mask over its channels: the ones whose statistics count (see the module docstring)."""
+    prunable = torch.zeros(graph.num_atoms, dtype=torch.bool)
+    for g in graph.prunable_groups:
+        prunable[g.atoms] = True
+    nodes = {n.name: n for n in gm.graph.nodes if n.op in ("call_module", "call_function", "call_method")}
+    modules = dict(gm.named_modules())
+    carried = {}
+    for name, (_, ids) in graph.tensor_atoms.items():
+        mask = (ids >= 0) & prunable[ids.clamp(min=0)]
+        if name in nodes and bool(mask.any()):
+            carried[name] = mask
+    activation = {name: is_activation(nodes[name], modules) for name in carried}
+    has_activation = torch.zeros(graph.num_atoms, dtype=torch.bool)
+    for name, mask in carried.items():
+        if activation[name]:
+            has_activation[graph.tensor_atoms[name][1][mask]] = True
+    used = {}
+    for name, mask in carried.items():
+        if not activation[name]:
+            mask = mask & ~has_activation[graph.tensor_atoms[name][1].clamp(min=0)]
+        if bool(mask.any()):
+            used[name] = mask
+    return used
+
+
+class _Accumulator:
+    """Per-channel sums and per-channel element counts of a statistic's values, per probed node."""
+
+    def __init__(self, statistic: ChannelStatistic, graph: DependencyGraph) -> None:
+        self.statistic, self.graph = statistic, graph
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, name: str, activation: torch.Tensor, grad: torch.Tensor | None) -> None:
+        dim, ids = self.graph.tensor_atoms[name]
+        if activation.dim() <= dim or activation.shape[dim] != ids.numel():
+            raise ArgumentError(
+                f"node {name}: a calibration batch gives it shape {tuple(activation.shape)}, but it has {ids.numel()} "
+                f"channels along dim {dim} on the example inputs; calibration inputs must have the example "
+                "inputs' shape (the batch size may differ)"
+            )
+        v = self.statistic.values(activation.detach(), grad)
+        per_channel = v.movedim(dim, 0).reshape(ids.numel(), -1).sum(1, dtype=torch.float64).cpu()
+        self.sums[name] = self.sums[name] + per_channel if name in self.sums else per_channel
+        self.counts[name] = self.counts.get(name, 0) + v.numel() // ids.numel()
+
+    def atom_scores(self, used: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean over each atom's used channels of ``finish(per-channel mean)``; 0 for unseen atoms."""
+        total = torch.zeros(self.graph.num_atoms, dtype=torch.float64)
+        count = torch.zeros(self.graph.num_atoms, dtype=torch.float64)
+        for name, mask in used.items():
+            if name in self.sums:
+                ids = self.graph.tensor_atoms[name][1][mask]
+                score = self.statistic.finish(self.sums[name] / self.counts[name])[mask]
+                total.index_add_(0, ids, score)
+                count.index_add_(0, ids, torch.ones_like(score))
+        return total / count.clamp(min=1)
+
+
+class _Probe(torch.fx.Interpreter):
+    """Runs the graph; each probed node's floating-point output goes to the accumulator at once or,
+    when the statistic needs gradients, is kept until the batch's loss is known."""
+
+    def __init__(self, gm: torch.fx.GraphModule, probed: dict[str, torch.Tensor], acc: _Accumulator) -> None:
+        super().__init__(gm)
+        self.probed, self.acc = probed, acc
+        self.outputs: dict[str, torch.Tensor] = {}
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        out = super().run_node(n)
+        if n.name in self.probed and isinstance(out, torch.Tensor) and out.is_floating_point():
+            if self.acc.statistic.needs_grad:
+                self.outputs[n.name] = out
+            else:
+                self.acc.add(n.name, out, None)
+        return out
+
+    def batch(self, i: int, inputs: tuple[Any, ...], target: Any, loss_fn: LossFn | None) -> None:
+        """Calibration batch ``i``: the forward and, for gradient statistics, d loss / d each probed output."""
+        try:
+            output = self.run(*inputs)
+        except FxPruneError:
+            raise
+        except (RuntimeError, TypeError, AssertionError) as exc:  # AssertionError: a torch.export shape guard
+            raise ArgumentError(
+                f"calibration batch {i}: running the model on it failed ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+                f"calibration= must be {CALIBRATION_FORMS}, shaped like the example inputs (a model captured "
+                "by torch.export also keeps their batch size)"
+            ) from exc
+        if not self.acc.statistic.needs_grad:
+            return
+        outputs, self.outputs = self.outputs, {}
+        loss = loss_fn(output, target)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.requires_grad:
+            raise ArgumentError("loss_fn(output, target) must return a scalar tensor computed from the model's output")
+        names = [name for name, a in outputs.items() if a.requires_grad]
+        grads = torch.autograd.grad(loss, [outputs[name] for name in names], allow_unused=True)
+        for name, g in zip(names, grads):
+            self.acc.add(name, outputs[name], torch.zeros_like(outputs[name]) if g is None else g)
+
+
+def activation_scores(
+    graph: DependencyGraph, gm: torch.fx.GraphModule, data: Any, statistic: ChannelStatistic, loss_fn: LossFn | None = None
+) -> torch.Tensor:
+    """Score of every atom of ``graph`` (float64) under ``statistic`` over the calibration ``data``.
+
+    ``loss_fn(output, target)`` (target None for batches without one) is needed when the statistic
+    uses gradients; they are taken with ``torch.autograd.grad`` w.r.t. the probed outputs only.
+    """
+    used = _probed(graph, gm)
+    acc = _Accumulator(statistic, graph)
+    copy = _detached_copy(gm, statistic.needs_grad)
+    probe = _Probe(copy, used, acc)
+    batches = 0
+    with eval_mode(copy), torch.set_grad_enabled(statistic.needs_grad):
+        for i, (inputs, target) in enumerate(calibration_batches(data)):
+            probe.batch(i, inputs, target, loss_fn)
+            batches += 1
+    if not batches:
+        raise ArgumentError(f"calibration= yielded no batches; it must be {CALIBRATION_FORMS}")
+    return acc.atom_scores(used)

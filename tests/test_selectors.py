@@ -1,0 +1,324 @@
+"""Selectors and the budget modes on tiny hand-built models whose right answer is known.
+
+Models are small chains of convs: the last conv's outputs are the model's and stay, so each chain has
+one prunable group per inner conv. Weights, BatchNorm parameters and calibration data are set so that
+each selector has one obvious choice.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import fxprune
+from conftest import same_state, state_copy
+from fxprune.flops import FlopModel
+from fxprune.passes.select import WidthRule
+
+X = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+X16 = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+_gen = torch.Generator().manual_seed(2)
+CAL = [torch.randn(4, 3, 8, 8, generator=_gen) for _ in range(3)]
+TARGETS = [torch.randn(4, 4, 8, 8, generator=_gen) for _ in range(3)]
+
+
+def mse(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(output, target)
+
+
+def one_group(bn: bool = True, relu: bool = True) -> nn.Sequential:
+    """conv0 (3 -> 8, no bias) [-> bn] [-> relu] -> conv (8 -> 4): one prunable group of width 8, conv0's
+    outputs. Every MAC scales with its kept width, so ratio=k/8 removes exactly k channels."""
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(3, 8, 3, padding=1, bias=False)]
+    layers += [nn.BatchNorm2d(8)] if bn else []
+    layers += [nn.ReLU()] if relu else []
+    return nn.Sequential(*layers, nn.Conv2d(8, 4, 1)).eval()
+
+
+def two_groups() -> nn.Sequential:
+    """conv0 (3 -> 16, 5x5) -> relu -> conv2 (16 -> 16, 1x1) -> relu -> conv4 (16 -> 4, 1x1).
+
+    Group A (conv0's outputs) costs 256 * (75 + 16) = 23296 MACs per channel at 16x16, group B
+    (conv2's outputs) 256 * (16 + 4) = 5120.
+    """
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 5, padding=2, bias=False), nn.ReLU(), nn.Conv2d(16, 16, 1, bias=False), nn.ReLU(),
+        nn.Conv2d(16, 4, 1, bias=False),
+    ).eval()
+
+
+def kept(pruned: torch.fx.GraphModule, param: str = "0.weight") -> list[int]:
+    return pruned.meta["fxprune"]["kept"]["parameters"][param]["0"]
+
+
+def width(pruned: torch.fx.GraphModule, module: str) -> int:
+    return pruned.get_submodule(module).out_channels
+
+
+def removed(pruned: torch.fx.GraphModule, full: nn.Module) -> int:
+    return sum(m.out_channels for m in full if isinstance(m, nn.Conv2d)) - sum(
+        m.out_channels for m in pruned.modules() if isinstance(m, nn.Conv2d)
+    )
+
+
+# ------------------------------------------------------------------ weight-based selectors
+def test_l1_and_l2_rank_filters_by_their_norm() -> None:
+    model = one_group(bn=False)
+    w = torch.zeros(8, 27)
+    for c in range(8):
+        if c % 2 == 0:
+            w[c] = 0.1 * (1 + c / 100)  # spread out: L1 about 2.7, L2 about 0.52
+        else:
+            w[c, 0] = 1.5 * (1 + c / 100)  # one large weight: L1 = L2 = about 1.5
+    with torch.no_grad():
+        model[0].weight.copy_(w.view(8, 3, 3, 3))
+    assert kept(fxprune.compile(model, ratio=0.5, example_inputs=X, selector="l1")) == [0, 2, 4, 6]
+    assert kept(fxprune.compile(model, ratio=0.5, example_inputs=X, selector="l2")) == [1, 3, 5, 7]
+
+
+def test_bn_scale_keeps_the_largest_gammas_and_falls_back_to_l1() -> None:
+    model = one_group()
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([0.1, -5.0, 0.2, 3.0, 0.05, -4.0, 0.3, 2.0]))
+    assert kept(fxprune.compile(model, ratio=0.5, example_inputs=X, selector="bn_scale")) == [1, 3, 5, 7]
+    plain = one_group(bn=False)  # no norm layer: l1's choice
+    by_scale = fxprune.compile(plain, ratio=0.5, example_inputs=X, selector="bn_scale")
+    assert kept(by_scale) == kept(fxprune.compile(plain, ratio=0.5, example_inputs=X, selector="l1"))
+
+
+def test_random_is_seeded_and_leaves_the_callers_generator_alone() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 4, 1)).eval()
+
+    def plan(seed: int) -> list[int]:
+        return kept(fxprune.compile(model, ratio=0.5, example_inputs=X, selector="random", seed=seed))
+
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    first = plan(0)
+    assert torch.equal(torch.rand(3), expected)
+    assert plan(0) == first and len(first) == 16
+    assert len({tuple(first), tuple(plan(1)), tuple(plan(2))}) == 3
+    assert first != list(range(16))
+
+
+# ------------------------------------------------------------------ gflops_aware and the FLOP model
+class DepthwiseResidual(nn.Module):
+    """stem -> depthwise -> pointwise (8 -> 8, reads and writes the same atoms) + stem -> head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.pw = nn.Conv2d(8, 8, 1)
+        self.mid = nn.Conv2d(8, 6, 1)
+        self.head = nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        y = self.stem(x)
+        return self.head(F.relu(self.mid(F.relu(self.pw(self.dw(y))) + y)))
+
+
+def test_saved_per_atom_is_the_macs_one_removal_saves() -> None:
+    graph = fxprune.analyze(DepthwiseResidual().eval(), X)
+    model = FlopModel(graph, 0)
+    none = torch.zeros(graph.num_atoms, dtype=torch.bool)
+    expected = []
+    for a in range(graph.num_atoms):
+        one = none.clone()
+        one[a] = True
+        expected.append(model.macs(none) - model.macs(one))
+    torch.testing.assert_close(model.saved_per_atom(), torch.tensor(expected, dtype=torch.float64))
+
+
+def test_gflops_aware_removes_the_most_expensive_channels_first() -> None:
+    model = two_groups()
+    total = 256 * (16 * 75 + 16 * 16 + 16 * 4)
+    assert fxprune.count_flops(model, X16) == 2 * total
+    pruned = fxprune.compile(model, ratio=0.4, example_inputs=X16, selector="gflops_aware")
+    # The rule: group A's channels (23296 MACs each) go first, last position first, until the target
+    # is met; group B's (5120 MACs each) are not needed.
+    n = math.ceil(0.4 * total / 23296)
+    assert kept(pruned) == list(range(16 - n))
+    assert width(pruned, "2") == 16
+    assert fxprune.count_flops(pruned, X16) <= 0.6 * 2 * total
+    uniform = fxprune.compile(model, ratio=0.4, example_inputs=X16)
+    assert removed(pruned, model) < removed(uniform, model)
+
+
+# ------------------------------------------------------------------ budget modes and width rules
+def test_global_mode_ranks_groups_together_after_normalizing_each() -> None:
+    model = two_groups()
+    with torch.no_grad():
+        scale = 1 + torch.arange(16.0) / 100
+        model[0].weight.mul_(0.01 * scale.view(16, 1, 1, 1) / model[0].weight.abs().sum((1, 2, 3), keepdim=True))
+        model[0].weight[0].mul_(1000)  # A: one strong channel, the rest 1000x weaker than it
+        model[2].weight.mul_(scale.view(16, 1, 1, 1) / model[2].weight.abs().sum((1, 2, 3), keepdim=True))  # B: all alike
+    per_group = fxprune.compile(model, ratio=0.3, example_inputs=X16, selector="l1")
+    assert width(per_group, "0") < 16 and width(per_group, "2") < 16
+    global_ = fxprune.compile(model, ratio=0.3, example_inputs=X16, selector="l1", mode="global")
+    assert width(global_, "2") == 16 and 0 in kept(global_) and width(global_, "0") < 16
+    # Scores are divided by their group's largest: scaling a group's weights changes nothing.
+    with torch.no_grad():
+        model[0].weight.mul_(1000)
+    again = fxprune.compile(model, ratio=0.3, example_inputs=X16, selector="l1", mode="global")
+    assert again.meta["fxprune"]["plan"] == global_.meta["fxprune"]["plan"]
+
+
+@pytest.mark.parametrize("mode", ["per_group", "global"])
+def test_min_width_is_a_floor(mode: str) -> None:
+    model = two_groups()
+    pruned = fxprune.compile(model, ratio=0.65, example_inputs=X16, selector="l1", mode=mode, min_width=6)
+    assert width(pruned, "0") >= 6 and width(pruned, "2") >= 6
+    with pytest.raises(fxprune.TargetUnreachableError, match="min_width=6"):
+        fxprune.compile(model, ratio=0.7, example_inputs=X16, selector="l1", mode=mode, min_width=6)
+
+
+def test_gflops_aware_stops_at_the_floor_then_moves_on() -> None:
+    pruned = fxprune.compile(two_groups(), ratio=0.65, example_inputs=X16, selector="gflops_aware", min_width=6)
+    assert width(pruned, "0") == 6 and width(pruned, "2") < 16
+
+
+def test_width_rule() -> None:
+    rule = WidthRule(min_width=3, round_to=8)
+    assert [rule.kept(24, n) for n in (0, 5, 8, 10, 24)] == [24, 24, 16, 16, 8]
+    assert [rule.kept(6, n) for n in (0, 2, 6)] == [6, 4, 3]  # not wider than round_to: any count >= 3
+    assert WidthRule(min_width=9, round_to=8).kept(24, 24) == 16
+    assert WidthRule(min_width=30).kept(24, 24) == 24
+
+
+@pytest.mark.parametrize("mode", ["per_group", "global"])
+@pytest.mark.parametrize("ratio", [0.3, 0.6])
+def test_round_to_keeps_multiples_and_meets_the_target(mode: str, ratio: float) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 24, 3, padding=1), nn.ReLU(), nn.Conv2d(24, 16, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 6, 1), nn.ReLU(), nn.Conv2d(6, 4, 1),
+    ).eval()
+    pruned = fxprune.compile(model, ratio=ratio, example_inputs=X16, selector="l1", mode=mode, round_to=8)
+    assert width(pruned, "0") % 8 == 0 and width(pruned, "2") % 8 == 0
+    assert removed(pruned, model) > 0
+    assert fxprune.count_flops(pruned, X16) <= (1 - ratio) * fxprune.count_flops(model, X16)
+
+
+# ------------------------------------------------------------------ data-driven selectors
+def activation_model() -> nn.Sequential:
+    """one_group() where channel 2 is always negative before the ReLU (but has the largest filter),
+    channel 3 is scaled to ~0, channel 6 to ~1e-3, and the next conv ignores channel 5."""
+    model = one_group()
+    with torch.no_grad():
+        model[0].weight[2].mul_(10)
+        model[1].bias[2] = -100.0
+        model[1].weight[3] = 1e-6
+        model[1].weight[6] = 1e-3
+        model[1].bias[[3, 6]] = 0.0
+        model[3].weight[:, 5] = 0.0
+    return model
+
+
+def removed_channels(pruned: torch.fx.GraphModule) -> set[int]:
+    return set(range(8)) - set(kept(pruned))
+
+
+def test_apoz_removes_the_channel_that_is_always_zero() -> None:
+    model = activation_model()
+    pruned = fxprune.compile(model, ratio=1 / 8, example_inputs=X, selector="apoz", calibration=CAL)
+    assert removed_channels(pruned) == {2}
+    assert 2 in kept(fxprune.compile(model, ratio=1 / 8, example_inputs=X, selector="l1"))
+
+
+def test_mean_activation_removes_the_weakest_channels() -> None:
+    pruned = fxprune.compile(activation_model(), ratio=3 / 8, example_inputs=X, selector="mean_activation", calibration=CAL)
+    assert removed_channels(pruned) == {2, 3, 6}  # 5 stays: it is active, whatever the next conv does with it
+
+
+def test_mean_activation_without_activations_uses_every_node() -> None:
+    model = one_group(bn=False, relu=False)
+    with torch.no_grad():
+        model[0].weight[1].mul_(1e-3)
+    pruned = fxprune.compile(model, ratio=1 / 8, example_inputs=X, selector="mean_activation", calibration=CAL)
+    assert removed_channels(pruned) == {1}
+
+
+def test_taylor_removes_channels_that_do_not_move_the_loss() -> None:
+    data = list(zip(CAL, TARGETS))
+    pruned = fxprune.compile(activation_model(), ratio=3 / 8, example_inputs=X, selector="taylor", calibration=data, loss_fn=mse)
+    assert removed_channels(pruned) == {2, 3, 5}  # 5 is active, but the next conv ignores it
+    frozen = activation_model().requires_grad_(False)  # works without gradients on the user's weights
+    again = fxprune.compile(frozen, ratio=3 / 8, example_inputs=X, selector="taylor", calibration=data, loss_fn=mse)
+    assert kept(again) == kept(pruned)
+
+
+def test_calibration_forms_agree() -> None:
+    model = activation_model()
+    x = torch.cat(CAL)
+    forms = [CAL, [(c,) for c in CAL], [(c, None) for c in CAL], DataLoader(TensorDataset(x), batch_size=4), x]
+    plans = [kept(fxprune.compile(model, ratio=2 / 8, example_inputs=X, selector="mean_activation", calibration=f)) for f in forms]
+    assert all(p == plans[0] for p in plans)
+
+
+def test_calibration_never_touches_the_users_model() -> None:
+    model = activation_model().train()  # a forward in train mode would update BatchNorm statistics
+    state = state_copy(model)
+    loader = DataLoader(TensorDataset(torch.cat(CAL), torch.cat(TARGETS)), batch_size=4)
+    fxprune.compile(model, ratio=0.25, example_inputs=X, selector="apoz", calibration=loader)
+    fxprune.compile(model, ratio=0.25, example_inputs=X, selector="taylor", calibration=loader, loss_fn=mse)
+    assert same_state(model, state)
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
+    assert all(m.training for m in model.modules())
+
+
+# ------------------------------------------------------------------ custom selectors and errors
+class Constant:
+    """Every atom of the i-th group scores 5 - i; ``comparable`` says whether that compares across groups."""
+
+    def __init__(self, comparable: bool) -> None:
+        self.comparable_across_groups = comparable
+
+    def scores(self, graph, gm):
+        return {g.id: torch.full((g.width,), 5.0 - i) for i, g in enumerate(graph.prunable_groups)}
+
+
+def test_custom_selectors_and_their_scale() -> None:
+    model = two_groups()
+    comparable = fxprune.compile(model, ratio=0.1, example_inputs=X16, selector=Constant(True))  # global: B scores lower
+    assert width(comparable, "0") == 16 and width(comparable, "2") < 16
+    per_group = fxprune.compile(model, ratio=0.1, example_inputs=X16, selector=Constant(False))
+    assert width(per_group, "0") < 16 and width(per_group, "2") < 16
+    normalized = fxprune.compile(model, ratio=0.1, example_inputs=X16, selector=Constant(False), mode="global")
+    assert width(normalized, "0") < 16  # after normalization both groups score 1: A (group order) goes first
+
+
+class WrongLength:
+    def scores(self, graph, gm):
+        return {g.id: torch.zeros(g.width + 1) for g in graph.prunable_groups}
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"selector": "apoz"}, "needs? calibration=|pass calibration="),
+        ({"selector": "taylor", "calibration": CAL}, "pass loss_fn="),
+        ({"selector": "apoz", "calibration": CAL, "loss_fn": mse}, "only used by selector 'taylor'"),
+        ({"selector": "l1", "calibration": CAL}, "'l1' does not read it"),
+        ({"mode": "best"}, "unknown mode 'best'"),
+        ({"min_width": 0}, "min_width must be an integer >= 1"),
+        ({"round_to": 2.5}, "round_to must be an integer >= 1"),
+        ({"selector": "gflops_aware", "mode": "per_group"}, "mode='global'"),
+        ({"selector": "apoz", "calibration": []}, "no batches"),
+        ({"selector": "apoz", "calibration": [{"x": X}]}, "calibration batch 0 is a dict"),
+        ({"selector": "apoz", "calibration": [torch.randn(2, 5, 8, 8)]}, "calibration batch 0: running the model"),
+        ({"selector": "taylor", "calibration": CAL, "loss_fn": lambda out, target: out}, "scalar tensor"),
+        ({"selector": WrongLength()}, "8 finite numbers"),
+    ],
+)
+def test_bad_selector_arguments_get_clear_errors(kwargs: dict, match: str) -> None:
+    with pytest.raises(fxprune.ArgumentError, match=match):
+        fxprune.compile(one_group(), ratio=0.5, example_inputs=X, **kwargs)
