@@ -127,12 +127,17 @@ def select(
     def counts_at(t: float) -> dict[int, int]:
         return {g.id: g.width - rule.kept(g.width, n) for g, n in zip(groups, schedule(t))}
 
+    fragile = _fragile_tensors(graph, groups, order)
+
     def removed_for(counts: dict[int, int]) -> torch.Tensor:
         removed = torch.zeros(graph.num_atoms, dtype=torch.bool)
         for g in groups:
             n = counts[g.id]
             if n:
                 removed[g.atoms[order[g.id][widths[g.id] - n:]]] = True
+        for atoms in fragile:  # never empty a tensor: keep its best atom
+            if bool(removed[atoms].all()):
+                removed[atoms[0]] = False
         return removed
 
     smallest = model.macs(removed_for(counts_at(1.0)))
@@ -180,14 +185,33 @@ def select(
         if n:
             fewer = w - rule.kept(w, n - 1)
             atoms = g.atoms[order[g.id][w - n : w - fewer]]
+            before = removed[atoms].clone()
             removed[atoms] = False
             macs = model.macs(removed)
             if macs <= target_macs:
                 counts[g.id] = fewer
                 current = macs
             else:
-                removed[atoms] = True
-    keep = {
-        g.id: sorted(order[g.id][: widths[g.id] - counts[g.id]].tolist()) for g in groups if counts[g.id]
-    }
-    return Plan(keep)
+                removed[atoms] = before
+    gone = {g.id: removed[g.atoms] for g in groups}
+    return Plan({gid: (~mask).nonzero().flatten().tolist() for gid, mask in gone.items() if bool(mask.any())})
+
+
+def _fragile_tensors(graph: DependencyGraph, groups: list[Group], order: dict[int, torch.Tensor]) -> list[torch.Tensor]:
+    """Atoms of each tensor that could lose all its channels: one that holds only part of every group it
+    touches (a split piece, a slice), all prunable. Each comes best atom first (the selectors' order)."""
+    width = torch.zeros(len(graph.groups), dtype=torch.long)
+    rank = torch.zeros(graph.num_atoms, dtype=torch.long)
+    for g in groups:
+        width[g.id] = g.width
+        rank[g.atoms[order[g.id]]] = torch.arange(g.width)
+    found: dict[tuple[int, ...], torch.Tensor] = {}
+    for _, atoms in graph.tensor_atoms.values():
+        a = torch.unique(atoms)
+        if a.numel() == 0 or int(a[0]) < 0:
+            continue
+        owner = graph.atom_group[a]
+        held = torch.bincount(owner, minlength=len(graph.groups))[owner]
+        if bool((width[owner] > held).all()):  # no group whole here; width 0 marks non-prunable groups
+            found.setdefault(tuple(a.tolist()), a[torch.argsort(rank[a], stable=True)])
+    return list(found.values())
