@@ -164,9 +164,7 @@ class _Coupler:
         return self.frozen_like(node, f"model input {node.name}")
 
     def op_get_attr(self, node: torch.fx.Node) -> Any:
-        obj = self.gm
-        for part in node.target.split("."):
-            obj = getattr(obj, part)
+        obj = operator.attrgetter(node.target)(self.gm)
         return Param(node.target, obj) if isinstance(obj, torch.Tensor) else obj
 
     def op_output(self, node: torch.fx.Node) -> Any:
@@ -196,7 +194,7 @@ class _Coupler:
         if isinstance(mod, nn.GroupNorm):
             return self.group_norm(node, args[0], mod.num_groups, mod, node.target)
         if isinstance(mod, (nn.Flatten, nn.PixelShuffle, nn.PixelUnshuffle)):
-            return self.shape_op(node, lambda x: mod(x))
+            return self.run_on_labels(node, lambda x: mod(x))
         if isinstance(mod, (nn.Softmax, nn.LogSoftmax)):
             return self.softmax(node, args[0], mod.dim)
         if isinstance(mod, nn.ChannelShuffle):
@@ -231,7 +229,7 @@ class _Coupler:
         """Rules shared by call_function and call_method (``t`` is a function or a method name)."""
         method = isinstance(t, str)
         if t in SHAPE_FUNCS or t in SHAPE_METHODS:
-            return self.shape_op(node, None)
+            return self.run_on_labels(node, None)
         if t in RESHAPE_FUNCS or t in RESHAPE_METHODS:
             return self.reshape(node)
         if t in SPLIT:
@@ -333,21 +331,19 @@ class _Coupler:
             for name, t in params.items():
                 if t.dim() == 1 and t.shape[0] == x.shape[1] and x.shape[1] > 1:
                     self.bind(name, 0, x.ids, owner, "param")
-            self.patch_attr(node, owner, x, 1)
+            self.patch_attr(node, owner, 1)
         return x.with_shape(out_shape)
 
-    def patch_attr(self, node: torch.fx.Node, owner: str, x: Labels, dim: int) -> None:
+    def patch_attr(self, node: torch.fx.Node, owner: str, dim: int) -> None:
+        """A per-channel module's width attribute follows its input's pruned size."""
         mod = self.modules.get(node.target) if node.op == "call_module" else None
-        fields = {
-            nn.modules.batchnorm._BatchNorm: ("num_features",),
-            nn.modules.instancenorm._InstanceNorm: ("num_features",),
-            nn.PReLU: ("num_parameters",),
-        }
-        for cls, names in fields.items():
-            if isinstance(mod, cls):
-                for f in names:
-                    if not (f == "num_parameters" and mod.num_parameters == 1):
-                        self.patches.append(Patch("attr", owner, node.args[0].name, dim, field=f))
+        if isinstance(mod, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
+            field = "num_features"
+        elif isinstance(mod, nn.PReLU) and mod.num_parameters > 1:
+            field = "num_parameters"
+        else:
+            return
+        self.patches.append(Patch("attr", owner, node.args[0].name, dim, field=field))
 
     def conv(self, node: torch.fx.Node, x: Any, w: Param, bias: str | None, groups: int, transposed: bool, owner: str) -> Labels:
         self.families.setdefault(node.name, "contract")
@@ -527,7 +523,7 @@ class _Coupler:
         dims = [] if dims is None else [d % nd for d in ((dims,) if isinstance(dims, int) else dims)]
         if x.dim is not None and (not dims or x.dim in dims):
             self.freeze(x, f"roll along the channel dim at node {node.name}")
-        return self.shape_op(node, None)
+        return self.run_on_labels(node, None)
 
     def channel_shuffle(self, node: torch.fx.Node, x: Any, groups: int) -> Labels:
         """Channel shuffle is a view to (groups, C/groups), a transpose and a flatten: run exactly that."""
@@ -547,7 +543,7 @@ class _Coupler:
         """The label tensor of ``lab``, with every label replaced by its current root."""
         return Labels(lab.shape, lab.dim, self.uf.roots(lab.ids)).full()
 
-    def run_on_labels(self, node: torch.fx.Node, fn: Callable[..., Any] | None, prefer: frozenset[int] = frozenset()) -> Any:
+    def run_on_labels(self, node: torch.fx.Node, fn: Callable[..., Any] | None, force: frozenset[int] = frozenset()) -> Any:
         self.families.setdefault(node.name, "shape")
         fast = self.layout(node)
         if fast is not None:
@@ -562,7 +558,7 @@ class _Coupler:
         if fn is None:
             fn = node.target if node.op == "call_function" else (lambda s, *a, **k: getattr(s, node.target)(*a, **k))
         result = fn(*args, **kwargs)
-        return map_aggregate(result, lambda r: compress(self.uf, r, prefer) if isinstance(r, torch.Tensor) else r)
+        return map_aggregate(result, lambda r: compress(self.uf, r, force) if isinstance(r, torch.Tensor) else r)
 
     def layout(self, node: torch.fx.Node) -> Labels | None:
         """Ops that only move, merge or join dims, done on compact labels (None: materialize instead)."""
@@ -584,7 +580,7 @@ class _Coupler:
         if x.dim is None:
             return Labels(out_shape, None, x.ids)
         n, d, ids = len(x.shape), x.dim, x.ids
-        rest = [a for a in node.args[1:]]
+        rest = list(node.args[1:])
 
         def norm(k: int, size: int = n) -> int:
             return k % size
@@ -627,9 +623,6 @@ class _Coupler:
         if all(lab.dim == first.dim and torch.equal(self.uf.roots(lab.ids), self.uf.roots(first.ids)) for lab in labs):
             return Labels(out_shape, first.dim, first.ids)
         return None
-
-    def shape_op(self, node: torch.fx.Node, fn: Callable[..., Any] | None) -> Any:
-        return self.run_on_labels(node, fn)
 
     def reshape(self, node: torch.fx.Node) -> Any:
         a = node.args

@@ -9,6 +9,7 @@ and ``DependencyGraph.notes`` tells the user that these layers' outputs do chang
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -96,7 +97,7 @@ class _OracleBuilder:
         attrs: dict[str, Any] = dict(self.masks)
         for n in g.nodes:
             if n.op in ("call_module", "get_attr") and n.target not in attrs:
-                attrs[n.target] = self.gm.get_submodule(n.target) if n.op == "call_module" else _getattr(self.gm, n.target)
+                attrs[n.target] = self.gm.get_submodule(n.target) if n.op == "call_module" else operator.attrgetter(n.target)(self.gm)
         return torch.fx.GraphModule(attrs, g)
 
     def replace_norm(self, g: torch.fx.Graph, old: torch.fx.Node, new: torch.fx.Node) -> None:
@@ -125,12 +126,6 @@ class _OracleBuilder:
                 repl = g.call_function(masked_layer_norm, (new.args[0], m, w, b, eps))
         new.replace_all_uses_with(repl)
         g.erase_node(new)
-
-
-def _getattr(obj: Any, target: str) -> Any:
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def build_oracle(gm: torch.fx.GraphModule, graph: DependencyGraph, removed: torch.Tensor) -> torch.fx.GraphModule:
