@@ -5,7 +5,7 @@
     print(fxprune.report(small))
 """
 
-from .api import DEFAULT_INPUT_SHAPE, analyze, compile, count_flops, prune, report
+from .api import DEFAULT_INPUT_SHAPE, analyze, compile, count_flops, keep_only_classes, prune, report
 from .errors import (
     ArchiveError,
     ArgumentError,
@@ -16,6 +16,7 @@ from .errors import (
     TraceError,
     VerificationError,
 )
+from .iterate import History, StepRecord, prune_iteratively
 from .graph import DependencyGraph, Group, Member, Plan
 from .record import plan_fingerprint
 from .report import Report
@@ -25,7 +26,7 @@ from .serialize import apply_plan, load, save
 __version__ = "0.1.0"
 
 __all__ = [
-    "compile", "analyze", "prune", "report", "count_flops", "DEFAULT_INPUT_SHAPE",
+    "compile", "analyze", "prune", "keep_only_classes", "prune_iteratively", "History", "StepRecord", "report", "count_flops", "DEFAULT_INPUT_SHAPE",
     "save", "load", "apply_plan", "plan_fingerprint",
     "DependencyGraph", "Group", "Member", "Plan", "Report", "Selector", "Uniform", "Random", "L1", "L2",
     "BNScale", "GflopsAware", "APoZ", "MeanActivation", "Taylor",

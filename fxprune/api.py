@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.fx
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -19,6 +20,7 @@ from .flops import FlopModel, total_macs
 from .graph import DependencyGraph, Plan
 from .passes.annotate import annotate
 from .passes.capture import capture, structural_copy
+from .passes.classes import class_plan
 from .passes.couple import couple
 from .passes.rewrite import rewrite
 from .passes.select import MODES, WidthRule, removed_mask, select
@@ -27,9 +29,9 @@ from .passes.verify import verify as verify_pass
 from .record import provenance
 from .report import Report
 from .selectors import Selector, get_selector
-from .stats import LossFn
+from .stats import ClassSubset, LossFn
 
-__all__ = ["compile", "analyze", "prune", "report", "count_flops", "DEFAULT_INPUT_SHAPE"]
+__all__ = ["compile", "analyze", "prune", "keep_only_classes", "report", "count_flops", "DEFAULT_INPUT_SHAPE"]
 
 log = logging.getLogger("fxprune")
 
@@ -76,7 +78,7 @@ def _check_ignore(model: Model, ignore: Iterable[str]) -> tuple[str, ...]:
     return out
 
 
-def _analyze(model: Model, example_inputs: Inputs, ignore: Iterable[str], seed: int) -> _Analysis:
+def _analyze(model: Model, example_inputs: Inputs, ignore: Iterable[str], seed: int, free_output: bool = False) -> _Analysis:
     ignore = _check_ignore(model, ignore)
     if example_inputs is None and isinstance(model, torch.export.ExportedProgram) and model.example_inputs:
         example_inputs = model.example_inputs[0]
@@ -84,7 +86,7 @@ def _analyze(model: Model, example_inputs: Inputs, ignore: Iterable[str], seed: 
     gm = capture(model, inputs)
     log.info("captured %d graph nodes with %s", len(gm.graph.nodes), gm.meta["fxprune_capture"])
     propagate_shapes(gm, inputs)
-    graph = couple(gm, ignore)
+    graph = couple(gm, ignore, free_output)
     log.info("%d channel groups, %d prunable; %.4g GFLOPs", len(graph.groups), len(graph.prunable_groups), 2 * total_macs(gm) / 1e9)
     return _Analysis(gm, graph, FlopModel(graph, total_macs(gm)), inputs)
 
@@ -109,6 +111,60 @@ def _finish(a: _Analysis, plan: Plan, verify: bool) -> torch.fx.GraphModule:
     return pruned
 
 
+def _restricted(model: Model, example_inputs: Inputs, keep_classes: Sequence[int], verify: bool) -> tuple[torch.fx.GraphModule, tuple[Any, ...]]:
+    a = _analyze(model, example_inputs, (), 0, free_output=True)
+    pruned = _finish(a, class_plan(a.gm, a.graph, keep_classes), verify)
+    pruned.meta["fxprune"]["classes"] = [int(c) for c in keep_classes]
+    return pruned, a.inputs
+
+
+def keep_only_classes(model: Model, keep_classes: Sequence[int], example_inputs: Inputs = None, *, verify: bool = True) -> torch.fx.GraphModule:
+    """``model`` with only the outputs ``keep_classes`` (sorted class indices along dim 1 of its one output
+    tensor): the final classifier loses the other classes' rows, and output ``i`` is class ``keep_classes[i]``.
+    Nothing else changes, so the kept outputs equal the original's logits. ``meta["fxprune"]["classes"]``
+    records the kept classes."""
+    return _restricted(model, example_inputs, keep_classes, verify)[0]
+
+
+def _check_target(target_gflops: float | None, ratio: float | None) -> None:
+    if (target_gflops is None) == (ratio is None):
+        raise ArgumentError("give exactly one of target_gflops= (GFLOPs of the result) or ratio= (fraction of FLOPs to remove)")
+    if ratio is not None and not 0.0 <= ratio < 1.0:
+        raise ArgumentError(f"ratio must be in [0, 1), got {ratio}")
+    if target_gflops is not None and not target_gflops > 0:
+        raise ArgumentError(f"target_gflops must be positive, got {target_gflops}")
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """How channels are chosen: a selector, a budget mode and a width rule (see passes/select.py)."""
+
+    selector: Selector
+    mode: str
+    rule: WidthRule
+    comparable: bool
+
+    @classmethod
+    def make(cls, selector: str | Selector, calibration: Any, loss_fn: LossFn | None, mode: str | None, min_width: int, round_to: int) -> "Strategy":
+        if mode is not None and mode not in MODES:
+            raise ArgumentError(f"unknown mode {mode!r}; choose 'per_group' (same fraction of every group) or 'global' (all channels ranked together)")
+        rule = WidthRule(min_width, round_to)
+        sel = get_selector(selector, calibration, loss_fn)
+        comparable = bool(getattr(sel, "comparable_across_groups", False))
+        if comparable and mode == "per_group":
+            raise ArgumentError(f"selector {getattr(sel, 'name', type(sel).__name__)!r} ranks channels of different groups against each other; it needs mode='global' (its default)")
+        return cls(sel, "global" if comparable else mode or "per_group", rule, comparable)
+
+    def plan(self, a: _Analysis, target_macs: float, scores: dict[int, torch.Tensor]) -> Plan:
+        """The plan for ``target_macs``; under torch.distributed, rank 0's plan, on every rank."""
+        plan = select(a.graph, a.flops, target_macs, scores, mode=self.mode, rule=self.rule, comparable=self.comparable)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            shared = [plan.to_json()]
+            dist.broadcast_object_list(shared, src=0)
+            plan = Plan.from_json(shared[0])
+        return plan
+
+
 def compile(  # noqa: A001 - the product's verb
     model: Model,
     target_gflops: float | None = None,
@@ -124,6 +180,7 @@ def compile(  # noqa: A001 - the product's verb
     mode: str | None = None,
     min_width: int = 1,
     round_to: int = 1,
+    keep_classes: Sequence[int] | None = None,
 ) -> torch.fx.GraphModule:
     """Prune ``model`` to a FLOPs budget and return a new, smaller ``torch.fx.GraphModule``.
 
@@ -143,29 +200,26 @@ def compile(  # noqa: A001 - the product's verb
     channels ranked together; always for gflops_aware). Every pruned group keeps at least ``min_width``
     channel atoms, and a multiple of ``round_to`` when it is wider than that.
     See passes/select.py for the exact rules.
+
+    ``keep_classes``: sorted class indices; the result outputs only those (see ``keep_only_classes``,
+    applied first) and calibration uses only their samples (targets renumbered to match the outputs).
+    Under ``torch.distributed`` every rank gets rank 0's plan.
     """
-    if (target_gflops is None) == (ratio is None):
-        raise ArgumentError("give exactly one of target_gflops= (GFLOPs of the result) or ratio= (fraction of FLOPs to remove)")
-    if ratio is not None and not 0.0 <= ratio < 1.0:
-        raise ArgumentError(f"ratio must be in [0, 1), got {ratio}")
-    if target_gflops is not None and not target_gflops > 0:
-        raise ArgumentError(f"target_gflops must be positive, got {target_gflops}")
-    if mode is not None and mode not in MODES:
-        raise ArgumentError(f"unknown mode {mode!r}; choose 'per_group' (same fraction of every group) or 'global' (all channels ranked together)")
-    rule = WidthRule(min_width, round_to)
-    sel = get_selector(selector, calibration, loss_fn)
-    comparable = bool(getattr(sel, "comparable_across_groups", False))
-    if comparable and mode == "per_group":
-        raise ArgumentError(f"selector {getattr(sel, 'name', type(sel).__name__)!r} ranks channels of different groups against each other; it needs mode='global' (its default)")
-    mode = "global" if comparable else mode or "per_group"
+    _check_target(target_gflops, ratio)
+    if keep_classes is not None:
+        model, example_inputs = _restricted(model, example_inputs, keep_classes, verify)
+        calibration = None if calibration is None else ClassSubset(calibration, list(keep_classes))
+    strategy = Strategy.make(selector, calibration, loss_fn, mode, min_width, round_to)
     a = _analyze(model, example_inputs, ignore, seed)
     total = total_macs(a.gm)
     target = target_gflops * 1e9 / 2 if target_gflops is not None else (1.0 - ratio) * total
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        scores = sel.scores(a.graph, a.gm)
-    plan = select(a.graph, a.flops, target, scores, mode=mode, rule=rule, comparable=comparable)
-    return _finish(a, plan, verify)
+        scores = strategy.selector.scores(a.graph, a.gm)
+    pruned = _finish(a, strategy.plan(a, target, scores), verify)
+    if keep_classes is not None:
+        pruned.meta["fxprune"]["classes"] = [int(c) for c in keep_classes]
+    return pruned
 
 
 def prune(model: Model, plan: Plan | dict[int, Sequence[int]], example_inputs: Inputs = None, *, verify: bool = True) -> torch.fx.GraphModule:

@@ -18,7 +18,7 @@ from .errors import ArgumentError
 from .graph import DependencyGraph
 from .report import Report
 
-__all__ = ["draw_groups", "draw_widths", "write_report_dir"]
+__all__ = ["draw_groups", "draw_widths", "draw_history", "write_report_dir"]
 
 _IMAGE = (".svg", ".png", ".pdf")
 
@@ -91,6 +91,26 @@ def draw_widths(report: Report, path: str | Path) -> Path:
     f0, f1 = report.flops
     ax.set_title(f"per-layer width: {f0 / 1e9:.3g} -> {f1 / 1e9:.3g} GFLOPs")
     ax.legend()
+    fig.savefig(path, bbox_inches="tight", dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def draw_history(history: Any, path: str | Path) -> Path:
+    """Metric against GFLOPs over the steps of a ``History`` (step numbers as labels)."""
+    points = [s for s in history.steps if s.metric is not None]
+    if not points:
+        raise ArgumentError("the history has no metric to plot: pass evaluate= to prune_iteratively")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([s.gflops for s in points], [s.metric for s in points], marker="o")
+    for s in points:
+        ax.annotate(str(s.step), (s.gflops, s.metric), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.invert_xaxis()
+    ax.set_xlabel("GFLOPs")
+    ax.set_ylabel("metric")
+    ax.set_title(f"{history.selector}{' (coarse ranking)' if history.coarse else ''}: metric per step")
+    ax.grid(alpha=0.3)
     fig.savefig(path, bbox_inches="tight", dpi=110)
     plt.close(fig)
     return Path(path)

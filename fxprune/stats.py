@@ -10,10 +10,15 @@ that carry it count, or every probed node that carries it when no activation doe
 Per node, the statistic's per-element values are averaged per channel over the batch, every other
 position and all calibration batches, then ``finish`` turns the means into per-channel scores; an atom's
 score is the mean of the scores of the channels it owns (0 when no probed node carries it).
+
+Coarse ranking gathers the same statistics without a pass of its own: ``tap`` returns the graph with an
+identity module after every probed node, which feeds the accumulator during the user's training
+forwards (grad enabled) and, for gradient statistics, from the backward pass.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
@@ -24,10 +29,10 @@ from torch import nn
 from .errors import ArgumentError, FxPruneError
 from .graph import DependencyGraph
 from .optable import is_activation
-from .passes.capture import structural_copy
+from .passes.capture import graph_module, structural_copy
 from .passes.shapes import eval_mode
 
-__all__ = ["ChannelStatistic", "CALIBRATION_FORMS", "calibration_batches", "activation_scores"]
+__all__ = ["ChannelStatistic", "CALIBRATION_FORMS", "calibration_batches", "ClassSubset", "activation_scores", "Tapped", "tap"]
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 
@@ -66,6 +71,25 @@ def calibration_batches(data: Any) -> Iterator[tuple[tuple[Any, ...], Any]]:
         else:
             size = f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""
             raise ArgumentError(f"calibration batch {i} is a {type(batch).__name__}{size}; expected {CALIBRATION_FORMS}")
+
+
+class ClassSubset:
+    """Calibration data restricted to the samples of ``classes`` (sorted), targets renumbered to
+    0..len(classes)-1 to match a model that keeps only those outputs (``keep_classes=``)."""
+
+    def __init__(self, data: Any, classes: list[int]) -> None:
+        self.data, self.classes = data, torch.as_tensor(classes)
+
+    def __iter__(self) -> Iterator[tuple[tuple[Any, ...], torch.Tensor]]:
+        for i, (inputs, target) in enumerate(calibration_batches(self.data)):
+            if not isinstance(target, torch.Tensor) or target.dim() != 1:
+                raise ArgumentError(
+                    f"calibration batch {i} has no class target; keep_classes= picks calibration samples by "
+                    "class, so each batch must be an (input, target) pair with target of shape (batch,)"
+                )
+            chosen = torch.isin(target, self.classes)
+            if bool(chosen.any()):
+                yield tuple(x[chosen] for x in inputs), torch.searchsorted(self.classes, target[chosen])
 
 
 def _detached_copy(gm: torch.fx.GraphModule, requires_grad: bool) -> torch.fx.GraphModule:
@@ -114,6 +138,7 @@ class _Accumulator:
         self.statistic, self.graph = statistic, graph
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
+        self.seconds = 0.0  # time taps spent gathering (coarse ranking's whole cost)
 
     def add(self, name: str, activation: torch.Tensor, grad: torch.Tensor | None) -> None:
         dim, ids = self.graph.tensor_atoms[name]
@@ -203,3 +228,64 @@ def activation_scores(
     if not batches:
         raise ArgumentError(f"calibration= yielded no batches; it must be {CALIBRATION_FORMS}")
     return acc.atom_scores(used)
+
+
+class _Tap(nn.Module):
+    """Identity on one probed node's output; during training forwards it feeds the accumulator."""
+
+    def __init__(self, name: str, acc: _Accumulator) -> None:
+        super().__init__()
+        self.node, self.acc = name, acc
+
+    def forward(self, x: Any) -> Any:
+        if torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.is_floating_point():
+            start = time.perf_counter()
+            if not self.acc.statistic.needs_grad:
+                self.acc.add(self.node, x, None)
+            elif x.requires_grad:
+                seen = x.detach().clone()  # later in-place ops must not change what the gradient is paired with
+                x.register_hook(lambda grad: self.backward_hook(seen, grad))
+            self.acc.seconds += time.perf_counter() - start
+        return x
+
+    def backward_hook(self, seen: torch.Tensor, grad: torch.Tensor) -> None:
+        start = time.perf_counter()
+        self.acc.add(self.node, seen, grad)
+        self.acc.seconds += time.perf_counter() - start
+
+
+class Tapped:
+    """A GraphModule with taps (``module``), the statistics they gathered (``atom_scores()``) and the
+    seconds that took (``seconds``)."""
+
+    def __init__(self, graph: DependencyGraph, gm: torch.fx.GraphModule, statistic: ChannelStatistic) -> None:
+        self.used = _probed(graph, gm)
+        self.acc = _Accumulator(statistic, graph)
+        g = torch.fx.Graph()
+        g._codegen = gm.graph._codegen
+        g.output(g.graph_copy(gm.graph, {}))
+        taps: dict[str, nn.Module] = {}
+        for node in list(g.nodes):
+            if node.name in self.used:
+                taps[f"fxprune_tap_{node.name}"] = _Tap(node.name, self.acc)
+                with g.inserting_after(node):
+                    t = g.call_module(f"fxprune_tap_{node.name}", (node,))
+                node.replace_all_uses_with(t, delete_user_cb=lambda user: user is not t)
+        self.module = graph_module(gm, g, taps)
+
+    def atom_scores(self) -> torch.Tensor:
+        if not self.acc.sums:
+            raise ArgumentError(
+                "coarse ranking saw no training forward pass: finetune(model) must run the model it is given "
+                "with gradients enabled (or pass coarse=False to rank in a separate pass over calibration=)"
+            )
+        return self.acc.atom_scores(self.used)
+
+    @property
+    def seconds(self) -> float:
+        return self.acc.seconds
+
+
+def tap(graph: DependencyGraph, gm: torch.fx.GraphModule, statistic: ChannelStatistic) -> Tapped:
+    """``gm`` with a tap after every probed node; its modules and tensors are ``gm``'s own (shared)."""
+    return Tapped(graph, gm, statistic)

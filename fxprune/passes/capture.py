@@ -16,6 +16,7 @@ done to the graph or to module attributes afterwards can reach the user's model.
 from __future__ import annotations
 
 import copy
+import operator
 import traceback
 from collections.abc import Sequence
 from typing import Any
@@ -26,7 +27,7 @@ from torch import nn
 
 from ..errors import TraceError
 
-__all__ = ["capture", "structural_copy"]
+__all__ = ["capture", "structural_copy", "graph_module"]
 
 _MAX_OPAQUE = 64
 
@@ -48,6 +49,16 @@ def structural_copy(module: nn.Module, memo: dict[int, nn.Module] | None = None)
         for name, child in module._modules.items()
     }
     return new
+
+
+def graph_module(source: torch.fx.GraphModule, graph: torch.fx.Graph, extra: dict[str, Any] | None = None) -> torch.fx.GraphModule:
+    """A GraphModule running ``graph`` whose modules and attributes are ``source``'s own objects, plus
+    ``extra`` (name -> module or tensor) for the targets ``graph`` adds."""
+    attrs: dict[str, Any] = dict(extra or {})
+    for n in graph.nodes:
+        if n.op in ("call_module", "get_attr") and n.target not in attrs:
+            attrs[n.target] = source.get_submodule(n.target) if n.op == "call_module" else operator.attrgetter(n.target)(source)
+    return torch.fx.GraphModule(attrs, graph)
 
 
 class _Tracer(torch.fx.Tracer):

@@ -68,8 +68,9 @@ def _target_name(node: torch.fx.Node) -> str:
 class _Coupler:
     """Abstract interpreter over a shape-annotated GraphModule; see the module docstring."""
 
-    def __init__(self, gm: torch.fx.GraphModule, ignore: Iterable[str]) -> None:
+    def __init__(self, gm: torch.fx.GraphModule, ignore: Iterable[str], free_output: bool) -> None:
         self.gm = gm
+        self.free_output = free_output
         self.modules = dict(gm.named_modules())
         self.uf = UnionFind()
         self.env: dict[torch.fx.Node, Any] = {}
@@ -169,7 +170,8 @@ class _Coupler:
 
     def op_output(self, node: torch.fx.Node) -> Any:
         out = self.value(node.args[0])
-        self.freeze(out, "model output")
+        if not self.free_output:
+            self.freeze(out, "model output")
         return out
 
     def op_call_module(self, node: torch.fx.Node) -> Any:
@@ -814,9 +816,12 @@ def _finalize(c: _Coupler, opaque: tuple[str, ...]) -> DependencyGraph:
     )
 
 
-def couple(gm: torch.fx.GraphModule, ignore: Iterable[str] = ()) -> DependencyGraph:
-    """Build the DependencyGraph of a GraphModule annotated by the shapes pass."""
-    c = _Coupler(gm, ignore)
+def couple(gm: torch.fx.GraphModule, ignore: Iterable[str] = (), free_output: bool = False) -> DependencyGraph:
+    """Build the DependencyGraph of a GraphModule annotated by the shapes pass.
+
+    The model's outputs keep all their channels unless ``free_output`` (used only to drop classes).
+    """
+    c = _Coupler(gm, ignore, free_output)
     with torch.no_grad():
         c.run()
     opaque = tuple(gm.meta.get("fxprune_opaque", ()))

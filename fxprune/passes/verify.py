@@ -5,21 +5,22 @@ contraction (conv, linear, matmul) reads it. For a channel-separable graph the p
 it up to float rounding. LayerNorm and GroupNorm over pruned channels compute their statistics over the
 kept channels in the pruned model, so the oracle uses masked statistics there: the check stays exact,
 and ``DependencyGraph.notes`` tells the user that these layers' outputs do change with pruning.
+When a plan drops classes (output channels), the oracle's output keeps only the kept ones.
 """
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.fx
-from torch.fx.node import map_aggregate
+from torch.fx.node import map_aggregate, map_arg
 
 from ..errors import VerificationError
 from ..graph import DependencyGraph
+from .capture import graph_module
 from .rewrite import kept_mask
 from .shapes import eval_mode
 
@@ -82,8 +83,10 @@ class _OracleBuilder:
         g = torch.fx.Graph()
         g._codegen = self.gm.graph._codegen
         val_map: dict[torch.fx.Node, torch.fx.Node] = {}
-        g.output(g.graph_copy(self.gm.graph, val_map))
+        out = g.output(g.graph_copy(self.gm.graph, val_map))
         old = {n.name: n for n in self.gm.graph.nodes}
+        with g.inserting_before(out):
+            out.args = (map_arg(out.args[0], lambda n: self.kept_output(g, n)),)
         for name, pos, dim in self.graph.consumers:
             new = val_map[old[name]]
             src = old[name].args[pos]
@@ -94,11 +97,17 @@ class _OracleBuilder:
                 new.args = tuple(masked if i == pos else a for i, a in enumerate(new.args))
         for name in self.graph.notes:
             self.replace_norm(g, old[name], val_map[old[name]])
-        attrs: dict[str, Any] = dict(self.masks)
-        for n in g.nodes:
-            if n.op in ("call_module", "get_attr") and n.target not in attrs:
-                attrs[n.target] = self.gm.get_submodule(n.target) if n.op == "call_module" else operator.attrgetter(n.target)(self.gm)
-        return torch.fx.GraphModule(attrs, g)
+        return graph_module(self.gm, g, self.masks)
+
+    def kept_output(self, g: torch.fx.Graph, node: torch.fx.Node) -> torch.fx.Node:
+        """``node``, an output, without its removed channels (only a plan that drops classes removes any)."""
+        entry = self.graph.tensor_atoms.get(node.name)
+        if entry is None:
+            return node
+        keep = kept_mask(self.graph, self.removed, entry[1])
+        if bool(keep.all()):
+            return node
+        return g.call_function(torch.index_select, (node, entry[0], self.mask_node(g, keep.nonzero().flatten())))
 
     def replace_norm(self, g: torch.fx.Graph, old: torch.fx.Node, new: torch.fx.Node) -> None:
         src = old.args[0]

@@ -1,0 +1,173 @@
+"""Gradual pruning: prune a slice, fine-tune, repeat until the FLOPs target; and its history.
+
+Step k of ``steps`` prunes the current model to ``F0 - k * (F0 - target) / steps`` MACs (``F0``: the
+starting model's), then calls the user's ``finetune(model)`` and ``evaluate(model)``. Each step selects
+channels on the model the previous fine-tuning produced.
+
+Coarse ranking (``coarse=True``, data-driven selectors): the statistics a step ranks by come from taps
+(``fxprune.stats.tap``) in the model handed to the previous step's ``finetune``, i.e. from the user's own
+training forwards and backwards; only step 1, which has no fine-tuning before it, ranks in a pass over
+``calibration=``. With ``coarse=False`` every step ranks in such a pass. The time the taps take is
+counted as the next step's ranking time, not as fine-tuning time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx
+from tabulate import tabulate
+from torch import nn
+from tqdm.auto import tqdm
+
+from .api import Inputs, Model, Strategy, _analyze, _check_target, _finish, _restricted
+from .errors import ArgumentError
+from .flops import total_macs
+from .selectors import ActivationSelector, Selector
+from .stats import ClassSubset, LossFn, tap
+
+__all__ = ["prune_iteratively", "History", "StepRecord"]
+
+
+@dataclass
+class StepRecord:
+    """One row of a History; step 0 is the starting model (no time spent)."""
+
+    step: int
+    gflops: float
+    params: int
+    metric: float | None
+    ranking_s: float = 0.0
+    selecting_s: float = 0.0
+    rewriting_s: float = 0.0
+    finetuning_s: float = 0.0
+
+
+@dataclass
+class History:
+    """What ``prune_iteratively`` did, step by step; prints as a table, saves as a plot."""
+
+    steps: list[StepRecord] = field(default_factory=list)
+    selector: str = ""
+    coarse: bool = False
+
+    @property
+    def ranking_s(self) -> float:
+        return sum(s.ranking_s for s in self.steps)
+
+    @property
+    def pruning_s(self) -> float:
+        """Total seconds: ranking, selecting, rewriting and fine-tuning over all steps."""
+        return sum(s.ranking_s + s.selecting_s + s.rewriting_s + s.finetuning_s for s in self.steps)
+
+    def table(self, fmt: str = "simple") -> str:
+        headers = ["step", "GFLOPs", "params", "metric", "ranking s", "selecting s", "rewriting s", "fine-tuning s"]
+        rows = [
+            [s.step, f"{s.gflops:.4g}", s.params, "" if s.metric is None else f"{s.metric:.4g}",
+             f"{s.ranking_s:.3f}", f"{s.selecting_s:.3f}", f"{s.rewriting_s:.3f}", f"{s.finetuning_s:.2f}"]
+            for s in self.steps
+        ]
+        return tabulate(rows, headers=headers, tablefmt=fmt)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"selector": self.selector, "coarse": self.coarse, "steps": [asdict(s) for s in self.steps]}
+
+    def plot(self, path: str | Path) -> Path:
+        """Metric against GFLOPs, one point per step, as an image (``pip install 'fxprune[plot]'``)."""
+        from .draw import draw_history
+
+        return draw_history(self, path)
+
+
+def _params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def prune_iteratively(
+    model: Model,
+    target_gflops: float | None = None,
+    *,
+    steps: int,
+    finetune: Callable[[torch.fx.GraphModule], Any],
+    evaluate: Callable[[torch.fx.GraphModule], float] | None = None,
+    selector: str | Selector = "uniform",
+    example_inputs: Inputs = None,
+    seed: int = 0,
+    ratio: float | None = None,
+    calibration: Any = None,
+    loss_fn: LossFn | None = None,
+    coarse: bool = True,
+    keep_classes: Sequence[int] | None = None,
+    mode: str | None = None,
+    min_width: int = 1,
+    round_to: int = 1,
+    ignore: Iterable[str] = (),
+    verify: bool = True,
+    progress: bool = True,
+) -> tuple[torch.fx.GraphModule, History]:
+    """Prune ``model`` to ``target_gflops`` (or by ``ratio`` of its FLOPs) in ``steps`` equal FLOPs slices,
+    calling ``finetune(model)`` after each; return the final GraphModule and the History.
+
+    ``finetune`` must train the module it is given in place (any torch.optim optimizer does; wrapping it
+    in DistributedDataParallel is fine); ``evaluate(model) -> float`` fills the history's metric column
+    (step 0: the starting model). The other arguments are ``compile``'s; step k selects with seed
+    ``seed + k``. ``coarse`` (data-driven selectors only): rank from the statistics that taps gather
+    during fine-tuning, see the module docstring; the module ``finetune`` gets then has identity tap
+    modules named ``fxprune_tap_*``. ``evaluate`` and the result never have taps. With ``keep_classes``,
+    step 0 restricts the model's outputs to those classes (``keep_only_classes``): ``finetune`` and
+    ``evaluate`` see outputs numbered 0..len(keep_classes)-1. The result's ``meta["fxprune"]`` has the
+    last step's report and plan, and the history as a dict.
+    """
+    _check_target(target_gflops, ratio)
+    if not isinstance(steps, int) or steps < 1:
+        raise ArgumentError(f"steps must be a positive integer, got {steps!r}")
+    if not callable(finetune):
+        raise ArgumentError("finetune must be a function finetune(model) that trains the model in place")
+    if keep_classes is not None:
+        model, example_inputs = _restricted(model, example_inputs, keep_classes, verify)
+        calibration = None if calibration is None else ClassSubset(calibration, list(keep_classes))
+    strategy = Strategy.make(selector, calibration, loss_fn, mode, min_width, round_to)
+    tapping = coarse and isinstance(strategy.selector, ActivationSelector)
+    a = _analyze(model, example_inputs, ignore, seed)
+    start = total_macs(a.gm)
+    target = target_gflops * 1e9 / 2 if target_gflops is not None else (1.0 - ratio) * start
+    if target > start:
+        raise ArgumentError(f"target_gflops={target_gflops} is above the model's {2 * start / 1e9:.4g} GFLOPs")
+    name = getattr(strategy.selector, "name", type(strategy.selector).__name__)
+    history = History([StepRecord(0, 2 * start / 1e9, _params(a.gm), evaluate(a.gm) if evaluate else None)], name, tapping)
+    taps = None
+    bar = tqdm(range(1, steps + 1), desc=f"fxprune {name}", unit="step", disable=not progress)
+    for k in bar:
+        t0 = time.perf_counter() - (taps.seconds if taps is not None else 0.0)
+        if taps is not None:
+            per_atom = taps.atom_scores()
+            scores = {g.id: per_atom[g.atoms] for g in a.graph.prunable_groups}
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed + k)
+                scores = strategy.selector.scores(a.graph, a.gm)
+        t1 = time.perf_counter()
+        plan = strategy.plan(a, start - k * (start - target) / steps, scores)
+        t2 = time.perf_counter()
+        pruned = _finish(a, plan, verify)
+        a = _analyze(pruned, a.inputs, ignore, seed)
+        a.gm.meta["fxprune"] = pruned.meta["fxprune"]
+        t3 = time.perf_counter()
+        taps = tap(a.graph, a.gm, strategy.selector) if tapping and k < steps else None
+        finetune(a.gm if taps is None else taps.module)
+        t4 = time.perf_counter() - (taps.seconds if taps is not None else 0.0)
+        metric = evaluate(a.gm) if evaluate else None
+        history.steps.append(StepRecord(k, 2 * total_macs(a.gm) / 1e9, _params(a.gm), metric, t1 - t0, t2 - t1, t3 - t2, t4 - t3))
+        bar.set_postfix(gflops=f"{history.steps[-1].gflops:.3g}", metric="-" if metric is None else f"{metric:.4g}")
+    a.gm.meta["fxprune"]["history"] = history.to_dict()
+    if keep_classes is not None:
+        a.gm.meta["fxprune"]["classes"] = [int(c) for c in keep_classes]
+    return a.gm, history
