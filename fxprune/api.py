@@ -155,6 +155,11 @@ class Strategy:
             raise ArgumentError(f"selector {getattr(sel, 'name', type(sel).__name__)!r} ranks channels of different groups against each other; it needs mode='global' (its default)")
         return cls(sel, "global" if comparable else mode or "per_group", rule, comparable)
 
+    def describe(self, seed: int) -> dict[str, Any]:
+        """JSON-ready record of the strategy, kept in ``meta["fxprune"]["strategy"]``."""
+        name = getattr(self.selector, "name", type(self.selector).__name__)
+        return {"selector": name, "mode": self.mode, "min_width": self.rule.min_width, "round_to": self.rule.round_to, "seed": seed}
+
     def plan(self, a: _Analysis, target_macs: float, scores: dict[int, torch.Tensor]) -> Plan:
         """The plan for ``target_macs``; under torch.distributed, rank 0's plan, on every rank."""
         plan = select(a.graph, a.flops, target_macs, scores, mode=self.mode, rule=self.rule, comparable=self.comparable)
@@ -217,6 +222,7 @@ def compile(  # noqa: A001 - the product's verb
         torch.manual_seed(seed)
         scores = strategy.selector.scores(a.graph, a.gm)
     pruned = _finish(a, strategy.plan(a, target, scores), verify)
+    pruned.meta["fxprune"]["strategy"] = strategy.describe(seed)
     if keep_classes is not None:
         pruned.meta["fxprune"]["classes"] = [int(c) for c in keep_classes]
     return pruned

@@ -64,11 +64,15 @@ def load_model(spec: str) -> nn.Module:
     return model.eval()
 
 
-def _shape(text: str) -> tuple[int, ...]:
+def _ints(text: str) -> tuple[int, ...]:
     try:
-        shape = tuple(int(s) for s in text.split(","))
+        return tuple(int(s) for s in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,3,224,224, got {text!r}") from None
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    shape = _ints(text)
     if not shape or min(shape) < 1:
         raise argparse.ArgumentTypeError(f"expected positive sizes, got {text!r}")
     return shape
@@ -90,6 +94,11 @@ def _parser() -> argparse.ArgumentParser:
     target.add_argument("--ratio", type=float, help="fraction of FLOPs to remove")
     c.add_argument("--selector", default="uniform", help="uniform (default), random, l1, l2, bn_scale or gflops_aware "
                    "(the data-driven ones need calibration data: use the Python API)")
+    c.add_argument("--mode", choices=("per_group", "global"), help="per_group: same fraction of every group (default); "
+                   "global: all channels ranked together")
+    c.add_argument("--min-width", type=int, default=1, metavar="N", help="every pruned group keeps at least N channels")
+    c.add_argument("--round-to", type=int, default=1, metavar="N", help="kept widths are multiples of N (e.g. 8)")
+    c.add_argument("--keep-classes", type=_ints, metavar="I,J,...", help="keep only these output classes (sorted indices)")
     c.add_argument("--ignore", action="append", default=[], metavar="MODULE", help="keep this module's output channels (repeatable)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--no-verify", action="store_true", help="skip the numerical check of the result")
@@ -118,7 +127,8 @@ def _inspect(args: argparse.Namespace, model: nn.Module, x: torch.Tensor) -> Non
 def _compile(args: argparse.Namespace, model: nn.Module, x: torch.Tensor) -> None:
     start = time.perf_counter()
     pruned = api.compile(model, args.target_gflops, ratio=args.ratio, example_inputs=x, selector=args.selector,
-                         ignore=args.ignore, seed=args.seed, verify=not args.no_verify)
+                         ignore=args.ignore, seed=args.seed, verify=not args.no_verify, mode=args.mode,
+                         min_width=args.min_width, round_to=args.round_to, keep_classes=args.keep_classes)
     rep = api.report(pruned)
     print(rep.to_markdown() if args.markdown else rep)
     verified = "verified" if "verified" in pruned.meta["fxprune"] else "not verified"

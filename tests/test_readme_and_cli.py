@@ -16,7 +16,8 @@ from fxprune.cli import main
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_readme_quickstart_runs() -> None:
+def test_readme_quickstart_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the examples write files
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
     assert blocks
     for code in blocks:
@@ -35,6 +36,16 @@ def test_compile_markdown_and_target(capsys: pytest.CaptureFixture[str]) -> None
                  "--markdown", "--selector", "l1", "--no-verify"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("| layer") and "not verified" in out
+
+
+def test_compile_strategy_options(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["compile", "torchvision:resnet18", "--ratio", "0.5", "--input-shape", "1,3,64,64", "--mode", "global",
+                 "--selector", "l1", "--round-to", "8", "--min-width", "16", "--keep-classes", "1,5,9"]) == 0
+    out = capsys.readouterr().out
+    fc = next(line for line in out.splitlines() if line.startswith("fc "))
+    assert re.search(r"512 -> \d+\s+1000 -> 3\b", fc), fc
+    widths = [int(m) for m in re.findall(r"Conv2d\s+\d+ -> \d+\s+\d+ -> (\d+)", out)]
+    assert widths and all(w % 8 == 0 and w >= 16 for w in widths)
 
 
 def test_inspect_prints_groups(capsys: pytest.CaptureFixture[str]) -> None:
