@@ -208,6 +208,7 @@ def compile(  # noqa: A001 - the product's verb
 
     ``keep_classes``: sorted class indices; the result outputs only those (see ``keep_only_classes``,
     applied first) and calibration uses only their samples (targets renumbered to match the outputs).
+    The report then starts from ``model`` as given, all its classes included.
     Under ``torch.distributed`` every rank gets rank 0's plan.
     """
     _check_target(target_gflops, ratio)
@@ -223,8 +224,9 @@ def compile(  # noqa: A001 - the product's verb
         scores = strategy.selector.scores(a.graph, a.gm)
     pruned = _finish(a, strategy.plan(a, target, scores), verify)
     pruned.meta["fxprune"]["strategy"] = strategy.describe(seed)
-    if keep_classes is not None:
+    if keep_classes is not None:  # one report from the user's model: ``model`` is the class-restricted one here
         pruned.meta["fxprune"]["classes"] = [int(c) for c in keep_classes]
+        pruned.meta["fxprune"]["report"] = report(model).then(report(pruned)).to_dict()
     return pruned
 
 

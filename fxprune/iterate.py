@@ -25,7 +25,7 @@ from tabulate import tabulate
 from torch import nn
 from tqdm.auto import tqdm
 
-from .api import Inputs, Model, Strategy, _analyze, _check_target, _finish, _restricted
+from .api import Inputs, Model, Strategy, _analyze, _check_target, _finish, _restricted, report
 from .errors import ArgumentError
 from .flops import total_macs
 from .selectors import ActivationSelector, Selector
@@ -124,16 +124,19 @@ def prune_iteratively(
     modules named ``fxprune_tap_*``. ``evaluate`` and the result never have taps. With ``keep_classes``,
     step 0 restricts the model's outputs to those classes (``keep_only_classes``): ``finetune`` and
     ``evaluate`` see outputs numbered 0..len(keep_classes)-1. The result's ``meta["fxprune"]`` has the
-    last step's report and plan, and the history as a dict.
+    report of the whole procedure (its "before" is ``model`` as given), the last step's plan, and the
+    history as a dict.
     """
     _check_target(target_gflops, ratio)
     if not isinstance(steps, int) or steps < 1:
         raise ArgumentError(f"steps must be a positive integer, got {steps!r}")
     if not callable(finetune):
         raise ArgumentError("finetune must be a function finetune(model) that trains the model in place")
+    since = None  # the report of every pruning so far, from the user's model on
     if keep_classes is not None:
         model, example_inputs = _restricted(model, example_inputs, keep_classes, verify)
         calibration = None if calibration is None else ClassSubset(calibration, list(keep_classes))
+        since = report(model)
     strategy = Strategy.make(selector, calibration, loss_fn, mode, min_width, round_to)
     tapping = coarse and isinstance(strategy.selector, ActivationSelector)
     a = _analyze(model, example_inputs, ignore, seed)
@@ -158,6 +161,8 @@ def prune_iteratively(
         plan = strategy.plan(a, start - k * (start - target) / steps, scores)
         t2 = time.perf_counter()
         pruned = _finish(a, plan, verify)
+        since = report(pruned) if since is None else since.then(report(pruned))
+        pruned.meta["fxprune"]["report"] = since.to_dict()
         a = _analyze(pruned, a.inputs, ignore, seed)
         a.gm.meta["fxprune"] = pruned.meta["fxprune"]
         t3 = time.perf_counter()

@@ -23,6 +23,13 @@ class LayerRow:
     def flops(self) -> tuple[int, int]:
         return (2 * self.macs[0], 2 * self.macs[1])
 
+    def then(self, later: "LayerRow") -> "LayerRow":
+        """This row's "before" and ``later``'s "after": one row for two prunings in a row."""
+        return LayerRow(later.name, later.op, *((getattr(self, f)[0], getattr(later, f)[1]) for f in _PAIRS))
+
+
+_PAIRS = ("in_channels", "out_channels", "params", "macs")
+
 
 def _arrow(pair: tuple[Any, Any], fmt: Any = str) -> str:
     a, b = pair
@@ -88,6 +95,14 @@ class Report:
         if self.notes:
             text += "\n" + "\n".join(f"- {n}" for n in self.notes) + "\n"
         return text
+
+    def then(self, later: "Report") -> "Report":
+        """One report for two prunings in a row (e.g. every step of gradual pruning): this report's
+        "before", ``later``'s "after"; layers are matched by name."""
+        first = {r.name: r for r in self.rows}
+        rows = [first[r.name].then(r) if r.name in first else r for r in later.rows]
+        pairs = ((getattr(self, f)[0], getattr(later, f)[1]) for f in ("params", "macs", "other_flops"))
+        return Report(rows, *pairs, list(dict.fromkeys(self.notes + later.notes)))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -121,6 +121,12 @@ def test_prune_iteratively_prunes_in_steps_and_fine_tunes(tmp_path):
     assert all(s.finetuning_s > 0 and s.rewriting_s > 0 for s in history.steps[1:])
     assert "fine-tuning s" in str(history) and history.table("github").startswith("|   step |")
     assert pruned.meta["fxprune"]["history"]["steps"][3]["gflops"] == gflops[3]
+    # one report for all three steps: from the model as given to the result
+    rep = fxprune.report(pruned)
+    assert [f / 1e9 for f in rep.flops] == pytest.approx([gflops[0], gflops[-1]])
+    assert rep.params == (history.steps[0].params, history.steps[-1].params)
+    stem = next(r for r in rep.rows if r.name == "stem.0")
+    assert stem.out_channels == (16, pruned.get_submodule("stem.0").out_channels) and stem.out_channels[1] < 16
     assert not any("fxprune_tap" in n for n, _ in pruned.named_modules())
     png = history.plot(tmp_path / "history.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -274,6 +280,9 @@ def test_prune_iteratively_with_keep_classes():
     n_kept = sum(int(((yb == 0) | (yb == 2)).sum()) for _, yb in CALIBRATION)
     assert sum(t.numel() for t in calibration_seen) == n_kept
     assert history.steps[0].gflops < fxprune.count_flops(net, EXAMPLE) / 1e9  # step 0 is the 2-class model
+    rep = fxprune.report(pruned)  # ... but the report starts from the model as given, all 4 classes
+    assert next(r for r in rep.rows if r.name == "head").out_channels == (4, 2)
+    assert rep.flops[0] == fxprune.count_flops(net, EXAMPLE)
     assert history.steps[-1].gflops <= 0.5 * history.steps[0].gflops * (1 + 1e-9)
 
 
