@@ -4,8 +4,11 @@ Three small CNNs (VGG-style, ResNet-style, SqueezeNet-style with fire modules) a
 baseline, then each selector prunes each of them with ``fxprune.prune_iteratively`` in equal FLOPs
 steps to 75% FLOPs reduction; the model after the step that reaches 50% is the 50% result. Every run
 has the same fine-tuning budget per step (same images, same optimizer, same seed). Reported per result:
-test accuracy (all 10,000 test images), GFLOPs, parameters, CPU latency at batch 1 and 32 (median of
-``--latency-runs`` timed forwards after warm-up), total pruning time and the part of it spent ranking.
+test accuracy (all 10,000 test images), GFLOPs, parameters, CPU latency at batch 1 and 32, total pruning
+time and the part of it spent ranking. Latency is measured at the end, all models taking turns for
+``--latency-rounds`` rounds of ``--latency-runs`` timed forwards after 2 warm-up forwards; the median
+over all of a model's timed forwards is reported. A shared host's speed drifts over a long run; taking
+turns makes the drift slow every model alike instead of whichever ran last.
 
 Data: Debian's ``dataset-fashion-mnist`` package (``apt-get install dataset-fashion-mnist``; this script
 runs that itself when it is root and the files are missing) ships the four idx files, which are uncompressed into
@@ -161,24 +164,32 @@ class Trainer:
             opt.step()
 
 
+def calibration_set(x: torch.Tensor, y: torch.Tensor, images: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The last ``images`` training images in batches of 128: the data of a separate ranking pass."""
+    x, y = x[-images:], y[-images:]
+    return [(x[i:i + 128], y[i:i + 128]) for i in range(0, images, 128)]
+
+
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     model.eval()
     with torch.no_grad():
         return sum(int((model(x[i:i + 1000]).argmax(1) == y[i:i + 1000]).sum()) for i in range(0, len(x), 1000)) / len(x)
 
 
-def latency_ms(model: nn.Module, batch: int, runs: int) -> float:
-    """Median wall time of one eval forward, in ms, after 5 warm-up forwards."""
-    model.eval()
+def latencies_ms(models: list[nn.Module], batch: int, rounds: int, runs: int) -> list[float]:
+    """Median wall time of one eval forward of each model, in ms; the models take turns (see the top)."""
     x = torch.randn(batch, 1, 28, 28)
-    times = []
+    times: list[list[float]] = [[] for _ in models]
     with torch.no_grad():
-        for i in range(5 + runs):
-            t = time.perf_counter()
-            model(x)
-            if i >= 5:
-                times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times)
+        for _ in range(rounds):
+            for model, seen in zip(models, times):
+                model.eval()
+                for i in range(2 + runs):
+                    t = time.perf_counter()
+                    model(x)
+                    if i >= 2:
+                        seen.append(time.perf_counter() - t)
+    return [1e3 * statistics.median(seen) for seen in times]
 
 
 @dataclass
@@ -189,17 +200,16 @@ class Row:
     accuracy: float
     gflops: float
     params: int
-    latency_b1_ms: float
-    latency_b32_ms: float
     pruning_s: float
     ranking_s: float
+    latency_b1_ms: float = float("nan")  # filled in at the end, see latencies_ms
+    latency_b32_ms: float = float("nan")
 
 
-def measure(arch: str, run: str, reduction: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, history: fxprune.History | None, upto: int, runs: int) -> Row:
+def measure(arch: str, run: str, reduction: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, history: fxprune.History | None, upto: int) -> Row:
     steps = history.steps[1:upto + 1] if history else []
     return Row(
         arch, run, reduction, accuracy(model, x, y), fxprune.count_flops(model, x[:1]) / 1e9, sum(p.numel() for p in model.parameters()),
-        latency_ms(model, 1, runs), latency_ms(model, 32, runs),
         sum(s.ranking_s + s.selecting_s + s.rewriting_s + s.finetuning_s for s in steps), sum(s.ranking_s for s in steps),
     )
 
@@ -236,19 +246,21 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6, help="pruning steps to 75%% reduction; 50%% is reached after 2/3 of them")
     p.add_argument("--finetune-images", type=int, default=6_000, help="fine-tuning images per step")
     p.add_argument("--calibration-images", type=int, default=2_048, help="images of one separate ranking pass")
-    p.add_argument("--latency-runs", type=int, default=30)
+    p.add_argument("--latency-rounds", type=int, default=10)
+    p.add_argument("--latency-runs", type=int, default=3, help="timed forwards per model per round")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="tiny budgets, one architecture: checks the script runs")
     args = p.parse_args()
     if args.quick:
-        args.archs, args.baseline_images, args.finetune_images, args.calibration_images, args.latency_runs = "resnet", 2_000, 256, 256, 20
+        args.archs, args.baseline_images, args.finetune_images, args.calibration_images = "resnet", 2_000, 256, 256
     if args.steps % 3:
         p.error("--steps must be a multiple of 3 (so that one step ends at 50% reduction)")
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     xtr, ytr, xte, yte = fashion_mnist(args.data)
-    calibration = [(xtr[-args.calibration_images:][i:i + 128], ytr[-args.calibration_images:][i:i + 128]) for i in range(0, args.calibration_images, 128)]
+    calibration = calibration_set(xtr, ytr, args.calibration_images)
     rows: list[Row] = []
+    models: list[nn.Module] = []  # rows[i]'s model
     curves: dict[tuple[str, str], list[tuple[float, float]]] = {}
     start = time.perf_counter()
     for arch in args.archs.split(","):
@@ -258,7 +270,8 @@ def main() -> None:
         Trainer(xtr, ytr, args.baseline_images, 128, 0.05, seed=0)(base)
         base.eval()
         print(f"{arch}: baseline trained in {time.perf_counter() - t:.0f} s", flush=True)
-        rows.append(measure(arch, "baseline", "0%", base, xte, yte, None, 0, args.latency_runs))
+        rows.append(measure(arch, "baseline", "0%", base, xte, yte, None, 0))
+        models.append(base)
         print(tabulate([asdict(rows[-1])], headers="keys"), flush=True)
         for run in args.runs.split(","):
             kwargs = dict(RUNS[run])
@@ -276,10 +289,14 @@ def main() -> None:
             )
             curves[(arch, run)] = [(s.gflops, s.metric) for s in history.steps]
             half = 2 * args.steps // 3
-            rows.append(measure(arch, run, "50%", snapshots[half], xte, yte, history, half, args.latency_runs))
-            rows.append(measure(arch, run, "75%", pruned, xte, yte, history, args.steps, args.latency_runs))
+            rows.append(measure(arch, run, "50%", snapshots[half], xte, yte, history, half))
+            rows.append(measure(arch, run, "75%", pruned, xte, yte, history, args.steps))
+            models += [snapshots[half], pruned]
             print(tabulate([asdict(r) for r in rows[-2:]], headers="keys", floatfmt=".4g"), flush=True)
             print(f"  elapsed {time.perf_counter() - start:.0f} s", flush=True)
+    for batch, name in ((1, "latency_b1_ms"), (32, "latency_b32_ms")):
+        for row, ms in zip(rows, latencies_ms(models, batch, args.latency_rounds, args.latency_runs)):
+            setattr(row, name, ms)
     total = time.perf_counter() - start
     table = tabulate(
         [[r.arch, r.run, r.reduction, f"{100 * r.accuracy:.2f}", f"{r.gflops:.4f}", f"{r.params / 1e3:.1f}K",
