@@ -8,7 +8,7 @@ taylor with a separate ranking pass over ``--calibration-images`` images per ste
 ranking at all: the floor). The table gives medians of the total pruning time (ranking, selecting,
 rewriting, fine-tuning) and of the ranking time, and coarse's share of separate's.
 
-    python benchmarks/coarse_ranking.py                      # about 10 minutes on 2 cores
+    python benchmarks/coarse_ranking.py                      # about 15 minutes on 2 cores
     python benchmarks/coarse_ranking.py --calibration-images 6000
 """
 
