@@ -28,7 +28,7 @@ from .passes.shapes import eval_mode, propagate_shapes
 from .passes.verify import verify as verify_pass
 from .record import provenance
 from .report import Report
-from .selectors import Selector, get_selector
+from .selectors import Selector, get_selector, selector_name
 from .stats import ClassSubset, LossFn
 
 __all__ = ["compile", "analyze", "prune", "keep_only_classes", "report", "count_flops", "DEFAULT_INPUT_SHAPE"]
@@ -152,13 +152,12 @@ class Strategy:
         sel = get_selector(selector, calibration, loss_fn)
         comparable = bool(getattr(sel, "comparable_across_groups", False))
         if comparable and mode == "per_group":
-            raise ArgumentError(f"selector {getattr(sel, 'name', type(sel).__name__)!r} ranks channels of different groups against each other; it needs mode='global' (its default)")
+            raise ArgumentError(f"selector {selector_name(sel)!r} ranks channels of different groups against each other; it needs mode='global' (its default)")
         return cls(sel, "global" if comparable else mode or "per_group", rule, comparable)
 
     def describe(self, seed: int) -> dict[str, Any]:
         """JSON-ready record of the strategy, kept in ``meta["fxprune"]["strategy"]``."""
-        name = getattr(self.selector, "name", type(self.selector).__name__)
-        return {"selector": name, "mode": self.mode, "min_width": self.rule.min_width, "round_to": self.rule.round_to, "seed": seed}
+        return {"selector": selector_name(self.selector), "mode": self.mode, "min_width": self.rule.min_width, "round_to": self.rule.round_to, "seed": seed}
 
     def plan(self, a: _Analysis, target_macs: float, scores: dict[int, torch.Tensor]) -> Plan:
         """The plan for ``target_macs``; under torch.distributed, rank 0's plan, on every rank."""

@@ -144,7 +144,8 @@ def prune_iteratively(
     target = target_gflops * 1e9 / 2 if target_gflops is not None else (1.0 - ratio) * start
     if target > start:
         raise ArgumentError(f"target_gflops={target_gflops} is above the model's {2 * start / 1e9:.4g} GFLOPs")
-    name = strategy.describe(seed)["selector"]
+    described = strategy.describe(seed)
+    name = described["selector"]
     history = History([StepRecord(0, 2 * start / 1e9, _params(a.gm), evaluate(a.gm) if evaluate else None)], name, tapping)
     taps = None
     bar = tqdm(range(1, steps + 1), desc=f"fxprune {name}", unit="step", disable=not progress)
@@ -173,7 +174,7 @@ def prune_iteratively(
         history.steps.append(StepRecord(k, 2 * total_macs(a.gm) / 1e9, _params(a.gm), metric, t1 - t0, t2 - t1, t3 - t2, t4 - t3))
         bar.set_postfix(gflops=f"{history.steps[-1].gflops:.3g}", metric="-" if metric is None else f"{metric:.4g}")
     a.gm.meta["fxprune"]["history"] = history.to_dict()
-    a.gm.meta["fxprune"]["strategy"] = {**strategy.describe(seed), "steps": steps, "coarse": tapping}
+    a.gm.meta["fxprune"]["strategy"] = {**described, "steps": steps, "coarse": tapping}
     if keep_classes is not None:
         a.gm.meta["fxprune"]["classes"] = [int(c) for c in keep_classes]
     return a.gm, history

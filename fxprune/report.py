@@ -25,10 +25,12 @@ class LayerRow:
 
     def then(self, later: "LayerRow") -> "LayerRow":
         """This row's "before" and ``later``'s "after": one row for two prunings in a row."""
-        return LayerRow(later.name, later.op, *((getattr(self, f)[0], getattr(later, f)[1]) for f in _PAIRS))
+        return LayerRow(later.name, later.op, *_spans(self, later, ("in_channels", "out_channels", "params", "macs")))
 
 
-_PAIRS = ("in_channels", "out_channels", "params", "macs")
+def _spans(first: Any, later: Any, fields: tuple[str, ...]) -> list[tuple[Any, Any]]:
+    """(first's "before", later's "after") for each of ``fields``, (before, after) pairs of two reports or rows."""
+    return [(getattr(first, f)[0], getattr(later, f)[1]) for f in fields]
 
 
 def _arrow(pair: tuple[Any, Any], fmt: Any = str) -> str:
@@ -101,8 +103,7 @@ class Report:
         "before", ``later``'s "after"; layers are matched by name."""
         first = {r.name: r for r in self.rows}
         rows = [first[r.name].then(r) if r.name in first else r for r in later.rows]
-        pairs = ((getattr(self, f)[0], getattr(later, f)[1]) for f in ("params", "macs", "other_flops"))
-        return Report(rows, *pairs, list(dict.fromkeys(self.notes + later.notes)))
+        return Report(rows, *_spans(self, later, ("params", "macs", "other_flops")), list(dict.fromkeys(self.notes + later.notes)))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

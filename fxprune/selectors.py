@@ -234,6 +234,11 @@ def get_selector(selector: str | Selector, calibration: Any = None, loss_fn: Los
         given = "calibration=" if calibration is not None else "loss_fn="
         raise ArgumentError(
             f"{given} is only used by the data-driven selectors 'apoz', 'mean_activation' and 'taylor'; "
-            f"selector {getattr(selector, 'name', type(selector).__name__)!r} does not read it (a selector object takes its data itself)"
+            f"selector {selector_name(selector)!r} does not read it (a selector object takes its data itself)"
         )
     return selector
+
+
+def selector_name(selector: Any) -> str:
+    """A selector's ``name``, or its class name for a user's object without one."""
+    return getattr(selector, "name", type(selector).__name__)
