@@ -6,7 +6,7 @@
 
 Dynamo passes a graph whose parameters and buffers are inputs. The backend turns them into constants
 of a new module (the weights are frozen: this is for inference), prunes that with ``fxprune.compile``
-(same options: ``target_gflops`` or ``ratio``, ``selector``, ``seed``, ``verify``), compiles the result
+(same options: ``target_gflops`` or ``ratio``, ``verify``, ``ignore`` and the ``Strategy`` fields), compiles the result
 with inductor and returns a function that ignores the weight inputs. A FLOPs target applies to each
 captured graph separately, so with graph breaks prefer ``ratio``. Graphs that train (BatchNorm or
 dropout in training mode, weights that require grad under grad mode) are refused with a clear error.
@@ -23,13 +23,14 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ArgumentError
 from . import api
+from .errors import ArgumentError
+from .strategy import Strategy
 
 __all__ = ["fxprune_backend"]
 
 _SOURCE = re.compile(r"\._(modules|parameters|buffers)\['([^']+)'\]")
-_OPTIONS = {"target_gflops", "ratio", "selector", "seed", "verify"}
+_OPTIONS = {"target_gflops", "ratio", "verify", "ignore", *Strategy.option_names()}
 _TRAINING_FLAG = {F.batch_norm: (5, "training"), F.dropout: (2, "training"), F.instance_norm: (5, "use_input_stats")}
 
 

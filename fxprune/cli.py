@@ -14,13 +14,16 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from . import api, draw, serialize
+from . import metakeys as keys
 from .errors import ArgumentError, FxPruneError
+from .strategy import Strategy
 
 log = logging.getLogger("fxprune")
 
@@ -92,15 +95,11 @@ def _parser() -> argparse.ArgumentParser:
     target = c.add_mutually_exclusive_group(required=True)
     target.add_argument("--target-gflops", type=float, help="GFLOPs of the result (FLOPs = 2 x MACs)")
     target.add_argument("--ratio", type=float, help="fraction of FLOPs to remove")
-    c.add_argument("--selector", default="uniform", help="uniform (default), random, l1, l2, bn_scale or gflops_aware "
-                   "(the data-driven ones need calibration data: use the Python API)")
-    c.add_argument("--mode", choices=("per_group", "global"), help="per_group: same fraction of every group (default); "
-                   "global: all channels ranked together")
-    c.add_argument("--min-width", type=int, default=1, metavar="N", help="every pruned group keeps at least N channels")
-    c.add_argument("--round-to", type=int, default=1, metavar="N", help="kept widths are multiples of N (e.g. 8)")
+    for f in fields(Strategy):
+        if "cli" in f.metadata:
+            c.add_argument("--" + f.name.replace("_", "-"), default=f.default, **f.metadata["cli"])
     c.add_argument("--keep-classes", type=_ints, metavar="I,J,...", help="keep only these output classes (sorted indices)")
     c.add_argument("--ignore", action="append", default=[], metavar="MODULE", help="keep this module's output channels (repeatable)")
-    c.add_argument("--seed", type=int, default=0)
     c.add_argument("--no-verify", action="store_true", help="skip the numerical check of the result")
     c.add_argument("--markdown", action="store_true", help="print the report as a markdown table")
     c.add_argument("--report-dir", metavar="DIR", help="also write report.md, report.json and widths.png there")
@@ -126,12 +125,12 @@ def _inspect(args: argparse.Namespace, model: nn.Module, x: torch.Tensor) -> Non
 
 def _compile(args: argparse.Namespace, model: nn.Module, x: torch.Tensor) -> None:
     start = time.perf_counter()
-    pruned = api.compile(model, args.target_gflops, ratio=args.ratio, example_inputs=x, selector=args.selector,
-                         ignore=args.ignore, seed=args.seed, verify=not args.no_verify, mode=args.mode,
-                         min_width=args.min_width, round_to=args.round_to, keep_classes=args.keep_classes)
+    strategy = Strategy(**{f.name: getattr(args, f.name) for f in fields(Strategy) if "cli" in f.metadata})
+    pruned = api.compile(model, args.target_gflops, ratio=args.ratio, example_inputs=x, strategy=strategy,
+                         ignore=args.ignore, verify=not args.no_verify, keep_classes=args.keep_classes)
     rep = api.report(pruned)
     print(rep.to_markdown() if args.markdown else rep)
-    verified = "verified" if "verified" in pruned.meta["fxprune"] else "not verified"
+    verified = "verified" if "verified" in pruned.meta[keys.RECORD] else "not verified"
     print(f"compiled in {time.perf_counter() - start:.2f} s, {verified}")
     if args.report_dir:
         for path in draw.write_report_dir(rep, args.report_dir):

@@ -13,14 +13,16 @@ import math
 import torch
 import torch.fx
 
-from .graph import DependencyGraph
+from . import metakeys as keys
+from .graph import NEVER_REMOVED, DependencyGraph
+from .masks import kept_mask
 
 __all__ = ["FlopModel", "total_macs"]
 
 
 def total_macs(gm: torch.fx.GraphModule) -> int:
     """MACs the shapes pass recorded for the whole graph (FlopCounterMode FLOPs / 2)."""
-    return sum(int(n.meta.get("fxprune_flops", 0)) for n in gm.graph.nodes) // 2
+    return sum(int(n.meta.get(keys.FLOPS, 0)) for n in gm.graph.nodes) // 2
 
 
 class FlopModel:
@@ -28,6 +30,7 @@ class FlopModel:
 
     def __init__(self, graph: DependencyGraph, total: int) -> None:
         self.graph = graph
+        self.total = total
         self.terms = graph.flop_terms
         self.constant = total - sum(t.macs for t in self.terms)
         factors = [(i, f) for i, t in enumerate(self.terms) for f in t.factors]
@@ -37,7 +40,7 @@ class FlopModel:
         # (factor, atom, count) entries: how many indices of each factor belong to each atom.
         rows = torch.cat([torch.full((f.numel(),), k) for k, (_, f) in enumerate(factors)]) if factors else torch.empty(0, dtype=torch.long)
         cols = torch.cat([f for _, f in factors]) if factors else torch.empty(0, dtype=torch.long)
-        keep = cols >= 0
+        keep = cols != NEVER_REMOVED
         width = max(graph.num_atoms, 1)
         key, counts = torch.unique(rows[keep] * width + cols[keep], return_counts=True)
         self.rows, self.cols, self.counts = key // width, key % width, counts.to(torch.float64)
@@ -69,7 +72,7 @@ class FlopModel:
         """Exact integer MACs of every FlopTerm node after removing ``removed``."""
         out = {}
         for t in self.terms:
-            num = math.prod(int((~removed[f[f >= 0]]).sum()) + int((f < 0).sum()) for f in t.factors)
+            num = math.prod(int(kept_mask(removed, f).sum()) for f in t.factors)
             den = math.prod(f.numel() for f in t.factors)
             out[t.node] = t.macs * num // den
         return out

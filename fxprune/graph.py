@@ -10,13 +10,46 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 import networkx as nx
 import torch
 from tabulate import tabulate
 
-__all__ = ["Member", "Group", "Patch", "FlopTerm", "DependencyGraph", "Plan"]
+__all__ = ["Member", "Group", "Patch", "FlopTerm", "DependencyGraph", "Plan", "Role", "PatchKind", "Family", "NEVER_REMOVED"]
+
+NEVER_REMOVED = -1
+"""Atom id of a channel that no plan can remove (a model input's channel, say)."""
+
+
+class Role(str, Enum):
+    """What a member's dimension does with its group's channels."""
+
+    OUT = "out"  # produces them (conv / linear output channels)
+    IN = "in"  # reads them (a contraction's input channels)
+    PARAM = "param"  # holds per-channel state (norm affine and running statistics, PReLU)
+
+
+class PatchKind(str, Enum):
+    """How a literal follows a pruned size; see ``Patch``."""
+
+    ATTR = "attr"
+    ARG = "arg"
+    SLICE = "slice"
+    SPLIT = "split"
+
+
+class Family(str, Enum):
+    """The op family a graph node belongs to, which decides how channels flow through it."""
+
+    CONTRACT = "contract"
+    ELEMENTWISE = "elementwise"
+    CHANNELWISE = "channelwise"
+    SHAPE = "shape"
+    NORM = "norm"
+    REDUCTION = "reduction"
+    UNKNOWN = "unknown"
 
 
 @dataclass(frozen=True)
@@ -26,7 +59,7 @@ class Member:
     name: str  # qualified parameter/buffer name, e.g. "layer1.0.conv1.weight"
     dim: int
     module: str  # owning module (or graph node for functional use)
-    role: str  # "out" (produces channels), "in" (reads them) or "param" (per-channel state)
+    role: Role
 
     def __str__(self) -> str:
         return f"{self.name}[{self.dim}]"
@@ -34,7 +67,7 @@ class Member:
 
 @dataclass
 class Group:
-    """Atoms with the same members. ``channels[m][k]`` lists member m's indices owned by atom k."""
+    """Atoms with the same members; ``DependencyGraph.member_atoms`` maps each member's indices to atoms."""
 
     id: int
     atoms: torch.Tensor  # global atom ids, in channel order
@@ -61,7 +94,7 @@ class Patch:
     pruned sizes of its pieces along ``dim``.
     """
 
-    kind: str
+    kind: PatchKind
     target: str
     node: str
     dim: int
@@ -74,7 +107,8 @@ class Patch:
 class FlopTerm:
     """MACs of one graph node: ``macs * prod(kept_i / size_i)`` over its prunable factors.
 
-    Each factor is an atom-id vector (-1: never removed) along one pruned dimension.
+    Each factor is an atom-id vector (``NEVER_REMOVED`` for channels no plan removes) along one pruned
+    dimension.
     """
 
     node: str
@@ -93,14 +127,14 @@ class DependencyGraph:
     patches: list[Patch]
     flop_terms: list[FlopTerm]
     consumers: list[tuple[str, int, int]]  # (node, arg index, dim) read channel-wise by a contraction
-    notes: dict[str, str]  # node name -> why pruning there is not exactly output-preserving
-    families: dict[str, str]  # node name -> op family ("contract", "elementwise", "shape", ...)
+    notes: dict[str, str]  # node name -> why pruning there is not exactly output-preserving (for the user)
+    families: dict[str, Family]  # node name -> op family
     num_atoms: int
     opaque: tuple[str, ...] = ()
     atom_group: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
-
-    def group(self, gid: int) -> Group:
-        return self.groups[gid]
+    # Norm nodes (LayerNorm, GroupNorm) whose statistics span pruned channels: verification recomputes
+    # their statistics over the kept channels only.
+    masked_norms: tuple[str, ...] = ()
 
     def groups_of(self, module: str) -> list[Group]:
         """Groups that touch any parameter of ``module`` (a qualified module name)."""

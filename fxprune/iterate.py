@@ -25,11 +25,15 @@ from tabulate import tabulate
 from torch import nn
 from tqdm.auto import tqdm
 
-from .api import Inputs, Model, Strategy, _analyze, _check_target, _finish, _restricted, report
+from . import metakeys as keys
+from . import pipeline
+from .api import report
 from .errors import ArgumentError
 from .flops import total_macs
-from .selectors import ActivationSelector, Selector
-from .stats import ClassSubset, LossFn, tap
+from .pipeline import Inputs, Model
+from .selectors import ActivationSelector
+from .stats import tap
+from .strategy import Strategy
 
 __all__ = ["prune_iteratively", "History", "StepRecord"]
 
@@ -98,56 +102,47 @@ def prune_iteratively(
     steps: int,
     finetune: Callable[[torch.fx.GraphModule], Any],
     evaluate: Callable[[torch.fx.GraphModule], float] | None = None,
-    selector: str | Selector = "uniform",
-    example_inputs: Inputs = None,
-    seed: int = 0,
     ratio: float | None = None,
-    calibration: Any = None,
-    loss_fn: LossFn | None = None,
+    example_inputs: Inputs = None,
+    strategy: Strategy | None = None,
     coarse: bool = True,
     keep_classes: Sequence[int] | None = None,
-    mode: str | None = None,
-    min_width: int = 1,
-    round_to: int = 1,
     ignore: Iterable[str] = (),
     verify: bool = True,
     progress: bool = True,
+    **options: Any,
 ) -> tuple[torch.fx.GraphModule, History]:
     """Prune ``model`` to ``target_gflops`` (or by ``ratio`` of its FLOPs) in ``steps`` equal FLOPs slices,
     calling ``finetune(model)`` after each; return the final GraphModule and the History.
 
     ``finetune`` must train the module it is given in place (any torch.optim optimizer does; wrapping it
     in DistributedDataParallel is fine); ``evaluate(model) -> float`` fills the history's metric column
-    (step 0: the starting model). The other arguments are ``compile``'s; step k selects with seed
-    ``seed + k``. ``coarse`` (data-driven selectors only): rank from the statistics that taps gather
-    during fine-tuning, see the module docstring; the module ``finetune`` gets then has identity tap
-    modules named ``fxprune_tap_*``. ``evaluate`` and the result never have taps. With ``keep_classes``,
-    step 0 restricts the model's outputs to those classes (``keep_only_classes``): ``finetune`` and
-    ``evaluate`` see outputs numbered 0..len(keep_classes)-1. The result's ``meta["fxprune"]`` has the
-    report of the whole procedure (its "before" is ``model`` as given), the last step's plan, and the
-    history as a dict.
+    (step 0: the starting model). The other arguments, the strategy and its fields as keywords, are
+    ``compile``'s; step k selects with seed ``seed + k``. ``coarse`` (data-driven selectors only): rank
+    from the statistics that taps gather during fine-tuning, see the module docstring; the module
+    ``finetune`` gets then has identity tap modules named ``fxprune_tap_*``. ``evaluate`` and the result
+    never have taps. With ``keep_classes``, step 0 restricts the model's outputs to those classes
+    (``keep_only_classes``): ``finetune`` and ``evaluate`` see outputs numbered 0..len(keep_classes)-1.
+    The result's ``meta["fxprune"]`` has the report of the whole procedure (its "before" is ``model`` as
+    given), the last step's plan, and the history as a dict.
     """
-    _check_target(target_gflops, ratio)
+    target = pipeline.Target(target_gflops, ratio)
     if not isinstance(steps, int) or steps < 1:
         raise ArgumentError(f"steps must be a positive integer, got {steps!r}")
     if not callable(finetune):
         raise ArgumentError("finetune must be a function finetune(model) that trains the model in place")
-    since = None  # the report of every pruning so far, from the user's model on
-    if keep_classes is not None:
-        model, example_inputs = _restricted(model, example_inputs, keep_classes, verify)
-        calibration = None if calibration is None else ClassSubset(calibration, list(keep_classes))
-        since = report(model)
-    strategy = Strategy.make(selector, calibration, loss_fn, mode, min_width, round_to)
-    tapping = coarse and isinstance(strategy.selector, ActivationSelector)
-    a = _analyze(model, example_inputs, ignore, seed)
-    start = total_macs(a.gm)
-    target = target_gflops * 1e9 / 2 if target_gflops is not None else (1.0 - ratio) * start
-    if target > start:
+    chosen = Strategy.of(strategy, **options)
+    job = pipeline.start(model, example_inputs, chosen, keep_classes, verify)
+    chooser, seed = job.chooser, chosen.seed
+    tapping = coarse and isinstance(chooser.selector, ActivationSelector)
+    a = pipeline.analyze(job.model, job.inputs, ignore, seed)
+    start = a.flops.total
+    goal = target.macs(start)
+    if goal > start:
         raise ArgumentError(f"target_gflops={target_gflops} is above the model's {2 * start / 1e9:.4g} GFLOPs")
-    described = strategy.describe(seed)
-    name = described["selector"]
+    name = chooser.describe()["selector"]
     history = History([StepRecord(0, 2 * start / 1e9, _params(a.gm), evaluate(a.gm) if evaluate else None)], name, tapping)
-    taps = None
+    taps, done = None, None  # done: the report of every step so far
     bar = tqdm(range(1, steps + 1), desc=f"fxprune {name}", unit="step", disable=not progress)
     for k in bar:
         t0 = time.perf_counter() - (taps.seconds if taps is not None else 0.0)
@@ -155,26 +150,20 @@ def prune_iteratively(
             per_atom = taps.atom_scores()
             scores = {g.id: per_atom[g.atoms] for g in a.graph.prunable_groups}
         else:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed + k)
-                scores = strategy.selector.scores(a.graph, a.gm)
+            scores = chooser.scores(a.graph, a.gm, seed + k)
         t1 = time.perf_counter()
-        plan = strategy.plan(a, start - k * (start - target) / steps, scores)
+        plan = pipeline.select_plan(a, chooser, start - k * (start - goal) / steps, scores)
         t2 = time.perf_counter()
-        pruned = _finish(a, plan, verify)
-        since = report(pruned) if since is None else since.then(report(pruned))
-        pruned.meta["fxprune"]["report"] = since.to_dict()
-        a = _analyze(pruned, a.inputs, ignore, seed)
-        a.gm.meta["fxprune"] = pruned.meta["fxprune"]
+        pruned = pipeline.finish(a, plan, verify)
+        done = report(pruned) if done is None else done.then(report(pruned))
+        a = pipeline.analyze(pruned, a.inputs, ignore, seed)
+        a.gm.meta[keys.RECORD] = pruned.meta[keys.RECORD]
         t3 = time.perf_counter()
-        taps = tap(a.graph, a.gm, strategy.selector) if tapping and k < steps else None
+        taps = tap(a.graph, a.gm, chooser.selector) if tapping and k < steps else None
         finetune(a.gm if taps is None else taps.module)
         t4 = time.perf_counter() - (taps.seconds if taps is not None else 0.0)
         metric = evaluate(a.gm) if evaluate else None
         history.steps.append(StepRecord(k, 2 * total_macs(a.gm) / 1e9, _params(a.gm), metric, t1 - t0, t2 - t1, t3 - t2, t4 - t3))
         bar.set_postfix(gflops=f"{history.steps[-1].gflops:.3g}", metric="-" if metric is None else f"{metric:.4g}")
-    a.gm.meta["fxprune"]["history"] = history.to_dict()
-    a.gm.meta["fxprune"]["strategy"] = {**described, "steps": steps, "coarse": tapping}
-    if keep_classes is not None:
-        a.gm.meta["fxprune"]["classes"] = [int(c) for c in keep_classes]
-    return a.gm, history
+    a.gm.meta[keys.RECORD]["history"] = history.to_dict()
+    return pipeline.conclude(job, a.gm, done, {"steps": steps, "coarse": tapping}), history

@@ -33,7 +33,10 @@ import torch
 import torch.fx
 from torch import nn
 
-from .api import Inputs, _example_inputs, analyze, prune
+from . import metakeys as keys
+from . import pipeline
+from .api import prune
+from .pipeline import Inputs
 from .errors import ArchiveError, ArgumentError, PlanError
 from .graph import Plan
 from .record import input_specs, inputs_from_specs, plan_fingerprint
@@ -179,12 +182,12 @@ def save(gm: torch.fx.GraphModule, path: PathLike, example_inputs: Inputs = None
     shapes. ``example_inputs`` defaults to random tensors of the shapes recorded in
     ``gm.meta["fxprune"]["inputs"]``; a model without that record needs them.
     """
-    record = gm.meta.get("fxprune") if isinstance(gm, torch.fx.GraphModule) else None
+    record = gm.meta.get(keys.RECORD) if isinstance(gm, torch.fx.GraphModule) else None
     if not isinstance(record, dict) or "plan" not in record:
         raise ArgumentError("save() takes a GraphModule returned by fxprune.compile, prune, apply_plan or load")
     if example_inputs is None and "inputs" not in record:
         raise ArgumentError(f"save() needs example_inputs= to export {os.fspath(path)}: this model records no input shapes")
-    inputs = inputs_from_specs(record["inputs"]) if example_inputs is None else _example_inputs(example_inputs, 0)
+    inputs = inputs_from_specs(record["inputs"]) if example_inputs is None else pipeline.example_inputs(example_inputs)
     try:
         ep = torch.export.export(gm, inputs)
     except Exception as e:  # export fails in many ways (guards, unsupported ops, wrong inputs)
@@ -205,7 +208,7 @@ def save(gm: torch.fx.GraphModule, path: PathLike, example_inputs: Inputs = None
 
 
 def load(path: PathLike) -> torch.fx.GraphModule:
-    """Read a model written by ``save``: a GraphModule with ``meta["fxprune"]`` restored. Never unpickles."""
+    """Read a model written by ``save``: a GraphModule with ``meta[keys.RECORD]`` restored. Never unpickles."""
     try:
         data = Path(path).read_bytes()
     except OSError as e:
@@ -221,7 +224,7 @@ def load(path: PathLike) -> torch.fx.GraphModule:
         raise _refuse(path, f"torch.export.load failed ({type(e).__name__}: {e})") from e
     _check_graph(ep, path)
     gm = ep.module()
-    gm.meta["fxprune"] = doc["fxprune"]
+    gm.meta[keys.RECORD] = doc["fxprune"]
     return gm
 
 
@@ -263,7 +266,7 @@ def apply_plan(
         if example_inputs is None:
             example_inputs = inputs_from_specs(record["inputs"])
     if fingerprint is not None:
-        mismatch = _fingerprint_mismatch(fingerprint, plan_fingerprint(analyze(model, example_inputs)))
+        mismatch = _fingerprint_mismatch(fingerprint, plan_fingerprint(pipeline.analyze(model, example_inputs).graph))
         if mismatch:
             raise PlanError(f"the plan from {source} was made for another architecture than {type(model).__name__}: "
                             f"{mismatch}; apply it to a model built like the one it came from")

@@ -29,8 +29,7 @@ from torch import nn
 from .errors import ArgumentError, FxPruneError
 from .graph import DependencyGraph
 from .optable import is_activation
-from .passes.capture import graph_module, structural_copy
-from .passes.shapes import eval_mode
+from .fxutil import copy_graph, eval_mode, graph_module, structural_copy
 
 __all__ = ["ChannelStatistic", "CALIBRATION_FORMS", "calibration_batches", "ClassSubset", "activation_scores", "Tapped", "tap"]
 
@@ -263,9 +262,7 @@ class Tapped:
     def __init__(self, graph: DependencyGraph, gm: torch.fx.GraphModule, statistic: ChannelStatistic) -> None:
         self.used = _probed(graph, gm)
         self.acc = _Accumulator(statistic, graph)
-        g = torch.fx.Graph()
-        g._codegen = gm.graph._codegen
-        g.output(g.graph_copy(gm.graph, {}))
+        g, _, _ = copy_graph(gm.graph)
         taps: dict[str, nn.Module] = {}
         for node in list(g.nodes):
             if node.name in self.used:

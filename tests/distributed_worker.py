@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, str(Path(__file__).parent))
 import fxprune  # noqa: E402
-from fxprune.api import _analyze  # noqa: E402
+from fxprune.pipeline import analyze  # noqa: E402
 from test_iterate import Net, quadrant_data  # noqa: E402
 
 
@@ -37,7 +37,7 @@ def main(out: Path) -> None:
             F.cross_entropy(ddp(xb), yb).backward()
             opt.step()
 
-    a = _analyze(net, x[:1], (), 0)
+    a = analyze(net, x[:1])
     own = fxprune.Taylor(data[:2], F.cross_entropy).scores(a.graph, a.gm)
     pruned, history = fxprune.prune_iteratively(
         net, ratio=0.5, steps=2, finetune=finetune, selector="taylor", calibration=data[:2], loss_fn=F.cross_entropy,

@@ -14,15 +14,16 @@ import torch
 import torch.fx
 from torch import nn
 
+from .. import metakeys as keys
 from ..flops import FlopModel, total_macs
-from ..graph import DependencyGraph
+from ..graph import DependencyGraph, Family
+from ..masks import kept_mask
 from ..optable import IN_FIELDS, OUT_FIELDS, module_channels
 from ..report import LayerRow, Report
-from .rewrite import kept_mask
 
 __all__ = ["annotate"]
 
-_OTHER_FAMILIES = ("elementwise", "channelwise", "norm", "reduction")
+_OTHER_FAMILIES = (Family.ELEMENTWISE, Family.CHANNELWISE, Family.NORM, Family.REDUCTION)
 
 
 def _numel(mod: nn.Module) -> int:
@@ -37,20 +38,20 @@ def annotate(
     flop_model: FlopModel,
 ) -> Report:
     after = flop_model.per_node(removed)
-    capture_note = gm.meta.get("fxprune_capture")
+    capture_note = gm.meta.get(keys.CAPTURE)
     before_mods, after_mods = dict(gm.named_modules()), dict(pruned.named_modules())
     pruned_nodes = {n.name: n for n in pruned.graph.nodes}
     rows: list[LayerRow] = []
     other = [0, 0]
     for node in gm.graph.nodes:
-        macs0 = int(node.meta.get("fxprune_flops", 0)) // 2
+        macs0 = int(node.meta.get(keys.FLOPS, 0)) // 2
         macs1 = after.get(node.name, macs0)
         if node.name in pruned_nodes:
-            pruned_nodes[node.name].meta["fxprune_macs"] = macs1
-        if graph.families.get(node.name) in _OTHER_FAMILIES and "tensor_meta" in node.meta:
-            n0 = math.prod(node.meta["tensor_meta"].shape)
+            pruned_nodes[node.name].meta[keys.MACS] = macs1
+        if graph.families.get(node.name) in _OTHER_FAMILIES and keys.TENSOR_META in node.meta:
+            n0 = math.prod(node.meta[keys.TENSOR_META].shape)
             entry = graph.tensor_atoms.get(node.name)
-            frac = float(kept_mask(graph, removed, entry[1]).double().mean()) if entry is not None else 1.0
+            frac = float(kept_mask(removed, entry[1]).double().mean()) if entry is not None else 1.0
             other[0] += n0
             other[1] += round(n0 * frac)
         if node.op == "call_module":

@@ -15,8 +15,6 @@ done to the graph or to module attributes afterwards can reach the user's model.
 
 from __future__ import annotations
 
-import copy
-import operator
 import traceback
 from collections.abc import Sequence
 from typing import Any
@@ -25,40 +23,13 @@ import torch
 import torch.fx
 from torch import nn
 
+from .. import metakeys as keys
 from ..errors import TraceError
+from ..fxutil import structural_copy
 
-__all__ = ["capture", "structural_copy", "graph_module"]
+__all__ = ["capture"]
 
 _MAX_OPAQUE = 64
-
-
-def structural_copy(module: nn.Module, memo: dict[int, nn.Module] | None = None) -> nn.Module:
-    """A new module tree with the same classes and attributes; tensors are shared, not copied.
-
-    Shared submodules stay shared (one copy per original object).
-    """
-    memo = {} if memo is None else memo
-    if id(module) in memo:
-        return memo[id(module)]
-    new = copy.copy(module)
-    memo[id(module)] = new
-    new._parameters = dict(module._parameters)
-    new._buffers = dict(module._buffers)
-    new._modules = {
-        name: None if child is None else structural_copy(child, memo)
-        for name, child in module._modules.items()
-    }
-    return new
-
-
-def graph_module(source: torch.fx.GraphModule, graph: torch.fx.Graph, extra: dict[str, Any] | None = None) -> torch.fx.GraphModule:
-    """A GraphModule running ``graph`` whose modules and attributes are ``source``'s own objects, plus
-    ``extra`` (name -> module or tensor) for the targets ``graph`` adds."""
-    attrs: dict[str, Any] = dict(extra or {})
-    for n in graph.nodes:
-        if n.op in ("call_module", "get_attr") and n.target not in attrs:
-            attrs[n.target] = source.get_submodule(n.target) if n.op == "call_module" else operator.attrgetter(n.target)(source)
-    return torch.fx.GraphModule(attrs, graph)
 
 
 class _Tracer(torch.fx.Tracer):
@@ -95,7 +66,7 @@ def _trace(root: nn.Module, opaque: set[str]) -> torch.fx.GraphModule:
     tracer = _Tracer(opaque)
     graph = tracer.trace(root)
     gm = torch.fx.GraphModule(tracer.root, graph, root.__class__.__name__)
-    gm.meta["fxprune_opaque"] = sorted(opaque)
+    gm.meta[keys.OPAQUE] = sorted(opaque)
     return gm
 
 
@@ -117,8 +88,8 @@ def _trace_with_opaque(root: nn.Module) -> torch.fx.GraphModule:
 
 def _exported(ep: torch.export.ExportedProgram, how: str) -> torch.fx.GraphModule:
     gm = ep.module()
-    gm.meta["fxprune_capture"] = how
-    gm.meta["fxprune_opaque"] = []
+    gm.meta[keys.CAPTURE] = how
+    gm.meta[keys.OPAQUE] = []
     return gm
 
 
@@ -131,7 +102,7 @@ def capture(model: nn.Module | torch.export.ExportedProgram, example_inputs: Seq
     root = structural_copy(model)
     try:
         gm = _trace(root, set())
-        gm.meta["fxprune_capture"] = "torch.fx.symbolic_trace"
+        gm.meta[keys.CAPTURE] = "torch.fx.symbolic_trace"
         return gm
     except Exception as exc:
         first = exc
@@ -150,5 +121,5 @@ def capture(model: nn.Module | torch.export.ExportedProgram, example_inputs: Seq
             "  hint: move data-dependent control flow into a submodule (it is then kept opaque and its "
             "channels frozen), or wrap the function with torch.fx.wrap."
         ) from first
-    gm.meta["fxprune_capture"] = f"torch.fx.symbolic_trace with opaque submodules ({reason})"
+    gm.meta[keys.CAPTURE] = f"torch.fx.symbolic_trace with opaque submodules ({reason})"
     return gm

@@ -15,15 +15,13 @@ import torch
 import torch.fx
 from torch import nn
 
-from ..graph import DependencyGraph, Patch, Plan
+from .. import metakeys as keys
+from ..fxutil import copy_graph
+from ..graph import DependencyGraph, Patch, PatchKind, Plan
+from ..masks import kept_mask, removed_mask
 from ..optable import IN_FIELDS, OUT_FIELDS, module_channels
-from .select import removed_mask
 
-__all__ = ["rewrite", "kept_mask"]
-
-
-def kept_mask(graph: DependencyGraph, removed: torch.Tensor, atoms: torch.Tensor) -> torch.Tensor:
-    return (atoms < 0) | ~removed[atoms.clamp(min=0)]
+__all__ = ["rewrite"]
 
 
 def _set_in(container: Any, path: tuple[Any, ...], value: Any) -> Any:
@@ -52,7 +50,7 @@ class _Rewriter:
         self.nodes = {n.name: n for n in gm.graph.nodes}
         self.kept = {}
         for key, atoms in graph.member_atoms.items():
-            mask = kept_mask(graph, self.removed, atoms)
+            mask = kept_mask(self.removed, atoms)
             if not bool(mask.all()):
                 self.kept[key] = mask.nonzero().flatten()
 
@@ -60,8 +58,8 @@ class _Rewriter:
         """Kept-position mask of node ``name``'s output along ``dim``."""
         entry = self.graph.tensor_atoms.get(name)
         if entry is not None and entry[0] == dim:
-            return kept_mask(self.graph, self.removed, entry[1])
-        return torch.ones(self.nodes[name].meta["tensor_meta"].shape[dim], dtype=torch.bool)
+            return kept_mask(self.removed, entry[1])
+        return torch.ones(self.nodes[name].meta[keys.TENSOR_META].shape[dim], dtype=torch.bool)
 
     def size(self, p: Patch) -> Any:
         n = int(self.tensor_kept(p.node, p.dim).sum())
@@ -88,23 +86,23 @@ class _Rewriter:
         new._modules = {k: None if v is None else self.copy_module(v, f"{prefix}{k}.") for k, v in mod._modules.items()}
         return new
 
-    def patch_graph(self, new_graph: torch.fx.Graph, val_map: dict[torch.fx.Node, torch.fx.Node]) -> None:
+    def patch_graph(self, val_map: dict[torch.fx.Node, torch.fx.Node]) -> None:
         new_nodes = {old.name: new for old, new in val_map.items()}
         for p in self.graph.patches:
             node = new_nodes.get(p.target)
-            if p.kind == "arg":
+            if p.kind == PatchKind.ARG:
                 self.set_arg(node, p.path, self.size(p))
-            elif p.kind == "slice":
+            elif p.kind == PatchKind.SLICE:
                 s = _get_in(self.nodes[p.target], p.path)
                 s = slice(*(self.int_value(v) for v in (s.start, s.stop, s.step)))
                 kept = self.tensor_kept(p.node, p.dim)
                 start, stop, _ = s.indices(kept.numel())
                 self.set_arg(node, p.path, slice(int(kept[:start].sum()), int(kept[:max(stop, start)].sum()), None))
-            elif p.kind == "split":
+            elif p.kind == PatchKind.SPLIT:
                 self.make_split(node, p)
 
     def int_value(self, v: Any) -> Any:
-        return v.meta["fxprune_value"] if isinstance(v, torch.fx.Node) else v
+        return v.meta[keys.VALUE] if isinstance(v, torch.fx.Node) else v
 
     def set_arg(self, node: torch.fx.Node, path: tuple[Any, ...], value: Any) -> None:
         if path[0] == "args":
@@ -116,7 +114,7 @@ class _Rewriter:
         old = self.nodes[p.target]
         kept = self.tensor_kept(p.node, p.dim)
         sizes, start = [], 0
-        for meta in old.meta["tensor_meta"]:
+        for meta in old.meta[keys.TENSOR_META]:
             end = start + meta.shape[p.dim]
             sizes.append(int(kept[start:end].sum()))
             start = end
@@ -130,13 +128,10 @@ class _Rewriter:
 
     def run(self) -> torch.fx.GraphModule:
         gm = self.gm
-        new_graph = torch.fx.Graph()
-        new_graph._codegen = gm.graph._codegen  # keeps an exported graph's input/output structure
-        val_map: dict[torch.fx.Node, torch.fx.Node] = {}
-        new_graph.output(new_graph.graph_copy(gm.graph, val_map))
-        self.patch_graph(new_graph, val_map)
+        new_graph, val_map, _ = copy_graph(gm.graph)
+        self.patch_graph(val_map)
         for n in new_graph.nodes:
-            for k in ("tensor_meta", "fxprune_value", "fxprune_flops"):
+            for k in (keys.TENSOR_META, keys.VALUE, keys.FLOPS):
                 n.meta.pop(k, None)
         new = torch.fx.GraphModule(gm, new_graph, gm.__class__.__name__)
         done: set[str] = set()
@@ -159,11 +154,11 @@ class _Rewriter:
                 else:
                     setattr(owner, field, t)
         for p in self.graph.patches:
-            if p.kind == "attr":
+            if p.kind == PatchKind.ATTR:
                 setattr(new.get_submodule(p.target), p.field, self.size(p))
         new.recompile()
         new.training = gm.training
-        new.meta["fxprune"] = {"kept": self.kept_record()}
+        new.meta[keys.RECORD] = {"kept": self.kept_record()}
         return new
 
     def kept_record(self) -> dict[str, Any]:
@@ -181,7 +176,7 @@ class _Rewriter:
             for key, tensor, fields in (("in", src, IN_FIELDS), ("out", n, OUT_FIELDS)):
                 atoms = self.graph.tensor_atoms.get(tensor.name) if tensor is not None else None
                 if atoms is not None:
-                    entry[key] = kept_mask(self.graph, self.removed, atoms[1]).nonzero().flatten().tolist()
+                    entry[key] = kept_mask(self.removed, atoms[1]).nonzero().flatten().tolist()
                 elif (width := module_channels(mod, fields)) is not None:
                     entry[key] = list(range(width))
             modules[n.target] = entry

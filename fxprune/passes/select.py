@@ -31,7 +31,7 @@ from ..errors import ArgumentError, TargetUnreachableError
 from ..flops import FlopModel
 from ..graph import DependencyGraph, Group, Plan
 
-__all__ = ["select", "removed_mask", "WidthRule", "MODES"]
+__all__ = ["select", "WidthRule", "MODES"]
 
 MODES = ("per_group", "global")
 
@@ -59,17 +59,6 @@ class WidthRule:
 
     def __str__(self) -> str:
         return f"min_width={self.min_width}, round_to={self.round_to}"
-
-
-def removed_mask(graph: DependencyGraph, plan: Plan) -> torch.Tensor:
-    """Boolean mask over atoms: True where the plan drops the atom."""
-    removed = torch.zeros(graph.num_atoms, dtype=torch.bool)
-    for gid, keep in plan.keep.items():
-        atoms = graph.groups[gid].atoms
-        drop = torch.ones(atoms.numel(), dtype=torch.bool)
-        drop[list(keep)] = False
-        removed[atoms[drop]] = True
-    return removed
 
 
 def _check_scores(groups: list[Group], scores: dict[int, torch.Tensor]) -> None:

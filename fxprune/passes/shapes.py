@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -20,23 +20,12 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
+from .. import metakeys as keys
 from ..errors import ShapeError
+from ..fxutil import eval_mode
 from ..optable import flopless
 
-__all__ = ["propagate_shapes", "eval_mode"]
-
-
-@contextlib.contextmanager
-def eval_mode(module: torch.nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode for the duration, then restore each one's flag."""
-    flags = [(m, m.training) for m in module.modules()]
-    for m, _ in flags:  # not module.eval(): exported modules refuse it (their mode is fixed at export)
-        m.training = False
-    try:
-        yield
-    finally:
-        for m, training in flags:
-            m.training = training
+__all__ = ["propagate_shapes"]
 
 
 class _ShapeFlopProp(ShapeProp):
@@ -50,26 +39,26 @@ class _ShapeFlopProp(ShapeProp):
         mod = self.modules.get(n.target) if n.op == "call_module" else None
         if flopless(n, self.modules):
             result = super().run_node(n)
-            n.meta["fxprune_flops"] = 0
-        elif isinstance(mod, nn.modules.conv._ConvNd) and len(n.args[0].meta["tensor_meta"].shape) == mod.weight.dim():
+            n.meta[keys.FLOPS] = 0
+        elif isinstance(mod, nn.modules.conv._ConvNd) and len(n.args[0].meta[keys.TENSOR_META].shape) == mod.weight.dim():
             # FlopCounterMode's own formula, without the cost of dispatching through the mode.
             result = super().run_node(n)
-            x = list(n.args[0].meta["tensor_meta"].shape)
-            n.meta["fxprune_flops"] = conv_flop_count(x, list(mod.weight.shape), list(result.shape), mod.transposed)
+            x = list(n.args[0].meta[keys.TENSOR_META].shape)
+            n.meta[keys.FLOPS] = conv_flop_count(x, list(mod.weight.shape), list(result.shape), mod.transposed)
         else:
             with FlopCounterMode(display=False) as counter:
                 result = super().run_node(n)
-            n.meta["fxprune_flops"] = counter.get_total_flops()
-        if "tensor_meta" not in n.meta:
-            n.meta["fxprune_value"] = result
+            n.meta[keys.FLOPS] = counter.get_total_flops()
+        if keys.TENSOR_META not in n.meta:
+            n.meta[keys.VALUE] = result
         return result
 
 
 def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Any:
     """Annotate ``gm`` in place and return its output on ``example_inputs``."""
     for node in gm.graph.nodes:
-        node.meta.pop("tensor_meta", None)
-        node.meta.pop("fxprune_value", None)
+        node.meta.pop(keys.TENSOR_META, None)
+        node.meta.pop(keys.VALUE, None)
     try:
         with torch.no_grad(), eval_mode(gm), contextlib.redirect_stderr(io.StringIO()):
             return _ShapeFlopProp(gm).propagate(*example_inputs)

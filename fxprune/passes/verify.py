@@ -4,7 +4,8 @@ The oracle is the original graph in which every removed channel is multiplied by
 contraction (conv, linear, matmul) reads it. For a channel-separable graph the pruned model must equal
 it up to float rounding. LayerNorm and GroupNorm over pruned channels compute their statistics over the
 kept channels in the pruned model, so the oracle uses masked statistics there: the check stays exact,
-and ``DependencyGraph.notes`` tells the user that these layers' outputs do change with pruning.
+and ``DependencyGraph.notes`` tells the user that these layers' outputs do change with pruning
+(``DependencyGraph.masked_norms`` names them).
 When a plan drops classes (output channels), the oracle's output keeps only the kept ones.
 """
 
@@ -18,11 +19,11 @@ import torch
 import torch.fx
 from torch.fx.node import map_aggregate, map_arg
 
+from .. import metakeys as keys
 from ..errors import VerificationError
+from ..fxutil import copy_graph, eval_mode, graph_module
 from ..graph import DependencyGraph
-from .capture import graph_module
-from .rewrite import kept_mask
-from .shapes import eval_mode
+from ..masks import kept_mask
 
 __all__ = ["verify", "build_oracle", "VerifyResult"]
 
@@ -67,12 +68,12 @@ class _OracleBuilder:
         entry = self.graph.tensor_atoms.get(node.name)
         if entry is None or entry[0] != dim:
             return None
-        keep = kept_mask(self.graph, self.removed, entry[1])
+        keep = kept_mask(self.removed, entry[1])
         if bool(keep.all()):
             return None
-        shape = [1] * len(node.meta["tensor_meta"].shape)
+        shape = [1] * len(node.meta[keys.TENSOR_META].shape)
         shape[dim] = -1
-        return keep.to(node.meta["tensor_meta"].dtype).reshape(shape)
+        return keep.to(node.meta[keys.TENSOR_META].dtype).reshape(shape)
 
     def mask_node(self, g: torch.fx.Graph, mask: torch.Tensor) -> torch.fx.Node:
         name = f"_fxprune_mask{len(self.masks)}"
@@ -80,10 +81,7 @@ class _OracleBuilder:
         return g.get_attr(name)
 
     def build(self) -> torch.fx.GraphModule:
-        g = torch.fx.Graph()
-        g._codegen = self.gm.graph._codegen
-        val_map: dict[torch.fx.Node, torch.fx.Node] = {}
-        out = g.output(g.graph_copy(self.gm.graph, val_map))
+        g, val_map, out = copy_graph(self.gm.graph)
         old = {n.name: n for n in self.gm.graph.nodes}
         with g.inserting_before(out):
             out.args = (map_arg(out.args[0], lambda n: self.kept_output(g, n)),)
@@ -95,7 +93,7 @@ class _OracleBuilder:
                 with g.inserting_before(new):
                     masked = g.call_function(torch.mul, (val_map[src], self.mask_node(g, mask)))
                 new.args = tuple(masked if i == pos else a for i, a in enumerate(new.args))
-        for name in self.graph.notes:
+        for name in self.graph.masked_norms:
             self.replace_norm(g, old[name], val_map[old[name]])
         return graph_module(self.gm, g, self.masks)
 
@@ -104,7 +102,7 @@ class _OracleBuilder:
         entry = self.graph.tensor_atoms.get(node.name)
         if entry is None:
             return node
-        keep = kept_mask(self.graph, self.removed, entry[1])
+        keep = kept_mask(self.removed, entry[1])
         if bool(keep.all()):
             return node
         return g.call_function(torch.index_select, (node, entry[0], self.mask_node(g, keep.nonzero().flatten())))
@@ -144,8 +142,9 @@ def build_oracle(gm: torch.fx.GraphModule, graph: DependencyGraph, removed: torc
 
 @dataclass(frozen=True)
 class VerifyResult:
+    """The largest error between the pruned model and the oracle, relative to its tolerance."""
+
     max_abs_error: float
-    scale: float
     tolerance: float
 
 
@@ -185,7 +184,7 @@ def verify(
             ) from exc
     if len(want) != len(got):
         raise VerificationError(f"the pruned model returns {len(got)} tensors, the original {len(want)}")
-    worst = VerifyResult(0.0, 0.0, 0.0)
+    worst = VerifyResult(0.0, 0.0)
     for i, (a, b) in enumerate(zip(want, got)):
         if a.shape != b.shape:
             raise VerificationError(f"output {i}: pruned shape {tuple(b.shape)} != original {tuple(a.shape)}")
@@ -204,5 +203,5 @@ def verify(
                 "wrong channels in ignore=."
             )
         if err / max(tol, 1e-30) >= worst.max_abs_error / max(worst.tolerance, 1e-30):
-            worst = VerifyResult(err, scale, tol)
+            worst = VerifyResult(err, tol)
     return worst

@@ -1,0 +1,72 @@
+"""Module and graph helpers that several passes share; nothing here knows about channels.
+
+* ``structural_copy``: a new module tree sharing the user's tensors, so attribute edits never reach them;
+* ``copy_graph``: a copy of a graph that keeps its codegen (an exported graph's input/output structure);
+* ``graph_module``: a GraphModule over a new graph, borrowing the modules and tensors of another;
+* ``eval_mode``: every submodule in eval mode for a while, each flag restored afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import operator
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+__all__ = ["structural_copy", "copy_graph", "graph_module", "eval_mode"]
+
+
+def structural_copy(module: nn.Module, memo: dict[int, nn.Module] | None = None) -> nn.Module:
+    """A new module tree with the same classes and attributes; tensors are shared, not copied.
+
+    Shared submodules stay shared (one copy per original object).
+    """
+    memo = {} if memo is None else memo
+    if id(module) in memo:
+        return memo[id(module)]
+    new = copy.copy(module)
+    memo[id(module)] = new
+    new._parameters = dict(module._parameters)
+    new._buffers = dict(module._buffers)
+    new._modules = {
+        name: None if child is None else structural_copy(child, memo)
+        for name, child in module._modules.items()
+    }
+    return new
+
+
+def copy_graph(graph: torch.fx.Graph) -> tuple[torch.fx.Graph, dict[torch.fx.Node, torch.fx.Node], torch.fx.Node]:
+    """A copy of ``graph`` with the same codegen: (copy, old node -> new node, the copy's output node)."""
+    new = torch.fx.Graph()
+    new._codegen = graph._codegen
+    val_map: dict[torch.fx.Node, torch.fx.Node] = {}
+    out = new.output(new.graph_copy(graph, val_map))
+    return new, val_map, out
+
+
+def graph_module(source: torch.fx.GraphModule, graph: torch.fx.Graph, extra: dict[str, Any] | None = None) -> torch.fx.GraphModule:
+    """A GraphModule running ``graph`` whose modules and attributes are ``source``'s own objects, plus
+    ``extra`` (name -> module or tensor) for the targets ``graph`` adds."""
+    attrs: dict[str, Any] = dict(extra or {})
+    for n in graph.nodes:
+        if n.op in ("call_module", "get_attr") and n.target not in attrs:
+            attrs[n.target] = source.get_submodule(n.target) if n.op == "call_module" else operator.attrgetter(n.target)(source)
+    return torch.fx.GraphModule(attrs, graph)
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Put every submodule in eval mode for the duration, then restore each one's flag."""
+    flags = [(m, m.training) for m in module.modules()]
+    for m, _ in flags:  # not module.eval(): exported modules refuse it (their mode is fixed at export)
+        m.training = False
+    try:
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training

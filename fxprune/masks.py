@@ -1,0 +1,26 @@
+"""Which channel atoms a plan removes, and which positions of a tensor or parameter dim it keeps."""
+
+from __future__ import annotations
+
+import torch
+
+from .graph import NEVER_REMOVED, DependencyGraph, Plan
+
+__all__ = ["removed_mask", "kept_mask"]
+
+
+def removed_mask(graph: DependencyGraph, plan: Plan) -> torch.Tensor:
+    """Boolean mask over atoms: True where the plan drops the atom."""
+    removed = torch.zeros(graph.num_atoms, dtype=torch.bool)
+    for gid, keep in plan.keep.items():
+        atoms = graph.groups[gid].atoms
+        drop = torch.ones(atoms.numel(), dtype=torch.bool)
+        drop[list(keep)] = False
+        removed[atoms[drop]] = True
+    return removed
+
+
+def kept_mask(removed: torch.Tensor, atoms: torch.Tensor) -> torch.Tensor:
+    """For positions whose atoms are ``atoms``: True where the position stays (``NEVER_REMOVED`` always does)."""
+    never = atoms == NEVER_REMOVED
+    return never | ~removed[atoms.masked_fill(never, 0)]

@@ -1,0 +1,107 @@
+"""Strategy: how channels are chosen (selector, budget mode, width rule, seed, calibration data).
+
+One frozen dataclass is the single list of these options: ``compile`` and ``prune_iteratively`` take it
+as ``strategy=`` (or its fields as keywords), the command line builds its flags from the fields marked
+for it, and the torch.compile backend accepts the field names as options.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Literal
+
+import torch
+
+from .errors import ArgumentError
+from .graph import DependencyGraph
+from .passes.select import MODES, WidthRule
+from .selectors import Selector, get_selector, selector_name
+from .stats import LossFn
+
+__all__ = ["Strategy", "Chooser"]
+
+Mode = Literal["per_group", "global"]
+
+
+def _cli(help: str, **argparse: Any) -> dict[str, Any]:
+    """Field metadata for a field the command line offers as ``--NAME`` (argparse keywords included)."""
+    return {"cli": {"help": help, **argparse}}
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """How channels are chosen; see ``fxprune.compile`` for what each field means."""
+
+    selector: str | Selector = field(default="uniform", metadata=_cli(
+        "uniform (default), random, l1, l2, bn_scale or gflops_aware (the data-driven ones need "
+        "calibration data: use the Python API)"))
+    mode: Mode | None = field(default=None, metadata=_cli(
+        "per_group: same fraction of every group (default); global: all channels ranked together", choices=MODES))
+    min_width: int = field(default=1, metadata=_cli("every pruned group keeps at least N channels", type=int, metavar="N"))
+    round_to: int = field(default=1, metadata=_cli("kept widths are multiples of N (e.g. 8)", type=int, metavar="N"))
+    seed: int = field(default=0, metadata=_cli("seed of random selection and of the default example input", type=int))
+    calibration: Any = None
+    loss_fn: LossFn | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode is not None and self.mode not in MODES:
+            raise ArgumentError(f"unknown mode {self.mode!r}; choose 'per_group' (same fraction of every group) or 'global' (all channels ranked together)")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ArgumentError(f"seed must be an integer, got {self.seed!r}")
+        self.rule  # validates min_width and round_to
+
+    @property
+    def rule(self) -> WidthRule:
+        return WidthRule(self.min_width, self.round_to)
+
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def of(cls, strategy: Strategy | None = None, **options: Any) -> Strategy:
+        """``strategy`` (default: ``Strategy()``) with the fields named in ``options`` replaced."""
+        if strategy is not None and not isinstance(strategy, Strategy):
+            raise ArgumentError(f"strategy= must be an fxprune.Strategy, got {type(strategy).__name__}")
+        names = cls.option_names()
+        for name in options:
+            if name not in names:
+                close = difflib.get_close_matches(name, names, n=1)
+                hint = f"; did you mean {close[0]}=?" if close else ""
+                raise ArgumentError(f"unknown option {name}={options[name]!r}; the strategy options are {', '.join(names)}{hint}")
+        return replace(strategy or cls(), **options)
+
+    def chooser(self) -> Chooser:
+        """The selector object and the budget settings this strategy stands for."""
+        sel = get_selector(self.selector, self.calibration, self.loss_fn)
+        comparable = bool(getattr(sel, "comparable_across_groups", False))
+        if comparable and self.mode == "per_group":
+            raise ArgumentError(f"selector {selector_name(sel)!r} ranks channels of different groups against each other; it needs mode='global' (its default)")
+        return Chooser(self, sel, "global" if comparable else self.mode or "per_group", comparable)
+
+
+@dataclass(frozen=True)
+class Chooser:
+    """A strategy made concrete: the selector object and the budget mode it runs under."""
+
+    strategy: Strategy
+    selector: Selector
+    mode: str
+    comparable: bool
+
+    @property
+    def rule(self) -> WidthRule:
+        return self.strategy.rule
+
+    def scores(self, graph: DependencyGraph, gm: torch.fx.GraphModule, seed: int) -> dict[int, torch.Tensor]:
+        """The selector's scores, with torch's global RNG seeded by ``seed`` and restored afterwards."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.selector.scores(graph, gm)
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready record of the strategy, kept in ``meta["fxprune"]["strategy"]``."""
+        s = self.strategy
+        return {"selector": selector_name(self.selector), "mode": self.mode, "min_width": s.min_width,
+                "round_to": s.round_to, "seed": s.seed}
