@@ -199,12 +199,15 @@ def test_keep_only_classes_equals_the_original_logits():
     small = fxprune.keep_only_classes(net, [1, 3], EXAMPLE)
     assert same_state(net, before)
     assert small.head.out_features == 2 and small.meta["fxprune"]["classes"] == [1, 3]
+    # Same numbers up to float rounding, not bitwise: a head with 2 rows instead of 4 is another GEMM,
+    # which may take another kernel and sum in another order (1.2e-7 apart seen); assert_close's float32
+    # defaults (rtol 1.3e-6, atol 1e-5) allow that and nothing a wrong row would cause.
     with torch.no_grad():
-        torch.testing.assert_close(small(TEST[0]), net(TEST[0])[:, [1, 3]], rtol=0, atol=0)
+        torch.testing.assert_close(small(TEST[0]), net(TEST[0])[:, [1, 3]])
     # compile with nothing else removed (ratio 0) gives the same model
     same = fxprune.compile(net, ratio=0.0, example_inputs=EXAMPLE, keep_classes=[1, 3])
     with torch.no_grad():
-        torch.testing.assert_close(same(TEST[0]), net(TEST[0])[:, [1, 3]], rtol=0, atol=0)
+        torch.testing.assert_close(same(TEST[0]), net(TEST[0])[:, [1, 3]])
 
 
 def test_keep_only_classes_for_a_segmentation_head():
@@ -212,7 +215,7 @@ def test_keep_only_classes_for_a_segmentation_head():
     x = torch.randn(2, 3, 10, 10)
     small = fxprune.keep_only_classes(head, [0, 2, 5], x)
     with torch.no_grad():
-        torch.testing.assert_close(small(x), head(x)[:, [0, 2, 5]], rtol=0, atol=0)
+        torch.testing.assert_close(small(x), head(x)[:, [0, 2, 5]])  # float rounding only: 3 output channels, not 6
 
 
 @pytest.mark.parametrize(

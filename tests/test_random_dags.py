@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
@@ -93,20 +95,55 @@ def spec_nets(draw: st.DrawFn) -> SpecNet:
             add(("pool", src), c, s // 2)
     last = len(channels) - 1
     add(("head", last, draw(st.integers(2, 5))), 0, 0)
-    return SpecNet(spec, channels)
+    with torch.random.fork_rng(devices=[]):  # the same weights whichever tests ran before
+        torch.manual_seed(0)
+        return SpecNet(spec, channels)
 
 
-@settings(max_examples=int(__import__("os").environ.get("FXPRUNE_EXAMPLES", 200)), deadline=None, suppress_health_check=list(HealthCheck))
-@given(net=spec_nets(), ratio=st.floats(0.1, 0.7), selector=st.sampled_from(["uniform", "l1"]), seed=st.integers(0, 3))
-def test_random_dag_oracle_holds(net: SpecNet, ratio: float, selector: str, seed: int) -> None:
+# Pinned so that every run checks the same examples: derandomized (the examples follow from this test's
+# source) and no example database (a saved example from an earlier run would change the set).
+EXAMPLES = int(os.environ.get("FXPRUNE_EXAMPLES", 200))
+SETTINGS = settings(max_examples=EXAMPLES, derandomize=True, database=None, deadline=None, suppress_health_check=list(HealthCheck))
+
+# Share of examples that must actually prune. A net whose channels are mostly frozen (the model's input
+# and output, splits and shuffles tying groups together) may not reach the ratio and raises
+# TargetUnreachableError, which is fine once in a while; a regression that froze everything would make
+# every example do that. Measured with 200 examples: 191 of the pinned examples prune (0.955); over 30
+# other hypothesis seeds the share ranged from 0.88 to 0.985 (mean 0.94); the first 20 and 50 pinned
+# examples: 0.90 and 0.92. The bound leaves room below all of them.
+MIN_PRUNED_SHARE = 0.75
+
+
+def prune_one(net: SpecNet, ratio: float, selector: str, seed: int) -> bool:
+    """True when channels were removed and the result verified against the masked original; False
+    when the ratio is out of reach for this net. Fails on anything else."""
     lively(net.eval(), seed)
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
     try:
         pruned = fxprune.compile(net, ratio=ratio, example_inputs=x, selector=selector, seed=seed)
     except fxprune.TargetUnreachableError:
-        return  # tiny nets with frozen groups may not reach the ratio; the oracle has nothing to check
+        return False
+    assert "verified" in pruned.meta["fxprune"]  # verify=True: equal to the original with the removed channels zeroed
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in net.parameters())
     with torch.no_grad():
         assert pruned(x).shape == net(x).shape
     rep = fxprune.report(pruned)
     assert rep.flops[1] <= (1 - ratio) * rep.flops[0]
     assert rep.flops[1] == fxprune.count_flops(pruned, x)
+    return True
+
+
+EXAMPLE_ARGS = dict(net=spec_nets(), ratio=st.floats(0.1, 0.7), selector=st.sampled_from(["uniform", "l1"]), seed=st.integers(0, 3))
+
+
+def test_random_dag_oracle_holds() -> None:
+    pruned: list[bool] = []
+
+    @SETTINGS
+    @given(**EXAMPLE_ARGS)
+    def example(net: SpecNet, ratio: float, selector: str, seed: int) -> None:
+        pruned.append(prune_one(net, ratio, selector, seed))
+
+    example()
+    share = sum(pruned) / len(pruned)
+    assert share >= MIN_PRUNED_SHARE, f"only {sum(pruned)} of {len(pruned)} random nets could be pruned"

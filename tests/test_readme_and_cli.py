@@ -1,8 +1,11 @@
-"""The README's quickstart runs as written; the command line works and fails cleanly."""
+"""The README's snippets run as written and print what they say; the command line works and fails cleanly."""
 
 from __future__ import annotations
 
+import ast
+import builtins
 import contextlib
+import io
 import json
 import re
 import subprocess
@@ -16,12 +19,58 @@ from fxprune.cli import main
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_readme_quickstart_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+# A comment after a print that starts with printed values (True, 3, torch.Size([1, 1000]), several
+# separated by spaces; then the end or ": why") promises exactly that output line.
+VALUE = r"True|False|None|-?\d+(?:\.\d+)?|torch\.Size\(\[[\d, ]*\]\)"
+PROMISE = re.compile(rf"#\s*((?:{VALUE})(?: (?:{VALUE}))*)\s*(?::|$)")
+# Prints whose comment describes a table: the columns or words the table must show (its numbers vary).
+TABLES = {
+    "print(fxprune.report(small))": ["layer", "params", "MACs", "FLOPs", "->", "total"],
+    "print(graph)": ["width", "members", "prunable", "frozen: model input x"],
+    "print(history)": ["step", "GFLOPs", "params", "metric", "ranking s", "selecting s", "rewriting s", "fine-tuning s"],
+}
+
+
+def run_printing(code: str) -> dict[int, str]:
+    """Run ``code``; what each of its print calls wrote to stdout, by the line the call is on."""
+    printed: dict[int, str] = {}
+
+    def print_(*args: object, sep: str | None = " ", end: str | None = "\n", file=None, flush: bool = False) -> None:
+        out = io.StringIO()
+        builtins.print(*args, sep=sep, end=end, file=out)
+        line = sys._getframe(1).f_lineno
+        printed[line] = printed.get(line, "") + out.getvalue()
+        builtins.print(out.getvalue(), end="", file=file, flush=flush)
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        exec(compile(code, "README.md", "exec"), {"print": print_})
+    return printed
+
+
+def test_readme_snippets_print_what_they_say(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)  # the examples write files
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
     assert blocks
+    promised = 0
     for code in blocks:
-        exec(compile(code, "README.md", "exec"), {})
+        printed = run_printing(code)
+        lines = code.splitlines()
+        for call in ast.walk(ast.parse(code)):
+            if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "print"):
+                continue
+            source = ast.get_source_segment(code, call)
+            out = "".join(printed.get(n, "") for n in range(call.lineno, call.end_lineno + 1))
+            assert out, f"{source} printed nothing"
+            comment = lines[call.end_lineno - 1][call.end_col_offset:].strip()
+            if source in TABLES:
+                missing = [word for word in TABLES[source] if word not in out]
+                assert not missing, f"{source} printed no {missing}:\n{out}"
+            elif comment:
+                promise = PROMISE.match(comment)
+                assert promise, f"README: say in TABLES what {source} ({comment}) must print"
+                assert out.rstrip("\n") == promise.group(1), f"{source} printed {out!r}, the README says {promise.group(1)!r}"
+                promised += 1
+    assert promised >= 3  # torch.Size([1, 1000]); True; torch.Size([1, 1000]) True
 
 
 def test_compile_prints_report(capsys: pytest.CaptureFixture[str]) -> None:
