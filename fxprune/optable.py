@@ -73,7 +73,7 @@ SHAPE_METHODS = {
 }
 RESHAPE_METHODS = {"view", "reshape", "expand", "broadcast_to"}
 RESHAPE_FUNCS: set[Any] = {torch.reshape, torch.broadcast_to}
-SPLIT = {torch.split: "split", torch.chunk: "chunk", "split": "split", "chunk": "chunk"}
+SPLIT: set[Any] = {torch.split, torch.chunk, "split", "chunk"}
 MATMUL: set[Any] = {torch.matmul, operator.matmul, torch.bmm, torch.mm, "matmul", "bmm", "mm"}
 CONV_FUNCS = {
     F.conv1d: False, F.conv2d: False, F.conv3d: False,
@@ -93,8 +93,6 @@ ACTIVATION_FUNCS: set[Any] = {
 ACTIVATION_METHODS = {"relu", "relu_"}
 
 SOFTMAX = {F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "softmax", "log_softmax"}
-
-
 
 FLOPLESS_FUNCS = ELEMENTWISE_FUNCS | FIRST_OPERAND_FUNCS | SHAPE_FUNCS | RESHAPE_FUNCS | SPATIAL_FUNCS | {
     operator.getitem, torch.split, torch.chunk, F.batch_norm, F.layer_norm, F.group_norm, F.pad,

@@ -202,3 +202,30 @@ def test_l1_keeps_the_largest_filters() -> None:
     pruned = fxprune.compile(model, ratio=0.45, example_inputs=X[:, :, :16, :16], selector="l1")
     kept = pruned.meta["fxprune"]["kept"]["parameters"]["0.weight"]["0"]
     assert kept == list(range(8 - len(kept), 8))
+
+
+def test_strategy_object_and_keywords_give_the_same_plan(resnet: nn.Module) -> None:
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    strategy = fxprune.Strategy(selector="random", round_to=4, seed=3)
+    a = fxprune.compile(resnet, ratio=0.4, example_inputs=x, strategy=strategy, verify=False)
+    b = fxprune.compile(resnet, ratio=0.4, example_inputs=x, selector="random", round_to=4, seed=3, verify=False)
+    c = fxprune.compile(resnet, ratio=0.4, example_inputs=x, strategy=fxprune.Strategy(selector="random"), round_to=4, seed=3, verify=False)
+    assert a.meta["fxprune"]["plan"] == b.meta["fxprune"]["plan"] == c.meta["fxprune"]["plan"]
+    assert a.meta["fxprune"]["strategy"] == {"selector": "random", "mode": "per_group", "min_width": 1, "round_to": 4, "seed": 3}
+
+
+def test_unknown_strategy_option_names_the_closest_one(resnet: nn.Module) -> None:
+    with pytest.raises(fxprune.ArgumentError, match="did you mean round_to="):
+        fxprune.compile(resnet, ratio=0.5, round_too=8)
+    with pytest.raises(fxprune.ArgumentError, match="min_width must be an integer"):
+        fxprune.Strategy(min_width=0)
+
+
+def test_cli_and_backend_options_come_from_strategy() -> None:
+    from fxprune.backend import _OPTIONS
+    from fxprune.cli import _parser
+
+    flags = _parser()._subparsers._group_actions[0].choices["compile"].format_help()
+    for name in ("--selector", "--mode", "--min-width", "--round-to", "--seed"):
+        assert name in flags
+    assert set(fxprune.Strategy.option_names()) <= _OPTIONS

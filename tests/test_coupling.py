@@ -6,6 +6,8 @@ then checks what the coupling says about the structure.
 
 from __future__ import annotations
 
+import operator
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,6 +16,7 @@ from torch import nn
 
 import fxprune
 from conftest import lively
+from fxprune.passes.couple import RuleError, Unsupported, driver
 
 X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
 
@@ -126,6 +129,21 @@ class SplitCat(nn.Module):
 @pytest.mark.parametrize("literal", [True, False])
 def test_split_and_slices_follow_pruned_sizes(literal: bool) -> None:
     compile_ok(SplitCat(literal), ratio=0.5)
+
+
+class EllipsisSlice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 8)
+        self.b = nn.Linear(4, 5)
+
+    def forward(self, x):
+        return self.b(self.a(x.permute(0, 2, 3, 1))[..., 2:6])
+
+
+def test_slice_after_an_ellipsis_is_reindexed() -> None:
+    pruned = compile_ok(EllipsisSlice(), ratio=0.3)
+    assert pruned.a.out_features < 8
 
 
 class SE(nn.Module):
@@ -261,6 +279,7 @@ def test_prelu_groupnorm_instancenorm_grouped_and_depthwise() -> None:
     assert dw.groups == dw.in_channels and dw.out_channels == 2 * dw.in_channels
     notes = fxprune.report(pruned).notes
     assert any("gn" in n and "statistics" in n for n in notes)
+    assert graph.masked_norms == ("gn",)  # the oracle recomputes its statistics over the kept channels
 
 
 def test_layernorm_over_channels_convnext_block() -> None:
@@ -289,6 +308,26 @@ def test_unknown_op_freezes_with_reason() -> None:
     inner = group_with(Unknown(), "b.weight")
     assert inner.frozen  # b's output is added to cumsum's output
     assert "cumsum" in str(fxprune.analyze(Unknown(), X))
+
+
+def test_a_failing_rule_is_a_bug_not_a_frozen_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(s, node, args, kwargs):
+        return 1 / 0
+
+    monkeypatch.setitem(driver.TABLE, operator.add, broken)
+    with pytest.raises(RuleError, match="broken") as info:
+        fxprune.analyze(Residual(), X)
+    assert isinstance(info.value.__cause__, ZeroDivisionError)
+
+
+def test_an_unsupported_use_freezes_with_its_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(s, node, args, kwargs):
+        raise Unsupported(f"no adds here ({node.name})")
+
+    monkeypatch.setitem(driver.TABLE, operator.add, refuse)
+    graph = fxprune.analyze(Residual(), X)
+    stream = next(g for g in graph.groups if any(m.name == "stem.weight" and m.dim == 0 for m in g.members))
+    assert not stream.prunable and stream.frozen == ("no adds here (add)",)
 
 
 class Branchy(nn.Module):

@@ -75,8 +75,9 @@ class Labels:
         view[self.dim] = -1
         return self.ids.view(view).expand(self.shape).contiguous()
 
-    def with_shape(self, shape: tuple[int, ...], dim: int | None = None) -> "Labels":
-        return Labels(tuple(shape), self.dim if dim is None else dim, self.ids)
+    def with_shape(self, shape: tuple[int, ...]) -> "Labels":
+        """The same labels on a tensor of another shape (an op that keeps the channel dim in place)."""
+        return Labels(tuple(shape), self.dim, self.ids)
 
 
 @dataclass(frozen=True)

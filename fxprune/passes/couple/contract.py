@@ -1,0 +1,161 @@
+"""Rules for contracting ops: conv, linear and matmul read the labels of the contracted dim and
+produce fresh ones.
+
+The contracted input labels are bound to the weight's input dim and recorded as a consumer (the
+verification oracle masks that input); fresh output labels are bound to the weight's output dim and
+bias. Grouped convs keep their group count (every group loses the same positions); a depthwise conv
+ties each output channel to its input channel, and its group count follows the pruned width.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx
+
+from ...graph import Family, Patch, PatchKind, Role
+from ...optable import CONV_FUNCS, canonical
+from .labels import Labels, Param
+from .state import State, Unsupported, arg, family, owner, target_name
+
+
+@family(Family.CONTRACT)
+def conv_module(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
+    """``nn.Conv*d`` and ``nn.ConvTranspose*d``."""
+    mod = s.modules[node.target]
+    bias = f"{node.target}.bias" if mod.bias is not None else None
+    return conv(s, node, Param(f"{node.target}.weight", mod.weight), bias, mod.groups, mod.transposed)
+
+
+@family(Family.CONTRACT)
+def conv_function(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
+    """``F.conv*d`` and ``F.conv_transpose*d`` with a parameter as weight."""
+    weight, bias = parameters(node, args, kwargs)
+    groups = arg(node.args, node.kwargs, 6, "groups", 1)
+    if not isinstance(groups, int):
+        raise Unsupported(f"{target_name(node)} at node {node.name} computes its group count")
+    return conv(s, node, weight, bias, groups, CONV_FUNCS[canonical(node.target)])
+
+
+@family(Family.CONTRACT)
+def linear_module(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
+    mod = s.modules[node.target]
+    bias = f"{node.target}.bias" if mod.bias is not None else None
+    return linear(s, node, Param(f"{node.target}.weight", mod.weight), bias)
+
+
+@family(Family.CONTRACT)
+def linear_function(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
+    """``F.linear`` with a parameter as weight."""
+    return linear(s, node, *parameters(node, args, kwargs))
+
+
+def parameters(node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Param, str | None]:
+    """The weight and the bias's name of a functional conv or linear; both must be parameters."""
+    weight, bias = arg(args, kwargs, 1, "weight"), arg(args, kwargs, 2, "bias")
+    if not isinstance(weight, Param) or not (bias is None or isinstance(bias, Param)):
+        raise Unsupported(f"{target_name(node)} at node {node.name} computes its weight or bias")
+    return weight, bias.name if bias is not None else None
+
+
+def conv(s: State, node: torch.fx.Node, w: Param, bias: str | None, groups: int, transposed: bool) -> Labels:
+    src, x = s.input_of(node)
+    who = owner(node)
+    wt = w.tensor
+    c_in = wt.shape[0] if transposed else wt.shape[1] * groups
+    c_out = wt.shape[1] * groups if transposed else wt.shape[0]
+    in_dim, out_dim = (0, 1) if transposed else (1, 0)
+    if x.dim not in (None, 1):
+        s.freeze(x, f"{who} reads channels on dim 1, but channels vary along dim {x.dim} here")
+    xin = x.ids if x.dim == 1 else x.ids[:1].expand(c_in)
+    if groups > 1 and groups == c_in:  # depthwise: each output channel belongs to one input channel
+        out_ids = xin.repeat_interleave(c_out // c_in)
+        if transposed:
+            s.bind(w.name, 0, xin, who, Role.IN)
+        else:
+            s.bind(w.name, 0, out_ids, who, Role.OUT)
+        factors = [out_ids]
+        if node.op == "call_module":
+            s.patches.append(Patch(PatchKind.ATTR, who, src.name, 1, field="groups"))
+        else:
+            path = ("args", 6) if len(node.args) > 6 else ("kwargs", "groups")
+            s.patches.append(Patch(PatchKind.ARG, node.name, src.name, 1, path=path))
+    else:
+        ipg, opg = c_in // groups, c_out // groups
+        out_ids = s.uf.fresh(c_out)
+        if groups > 1:  # every group loses the same positions, so the group count can stay
+            s.uf.union_pairs(xin, xin[:ipg].repeat(groups))
+            s.uf.union_pairs(out_ids, out_ids[:opg].repeat(groups))
+        w_in = xin if transposed else xin[:ipg]
+        w_out = out_ids[:opg] if transposed else out_ids
+        s.bind(w.name, in_dim, w_in, who, Role.IN)
+        s.bind(w.name, out_dim, w_out, who, Role.OUT)
+        s.consumers.append((node.name, 0, 1))
+        factors = [w_in, w_out]
+    if bias is not None:
+        s.bind(bias, 0, out_ids, who, Role.OUT)
+    s.flops(node, factors)
+    if node.op == "call_module":
+        s.patches.append(Patch(PatchKind.ATTR, who, src.name, 1, field="in_channels"))
+        s.patches.append(Patch(PatchKind.ATTR, who, node.name, 1, field="out_channels"))
+    return Labels(s.shape(node), 1, out_ids)
+
+
+def linear(s: State, node: torch.fx.Node, w: Param, bias: str | None) -> Labels:
+    src, x = s.input_of(node)
+    if w.tensor.dim() != 2:
+        raise Unsupported(f"linear at node {node.name} has a {w.tensor.dim()}-d weight")
+    who = owner(node)
+    out_shape = s.shape(node)
+    last = len(x.shape) - 1
+    n_out, n_in = w.tensor.shape
+    if x.dim not in (None, last) and x.shape[x.dim] > 1:
+        # Channels vary along a dim the linear does not contract: they pass through unchanged,
+        # and the linear's own output features cannot be pruned.
+        s.flops(node, [x.ids])
+        return x.with_shape(out_shape)
+    xin = x.ids if x.dim == last else x.ids[:1].expand(n_in)
+    out_ids = s.uf.fresh(n_out)
+    s.bind(w.name, 1, xin, who, Role.IN)
+    s.bind(w.name, 0, out_ids, who, Role.OUT)
+    if bias is not None:
+        s.bind(bias, 0, out_ids, who, Role.OUT)
+    s.consumers.append((node.name, 0, last))
+    s.flops(node, [xin, out_ids])
+    if node.op == "call_module":
+        s.patches.append(Patch(PatchKind.ATTR, who, src.name, last, field="in_features"))
+        s.patches.append(Patch(PatchKind.ATTR, who, node.name, len(out_shape) - 1, field="out_features"))
+    return Labels(out_shape, len(out_shape) - 1, out_ids)
+
+
+@family(Family.CONTRACT)
+def matmul(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
+    """matmul / bmm / mm of two tensors: the contracted dims are tied, one operand's labels may pass."""
+    if len(args) != 2 or kwargs:
+        raise Unsupported(f"matmul at node {node.name} takes its operands by keyword")
+    a, b = (s.labels(v, node) for v in args)
+    if len(a.shape) < 2 or len(b.shape) < 2:
+        raise Unsupported(f"matmul with a 1-d operand at node {node.name}")
+    out_shape = s.shape(node)
+    ad = None if a.dim is None or a.shape[a.dim] == 1 else a.dim - len(a.shape)
+    bd = None if b.dim is None or b.shape[b.dim] == 1 else b.dim - len(b.shape)
+    factors: list[torch.Tensor] = []
+    if ad == -1 and bd == -2:
+        s.uf.union_pairs(a.ids, b.ids)
+    if ad == -1 or bd == -2:
+        factors.append(a.ids if ad == -1 else b.ids)
+        if ad == -1:
+            s.consumers.append((node.name, 0, len(a.shape) - 1))
+        if bd == -2:
+            s.consumers.append((node.name, 1, len(b.shape) - 2))
+    carried = [(lab, d) for lab, d, contracted in ((a, ad, -1), (b, bd, -2)) if d is not None and d != contracted]
+    if len(carried) > 1:
+        for lab, _ in carried:
+            s.freeze(lab, f"matmul at node {node.name} keeps channels of both operands")
+        carried = []
+    s.flops(node, factors + [lab.ids for lab, _ in carried])
+    if carried:
+        lab, d = carried[0]
+        return Labels(out_shape, len(out_shape) + d, lab.ids)
+    return Labels(out_shape, None, s.uf.fresh(1))

@@ -1,0 +1,129 @@
+"""The coupling interpreter: runs a shape-annotated graph on channel labels instead of tensors.
+
+Every node's rule is looked up in ``TABLE`` (module types along their MRO, functions, Tensor method
+names; aten ops through ``optable.canonical``); a node nothing names gets ``rules.unknown``. A rule
+that meets a use of its op it does not handle raises ``Unsupported``, and the node's labels are
+frozen with the message as the reason. Any other exception is a bug and propagates as a
+``RuleError`` naming the node and the rule.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from ... import metakeys as keys
+from ...optable import (
+    CHANNEL_PARAM_MODULES,
+    CONV_FUNCS,
+    ELEMENTWISE_FUNCS,
+    ELEMENTWISE_METHODS,
+    ELEMENTWISE_MODULES,
+    FIRST_OPERAND_FUNCS,
+    FIRST_OPERAND_METHODS,
+    MATMUL,
+    REDUCTIONS,
+    RESHAPE_FUNCS,
+    RESHAPE_METHODS,
+    SHAPE_FUNCS,
+    SHAPE_METHODS,
+    SOFTMAX,
+    SPATIAL_FUNCS,
+    SPATIAL_MODULES,
+    SPLIT,
+    canonical,
+)
+from . import contract, layout, literals, norms, rules
+from .state import Rule, State, Unsupported
+
+__all__ = ["TABLE", "BY_NAME", "Coupler", "RuleError"]
+
+TABLE: dict[Any, Rule] = {
+    # modules
+    **dict.fromkeys(ELEMENTWISE_MODULES, rules.first_operand),
+    **dict.fromkeys(SPATIAL_MODULES, rules.spatial),
+    **dict.fromkeys(CHANNEL_PARAM_MODULES, rules.channel_params),
+    nn.modules.conv._ConvNd: contract.conv_module,
+    nn.Linear: contract.linear_module,
+    nn.LayerNorm: norms.layer_norm_module,
+    nn.GroupNorm: norms.group_norm_module,
+    nn.Flatten: layout.shape_op,
+    nn.PixelShuffle: layout.shape_op,
+    nn.PixelUnshuffle: layout.shape_op,
+    nn.Softmax: rules.softmax,
+    nn.LogSoftmax: rules.softmax,
+    nn.ChannelShuffle: layout.channel_shuffle,
+    # functions and Tensor method names
+    **dict.fromkeys(ELEMENTWISE_FUNCS | ELEMENTWISE_METHODS, rules.elementwise),
+    **dict.fromkeys(FIRST_OPERAND_FUNCS | FIRST_OPERAND_METHODS, rules.first_operand),
+    **dict.fromkeys(SPATIAL_FUNCS, rules.spatial),
+    F.batch_norm: rules.batch_norm,
+    F.instance_norm: rules.batch_norm,
+    F.pad: rules.pad,
+    **dict.fromkeys(SOFTMAX, rules.softmax),
+    **dict.fromkeys(REDUCTIONS, rules.reduction),
+    **dict.fromkeys(CONV_FUNCS, contract.conv_function),
+    F.linear: contract.linear_function,
+    **dict.fromkeys(MATMUL, contract.matmul),
+    F.layer_norm: norms.layer_norm_function,
+    F.group_norm: norms.group_norm_function,
+    **dict.fromkeys(SHAPE_FUNCS | SHAPE_METHODS, layout.shape_op),
+    F.channel_shuffle: layout.channel_shuffle,
+    torch.channel_shuffle: layout.channel_shuffle,
+    torch.roll: layout.roll,
+    "roll": layout.roll,
+    **dict.fromkeys(RESHAPE_FUNCS | RESHAPE_METHODS, literals.reshape),
+    **dict.fromkeys(SPLIT, literals.split),
+    operator.getitem: literals.getitem,
+}
+"""Rule of each module type, function and Tensor method name."""
+
+BY_NAME: dict[str, Rule] = {"stochastic_depth": rules.elementwise}
+"""Rules of functions that libraries keep as leaves of a traced graph, by ``__name__``."""
+
+GRAPH: dict[str, Rule] = {"placeholder": rules.placeholder, "get_attr": rules.get_attr, "output": rules.output}
+CALLS = ("call_function", "call_method", "call_module")
+
+
+class RuleError(RuntimeError):
+    """A coupling rule failed: a bug in fxprune, not a property of the model."""
+
+
+class Coupler(torch.fx.Interpreter):
+    """Runs the graph with each node's rule; every value is ``Labels``, a ``Param`` or a plain value."""
+
+    def __init__(self, gm: torch.fx.GraphModule, state: State, ignore: Iterable[str]) -> None:
+        super().__init__(gm, garbage_collect_values=False)
+        self.extra_traceback = False
+        self.state = state
+        self.ignore = tuple(ignore)
+
+    def rule(self, n: torch.fx.Node) -> Rule:
+        if n.op == "call_module":
+            types = type(self.submodules[n.target]).__mro__
+            return next((TABLE[t] for t in types if t in TABLE), rules.unknown)
+        if n.op in CALLS:
+            t = canonical(n.target)
+            return TABLE.get(t) or BY_NAME.get(getattr(t, "__name__", ""), rules.unknown)
+        return GRAPH[n.op]
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        if n.op in CALLS and keys.TENSOR_META not in n.meta:
+            return n.meta.get(keys.VALUE)  # a size or a dtype: rules replay shape arithmetic with it
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        rule = self.rule(n)
+        try:
+            out = rule(self.state, n, args, kwargs)
+        except Unsupported as exc:
+            out = self.state.unsupported(n, args, kwargs, str(exc))
+        except Exception as exc:
+            raise RuleError(f"coupling rule {rule.__name__} failed at node {n.format_node()}: {type(exc).__name__}: {exc}") from exc
+        if n.op == "call_module" and any(n.target == p or n.target.startswith(p + ".") for p in self.ignore):
+            self.state.freeze(out, f"module {n.target} is in ignore=")
+        return out

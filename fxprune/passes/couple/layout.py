@@ -1,0 +1,163 @@
+"""Rules for shape ops: the op itself runs on the labels.
+
+``on_labels`` materializes the labels of every tensor argument (``Labels.full``), calls the very op
+on them and compresses the result back (``labels.compress``), so view, permute, cat, stack, flip,
+pixel_shuffle, tile ... need no rule of their own. Ops that only move, merge or join dims (permute,
+transpose, unsqueeze, flatten, cat) are done on the compact labels when they can be: the same
+result without building the label tensor. Channel shuffle and roll add their own checks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import TensorMetadata
+
+from ... import metakeys as keys
+from ...graph import Family
+from .labels import Labels, compress
+from .state import State, arg, family, target_name
+
+Moved = tuple[int, torch.Tensor] | None  # (new dim, ids) of a tensor whose labels only moved, or None
+
+
+@family(Family.SHAPE)
+def shape_op(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Any op that only rearranges, repeats or joins positions."""
+    return on_labels(s, node, args, kwargs)
+
+
+def on_labels(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any], force: frozenset[int] = frozenset()) -> Any:
+    """``node``'s op run on the labels of its arguments; ``force`` as in ``compress``."""
+    fast = moved(s, node, args, kwargs)
+    if fast is not None:
+        return fast
+
+    def full(v: Any) -> Any:
+        v = s.as_labels(v)
+        return s.full(v) if isinstance(v, Labels) else v
+
+    result = callee(s, node)(*map_aggregate(args, full), **map_aggregate(kwargs, full))
+    return map_aggregate(result, lambda r: compress(s.uf, r, force) if isinstance(r, torch.Tensor) else r)
+
+
+def callee(s: State, node: torch.fx.Node) -> Callable[..., Any]:
+    """What ``node`` calls: its module, its function, or its method of the first argument."""
+    mod = s.module(node)
+    if mod is not None:
+        return mod
+    if node.op == "call_function":
+        return node.target
+    return lambda self, *a, **k: getattr(self, node.target)(*a, **k)
+
+
+def moved(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels | None:
+    """The labels of an op that only moves, merges or joins dims; None: materialize instead."""
+    meta = node.meta.get(keys.TENSOR_META)
+    if not isinstance(meta, TensorMetadata):
+        return None
+    out_shape = tuple(meta.shape)
+    mod = s.module(node)
+    if mod is not None and not isinstance(mod, nn.Flatten):
+        return None
+    name = "flatten" if mod is not None else target_name(node)
+    if name in ("cat", "concat", "concatenate"):
+        return cat(s, args, kwargs, out_shape)
+    x = s.as_labels(args[0]) if args else None
+    if not isinstance(x, Labels):
+        return None
+    if x.dim is None:
+        return Labels(out_shape, None, x.ids)
+    move = MOVES.get(name)
+    found = move(x, (mod.start_dim, mod.end_dim) if mod is not None else args[1:], kwargs) if move else None
+    if found is None or out_shape[found[0]] != found[1].numel():
+        return None
+    return Labels(out_shape, *found)
+
+
+def permute(x: Labels, rest: tuple[Any, ...], kwargs: dict[str, Any]) -> Moved:
+    dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest or kwargs.get("dims")
+    if dims is None:
+        return None
+    return [k % len(x.shape) for k in dims].index(x.dim), x.ids
+
+
+def transpose(x: Labels, rest: tuple[Any, ...], kwargs: dict[str, Any]) -> Moved:
+    a, b = arg(rest, kwargs, 0, "dim0"), arg(rest, kwargs, 1, "dim1")
+    if a is None or b is None:
+        return None
+    a, b, d = a % len(x.shape), b % len(x.shape), x.dim
+    return (b if d == a else a if d == b else d), x.ids
+
+
+def t(x: Labels, rest: tuple[Any, ...], kwargs: dict[str, Any]) -> Moved:
+    return (1 - x.dim if len(x.shape) == 2 else x.dim), x.ids
+
+
+def unsqueeze(x: Labels, rest: tuple[Any, ...], kwargs: dict[str, Any]) -> Moved:
+    k = arg(rest, kwargs, 0, "dim") % (len(x.shape) + 1)
+    return x.dim + (k <= x.dim), x.ids
+
+
+def flatten(x: Labels, rest: tuple[Any, ...], kwargs: dict[str, Any]) -> Moved:
+    n, d = len(x.shape), x.dim
+    start, end = arg(rest, kwargs, 0, "start_dim", 0) % n, arg(rest, kwargs, 1, "end_dim", -1) % n
+    if d < start:
+        return d, x.ids
+    if d > end:
+        return d - (end - start), x.ids
+    inner = math.prod(x.shape[d + 1:end + 1])
+    return start, x.ids.repeat_interleave(inner).repeat(math.prod(x.shape[start:d]))
+
+
+MOVES: dict[str, Callable[[Labels, tuple[Any, ...], dict[str, Any]], Moved]] = {
+    "permute": permute, "transpose": transpose, "swapaxes": transpose, "t": t, "unsqueeze": unsqueeze,
+    "flatten": flatten,
+}
+
+
+def cat(s: State, args: tuple[Any, ...], kwargs: dict[str, Any], out_shape: tuple[int, ...]) -> Labels | None:
+    """Concatenation on compact labels: along the channel dim, or of tensors with the same labels."""
+    labs = [s.as_labels(v) for v in arg(args, kwargs, 0, "tensors", ())]
+    if not labs or not all(isinstance(lab, Labels) for lab in labs):
+        return None
+    dim = arg(args, kwargs, 1, "dim", kwargs.get("axis", 0)) % len(out_shape)
+    if all(lab.dim in (dim, None) for lab in labs):
+        return Labels(out_shape, dim, torch.cat([lab.ids if lab.dim == dim else lab.ids[:1].expand(lab.shape[dim]) for lab in labs]))
+    first = labs[0]
+    if all(lab.dim == first.dim and torch.equal(s.uf.roots(lab.ids), s.uf.roots(first.ids)) for lab in labs):
+        return Labels(out_shape, first.dim, first.ids)
+    return None
+
+
+@family(Family.SHAPE)
+def channel_shuffle(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
+    """A view to (groups, C / groups), a transpose and a flatten: run exactly that."""
+    mod = s.module(node)
+    groups = mod.groups if mod is not None else arg(args, kwargs, 1, "groups")
+    x = s.labels(arg(args, kwargs, 0, "input"), node)
+    if x.dim not in (None, 1):
+        s.freeze(x, f"channel shuffle at node {node.name} expects channels on dim 1")
+        return x
+    n, c, *rest = x.shape
+    mid = compress(s.uf, s.full(x).view(n, groups, c // groups, *rest), frozenset({2}))
+    if mid.dim not in (None, 2):
+        s.freeze(x, f"channel shuffle at node {node.name}")
+    return compress(s.uf, mid.full().transpose(1, 2).reshape(x.shape))
+
+
+@family(Family.SHAPE)
+def roll(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Rolling along the channel dim (or the flattened tensor) would move channels: frozen."""
+    x = s.labels(arg(args, kwargs, 0, "input"), node)
+    dims = arg(args, kwargs, 2, "dims")
+    dims = [] if dims is None else [dims] if isinstance(dims, int) else list(dims)
+    if x.dim is not None and (not dims or x.dim in [d % len(x.shape) for d in dims]):
+        s.freeze(x, f"roll along the channel dim at node {node.name}")
+    return on_labels(s, node, args, kwargs)

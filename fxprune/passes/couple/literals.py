@@ -1,0 +1,148 @@
+"""Rules for shape ops whose literal arguments must follow a pruned size.
+
+* view / reshape / expand: a literal size along the pruned dim becomes the pruned size. A size the
+  program computes from a channel count (``x.size(1) // 2``) decides which dim a reshape of the
+  pruned tensor splits, and it ties the two tensors: both must lose the same channels;
+* split / chunk along the pruned dim become a split with the pruned sizes of the pieces;
+* a slice along the pruned dim is re-indexed to the kept positions; a single channel, or a gather
+  with an index tensor, freezes the channels.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.fx
+from torch.fx.node import map_aggregate
+
+from ... import metakeys as keys
+from ...graph import Family, Patch, PatchKind
+from .labels import Labels, Param, compress
+from .layout import on_labels
+from .state import State, Unsupported, arg, family
+
+
+@family(Family.SHAPE)
+def reshape(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
+    base, sizes = size_args(node)
+    sources = {d: channel_sources(s, size) for d, size in enumerate(sizes)}
+    out = on_labels(s, node, args, kwargs, frozenset(d for d, src in sources.items() if src))
+    for d, src in sources.items():
+        # A size read from another tensor's channel count only follows pruning if both tensors
+        # lose the same channels.
+        for lab in src:
+            if out.dim != d or set(s.uf.roots(lab.ids).tolist()) != set(s.uf.roots(out.ids).tolist()):
+                why = f"node {node.name} takes a size from the channel count of another tensor"
+                s.freeze(lab, why)
+                s.freeze(out, why)
+    if out.dim is not None and len(sizes) == len(out.shape):
+        size = sizes[out.dim]
+        if isinstance(size, int) and size != -1:
+            index = out.dim + (1 if base == ("args",) else 0)
+            s.patches.append(Patch(PatchKind.ARG, node.name, node.name, out.dim, path=(*base, index)))
+    return out
+
+
+def size_args(node: torch.fx.Node) -> tuple[tuple[Any, ...], tuple[Any, ...] | list[Any]]:
+    """Where a reshape's sizes are (a path into the node's args/kwargs) and the sizes themselves."""
+    a = node.args
+    if node.op == "call_method" and len(a) == 2 and isinstance(a[1], (tuple, list)):
+        base, sizes = ("args", 1), a[1]
+    elif node.op == "call_method" and len(a) > 1:
+        base, sizes = ("args",), a[1:]
+    elif len(a) > 1:
+        base, sizes = ("args", 1), a[1]
+    else:
+        key = "shape" if "shape" in node.kwargs else "size"
+        base, sizes = ("kwargs", key), node.kwargs.get(key, ())
+    return base, sizes if isinstance(sizes, (tuple, list)) else ()
+
+
+def channel_sources(s: State, size: Any) -> list[Labels]:
+    """Labels of the tensors whose channel count a size argument is computed from (``x.size(1) // 2``)."""
+    stack, seen, found = [size], set(), []
+    while stack:
+        n = stack.pop()
+        if not isinstance(n, torch.fx.Node) or n in seen or keys.TENSOR_META in n.meta:
+            continue
+        seen.add(n)
+        base, dim = size_source(s, n)
+        if base is not None:
+            x = s.as_labels(s.env[base])
+            if isinstance(x, Labels) and x.dim is not None and isinstance(dim, int) and dim % len(x.shape) == x.dim:
+                found.append(x)
+            continue
+        stack.extend(n.all_input_nodes)
+    return found
+
+
+def size_source(s: State, n: torch.fx.Node) -> tuple[torch.fx.Node | None, int | None]:
+    """(tensor, dim) when ``n`` reads one size of a tensor: ``x.size(d)``, ``x.size()[d]``, ``x.shape[d]``."""
+
+    def whole(m: Any) -> torch.fx.Node | None:
+        if isinstance(m, torch.fx.Node) and m.op == "call_method" and m.target == "size" and len(m.args) == 1 and not m.kwargs:
+            return m.args[0]
+        if isinstance(m, torch.fx.Node) and m.op == "call_function" and m.target is getattr and m.args[1] == "shape":
+            return m.args[0]
+        return None
+
+    if n.op == "call_method" and n.target == "size" and (len(n.args) > 1 or n.kwargs):
+        return n.args[0], s.value(arg(n.args, n.kwargs, 1, "dim"))
+    if n.op == "call_function" and n.target is operator.getitem and whole(n.args[0]) is not None and isinstance(n.args[1], int):
+        return whole(n.args[0]), n.args[1]
+    return whole(n), None
+
+
+@family(Family.SHAPE)
+def split(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    src, x = s.input_of(node)
+    out = on_labels(s, node, args, kwargs)
+    if x.dim is not None and x.dim == arg(args, kwargs, 2, "dim", 0) % len(x.shape):
+        s.patches.append(Patch(PatchKind.SPLIT, node.name, src.name, x.dim))
+    return out
+
+
+@family(Family.SHAPE)
+def getitem(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    obj, index = args
+    if not isinstance(obj, (Labels, Param)):
+        return obj[index]  # an item of a tuple or dict of tensors (split's pieces, a module's outputs)
+    src, x = s.input_of(node)
+    tensors: list[Any] = []
+    map_aggregate(index, lambda v: tensors.append(v) if isinstance(v, (Labels, Param)) else v)
+    if any(isinstance(v, Labels) for v in tensors):
+        raise Unsupported(f"node {node.name} indexes with a computed tensor")
+    if tensors:  # constant index tensors: gather the labels with them, and keep the channels
+        s.freeze(x, f"node {node.name} gathers with an index tensor")
+        return compress(s.uf, s.full(x)[map_aggregate(index, lambda v: v.tensor if isinstance(v, Param) else v)])
+    out = on_labels(s, node, args, kwargs)
+    if x.dim is not None:
+        slice_channels(s, node, src, x)
+    return out
+
+
+def slice_channels(s: State, node: torch.fx.Node, src: torch.fx.Node, x: Labels) -> None:
+    """Patch a slice of the channel dim to the kept positions; freeze a single channel or an index list."""
+    idx = node.args[1]
+    entries = list(enumerate(idx)) if isinstance(idx, tuple) else [(None, idx)]
+    if any(e is Ellipsis for _, e in entries):
+        k = next(i for i, (_, e) in enumerate(entries) if e is Ellipsis)
+        real = sum(e is not None for _, e in entries) - 1
+        entries = entries[:k] + [(None, slice(None))] * (len(x.shape) - real) + entries[k + 1:]
+    dims = iter(range(len(x.shape)))
+    for pos, e in entries:
+        if e is None or next(dims) != x.dim:
+            continue
+        ev = s.value(e)
+        if isinstance(ev, slice) and ev == slice(None):
+            return
+        if isinstance(ev, slice) and ev.step in (None, 1):
+            path = ("args", 1) if pos is None else ("args", 1, pos)
+            s.patches.append(Patch(PatchKind.SLICE, node.name, src.name, x.dim, path=path))
+        elif isinstance(ev, int):
+            s.freeze(Labels((1,), 0, x.ids[ev:ev + 1] if ev >= 0 else x.ids[ev:][:1]), f"node {node.name} selects a single channel")
+        else:
+            s.freeze(x, f"node {node.name} indexes the channel dim")
+        return

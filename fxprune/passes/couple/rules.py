@@ -1,0 +1,184 @@
+"""Rules for the graph's boundary and for ops that keep channels where they are.
+
+* placeholder, get_attr, output: inputs and outputs keep their channels, parameters are read by name;
+* element-wise (add, mul, activations, where ...): labels meeting at one position are merged;
+* channel-wise (BatchNorm, PReLU, pooling, interpolation, padding): labels stay with their channel;
+* softmax and reductions: fine along other dims, frozen over the channel dim;
+* anything not in the dispatch table: unsupported, so the driver freezes it.
+
+Every rule takes ``(state, node, args, kwargs)``, the args being the values of the node's arguments.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+from ...graph import Family, Patch, PatchKind, Role
+from .labels import Labels, Param, compress
+from .state import State, Unsupported, arg, family, owner, target_name
+
+
+def placeholder(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """A model input: its channels come from outside, so no plan may remove them."""
+    return s.frozen_like(node, f"model input {node.name}")
+
+
+def get_attr(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """A parameter or buffer, labelled by name when it is first used as data."""
+    obj = operator.attrgetter(node.target)(s.gm)
+    return Param(node.target, obj) if isinstance(obj, torch.Tensor) else obj
+
+
+def output(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The model's outputs keep all their channels, unless the caller frees them (to drop classes)."""
+    if not s.free_output:
+        s.freeze(args[0], "model output")
+    return args[0]
+
+
+def unknown(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The rule of everything the dispatch table does not name."""
+    mod = s.module(node)
+    if mod is not None:
+        raise Unsupported(f"module {node.target} ({type(mod).__name__}) is not understood")
+    kind = "method" if node.op == "call_method" else "function"
+    raise Unsupported(f"{kind} {target_name(node)} at node {node.name} is not understood")
+
+
+@family(Family.ELEMENTWISE)
+def elementwise(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
+    """An op applied position by position to all its tensor operands (add, mul, where ...)."""
+    return merge(s, node, [*args, *kwargs.values()])
+
+
+@family(Family.ELEMENTWISE)
+def first_operand(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
+    """An op whose output follows its first operand only (activations, ``contiguous``, ``zeros_like``)."""
+    return merge(s, node, list(args[:1]))
+
+
+def merge(s: State, node: torch.fx.Node, operands: list[Any]) -> Labels:
+    """Merge the labels that meet at each position of ``node``'s output."""
+    out_shape = s.shape(node)
+    nd = len(out_shape)
+    labs = [s.as_labels(v) for v in operands if isinstance(v, (Labels, Param))]
+    if not labs:
+        return s.frozen_like(node, f"node {node.name} creates a tensor")
+
+    def aligned_size(lab: Labels, d: int) -> int:
+        k = d - (nd - len(lab.shape))
+        return lab.shape[k] if k >= 0 else 1
+
+    varying = {lab.dim + nd - len(lab.shape) for lab in labs if lab.dim is not None and lab.shape[lab.dim] > 1}
+    if len(varying) > 1:
+        full = [s.full(lab) for lab in labs]
+        full = [f.reshape([1] * (nd - f.dim()) + list(f.shape)).expand(out_shape) for f in full]
+        for f in full[1:]:
+            s.uf.union_pairs(full[0], f)
+        return compress(s.uf, full[0])
+    if not varying:
+        for lab in labs[1:]:
+            s.uf.union(int(labs[0].ids[0]), int(lab.ids[0]))
+        return Labels(out_shape, None, labs[0].ids[:1])
+    d = varying.pop()
+    out = next(lab for lab in labs if lab.dim is not None and lab.dim + nd - len(lab.shape) == d)
+    for lab in labs:
+        if lab is out or aligned_size(lab, d) == 1:
+            continue  # broadcast along the channel dim: not tied to any one channel
+        if lab.ids.numel() == 1:  # one label over the whole channel dim: tied to every channel
+            s.uf.union_pairs(lab.ids.expand_as(out.ids), out.ids)
+        else:
+            s.uf.union_pairs(lab.ids, out.ids)
+    return Labels(out_shape, d, out.ids)
+
+
+@family(Family.CHANNELWISE)
+def spatial(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
+    """Pooling, interpolation and padding modules and pooling functions."""
+    src, x = s.input_of(node)
+    return per_channel(s, node, src, x, {})
+
+
+@family(Family.CHANNELWISE)
+def channel_params(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
+    """BatchNorm, InstanceNorm and PReLU modules: their parameters and buffers hold one entry per channel."""
+    mod = s.modules[node.target]
+    tensors = [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)]
+    src, x = s.input_of(node)
+    return per_channel(s, node, src, x, {f"{node.target}.{n}": t for n, t in tensors})
+
+
+@family(Family.CHANNELWISE)
+def batch_norm(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
+    """``F.batch_norm`` and ``F.instance_norm``: the statistics and affine tensors passed in."""
+    names = ("running_mean", "running_var", "weight", "bias")
+    found = [arg(args, kwargs, 1 + i, name) for i, name in enumerate(names)]
+    src, x = s.input_of(node)
+    return per_channel(s, node, src, x, {p.name: p.tensor for p in found if isinstance(p, Param)})
+
+
+@family(Family.CHANNELWISE)
+def pad(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
+    """``F.pad`` of the trailing dims; padding the channel dim is unsupported."""
+    src, x = s.input_of(node)
+    if x.dim is not None and x.dim >= len(x.shape) - len(arg(args, kwargs, 1, "pad")) // 2:
+        raise Unsupported(f"pad at node {node.name} pads the channel dim")
+    return x.with_shape(s.shape(node))
+
+
+def per_channel(s: State, node: torch.fx.Node, src: torch.fx.Node, x: Labels, params: dict[str, torch.Tensor]) -> Labels:
+    """Labels stay with their channel on dim 1; ``params`` (name -> tensor) with one entry per channel follow."""
+    who = owner(node)
+    if x.dim not in (None, 1):
+        s.freeze(x, f"{who} works per channel on dim 1, but channels vary along dim {x.dim} here")
+        x = Labels(x.shape, None, x.ids[:1])
+    if x.dim == 1:
+        for name, t in params.items():
+            if t.dim() == 1 and t.shape[0] == x.shape[1] and x.shape[1] > 1:
+                s.bind(name, 0, x.ids, who, Role.PARAM)
+        width = width_field(s.module(node))
+        if width:
+            s.patches.append(Patch(PatchKind.ATTR, who, src.name, 1, field=width))
+    return x.with_shape(s.shape(node))
+
+
+def width_field(mod: nn.Module | None) -> str:
+    """The attribute of a per-channel module that holds its channel count ("" when none must change)."""
+    if isinstance(mod, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
+        return "num_features"
+    if isinstance(mod, nn.PReLU) and mod.num_parameters > 1:
+        return "num_parameters"
+    return ""
+
+
+@family(Family.ELEMENTWISE)
+def softmax(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
+    """Softmax: position-wise along other dims; over the channel dim every output reads every channel."""
+    mod = s.module(node)
+    x = s.labels(arg(args, kwargs, 0, "input"), node)
+    dim = mod.dim if mod is not None else arg(args, kwargs, 1, "dim")
+    if x.dim is not None and (dim is None or dim % len(x.shape) == x.dim):
+        s.freeze(x, f"softmax over the channel dim at node {node.name}")
+    return x.with_shape(s.shape(node))
+
+
+@family(Family.REDUCTION)
+def reduction(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
+    """mean / sum / amax / amin: labels kept along the remaining dims, frozen when the channel dim goes."""
+    x = s.labels(arg(args, kwargs, 0, "input"), node)
+    out_shape = s.shape(node)
+    if x.dim is None:
+        return Labels(out_shape, None, x.ids[:1])
+    dims = arg(args, kwargs, 1, "dim")
+    dims = [] if dims is None else [dims] if isinstance(dims, int) else list(dims)
+    dims = [d % len(x.shape) for d in dims] or list(range(len(x.shape)))  # no dims: all of them
+    if x.dim in dims:
+        s.freeze(x, f"{target_name(node)} over the channel dim at node {node.name}")
+        return Labels(out_shape, None, x.ids[:1])
+    keepdim = bool(arg(args, kwargs, 2, "keepdim", False))
+    return Labels(out_shape, x.dim if keepdim else x.dim - sum(d < x.dim for d in dims), x.ids)
