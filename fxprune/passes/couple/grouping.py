@@ -101,6 +101,7 @@ def group_ids(member_atoms: dict[tuple[str, int], torch.Tensor], reasons: dict[i
     for k, atoms in enumerate(member_atoms.values()):
         present = torch.unique(atoms)
         signature.index_add_(0, present, codes[k].expand(present.numel()).contiguous())
-    for a, r in reasons.items():
-        signature[a] += hash(tuple(r)) % 2**62
+    if reasons:  # one vectorized add: tens of thousands of atoms can be frozen (attention tables)
+        frozen = torch.tensor(list(reasons), dtype=torch.long)
+        signature.index_add_(0, frozen, torch.tensor([hash(tuple(r)) % 2**62 for r in reasons.values()], dtype=torch.long))
     return first_appearance_ids(signature)
