@@ -10,7 +10,9 @@ warm-up run of each, the median of --repeat runs of
   stopped with SIGALRM and the model's remaining torch-pruning runs are skipped.
 
 It also prints the number of torch.fx graph nodes and fxprune's time per 1000 nodes, to judge whether
-fxprune scales linearly with graph size, and the torch-pruning / fxprune time ratio.
+fxprune scales linearly with graph size, the torch-pruning / fxprune time ratio, and fxprune's compile
+time in eager forward passes of the same model on the same input (``torch.no_grad``), timed interleaved
+with the compiles (compile, forward, compile, forward ...; medians of each).
 
     python benchmarks/compile_time.py
     python benchmarks/compile_time.py --models resnet50,swin_t --repeat 3 --tp-timeout 60
@@ -47,6 +49,23 @@ def fx_seconds(model, x) -> float:
     start = time.perf_counter()
     fxprune.compile(model, ratio=0.5, example_inputs=x, verify=False)
     return time.perf_counter() - start
+
+
+def forward_seconds(model, x) -> float:
+    with torch.no_grad():
+        start = time.perf_counter()
+        model(x)
+        return time.perf_counter() - start
+
+
+def fx_and_forward(model, x, repeat: int) -> tuple[float, float] | str:
+    """Medians of fxprune compiles and eager forwards, taking turns, after one warm-up of each."""
+    try:
+        fx_seconds(model, x), forward_seconds(model, x)
+        pairs = [(fx_seconds(model, x), forward_seconds(model, x)) for _ in range(repeat)]
+    except Exception as exc:
+        return short_error(exc, 40)
+    return statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
 
 
 def tp_seconds(model, x, timeout: int) -> float:
@@ -92,7 +111,8 @@ def main() -> None:
         model = build_model(name)
         x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
         nodes = graph_nodes(model)
-        fx = median_seconds(lambda: fx_seconds(model, x), args.repeat)
+        both = fx_and_forward(model, x, args.repeat)
+        fx, fwd = both if isinstance(both, tuple) else (both, None)
         tp = median_seconds(lambda: tp_seconds(model, x, args.tp_timeout), args.repeat)
         if tp == "timeout":
             tp = f"timeout >{args.tp_timeout}s"
@@ -101,11 +121,12 @@ def main() -> None:
             name, nodes,
             f"{fx:.2f}" if fx_ok else fx,
             f"{1000 * fx / nodes:.2f}" if fx_ok and isinstance(nodes, int) else "-",
+            f"{fx / fwd:.1f}" if fx_ok else "-",
             f"{tp:.2f}" if tp_ok else tp,
             f"{tp / fx:.1f}x" if fx_ok and tp_ok else "-",
         ])
         print(f"{name} done", file=sys.stderr, flush=True)
-    headers = ["model", "fx nodes", "fxprune s", "fxprune s / 1k nodes", "torch-pruning s", "tp / fxprune"]
+    headers = ["model", "fx nodes", "fxprune s", "fxprune s / 1k nodes", "forward passes", "torch-pruning s", "tp / fxprune"]
     print(tabulate(rows, headers=headers, disable_numparse=True))
     print(f"median of {args.repeat} runs after one warm-up; torch.get_num_threads() = {torch.get_num_threads()}")
 
