@@ -29,6 +29,7 @@ import time
 
 import torch
 import torch.fx
+import torchvision
 from tabulate import tabulate
 
 import fxprune
@@ -99,7 +100,8 @@ def graph_nodes(model) -> int | str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated torchvision model names")
+    parser.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated torchvision model names, or 'all' (every classifier)")
+    parser.add_argument("--no-tp", action="store_true", help="skip torch-pruning")
     parser.add_argument("--repeat", type=int, default=5, help="timed runs per tool (default 5)")
     parser.add_argument("--tp-timeout", type=int, default=120, help="seconds per torch-pruning call (default 120)")
     args = parser.parse_args()
@@ -107,13 +109,14 @@ def main() -> None:
     torch.set_num_threads(2)
     signal.signal(signal.SIGALRM, _alarm)
     rows = []
-    for name in args.models.split(","):
+    names = torchvision.models.list_models(module=torchvision.models) if args.models == "all" else args.models.split(",")
+    for name in names:
         model = build_model(name)
         x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
         nodes = graph_nodes(model)
         both = fx_and_forward(model, x, args.repeat)
         fx, fwd = both if isinstance(both, tuple) else (both, None)
-        tp = median_seconds(lambda: tp_seconds(model, x, args.tp_timeout), args.repeat)
+        tp = "skipped" if args.no_tp else median_seconds(lambda: tp_seconds(model, x, args.tp_timeout), args.repeat)
         if tp == "timeout":
             tp = f"timeout >{args.tp_timeout}s"
         fx_ok, tp_ok = isinstance(fx, float), isinstance(tp, float)
