@@ -43,6 +43,8 @@ def compile(  # noqa: A001 - the product's verb
     target_gflops: float | None = None,
     *,
     ratio: float | None = None,
+    speedup: float | None = None,
+    target_latency_ms: float | None = None,
     example_inputs: Inputs = None,
     strategy: Strategy | None = None,
     ignore: Iterable[str] = (),
@@ -50,10 +52,15 @@ def compile(  # noqa: A001 - the product's verb
     keep_classes: Sequence[int] | None = None,
     **options: Any,
 ) -> torch.fx.GraphModule:
-    """Prune ``model`` to a FLOPs budget and return a new, smaller ``torch.fx.GraphModule``.
+    """Prune ``model`` to a FLOPs or latency budget and return a new, smaller ``torch.fx.GraphModule``.
 
     Give exactly one of ``target_gflops`` (GFLOPs of the result, FLOPs = 2 x MACs of conv, linear and
-    matmul as counted by ``FlopCounterMode``) or ``ratio`` (fraction of those FLOPs to remove).
+    matmul as counted by ``FlopCounterMode``), ``ratio`` (fraction of those FLOPs to remove), ``speedup``
+    (the result's measured latency is at most the original's divided by it) or ``target_latency_ms``.
+    Latency is measured on the device that holds the model, at the batch size of ``example_inputs``, with
+    the current thread count, in eval mode under no_grad (see ``measure_latency``); a latency cost model
+    built from timings of the model's own layers (cached on disk) picks the widths, and the result is
+    measured, and re-selected until the target holds (see ``pipeline.reach_latency``).
     ``example_inputs`` defaults to one seeded ``torch.randn(1, 3, 224, 224)``. ``ignore`` names modules
     whose output channels must stay. The model's outputs never lose channels and ``model`` itself is never
     modified. With ``verify=True`` the result is checked against the masked original (see verify.py).
@@ -69,20 +76,26 @@ def compile(  # noqa: A001 - the product's verb
     target)`` (target None for batches without one). ``mode``: "per_group" (the default: every group
     loses the same fraction) or "global" (all channels ranked together; always for gflops_aware). Every
     pruned group keeps at least ``min_width`` channel atoms, and a multiple of ``round_to`` when it is
-    wider than that. See passes/select.py for the exact rules.
+    wider than that; ``round_to="auto"`` (the default) measures which multiple is fastest on this device
+    (see latency.py). See passes/select.py for the exact rules.
 
     ``keep_classes``: sorted class indices; the result outputs only those (see ``keep_only_classes``,
     applied first) and calibration uses only their samples (targets renumbered to match the outputs).
     The report then starts from ``model`` as given, all its classes included.
     Under ``torch.distributed`` every rank gets rank 0's plan.
     """
-    target = pipeline.Target(target_gflops, ratio)
+    target = pipeline.Target(target_gflops, ratio, speedup, target_latency_ms)
     chosen = Strategy.of(strategy, **options)
     job = pipeline.start(model, example_inputs, chosen, keep_classes, verify)
     a = pipeline.analyze(job.model, job.inputs, ignore, chosen.seed)
+    job.chooser = pipeline.resolve(a, job.chooser)
     scores = job.chooser.scores(a.graph, a.gm, chosen.seed)
-    plan = pipeline.select_plan(a, job.chooser, target.macs(a.flops.total), scores)
-    pruned = pipeline.finish(a, plan, verify)
+    if target.measured:
+        plan, pruned, measured = pipeline.reach_latency(a, job.chooser, target, scores)
+        pruned = pipeline.finish(a, plan, verify, pruned)
+        pruned.meta[keys.RECORD]["report"]["latency"] = measured
+    else:
+        pruned = pipeline.finish(a, pipeline.select_plan(a, job.chooser, target.macs(a.flops.total), scores), verify)
     return pipeline.conclude(job, pruned, report(pruned))
 
 

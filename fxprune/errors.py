@@ -39,11 +39,13 @@ class PlanError(FxPruneError):
 
 
 class TargetUnreachableError(FxPruneError):
-    """The FLOPs target is below what the prunable groups can reach."""
+    """The FLOPs or latency target is below what the prunable groups can reach. ``smallest_gflops``: the
+    fewest GFLOPs reachable (FLOPs targets); ``best_speedup``: the best measured speed-up (latency targets)."""
 
-    def __init__(self, message: str, smallest_gflops: float) -> None:
+    def __init__(self, message: str, smallest_gflops: float | None = None, best_speedup: float | None = None) -> None:
         super().__init__(message)
         self.smallest_gflops = smallest_gflops
+        self.best_speedup = best_speedup
 
 
 class VerificationError(FxPruneError):

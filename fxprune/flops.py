@@ -45,13 +45,25 @@ class FlopModel:
         key, counts = torch.unique(rows[keep] * width + cols[keep], return_counts=True)
         self.rows, self.cols, self.counts = key // width, key % width, counts.to(torch.float64)
 
+    def kept_per_factor(self, removed: torch.Tensor) -> torch.Tensor:
+        """How many indices of each factor of each term stay after removing ``removed`` (float64)."""
+        return self.sizes.index_add(0, self.rows, self.counts * removed[self.cols], alpha=-1)
+
     def macs(self, removed: torch.Tensor) -> float:
         """MACs (float64) after removing ``removed``, for the target search."""
         if not self.terms:
             return float(self.constant)
-        kept = self.sizes.index_add(0, self.rows, self.counts * removed[self.cols], alpha=-1)
+        kept = self.kept_per_factor(removed)
         ratio = torch.ones(len(self.terms), dtype=torch.float64).scatter_reduce(0, self.term_of, kept / self.sizes, "prod")
         return float((self.macs_vec * ratio).sum()) + self.constant
+
+    cost = macs  # the cost-model interface that select uses
+
+    def describe(self, value: float) -> str:
+        return f"{2 * value / 1e9:.4g} GFLOPs"
+
+    def reached(self, smallest: float) -> dict[str, float]:
+        return {"smallest_gflops": 2 * smallest / 1e9}
 
     def saved_per_atom(self) -> torch.Tensor:
         """MACs that removing each atom alone would save from the unpruned model (float64, per atom).

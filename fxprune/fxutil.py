@@ -60,9 +60,9 @@ def graph_module(source: torch.fx.GraphModule, graph: torch.fx.Graph, extra: dic
 
 
 @contextlib.contextmanager
-def eval_mode(module: nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode for the duration, then restore each one's flag."""
-    flags = [(m, m.training) for m in module.modules()]
+def eval_mode(*modules: nn.Module) -> Iterator[None]:
+    """Put every submodule of ``modules`` in eval mode for the duration, then restore each one's flag."""
+    flags = [(m, m.training) for module in modules for m in module.modules()]
     for m, _ in flags:  # not module.eval(): exported modules refuse it (their mode is fixed at export)
         m.training = False
     try:

@@ -133,9 +133,10 @@ def prune_iteratively(
         raise ArgumentError("finetune must be a function finetune(model) that trains the model in place")
     chosen = Strategy.of(strategy, **options)
     job = pipeline.start(model, example_inputs, chosen, keep_classes, verify)
-    chooser, seed = job.chooser, chosen.seed
-    tapping = coarse and isinstance(chooser.selector, ActivationSelector)
+    seed = chosen.seed
     a = pipeline.analyze(job.model, job.inputs, ignore, seed)
+    job.chooser = chooser = pipeline.resolve(a, job.chooser)
+    tapping = coarse and isinstance(chooser.selector, ActivationSelector)
     start = a.flops.total
     goal = target.macs(start)
     if goal > start:

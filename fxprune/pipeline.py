@@ -18,8 +18,9 @@ import torch.distributed as dist
 import torch.fx
 from torch import nn
 
+from . import latency
 from . import metakeys as keys
-from .errors import ArgumentError
+from .errors import ArgumentError, TargetUnreachableError
 from .flops import FlopModel, total_macs
 from .graph import DependencyGraph, Plan
 from .masks import removed_mask
@@ -28,16 +29,17 @@ from .passes.capture import capture
 from .passes.classes import class_plan
 from .passes.couple import couple
 from .passes.rewrite import rewrite
-from .passes.select import select
+from .passes.select import CostModel, select
 from .passes.shapes import propagate_shapes
 from .passes.verify import verify as verify_pass
 from .record import provenance
 from .report import Report
 from .stats import ClassSubset
 from .strategy import Chooser, Strategy
+from .timing import Latency, Setting, TimingCache, measure_in_turns
 
 __all__ = ["DEFAULT_INPUT_SHAPE", "Inputs", "Model", "Analysis", "Target", "Job", "example_inputs", "analyze",
-           "select_plan", "finish", "start", "conclude"]
+           "resolve", "select_plan", "reach_latency", "finish", "start", "conclude"]
 
 log = logging.getLogger("fxprune")
 
@@ -102,28 +104,53 @@ def analyze(model: Model, given: Inputs = None, ignore: Iterable[str] = (), seed
 
 @dataclass(frozen=True)
 class Target:
-    """What the result must cost: exactly one of ``gflops`` (of the result) or ``ratio`` (of FLOPs removed)."""
+    """What the result must cost: exactly one of ``gflops`` (of the result), ``ratio`` (of FLOPs removed),
+    ``speedup`` (measured latency at most the original's divided by it) or ``latency_ms`` (measured)."""
 
     gflops: float | None = None
     ratio: float | None = None
+    speedup: float | None = None
+    latency_ms: float | None = None
 
     def __post_init__(self) -> None:
-        if (self.gflops is None) == (self.ratio is None):
-            raise ArgumentError("give exactly one of target_gflops= (GFLOPs of the result) or ratio= (fraction of FLOPs to remove)")
+        given = [v for v in (self.gflops, self.ratio, self.speedup, self.latency_ms) if v is not None]
+        if len(given) != 1:
+            raise ArgumentError("give exactly one of target_gflops= (GFLOPs of the result), ratio= (fraction of FLOPs "
+                                "to remove), speedup= (measured) or target_latency_ms= (measured)")
         if self.ratio is not None and not 0.0 <= self.ratio < 1.0:
             raise ArgumentError(f"ratio must be in [0, 1), got {self.ratio}")
-        if self.gflops is not None and not self.gflops > 0:
-            raise ArgumentError(f"target_gflops must be positive, got {self.gflops}")
+        for name, value in (("target_gflops", self.gflops), ("target_latency_ms", self.latency_ms)):
+            if value is not None and not value > 0:
+                raise ArgumentError(f"{name} must be positive, got {value}")
+        if self.speedup is not None and not self.speedup >= 1.0:
+            raise ArgumentError(f"speedup must be at least 1 (the original's latency divided by the result's), got {self.speedup}")
+
+    @property
+    def measured(self) -> bool:
+        """A latency target: the result is measured until it holds."""
+        return self.speedup is not None or self.latency_ms is not None
 
     def macs(self, total: int) -> float:
         """The MACs budget for a model of ``total`` MACs (FLOPs = 2 x MACs)."""
         return self.gflops * 1e9 / 2 if self.gflops is not None else (1.0 - self.ratio) * total
 
+    def goal_ms(self, original_ms: float) -> float:
+        return self.latency_ms if self.latency_ms is not None else original_ms / self.speedup
 
-def select_plan(a: Analysis, chooser: Chooser, target_macs: float, scores: dict[int, torch.Tensor]) -> Plan:
-    """The plan for ``target_macs`` given the selector's ``scores``; under torch.distributed, rank 0's
-    plan, on every rank."""
-    plan = select(a.graph, a.flops, target_macs, scores, mode=chooser.mode, rule=chooser.rule, comparable=chooser.comparable)
+
+def resolve(a: Analysis, chooser: Chooser) -> Chooser:
+    """``chooser`` with ``round_to="auto"`` replaced by the multiple measured on ``a`` (``latency.fast_multiple``)."""
+    if chooser.strategy.round_to != "auto":
+        return chooser
+    multiple = latency.fast_multiple(a.gm, a.graph, Setting.of(a.gm, a.inputs), TimingCache())
+    log.info("round_to='auto': widths are multiples of %d on this device", multiple)
+    return replace(chooser, strategy=replace(chooser.strategy, round_to=multiple), measured=True)
+
+
+def select_plan(a: Analysis, chooser: Chooser, target: float, scores: dict[int, torch.Tensor], cost: CostModel | None = None) -> Plan:
+    """The plan whose ``cost`` (default: ``a.flops``, in MACs) fits ``target`` given the selector's
+    ``scores``; under torch.distributed, rank 0's plan, on every rank."""
+    plan = select(a.graph, cost or a.flops, target, scores, mode=chooser.mode, rule=chooser.rule, comparable=chooser.comparable)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         shared = [plan.to_json()]
         dist.broadcast_object_list(shared, src=0)
@@ -131,9 +158,69 @@ def select_plan(a: Analysis, chooser: Chooser, target_macs: float, scores: dict[
     return plan
 
 
-def finish(a: Analysis, plan: Plan, verify: bool) -> torch.fx.GraphModule:
-    """Rewrite ``a`` as ``plan`` says, verify it (when asked) and record the report, plan and provenance."""
-    pruned = rewrite(a.gm, a.graph, plan)
+ROUNDS = 6
+"""How many pruned models a latency target measures at most."""
+
+MARGIN = 0.04
+"""A latency target aims this much below its goal: two timings of the same pair of models on a busy
+machine differ by a few percent, and the goal must hold when the user measures again."""
+
+
+def reach_latency(a: Analysis, chooser: Chooser, target: Target, scores: dict[int, torch.Tensor]) -> tuple[Plan, torch.fx.GraphModule, dict[str, Any]]:
+    """The plan, rewritten model and measurement record of a latency target.
+
+    The latency model turns the target into an estimated-milliseconds budget; each round selects, rewrites
+    and times the result in turns with the original. A miss tightens the budget by the measured ratio, a
+    result more than 6% under the aim (``MARGIN`` below the goal) loosens it. The slowest result within the
+    aim wins, else the fastest within the goal; if none is, even at the smallest allowed widths,
+    ``TargetUnreachableError`` names the best speed-up measured."""
+    setting, cache = Setting.of(a.gm, a.inputs), TimingCache()
+    original = measure_in_turns([a.gm], a.inputs)[0]
+    goal = target.goal_ms(original.median_ms)
+    aim = goal * (1 - MARGIN)
+    model = latency.LatencyModel(a.graph, a.flops, a.gm, original.median_ms, setting, cache, chooser.rule.round_to)
+    budget, tried, smallest = aim, [], False
+    for _ in range(ROUNDS):
+        try:
+            plan = select_plan(a, chooser, budget, scores, model)
+        except TargetUnreachableError as exc:
+            if smallest:
+                break
+            budget, smallest = model.total / exc.best_speedup, True
+            plan = select_plan(a, chooser, budget, scores, model)
+        pruned = rewrite(a.gm, a.graph, plan)
+        before, after = measure_in_turns([a.gm, pruned], a.inputs)
+        ms = after.median_ms if target.latency_ms is not None else original.median_ms * after.median_ms / before.median_ms
+        log.info("round %d: %.4g ms measured, aiming at %.4g ms (estimated %.4g ms)", len(tried) + 1, ms, aim, model.cost(removed_mask(a.graph, plan)))
+        tried.append((ms, plan, pruned, before, after))
+        if 0.94 * aim <= ms <= aim:
+            break
+        budget *= aim / ms
+    within = [t for t in tried if t[0] <= aim] or [min(tried, key=lambda t: t[0])]
+    ms, plan, pruned, before, after = max(within, key=lambda t: t[0])
+    if ms > goal:
+        speedup = before.median_ms / after.median_ms
+        raise TargetUnreachableError(
+            f"the latency target {goal:.4g} ms ({original.median_ms / goal:.3g}x faster than {original.median_ms:.4g} ms) "
+            f"is out of reach on {setting.device}: the best speed-up measured was {speedup:.3g}x ({after.median_ms:.4g} ms, "
+            f"{chooser.rule}). Ask for at most that, lower min_width/round_to, or un-freeze groups (see analyze()).",
+            best_speedup=speedup,
+        )
+    return plan, pruned, _latency_record(target, goal, before, after, cache, len(tried))
+
+
+def _latency_record(target: Target, goal: float, before: Latency, after: Latency, cache: TimingCache, rounds: int) -> dict[str, Any]:
+    s = before.setting
+    return {"target": {"speedup": target.speedup, "latency_ms": target.latency_ms}, "goal_ms": goal,
+            "before_ms": before.median_ms, "after_ms": after.median_ms, "speedup": before.median_ms / after.median_ms,
+            "batch": before.batch, "device": s.device, "device_name": s.device_name, "threads": s.threads,
+            "dtype": s.dtype, "layer_timings_taken": cache.measured, "rounds": rounds}
+
+
+def finish(a: Analysis, plan: Plan, verify: bool, pruned: torch.fx.GraphModule | None = None) -> torch.fx.GraphModule:
+    """Rewrite ``a`` as ``plan`` says (unless ``pruned`` is that rewrite already), verify it (when asked)
+    and record the report, plan and provenance."""
+    pruned = rewrite(a.gm, a.graph, plan) if pruned is None else pruned
     removed = removed_mask(a.graph, plan)
     record = pruned.meta[keys.RECORD]
     log.info("rewrote the graph: %d of %d channel atoms removed", int(removed.sum()), a.graph.num_atoms)

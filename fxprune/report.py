@@ -62,6 +62,7 @@ class Report:
     macs: tuple[int, int]
     other_flops: tuple[int, int]
     notes: list[str] = field(default_factory=list)
+    latency: dict[str, Any] | None = None  # what a latency target measured (pipeline.reach_latency)
 
     @property
     def flops(self) -> tuple[int, int]:
@@ -80,11 +81,16 @@ class Report:
     def summary(self) -> str:
         f0, f1 = self.flops
         p0, p1 = self.params
-        return (
+        text = (
             f"FLOPs {f0 / 1e9:.4g} G -> {f1 / 1e9:.4g} G ({100 * (1 - f1 / max(f0, 1)):.1f}% removed); "
             f"params {p0 / 1e6:.4g} M -> {p1 / 1e6:.4g} M; other ops {_si(self.other_flops[0])} -> "
             f"{_si(self.other_flops[1])} FLOPs"
         )
+        if self.latency:
+            t = self.latency
+            text += (f"\nlatency {t['before_ms']:.4g} ms -> {t['after_ms']:.4g} ms ({t['speedup']:.3g}x faster, measured in "
+                     f"turns; batch {t['batch']}, {t['device']}, {t['threads']} threads, {t['dtype']})")
+        return text
 
     def __str__(self) -> str:
         text = self._table("simple") + "\n" + self.summary()
@@ -103,7 +109,7 @@ class Report:
         "before", ``later``'s "after"; layers are matched by name."""
         first = {r.name: r for r in self.rows}
         rows = [first[r.name].then(r) if r.name in first else r for r in later.rows]
-        return Report(rows, *_spans(self, later, ("params", "macs", "other_flops")), list(dict.fromkeys(self.notes + later.notes)))
+        return Report(rows, *_spans(self, later, ("params", "macs", "other_flops")), list(dict.fromkeys(self.notes + later.notes)), later.latency)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -111,4 +117,4 @@ class Report:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Report":
         rows = [LayerRow(**{k: tuple(v) if isinstance(v, list) else v for k, v in r.items()}) for r in d["rows"]]
-        return cls(rows, tuple(d["params"]), tuple(d["macs"]), tuple(d["other_flops"]), list(d["notes"]))
+        return cls(rows, tuple(d["params"]), tuple(d["macs"]), tuple(d["other_flops"]), list(d["notes"]), d.get("latency"))

@@ -29,6 +29,11 @@ def _cli(help: str, **argparse: Any) -> dict[str, Any]:
     return {"cli": {"help": help, **argparse}}
 
 
+def _round_to(text: str) -> int | str:
+    """``--round-to``'s value: ``auto`` or an integer."""
+    return text if text == "auto" else int(text)
+
+
 @dataclass(frozen=True)
 class Strategy:
     """How channels are chosen; see ``fxprune.compile`` for what each field means."""
@@ -39,7 +44,9 @@ class Strategy:
     mode: Mode | None = field(default=None, metadata=_cli(
         "per_group: same fraction of every group (default); global: all channels ranked together", choices=MODES))
     min_width: int = field(default=1, metadata=_cli("every pruned group keeps at least N channels", type=int, metavar="N"))
-    round_to: int = field(default=1, metadata=_cli("kept widths are multiples of N (e.g. 8)", type=int, metavar="N"))
+    round_to: int | Literal["auto"] = field(default="auto", metadata=_cli(
+        "kept widths are multiples of N (e.g. 8); auto (default): the multiple measured fastest on this device",
+        type=_round_to, metavar="N|auto"))
     seed: int = field(default=0, metadata=_cli("seed of random selection and of the default example input", type=int))
     calibration: Any = None
     loss_fn: LossFn | None = None
@@ -49,10 +56,13 @@ class Strategy:
             raise ArgumentError(f"unknown mode {self.mode!r}; choose 'per_group' (same fraction of every group) or 'global' (all channels ranked together)")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ArgumentError(f"seed must be an integer, got {self.seed!r}")
-        self.rule  # validates min_width and round_to
+        WidthRule(self.min_width, 1 if self.round_to == "auto" else self.round_to)  # validates both
 
     @property
     def rule(self) -> WidthRule:
+        """The width rule; ``round_to="auto"`` must first be measured (``pipeline.resolve``)."""
+        if self.round_to == "auto":
+            raise ArgumentError("round_to='auto' becomes a number only on an analyzed model (pipeline.resolve)")
         return WidthRule(self.min_width, self.round_to)
 
     @classmethod
@@ -83,12 +93,14 @@ class Strategy:
 
 @dataclass(frozen=True)
 class Chooser:
-    """A strategy made concrete: the selector object and the budget mode it runs under."""
+    """A strategy made concrete: the selector object and the budget mode it runs under; ``measured``:
+    ``round_to`` was "auto" and now holds the measured multiple."""
 
     strategy: Strategy
     selector: Selector
     mode: str
     comparable: bool
+    measured: bool = False
 
     @property
     def rule(self) -> WidthRule:
@@ -103,5 +115,6 @@ class Chooser:
     def describe(self) -> dict[str, Any]:
         """JSON-ready record of the strategy, kept in ``meta["fxprune"]["strategy"]``."""
         s = self.strategy
-        return {"selector": selector_name(self.selector), "mode": self.mode, "min_width": s.min_width,
-                "round_to": s.round_to, "seed": s.seed}
+        out = {"selector": selector_name(self.selector), "mode": self.mode, "min_width": s.min_width,
+               "round_to": s.round_to, "seed": s.seed}
+        return {**out, "round_to_measured": True} if self.measured else out

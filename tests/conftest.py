@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -33,3 +34,12 @@ def state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
 def same_state(model: nn.Module, state: dict[str, torch.Tensor]) -> bool:
     now = model.state_dict()
     return now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in state)
+
+
+@pytest.fixture(autouse=True)
+def _fixed_round_to(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """``round_to="auto"`` measures this machine; tests pin it to 1 (exact widths, no timing) and keep
+    layer timings in a fresh cache directory, unless marked ``measured``."""
+    monkeypatch.setenv("FXPRUNE_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+    if "measured" not in request.keywords:
+        monkeypatch.setattr("fxprune.latency.fast_multiple", lambda *args: 1)

@@ -1,6 +1,9 @@
-"""select: DependencyGraph + MACs target + selector scores -> Plan.
+"""select: DependencyGraph + cost target + selector scores -> Plan.
 
-The budget logic lives here, once. Every prunable group removes its atoms in one fixed order: the
+The budget logic lives here, once, over a *cost model*: anything with ``cost(removed) -> float`` (the
+FLOP model's MACs, the latency model's milliseconds), ``describe(value)`` and ``reached(smallest)``.
+
+Every prunable group removes its atoms in one fixed order: the
 lowest-scored first, ties broken by position (the last first). A *schedule* maps a fraction ``t`` in
 [0, 1] to how many atoms each group removes:
 
@@ -9,12 +12,12 @@ lowest-scored first, ties broken by position (the last first). A *schedule* maps
   go (N = number of atoms in prunable groups). The ranking sorts atoms by score, divided by the largest
   |score| of their group so that groups on different scales compare (a group scored all zeros stays 0),
   except for selectors whose scores are comparable as they are (``comparable_across_groups``, e.g.
-  gflops_aware's MACs); ties go by the atom's place in its group's order, then by group id.
+  gflops_aware's); ties go by the atom's place in its group's order, then by group id.
 
 Every count then obeys the WidthRule: a pruned group keeps at least ``min_width`` atoms and, when it is
 wider than ``round_to``, a multiple of ``round_to`` (the kept count is rounded up, so the rule never
 removes more than the schedule asked; a group may always keep all of its atoms). ``t`` is found by
-bisection as the smallest fraction whose MACs fit the target; of the groups that remove more atoms at
+bisection as the smallest fraction whose cost fits the target; of the groups that remove more atoms at
 ``t`` than just below it, as many as fit (in group order, again by bisection) get those atoms back;
 while more than 0.5% of the budget is unused, each group in turn may get one more step back (one atom,
 or ``round_to`` atoms). The result never exceeds the target.
@@ -24,16 +27,30 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
 from ..errors import ArgumentError, TargetUnreachableError
-from ..flops import FlopModel
 from ..graph import DependencyGraph, Group, Plan
 
-__all__ = ["select", "WidthRule", "MODES"]
+__all__ = ["select", "WidthRule", "CostModel", "MODES"]
 
 MODES = ("per_group", "global")
+
+
+class CostModel(Protocol):
+    def cost(self, removed: torch.Tensor) -> float:
+        """The model's cost with the atoms in the boolean mask ``removed`` gone."""
+        ...
+
+    def describe(self, value: float) -> str:
+        """``value`` with its unit, for messages."""
+        ...
+
+    def reached(self, smallest: float) -> dict[str, Any]:
+        """Keywords of ``TargetUnreachableError`` for the smallest reachable cost."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -97,15 +114,15 @@ def _global_schedule(groups: list[Group], order: dict[int, torch.Tensor], scores
 
 def select(
     graph: DependencyGraph,
-    model: FlopModel,
-    target_macs: float,
+    model: CostModel,
+    target: float,
     scores: dict[int, torch.Tensor],
     *,
     mode: str = "per_group",
     rule: WidthRule = WidthRule(),
     comparable: bool = False,
 ) -> Plan:
-    """The plan that fits ``target_macs`` (see the module docstring); ``comparable``: the scores compare
+    """The plan whose cost fits ``target`` (see the module docstring); ``comparable``: the scores compare
     across groups as they are (global mode does not normalize them)."""
     groups = graph.prunable_groups
     _check_scores(groups, scores)
@@ -129,23 +146,22 @@ def select(
                 removed[atoms[0]] = False
         return removed
 
-    smallest = model.macs(removed_for(counts_at(1.0)))
-    if smallest > target_macs:
+    smallest = model.cost(removed_for(counts_at(1.0)))
+    if smallest > target:
         raise TargetUnreachableError(
-            f"the FLOPs target {2 * target_macs / 1e9:.4g} GFLOPs is out of reach: with every prunable "
-            f"group at its smallest allowed width ({rule}) the model still needs {2 * smallest / 1e9:.4g} GFLOPs "
-            f"({len(groups)} prunable groups). Ask for at least that, lower min_width/round_to, or un-freeze "
-            "groups (see analyze()).",
-            smallest_gflops=2 * smallest / 1e9,
+            f"the target {model.describe(target)} is out of reach: with every prunable group at its smallest "
+            f"allowed width ({rule}) the model still needs {model.describe(smallest)} ({len(groups)} prunable "
+            "groups). Ask for at least that, lower min_width/round_to, or un-freeze groups (see analyze()).",
+            **model.reached(smallest),
         )
     lo, hi = 0.0, 1.0
-    if model.macs(removed_for(counts_at(0.0))) <= target_macs:
+    if model.cost(removed_for(counts_at(0.0))) <= target:
         hi = 0.0
     for _ in range(40):
         if hi - lo < 1e-6:
             break
         mid = (lo + hi) / 2
-        if model.macs(removed_for(counts_at(mid))) <= target_macs:
+        if model.cost(removed_for(counts_at(mid))) <= target:
             hi = mid
         else:
             lo = mid
@@ -160,15 +176,15 @@ def select(
     a, b = 0, len(changed)
     while a < b:
         k = (a + b + 1) // 2
-        if model.macs(removed_for(give_back(k))) <= target_macs:
+        if model.cost(removed_for(give_back(k))) <= target:
             a = k
         else:
             b = k - 1
     counts = give_back(a)
     removed = removed_for(counts)
-    current = model.macs(removed)
+    current = model.cost(removed)
     for g in groups:  # one more step per group while over 0.5% of the budget is unused
-        if target_macs - current <= 0.005 * target_macs:
+        if target - current <= 0.005 * target:
             break
         n, w = counts[g.id], widths[g.id]
         if n:
@@ -176,10 +192,10 @@ def select(
             atoms = g.atoms[order[g.id][w - n : w - fewer]]
             before = removed[atoms].clone()
             removed[atoms] = False
-            macs = model.macs(removed)
-            if macs <= target_macs:
+            cost = model.cost(removed)
+            if cost <= target:
                 counts[g.id] = fewer
-                current = macs
+                current = cost
             else:
                 removed[atoms] = before
     gone = {g.id: removed[g.atoms] for g in groups}

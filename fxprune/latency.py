@@ -1,0 +1,216 @@
+"""The latency cost model and the measured channel multiple (``round_to="auto"``).
+
+Both rest on timings of the model's own layers, rebuilt at other widths with random weights: every
+conv (not transposed) and linear module whose MACs the FLOP model tracks. A layer's time at a width is
+taken once per device, torch version, thread count and dtype and kept in the ``TimingCache``.
+
+``LatencyModel`` answers the question ``select`` asks of a cost model, "what does the model cost with
+these atoms removed?", in milliseconds: each measured layer's time is interpolated (multilinear) on a
+grid of kept widths (a quarter, half, three quarters and all of each pruned dimension, rounded to the
+width rule's multiple); a contraction that cannot be rebuilt (a matmul, a functional conv) costs its
+MACs at the measured layers' mean rate; what pruning does not change is the whole model's measured time
+minus the layers' (the fixed part).
+
+``fast_multiple`` is the measured rule behind ``round_to="auto"``. For each of the two costliest dense
+layers and the costliest depthwise conv (by MACs) it times every output width ``w`` in a window of 16 below a multiple of 16 near half
+the layer's width. Rounding widths up to a multiple ``r`` costs ``t(ceil_r(w)) / ceil_r(w)``
+milliseconds per kept channel, averaged over the window; the rule picks the smallest ``r`` of 1, 2, 4,
+8, 16 whose cost per channel is within 3% of the best, so kept widths land on the fast steps of the
+latency curve without giving up finer widths that are as fast.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+from . import metakeys as keys
+from .flops import FlopModel
+from .graph import DependencyGraph, FlopTerm
+from .timing import Setting, TimingCache, measure_in_turns
+
+__all__ = ["Layer", "LatencyModel", "fast_multiple", "MULTIPLES"]
+
+MULTIPLES = (1, 2, 4, 8, 16)
+GRID = (0.25, 0.5, 0.75, 1.0)
+WINDOW = 16
+TOLERANCE = 0.03
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A conv or linear module of the captured graph, as a recipe to rebuild it at other widths.
+
+    ``sizes`` are the full sizes of the FlopTerm's factors: (input channels per group, output
+    channels) for a conv or linear, (channels,) for a depthwise conv with ``multiplier`` outputs per input.
+    """
+
+    kind: str
+    in_shape: tuple[int, ...]
+    sizes: tuple[int, ...]
+    groups: int
+    multiplier: int
+    options: tuple[tuple[str, Any], ...]
+
+    @classmethod
+    def of(cls, node: torch.fx.Node, module: nn.Module, term: FlopTerm) -> "Layer | None":
+        src = node.args[0] if node.args else None
+        if not isinstance(src, torch.fx.Node) or keys.TENSOR_META not in src.meta:
+            return None
+        in_shape = tuple(src.meta[keys.TENSOR_META].shape)
+        sizes = tuple(f.numel() for f in term.factors)
+        if type(module) in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+            depthwise = module.groups > 1 and module.groups == module.in_channels
+            if len(sizes) != (1 if depthwise else 2):
+                return None
+            options = (("kernel_size", module.kernel_size), ("stride", module.stride), ("padding", module.padding),
+                       ("dilation", module.dilation), ("bias", module.bias is not None), ("padding_mode", module.padding_mode))
+            mult = module.out_channels // module.in_channels if depthwise else 0
+            return cls(type(module).__name__, in_shape, sizes, module.groups, mult, options)
+        if type(module) is nn.Linear and len(sizes) == 2:
+            return cls("Linear", in_shape, sizes, 1, 0, (("bias", module.bias is not None),))
+        return None
+
+    def snap(self, kept: tuple[int, ...], multiple: int) -> tuple[int, ...]:
+        """``kept`` rounded up to widths the layer can have: multiples of ``multiple`` (when narrower than
+        the full size), of the conv's groups for its outputs, of the depthwise multiplier."""
+        out = []
+        for i, (k, n) in enumerate(zip(kept, self.sizes)):
+            step = self.multiplier or (self.groups if i == 1 else 1)
+            step = math.lcm(step, multiple) if n > multiple else step
+            out.append(min(n, max(step, -(-k // step) * step)))
+        return tuple(out)
+
+    def key(self, kept: tuple[int, ...]) -> str:
+        return f"{self.kind}{list(self.in_shape)} groups={self.groups} mult={self.multiplier} {dict(self.options)} kept={list(kept)}"
+
+    def build(self, kept: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, torch.Tensor]:
+        """A fresh layer with the ``kept`` widths and a random input for it."""
+        opts = dict(self.options)
+        shape = list(self.in_shape)
+        if self.kind == "Linear":
+            shape[-1] = kept[0]
+            layer: nn.Module = nn.Linear(kept[0], kept[1], bias=opts["bias"])
+        else:
+            conv = getattr(nn, self.kind)
+            if self.multiplier:
+                c_in, c_out, groups = kept[0] // self.multiplier, kept[0], kept[0] // self.multiplier
+            else:
+                c_in, c_out, groups = kept[0] * self.groups, kept[1], self.groups
+            shape[1] = c_in
+            layer = conv(c_in, c_out, groups=groups, **opts)
+        return layer.to(device=device, dtype=dtype), torch.randn(shape, device=device, dtype=dtype)
+
+    def time(self, kept: tuple[int, ...], setting: Setting, cache: TimingCache) -> float:
+        def measure() -> float:
+            layer, x = self.build(kept, torch.device(setting.device), getattr(torch, setting.dtype.removeprefix("torch.")))
+            return measure_in_turns([layer], (x,), repeat=5, warmup=2, min_ms=2.0)[0].median_ms
+
+        return cache.get(setting, self.key(kept), measure)
+
+
+def measurable_layers(gm: torch.fx.GraphModule, graph: DependencyGraph) -> dict[int, Layer]:
+    """Index of each FlopTerm that ``Layer`` can rebuild, and its recipe."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    modules = dict(gm.named_modules())
+    found = {}
+    for i, term in enumerate(graph.flop_terms):
+        node = nodes.get(term.node)
+        if node is not None and node.op == "call_module":
+            layer = Layer.of(node, modules[node.target], term)
+            if layer is not None:
+                found[i] = layer
+    return found
+
+
+def _interpolate(grid: list[list[int]], values: torch.Tensor, kept: list[float]) -> float:
+    """Multilinear interpolation of ``values`` (one axis per factor, at the ``grid`` widths) at ``kept``;
+    below the smallest grid width the value stays at its edge."""
+    v = values
+    for points, k in zip(grid, kept):
+        if k <= points[0] or len(points) == 1:
+            v = v[0]
+            continue
+        j = next((i for i in range(1, len(points)) if points[i] >= k), len(points) - 1)
+        lo, hi = points[j - 1], points[j]
+        w = min(1.0, (k - lo) / (hi - lo))
+        v = v[j - 1] * (1 - w) + v[j] * w
+    return float(v)
+
+
+class LatencyModel:
+    """Milliseconds of the model as a function of the removed-atom mask (see the module docstring)."""
+
+    def __init__(self, graph: DependencyGraph, flops: FlopModel, gm: torch.fx.GraphModule, total_ms: float,
+                 setting: Setting, cache: TimingCache, multiple: int) -> None:
+        self.flops = flops
+        self.total = total_ms
+        self.setting = setting
+        layers = measurable_layers(gm, graph)
+        self.grids: dict[int, tuple[list[list[int]], torch.Tensor]] = {}
+        for i, layer in layers.items():
+            axes = [sorted({layer.snap((round(f * n),) * len(layer.sizes), multiple)[d] for f in GRID})
+                    for d, n in enumerate(layer.sizes)]
+            values = torch.zeros([len(a) for a in axes], dtype=torch.float64)
+            for index in torch.cartesian_prod(*[torch.arange(len(a)) for a in axes]).reshape(-1, len(axes)).tolist():
+                values[tuple(index)] = layer.time(tuple(a[j] for a, j in zip(axes, index)), setting, cache)
+            self.grids[i] = (axes, values)
+        cache.save()
+        terms = graph.flop_terms
+        layer_ms = sum(float(v.flatten()[-1]) for _, v in self.grids.values())
+        layer_macs = sum(terms[i].macs for i in self.grids)
+        self.rate = layer_ms / layer_macs if layer_macs else 0.0  # ms per MAC, for terms that cannot be rebuilt
+        other = sum(t.macs for i, t in enumerate(terms) if i not in self.grids) * self.rate
+        self.scale = min(1.0, total_ms / (layer_ms + other)) if layer_ms + other > 0 else 1.0
+        self.fixed = total_ms - self.scale * (layer_ms + other)
+        self.factors_of = [[] for _ in terms]
+        for k, i in enumerate(flops.term_of.tolist()):
+            self.factors_of[i].append(k)
+
+    def cost(self, removed: torch.Tensor) -> float:
+        """Estimated milliseconds after removing ``removed``."""
+        kept = self.flops.kept_per_factor(removed).tolist()
+        sizes = self.flops.sizes.tolist()
+        ms = 0.0
+        for i, term in enumerate(self.flops.terms):
+            ks = [kept[k] for k in self.factors_of[i]]
+            if i in self.grids:
+                ms += _interpolate(*self.grids[i], ks)
+            else:
+                ms += term.macs * self.rate * math.prod(k / sizes[f] for k, f in zip(ks, self.factors_of[i]))
+        return self.fixed + self.scale * ms
+
+    def describe(self, value: float) -> str:
+        return f"{value:.4g} ms (estimated, {self.setting.device})"
+
+    def reached(self, smallest: float) -> dict[str, float]:
+        return {"best_speedup": self.total / smallest}
+
+
+def fast_multiple(gm: torch.fx.GraphModule, graph: DependencyGraph, setting: Setting, cache: TimingCache) -> int:
+    """The channel multiple that ``round_to="auto"`` stands for on this model and device (module docstring)."""
+    layers = measurable_layers(gm, graph)
+    ranked = sorted(layers, key=lambda i: -graph.flop_terms[i].macs)
+    dense = [layers[i] for i in ranked if layers[i].groups == 1 and layers[i].sizes[-1] >= 2 * WINDOW]
+    depthwise = [layers[i] for i in ranked if layers[i].multiplier == 1 and layers[i].sizes[-1] >= 2 * WINDOW]
+    chosen = list({layer.key(layer.sizes): layer for layer in dense[:2] + depthwise[:1]}.values())
+    if not chosen:
+        return 1
+    score = dict.fromkeys(MULTIPLES, 0.0)
+    for layer in chosen:
+        top = max(WINDOW, WINDOW * round(layer.sizes[-1] / 2 / WINDOW))
+        ms = {}
+        for w in range(top - WINDOW + 1, top + 1):
+            kept = (w,) if layer.multiplier else (layer.sizes[0], w)
+            ms[w] = layer.time(kept, setting, cache)
+        per_channel = {r: sum(ms[-(-w // r) * r] / (-(-w // r) * r) for w in ms) / len(ms) for r in MULTIPLES}
+        for r in MULTIPLES:
+            score[r] += per_channel[r] / per_channel[1]
+    cache.save()
+    best = min(score.values())
+    return next(r for r in MULTIPLES if score[r] <= best * (1 + TOLERANCE))

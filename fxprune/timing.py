@@ -1,0 +1,168 @@
+"""Measured latency: how long a module takes on the device that holds it, and a disk cache of layer timings.
+
+A latency is always measured the way the pruned model will run: eval mode, ``torch.no_grad()``, the
+current torch thread count, the batch size of the given inputs, on the device of the model's parameters
+(CUDA work is synchronized before a clock is read). Comparisons time the models in turns, so that a
+machine that slows down slows every model alike, and report medians.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .fxutil import eval_mode
+
+__all__ = ["Latency", "measure_latency", "measure_in_turns", "Setting", "TimingCache"]
+
+
+@dataclass(frozen=True)
+class Setting:
+    """Where a latency was measured: the device, its name, the torch version, thread count and dtype."""
+
+    device: str
+    device_name: str
+    torch: str
+    threads: int
+    dtype: str
+
+    @classmethod
+    def of(cls, module: nn.Module, inputs: Sequence[Any]) -> "Setting":
+        tensors = [t for t in (*module.parameters(), *module.buffers(), *inputs) if isinstance(t, torch.Tensor)]
+        device = tensors[0].device if tensors else torch.device("cpu")
+        floats = [t.dtype for t in tensors if t.is_floating_point()]
+        return cls(str(device), _device_name(device), torch.__version__, torch.get_num_threads(), str(floats[0] if floats else torch.float32))
+
+    def key(self) -> str:
+        return f"{self.device_name}|torch {self.torch}|{self.threads} threads|{self.dtype}"
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"cpu {name} ({torch.backends.cpu.get_cpu_capability()})"
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Median and quartiles of per-call milliseconds over ``runs`` timed calls, and where they were taken."""
+
+    median_ms: float
+    q1_ms: float
+    q3_ms: float
+    runs: int
+    batch: int | None
+    setting: Setting
+
+    @property
+    def spread(self) -> float:
+        """Interquartile range relative to the median."""
+        return (self.q3_ms - self.q1_ms) / self.median_ms if self.median_ms else 0.0
+
+    def __str__(self) -> str:
+        s = self.setting
+        return (f"{self.median_ms:.3f} ms median (IQR {self.q1_ms:.3f}-{self.q3_ms:.3f}, {self.runs} runs; batch {self.batch}, "
+                f"{s.device}, {s.threads} threads, {s.dtype})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _sync(device: str) -> Callable[[], None]:
+    return torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+
+def _batch(inputs: Sequence[Any]) -> int | None:
+    first = next((t for t in inputs if isinstance(t, torch.Tensor) and t.dim() > 0), None)
+    return int(first.shape[0]) if first is not None else None
+
+
+def _summary(ms: list[float], inputs: Sequence[Any], setting: Setting) -> Latency:
+    q = statistics.quantiles(ms, n=4) if len(ms) > 1 else [ms[0]] * 3
+    return Latency(statistics.median(ms), q[0], q[2], len(ms), _batch(inputs), setting)
+
+
+def measure_in_turns(models: Sequence[nn.Module], inputs: Sequence[Any], *, repeat: int = 15, warmup: int = 3, min_ms: float = 5.0) -> list[Latency]:
+    """Latency of each of ``models`` on the same ``inputs``, timed in turns (one timing of each model per
+    round, ``repeat`` rounds after ``warmup``). A timing runs enough calls to last about ``min_ms``."""
+    inputs = tuple(inputs)
+    setting = Setting.of(models[0], inputs)
+    sync = _sync(setting.device)
+    samples: list[list[float]] = [[] for _ in models]
+    with torch.no_grad(), eval_mode(*models):
+        calls = []
+        for m in models:
+            for _ in range(warmup):
+                m(*inputs)
+            sync()
+            t = time.perf_counter()
+            m(*inputs)
+            sync()
+            calls.append(max(1, int(min_ms / max((time.perf_counter() - t) * 1e3, 1e-3))))
+        for _ in range(repeat):
+            for i, m in enumerate(models):
+                sync()
+                t = time.perf_counter()
+                for _ in range(calls[i]):
+                    m(*inputs)
+                sync()
+                samples[i].append((time.perf_counter() - t) * 1e3 / calls[i])
+    return [_summary(s, inputs, setting) for s in samples]
+
+
+def measure_latency(model: nn.Module, example_inputs: Any, *, repeat: int = 15, warmup: int = 3) -> Latency:
+    """Latency of ``model`` on ``example_inputs`` (a tensor or a tuple of positional inputs): eval mode,
+    no_grad, the current thread count, on the device that holds the model. ``model`` is left as it was."""
+    inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    return measure_in_turns([model], inputs, repeat=repeat, warmup=warmup)[0]
+
+
+class TimingCache:
+    """Layer timings on disk, one JSON file: ``{setting key: {layer key: milliseconds}}``.
+
+    The file lives in ``$FXPRUNE_CACHE_DIR`` (default ``~/.cache/fxprune``); ``measured`` counts the
+    timings this process took rather than read, so callers and tests can see the cache at work.
+    """
+
+    def __init__(self, path: str | Path | None = None) -> None:
+        root = Path(os.environ.get("FXPRUNE_CACHE_DIR", Path.home() / ".cache" / "fxprune"))
+        self.path = Path(path) if path is not None else root / "latency.json"
+        self.measured = 0
+        try:
+            self.data: dict[str, dict[str, float]] = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.data = {}
+
+    def get(self, setting: Setting, key: str, measure: Callable[[], float]) -> float:
+        """The cached milliseconds of ``key`` under ``setting``, measured (and kept) on a miss."""
+        table = self.data.setdefault(setting.key(), {})
+        if key not in table:
+            table[key] = measure()
+            self.measured += 1
+        return table[key]
+
+    def save(self) -> None:
+        """Write the file atomically; a cache that cannot be written only costs time later."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self.data, indent=0, sort_keys=True))
+            tmp.replace(self.path)
+        except OSError:
+            pass
