@@ -23,12 +23,14 @@ from .report import Report
 from .selectors import APoZ, BNScale, GflopsAware, L1, L2, MeanActivation, Random, Selector, Taylor, Uniform
 from .serialize import apply_plan, load, save
 from .strategy import Strategy
+from .timing import Latency, measure_latency
 
 __version__ = "0.1.0"
 
 __all__ = [
     "compile", "analyze", "prune", "keep_only_classes", "prune_iteratively", "History", "StepRecord", "report", "count_flops", "DEFAULT_INPUT_SHAPE",
     "save", "load", "apply_plan", "plan_fingerprint", "Strategy",
+    "measure_latency", "Latency",
     "DependencyGraph", "Group", "Member", "Plan", "Report", "Selector", "Uniform", "Random", "L1", "L2",
     "BNScale", "GflopsAware", "APoZ", "MeanActivation", "Taylor",
     "FxPruneError", "ArgumentError", "TraceError", "ShapeError", "PlanError",

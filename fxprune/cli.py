@@ -29,6 +29,7 @@ log = logging.getLogger("fxprune")
 
 EXAMPLES = """examples:
   fxprune compile torchvision:resnet50 --target-gflops 2.0
+  fxprune compile torchvision:resnet50 --speedup 2 --input-shape 8,3,224,224
   fxprune compile torchvision:mobilenet_v2 --ratio 0.5 --selector l1 --input-shape 1,3,160,160 \\
       --report-dir out/ --save out/mobilenet_v2.pt2
   fxprune inspect torchvision:squeezenet1_1 --png groups.png
@@ -90,11 +91,13 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("model", help="torchvision:NAME, timm:NAME, package.module:factory or a saved .pt2 file")
     common.add_argument("--input-shape", type=_shape, default=api.DEFAULT_INPUT_SHAPE, metavar="N,C,H,W",
                         help="example input shape (default: 1,3,224,224)")
-    c = sub.add_parser("compile", parents=[common], help="prune to a FLOPs target and print the report",
+    c = sub.add_parser("compile", parents=[common], help="prune to a FLOPs or latency target and print the report",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     target = c.add_mutually_exclusive_group(required=True)
     target.add_argument("--target-gflops", type=float, help="GFLOPs of the result (FLOPs = 2 x MACs)")
     target.add_argument("--ratio", type=float, help="fraction of FLOPs to remove")
+    target.add_argument("--speedup", type=float, metavar="S", help="measured latency at most the original's / S (on this machine)")
+    target.add_argument("--target-latency-ms", type=float, metavar="T", help="measured latency at most T milliseconds")
     for f in fields(Strategy):
         if "cli" in f.metadata:
             c.add_argument("--" + f.name.replace("_", "-"), default=f.default, **f.metadata["cli"])
@@ -126,7 +129,8 @@ def _inspect(args: argparse.Namespace, model: nn.Module, x: torch.Tensor) -> Non
 def _compile(args: argparse.Namespace, model: nn.Module, x: torch.Tensor) -> None:
     start = time.perf_counter()
     strategy = Strategy(**{f.name: getattr(args, f.name) for f in fields(Strategy) if "cli" in f.metadata})
-    pruned = api.compile(model, args.target_gflops, ratio=args.ratio, example_inputs=x, strategy=strategy,
+    pruned = api.compile(model, args.target_gflops, ratio=args.ratio, speedup=args.speedup, target_latency_ms=args.target_latency_ms,
+                         example_inputs=x, strategy=strategy,
                          ignore=args.ignore, verify=not args.no_verify, keep_classes=args.keep_classes)
     rep = api.report(pruned)
     print(rep.to_markdown() if args.markdown else rep)
