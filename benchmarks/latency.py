@@ -9,9 +9,9 @@ For each model (random weights, eval mode, 2 CPU threads unless --threads) and b
   classifier ignored, at the per-layer ratio (found by bisection) that gives the FLOPs of the
   ``ratio=0.5`` row, within 1%;
 
-then times the original and every pruned model in turns (one timing of each per round, --repeat rounds,
+then times each pruned model in turns with the original (one timing of each per round, --repeat rounds,
 ``fxprune.timing.measure_in_turns``) and prints each row's FLOPs ratio and median-latency ratio to the
-original, measured side by side in one run, plus the compile time. Every compile runs with verify=False;
+original, measured side by side, plus the compile time. Every compile runs with verify=False;
 ``speedup`` rows also report the speed-up the compile measured itself.
 
     python benchmarks/latency.py
@@ -66,7 +66,7 @@ def main() -> None:
     ap.add_argument("--models", default=MODELS)
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--speedups", default="2", help="comma-separated speed-up targets, one row each")
-    ap.add_argument("--repeat", type=int, default=15, help="timing rounds")
+    ap.add_argument("--repeat", type=int, default=21, help="timing rounds")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-tp", action="store_true", help="skip torch-pruning")
     ap.add_argument("--json", help="also write the rows as JSON")
@@ -97,9 +97,8 @@ def main() -> None:
                     tp_model = tp_at(model, x[:1], fxprune.count_flops(variants["ratio=0.5"][0], x[:1]))
                     tp_seconds = time.perf_counter() - t
                 variants["torch-pruning, round_to=8"] = (tp_model, tp_seconds, None)
-            timings = measure_in_turns([model, *(v[0] for v in variants.values())], (x,), repeat=args.repeat)
-            original = timings[0]
-            for (label, (pruned, seconds, self_speedup)), lat in zip(variants.items(), timings[1:]):
+            for label, (pruned, seconds, self_speedup) in variants.items():
+                original, lat = measure_in_turns([model, pruned], (x,), repeat=args.repeat)
                 rec = {"model": name, "batch": batch, "row": label, "flops_ratio": fxprune.count_flops(pruned, x) / base,
                        "latency_ratio": lat.median_ms / original.median_ms, "original_ms": original.median_ms,
                        "pruned_ms": lat.median_ms, "compile_s": seconds, "compile_measured_speedup": self_speedup}

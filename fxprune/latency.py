@@ -147,10 +147,11 @@ def _interpolate(grid: list[list[int]], values: torch.Tensor, kept: list[float])
 class LatencyModel:
     """Milliseconds of the model as a function of the removed-atom mask (see the module docstring)."""
 
-    def __init__(self, graph: DependencyGraph, flops: FlopModel, gm: torch.fx.GraphModule, total_ms: float,
+    def __init__(self, graph: DependencyGraph, flops: FlopModel, gm: torch.fx.GraphModule, total_ms: float | None,
                  setting: Setting, cache: TimingCache, multiple: int) -> None:
+        """``total_ms``: the whole model's measured milliseconds, which fix the part pruning does not
+        change; None leaves it out (the layers alone, enough to compare removals)."""
         self.flops = flops
-        self.total = total_ms
         self.setting = setting
         layers = measurable_layers(gm, graph)
         self.grids: dict[int, tuple[list[list[int]], torch.Tensor]] = {}
@@ -167,6 +168,9 @@ class LatencyModel:
         layer_macs = sum(terms[i].macs for i in self.grids)
         self.rate = layer_ms / layer_macs if layer_macs else 0.0  # ms per MAC, for terms that cannot be rebuilt
         other = sum(t.macs for i, t in enumerate(terms) if i not in self.grids) * self.rate
+        if total_ms is None:
+            total_ms = layer_ms + other
+        self.total = total_ms
         self.scale = min(1.0, total_ms / (layer_ms + other)) if layer_ms + other > 0 else 1.0
         self.fixed = total_ms - self.scale * (layer_ms + other)
         self.factors_of = [[] for _ in terms]

@@ -170,14 +170,17 @@ def reach_latency(a: Analysis, chooser: Chooser, target: Target, scores: dict[in
     """The plan, rewritten model and measurement record of a latency target.
 
     The latency model turns the target into an estimated-milliseconds budget; each round selects, rewrites
-    and times the result in turns with the original. A miss tightens the budget by the measured ratio, a
-    result more than 6% under the aim (``MARGIN`` below the goal) loosens it. The slowest result within the
-    aim wins, else the fastest within the goal; if none is, even at the smallest allowed widths,
-    ``TargetUnreachableError`` names the best speed-up measured."""
+    and times the result in turns with the original (about 3 s of timings). Until one result meets the
+    aim (``MARGIN`` below the goal) and one misses it, a result scales the budget by aim / measured; then
+    the budget moves between the closest pair by linear interpolation (measured latency is not monotone in
+    the budget: some widths run slower than wider ones). It stops at a result within 6% below the aim. The
+    slowest result within the aim wins, else the fastest within the goal; if none is, even at the smallest
+    allowed widths, ``TargetUnreachableError`` names the best speed-up measured."""
     setting, cache = Setting.of(a.gm, a.inputs), TimingCache()
     original = measure_in_turns([a.gm], a.inputs)[0]
     goal = target.goal_ms(original.median_ms)
     aim = goal * (1 - MARGIN)
+    repeat = max(11, min(31, int(3000 / (2 * original.median_ms))))
     model = latency.LatencyModel(a.graph, a.flops, a.gm, original.median_ms, setting, cache, chooser.rule.round_to)
     budget, tried, smallest = aim, [], False
     for _ in range(ROUNDS):
@@ -189,15 +192,15 @@ def reach_latency(a: Analysis, chooser: Chooser, target: Target, scores: dict[in
             budget, smallest = model.total / exc.best_speedup, True
             plan = select_plan(a, chooser, budget, scores, model)
         pruned = rewrite(a.gm, a.graph, plan)
-        before, after = measure_in_turns([a.gm, pruned], a.inputs)
+        before, after = measure_in_turns([a.gm, pruned], a.inputs, repeat=repeat)
         ms = after.median_ms if target.latency_ms is not None else original.median_ms * after.median_ms / before.median_ms
-        log.info("round %d: %.4g ms measured, aiming at %.4g ms (estimated %.4g ms)", len(tried) + 1, ms, aim, model.cost(removed_mask(a.graph, plan)))
-        tried.append((ms, plan, pruned, before, after))
+        log.info("round %d: %.4g ms measured, aiming at %.4g ms (budget %.4g ms estimated)", len(tried) + 1, ms, aim, budget)
+        tried.append((ms, plan, pruned, before, after, budget))
         if 0.94 * aim <= ms <= aim:
             break
-        budget *= aim / ms
+        budget = _next_budget(tried, aim)
     within = [t for t in tried if t[0] <= aim] or [min(tried, key=lambda t: t[0])]
-    ms, plan, pruned, before, after = max(within, key=lambda t: t[0])
+    ms, plan, pruned, before, after, _ = max(within, key=lambda t: t[0])
     if ms > goal:
         speedup = before.median_ms / after.median_ms
         raise TargetUnreachableError(
@@ -207,6 +210,20 @@ def reach_latency(a: Analysis, chooser: Chooser, target: Target, scores: dict[in
             best_speedup=speedup,
         )
     return plan, pruned, _latency_record(target, goal, before, after, cache, len(tried))
+
+
+def _next_budget(tried: list[tuple[Any, ...]], aim: float) -> float:
+    """The next estimated-ms budget from (measured ms, ..., budget) of the rounds so far."""
+    fast = [(t[5], t[0]) for t in tried if t[0] <= aim]
+    slow = [(t[5], t[0]) for t in tried if t[0] > aim]
+    if not fast or not slow:
+        ms, budget = tried[-1][0], tried[-1][5]
+        return budget * aim / ms
+    (b0, m0), (b1, m1) = max(fast), min(slow)
+    if b1 <= b0:  # a larger budget measured faster: look just above the best fast one
+        return b0 * 1.02
+    w = min(0.9, max(0.1, (aim - m0) / (m1 - m0)))
+    return b0 + w * (b1 - b0)
 
 
 def _latency_record(target: Target, goal: float, before: Latency, after: Latency, cache: TimingCache, rounds: int) -> dict[str, Any]:

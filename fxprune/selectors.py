@@ -20,14 +20,17 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from . import metakeys as keys
 from .errors import ArgumentError
 from .flops import FlopModel, total_macs
 from .graph import DependencyGraph, Member
+from .latency import LatencyModel
 from .optable import canonical
 from .stats import CALIBRATION_FORMS, LossFn, activation_scores
+from .timing import Setting, TimingCache
 
 __all__ = [
-    "Selector", "Uniform", "Random", "LpNorm", "L1", "L2", "BNScale", "GflopsAware", "ActivationSelector",
+    "Selector", "Uniform", "Random", "LpNorm", "L1", "L2", "BNScale", "GflopsAware", "LatencyAware", "ActivationSelector",
     "APoZ", "MeanActivation", "Taylor", "get_selector",
 ]
 
@@ -140,17 +143,64 @@ class BNScale:
         return out
 
 
+RATE_CAP = 2.0
+"""How much faster than the average group the costliest group may shrink (and the cheapest slower)."""
+
+
+def shrink_order(graph: DependencyGraph, saving: dict[int, float]) -> Scores:
+    """Ranking-free scores, comparable across groups, from each group's saving per removed atom.
+
+    Every group shrinks as if it decayed at a rate proportional to its saving per atom (relative to the
+    mean over groups, capped at ``RATE_CAP`` times faster or slower): its ``k``-th atom (from the last
+    position) goes at time ``-ln(1 - k / width) / rate``. So the groups that save the most per atom shrink
+    first and fastest, every group shrinks more slowly as it thins, and a group's first atom goes last of
+    all: no group empties while the others still have atoms to give. The score is that time (later: kept longer)."""
+    groups = graph.prunable_groups
+    if not groups:
+        return {}
+    mean = sum(max(saving[g.id], 0.0) for g in groups) / len(groups)
+    out = {}
+    for g in groups:
+        rate = min(RATE_CAP, max(1 / RATE_CAP, saving[g.id] / mean)) if mean > 0 else 1.0
+        kept_share = torch.arange(g.width, dtype=torch.float64).clamp(min=0.5) / g.width
+        out[g.id] = -torch.log(kept_share) / rate
+    return out
+
+
 class GflopsAware:
-    """No ranking of channels: every atom scores ``-(MACs that removing it alone saves from the unpruned
-    model)`` (``FlopModel.saved_per_atom``), so the atoms whose removal saves the most go first. Scores
-    are MACs in every group, comparable as they are: compile ranks them globally."""
+    """No ranking of channels: groups shrink at a rate proportional to the MACs that removing one of their atoms
+    saves (``FlopModel.saved_per_atom``, averaged over the group), with ``shrink_order``'s cap per group, so
+    the costly groups give the most and none collapses. Scores compare across groups: ranked globally."""
 
     name = "gflops_aware"
     comparable_across_groups = True
 
     def scores(self, graph: DependencyGraph, gm: torch.fx.GraphModule) -> Scores:
         saved = FlopModel(graph, total_macs(gm)).saved_per_atom()
-        return {g.id: -saved[g.atoms] for g in graph.prunable_groups}
+        return shrink_order(graph, {g.id: float(saved[g.atoms].mean()) for g in graph.prunable_groups})
+
+
+class LatencyAware:
+    """No ranking of channels: like ``gflops_aware``, with the milliseconds that the latency model
+    (``latency.LatencyModel``, timings of the model's own layers on this device, cached) says a group
+    saves per atom when it loses its first quarter: the groups whose channels cost the most time shrink
+    first, none collapses."""
+
+    name = "latency_aware"
+    comparable_across_groups = True
+
+    def scores(self, graph: DependencyGraph, gm: torch.fx.GraphModule) -> Scores:
+        inputs = tuple(torch.randn(n.meta[keys.TENSOR_META].shape, dtype=n.meta[keys.TENSOR_META].dtype)
+                       for n in gm.graph.nodes if n.op == "placeholder")
+        model = LatencyModel(graph, FlopModel(graph, total_macs(gm)), gm, None, Setting.of(gm, inputs), TimingCache(), 1)
+        none = torch.zeros(graph.num_atoms, dtype=torch.bool)
+        full, saving = model.cost(none), {}
+        for g in graph.prunable_groups:
+            n = max(1, g.width // 4)
+            quarter = none.clone()
+            quarter[g.atoms[g.width - n:]] = True
+            saving[g.id] = (full - model.cost(quarter)) / n
+        return shrink_order(graph, saving)
 
 
 class ActivationSelector:
@@ -215,6 +265,7 @@ class Taylor(ActivationSelector):
 
 _BY_NAME: dict[str, type] = {
     "uniform": Uniform, "random": Random, "l1": L1, "l2": L2, "bn_scale": BNScale, "gflops_aware": GflopsAware,
+    "latency_aware": LatencyAware,
     "apoz": APoZ, "mean_activation": MeanActivation, "taylor": Taylor,
 }
 

@@ -39,7 +39,7 @@ class Strategy:
     """How channels are chosen; see ``fxprune.compile`` for what each field means."""
 
     selector: str | Selector = field(default="uniform", metadata=_cli(
-        "uniform (default), random, l1, l2, bn_scale or gflops_aware (the data-driven ones need "
+        "uniform (default), random, l1, l2, bn_scale, gflops_aware or latency_aware (the data-driven ones need "
         "calibration data: use the Python API)"))
     mode: Mode | None = field(default=None, metadata=_cli(
         "per_group: same fraction of every group (default); global: all channels ranked together", choices=MODES))

@@ -137,7 +137,7 @@ def test_timm_models_by_name(capsys: pytest.CaptureFixture[str]) -> None:
         (["inspect", "timm:no_such_net"], 1, "timm has no model 'no_such_net'"),
         (["report", "missing.pt2"], 1, "missing.pt2"),
         (["inspect", "torchvision:resnet18", "--input-shape", "1,3,32,32", "--png", "x.gif"], 1, "cannot draw to x.gif"),
-        (["compile", "torchvision:resnet18"], 2, "one of the arguments --target-gflops --ratio is required"),
+        (["compile", "torchvision:resnet18"], 2, "one of the arguments --target-gflops --ratio --speedup --target-latency-ms is required"),
         (["inspect", "torchvision:resnet18", "--input-shape", "a,b"], 2, "comma-separated integers"),
     ],
 )

@@ -1,0 +1,172 @@
+"""Latency targets, the latency cost model and its cache, round_to="auto", the ranking-free selectors.
+
+Timings here are fakes that follow the FLOPs (a module "takes" 1 ms per MFLOP plus 0.05 ms), so every
+test checks behaviour, never the speed of this machine; benchmarks/latency.py measures for real.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import fxprune
+from fxprune import latency, pipeline
+from fxprune.timing import Latency, Setting, TimingCache, measure_in_turns
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_selectors import X16, two_groups, width  # noqa: E402
+
+X = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 64, 3, padding=1)
+        self.b = nn.Conv2d(64, 96, 3, padding=1)
+        self.c = nn.Conv2d(96, 64, 1)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x):
+        y = torch.relu(self.c(torch.relu(self.b(torch.relu(self.a(x))))))
+        return self.head(y.mean((2, 3)))
+
+
+def fake_measure(models, inputs, *, repeat=15, warmup=3, min_ms=5.0):
+    """``measure_in_turns`` as if every MFLOP took 1 ms, plus 0.05 ms per call."""
+    setting = Setting.of(models[0], tuple(inputs))
+    out = []
+    for m in models:
+        ms = fxprune.count_flops(m, tuple(inputs)) / 1e6 + 0.05
+        out.append(Latency(ms, ms, ms, repeat, int(inputs[0].shape[0]), setting))
+    return out
+
+
+@pytest.fixture
+def fake_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pipeline, "measure_in_turns", fake_measure)
+    monkeypatch.setattr(latency, "measure_in_turns", fake_measure)
+
+
+def test_measure_latency_says_what_and_where() -> None:
+    lat = fxprune.measure_latency(Net(), X, repeat=3, warmup=1)
+    assert lat.median_ms > 0 and lat.q1_ms <= lat.median_ms <= lat.q3_ms and lat.runs == 3
+    assert lat.batch == 1 and lat.setting.device == "cpu" and lat.setting.threads == torch.get_num_threads()
+    assert lat.setting.dtype == "torch.float32" and lat.setting.torch == torch.__version__
+    assert "ms median" in str(lat)
+
+
+def test_measuring_leaves_the_model_in_its_mode() -> None:
+    net = Net().train()
+    measure_in_turns([net], (X,), repeat=1, warmup=0)
+    assert all(m.training for m in net.modules())
+
+
+def test_speedup_target_holds_as_measured_and_is_reported(fake_clock: None) -> None:
+    net = Net().eval()
+    pruned = fxprune.compile(net, speedup=2.0, example_inputs=X)
+    record = pruned.meta["fxprune"]["report"]["latency"]
+    assert record["speedup"] >= 2.0 and record["after_ms"] <= record["before_ms"] / 2
+    assert record["batch"] == 1 and record["device"] == "cpu" and record["threads"] == torch.get_num_threads()
+    summary = fxprune.report(pruned).summary()
+    assert "latency" in summary and "faster" in summary and "batch 1" in summary
+    torch.testing.assert_close(fake_measure([pruned], (X,))[0].median_ms, record["after_ms"])
+
+
+def test_target_latency_ms(fake_clock: None) -> None:
+    net = Net().eval()
+    goal = fake_measure([net], (X,))[0].median_ms * 0.6
+    pruned = fxprune.compile(net, target_latency_ms=goal, example_inputs=X)
+    assert fake_measure([pruned], (X,))[0].median_ms <= goal
+
+
+def test_the_cache_is_used(fake_clock: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FXPRUNE_CACHE_DIR", str(tmp_path))
+    net = Net().eval()
+    first = fxprune.compile(net, speedup=1.5, example_inputs=X, verify=False)
+    assert first.meta["fxprune"]["report"]["latency"]["layer_timings_taken"] > 0
+    second = fxprune.compile(net, speedup=1.5, example_inputs=X, verify=False)
+    assert second.meta["fxprune"]["report"]["latency"]["layer_timings_taken"] == 0
+    assert second.meta["fxprune"]["plan"] == first.meta["fxprune"]["plan"]
+    (key, table), = json.loads((tmp_path / "latency.json").read_text()).items()
+    assert f"{torch.get_num_threads()} threads" in key and "torch.float32" in key and torch.__version__ in key
+    assert all(k.startswith(("Conv2d[1, ", "Linear[1, ")) for k in table)
+
+
+def test_unreachable_speedup_names_the_best_reached(fake_clock: None) -> None:
+    with pytest.raises(fxprune.TargetUnreachableError, match="best speed-up measured was") as info:
+        fxprune.compile(Net().eval(), speedup=1000.0, example_inputs=X, verify=False)
+    assert 1.0 < info.value.best_speedup < 1000.0
+    assert f"{info.value.best_speedup:.3g}x" in str(info.value)
+
+
+@pytest.mark.parametrize("kwargs", [{"speedup": 0.5}, {"target_latency_ms": 0}, {"speedup": 2.0, "ratio": 0.5}])
+def test_latency_target_arguments_are_checked(kwargs: dict) -> None:
+    with pytest.raises(fxprune.ArgumentError):
+        fxprune.compile(Net(), example_inputs=X, **kwargs)
+
+
+def test_latency_model_answers_like_the_flop_model(fake_clock: None) -> None:
+    """With times proportional to FLOPs, estimated milliseconds of a removal track its MACs."""
+    a = pipeline.analyze(Net().eval(), X)
+    model = latency.LatencyModel(a.graph, a.flops, a.gm, None, Setting.of(a.gm, a.inputs), TimingCache(), 1)
+    none = torch.zeros(a.graph.num_atoms, dtype=torch.bool)
+    for g in a.graph.prunable_groups:
+        half = none.clone()
+        half[g.atoms[g.width // 2:]] = True
+        saved_ms = model.cost(none) - model.cost(half)
+        saved_mflops = 2 * (a.flops.macs(none) - a.flops.macs(half)) / 1e6
+        assert saved_ms == pytest.approx(saved_mflops, rel=0.15)
+
+
+@pytest.mark.measured
+@pytest.mark.parametrize("step,expected", [(8, 8), (16, 16), (1, 1)])
+def test_round_to_auto_picks_the_fast_steps(monkeypatch: pytest.MonkeyPatch, step: int, expected: int) -> None:
+    """A layer whose widths off multiples of ``step`` run 40% slower gets multiples of ``step``."""
+
+    def time(self, kept, setting, cache):
+        w = kept[-1]
+        return 0.01 * w * (1.0 if w % step == 0 else 1.4)
+
+    monkeypatch.setattr(latency.Layer, "time", time)
+    a = pipeline.analyze(Net().eval(), X)
+    assert latency.fast_multiple(a.gm, a.graph, Setting.of(a.gm, a.inputs), TimingCache()) == expected
+    pruned = fxprune.compile(Net().eval(), ratio=0.5, example_inputs=X, verify=False)
+    assert pruned.meta["fxprune"]["strategy"]["round_to"] == expected
+    assert pruned.meta["fxprune"]["strategy"]["round_to_measured"] is True
+    assert all(len(keep) % expected == 0 for keep in pruned.meta["fxprune"]["plan"].values())
+
+
+def test_an_explicit_round_to_wins() -> None:
+    pruned = fxprune.compile(Net().eval(), ratio=0.5, example_inputs=X, verify=False, round_to=4)
+    assert pruned.meta["fxprune"]["strategy"]["round_to"] == 4 and "round_to_measured" not in pruned.meta["fxprune"]["strategy"]
+
+
+@pytest.mark.parametrize("selector", ["gflops_aware", "latency_aware"])
+def test_ranking_free_selectors_never_empty_a_group(fake_clock: None, selector: str) -> None:
+    """two_groups: group A's channels cost 4.5x group B's. Both shrink, A faster, neither to min_width."""
+    model = two_groups()
+    for ratio in (0.4, 0.6, 0.8):
+        pruned = fxprune.compile(model, ratio=ratio, example_inputs=X16, selector=selector, round_to=1)
+        a, b = width(pruned, "0"), width(pruned, "2")
+        assert 1 < a < b <= 16
+        if ratio >= 0.6:
+            assert b < 16
+
+
+def test_shrink_order_is_capped_and_keeps_first_atoms_last() -> None:
+    graph = fxprune.analyze(two_groups(), X16)
+    ids = [g.id for g in graph.prunable_groups]
+    scores = fxprune.selectors.shrink_order(graph, {ids[0]: 1000.0, ids[1]: 1.0})
+    for gid in ids:
+        assert bool((scores[gid][:-1] > scores[gid][1:]).all())  # the last position goes first
+    # rates are capped at 2x the mean either way, so the ratio of removal times is at most 4
+    first = [float(scores[gid][-1]) for gid in ids]
+    assert first[1] / first[0] == pytest.approx(4.0, rel=0.01)
+    assert math.isfinite(float(scores[ids[0]][0]))
