@@ -5,10 +5,12 @@ starting model's), then calls the user's ``finetune(model)`` and ``evaluate(mode
 channels on the model the previous fine-tuning produced.
 
 Coarse ranking (``coarse=True``, data-driven selectors): the statistics a step ranks by come from taps
-(``fxprune.stats.tap``) in the model handed to the previous step's ``finetune``, i.e. from the user's own
-training forwards and backwards; only step 1, which has no fine-tuning before it, ranks in a pass over
-``calibration=``. With ``coarse=False`` every step ranks in such a pass. The time the taps take is
-counted as the next step's ranking time, not as fine-tuning time.
+(the selector's ``tap``) in the model handed to the previous step's ``finetune``, i.e. from the user's own
+training forwards and backwards. The activation selectors insert identity modules after the probed nodes
+(``fxprune.stats.tap``); bn_taylor only hooks the gradients of the norm scales (``fxprune.normgrad``).
+Step 1, which has no fine-tuning before it, ranks as the selector's ``untapped_scores`` says: a pass
+over ``calibration=`` (bn_taylor without data: ``|gamma|``). With ``coarse=False`` every step ranks in
+such a pass. The time the taps take is counted as the next step's ranking time, not as fine-tuning time.
 """
 
 from __future__ import annotations
@@ -31,8 +33,6 @@ from .api import report
 from .errors import ArgumentError
 from .flops import total_macs
 from .pipeline import Inputs, Model
-from .selectors import ActivationSelector
-from .stats import tap
 from .strategy import Strategy
 
 __all__ = ["prune_iteratively", "History", "StepRecord"]
@@ -136,7 +136,7 @@ def prune_iteratively(
     seed = chosen.seed
     a = pipeline.analyze(job.model, job.inputs, ignore, seed)
     job.chooser = chooser = pipeline.resolve(a, job.chooser)
-    tapping = coarse and isinstance(chooser.selector, ActivationSelector)
+    tapping = coarse and hasattr(chooser.selector, "tap")
     start = a.flops.total
     goal = target.macs(start)
     if goal > start:
@@ -151,7 +151,7 @@ def prune_iteratively(
             per_atom = taps.atom_scores()
             scores = {g.id: per_atom[g.atoms] for g in a.graph.prunable_groups}
         else:
-            scores = chooser.scores(a.graph, a.gm, seed + k)
+            scores = chooser.scores(a.graph, a.gm, seed + k, untapped=tapping)
         t1 = time.perf_counter()
         plan = pipeline.select_plan(a, chooser, start - k * (start - goal) / steps, scores)
         t2 = time.perf_counter()
@@ -160,7 +160,7 @@ def prune_iteratively(
         a = pipeline.analyze(pruned, a.inputs, ignore, seed)
         a.gm.meta[keys.RECORD] = pruned.meta[keys.RECORD]
         t3 = time.perf_counter()
-        taps = tap(a.graph, a.gm, chooser.selector) if tapping and k < steps else None
+        taps = chooser.selector.tap(a.graph, a.gm) if tapping and k < steps else None
         finetune(a.gm if taps is None else taps.module)
         t4 = time.perf_counter() - (taps.seconds if taps is not None else 0.0)
         metric = evaluate(a.gm) if evaluate else None

@@ -26,11 +26,12 @@ from .flops import FlopModel, total_macs
 from .graph import DependencyGraph, Member
 from .latency import LatencyModel
 from .optable import canonical
-from .stats import CALIBRATION_FORMS, LossFn, activation_scores
+from . import normgrad
+from .stats import CALIBRATION_FORMS, LossFn, Tapped, activation_scores, tap
 from .timing import Setting, TimingCache
 
 __all__ = [
-    "Selector", "Uniform", "Random", "LpNorm", "L1", "L2", "BNScale", "GflopsAware", "LatencyAware", "ActivationSelector",
+    "Selector", "Uniform", "Random", "LpNorm", "L1", "L2", "BNScale", "BNTaylor", "GflopsAware", "LatencyAware", "ActivationSelector",
     "APoZ", "MeanActivation", "Taylor", "get_selector",
 ]
 
@@ -203,12 +204,44 @@ class LatencyAware:
         return shrink_order(graph, saving)
 
 
+class BNTaylor:
+    """Taylor estimate on the normalization scales: ``|gamma * dL/dgamma|`` of the norm layers that scale
+    each atom (``fxprune.normgrad``). ``compile`` takes it from one pass over ``calibration=`` with
+    ``loss_fn=``; ``prune_iteratively(coarse=True)`` reads it from the gradients of the user's own
+    fine-tuning and needs neither (its first step ranks by ``|gamma|``, as bn_scale). Atoms no norm layer
+    scales score 0."""
+
+    name = "bn_taylor"
+    takes_data = True
+
+    def __init__(self, calibration: Any = None, loss_fn: LossFn | None = None) -> None:
+        if (calibration is None) != (loss_fn is None):
+            raise ArgumentError("selector 'bn_taylor' takes both calibration= and loss_fn= (a pass over that data), or "
+                                "neither (prune_iteratively(coarse=True) reads the gradients of your fine-tuning)")
+        self.calibration, self.loss_fn = calibration, loss_fn
+
+    def scores(self, graph: DependencyGraph, gm: torch.fx.GraphModule) -> Scores:
+        if self.calibration is None:
+            raise ArgumentError("selector 'bn_taylor' needs calibration= and loss_fn= here (a pass over that data); "
+                                "prune_iteratively(coarse=True) needs neither")
+        per_atom = normgrad.atom_sums(graph, normgrad.pass_sums(gm, sorted(_norm_weights(gm)), self.calibration, self.loss_fn))
+        return {g.id: per_atom[g.atoms] for g in graph.prunable_groups}
+
+    def untapped_scores(self, graph: DependencyGraph, gm: torch.fx.GraphModule) -> Scores:
+        """Scores before any fine-tuning was tapped: the pass when there is data, else |gamma|."""
+        return self.scores(graph, gm) if self.calibration is not None else BNScale().scores(graph, gm)
+
+    def tap(self, graph: DependencyGraph, gm: torch.fx.GraphModule) -> normgrad.GradTap:
+        return normgrad.GradTap(graph, gm, sorted(_norm_weights(gm)))
+
+
 class ActivationSelector:
     """Base of the data-driven selectors: scores atoms by a statistic of the activations on calibration
     data (see ``fxprune.stats``). Subclasses define ``values`` and ``finish`` (``ChannelStatistic``)."""
 
     name = ""
     needs_grad = False
+    takes_data = True
 
     def __init__(self, calibration: Any = None, loss_fn: LossFn | None = None) -> None:
         if calibration is None:
@@ -222,6 +255,12 @@ class ActivationSelector:
     def scores(self, graph: DependencyGraph, gm: torch.fx.GraphModule) -> Scores:
         per_atom = activation_scores(graph, gm, self.calibration, self, self.loss_fn)
         return {g.id: per_atom[g.atoms] for g in graph.prunable_groups}
+
+    untapped_scores = scores
+
+    def tap(self, graph: DependencyGraph, gm: torch.fx.GraphModule) -> Tapped:
+        """``gm`` with taps that gather this statistic during the user's training forwards (``stats.tap``)."""
+        return tap(graph, gm, self)
 
 
 class APoZ(ActivationSelector):
@@ -266,7 +305,7 @@ class Taylor(ActivationSelector):
 _BY_NAME: dict[str, type] = {
     "uniform": Uniform, "random": Random, "l1": L1, "l2": L2, "bn_scale": BNScale, "gflops_aware": GflopsAware,
     "latency_aware": LatencyAware,
-    "apoz": APoZ, "mean_activation": MeanActivation, "taylor": Taylor,
+    "apoz": APoZ, "mean_activation": MeanActivation, "taylor": Taylor, "bn_taylor": BNTaylor,
 }
 
 
@@ -276,7 +315,7 @@ def get_selector(selector: str | Selector, calibration: Any = None, loss_fn: Los
         if selector not in _BY_NAME:
             raise ArgumentError(f"unknown selector {selector!r}; choose one of {sorted(_BY_NAME)} or pass an object with a scores(graph, gm) method")
         cls = _BY_NAME[selector]
-        if issubclass(cls, ActivationSelector):
+        if getattr(cls, "takes_data", False):
             return cls(calibration, loss_fn)
         selector = cls()
     elif not isinstance(selector, Selector):
@@ -284,7 +323,7 @@ def get_selector(selector: str | Selector, calibration: Any = None, loss_fn: Los
     if calibration is not None or loss_fn is not None:
         given = "calibration=" if calibration is not None else "loss_fn="
         raise ArgumentError(
-            f"{given} is only used by the data-driven selectors 'apoz', 'mean_activation' and 'taylor'; "
+            f"{given} is only used by the data-driven selectors 'apoz', 'mean_activation', 'taylor' and 'bn_taylor'; "
             f"selector {selector_name(selector)!r} does not read it (a selector object takes its data itself)"
         )
     return selector

@@ -31,7 +31,8 @@ from .graph import DependencyGraph
 from .optable import is_activation
 from .fxutil import copy_graph, eval_mode, graph_module, structural_copy
 
-__all__ = ["ChannelStatistic", "CALIBRATION_FORMS", "calibration_batches", "ClassSubset", "activation_scores", "Tapped", "tap"]
+__all__ = ["ChannelStatistic", "CALIBRATION_FORMS", "calibration_batches", "ClassSubset", "activation_scores", "detached_copy",
+           "Tapped", "tap"]
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 
@@ -91,7 +92,7 @@ class ClassSubset:
                 yield tuple(x[chosen] for x in inputs), torch.searchsorted(self.classes, target[chosen])
 
 
-def _detached_copy(gm: torch.fx.GraphModule, requires_grad: bool) -> torch.fx.GraphModule:
+def detached_copy(gm: torch.fx.GraphModule, requires_grad: bool) -> torch.fx.GraphModule:
     """A structural copy of ``gm`` with parameters detached (new leaves, same storage) and buffers cloned."""
     copy = structural_copy(gm)
     for m in copy.modules():
@@ -219,7 +220,7 @@ def activation_scores(
     """
     used = _probed(graph, gm)
     acc = _Accumulator(statistic, graph)
-    copy = _detached_copy(gm, statistic.needs_grad)
+    copy = detached_copy(gm, statistic.needs_grad)
     probe = _Probe(copy, used, acc)
     batches = 0
     with eval_mode(copy), torch.set_grad_enabled(statistic.needs_grad):

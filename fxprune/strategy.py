@@ -106,11 +106,12 @@ class Chooser:
     def rule(self) -> WidthRule:
         return self.strategy.rule
 
-    def scores(self, graph: DependencyGraph, gm: torch.fx.GraphModule, seed: int) -> dict[int, torch.Tensor]:
-        """The selector's scores, with torch's global RNG seeded by ``seed`` and restored afterwards."""
+    def scores(self, graph: DependencyGraph, gm: torch.fx.GraphModule, seed: int, untapped: bool = False) -> dict[int, torch.Tensor]:
+        """The selector's scores, with torch's global RNG seeded by ``seed`` and restored afterwards;
+        ``untapped``: the first step of coarse ranking, before any fine-tuning was tapped."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return self.selector.scores(graph, gm)
+            return (self.selector.untapped_scores if untapped else self.selector.scores)(graph, gm)
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready record of the strategy, kept in ``meta["fxprune"]["strategy"]``."""

@@ -300,3 +300,47 @@ def test_prune_iteratively_argument_errors():
     with pytest.raises(ArgumentError, match="finetune must be a function"):
         fxprune.prune_iteratively(net, ratio=0.5, steps=2, finetune=None, example_inputs=EXAMPLE)
     assert math.isfinite(fxprune.count_flops(net, EXAMPLE))
+
+
+def test_bn_taylor_coarse_ranking_adds_no_forward_or_backward_pass():
+    """bn_taylor under coarse ranking reads the gradients of the norm scales that fine-tuning computes:
+    every data forward (and so every backward) is fine-tuning's own; step 1 ranks by |gamma|."""
+    net = trained_net()
+    FORWARDS.clear()
+    pruned, history = fxprune.prune_iteratively(
+        net, ratio=0.6, steps=3, finetune=Finetune(epochs=1), selector="bn_taylor", example_inputs=EXAMPLE, progress=False,
+    )
+    assert sorted(b for b in FORWARDS if b > 1) == sorted([xb.shape[0] for xb, _ in TRAIN] * 3)
+    assert history.coarse and fxprune.count_flops(pruned, EXAMPLE) <= 0.4 * fxprune.count_flops(net, EXAMPLE)
+    assert all(not p._post_accumulate_grad_hooks for p in pruned.parameters())  # the hooks are gone
+
+
+def test_bn_taylor_tap_is_the_mean_gamma_times_gradient():
+    from fxprune import normgrad, pipeline
+
+    a = pipeline.analyze(trained_net(), EXAMPLE)
+    weights = ["stem.1.weight", "res.1.weight", "res.4.weight"]
+    gm = a.gm.train()
+    tapped = normgrad.GradTap(a.graph, gm, weights)
+    expected = {w: torch.zeros(gm.get_parameter(w).numel(), dtype=torch.float64) for w in weights}
+    for xb, yb in TRAIN[:3]:
+        gm.zero_grad()
+        F.cross_entropy(gm(xb), yb).backward()
+        for w in weights:
+            p = gm.get_parameter(w)
+            expected[w] += (p.detach() * p.grad).abs().double() / 3
+    torch.testing.assert_close(tapped.atom_scores(), normgrad.atom_sums(a.graph, expected))
+    assert tapped.seconds >= 0 and all(not gm.get_parameter(w)._post_accumulate_grad_hooks for w in weights)
+
+
+def test_bn_taylor_in_compile_takes_a_pass_and_leaves_the_model_alone():
+    net = trained_net()
+    net.zero_grad(set_to_none=True)
+    state = state_copy(net)
+    pruned = fxprune.compile(net, ratio=0.4, example_inputs=EXAMPLE, selector="bn_taylor", calibration=CALIBRATION, loss_fn=F.cross_entropy)
+    assert same_state(net, state) and all(p.grad is None for p in net.parameters())
+    assert fxprune.count_flops(pruned, EXAMPLE) <= 0.6 * fxprune.count_flops(net, EXAMPLE)
+    with pytest.raises(ArgumentError, match="bn_taylor"):
+        fxprune.compile(net, ratio=0.4, example_inputs=EXAMPLE, selector="bn_taylor")
+    with pytest.raises(ArgumentError, match="both calibration= and loss_fn="):
+        fxprune.compile(net, ratio=0.4, example_inputs=EXAMPLE, selector="bn_taylor", calibration=CALIBRATION)
