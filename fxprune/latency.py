@@ -177,18 +177,27 @@ class LatencyModel:
         for k, i in enumerate(flops.term_of.tolist()):
             self.factors_of[i].append(k)
 
-    def cost(self, removed: torch.Tensor) -> float:
-        """Estimated milliseconds after removing ``removed``."""
+    def per_term(self, removed: torch.Tensor) -> list[float]:
+        """Estimated milliseconds of each FlopTerm's node after removing ``removed``."""
         kept = self.flops.kept_per_factor(removed).tolist()
         sizes = self.flops.sizes.tolist()
-        ms = 0.0
+        out = []
         for i, term in enumerate(self.flops.terms):
             ks = [kept[k] for k in self.factors_of[i]]
             if i in self.grids:
-                ms += _interpolate(*self.grids[i], ks)
+                out.append(self.scale * _interpolate(*self.grids[i], ks))
             else:
-                ms += term.macs * self.rate * math.prod(k / sizes[f] for k, f in zip(ks, self.factors_of[i]))
-        return self.fixed + self.scale * ms
+                out.append(self.scale * term.macs * self.rate * math.prod(k / sizes[f] for k, f in zip(ks, self.factors_of[i])))
+        return out
+
+    def cost(self, removed: torch.Tensor) -> float:
+        """Estimated milliseconds after removing ``removed``."""
+        return self.fixed + sum(self.per_term(removed))
+
+    def layers(self, removed: torch.Tensor) -> dict[str, tuple[float, float]]:
+        """Estimated milliseconds of each contracting node, before and after removing ``removed``."""
+        before = self.per_term(torch.zeros_like(removed))
+        return {t.node: (b, a) for t, b, a in zip(self.flops.terms, before, self.per_term(removed))}
 
     def describe(self, value: float) -> str:
         return f"{value:.4g} ms (estimated, {self.setting.device})"

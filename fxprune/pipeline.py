@@ -209,11 +209,14 @@ def reach_latency(a: Analysis, chooser: Chooser, target: Target, scores: dict[in
         speedup = before.median_ms / after.median_ms
         raise TargetUnreachableError(
             f"the latency target {goal:.4g} ms ({original.median_ms / goal:.3g}x faster than {original.median_ms:.4g} ms) "
-            f"is out of reach on {setting.device}: the best speed-up measured was {speedup:.3g}x ({after.median_ms:.4g} ms, "
+            f"is out of reach on {setting.device}: the best speed-up measured in {len(tried)} tries was {speedup:.3g}x ({after.median_ms:.4g} ms, "
             f"{chooser.rule}). Ask for at most that, lower min_width/round_to, or un-freeze groups (see analyze()).",
             best_speedup=speedup,
         )
-    return plan, pruned, _latency_record(target, goal, before, after, cache, len(tried))
+    record = _latency_record(target, goal, before, after, cache, len(tried))
+    names = {n.name: n.target for n in a.gm.graph.nodes if n.op == "call_module"}
+    record["layers_ms"] = {names.get(node, node): ms for node, ms in model.layers(removed_mask(a.graph, plan)).items()}
+    return plan, pruned, record
 
 
 def _equivalent(target: Target, original: Latency, before: Latency, after: Latency) -> float:

@@ -40,6 +40,10 @@ def _arrow(pair: tuple[Any, Any], fmt: Any = str) -> str:
     return fmt(a) if a == b else f"{fmt(a)} -> {fmt(b)}"
 
 
+def _ms(v: float) -> str:
+    return f"{v:.3g}"
+
+
 def _si(n: float) -> str:
     for unit, size in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= size:
@@ -76,6 +80,12 @@ class Report:
         ]
         body.append(["total", "", "", "", _arrow(self.params, _si), _arrow(self.macs, _si), _arrow(self.flops, _si)])
         headers = ["layer", "op", "in ch", "out ch", "params", "MACs", "FLOPs"]
+        if self.latency and "layers_ms" in self.latency:  # estimated per layer from its timings; the total is measured
+            layers = self.latency["layers_ms"]
+            for row, r in zip(body, self.rows):
+                row.append(_arrow(tuple(layers[r.name]), _ms) if r.name in layers else "-")
+            body[-1].append(_arrow((self.latency["before_ms"], self.latency["after_ms"]), _ms))
+            headers.append("ms (layers est.)")
         return tabulate(body, headers=headers, tablefmt=fmt)
 
     def summary(self) -> str:

@@ -27,6 +27,8 @@ PROMISE = re.compile(rf"#\s*((?:{VALUE})(?: (?:{VALUE}))*)\s*(?::|$)")
 TABLES = {
     "print(fxprune.report(small))": ["layer", "params", "MACs", "FLOPs", "->", "total"],
     "print(graph)": ["width", "members", "prunable", "frozen: model input x"],
+    "print(fxprune.report(fast).summary())": ["FLOPs", "params", "latency", "faster", "batch 1", "threads"],
+    "print(fxprune.measure_latency(fast, x))": ["ms median", "IQR", "batch 1", "cpu", "threads"],
     "print(history)": ["step", "GFLOPs", "params", "metric", "ranking s", "selecting s", "rewriting s", "fine-tuning s"],
 }
 
@@ -132,6 +134,8 @@ def test_timm_models_by_name(capsys: pytest.CaptureFixture[str]) -> None:
         (["compile", "torchvision:nope", "--ratio", "0.5"], 1, "torchvision has no model 'nope'"),
         (["compile", "torchvision:resnet18", "--ratio", "2"], 1, "ratio must be in [0, 1)"),
         (["compile", "torchvision:resnet18", "--target-gflops", "1e-6", "--input-shape", "1,3,32,32"], 1, "out of reach"),
+        (["compile", "torchvision:resnet18", "--speedup", "0.5"], 1, "speedup must be at least 1"),
+        (["compile", "torchvision:resnet18", "--round-to", "x"], 2, "invalid _round_to value"),
         (["inspect", "nomodule.at.all:factory"], 1, "cannot import"),
         (["inspect", "resnet18"], 1, "expected torchvision:NAME"),
         (["inspect", "timm:no_such_net"], 1, "timm has no model 'no_such_net'"),
