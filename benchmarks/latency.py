@@ -25,6 +25,7 @@ import copy
 import json
 import statistics
 import time
+import warnings
 
 import torch
 import torchvision
@@ -72,6 +73,7 @@ def main() -> None:
     ap.add_argument("--json", help="also write the rows as JSON")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", module="torch_pruning")
     speedups = [float(s) for s in args.speedups.split(",") if s]
     rows, records = [], []
     for name in args.models.split(","):
@@ -91,12 +93,17 @@ def main() -> None:
                     continue
                 measured = pruned.meta["fxprune"]["report"].get("latency")
                 variants[label] = (pruned, time.perf_counter() - t, measured["speedup"] if measured else None)
-            if not args.no_tp:
+            if not args.no_tp and tp_model != "failed":
                 if tp_model is None:
                     t = time.perf_counter()
-                    tp_model = tp_at(model, x[:1], fxprune.count_flops(variants["ratio=0.5"][0], x[:1]))
+                    try:
+                        tp_model = tp_at(model, x[:1], fxprune.count_flops(variants["ratio=0.5"][0], x[:1]))
+                    except Exception as exc:  # noqa: BLE001 - the peer's failure is a result too
+                        print(f"{name}: torch-pruning failed: {type(exc).__name__}: {exc}", flush=True)
+                        tp_model = "failed"
                     tp_seconds = time.perf_counter() - t
-                variants["torch-pruning, round_to=8"] = (tp_model, tp_seconds, None)
+                if tp_model != "failed":
+                    variants["torch-pruning, round_to=8"] = (tp_model, tp_seconds, None)
             for label, (pruned, seconds, self_speedup) in variants.items():
                 original, lat = measure_in_turns([model, pruned], (x,), repeat=args.repeat)
                 rec = {"model": name, "batch": batch, "row": label, "flops_ratio": fxprune.count_flops(pruned, x) / base,
