@@ -7,7 +7,7 @@ taken once per device, torch version, thread count and dtype and kept in the ``T
 ``LatencyModel`` answers the question ``select`` asks of a cost model, "what does the model cost with
 these atoms removed?", in milliseconds: each measured layer's time is interpolated (multilinear) on a
 grid of kept widths (a quarter, half, three quarters and all of each pruned dimension, rounded to the
-width rule's multiple); a contraction that cannot be rebuilt (a matmul, a functional conv) costs its
+width rule's multiple), and shrinks in proportion below the smallest; a contraction that cannot be rebuilt (a matmul, a functional conv) costs its
 MACs at the measured layers' mean rate; what pruning does not change is the whole model's measured time
 minus the layers' (the fixed part).
 
@@ -131,11 +131,11 @@ def measurable_layers(gm: torch.fx.GraphModule, graph: DependencyGraph) -> dict[
 
 def _interpolate(grid: list[list[int]], values: torch.Tensor, kept: list[float]) -> float:
     """Multilinear interpolation of ``values`` (one axis per factor, at the ``grid`` widths) at ``kept``;
-    below the smallest grid width the value stays at its edge."""
+    below the smallest grid width the value shrinks in proportion to the width."""
     v = values
     for points, k in zip(grid, kept):
         if k <= points[0] or len(points) == 1:
-            v = v[0]
+            v = v[0] * min(1.0, k / points[0])
             continue
         j = next((i for i in range(1, len(points)) if points[i] >= k), len(points) - 1)
         lo, hi = points[j - 1], points[j]

@@ -171,9 +171,10 @@ def reach_latency(a: Analysis, chooser: Chooser, target: Target, scores: dict[in
 
     The latency model turns the target into an estimated-milliseconds budget; each round selects, rewrites
     and times the result in turns with the original (about 3 s of timings). Until one result meets the
-    aim (``MARGIN`` below the goal) and one misses it, a result scales the budget by aim / measured; then
-    the budget moves between the closest pair by linear interpolation (measured latency is not monotone in
-    the budget: some widths run slower than wider ones). It stops at a result within 6% below the aim. The
+    aim (``MARGIN`` below the goal) and one misses it, the next budget is the last result's estimate scaled
+    by aim / measured (at most 2x either way); then it moves between the closest pair by linear
+    interpolation of the estimates (measured latency is not monotone in the widths: some widths run slower
+    than wider ones). It stops at a result within 6% below the aim. The
     slowest result within the aim wins, else the fastest within the goal; if none is, even at the smallest
     allowed widths, ``TargetUnreachableError`` names the best speed-up measured."""
     setting, cache = Setting.of(a.gm, a.inputs), TimingCache()
@@ -198,8 +199,9 @@ def reach_latency(a: Analysis, chooser: Chooser, target: Target, scores: dict[in
             again = measure_in_turns([a.gm, pruned], a.inputs, repeat=repeat)
             if _equivalent(target, original, *again) > ms:
                 ms, before, after = (ms + _equivalent(target, original, *again)) / 2, *again
-        log.info("round %d: %.4g ms measured, aiming at %.4g ms (budget %.4g ms estimated)", len(tried) + 1, ms, aim, budget)
-        tried.append((ms, plan, pruned, before, after, budget))
+        estimate = model.cost(removed_mask(a.graph, plan))
+        log.info("round %d: %.4g ms measured, aiming at %.4g ms (%.4g ms estimated)", len(tried) + 1, ms, aim, estimate)
+        tried.append((ms, plan, pruned, before, after, estimate))
         if 0.94 * aim <= ms <= aim:
             break
         budget = _next_budget(tried, aim)
@@ -226,17 +228,19 @@ def _equivalent(target: Target, original: Latency, before: Latency, after: Laten
 
 
 def _next_budget(tried: list[tuple[Any, ...]], aim: float) -> float:
-    """The next estimated-ms budget from (measured ms, ..., budget) of the rounds so far."""
+    """The next estimated-ms budget from (measured ms, ..., estimated ms) of the rounds so far: the last
+    estimate corrected by aim / measured (at most 2x either way), or, once results lie on both sides of
+    the aim, linear interpolation between the closest pair."""
     fast = [(t[5], t[0]) for t in tried if t[0] <= aim]
     slow = [(t[5], t[0]) for t in tried if t[0] > aim]
     if not fast or not slow:
-        ms, budget = tried[-1][0], tried[-1][5]
-        return budget * aim / ms
-    (b0, m0), (b1, m1) = max(fast), min(slow)
-    if b1 <= b0:  # a larger budget measured faster: look just above the best fast one
-        return b0 * 1.02
+        ms, estimate = tried[-1][0], tried[-1][5]
+        return estimate * min(2.0, max(0.5, aim / ms))
+    (e0, m0), (e1, m1) = max(fast), min(slow)
+    if e1 <= e0:  # a costlier estimate measured faster: look just above the best fast one
+        return e0 * 1.02
     w = min(0.9, max(0.1, (aim - m0) / (m1 - m0)))
-    return b0 + w * (b1 - b0)
+    return e0 + w * (e1 - e0)
 
 
 def _latency_record(target: Target, goal: float, before: Latency, after: Latency, cache: TimingCache, rounds: int) -> dict[str, Any]:
