@@ -105,8 +105,8 @@ def test_the_cache_is_used(fake_clock: None, tmp_path: Path, monkeypatch: pytest
 
 def test_unreachable_speedup_names_the_best_reached(fake_clock: None) -> None:
     with pytest.raises(fxprune.TargetUnreachableError, match=r"best speed-up measured \(\d+ results timed\) was") as info:
-        fxprune.compile(Net().eval(), speedup=1000.0, example_inputs=X, verify=False)
-    assert 1.0 < info.value.best_speedup < 1000.0
+        fxprune.compile(Net().eval(), speedup=1e5, example_inputs=X, verify=False)
+    assert 1.0 < info.value.best_speedup < 1e5  # the fake clock charges 0.05 ms a call: at most ~2600x
     assert f"{info.value.best_speedup:.3g}x" in str(info.value)
 
 
