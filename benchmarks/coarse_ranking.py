@@ -4,8 +4,9 @@ pass per step, side by side, on the Fashion-MNIST CNNs of reproduce.py, with the
 Per architecture, a baseline is trained briefly (time, not accuracy, is measured here), then three
 strategies prune it to 75% FLOPs reduction in ``--steps`` steps, taking turns ``--repeats`` times (the
 order rotates each repeat, so a host whose speed drifts slows each alike): taylor with coarse ranking,
-taylor with a separate ranking pass over ``--calibration-images`` images per step, and uniform (no
-ranking at all: the floor). The table gives medians of the total pruning time (ranking, selecting,
+taylor with a separate ranking pass over ``--calibration-images`` images per step, bn_taylor with
+coarse ranking (|gamma * dL/dgamma| read from fine-tuning's own gradients: no pass, no taps), and
+uniform (no ranking at all: the floor). The table gives medians of the total pruning time (ranking, selecting,
 rewriting, fine-tuning) and of the ranking time, and coarse's share of separate's.
 
     python benchmarks/coarse_ranking.py                      # about 15 minutes on 2 cores
@@ -28,6 +29,7 @@ import fxprune
 STRATEGIES = {
     "taylor (coarse)": {"selector": "taylor", "coarse": True},
     "taylor (separate)": {"selector": "taylor", "coarse": False},
+    "bn_taylor (coarse)": {"selector": "bn_taylor", "coarse": True},
     "uniform (no ranking)": {"selector": "uniform"},
 }
 
