@@ -1,7 +1,7 @@
 """What does coarse ranking save? Gradual Taylor pruning with coarse ranking against a separate ranking
 pass per step, side by side, on the Fashion-MNIST CNNs of reproduce.py, with the same budgets.
 
-Per architecture, a baseline is trained briefly (time, not accuracy, is measured here), then three
+Per architecture, a baseline is trained briefly (time, not accuracy, is measured here), then four
 strategies prune it to 75% FLOPs reduction in ``--steps`` steps, taking turns ``--repeats`` times (the
 order rotates each repeat, so a host whose speed drifts slows each alike): taylor with coarse ranking,
 taylor with a separate ranking pass over ``--calibration-images`` images per step, bn_taylor with
