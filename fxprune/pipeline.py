@@ -195,14 +195,17 @@ def reach_latency(a: Analysis, chooser: Chooser, target: Target, scores: dict[in
         pruned = rewrite(a.gm, a.graph, plan)
         before, after = measure_in_turns([a.gm, pruned], a.inputs, repeat=repeat)
         ms = _equivalent(target, original, before, after)
-        if 0.94 * aim <= ms <= aim:  # a stopping candidate: time it again, so that one lucky timing cannot pass
+        stops = 0.94 * aim <= ms <= aim
+        if stops:  # time it again, so that one lucky timing cannot pass
             again = measure_in_turns([a.gm, pruned], a.inputs, repeat=repeat)
-            if _equivalent(target, original, *again) > ms:
-                ms, before, after = (ms + _equivalent(target, original, *again)) / 2, *again
+            ms_again = _equivalent(target, original, *again)
+            if ms_again > ms:
+                ms, (before, after) = (ms + ms_again) / 2, again
+                stops = ms <= aim
         estimate = model.cost(removed_mask(a.graph, plan))
         log.info("round %d: %.4g ms measured, aiming at %.4g ms (%.4g ms estimated)", len(tried) + 1, ms, aim, estimate)
         tried.append((ms, plan, pruned, before, after, estimate))
-        if 0.94 * aim <= ms <= aim:
+        if stops:
             break
         budget = _next_budget(tried, aim)
     within = [t for t in tried if t[0] <= aim] or [min(tried, key=lambda t: t[0])]
