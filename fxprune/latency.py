@@ -7,9 +7,12 @@ taken once per device, torch version, thread count and dtype and kept in the ``T
 ``LatencyModel`` answers the question ``select`` asks of a cost model, "what does the model cost with
 these atoms removed?", in milliseconds: each measured layer's time is interpolated (multilinear) on a
 grid of kept widths (a quarter, half, three quarters and all of each pruned dimension, rounded to the
-width rule's multiple), and shrinks in proportion below the smallest; a contraction that cannot be rebuilt (a matmul, a functional conv) costs its
-MACs at the measured layers' mean rate; what pruning does not change is the whole model's measured time
-minus the layers' (the fixed part).
+width rule's multiple), and shrinks in proportion below the smallest; a contraction that cannot be
+rebuilt (a matmul, a functional conv) costs its MACs at the measured layers' mean rate. Memory-bound
+nodes (element-wise, normalization, pooling, reductions, concatenation) cost a measured time per element
+they read and write (``Traffic``): their tensors shrink with their kept channels, and at batch 1 on a
+CPU they are a large share of a thin model's time. What pruning does not change is the whole model's
+measured time minus all of that (the fixed part).
 
 ``fast_multiple`` is the measured rule behind ``round_to="auto"``. For each of the two costliest dense
 layers and the costliest depthwise conv (by MACs) it times every output width ``w`` in the window of 32
@@ -29,13 +32,15 @@ from typing import Any
 import torch
 import torch.fx
 from torch import nn
+from torch.fx.passes.shape_prop import TensorMetadata
 
 from . import metakeys as keys
 from .flops import FlopModel
-from .graph import DependencyGraph, FlopTerm
+from .graph import NEVER_REMOVED, DependencyGraph, Family, FlopTerm
+from .optable import canonical
 from .timing import Setting, TimingCache, measure_in_turns
 
-__all__ = ["Layer", "LatencyModel", "fast_multiple", "MULTIPLES"]
+__all__ = ["Layer", "Traffic", "LatencyModel", "fast_multiple", "MULTIPLES"]
 
 MULTIPLES = (1, 2, 4, 8, 16)
 GRID = (0.25, 0.5, 0.75, 1.0)
@@ -129,6 +134,61 @@ def measurable_layers(gm: torch.fx.GraphModule, graph: DependencyGraph) -> dict[
     return found
 
 
+class Traffic:
+    """Elements that the memory-bound nodes read and write, as a function of the removed-atom mask.
+
+    A node counts when its op family is element-wise, channel-wise (pooling), normalization or
+    reduction, or it is a concatenation; each tensor it reads or writes counts its elements, which shrink
+    in proportion to the tensor's kept channels (``DependencyGraph.tensor_atoms``).
+    """
+
+    FAMILIES = (Family.ELEMENTWISE, Family.CHANNELWISE, Family.NORM, Family.REDUCTION)
+
+    def __init__(self, gm: torch.fx.GraphModule, graph: DependencyGraph) -> None:
+        uses: dict[str, int] = {}
+        for n in gm.graph.nodes:
+            if graph.families.get(n.name) in self.FAMILIES or (n.op == "call_function" and canonical(n.target) is torch.cat):
+                for t in (n, *n.all_input_nodes):
+                    if isinstance(t.meta.get(keys.TENSOR_META), TensorMetadata):
+                        uses[t.name] = uses.get(t.name, 0) + 1
+        self.constant = 0.0
+        weights, sizes, rows, cols = [], [], [], []
+        shapes = {n.name: n.meta[keys.TENSOR_META].shape for n in gm.graph.nodes if n.name in uses}
+        for name, count in uses.items():
+            elements = math.prod(shapes[name]) * count
+            atoms = graph.tensor_atoms.get(name, (0, torch.empty(0, dtype=torch.long)))[1]
+            atoms = atoms[atoms != NEVER_REMOVED]
+            if atoms.numel() == 0:
+                self.constant += elements
+                continue
+            rows.append(torch.full((atoms.numel(),), len(weights)))
+            cols.append(atoms)
+            weights.append(float(elements))
+            sizes.append(float(graph.tensor_atoms[name][1].numel()))
+        self.weights = torch.tensor(weights, dtype=torch.float64)
+        self.sizes = torch.tensor(sizes, dtype=torch.float64)
+        self.rows = torch.cat(rows) if rows else torch.empty(0, dtype=torch.long)
+        self.cols = torch.cat(cols) if cols else torch.empty(0, dtype=torch.long)
+        self.largest = max(shapes.values(), key=math.prod) if shapes else None
+
+    def elements(self, removed: torch.Tensor) -> float:
+        """Elements read and written after removing ``removed``."""
+        kept = self.sizes.index_add(0, self.rows, removed[self.cols].to(torch.float64), alpha=-1)
+        return float((self.weights * kept / self.sizes).sum()) + self.constant
+
+
+def element_ms(shape: torch.Size, setting: Setting, cache: TimingCache) -> float:
+    """Milliseconds per element read or written by a memory-bound op on this device: an eval-mode
+    BatchNorm over a tensor of ``shape`` (one read and one write of each element)."""
+    def measure() -> float:
+        device, dtype = torch.device(setting.device), getattr(torch, setting.dtype.removeprefix("torch."))
+        norm = nn.BatchNorm2d(shape[1]).eval().to(device=device, dtype=dtype) if len(shape) == 4 else nn.Identity()
+        x = torch.randn(shape, device=device, dtype=dtype)
+        return measure_in_turns([norm], (x,), repeat=5, warmup=2, min_ms=2.0)[0].median_ms / (2 * math.prod(shape))
+
+    return cache.get(setting, f"BatchNorm2d{list(shape)} per element", measure)
+
+
 def _interpolate(grid: list[list[int]], values: torch.Tensor, kept: list[float]) -> float:
     """Multilinear interpolation of ``values`` (one axis per factor, at the ``grid`` widths) at ``kept``;
     below the smallest grid width the value shrinks in proportion to the width."""
@@ -162,17 +222,23 @@ class LatencyModel:
             for index in torch.cartesian_prod(*[torch.arange(len(a)) for a in axes]).reshape(-1, len(axes)).tolist():
                 values[tuple(index)] = layer.time(tuple(a[j] for a, j in zip(axes, index)), setting, cache)
             self.grids[i] = (axes, values)
+        self.traffic = Traffic(gm, graph)
+        largest = self.traffic.largest
+        per_element = element_ms(largest, setting, cache) if largest is not None and len(largest) == 4 else 0.0
         cache.save()
         terms = graph.flop_terms
         layer_ms = sum(float(v.flatten()[-1]) for _, v in self.grids.values())
         layer_macs = sum(terms[i].macs for i in self.grids)
         self.rate = layer_ms / layer_macs if layer_macs else 0.0  # ms per MAC, for terms that cannot be rebuilt
         other = sum(t.macs for i, t in enumerate(terms) if i not in self.grids) * self.rate
+        memory = per_element * self.traffic.elements(torch.zeros(graph.num_atoms, dtype=torch.bool))
         if total_ms is None:
-            total_ms = layer_ms + other
+            total_ms = layer_ms + other + memory
         self.total = total_ms
-        self.scale = min(1.0, total_ms / (layer_ms + other)) if layer_ms + other > 0 else 1.0
-        self.fixed = total_ms - self.scale * (layer_ms + other)
+        self.scale = min(1.0, total_ms / (layer_ms + other + memory)) if layer_ms + other + memory > 0 else 1.0
+        self.per_element = self.scale * per_element
+        self.fixed = total_ms - self.scale * (layer_ms + other + memory)
+        self.seen: dict[tuple[float, ...], float] = {}  # (term, kept widths) -> interpolated ms
         self.factors_of = [[] for _ in terms]
         for k, i in enumerate(flops.term_of.tolist()):
             self.factors_of[i].append(k)
@@ -185,14 +251,17 @@ class LatencyModel:
         for i, term in enumerate(self.flops.terms):
             ks = [kept[k] for k in self.factors_of[i]]
             if i in self.grids:
-                out.append(self.scale * _interpolate(*self.grids[i], ks))
+                key = (i, *ks)
+                if key not in self.seen:
+                    self.seen[key] = self.scale * _interpolate(*self.grids[i], ks)
+                out.append(self.seen[key])
             else:
                 out.append(self.scale * term.macs * self.rate * math.prod(k / sizes[f] for k, f in zip(ks, self.factors_of[i])))
         return out
 
     def cost(self, removed: torch.Tensor) -> float:
         """Estimated milliseconds after removing ``removed``."""
-        return self.fixed + sum(self.per_term(removed))
+        return self.fixed + sum(self.per_term(removed)) + self.per_element * self.traffic.elements(removed)
 
     def layers(self, removed: torch.Tensor) -> dict[str, tuple[float, float]]:
         """Estimated milliseconds of each contracting node, before and after removing ``removed``."""

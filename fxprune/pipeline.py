@@ -7,6 +7,7 @@ and the torch.compile backend all go through these functions; none of them calls
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import logging
 from collections.abc import Iterable, Sequence
@@ -170,7 +171,8 @@ def reach_latency(a: Analysis, chooser: Chooser, target: Target, scores: dict[in
     """The plan, rewritten model and measurement record of a latency target.
 
     The latency model turns the target into an estimated-milliseconds budget; each round selects, rewrites
-    and times the result in turns with the original (about 3 s of timings). Until one result meets the
+    and times the result in turns with the original (about 3 s of timings; ``_Clock`` keeps them, so a
+    second compile of the same architecture on the same setting times nothing and rewrites only its result). Until one result meets the
     aim (``MARGIN`` below the goal) and one misses it, the next budget is the last result's estimate scaled
     by aim / measured (at most 2x either way); then it moves between the closest pair by linear
     interpolation of the estimates (measured latency is not monotone in the widths: some widths run slower
@@ -178,10 +180,10 @@ def reach_latency(a: Analysis, chooser: Chooser, target: Target, scores: dict[in
     slowest result within the aim wins, else the fastest within the goal; if none is, even at the smallest
     allowed widths, ``TargetUnreachableError`` names the best speed-up measured."""
     setting, cache = Setting.of(a.gm, a.inputs), TimingCache()
-    original = measure_in_turns([a.gm], a.inputs, warmup=5)[0]
+    clock = _Clock(a, setting, cache)
+    original = clock.original()
     goal = target.goal_ms(original.median_ms)
     aim = goal * (1 - MARGIN)
-    repeat = max(11, min(31, int(3000 / (2 * original.median_ms))))
     model = latency.LatencyModel(a.graph, a.flops, a.gm, original.median_ms, setting, cache, chooser.rule.round_to)
     budget, tried, smallest = aim, [], False
     for _ in range(ROUNDS):
@@ -192,24 +194,23 @@ def reach_latency(a: Analysis, chooser: Chooser, target: Target, scores: dict[in
                 break
             budget, smallest = model.total / exc.best_speedup, True
             plan = select_plan(a, chooser, budget, scores, model)
-        pruned = rewrite(a.gm, a.graph, plan)
-        before, after = measure_in_turns([a.gm, pruned], a.inputs, repeat=repeat)
+        before, after = clock.pair(plan, 1)
         ms = _equivalent(target, original, before, after)
         stops = 0.94 * aim <= ms <= aim
         if stops:  # time it again, so that one lucky timing cannot pass
-            again = measure_in_turns([a.gm, pruned], a.inputs, repeat=repeat)
+            again = clock.pair(plan, 2)
             ms_again = _equivalent(target, original, *again)
             if ms_again > ms:
                 ms, (before, after) = (ms + ms_again) / 2, again
                 stops = ms <= aim
         estimate = model.cost(removed_mask(a.graph, plan))
         log.info("round %d: %.4g ms measured, aiming at %.4g ms (%.4g ms estimated)", len(tried) + 1, ms, aim, estimate)
-        tried.append((ms, plan, pruned, before, after, estimate))
+        tried.append((ms, plan, before, after, estimate))
         if stops:
             break
         budget = _next_budget(tried, aim)
     within = [t for t in tried if t[0] <= aim] or [min(tried, key=lambda t: t[0])]
-    ms, plan, pruned, before, after, _ = max(within, key=lambda t: t[0])
+    ms, plan, before, after, _ = max(within, key=lambda t: t[0])
     if ms > goal:
         speedup = before.median_ms / after.median_ms
         raise TargetUnreachableError(
@@ -219,9 +220,57 @@ def reach_latency(a: Analysis, chooser: Chooser, target: Target, scores: dict[in
             best_speedup=speedup,
         )
     record = _latency_record(target, goal, before, after, cache, len(tried))
+    record["results_timed"] = clock.timed
     names = {n.name: n.target for n in a.gm.graph.nodes if n.op == "call_module"}
     record["layers_ms"] = {names.get(node, node): ms for node, ms in model.layers(removed_mask(a.graph, plan)).items()}
-    return plan, pruned, record
+    pruned = clock.pruned.get(_widths(plan))
+    return plan, rewrite(a.gm, a.graph, plan) if pruned is None else pruned, record
+
+
+class _Clock:
+    """Timings of the original model and of pruned candidates (in turns with it), kept in the
+    ``TimingCache`` under the captured architecture and the candidate's widths: compiling the same
+    architecture again on the same setting takes no timing and reaches the same result."""
+
+    def __init__(self, a: Analysis, setting: Setting, cache: TimingCache) -> None:
+        self.a, self.setting, self.cache = a, setting, cache
+        parts = [a.gm.code, *(f"{n}{list(t.shape)}" for n, t in (*a.gm.named_parameters(), *a.gm.named_buffers())),
+                 *(f"{list(t.shape)} {t.dtype}" for t in a.inputs if isinstance(t, torch.Tensor))]
+        self.architecture = hashlib.sha1("\n".join(parts).encode()).hexdigest()
+        self.repeat = 15
+        self.timed = 0
+        self.pruned: dict[str, torch.fx.GraphModule] = {}
+
+    def _get(self, what: str, measure: Any) -> list[list[Any]]:
+        def timed() -> list[list[Any]]:
+            self.timed += 1
+            return [lat.to_row() for lat in measure()]
+
+        rows = self.cache.get(self.setting, f"model {self.architecture} {what}", timed)
+        self.cache.save()
+        return rows
+
+    def original(self) -> Latency:
+        row, = self._get("original", lambda: measure_in_turns([self.a.gm], self.a.inputs, warmup=5))
+        original = Latency.from_row(row, self.setting)
+        self.repeat = max(11, min(31, int(3000 / (2 * original.median_ms))))
+        return original
+
+    def pair(self, plan: Plan, turn: int) -> tuple[Latency, Latency]:
+        """The original and ``plan``'s result, timed in turns (``turn``: the how-manieth timing of this pair)."""
+        widths = _widths(plan)
+
+        def measure() -> list[Latency]:
+            if widths not in self.pruned:
+                self.pruned[widths] = rewrite(self.a.gm, self.a.graph, plan)
+            return measure_in_turns([self.a.gm, self.pruned[widths]], self.a.inputs, repeat=self.repeat)
+
+        before, after = self._get(f"widths {widths} timing {turn}", measure)
+        return Latency.from_row(before, self.setting), Latency.from_row(after, self.setting)
+
+
+def _widths(plan: Plan) -> str:
+    return json.dumps({gid: len(kept) for gid, kept in sorted(plan.keep.items())}, separators=(",", ":"))
 
 
 def _equivalent(target: Target, original: Latency, before: Latency, after: Latency) -> float:
@@ -234,10 +283,10 @@ def _next_budget(tried: list[tuple[Any, ...]], aim: float) -> float:
     """The next estimated-ms budget from (measured ms, ..., estimated ms) of the rounds so far: the last
     estimate corrected by aim / measured (at most 2x either way), or, once results lie on both sides of
     the aim, linear interpolation between the closest pair."""
-    fast = [(t[5], t[0]) for t in tried if t[0] <= aim]
-    slow = [(t[5], t[0]) for t in tried if t[0] > aim]
+    fast = [(t[-1], t[0]) for t in tried if t[0] <= aim]
+    slow = [(t[-1], t[0]) for t in tried if t[0] > aim]
     if not fast or not slow:
-        ms, estimate = tried[-1][0], tried[-1][5]
+        ms, estimate = tried[-1][0], tried[-1][-1]
         return estimate * min(2.0, max(0.5, aim / ms))
     (e0, m0), (e1, m1) = max(fast), min(slow)
     if e1 <= e0:  # a costlier estimate measured faster: look just above the best fast one
@@ -251,7 +300,7 @@ def _latency_record(target: Target, goal: float, before: Latency, after: Latency
     return {"target": {"speedup": target.speedup, "latency_ms": target.latency_ms}, "goal_ms": goal,
             "before_ms": before.median_ms, "after_ms": after.median_ms, "speedup": before.median_ms / after.median_ms,
             "batch": before.batch, "device": s.device, "device_name": s.device_name, "threads": s.threads,
-            "dtype": s.dtype, "layer_timings_taken": cache.measured, "rounds": rounds}
+            "dtype": s.dtype, "timings_taken": cache.measured, "rounds": rounds}
 
 
 def finish(a: Analysis, plan: Plan, verify: bool, pruned: torch.fx.GraphModule | None = None) -> torch.fx.GraphModule:

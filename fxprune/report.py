@@ -98,8 +98,9 @@ class Report:
         )
         if self.latency:
             t = self.latency
+            when = "" if t.get("results_timed", 1) else ", timed by an earlier compile of this architecture"
             text += (f"\nlatency {t['before_ms']:.4g} ms -> {t['after_ms']:.4g} ms ({t['speedup']:.3g}x faster, measured in "
-                     f"turns; batch {t['batch']}, {t['device']}, {t['threads']} threads, {t['dtype']})")
+                     f"turns; batch {t['batch']}, {t['device']}, {t['threads']} threads, {t['dtype']}{when})")
         return text
 
     def __str__(self) -> str:

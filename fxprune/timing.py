@@ -83,6 +83,14 @@ class Latency:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def to_row(self) -> list[Any]:
+        """The numbers without the setting, for the timing cache."""
+        return [self.median_ms, self.q1_ms, self.q3_ms, self.runs, self.batch]
+
+    @classmethod
+    def from_row(cls, row: Sequence[Any], setting: Setting) -> "Latency":
+        return cls(*row, setting)
+
 
 def _sync(device: str) -> Callable[[], None]:
     return torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
@@ -134,7 +142,8 @@ def measure_latency(model: nn.Module, example_inputs: Any, *, repeat: int = 15, 
 
 
 class TimingCache:
-    """Layer timings on disk, one JSON file: ``{setting key: {layer key: milliseconds}}``.
+    """Timings on disk, one JSON file: ``{setting key: {what was timed: its timing}}``; a timing is any
+    JSON value (a layer's milliseconds, a model's ``Latency.to_row``).
 
     The file lives in ``$FXPRUNE_CACHE_DIR`` (default ``~/.cache/fxprune``); ``measured`` counts the
     timings this process took rather than read, so callers and tests can see the cache at work.
@@ -145,12 +154,12 @@ class TimingCache:
         self.path = Path(path) if path is not None else root / "latency.json"
         self.measured = 0
         try:
-            self.data: dict[str, dict[str, float]] = json.loads(self.path.read_text())
+            self.data: dict[str, dict[str, Any]] = json.loads(self.path.read_text())
         except (OSError, ValueError):
             self.data = {}
 
-    def get(self, setting: Setting, key: str, measure: Callable[[], float]) -> float:
-        """The cached milliseconds of ``key`` under ``setting``, measured (and kept) on a miss."""
+    def get(self, setting: Setting, key: str, measure: Callable[[], Any]) -> Any:
+        """The cached timing of ``key`` under ``setting``, measured (and kept) on a miss."""
         table = self.data.setdefault(setting.key(), {})
         if key not in table:
             table[key] = measure()

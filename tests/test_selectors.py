@@ -188,10 +188,25 @@ def test_gflops_aware_stops_at_the_floor_then_moves_on() -> None:
 
 def test_width_rule() -> None:
     rule = WidthRule(min_width=3, round_to=8)
-    assert [rule.kept(24, n) for n in (0, 5, 8, 10, 24)] == [24, 24, 16, 16, 8]
+    assert [rule.kept(24, n) for n in (0, 3, 4, 5, 8, 10, 24)] == [24, 24, 24, 16, 16, 16, 8]  # nearest; a tie keeps more
+    assert [rule.more(24, k) for k in (8, 16, 20)] == [16, 24, 24]
     assert [rule.kept(6, n) for n in (0, 2, 6)] == [6, 4, 3]  # not wider than round_to: any count >= 3
     assert WidthRule(min_width=9, round_to=8).kept(24, 24) == 16
     assert WidthRule(min_width=30).kept(24, 24) == 24
+    # an atom of a grouped conv stands for one channel of each of its 13 groups: 13 * kept must be a multiple of 8
+    assert [rule.kept(8, n, 13) for n in (0, 4, 8)] == [8, 8, 8] and WidthRule(round_to=2).kept(8, 4, 13) == 4
+    assert WidthRule(round_to=8).kept(8, 5, 2) == 4  # 2 channels per atom: multiples of 4 atoms
+
+
+def test_round_to_counts_the_channels_of_a_grouped_conv() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 104, 1), nn.ReLU(), nn.Conv2d(104, 104, 3, padding=1, groups=13), nn.ReLU(),
+                          nn.Conv2d(104, 64, 1), nn.ReLU(), nn.Conv2d(64, 10, 1)).eval()
+    pruned = fxprune.compile(model, ratio=0.4, example_inputs=X16, round_to=8)
+    assert width(pruned, "0") == 104 and width(pruned, "2") == 104  # 8 channels per group, as the kernels had
+    assert width(pruned, "4") % 8 == 0 and width(pruned, "4") < 64
+    assert fxprune.count_flops(pruned, X16) <= 0.6 * fxprune.count_flops(model, X16)
+    finer = fxprune.compile(model, ratio=0.4, example_inputs=X16, round_to=2)
+    assert width(finer, "2") % 26 == 0 and width(finer, "2") < 104  # an even width per group
 
 
 @pytest.mark.parametrize("mode", ["per_group", "global"])

@@ -14,17 +14,21 @@ lowest-scored first, ties broken by position (the last first). A *schedule* maps
   except for selectors whose scores are comparable as they are (``comparable_across_groups``, e.g.
   gflops_aware's); ties go by the atom's place in its group's order, then by group id.
 
-Every count then obeys the WidthRule: a pruned group keeps at least ``min_width`` atoms and, when it is
-wider than ``round_to``, a multiple of ``round_to`` (the kept count is rounded up, so the rule never
-removes more than the schedule asked; a group may always keep all of its atoms). ``t`` is found by
+Every count then obeys the WidthRule: a pruned group keeps at least ``min_width`` atoms and, when its
+tensors are wider than ``round_to`` channels, a channel count that is a multiple of ``round_to``; an atom
+may stand for several channels (one position in every group of a grouped conv), so a grouped conv of 13
+groups of 8 channels keeps all 8 positions at ``round_to=8``, the per-group width its kernels run at (the
+kept count is rounded up, so the rule never removes more than the schedule asked; a group may always
+keep all of its atoms). ``t`` is found by
 bisection as the smallest fraction whose cost fits the target; of the groups that remove more atoms at
 ``t`` than just below it, as many as fit (in group order, again by bisection) get those atoms back;
 while more than 0.5% of the budget is unused, each group in turn may get one more step back (one atom,
-or ``round_to`` atoms). The result never exceeds the target.
+or a multiple's worth). The result never exceeds the target.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -67,12 +71,24 @@ class WidthRule:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ArgumentError(f"{name} must be an integer >= 1, got {value!r}")
 
-    def kept(self, width: int, removed: int) -> int:
-        """The smallest allowed kept count that is at least ``width - removed``."""
-        k = max(width - removed, self.min_width)
-        if width > self.round_to:
-            k = -(-k // self.round_to) * self.round_to
-        return min(k, width)
+    def step(self, width: int, channels_per_atom: int = 1) -> int:
+        """The multiple of atoms a pruned group of ``width`` atoms keeps."""
+        if width * channels_per_atom <= self.round_to:
+            return 1
+        return self.round_to // math.gcd(self.round_to, channels_per_atom)
+
+    def kept(self, width: int, removed: int, channels_per_atom: int = 1) -> int:
+        """The allowed kept count nearest to ``width - removed`` (a tie keeps more)."""
+        want = max(width - removed, self.min_width)
+        step = self.step(width, channels_per_atom)
+        up = min(width, -(-want // step) * step)
+        down = want // step * step
+        return down if down >= self.min_width and want - down < up - want else up
+
+    def more(self, width: int, kept: int, channels_per_atom: int = 1) -> int:
+        """The next allowed kept count above ``kept`` (``width`` at most)."""
+        step = self.step(width, channels_per_atom)
+        return min(width, (kept // step + 1) * step)
 
     def __str__(self) -> str:
         return f"min_width={self.min_width}, round_to={self.round_to}"
@@ -130,8 +146,10 @@ def select(
     widths = {g.id: g.width for g in groups}
     schedule = _per_group_schedule(groups) if mode == "per_group" else _global_schedule(groups, order, scores, comparable)
 
+    per_atom = _channels_per_atom(graph, groups)
+
     def counts_at(t: float) -> dict[int, int]:
-        return {g.id: g.width - rule.kept(g.width, n) for g, n in zip(groups, schedule(t))}
+        return {g.id: g.width - rule.kept(g.width, n, per_atom[g.id]) for g, n in zip(groups, schedule(t))}
 
     fragile = _fragile_tensors(graph, groups, order)
 
@@ -188,7 +206,7 @@ def select(
             break
         n, w = counts[g.id], widths[g.id]
         if n:
-            fewer = w - rule.kept(w, n - 1)
+            fewer = w - rule.more(w, w - n, per_atom[g.id])
             atoms = g.atoms[order[g.id][w - n : w - fewer]]
             before = removed[atoms].clone()
             removed[atoms] = False
@@ -200,6 +218,20 @@ def select(
                 removed[atoms] = before
     gone = {g.id: removed[g.atoms] for g in groups}
     return Plan({gid: (~mask).nonzero().flatten().tolist() for gid, mask in gone.items() if bool(mask.any())})
+
+
+def _channels_per_atom(graph: DependencyGraph, groups: list[Group]) -> dict[int, int]:
+    """How many output channels each group's atom stands for: 1, or the group count of a grouped conv
+    whose per-group positions are the atoms (the most indices per atom in a member's dim 0, the output
+    dim of weights and the only dim of biases and norm parameters)."""
+    n = max(graph.num_atoms, 1)
+    ids = [atoms[atoms >= 0] + k * n for k, ((_, dim), atoms) in enumerate(graph.member_atoms.items()) if dim == 0]
+    per_atom = torch.ones(n, dtype=torch.long)
+    if ids:
+        keys, counts = torch.unique(torch.cat(ids), return_counts=True)
+        per_atom = per_atom.scatter_reduce(0, keys % n, counts, "amax")
+    per_group = torch.ones(len(graph.groups), dtype=torch.long).scatter_reduce(0, graph.atom_group, per_atom[: graph.num_atoms], "amax")
+    return {g.id: int(per_group[g.id]) for g in groups}
 
 
 def _fragile_tensors(graph: DependencyGraph, groups: list[Group], order: dict[int, torch.Tensor]) -> list[torch.Tensor]:
