@@ -8,14 +8,18 @@ For each model (random weights, eval mode, 2 CPU threads unless --threads) and b
 * ``torch-pruning``: ``MetaPruner`` with L1 importance, ``round_to=8`` (its recommendation), the final
   classifier ignored, at the per-layer ratio (found by bisection) that gives the FLOPs of the
   ``ratio=0.5`` row, within 1%;
+* ``torch-pruning's FLOPs``: ``fxprune.compile(model, target_gflops=...)`` with the default settings at
+  exactly the FLOPs of the torch-pruning row, so that the two compare at equal FLOPs;
 
-then times each pruned model in turns with the original (one timing of each per round, --repeat rounds,
-``fxprune.timing.measure_in_turns``) and prints each row's FLOPs ratio and median-latency ratio to the
-original, measured side by side, plus the compile time. Every compile runs with verify=False;
+then times the original and every pruned model of a model and batch size in turns (one timing of each
+per round, --repeat rounds, ``fxprune.timing.measure_in_turns``), so that all rows of one model are
+measured side by side, and prints each row's FLOPs ratio and median-latency ratio to the original, plus
+the compile time. Every compile runs with verify=False;
 ``speedup`` rows also report the speed-up the compile measured itself.
 
     python benchmarks/latency.py
     python benchmarks/latency.py --models resnet50,mobilenet_v2 --batches 1 --speedups 2,1.5 --json out.json
+    python benchmarks/latency.py --batches 1 --speedups "" --no-round-to-8    # defaults against the peer only
 """
 
 from __future__ import annotations
@@ -70,6 +74,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=21, help="timing rounds")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-tp", action="store_true", help="skip torch-pruning")
+    ap.add_argument("--no-round-to-8", action="store_true", help="skip the ratio=0.5, round_to=8 row")
     ap.add_argument("--json", help="also write the rows as JSON")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -83,16 +88,22 @@ def main() -> None:
             x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
             base = fxprune.count_flops(model, x)
             variants = {}
-            for label, kw in [("ratio=0.5", {"ratio": 0.5}), ("ratio=0.5, round_to=8", {"ratio": 0.5, "round_to": 8}),
-                              *[(f"speedup={s:g}", {"speedup": s}) for s in speedups]]:
+            rows_wanted = [("ratio=0.5", {"ratio": 0.5}), ("ratio=0.5, round_to=8", {"ratio": 0.5, "round_to": 8}),
+                           *[(f"speedup={s:g}", {"speedup": s}) for s in speedups]]
+
+            def build(label: str, kw: dict) -> None:
                 t = time.perf_counter()
                 try:
                     pruned = fxprune.compile(model, example_inputs=x, verify=False, **kw)
                 except fxprune.TargetUnreachableError as exc:
                     print(f"{name} batch {batch} {label}: {str(exc).splitlines()[0]}", flush=True)
-                    continue
+                    return
                 measured = pruned.meta["fxprune"]["report"].get("latency")
                 variants[label] = (pruned, time.perf_counter() - t, measured["speedup"] if measured else None)
+
+            for label, kw in rows_wanted:
+                if not (args.no_round_to_8 and "round_to" in kw):
+                    build(label, kw)
             if not args.no_tp and tp_model != "failed":
                 if tp_model is None:
                     t = time.perf_counter()
@@ -104,8 +115,10 @@ def main() -> None:
                     tp_seconds = time.perf_counter() - t
                 if tp_model != "failed":
                     variants["torch-pruning, round_to=8"] = (tp_model, tp_seconds, None)
-            for label, (pruned, seconds, self_speedup) in variants.items():
-                original, lat = measure_in_turns([model, pruned], (x,), repeat=args.repeat)
+                    build("torch-pruning's FLOPs", {"target_gflops": fxprune.count_flops(tp_model, x) / 1e9})
+            timed = measure_in_turns([model, *(v[0] for v in variants.values())], (x,), repeat=args.repeat)
+            original = timed[0]
+            for (label, (pruned, seconds, self_speedup)), lat in zip(variants.items(), timed[1:]):
                 rec = {"model": name, "batch": batch, "row": label, "flops_ratio": fxprune.count_flops(pruned, x) / base,
                        "latency_ratio": lat.median_ms / original.median_ms, "original_ms": original.median_ms,
                        "pruned_ms": lat.median_ms, "compile_s": seconds, "compile_measured_speedup": self_speedup}

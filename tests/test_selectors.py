@@ -190,7 +190,8 @@ def test_width_rule() -> None:
     rule = WidthRule(min_width=3, round_to=8)
     assert [rule.kept(24, n) for n in (0, 3, 4, 5, 8, 10, 24)] == [24, 24, 24, 16, 16, 16, 8]  # nearest; a tie keeps more
     assert [rule.more(24, k) for k in (8, 16, 20)] == [16, 24, 24]
-    assert [rule.kept(6, n) for n in (0, 2, 6)] == [6, 4, 3]  # not wider than round_to: any count >= 3
+    assert [rule.kept(6, n) for n in (0, 2, 6)] == [6, 4, 4]  # not wider than round_to: multiples of 4
+    assert [WidthRule(round_to=16).kept(16, n) for n in (3, 5, 12)] == [16, 8, 8] and WidthRule(round_to=8).kept(3, 2) == 2
     assert WidthRule(min_width=9, round_to=8).kept(24, 24) == 16
     assert WidthRule(min_width=30).kept(24, 24) == 24
     # an atom of a grouped conv stands for one channel of each of its 13 groups: 13 * kept must be a multiple of 8

@@ -14,12 +14,12 @@ lowest-scored first, ties broken by position (the last first). A *schedule* maps
   except for selectors whose scores are comparable as they are (``comparable_across_groups``, e.g.
   gflops_aware's); ties go by the atom's place in its group's order, then by group id.
 
-Every count then obeys the WidthRule: a pruned group keeps at least ``min_width`` atoms and, when its
-tensors are wider than ``round_to`` channels, a channel count that is a multiple of ``round_to``; an atom
+Every count then obeys the WidthRule: a pruned group keeps at least ``min_width`` atoms and a channel
+count that is a multiple of ``round_to`` (of half of it, a quarter..., for groups not wider than that,
+so that a narrow group still keeps a width on the fast steps; the nearest allowed count); an atom
 may stand for several channels (one position in every group of a grouped conv), so a grouped conv of 13
-groups of 8 channels keeps all 8 positions at ``round_to=8``, the per-group width its kernels run at (the
-kept count is rounded up, so the rule never removes more than the schedule asked; a group may always
-keep all of its atoms). ``t`` is found by
+groups of 8 channels keeps all 8 positions at ``round_to=8``, the per-group width its kernels run at (a
+group may always keep all of its atoms). ``t`` is found by
 bisection as the smallest fraction whose cost fits the target; of the groups that remove more atoms at
 ``t`` than just below it, as many as fit (in group order, again by bisection) get those atoms back;
 while more than 0.5% of the budget is unused, each group in turn may get one more step back (one atom,
@@ -59,8 +59,8 @@ class CostModel(Protocol):
 
 @dataclass(frozen=True)
 class WidthRule:
-    """How many atoms a pruned group may keep: at least ``min_width`` and, when the group is wider than
-    ``round_to``, a multiple of ``round_to``. A group may always keep all its atoms."""
+    """How many atoms a pruned group may keep: at least ``min_width`` and a multiple of ``step`` (see the
+    module docstring). A group may always keep all its atoms."""
 
     min_width: int = 1
     round_to: int = 1
@@ -72,10 +72,12 @@ class WidthRule:
                 raise ArgumentError(f"{name} must be an integer >= 1, got {value!r}")
 
     def step(self, width: int, channels_per_atom: int = 1) -> int:
-        """The multiple of atoms a pruned group of ``width`` atoms keeps."""
-        if width * channels_per_atom <= self.round_to:
-            return 1
-        return self.round_to // math.gcd(self.round_to, channels_per_atom)
+        """The multiple of atoms a pruned group of ``width`` atoms keeps: ``round_to`` channels, halved
+        while the group is not wider than that (a 16-channel group keeps 8 or 16 at ``round_to=16``)."""
+        r = self.round_to
+        while r > 1 and width * channels_per_atom <= r:
+            r //= 2
+        return r // math.gcd(r, channels_per_atom)
 
     def kept(self, width: int, removed: int, channels_per_atom: int = 1) -> int:
         """The allowed kept count nearest to ``width - removed`` (a tie keeps more)."""
