@@ -59,8 +59,10 @@ def compile(  # noqa: A001 - the product's verb
     (the result's measured latency is at most the original's divided by it) or ``target_latency_ms``.
     Latency is measured on the device that holds the model, at the batch size of ``example_inputs``, with
     the current thread count, in eval mode under no_grad (see ``measure_latency``); a latency cost model
-    built from timings of the model's own layers (cached on disk) picks the widths, and the result is
-    measured, and re-selected until the target holds (see ``pipeline.reach_latency``).
+    built from timings of the model's own layers picks the widths, and the result is measured, and
+    re-selected until the target holds (see ``pipeline.reach_latency``). Every timing is cached on disk
+    (``$FXPRUNE_CACHE_DIR``, default ``~/.cache/fxprune``) per device, torch version, thread count and
+    dtype, so compiling the same architecture again takes no timing; delete the file to measure afresh.
     ``example_inputs`` defaults to one seeded ``torch.randn(1, 3, 224, 224)``. ``ignore`` names modules
     whose output channels must stay. The model's outputs never lose channels and ``model`` itself is never
     modified. With ``verify=True`` the result is checked against the masked original (see verify.py).
@@ -75,9 +77,9 @@ def compile(  # noqa: A001 - the product's verb
     tuple of positional inputs (a single tensor is one batch); taylor also needs ``loss_fn(output,
     target)`` (target None for batches without one). ``mode``: "per_group" (the default: every group
     loses the same fraction) or "global" (all channels ranked together; always for gflops_aware and latency_aware). Every
-    pruned group keeps at least ``min_width`` channel atoms, and a multiple of ``round_to`` when it is
-    wider than that; ``round_to="auto"`` (the default) measures which multiple is fastest on this device
-    (see latency.py). See passes/select.py for the exact rules.
+    pruned group keeps at least ``min_width`` channel atoms and a multiple of ``round_to`` channels (of
+    its half, quarter... when the group is narrower); ``round_to="auto"`` (the default) measures which
+    multiple is fastest on this device (see latency.py). See passes/select.py for the exact rules.
 
     ``keep_classes``: sorted class indices; the result outputs only those (see ``keep_only_classes``,
     applied first) and calibration uses only their samples (targets renumbered to match the outputs).

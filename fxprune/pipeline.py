@@ -10,7 +10,7 @@ import difflib
 import hashlib
 import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -241,7 +241,7 @@ class _Clock:
         self.timed = 0
         self.pruned: dict[str, torch.fx.GraphModule] = {}
 
-    def _get(self, what: str, measure: Any) -> list[list[Any]]:
+    def _get(self, what: str, measure: Callable[[], list[Latency]]) -> list[list[Any]]:
         def timed() -> list[list[Any]]:
             self.timed += 1
             return [lat.to_row() for lat in measure()]
