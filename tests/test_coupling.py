@@ -396,3 +396,59 @@ def test_buffer_fed_to_a_linear_is_masked_by_the_oracle() -> None:
     plan = {g.id: list(range(g.width // 2)) for g in graph.prunable_groups}
     pruned = fxprune.prune(model, plan, X)  # verify=True: the oracle must zero the removed table columns
     assert pruned.table.shape[3] == 2
+
+
+# ------------------------------------------------------------------ einsum
+class EinsumOnly(nn.Module):
+    """Channels meet only in einsums: a weight contraction (a 1x1 conv written as einsum), a product that
+    ties two convs, and a contraction over channels that a later einsum reads back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.b = nn.Conv2d(3, 16, 3, padding=1)
+        self.w = nn.Parameter(torch.randn(16, 12) * 0.3)
+        self.head = nn.Linear(12, 5)
+
+    def forward(self, x):
+        y = torch.einsum("bchw,bchw->bchw", torch.relu(self.a(x)), self.b(x))  # ties a and b
+        z = torch.einsum("bc...,cd->bd...", y, self.w)  # w's dim 0 reads those channels, dim 1 makes new ones
+        return self.head(torch.einsum("bdhw->bd", z))
+
+
+def test_einsum_ties_contracts_and_carries_channels() -> None:
+    tied = group_with(EinsumOnly(), "a.weight")
+    assert {"a.weight[0]", "b.weight[0]", "w[0]"} <= member_names(tied) and tied.prunable
+    made = group_with(EinsumOnly(), "w", dim=1)
+    assert {"w[1]", "head.weight[1]"} <= member_names(made) and made.prunable
+    pruned = compile_ok(EinsumOnly(), ratio=0.5)
+    assert pruned.a.out_channels == pruned.b.out_channels == pruned.w.shape[0] < 16
+    assert pruned.w.shape[1] == pruned.head.in_features < 12
+
+
+class Gram(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 6, 3, padding=1)
+        self.head = nn.Linear(36, 5)
+
+    def forward(self, x):
+        f = self.b(torch.relu(self.a(x)))
+        return self.head(torch.einsum("bchw,bdhw->bcd", f, f).flatten(1))
+
+
+def test_einsum_keeping_two_channel_subscripts_freezes_them_only() -> None:
+    g = group_with(Gram(), "b.weight")
+    assert not g.prunable and any("keeps channels along two subscripts" in r for r in g.frozen)
+    assert group_with(Gram(), "a.weight").prunable
+    pruned = compile_ok(Gram(), ratio=0.2)
+    assert pruned.a.out_channels < 8 and pruned.b.out_channels == 6
+
+
+def test_einsum_subscripts() -> None:
+    from fxprune.passes.couple.contract import einsum_subscripts
+
+    assert einsum_subscripts("bchw,cd->bdhw", [4, 2]) == ([list("bchw"), list("cd")], list("bdhw"))
+    assert einsum_subscripts("ij,jk", [2, 2]) == ([list("ij"), list("jk")], list("ik"))
+    assert einsum_subscripts("...c,c->...", [3, 1]) == ([["...0", "...1", "c"], ["c"]], ["...0", "...1"])

@@ -159,3 +159,92 @@ def matmul(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[st
         lab, d = carried[0]
         return Labels(out_shape, len(out_shape) + d, lab.ids)
     return Labels(out_shape, None, s.uf.fresh(1))
+
+
+@family(Family.CONTRACT)
+def einsum(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
+    """``torch.einsum`` of one or two operands, any equation without repeated subscripts in one operand.
+
+    The subscript each tensor's channels vary along decides: one shared by every operand that has it is
+    tied across them; contracted (not in the output), it is read channel-wise (a consumer); kept, the
+    output carries it. A parameter operand is a weight: its dim of a labelled subscript is bound to those
+    channels, and its one kept subscript that no tensor labels gets fresh output channels. A subscript
+    that only part of its operands label, that one operand sums away, or a second kept one (labels follow
+    one dim) freezes those channels.
+    """
+    if kwargs or len(args) not in (2, 3) or not isinstance(args[0], str):
+        raise Unsupported(f"einsum at node {node.name} takes other than an equation and one or two tensors")
+    equation, operands = args[0], args[1:]
+    weight = [isinstance(v, Param) and v.name not in s.param_labels for v in operands]
+    shapes = [tuple(v.tensor.shape) if w else s.labels(v, node).shape for v, w in zip(operands, weight)]
+    inputs, output = einsum_subscripts(equation, [len(shape) for shape in shapes])
+    if any(len(set(letters)) < len(letters) for letters in inputs):
+        raise Unsupported(f"einsum at node {node.name} repeats a subscript in one operand ({equation!r})")
+    who = owner(node)
+    channel: dict[str, list[tuple[int, Labels]]] = {}
+    for i, (v, letters) in enumerate(zip(operands, inputs)):
+        lab = None if weight[i] else s.labels(v, node)
+        if lab is not None and lab.dim is not None and lab.shape[lab.dim] > 1:
+            channel.setdefault(letters[lab.dim], []).append((i, lab))
+    for i, (v, letters) in enumerate(zip(operands, inputs)):  # weights: bind the labelled subscripts' dims
+        if weight[i]:
+            for d, letter in enumerate(letters):
+                if letter in channel and shapes[i][d] > 1:
+                    s.bind(v.name, d, channel[letter][0][1].ids, who, Role.IN)
+                    channel[letter].append((i, Labels(shapes[i], d, channel[letter][0][1].ids)))
+    fresh = [(i, d, letter) for i, w in enumerate(weight) if w for d, letter in enumerate(inputs[i])
+             if letter in output and letter not in channel and shapes[i][d] > 1
+             and all(letter not in inputs[j] for j in range(len(operands)) if j != i)]
+    if len(fresh) == 1 and not any(letter in output for letter in channel):
+        i, d, letter = fresh[0]
+        ids = s.uf.fresh(shapes[i][d])
+        s.bind(operands[i].name, d, ids, who, Role.OUT)
+        channel[letter] = [(i, Labels(shapes[i], d, ids))]
+    factors, carried = [], []
+    for letter, found in channel.items():
+        holders = [i for i, letters in enumerate(inputs) if letter in letters and shapes[i][letters.index(letter)] > 1]
+        kept = letter in output
+        if len(found) < len(holders) or (not kept and len(found) < 2):
+            s.freeze([lab for _, lab in found], f"einsum at node {node.name} ({equation!r}) reads subscript {letter!r} "
+                                                 "of these channels without channels in every operand, or sums it away")
+            continue
+        for (_, a), (_, b) in zip(found, found[1:]):
+            s.uf.union_pairs(a.ids, b.ids)
+        if kept:
+            carried.append((letter, found))
+        else:
+            s.consumers.extend((node.name, i + 1, lab.dim) for i, lab in found if not weight[i])
+        factors.append(found[0][1].ids)
+    out_shape = s.shape(node)
+    if len(carried) > 1:
+        for _, found in carried:
+            s.freeze([lab for _, lab in found], f"einsum at node {node.name} ({equation!r}) keeps channels along two subscripts")
+        carried = []
+    s.flops(node, factors)
+    if carried:
+        letter, found = carried[0]
+        return Labels(out_shape, output.index(letter), found[0][1].ids)
+    return Labels(out_shape, None, s.uf.fresh(1))
+
+
+def einsum_subscripts(equation: str, ndims: list[int]) -> tuple[list[list[str]], list[str]]:
+    """The subscripts of each operand and of the output of an einsum ``equation``, one token per dim;
+    ``...`` becomes tokens ``...0``, ``...1``, ... aligned from the right, as einsum broadcasts them."""
+    lhs, arrow, rhs = equation.replace(" ", "").partition("->")
+    terms = lhs.split(",")
+    if len(terms) != len(ndims):
+        raise Unsupported(f"einsum equation {equation!r} names {len(terms)} operands, got {len(ndims)}")
+    spans = [nd - len(t.replace("...", "")) if "..." in t else 0 for t, nd in zip(terms, ndims)]
+    width = max(spans, default=0)
+
+    def tokens(term: str, span: int) -> list[str]:
+        head, dots, tail = term.partition("...")
+        return [*head, *(f"...{k}" for k in range(width - span, width) if dots), *tail]
+
+    inputs = [tokens(t, n) for t, n in zip(terms, spans)]
+    if arrow:
+        output = tokens(rhs, width)
+    else:
+        seen = [x for letters in inputs for x in letters if not x.startswith("...")]
+        output = [f"...{k}" for k in range(width)] + sorted(x for x in set(seen) if seen.count(x) == 1)
+    return inputs, output

@@ -71,6 +71,7 @@ TABLE: dict[Any, Rule] = {
     **dict.fromkeys(CONV_FUNCS, contract.conv_function),
     F.linear: contract.linear_function,
     **dict.fromkeys(MATMUL, contract.matmul),
+    torch.einsum: contract.einsum,
     F.layer_norm: norms.layer_norm_function,
     F.group_norm: norms.group_norm_function,
     **dict.fromkeys(SHAPE_FUNCS | SHAPE_METHODS, layout.shape_op),
