@@ -7,10 +7,13 @@ order rotates each repeat, so a host whose speed drifts slows each alike): taylo
 taylor with a separate ranking pass over ``--calibration-images`` images per step, bn_taylor with
 coarse ranking (|gamma * dL/dgamma| read from fine-tuning's own gradients: no pass, no taps), and
 uniform (no ranking at all: the floor). The table gives medians of the total pruning time (ranking, selecting,
-rewriting, fine-tuning) and of the ranking time, and coarse's share of separate's.
+rewriting, fine-tuning), of the ranking time and of the fine-tuning time, coarse's share of separate's
+ranking, and fine-tuning time relative to uniform's (bn_taylor and uniform prune to the same widths, so
+the difference is what its gradient hooks cost; taylor's taps count their own time as ranking).
 
     python benchmarks/coarse_ranking.py                      # about 15 minutes on 2 cores
     python benchmarks/coarse_ranking.py --calibration-images 6000
+    python benchmarks/coarse_ranking.py --strategies "taylor (separate),bn_taylor (coarse),uniform (no ranking)"
 """
 
 from __future__ import annotations
@@ -44,7 +47,9 @@ def main() -> None:
     p.add_argument("--finetune-images", type=int, default=6_000, help="fine-tuning images per step (as reproduce.py)")
     p.add_argument("--calibration-images", type=int, default=2_048, help="images of one separate ranking pass (as reproduce.py)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated (taylor (separate) and uniform always run)")
     args = p.parse_args()
+    names = list(dict.fromkeys(["taylor (separate)", *args.strategies.split(","), "uniform (no ranking)"]))
     torch.set_num_threads(args.threads)
     xtr, ytr, _, _ = fashion_mnist(args.data)
     calibration = calibration_set(xtr, ytr, args.calibration_images)
@@ -54,8 +59,7 @@ def main() -> None:
         base = ARCHS[arch]()
         Trainer(xtr, ytr, args.baseline_images, 128, 0.05, seed=0)(base)
         base.eval()
-        seen: dict[str, list[tuple[float, float]]] = {name: [] for name in STRATEGIES}
-        names = list(STRATEGIES)
+        seen: dict[str, list[tuple[float, float, float]]] = {name: [] for name in names}
         for r in range(args.repeats):
             for name in names[r % len(names):] + names[:r % len(names)]:
                 kwargs = dict(STRATEGIES[name])
@@ -65,13 +69,15 @@ def main() -> None:
                     base, ratio=0.75, steps=args.steps, example_inputs=xtr[:1], progress=False,
                     finetune=Trainer(xtr, ytr, args.finetune_images, 128, 0.01, seed=1), **kwargs,
                 )
-                seen[name].append((history.pruning_s, history.ranking_s))
+                seen[name].append((history.pruning_s, history.ranking_s, sum(s.finetuning_s for s in history.steps)))
                 print(f"{arch} {name} repeat {r}: pruning {history.pruning_s:.1f} s, ranking {history.ranking_s:.2f} s", flush=True)
-        median = {name: [statistics.median(v[i] for v in seen[name]) for i in (0, 1)] for name in STRATEGIES}
-        separate = median["taylor (separate)"]
-        for name, (total, ranking) in median.items():
-            rows.append([arch, name, f"{total:.1f}", f"{ranking:.2f}", f"{total / separate[0]:.2f}", f"{ranking / separate[1]:.2f}"])
-    print(tabulate(rows, headers=["model", "strategy", "pruning s (median)", "ranking s (median)", "pruning / separate's", "ranking / separate's"], tablefmt="github"))
+        median = {name: [statistics.median(v[i] for v in seen[name]) for i in (0, 1, 2)] for name in names}
+        separate, floor = median["taylor (separate)"], median["uniform (no ranking)"]
+        for name, (total, ranking, tuning) in median.items():
+            rows.append([arch, name, f"{total:.1f}", f"{ranking:.2f}", f"{tuning:.2f}", f"{total / separate[0]:.2f}",
+                         f"{ranking / separate[1]:.3f}", f"{tuning / floor[2]:.3f}"])
+    print(tabulate(rows, headers=["model", "strategy", "pruning s (median)", "ranking s (median)", "fine-tuning s (median)",
+                                  "pruning / separate's", "ranking / separate's", "fine-tuning / uniform's"], tablefmt="github"))
 
 
 if __name__ == "__main__":

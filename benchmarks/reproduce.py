@@ -132,14 +132,44 @@ class SqueezeNet(nn.Module):
 
 ARCHS = {"vgg": VGG, "resnet": ResNet, "squeezenet": SqueezeNet}
 
-# name -> prune_iteratively options; random runs with two seeds. gflops_aware empties the groups whose
-# channels save the most MACs first; "min width 8" shows what a floor per group changes.
+# name -> prune_iteratively options; random runs with two seeds. gflops_aware and latency_aware rank
+# nothing: groups shrink at a capped rate proportional to the MACs (the measured milliseconds) that one
+# of their channels saves; bn_taylor (coarse) ranks by |gamma * dL/dgamma| read from fine-tuning's own
+# gradients.
 RUNS = {
     "random (seed 0)": {"selector": "random", "seed": 0}, "random (seed 1)": {"selector": "random", "seed": 1},
     "uniform": {"selector": "uniform"}, "l1": {"selector": "l1"},
     "taylor (coarse)": {"selector": "taylor", "coarse": True}, "taylor (separate)": {"selector": "taylor", "coarse": False},
-    "gflops_aware": {"selector": "gflops_aware"}, "gflops_aware (min width 8)": {"selector": "gflops_aware", "min_width": 8},
+    "bn_taylor (coarse)": {"selector": "bn_taylor", "coarse": True},
+    "gflops_aware": {"selector": "gflops_aware"}, "latency_aware": {"selector": "latency_aware"},
 }
+
+
+def at_uniform_accuracy(rows: list[Row]) -> list[list[str]]:
+    """Each selector's latency at the accuracy that uniform reached at 75%, relative to uniform's latency
+    there (batch 1 and 32): interpolated linearly between the selector's 50% and 75% results; "<= r" when
+    the selector's 75% result is more accurate than that (its latency there is an upper bound), "-" when
+    even its 50% result is less accurate."""
+    out = []
+    for arch in dict.fromkeys(r.arch for r in rows):
+        got = {(r.run, r.reduction): r for r in rows if r.arch == arch}
+        if ("uniform", "75%") not in got:
+            continue
+        u = got[("uniform", "75%")]
+        for run in dict.fromkeys(r.run for r in rows if r.arch == arch and r.run not in ("baseline", "uniform")):
+            a, b = got[(run, "50%")], got[(run, "75%")]
+            cells = []
+            for name in ("latency_b1_ms", "latency_b32_ms"):
+                if b.accuracy >= u.accuracy:
+                    cells.append(f"<= {getattr(b, name) / getattr(u, name):.3f}")
+                elif a.accuracy < u.accuracy:
+                    cells.append("-")
+                else:
+                    w = (a.accuracy - u.accuracy) / (a.accuracy - b.accuracy)
+                    ms = getattr(a, name) + w * (getattr(b, name) - getattr(a, name))
+                    cells.append(f"{ms / getattr(u, name):.3f}")
+            out.append([arch, run, f"{100 * u.accuracy:.2f}", *cells])
+    return out
 
 
 class Trainer:
@@ -304,6 +334,9 @@ def main() -> None:
         headers=["model", "selector", "FLOPs cut", "test acc %", "GFLOPs", "params", "latency b1 ms", "latency b32 ms", "pruning s", "ranking s"],
         tablefmt="github",
     )
+    same = tabulate(at_uniform_accuracy(rows), headers=["model", "selector", "uniform's 75% acc %", "latency b1 / uniform's", "latency b32 / uniform's"],
+                    tablefmt="github")
+    table += "\n\nLatency at the accuracy uniform reached at 75% FLOPs cut, relative to uniform's (see at_uniform_accuracy):\n\n" + same
     print(table)
     print(f"total {total:.0f} s")
     (args.out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "total_s": total, "rows": [asdict(r) for r in rows],

@@ -5,6 +5,7 @@ Each is a few calls into ``pipeline``; nothing here touches a graph.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -40,8 +41,8 @@ def keep_only_classes(model: Model, keep_classes: Sequence[int], example_inputs:
 
 def compile(  # noqa: A001 - the product's verb
     model: Model,
-    target_gflops: float | None = None,
     *,
+    target_gflops: float | None = None,
     ratio: float | None = None,
     speedup: float | None = None,
     target_latency_ms: float | None = None,
@@ -97,7 +98,13 @@ def compile(  # noqa: A001 - the product's verb
         pruned = pipeline.finish(a, plan, verify, pruned)
         pruned.meta[keys.RECORD]["report"]["latency"] = measured
     else:
-        pruned = pipeline.finish(a, pipeline.select_plan(a, job.chooser, target.macs(a.flops.total), scores), verify)
+        budget = target.macs(a.flops.total)
+        pruned = pipeline.finish(a, pipeline.select_plan(a, job.chooser, budget, scores), verify)
+        if budget >= a.flops.total and keep_classes is None:  # keeping classes alone is a reason to compile
+            note = (f"the target ({target.describe()}) asks for no pruning: the model has {2 * a.flops.total / 1e9:.4g} GFLOPs; "
+                    "nothing was removed")
+            warnings.warn(f"fxprune.compile: {note}", stacklevel=2)
+            pruned.meta[keys.RECORD]["report"]["notes"].append(note)
     return pipeline.conclude(job, pruned, report(pruned))
 
 
@@ -127,6 +134,7 @@ def report(gm: torch.fx.GraphModule) -> Report:
 
 def count_flops(module: nn.Module, example_inputs: Inputs) -> int:
     """FLOPs (2 x MACs) that ``FlopCounterMode`` counts for one eval-mode forward; ``module`` is untouched."""
+    pipeline.check_model(module)
     inputs = pipeline.example_inputs(example_inputs)
     copy = structural_copy(module)
     with torch.no_grad(), eval_mode(copy), FlopCounterMode(display=False) as counter:

@@ -94,7 +94,7 @@ def fxprune_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], opt
     model = _with_constant_weights(gm, example_inputs, weights)
     inputs = [example_inputs[i] for i in data]
     with torch.no_grad():
-        pruned = api.compile(model, options.pop("target_gflops", None), example_inputs=inputs, **options)
+        pruned = api.compile(model, target_gflops=options.pop("target_gflops", None), example_inputs=inputs, **options)
     compiled = torch._inductor.compile(pruned, inputs)
 
     def run(*args: Any) -> Any:

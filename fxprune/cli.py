@@ -1,26 +1,34 @@
 """Command line: ``fxprune compile | inspect | report``.
 
-MODEL is ``torchvision:NAME`` (weights=None), ``timm:NAME`` (pretrained=False, when timm is installed),
-``package.module:factory`` (called with no arguments) or the path of a file written by ``fxprune.save``.
-Stage messages go to stderr (``--quiet`` silences them). Exit codes: 0 success, 1 an fxprune error (one
-line on stderr), 2 bad command line.
+MODEL is ``torchvision:NAME``, ``timm:NAME`` (when timm is installed), ``package.module:factory`` (the
+current directory is importable, as with ``python -m``) or the path of a file written by ``fxprune.save``.
+Built models get ``--model-arg KEY=VALUE`` as keyword arguments and the state_dict of ``--weights PATH``
+(``.pt``/``.pth`` read with ``torch.load(weights_only=True)``, or ``.safetensors``); without it their
+weights are random, and a warning says so. Stage messages go to stderr (``--quiet`` silences them,
+``--verbose`` adds torch's own messages); global flags go anywhere on the line. Exit codes: 0 success,
+1 an fxprune error (its whole message on stderr: what failed, the cause, the hint), 2 bad command line.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import difflib
 import importlib
 import logging
+import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from . import api, draw, serialize
+from . import __version__, api, draw, pipeline, serialize
 from . import metakeys as keys
 from .errors import ArgumentError, FxPruneError
 from .strategy import Strategy
@@ -37,35 +45,98 @@ EXAMPLES = """examples:
 """
 
 
-def load_model(spec: str) -> nn.Module:
-    """Build the model a MODEL argument names."""
+def _unknown(spec: str, kind: str, name: str, known: list[str]) -> ArgumentError:
+    close = difflib.get_close_matches(name, known, n=3)
+    hint = f"; did you mean {', '.join(f'{kind}:{c}' for c in close)}?" if close else f" (see {kind}.list_models())"
+    return ArgumentError(f"model {spec!r}: {kind} has no model {name!r}{hint}")
+
+
+def load_model(spec: str, kwargs: dict[str, Any] | None = None, weights: str | None = None) -> nn.Module:
+    """Build the model a MODEL argument names, with ``kwargs`` for its factory and the state_dict in ``weights``."""
+    kwargs = kwargs or {}
     if Path(spec).is_file():
+        if kwargs or weights:
+            raise ArgumentError(f"model {spec!r} is a saved pruned model: it takes neither --model-arg nor --weights")
         return serialize.load(spec)  # its mode was fixed when it was exported
     source, sep, name = spec.partition(":")
     if not sep or not name:
         raise ArgumentError(f"model {spec!r}: expected torchvision:NAME, timm:NAME, package.module:factory or a saved file")
-    if source == "torchvision":
-        import torchvision
-
-        if name not in torchvision.models.list_models():
-            raise ArgumentError(f"model {spec!r}: torchvision has no model {name!r} (see torchvision.models.list_models())")
-        return torchvision.models.get_model(name, weights=None).eval()
-    if source == "timm":
-        try:
-            import timm
-        except ImportError as exc:
-            raise ArgumentError(f"model {spec!r}: timm is not installed (pip install timm)") from exc
-        if name not in timm.list_models():
-            raise ArgumentError(f"model {spec!r}: timm has no model {name!r} (see timm.list_models())")
-        return timm.create_model(name, pretrained=False).eval()
     try:
-        factory = getattr(importlib.import_module(source), name)
-    except (ImportError, AttributeError) as exc:
-        raise ArgumentError(f"model {spec!r}: cannot import {name} from {source}: {exc}") from exc
-    model = factory()
+        if source == "torchvision":
+            import torchvision
+
+            if name not in torchvision.models.list_models():
+                raise _unknown(spec, "torchvision", name, torchvision.models.list_models())
+            model = torchvision.models.get_model(name, weights=None, **kwargs)
+        elif source == "timm":
+            try:
+                import timm
+            except ImportError as exc:
+                raise ArgumentError(f"model {spec!r}: timm is not installed (pip install timm)") from exc
+            if name not in timm.list_models():
+                raise _unknown(spec, "timm", name, timm.list_models())
+            model = timm.create_model(name, pretrained=False, **kwargs)
+        else:
+            if os.getcwd() not in sys.path:
+                sys.path.insert(0, os.getcwd())
+            try:
+                factory = getattr(importlib.import_module(source), name)
+            except (ImportError, AttributeError) as exc:
+                raise ArgumentError(f"model {spec!r}: cannot import {name} from {source}: {exc} (the current directory and "
+                                    "PYTHONPATH are searched)") from exc
+            model = factory(**kwargs)
+    except TypeError as exc:
+        raise ArgumentError(f"model {spec!r}: its factory rejected --model-arg {kwargs}: {exc}") from exc
     if not isinstance(model, nn.Module):
         raise ArgumentError(f"model {spec!r}: {name}() returned {type(model).__name__}, not an nn.Module")
+    if weights is None:
+        log.warning("%s has random weights: pass --weights PATH (a state_dict) to prune a trained model", spec)
+    else:
+        _load_weights(model, spec, weights)
     return model.eval()
+
+
+def _load_weights(model: nn.Module, spec: str, path: str) -> None:
+    """Load the state_dict at ``path`` into ``model`` (strictly), never unpickling code."""
+    if not Path(path).is_file():
+        raise ArgumentError(f"--weights {path}: no such file")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except ImportError as exc:
+        raise ArgumentError(f"--weights {path}: reading .safetensors needs the safetensors package (pip install safetensors)") from exc
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
+        raise ArgumentError(f"--weights {path}: not a state_dict that torch.load(weights_only=True) can read: {exc}") from exc
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]  # a training checkpoint that wraps it
+    if not isinstance(state, dict):
+        raise ArgumentError(f"--weights {path}: holds a {type(state).__name__}, not a state_dict")
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    resized = [f"{k} {list(v.shape)} (the model has {list(own[k].shape)})" for k, v in state.items()
+               if k in own and isinstance(v, torch.Tensor) and v.shape != own[k].shape]
+    if missing or unexpected or resized:
+        found = "; ".join(f"{what}: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}"
+                          for what, names in (("missing", missing), ("unexpected", unexpected), ("other shape", resized)) if names)
+        raise ArgumentError(f"--weights {path} does not fit {spec} ({found}); pass the arguments its factory was built with "
+                            "as --model-arg (e.g. --model-arg num_classes=10)")
+    model.load_state_dict(state)
+
+
+def _model_arg(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE``; VALUE is a Python literal (10, 0.5, True, (3, 3)) or else a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -76,21 +147,30 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def _shape(text: str) -> tuple[int, ...]:
+    """N,C,H,W, or C,H,W for one image (batch 1)."""
     shape = _ints(text)
     if not shape or min(shape) < 1:
         raise argparse.ArgumentTypeError(f"expected positive sizes, got {text!r}")
-    return shape
+    return (1, *shape) if len(shape) == 3 else shape
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fxprune", description="Structured channel pruning as a torch.fx pass.",
                                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"fxprune {__version__} (torch {torch.__version__})")
+    flags = argparse.ArgumentParser(add_help=False)  # global flags, accepted before or after the command
+    flags.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no stage messages on stderr")
+    flags.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help="also torch's own messages and warnings")
+    for action in flags._actions:
+        p._add_action(action)
     sub = p.add_subparsers(dest="command", required=True)
-    p.add_argument("--quiet", action="store_true", help="no stage messages on stderr")
-    common = argparse.ArgumentParser(add_help=False)
+    common = argparse.ArgumentParser(add_help=False, parents=[flags])
     common.add_argument("model", help="torchvision:NAME, timm:NAME, package.module:factory or a saved .pt2 file")
+    common.add_argument("--weights", metavar="PATH", help="state_dict to load (.pt/.pth via torch.load(weights_only=True), or .safetensors)")
+    common.add_argument("--model-arg", type=_model_arg, action="append", default=[], metavar="KEY=VALUE",
+                        help="keyword argument for the model's factory, e.g. num_classes=10 (repeatable)")
     common.add_argument("--input-shape", type=_shape, default=api.DEFAULT_INPUT_SHAPE, metavar="N,C,H,W",
-                        help="example input shape (default: 1,3,224,224)")
+                        help="example input shape; C,H,W means batch 1 (default: 1,3,224,224)")
     c = sub.add_parser("compile", parents=[common], help="prune to a FLOPs or latency target and print the report",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     target = c.add_mutually_exclusive_group(required=True)
@@ -101,7 +181,7 @@ def _parser() -> argparse.ArgumentParser:
     for f in fields(Strategy):
         if "cli" in f.metadata:
             c.add_argument("--" + f.name.replace("_", "-"), default=f.default, **f.metadata["cli"])
-    c.add_argument("--keep-classes", type=_ints, metavar="I,J,...", help="keep only these output classes (sorted indices)")
+    c.add_argument("--keep-classes", type=_ints, metavar="I,J,...", help="keep only these output classes (indices, any order)")
     c.add_argument("--ignore", action="append", default=[], metavar="MODULE", help="keep this module's output channels (repeatable)")
     c.add_argument("--no-verify", action="store_true", help="skip the numerical check of the result")
     c.add_argument("--markdown", action="store_true", help="print the report as a markdown table")
@@ -111,7 +191,7 @@ def _parser() -> argparse.ArgumentParser:
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     for fmt in ("dot", "svg", "png"):
         i.add_argument(f"--{fmt}", metavar="FILE", help=f"draw the dependency graph as {fmt.upper()}")
-    r = sub.add_parser("report", help="print the report of a saved pruned model",
+    r = sub.add_parser("report", help="print the report of a saved pruned model", parents=[flags],
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("file", help="a file written by fxprune.save or fxprune compile --save")
     r.add_argument("--markdown", action="store_true")
@@ -126,10 +206,9 @@ def _inspect(args: argparse.Namespace, model: nn.Module, x: torch.Tensor) -> Non
             log.info("wrote %s", draw.draw_groups(graph, getattr(args, fmt)))
 
 
-def _compile(args: argparse.Namespace, model: nn.Module, x: torch.Tensor) -> None:
+def _compile(args: argparse.Namespace, model: nn.Module, x: torch.Tensor, strategy: Strategy) -> None:
     start = time.perf_counter()
-    strategy = Strategy(**{f.name: getattr(args, f.name) for f in fields(Strategy) if "cli" in f.metadata})
-    pruned = api.compile(model, args.target_gflops, ratio=args.ratio, speedup=args.speedup, target_latency_ms=args.target_latency_ms,
+    pruned = api.compile(model, target_gflops=args.target_gflops, ratio=args.ratio, speedup=args.speedup, target_latency_ms=args.target_latency_ms,
                          example_inputs=x, strategy=strategy,
                          ignore=args.ignore, verify=not args.no_verify, keep_classes=args.keep_classes)
     rep = api.report(pruned)
@@ -144,26 +223,55 @@ def _compile(args: argparse.Namespace, model: nn.Module, x: torch.Tensor) -> Non
         log.info("wrote %s", args.save)
 
 
+def _checked(args: argparse.Namespace) -> Strategy | None:
+    """The compile command's target and strategy, checked before any model is built."""
+    if args.command != "compile":
+        return None
+    pipeline.Target(args.target_gflops, args.ratio, args.speedup, args.target_latency_ms)
+    if args.keep_classes is not None:
+        args.keep_classes = sorted(set(args.keep_classes))
+    return Strategy(**{f.name: getattr(args, f.name) for f in fields(Strategy) if "cli" in f.metadata})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if not log.handlers:
-        handler = logging.StreamHandler()
+    quiet, verbose = getattr(args, "quiet", False), getattr(args, "verbose", False)
+    handler = None if log.handlers else logging.StreamHandler(sys.stderr)  # this call's stderr, unless the user set one up
+    if handler is not None:
         handler.setFormatter(logging.Formatter("fxprune: %(message)s"))
         log.addHandler(handler)
-    log.setLevel(logging.WARNING if args.quiet else logging.INFO)
+    log.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+    torch_log = logging.getLogger("torch")
+    torch_level = torch_log.level
     try:
-        if args.command == "report":
-            rep = api.report(serialize.load(args.file))
-            print(rep.to_markdown() if args.markdown else rep)
-            return 0
-        log.info("building %s", args.model)
-        model = load_model(args.model)
-        x = torch.randn(args.input_shape, generator=torch.Generator().manual_seed(0))
-        (_inspect if args.command == "inspect" else _compile)(args, model, x)
-        return 0
+        with warnings.catch_warnings():
+            if not verbose:  # torch's tracing and export messages are for library authors, not for this terminal
+                warnings.filterwarnings("ignore", module=r"torch\..*")
+                torch_log.setLevel(logging.CRITICAL)
+            return _run(args)
     except FxPruneError as exc:
-        print(f"fxprune: error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        print(f"fxprune: error: {exc}", file=sys.stderr)
         return 1
+    finally:
+        torch_log.setLevel(torch_level)
+        if handler is not None:
+            log.removeHandler(handler)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "report":
+        rep = api.report(serialize.load(args.file))
+        print(rep.to_markdown() if args.markdown else rep)
+        return 0
+    strategy = _checked(args)
+    log.info("building %s", args.model)
+    model = load_model(args.model, dict(args.model_arg), args.weights)
+    x = torch.randn(args.input_shape, generator=torch.Generator().manual_seed(0))
+    if args.command == "inspect":
+        _inspect(args, model, x)
+    else:
+        _compile(args, model, x, strategy)
+    return 0
 
 
 if __name__ == "__main__":

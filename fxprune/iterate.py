@@ -97,8 +97,8 @@ def _params(module: nn.Module) -> int:
 
 def prune_iteratively(
     model: Model,
-    target_gflops: float | None = None,
     *,
+    target_gflops: float | None = None,
     steps: int,
     finetune: Callable[[torch.fx.GraphModule], Any],
     evaluate: Callable[[torch.fx.GraphModule], float] | None = None,

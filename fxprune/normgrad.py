@@ -70,14 +70,14 @@ class GradTap:
     def __init__(self, graph: DependencyGraph, gm: torch.fx.GraphModule, weights: list[str]) -> None:
         self.graph, self.module, self.seconds = graph, gm, 0.0
         params = dict(gm.named_parameters())
-        self.sums = {w: torch.zeros(params[w].numel(), dtype=torch.float64) for w in weights}
+        self.sums = {w: torch.zeros_like(params[w], memory_format=torch.contiguous_format).detach() for w in weights}
         self.counts = dict.fromkeys(weights, 0)
         self.handles = [params[w].register_post_accumulate_grad_hook(self._hook(w)) for w in weights]
 
     def _hook(self, name: str) -> Any:
         def add(p: torch.Tensor) -> None:
             start = time.perf_counter()
-            self.sums[name] += (p.detach() * p.grad).abs().flatten().to(torch.float64, copy=False).cpu()
+            self.sums[name].add_(torch.mul(p.detach(), p.grad).abs_())  # in place, on the parameter's device
             self.counts[name] += 1
             self.seconds += time.perf_counter() - start
 
@@ -92,4 +92,4 @@ class GradTap:
                 "coarse ranking saw no backward pass: finetune(model) must train the model it is given "
                 "(its loss.backward() feeds the ranking), or pass coarse=False with calibration= and loss_fn="
             )
-        return atom_sums(self.graph, {w: s / max(self.counts[w], 1) for w, s in self.sums.items()})
+        return atom_sums(self.graph, {w: s.flatten().to(torch.float64).cpu() / max(self.counts[w], 1) for w, s in self.sums.items()})

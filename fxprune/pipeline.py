@@ -39,7 +39,7 @@ from .stats import ClassSubset
 from .strategy import Chooser, Strategy
 from .timing import Latency, Setting, TimingCache, measure_in_turns
 
-__all__ = ["DEFAULT_INPUT_SHAPE", "Inputs", "Model", "Analysis", "Target", "Job", "example_inputs", "analyze",
+__all__ = ["DEFAULT_INPUT_SHAPE", "Inputs", "Model", "Analysis", "Target", "Job", "example_inputs", "check_model", "analyze",
            "resolve", "select_plan", "reach_latency", "finish", "start", "conclude"]
 
 log = logging.getLogger("fxprune")
@@ -90,6 +90,7 @@ class Analysis:
 
 def analyze(model: Model, given: Inputs = None, ignore: Iterable[str] = (), seed: int = 0, free_output: bool = False) -> Analysis:
     """Capture ``model``, annotate shapes and FLOPs, and couple its channels."""
+    check_model(model)
     ignore = _check_ignore(model, ignore)
     if given is None and isinstance(model, torch.export.ExportedProgram) and model.example_inputs:
         given = model.example_inputs[0]
@@ -101,6 +102,21 @@ def analyze(model: Model, given: Inputs = None, ignore: Iterable[str] = (), seed
     total = total_macs(gm)
     log.info("%d channel groups, %d prunable; %.4g GFLOPs", len(graph.groups), len(graph.prunable_groups), 2 * total / 1e9)
     return Analysis(gm, graph, FlopModel(graph, total), inputs)
+
+
+def check_model(model: Any) -> None:
+    """An ``ArgumentError`` that says what to pass instead, unless ``model`` is a module or an ExportedProgram."""
+    if isinstance(model, (nn.Module, torch.export.ExportedProgram)):
+        return
+    if isinstance(model, str):
+        hint = (f" To prune a model by name, build it first (e.g. torchvision.models.get_model({model.partition(':')[2] or model!r})); "
+                "the command line takes names like torchvision:resnet18.")
+    elif callable(model):
+        hint = f" {getattr(model, '__name__', 'it')} looks like a factory or function: call it to build the module."
+    else:
+        hint = ""
+    raise ArgumentError(f"fxprune prunes a torch.nn.Module (a torch.fx.GraphModule included) or a torch.export.ExportedProgram; "
+                        f"got {type(model).__name__}.{hint}")
 
 
 @dataclass(frozen=True)
@@ -137,6 +153,12 @@ class Target:
 
     def goal_ms(self, original_ms: float) -> float:
         return self.latency_ms if self.latency_ms is not None else original_ms / self.speedup
+
+    def describe(self) -> str:
+        """The target as the user gave it, e.g. ``ratio=0.5``."""
+        name, value = next((n, v) for n, v in (("target_gflops", self.gflops), ("ratio", self.ratio), ("speedup", self.speedup),
+                                               ("target_latency_ms", self.latency_ms)) if v is not None)
+        return f"{name}={value:g}"
 
 
 def resolve(a: Analysis, chooser: Chooser) -> Chooser:

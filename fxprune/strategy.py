@@ -7,6 +7,7 @@ for it, and the torch.compile backend accepts the field names as options.
 
 from __future__ import annotations
 
+import argparse
 import difflib
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
@@ -31,7 +32,12 @@ def _cli(help: str, **argparse: Any) -> dict[str, Any]:
 
 def _round_to(text: str) -> int | str:
     """``--round-to``'s value: ``auto`` or an integer."""
-    return text if text == "auto" else int(text)
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or auto, got {text!r}") from None
 
 
 @dataclass(frozen=True)

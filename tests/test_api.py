@@ -65,17 +65,17 @@ def test_default_example_input_is_one_224_image() -> None:
 
 @pytest.mark.parametrize("gflops", [0.2, 0.12, 0.05])
 def test_target_gflops_is_met_within_3_percent(resnet: nn.Module, gflops: float) -> None:
-    pruned = fxprune.compile(resnet, gflops, example_inputs=X)
+    pruned = fxprune.compile(resnet, target_gflops=gflops, example_inputs=X)
     after = fxprune.count_flops(pruned, X)
     assert 0.97 * gflops * 1e9 <= after <= gflops * 1e9
 
 
 def test_unreachable_target_names_the_smallest_reachable(resnet: nn.Module) -> None:
     with pytest.raises(fxprune.TargetUnreachableError, match="GFLOPs") as info:
-        fxprune.compile(resnet, 0.0001, example_inputs=X)
+        fxprune.compile(resnet, target_gflops=0.0001, example_inputs=X)
     smallest = info.value.smallest_gflops
     assert 0 < smallest < 0.01
-    pruned = fxprune.compile(resnet, smallest * 1.001, example_inputs=X)
+    pruned = fxprune.compile(resnet, target_gflops=smallest * 1.001, example_inputs=X)
     assert fxprune.count_flops(pruned, X) <= smallest * 1.001e9
 
 

@@ -102,7 +102,7 @@ def test_prune_iteratively_prunes_in_steps_and_fine_tunes(tmp_path):
     start = fxprune.count_flops(net, EXAMPLE) / 1e9
     finetune = Finetune()
     pruned, history = fxprune.prune_iteratively(
-        net, start * 0.4, steps=3, finetune=finetune, evaluate=accuracy, selector="l1", example_inputs=EXAMPLE, progress=False
+        net, target_gflops=start * 0.4, steps=3, finetune=finetune, evaluate=accuracy, selector="l1", example_inputs=EXAMPLE, progress=False
     )
     assert same_state(net, before)
     assert [s.step for s in history.steps] == [0, 1, 2, 3]
@@ -296,7 +296,7 @@ def test_prune_iteratively_argument_errors():
     with pytest.raises(ArgumentError, match="exactly one of"):
         fxprune.prune_iteratively(net, steps=2, finetune=lambda m: None, example_inputs=EXAMPLE)
     with pytest.raises(ArgumentError, match="above the model"):
-        fxprune.prune_iteratively(net, 1e3, steps=2, finetune=lambda m: None, example_inputs=EXAMPLE)
+        fxprune.prune_iteratively(net, target_gflops=1e3, steps=2, finetune=lambda m: None, example_inputs=EXAMPLE)
     with pytest.raises(ArgumentError, match="finetune must be a function"):
         fxprune.prune_iteratively(net, ratio=0.5, steps=2, finetune=None, example_inputs=EXAMPLE)
     assert math.isfinite(fxprune.count_flops(net, EXAMPLE))

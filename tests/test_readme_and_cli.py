@@ -135,7 +135,11 @@ def test_timm_models_by_name(capsys: pytest.CaptureFixture[str]) -> None:
         (["compile", "torchvision:resnet18", "--ratio", "2"], 1, "ratio must be in [0, 1)"),
         (["compile", "torchvision:resnet18", "--target-gflops", "1e-6", "--input-shape", "1,3,32,32"], 1, "out of reach"),
         (["compile", "torchvision:resnet18", "--speedup", "0.5"], 1, "speedup must be at least 1"),
-        (["compile", "torchvision:resnet18", "--round-to", "x"], 2, "invalid _round_to value"),
+        (["compile", "torchvision:resnet18", "--round-to", "x"], 2, "expected an integer or auto, got 'x'"),
+        (["compile", "torchvision:resnt18", "--ratio", "0.5"], 1, "did you mean torchvision:resnet18"),
+        (["compile", "torchvision:resnet18", "--ratio", "1.5", "--weights", "missing.pt"], 1, "ratio must be in [0, 1)"),  # before building
+        (["inspect", "torchvision:resnet18", "--weights", "missing.pt"], 1, "--weights missing.pt: no such file"),
+        (["inspect", "torchvision:resnet18", "--model-arg", "num_classes"], 2, "expected KEY=VALUE"),
         (["inspect", "nomodule.at.all:factory"], 1, "cannot import"),
         (["inspect", "resnet18"], 1, "expected torchvision:NAME"),
         (["inspect", "timm:no_such_net"], 1, "timm has no model 'no_such_net'"),
@@ -145,13 +149,78 @@ def test_timm_models_by_name(capsys: pytest.CaptureFixture[str]) -> None:
         (["inspect", "torchvision:resnet18", "--input-shape", "a,b"], 2, "comma-separated integers"),
     ],
 )
-def test_bad_arguments_exit_non_zero_with_one_line(argv: list[str], code: int, message: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_arguments_exit_non_zero_with_the_message(argv: list[str], code: int, message: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) if code == 2 else contextlib.nullcontext():
         assert main(["--quiet", *argv]) == code
     err = capsys.readouterr().err.strip()
     assert message in err
     if code == 1:
-        assert len(err.splitlines()) == 1 and err.startswith("fxprune: error:")
+        assert "fxprune: error:" in err and "Traceback" not in err
+
+
+def test_cli_prunes_a_trained_checkpoint_as_python_does(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+    import torchvision
+
+    import fxprune
+
+    torch.manual_seed(0)
+    trained = torchvision.models.resnet18(num_classes=10)
+    torch.save(trained.state_dict(), tmp_path / "ckpt.pt")
+    saved, rep = tmp_path / "small.pt2", tmp_path / "rep"
+    assert main(["compile", "torchvision:resnet18", "--weights", str(tmp_path / "ckpt.pt"), "--model-arg", "num_classes=10",
+                 "--input-shape", "3,64,64", "--ratio", "0.5", "--save", str(saved), "--report-dir", str(rep), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "random weights" not in err and (rep / "report.json").is_file()
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    in_python = fxprune.compile(trained.eval(), ratio=0.5, example_inputs=x)
+    from_cli = fxprune.load(saved)
+    probe = torch.randn(1, 3, 64, 64)  # the saved program was exported at batch 1
+    torch.testing.assert_close(from_cli(probe), in_python(probe), rtol=1e-4, atol=1e-4)
+    assert from_cli.meta["fxprune"]["plan"] == in_python.meta["fxprune"]["plan"]
+    assert main(["inspect", "torchvision:resnet18", "--weights", str(tmp_path / "ckpt.pt"), "--input-shape", "3,32,32"]) == 1
+    assert "--model-arg num_classes=10" in capsys.readouterr().err  # the checkpoint has 10 classes, the default model 1000
+
+
+def test_cli_trips(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.startswith("fxprune 0.1.0")
+    assert main(["compile", "torchvision:resnet18", "--ratio", "0.3", "--input-shape", "1,3,32,32", "--keep-classes", "7,3", "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert "random weights" in err and "building" not in err  # --quiet after the command; the warning still shows
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mynets.py").write_text(
+        "import torch\nfrom torch import nn\n"
+        "def net(width=8):\n    return nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(width * 16 * 16, 4))\n"
+        "class Branchy(nn.Module):\n    def forward(self, x):\n        return x if x.sum() > 0 else -x\n"
+        "def branchy():\n    return Branchy()\n")
+    assert main(["compile", "mynets:net", "--model-arg", "width=6", "--ratio", "0.3", "--input-shape", "3,16,16", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["compile", "mynets:net", "--ratio", "0.3", "--quiet"]) == 1  # a 224x224 input does not fit its linear layer
+    err = capsys.readouterr().err
+    assert "cause: mat1 and mat2 shapes cannot be multiplied" in err and "--input-shape" in err
+    assert main(["compile", "mynets:branchy", "--ratio", "0.3", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "could not capture Branchy" in err and "hint:" in err and "def forward" not in err  # no graph dumps
+
+
+def test_the_api_checks_what_it_is_given() -> None:
+    import torch
+    import torchvision
+
+    import fxprune
+
+    with pytest.raises(fxprune.ArgumentError, match=r"get_model\('resnet18'\)"):
+        fxprune.compile("torchvision:resnet18", ratio=0.5)
+    with pytest.raises(fxprune.ArgumentError, match="call it to build the module"):
+        fxprune.compile(torchvision.models.resnet18, ratio=0.5)
+    with pytest.raises(TypeError):
+        fxprune.compile(torchvision.models.resnet18(), 0.5)  # targets are keyword-only
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.warns(UserWarning, match="asks for no pruning"):
+        same = fxprune.compile(torchvision.models.resnet18().eval(), target_gflops=1e3, example_inputs=x)
+    assert any("asks for no pruning" in n for n in fxprune.report(same).notes)
 
 
 def test_console_script_and_module_entry_points() -> None:

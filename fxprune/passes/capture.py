@@ -15,6 +15,9 @@ done to the graph or to module attributes afterwards can reach the user's model.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import traceback
 from collections.abc import Sequence
 from typing import Any
@@ -26,6 +29,8 @@ from torch import nn
 from .. import metakeys as keys
 from ..errors import TraceError
 from ..fxutil import structural_copy
+
+log = logging.getLogger("fxprune")
 
 __all__ = ["capture"]
 
@@ -107,10 +112,15 @@ def capture(model: nn.Module | torch.export.ExportedProgram, example_inputs: Seq
     except Exception as exc:
         first = exc
     reason = f"symbolic_trace failed at {_user_frame(first)}: {type(first).__name__}: {str(first).splitlines()[0]}"
+    printed = io.StringIO()
     try:
-        return _exported(torch.export.export(root, tuple(example_inputs), strict=False), f"torch.export ({reason})")
+        with contextlib.redirect_stderr(printed):  # a failing export prints its partial graph; keep that for --verbose
+            return _exported(torch.export.export(root, tuple(example_inputs), strict=False), f"torch.export ({reason})")
     except Exception as exc:
         export_error = exc
+    finally:
+        if printed.getvalue().strip():
+            log.debug("torch.export printed:\n%s", printed.getvalue())
     try:
         gm = _trace_with_opaque(root)
     except Exception:

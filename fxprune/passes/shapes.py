@@ -34,8 +34,10 @@ class _ShapeFlopProp(ShapeProp):
     def __init__(self, gm: torch.fx.GraphModule) -> None:
         super().__init__(gm)
         self.modules = dict(gm.named_modules())
+        self.at: torch.fx.Node | None = None  # the node being run, named when running fails
 
     def run_node(self, n: torch.fx.Node) -> Any:
+        self.at = n
         mod = self.modules.get(n.target) if n.op == "call_module" else None
         if flopless(n, self.modules):
             result = super().run_node(n)
@@ -59,12 +61,16 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) ->
     for node in gm.graph.nodes:
         node.meta.pop(keys.TENSOR_META, None)
         node.meta.pop(keys.VALUE, None)
+    prop = _ShapeFlopProp(gm)
     try:
         with torch.no_grad(), eval_mode(gm), contextlib.redirect_stderr(io.StringIO()):
-            return _ShapeFlopProp(gm).propagate(*example_inputs)
+            return prop.propagate(*example_inputs)
     except RuntimeError as exc:
-        cause = exc.__cause__ or exc
+        cause = str(exc.__cause__ or exc).strip().splitlines()[0]
+        given = ", ".join(f"{list(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__ for t in example_inputs)
+        n = prop.at
+        where = f" at node {n.name} ({n.op} {n.target if isinstance(n.target, str) else getattr(n.target, '__name__', n.target)})" if n is not None else ""
         raise ShapeError(
-            f"running the captured graph on the example inputs failed: {exc}\n  cause: {cause}\n"
-            "  hint: pass example_inputs= with the shapes and dtypes the model expects"
+            f"running the captured graph on the example inputs ({given}) failed{where}\n  cause: {cause}\n"
+            "  hint: pass example_inputs= (on the command line: --input-shape) with the shapes and dtypes the model expects"
         ) from exc
