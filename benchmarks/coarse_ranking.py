@@ -41,6 +41,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=Path.home() / ".cache" / "fxprune-data")
     p.add_argument("--archs", default=",".join(ARCHS))
+    p.add_argument("--install-data", action="store_true", help="apt-get install dataset-fashion-mnist when missing (as root)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--baseline-images", type=int, default=20_000)
@@ -51,7 +52,7 @@ def main() -> None:
     args = p.parse_args()
     names = list(dict.fromkeys(["taylor (separate)", *args.strategies.split(","), "uniform (no ranking)"]))
     torch.set_num_threads(args.threads)
-    xtr, ytr, _, _ = fashion_mnist(args.data)
+    xtr, ytr, _, _ = fashion_mnist(args.data, args.install_data)
     calibration = calibration_set(xtr, ytr, args.calibration_images)
     rows = []
     for arch in args.archs.split(","):

@@ -10,9 +10,10 @@ time and the part of it spent ranking. Latency is measured at the end, all model
 over all of a model's timed forwards is reported. A shared host's speed drifts over a long run; taking
 turns makes the drift slow every model alike instead of whichever ran last.
 
-Data: Debian's ``dataset-fashion-mnist`` package (``apt-get install dataset-fashion-mnist``; this script
-runs that itself when it is root and the files are missing) ships the four idx files, which are uncompressed into
-``<data>/FashionMNIST/raw/`` for ``torchvision.datasets.FashionMNIST(download=False)``.
+Data: Debian's ``dataset-fashion-mnist`` package (``apt-get install dataset-fashion-mnist``, or
+``--install-data``, which runs that when the script is root and the files are missing) ships the four idx
+files, which are uncompressed into ``<data>/FashionMNIST/raw/`` for
+``torchvision.datasets.FashionMNIST(download=False)``.
 
     python benchmarks/reproduce.py --out docs            # the full run (see docs/results.md)
     python benchmarks/reproduce.py --quick --out /tmp/r  # a few minutes, to check the script
@@ -44,17 +45,19 @@ FILES = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-image
 MEAN, STD = 0.2860, 0.3530
 
 
-def fashion_mnist(root: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Normalized train and test images (N, 1, 28, 28) and labels, from the Debian package's files."""
+def fashion_mnist(root: Path, install: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Normalized train and test images (N, 1, 28, 28) and labels, from the Debian package's files;
+    ``install``: run ``apt-get install dataset-fashion-mnist`` when they are missing (as root)."""
     import torchvision
 
     raw = root / "FashionMNIST" / "raw"
     if not all((raw / f.removesuffix(".gz")).exists() for f in FILES):
         if not all((PACKAGE_DIR / f).exists() for f in FILES):
-            if os.geteuid() == 0 and shutil.which("apt-get"):
+            if install and os.geteuid() == 0 and shutil.which("apt-get"):
                 subprocess.run(["apt-get", "install", "-y", "dataset-fashion-mnist"], check=True)
             else:
-                raise SystemExit("Fashion-MNIST is missing: run `sudo apt-get install dataset-fashion-mnist` first")
+                raise SystemExit("Fashion-MNIST is missing: run `sudo apt-get install dataset-fashion-mnist` first, "
+                                 "or pass --install-data as root")
         listed = subprocess.run(["dpkg", "-L", "dataset-fashion-mnist"], capture_output=True, text=True, check=True).stdout.split()
         raw.mkdir(parents=True, exist_ok=True)
         for f in FILES:  # torchvision reads the uncompressed files when it may not download
@@ -270,6 +273,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=Path.home() / ".cache" / "fxprune-data")
     p.add_argument("--out", type=Path, default=Path("docs"))
+    p.add_argument("--install-data", action="store_true", help="apt-get install dataset-fashion-mnist when missing (as root)")
     p.add_argument("--archs", default=",".join(ARCHS))
     p.add_argument("--runs", default=",".join(RUNS), help="comma-separated run names (see RUNS)")
     p.add_argument("--baseline-images", type=int, default=120_000, help="training images for the baseline (2 epochs)")
@@ -287,7 +291,7 @@ def main() -> None:
         p.error("--steps must be a multiple of 3 (so that one step ends at 50% reduction)")
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    xtr, ytr, xte, yte = fashion_mnist(args.data)
+    xtr, ytr, xte, yte = fashion_mnist(args.data, args.install_data)
     calibration = calibration_set(xtr, ytr, args.calibration_images)
     rows: list[Row] = []
     models: list[nn.Module] = []  # rows[i]'s model

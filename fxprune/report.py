@@ -44,11 +44,12 @@ def _ms(v: float) -> str:
     return f"{v:.3g}"
 
 
-def _si(n: float) -> str:
+def si(n: float) -> str:
+    """``n`` in three significant digits with a K/M/G suffix: 999.6e6 is 1.00G, not 1000M."""
+    rounded = float(f"{n:.3g}")
     for unit, size in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= size:
-            text = f"{n / size:.3g}"
-            return (f"{n / size:.0f}" if "e" in text else text) + unit
+        if abs(rounded) >= size:
+            return f"{rounded / size:#.3g}".rstrip(".") + unit
     return str(int(n))
 
 
@@ -74,11 +75,11 @@ class Report:
 
     def _table(self, fmt: str) -> str:
         body = [
-            [r.name, r.op, _arrow(r.in_channels), _arrow(r.out_channels), _arrow(r.params, _si),
-             _arrow(r.macs, _si), _arrow(r.flops, _si)]
+            [r.name, r.op, _arrow(r.in_channels), _arrow(r.out_channels), _arrow(r.params, si),
+             _arrow(r.macs, si), _arrow(r.flops, si)]
             for r in self.rows
         ]
-        body.append(["total", "", "", "", _arrow(self.params, _si), _arrow(self.macs, _si), _arrow(self.flops, _si)])
+        body.append(["total", "", "", "", _arrow(self.params, si), _arrow(self.macs, si), _arrow(self.flops, si)])
         headers = ["layer", "op", "in ch", "out ch", "params", "MACs", "FLOPs"]
         if self.latency and "layers_ms" in self.latency:  # estimated per layer from its timings; the total is measured
             layers = self.latency["layers_ms"]
@@ -93,8 +94,8 @@ class Report:
         p0, p1 = self.params
         text = (
             f"FLOPs {f0 / 1e9:.4g} G -> {f1 / 1e9:.4g} G ({100 * (1 - f1 / max(f0, 1)):.1f}% removed); "
-            f"params {p0 / 1e6:.4g} M -> {p1 / 1e6:.4g} M; other ops {_si(self.other_flops[0])} -> "
-            f"{_si(self.other_flops[1])} FLOPs"
+            f"params {p0 / 1e6:.4g} M -> {p1 / 1e6:.4g} M; other ops {si(self.other_flops[0])} -> "
+            f"{si(self.other_flops[1])} FLOPs"
         )
         if self.latency:
             t = self.latency

@@ -229,3 +229,9 @@ def test_cli_and_backend_options_come_from_strategy() -> None:
     for name in ("--selector", "--mode", "--min-width", "--round-to", "--seed"):
         assert name in flags
     assert set(fxprune.Strategy.option_names()) <= _OPTIONS
+
+
+def test_report_numbers_round_to_the_next_unit() -> None:
+    from fxprune.report import si
+
+    assert [si(x) for x in (999.6e6, 123456, 12.3e9, 999, 5.2e6)] == ["1.00G", "123K", "12.3G", "999", "5.20M"]
