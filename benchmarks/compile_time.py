@@ -110,7 +110,8 @@ def main() -> None:
     signal.signal(signal.SIGALRM, _alarm)
     rows = []
     names = torchvision.models.list_models(module=torchvision.models) if args.models == "all" else args.models.split(",")
-    for name in names:
+    start = time.perf_counter()
+    for i, name in enumerate(names, 1):
         model = build_model(name)
         x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
         nodes = graph_nodes(model)
@@ -128,7 +129,8 @@ def main() -> None:
             f"{tp:.2f}" if tp_ok else tp,
             f"{tp / fx:.1f}x" if fx_ok and tp_ok else "-",
         ])
-        print(f"{name} done", file=sys.stderr, flush=True)
+        print(f"[{i}/{len(names)}, {time.perf_counter() - start:.0f} s] {name}: fxprune {rows[-1][2]} s, "
+              f"{rows[-1][4]} forward passes", file=sys.stderr, flush=True)
     headers = ["model", "fx nodes", "fxprune s", "fxprune s / 1k nodes", "forward passes", "torch-pruning s", "tp / fxprune"]
     print(tabulate(rows, headers=headers, disable_numparse=True))
     print(f"median of {args.repeat} runs after one warm-up; torch.get_num_threads() = {torch.get_num_threads()}")
