@@ -4,7 +4,8 @@ MODEL is ``torchvision:NAME``, ``timm:NAME`` (when timm is installed), ``package
 current directory is importable, as with ``python -m``) or the path of a file written by ``fxprune.save``.
 Built models get ``--model-arg KEY=VALUE`` as keyword arguments and the state_dict of ``--weights PATH``
 (``.pt``/``.pth`` read with ``torch.load(weights_only=True)``, or ``.safetensors``); without it their
-weights are random, and a warning says so. Stage messages go to stderr (``--quiet`` silences them,
+weights are random, and a warning says so. ``--calibration DIR`` (an image folder, one subfolder per
+class) feeds the data-driven selectors. Stage messages go to stderr (``--quiet`` silences them,
 ``--verbose`` adds torch's own messages); global flags go anywhere on the line. Exit codes: 0 success,
 1 an fxprune error (its whole message on stderr: what failed, the cause, the hint), 2 bad command line.
 """
@@ -181,6 +182,8 @@ def _parser() -> argparse.ArgumentParser:
     for f in fields(Strategy):
         if "cli" in f.metadata:
             c.add_argument("--" + f.name.replace("_", "-"), default=f.default, **f.metadata["cli"])
+    c.add_argument("--calibration", metavar="DIR", help="images for the data-driven selectors (apoz, mean_activation, taylor, "
+                   "bn_taylor): one subfolder per class, resized to --input-shape; taylor's loss is cross-entropy")
     c.add_argument("--keep-classes", type=_ints, metavar="I,J,...", help="keep only these output classes (indices, any order)")
     c.add_argument("--ignore", action="append", default=[], metavar="MODULE", help="keep this module's output channels (repeatable)")
     c.add_argument("--no-verify", action="store_true", help="skip the numerical check of the result")
@@ -223,14 +226,43 @@ def _compile(args: argparse.Namespace, model: nn.Module, x: torch.Tensor, strate
         log.info("wrote %s", args.save)
 
 
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def calibration_batches(folder: str, shape: tuple[int, ...], batch: int = 32) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(images, labels) batches of an image folder with one subfolder per class (sorted: the i-th is
+    class i), resized to the H, W of ``shape`` (N, C, H, W); 3 channels get ImageNet's normalization."""
+    from torchvision import datasets, transforms
+
+    if len(shape) != 4 or shape[1] not in (1, 3):
+        raise ArgumentError(f"--calibration takes images: --input-shape must be N,C,H,W with 1 or 3 channels, got {shape}")
+    if not Path(folder).is_dir():
+        raise ArgumentError(f"--calibration {folder}: no such folder")
+    steps: list[Any] = [transforms.Resize(shape[2:]), *([transforms.Grayscale()] if shape[1] == 1 else []), transforms.ToTensor()]
+    if shape[1] == 3:
+        steps.append(transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD))
+    try:
+        images = datasets.ImageFolder(folder, transform=transforms.Compose(steps))
+    except (FileNotFoundError, OSError) as exc:
+        raise ArgumentError(f"--calibration {folder}: expected one subfolder of images per class: {exc}") from exc
+    return list(torch.utils.data.DataLoader(images, batch_size=batch))
+
+
 def _checked(args: argparse.Namespace) -> Strategy | None:
-    """The compile command's target and strategy, checked before any model is built."""
+    """The compile command's target and strategy (calibration data included), checked before any model is built."""
     if args.command != "compile":
         return None
     pipeline.Target(args.target_gflops, args.ratio, args.speedup, args.target_latency_ms)
     if args.keep_classes is not None:
         args.keep_classes = sorted(set(args.keep_classes))
-    return Strategy(**{f.name: getattr(args, f.name) for f in fields(Strategy) if "cli" in f.metadata})
+    data: dict[str, Any] = {}
+    if args.calibration is not None:
+        data["calibration"] = calibration_batches(args.calibration, args.input_shape)
+        if args.selector in ("taylor", "bn_taylor"):
+            data["loss_fn"] = torch.nn.functional.cross_entropy
+    strategy = Strategy(**{f.name: getattr(args, f.name) for f in fields(Strategy) if "cli" in f.metadata}, **data)
+    strategy.chooser()  # checks that the selector and the data go together
+    return strategy
 
 
 def main(argv: Sequence[str] | None = None) -> int:

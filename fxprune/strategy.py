@@ -45,8 +45,8 @@ class Strategy:
     """How channels are chosen; see ``fxprune.compile`` for what each field means."""
 
     selector: str | Selector = field(default="uniform", metadata=_cli(
-        "uniform (default), random, l1, l2, bn_scale, gflops_aware or latency_aware (the data-driven ones need "
-        "calibration data: use the Python API)"))
+        "uniform (default), random, l1, l2, bn_scale, gflops_aware, latency_aware, or with --calibration DIR apoz, "
+        "mean_activation, taylor, bn_taylor"))
     mode: Mode | None = field(default=None, metadata=_cli(
         "per_group: same fraction of every group (default); global: all channels ranked together", choices=MODES))
     min_width: int = field(default=1, metadata=_cli("every pruned group keeps at least N channels", type=int, metavar="N"))

@@ -229,3 +229,22 @@ def test_console_script_and_module_entry_points() -> None:
             cmd = [str(Path(sys.executable).parent / "fxprune")]
         done = subprocess.run([*cmd, "--help"], capture_output=True, text=True, timeout=120)
         assert done.returncode == 0 and "fxprune compile torchvision:resnet50 --target-gflops 2.0" in done.stdout
+
+
+def test_cli_calibration_folder_feeds_the_data_driven_selectors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for label in ("cat", "dog"):
+        (tmp_path / "images" / label).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(tmp_path / "images" / label / f"{i}.png")
+    for selector in ("taylor", "apoz"):
+        assert main(["compile", "torchvision:resnet18", "--input-shape", "2,3,32,32", "--ratio", "0.3", "--selector", selector,
+                     "--calibration", str(tmp_path / "images"), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["compile", "torchvision:resnet18", "--ratio", "0.3", "--selector", "l1", "--calibration", str(tmp_path / "images")]) == 1
+    assert "is only used by the data-driven selectors" in capsys.readouterr().err
+    assert main(["compile", "torchvision:resnet18", "--ratio", "0.3", "--calibration", str(tmp_path / "none")]) == 1
+    assert "no such folder" in capsys.readouterr().err
