@@ -179,10 +179,10 @@ class Traffic:
 
 def element_ms(shape: torch.Size, setting: Setting, cache: TimingCache) -> float:
     """Milliseconds per element read or written by a memory-bound op on this device: an eval-mode
-    BatchNorm over a tensor of ``shape`` (one read and one write of each element)."""
+    BatchNorm over a 4-d tensor of ``shape`` (one read and one write of each element)."""
     def measure() -> float:
         device, dtype = torch.device(setting.device), getattr(torch, setting.dtype.removeprefix("torch."))
-        norm = nn.BatchNorm2d(shape[1]).eval().to(device=device, dtype=dtype) if len(shape) == 4 else nn.Identity()
+        norm = nn.BatchNorm2d(shape[1]).eval().to(device=device, dtype=dtype)
         x = torch.randn(shape, device=device, dtype=dtype)
         return measure_in_turns([norm], (x,), repeat=5, warmup=2, min_ms=2.0)[0].median_ms / (2 * math.prod(shape))
 

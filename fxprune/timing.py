@@ -153,6 +153,7 @@ class TimingCache:
         root = Path(os.environ.get("FXPRUNE_CACHE_DIR", Path.home() / ".cache" / "fxprune"))
         self.path = Path(path) if path is not None else root / "latency.json"
         self.measured = 0
+        self.saved = 0  # how many of the measured timings the file holds
         try:
             self.data: dict[str, dict[str, Any]] = json.loads(self.path.read_text())
         except (OSError, ValueError):
@@ -167,7 +168,11 @@ class TimingCache:
         return table[key]
 
     def save(self) -> None:
-        """Write the file atomically; a cache that cannot be written only costs time later."""
+        """Write the file atomically when it lacks timings taken here; a cache that cannot be written only
+        costs time later."""
+        if self.saved == self.measured:
+            return
+        self.saved = self.measured
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
