@@ -176,14 +176,14 @@ def einsum(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[st
         raise Unsupported(f"einsum at node {node.name} takes other than an equation and one or two tensors")
     equation, operands = args[0], args[1:]
     weight = [isinstance(v, Param) and v.name not in s.param_labels for v in operands]
-    shapes = [tuple(v.tensor.shape) if w else s.labels(v, node).shape for v, w in zip(operands, weight)]
+    labs = [None if w else s.labels(v, node) for v, w in zip(operands, weight)]
+    shapes = [tuple(v.tensor.shape) if lab is None else lab.shape for v, lab in zip(operands, labs)]
     inputs, output = einsum_subscripts(equation, [len(shape) for shape in shapes])
     if any(len(set(letters)) < len(letters) for letters in inputs):
         raise Unsupported(f"einsum at node {node.name} repeats a subscript in one operand ({equation!r})")
     who = owner(node)
     channel: dict[str, list[tuple[int, Labels]]] = {}
-    for i, (v, letters) in enumerate(zip(operands, inputs)):
-        lab = None if weight[i] else s.labels(v, node)
+    for i, (lab, letters) in enumerate(zip(labs, inputs)):
         if lab is not None and lab.dim is not None and lab.shape[lab.dim] > 1:
             channel.setdefault(letters[lab.dim], []).append((i, lab))
     for i, (v, letters) in enumerate(zip(operands, inputs)):  # weights: bind the labelled subscripts' dims
