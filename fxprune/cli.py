@@ -156,14 +156,12 @@ def _shape(text: str) -> tuple[int, ...]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fxprune", description="Structured channel pruning as a torch.fx pass.",
-                                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--version", action="version", version=f"fxprune {__version__} (torch {torch.__version__})")
     flags = argparse.ArgumentParser(add_help=False)  # global flags, accepted before or after the command
     flags.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no stage messages on stderr")
     flags.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help="also torch's own messages and warnings")
-    for action in flags._actions:
-        p._add_action(action)
+    p = argparse.ArgumentParser(prog="fxprune", description="Structured channel pruning as a torch.fx pass.", parents=[flags],
+                                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"fxprune {__version__} (torch {torch.__version__})")
     sub = p.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False, parents=[flags])
     common.add_argument("model", help="torchvision:NAME, timm:NAME, package.module:factory or a saved .pt2 file")
