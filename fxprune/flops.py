@@ -4,6 +4,10 @@ Every contracting node (conv, linear, matmul) costs ``macs * prod(kept_i / size_
 dimensions it touches (its FlopTerm); everything the shapes pass counted elsewhere is constant. Because
 a conv's MACs are (output positions) x numel(weight), this is exact: the tests check it against
 ``torch.utils.flop_counter.FlopCounterMode`` run on the pruned model.
+
+``counter()`` is the FlopCounterMode every count in fxprune uses: it also counts the fused attention
+kernels that FlopCounterMode has no formula for on CPU (``scaled_dot_product_attention``'s CPU flash
+kernel and ``nn.MultiheadAttention``'s inference fast path), as the matmuls they stand for.
 """
 
 from __future__ import annotations
@@ -12,12 +16,38 @@ import math
 
 import torch
 import torch.fx
+from torch.utils.flop_counter import FlopCounterMode
 
 from . import metakeys as keys
 from .graph import NEVER_REMOVED, DependencyGraph
 from .masks import kept_mask
 
-__all__ = ["FlopModel", "total_macs"]
+__all__ = ["FlopModel", "total_macs", "counter"]
+
+
+def _attention_flops(query_shape: tuple[int, ...], key_shape: tuple[int, ...], value_shape: tuple[int, ...], *args: object, **kwargs: object) -> int:
+    """softmax(q @ k^T) @ v: two batched matmuls, (L x E)(E x S) and (L x S)(S x Ev) per batch entry."""
+    *batch, length, e = query_shape
+    return 2 * math.prod(batch) * length * key_shape[-2] * (e + value_shape[-1])
+
+
+def _multi_head_attention_flops(query_shape: tuple[int, ...], key_shape: tuple[int, ...], value_shape: tuple[int, ...], embed_dim: int,
+                                num_heads: int, *args: object, **kwargs: object) -> int:
+    """The q, k, v and output projections plus the attention matmuls of all heads (batch-first inputs)."""
+    tokens_q, tokens_kv = math.prod(query_shape[:-1]), math.prod(key_shape[:-1])
+    projections = 2 * embed_dim * (2 * tokens_q * embed_dim + tokens_kv * (key_shape[-1] + value_shape[-1]))
+    return projections + _attention_flops(query_shape, key_shape, (*value_shape[:-1], embed_dim))
+
+
+_FUSED_ATTENTION = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _attention_flops,
+    torch.ops.aten._native_multi_head_attention: _multi_head_attention_flops,
+}
+
+
+def counter() -> FlopCounterMode:
+    """A FlopCounterMode (not displayed) that also counts fused attention kernels."""
+    return FlopCounterMode(display=False, custom_mapping=_FUSED_ATTENTION)
 
 
 def total_macs(gm: torch.fx.GraphModule) -> int:

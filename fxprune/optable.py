@@ -74,7 +74,15 @@ SHAPE_METHODS = {
 RESHAPE_METHODS = {"view", "reshape", "expand", "broadcast_to"}
 RESHAPE_FUNCS: set[Any] = {torch.reshape, torch.broadcast_to}
 SPLIT: set[Any] = {torch.split, torch.chunk, "split", "chunk"}
+UNBIND: set[Any] = {torch.unbind, torch.select, "unbind", "select"}
 MATMUL: set[Any] = {torch.matmul, operator.matmul, torch.bmm, torch.mm, "matmul", "bmm", "mm"}
+SDPA: set[Any] = {F.scaled_dot_product_attention}
+# An operand that reaches one of these through PASS_THROUGH ops is split into attention heads.
+ATTENTION_PRODUCTS: set[Any] = MATMUL | SDPA | {torch.einsum}
+PASS_THROUGH: set[Any] = {
+    operator.getitem, operator.mul, operator.truediv, torch.mul, torch.div, "mul", "div", "contiguous",
+    "to", "float", "type_as", "clone", torch.clone, F.dropout,
+} | SHAPE_FUNCS | SHAPE_METHODS | RESHAPE_FUNCS | RESHAPE_METHODS | UNBIND | SPLIT
 CONV_FUNCS = {
     F.conv1d: False, F.conv2d: False, F.conv3d: False,
     F.conv_transpose1d: True, F.conv_transpose2d: True, F.conv_transpose3d: True,
@@ -95,11 +103,11 @@ ACTIVATION_METHODS = {"relu", "relu_"}
 SOFTMAX = {F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "softmax", "log_softmax"}
 
 FLOPLESS_FUNCS = ELEMENTWISE_FUNCS | FIRST_OPERAND_FUNCS | SHAPE_FUNCS | RESHAPE_FUNCS | SPATIAL_FUNCS | {
-    operator.getitem, torch.split, torch.chunk, F.batch_norm, F.layer_norm, F.group_norm, F.pad,
+    operator.getitem, torch.split, torch.chunk, torch.unbind, torch.select, F.batch_norm, F.layer_norm, F.group_norm, F.pad,
     getattr, torch.mean, torch.sum,
 }
 FLOPLESS_METHODS = ELEMENTWISE_METHODS | FIRST_OPERAND_METHODS | SHAPE_METHODS | RESHAPE_METHODS | {
-    "split", "chunk", "size", "dim", "mean", "sum", "numel",
+    "split", "chunk", "unbind", "select", "size", "dim", "mean", "sum", "numel",
 }
 FLOPLESS_MODULES = ELEMENTWISE_MODULES + SPATIAL_MODULES + CHANNEL_PARAM_MODULES + (
     nn.LayerNorm, nn.GroupNorm, nn.Flatten, nn.Softmax, nn.ChannelShuffle,
@@ -128,7 +136,8 @@ _ATEN_AS: dict[str, Any] = {
     "split_with_sizes": torch.split, "mean": torch.mean, "sum": torch.sum, "amax": torch.amax,
     "softmax": torch.softmax, "log_softmax": torch.log_softmax, "pixel_shuffle": F.pixel_shuffle,
     "pixel_unshuffle": F.pixel_unshuffle, "channel_shuffle": F.channel_shuffle, "roll": torch.roll,
-    "flip": torch.flip, "matmul": torch.matmul, "bmm": torch.bmm, "mm": torch.mm,
+    "flip": torch.flip, "unbind": torch.unbind, "select": torch.select, "matmul": torch.matmul,
+    "scaled_dot_product_attention": F.scaled_dot_product_attention, "bmm": torch.bmm, "mm": torch.mm,
     "zeros_like": torch.zeros_like, "ones_like": torch.ones_like,
 }
 

@@ -29,6 +29,7 @@ from torch import nn
 from .. import metakeys as keys
 from ..errors import TraceError
 from ..fxutil import structural_copy
+from ..traceable import expand
 
 log = logging.getLogger("fxprune")
 
@@ -38,8 +39,9 @@ _MAX_OPAQUE = 64
 
 
 class _Tracer(torch.fx.Tracer):
-    """symbolic_trace's tracer that also treats the modules in ``opaque`` as leaves and remembers which
-    module was being traced when tracing failed."""
+    """symbolic_trace's tracer that also treats the modules in ``opaque`` as leaves, records library
+    modules that ``traceable.expand`` knows as plain ops, and remembers which module was being traced
+    when tracing failed."""
 
     def __init__(self, opaque: set[str]) -> None:
         super().__init__()
@@ -51,7 +53,8 @@ class _Tracer(torch.fx.Tracer):
 
     def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
         try:
-            return super().call_module(m, forward, args, kwargs)
+            expanded = None if self.path_of_module(m) in self.opaque else expand(m, args, kwargs)
+            return expanded if expanded is not None else super().call_module(m, forward, args, kwargs)
         except Exception:
             if self.failed_in is None:
                 self.failed_in = self.path_of_module(m)

@@ -18,10 +18,11 @@ import torch
 import torch.fx
 from torch.fx.passes.shape_prop import ShapeProp
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
+from torch.utils.flop_counter import conv_flop_count
 
 from .. import metakeys as keys
 from ..errors import ShapeError
+from ..flops import counter as flop_counter
 from ..fxutil import eval_mode
 from ..optable import flopless
 
@@ -48,7 +49,7 @@ class _ShapeFlopProp(ShapeProp):
             x = list(n.args[0].meta[keys.TENSOR_META].shape)
             n.meta[keys.FLOPS] = conv_flop_count(x, list(mod.weight.shape), list(result.shape), mod.transposed)
         else:
-            with FlopCounterMode(display=False) as counter:
+            with flop_counter() as counter:
                 result = super().run_node(n)
             n.meta[keys.FLOPS] = counter.get_total_flops()
         if keys.TENSOR_META not in n.meta:

@@ -4,7 +4,7 @@ Every channel a producer creates gets an integer label (``labels``); an interpre
 the graph on labels instead of tensors, with one rule per op family:
 
 * element-wise and channel-wise ops, softmax, reductions (``rules``);
-* contracting ops: conv, linear, matmul (``contract``);
+* contracting ops: conv, linear, matmul, einsum (``contract``); attention heads (``attention``);
 * statistics over channels: LayerNorm, GroupNorm (``norms``);
 * shape ops, run on the label tensor itself (``layout``), and those whose literal sizes, split
   sections or slices must follow pruning (``literals``);

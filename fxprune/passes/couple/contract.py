@@ -131,7 +131,8 @@ def linear(s: State, node: torch.fx.Node, w: Param, bias: str | None) -> Labels:
 
 @family(Family.CONTRACT)
 def matmul(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
-    """matmul / bmm / mm of two tensors: the contracted dims are tied, one operand's labels may pass."""
+    """matmul / bmm / mm of two tensors: the contracted dims are tied, one operand's labels may pass;
+    labels along the same batch dim of both (attention heads) are tied and passed."""
     if len(args) != 2 or kwargs:
         raise Unsupported(f"matmul at node {node.name} takes its operands by keyword")
     a, b = (s.labels(v, node) for v in args)
@@ -150,6 +151,9 @@ def matmul(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[st
         if bd == -2:
             s.consumers.append((node.name, 1, len(b.shape) - 2))
     carried = [(lab, d) for lab, d, contracted in ((a, ad, -1), (b, bd, -2)) if d is not None and d != contracted]
+    if len(carried) == 2 and carried[0][1] == carried[1][1] <= -3:  # the same batch dim (heads): tied
+        s.uf.union_pairs(a.ids, b.ids)
+        carried = carried[:1]
     if len(carried) > 1:
         for lab, _ in carried:
             s.freeze(lab, f"matmul at node {node.name} keeps channels of both operands")

@@ -36,10 +36,12 @@ from ...optable import (
     SOFTMAX,
     SPATIAL_FUNCS,
     SPATIAL_MODULES,
+    SDPA,
     SPLIT,
+    UNBIND,
     canonical,
 )
-from . import contract, layout, literals, norms, rules
+from . import attention, contract, layout, literals, norms, rules
 from .state import Rule, State, Unsupported
 
 __all__ = ["TABLE", "BY_NAME", "Coupler", "RuleError"]
@@ -72,6 +74,7 @@ TABLE: dict[Any, Rule] = {
     F.linear: contract.linear_function,
     **dict.fromkeys(MATMUL, contract.matmul),
     torch.einsum: contract.einsum,
+    **dict.fromkeys(SDPA, attention.scaled_dot_product_attention),
     F.layer_norm: norms.layer_norm_function,
     F.group_norm: norms.group_norm_function,
     **dict.fromkeys(SHAPE_FUNCS | SHAPE_METHODS, layout.shape_op),
@@ -81,6 +84,7 @@ TABLE: dict[Any, Rule] = {
     "roll": layout.roll,
     **dict.fromkeys(RESHAPE_FUNCS | RESHAPE_METHODS, literals.reshape),
     **dict.fromkeys(SPLIT, literals.split),
+    **dict.fromkeys(UNBIND, literals.unbind),
     operator.getitem: literals.getitem,
 }
 """Rule of each module type, function and Tensor method name."""

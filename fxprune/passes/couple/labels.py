@@ -88,7 +88,7 @@ class Param:
     tensor: torch.Tensor
 
 
-def compress(uf: UnionFind, t: torch.Tensor, force: frozenset[int] = frozenset()) -> Labels:
+def compress(uf: UnionFind, t: torch.Tensor, force: frozenset[int] = frozenset(), heads: bool = False) -> Labels:
     """Turn a full label tensor (of root labels) back into ``Labels``.
 
     Where labels vary along more than one dim, the labels inside each slice of one dim are merged:
@@ -96,7 +96,9 @@ def compress(uf: UnionFind, t: torch.Tensor, force: frozenset[int] = frozenset()
     pruned tensor needs (a channel shuffle's halves, say). ``force`` names dims whose size the program
     computes from the channel count: when labels vary along any other dim, the split must happen
     along a forced dim (the largest), because that is the size that follows pruning at run time.
-    Otherwise the dim with the fewest distinct labels per slice is used.
+    Otherwise, for a tensor split into attention ``heads`` (..., heads, head_dim), the dim before the
+    innermost varying one: whole heads become atoms, q, k and v of a head together. Otherwise the dim
+    with the fewest distinct labels per slice is used.
     """
     shape = tuple(t.shape)
     if t.numel() == 0:
@@ -108,6 +110,8 @@ def compress(uf: UnionFind, t: torch.Tensor, force: frozenset[int] = frozenset()
         return _merge_slices(uf, t, max(force, key=lambda d: shape[d]))
     if not varying:
         return Labels(shape, None, t.reshape(-1)[:1].clone())
+    if len(varying) > 1 and heads:
+        return _merge_slices(uf, t, varying[-2])
     if len(varying) > 1:
         return _merge_slices(uf, t, min(varying, key=lambda d: (_distinct_per_slice(t, d), -shape[d])))
     d = varying[0]

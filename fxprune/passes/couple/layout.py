@@ -33,8 +33,9 @@ def shape_op(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[
     return on_labels(s, node, args, kwargs)
 
 
-def on_labels(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any], force: frozenset[int] = frozenset()) -> Any:
-    """``node``'s op run on the labels of its arguments; ``force`` as in ``compress``."""
+def on_labels(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any],
+              force: frozenset[int] = frozenset(), heads: bool = False) -> Any:
+    """``node``'s op run on the labels of its arguments; ``force`` and ``heads`` as in ``compress``."""
     fast = moved(s, node, args, kwargs)
     if fast is not None:
         return fast
@@ -44,7 +45,7 @@ def on_labels(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict
         return s.full(v) if isinstance(v, Labels) else v
 
     result = callee(s, node)(*map_aggregate(args, full), **map_aggregate(kwargs, full))
-    return map_aggregate(result, lambda r: compress(s.uf, r, force) if isinstance(r, torch.Tensor) else r)
+    return map_aggregate(result, lambda r: compress(s.uf, r, force, heads) if isinstance(r, torch.Tensor) else r)
 
 
 def callee(s: State, node: torch.fx.Node) -> Callable[..., Any]:

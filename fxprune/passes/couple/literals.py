@@ -5,7 +5,9 @@
   pruned tensor splits, and it ties the two tensors: both must lose the same channels;
 * split / chunk along the pruned dim become a split with the pruned sizes of the pieces;
 * a slice along the pruned dim is re-indexed to the kept positions; a single channel, or a gather
-  with an index tensor, freezes the channels.
+  with an index tensor along the channel dim, freezes the channels (a gather along other dims, such
+  as a relative-position table indexed by position, keeps them);
+* unbind / select along the pruned dim would turn channels into separate tensors: frozen.
 """
 
 from __future__ import annotations
@@ -19,30 +21,76 @@ from torch.fx.node import map_aggregate
 
 from ... import metakeys as keys
 from ...graph import Family, Patch, PatchKind
+from ...optable import ATTENTION_PRODUCTS, PASS_THROUGH, canonical
 from .labels import Labels, Param, compress
 from .layout import on_labels
-from .state import State, Unsupported, arg, family
+from .state import State, Unsupported, arg, family, target_name
 
 
 @family(Family.SHAPE)
 def reshape(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
     base, sizes = size_args(node)
     sources = {d: channel_sources(s, size) for d, size in enumerate(sizes)}
-    out = on_labels(s, node, args, kwargs, frozenset(d for d, src in sources.items() if src))
+    out = on_labels(s, node, args, kwargs, frozenset(d for d, src in sources.items() if src), feeds_attention(node))
+
+    def literal(d: int) -> None:  # size d of the output becomes a literal that follows pruning
+        s.patches.append(Patch(PatchKind.ARG, node.name, node.name, d, path=(*base, d + (1 if base == ("args",) else 0))))
+
     for d, src in sources.items():
-        # A size read from another tensor's channel count only follows pruning if both tensors
-        # lose the same channels.
-        for lab in src:
-            if out.dim != d or set(s.uf.roots(lab.ids).tolist()) != set(s.uf.roots(out.ids).tolist()):
-                why = f"node {node.name} takes a size from the channel count of another tensor"
-                s.freeze(lab, why)
-                s.freeze(out, why)
+        # A size read from a channel count follows pruning by itself where both tensors lose the same
+        # channels; where they do not (an attention's width read from its input's), and the size is
+        # computed from channel counts alone, it becomes a literal.
+        same = out.dim == d and all(set(s.uf.roots(lab.ids).tolist()) == set(s.uf.roots(out.ids).tolist()) for lab in src)
+        if not src or same:
+            continue
+        if len(sizes) == len(out.shape) and only_channels(s, sizes[d]):
+            literal(d)
+            continue
+        why = f"node {node.name} takes a size from the channel count of another tensor"
+        s.freeze(src, why)
+        s.freeze(out, why)
     if out.dim is not None and len(sizes) == len(out.shape):
         size = sizes[out.dim]
         if isinstance(size, int) and size != -1:
-            index = out.dim + (1 if base == ("args",) else 0)
-            s.patches.append(Patch(PatchKind.ARG, node.name, node.name, out.dim, path=(*base, index)))
+            literal(out.dim)
     return out
+
+
+def feeds_attention(node: torch.fx.Node, depth: int = 8) -> bool:
+    """True when ``node``'s output reaches an attention product (matmul, bmm, einsum, scaled dot-product
+    attention) through layout and scaling ops only: a reshape that splits channels into heads."""
+    frontier = [node]
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            for user in n.users:
+                t = canonical(user.target)
+                if t in ATTENTION_PRODUCTS:
+                    return True
+                if t in PASS_THROUGH or user.op == "call_module":
+                    nxt.append(user)
+        frontier = nxt
+    return False
+
+
+def only_channels(s: State, size: Any) -> bool:
+    """True when a size argument is computed from channel counts and constants only."""
+    stack, seen = [size], set()
+    while stack:
+        n = stack.pop()
+        if not isinstance(n, torch.fx.Node) or n in seen:
+            continue
+        seen.add(n)
+        if keys.TENSOR_META in n.meta:
+            return False
+        base, dim = size_source(s, n)
+        if base is not None:
+            x = s.as_labels(s.env[base])
+            if not (isinstance(x, Labels) and x.dim is not None and isinstance(dim, int) and dim % len(x.shape) == x.dim):
+                return False
+            continue
+        stack.extend(n.all_input_nodes)
+    return True
 
 
 def size_args(node: torch.fx.Node) -> tuple[tuple[Any, ...], tuple[Any, ...] | list[Any]]:
@@ -114,13 +162,24 @@ def getitem(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[s
     map_aggregate(index, lambda v: tensors.append(v) if isinstance(v, (Labels, Param)) else v)
     if any(isinstance(v, Labels) for v in tensors):
         raise Unsupported(f"node {node.name} indexes with a computed tensor")
-    if tensors:  # constant index tensors: gather the labels with them, and keep the channels
-        s.freeze(x, f"node {node.name} gathers with an index tensor")
-        return compress(s.uf, s.full(x)[map_aggregate(index, lambda v: v.tensor if isinstance(v, Param) else v)])
+    if tensors:  # constant index tensors: gather the labels with them; channels gathered are kept
+        out = compress(s.uf, s.full(x)[map_aggregate(index, lambda v: v.tensor if isinstance(v, Param) else v)])
+        if x.dim is not None and not (out.dim is not None and torch.equal(out.ids, x.ids)):
+            s.freeze(x, f"node {node.name} gathers channels with an index tensor")
+        return out
     out = on_labels(s, node, args, kwargs)
     if x.dim is not None:
         slice_channels(s, node, src, x)
     return out
+
+
+@family(Family.SHAPE)
+def unbind(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """unbind / select: fine along other dims (q, k, v out of one projection); not along the channel dim."""
+    src, x = s.input_of(node)
+    if x.dim is not None and x.dim == arg(args, kwargs, 1, "dim", 0) % len(x.shape):
+        s.freeze(x, f"{target_name(node)} at node {node.name} takes channels one by one")
+    return on_labels(s, node, args, kwargs)
 
 
 def slice_channels(s: State, node: torch.fx.Node, src: torch.fx.Node, x: Labels) -> None:

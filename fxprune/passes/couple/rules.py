@@ -124,10 +124,13 @@ def batch_norm(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dic
 
 @family(Family.CHANNELWISE)
 def pad(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
-    """``F.pad`` of the trailing dims; padding the channel dim is unsupported."""
+    """``F.pad`` of the trailing dims; padding the channel dim by anything but zero is unsupported."""
     src, x = s.input_of(node)
-    if x.dim is not None and x.dim >= len(x.shape) - len(arg(args, kwargs, 1, "pad")) // 2:
-        raise Unsupported(f"pad at node {node.name} pads the channel dim")
+    widths = arg(args, kwargs, 1, "pad")
+    if x.dim is not None and x.dim >= len(x.shape) - len(widths) // 2:
+        k = 2 * (len(x.shape) - 1 - x.dim)
+        if any(s.value(w) != 0 for w in widths[k:k + 2]):
+            raise Unsupported(f"pad at node {node.name} pads the channel dim")
     return x.with_shape(s.shape(node))
 
 
