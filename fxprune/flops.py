@@ -111,12 +111,12 @@ class FlopModel:
         return saved.index_add(0, key % width, self.macs_vec[key // width] * (1 - kept))
 
     def per_node(self, removed: torch.Tensor) -> dict[str, int]:
-        """Exact integer MACs of every FlopTerm node after removing ``removed``."""
+        """Exact integer MACs of every FlopTerm node (the sum of its terms) after removing ``removed``."""
         out = {}
         for t in self.terms:
             num = math.prod(int(kept_mask(removed, f).sum()) for f in t.factors)
             den = math.prod(f.numel() for f in t.factors)
-            out[t.node] = t.macs * num // den
+            out[t.node] = out.get(t.node, 0) + t.macs * num // den
         return out
 
     def exact(self, removed: torch.Tensor) -> int:

@@ -29,7 +29,7 @@ from torch import nn
 from .. import metakeys as keys
 from ..errors import TraceError
 from ..fxutil import structural_copy
-from ..traceable import expand
+from ..traceable import expand, library_functions
 
 log = logging.getLogger("fxprune")
 
@@ -73,6 +73,10 @@ def _user_frame(exc: BaseException) -> str:
 def _trace(root: nn.Module, opaque: set[str]) -> torch.fx.GraphModule:
     tracer = _Tracer(opaque)
     graph = tracer.trace(root)
+    replacements = library_functions()
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target in replacements:
+            node.target = replacements[node.target]
     gm = torch.fx.GraphModule(tracer.root, graph, root.__class__.__name__)
     gm.meta[keys.OPAQUE] = sorted(opaque)
     return gm

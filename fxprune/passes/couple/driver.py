@@ -41,7 +41,8 @@ from ...optable import (
     UNBIND,
     canonical,
 )
-from . import attention, contract, layout, literals, norms, rules
+from ...traceable import shifted_window_attention
+from . import attention, contract, layout, literals, norms, rules, wrapped
 from .state import Rule, State, Unsupported
 
 __all__ = ["TABLE", "BY_NAME", "Coupler", "RuleError"]
@@ -75,6 +76,7 @@ TABLE: dict[Any, Rule] = {
     **dict.fromkeys(MATMUL, contract.matmul),
     torch.einsum: contract.einsum,
     **dict.fromkeys(SDPA, attention.scaled_dot_product_attention),
+    shifted_window_attention: wrapped.window_attention,
     F.layer_norm: norms.layer_norm_function,
     F.group_norm: norms.group_norm_function,
     **dict.fromkeys(SHAPE_FUNCS | SHAPE_METHODS, layout.shape_op),
@@ -89,7 +91,11 @@ TABLE: dict[Any, Rule] = {
 }
 """Rule of each module type, function and Tensor method name."""
 
-BY_NAME: dict[str, Rule] = {"stochastic_depth": rules.elementwise}
+BY_NAME: dict[str, Rule] = {
+    "stochastic_depth": rules.elementwise,
+    "_get_relative_position_bias": wrapped.relative_position_bias,
+    "_patch_merging_pad": wrapped.patch_merging_pad,
+}
 """Rules of functions that libraries keep as leaves of a traced graph, by ``__name__``."""
 
 GRAPH: dict[str, Rule] = {"placeholder": rules.placeholder, "get_attr": rules.get_attr, "output": rules.output}
