@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__, api, draw, pipeline, serialize
+from . import __version__, api, draw, layout, pipeline, serialize
 from . import metakeys as keys
 from .errors import ArgumentError, FxPruneError
 from .strategy import Strategy
@@ -186,12 +186,13 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--ignore", action="append", default=[], metavar="MODULE", help="keep this module's output channels (repeatable)")
     c.add_argument("--no-verify", action="store_true", help="skip the numerical check of the result")
     c.add_argument("--markdown", action="store_true", help="print the report as a markdown table")
-    c.add_argument("--report-dir", metavar="DIR", help="also write report.md, report.json and widths.png there")
+    c.add_argument("--report-dir", metavar="DIR", help="also write report.html, report.md, report.json and widths.png there")
     c.add_argument("--save", metavar="FILE", help="save the pruned model (fxprune.save, no pickle)")
     i = sub.add_parser("inspect", parents=[common], help="print the dependency groups",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for fmt in ("dot", "svg", "png"):
-        i.add_argument(f"--{fmt}", metavar="FILE", help=f"draw the dependency graph as {fmt.upper()}")
+    for fmt, what in (("dot", "the groups and their members as graphviz DOT text"), ("svg", "the groups in data-flow order as SVG"),
+                      ("png", "the groups in data-flow order as PNG (needs matplotlib)"), ("html", "the groups as an HTML page")):
+        i.add_argument(f"--{fmt}", metavar="FILE", help=f"write {what}")
     r = sub.add_parser("report", help="print the report of a saved pruned model", parents=[flags],
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("file", help="a file written by fxprune.save or fxprune compile --save")
@@ -200,11 +201,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _inspect(args: argparse.Namespace, model: nn.Module, x: torch.Tensor) -> None:
-    graph = api.analyze(model, x)
-    print(graph)
-    for fmt in ("dot", "svg", "png"):
+    a = pipeline.analyze(model, x)
+    print(a.graph)
+    for fmt in ("dot", "svg", "png", "html"):
         if getattr(args, fmt):
-            log.info("wrote %s", draw.draw_groups(graph, getattr(args, fmt)))
+            log.info("wrote %s", draw.draw_groups(a.gm, a.graph, getattr(args, fmt), args.model))
 
 
 def _compile(args: argparse.Namespace, model: nn.Module, x: torch.Tensor, strategy: Strategy) -> None:
@@ -217,7 +218,9 @@ def _compile(args: argparse.Namespace, model: nn.Module, x: torch.Tensor, strate
     verified = "verified" if "verified" in pruned.meta[keys.RECORD] else "not verified"
     print(f"compiled in {time.perf_counter() - start:.2f} s, {verified}")
     if args.report_dir:
-        for path in draw.write_report_dir(rep, args.report_dir):
+        a = pipeline.analyze(model, x, args.ignore)  # the groups of the model as given, for the report's picture
+        picture = layout.model_picture(a.gm, a.graph, rep, args.model)
+        for path in draw.write_report_dir(rep, args.report_dir, picture, args.model):
             log.info("wrote %s", path)
     if args.save:
         serialize.save(pruned, args.save)

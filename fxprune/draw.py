@@ -1,26 +1,27 @@
-"""Drawings for people: the dependency graph, per-layer widths, and a report folder.
+"""Drawings for people: the dependency groups, per-layer widths, and a report folder.
 
-The dependency graph is drawn by graphviz's ``dot`` when it is installed, otherwise with networkx and
-matplotlib (``pip install fxprune[plot]``): one coloured box per group (grey, with the reason, when
-frozen), joined to the parameter dimensions it owns.
+The dependency groups are drawn in data-flow order (``layout.py`` places every box once): as SVG or
+HTML text with no extra package, or as PNG/PDF with matplotlib (``pip install fxprune[plot]``).
 """
 
 from __future__ import annotations
 
 import json
-import math
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
+import torch.fx
+
 from .errors import ArgumentError
 from .graph import DependencyGraph
+from .html import groups_page, report_page
+from .layout import FONT, Picture, model_picture
 from .report import Report
+from .svg import FONT_FAMILY, picture_svg
 
-__all__ = ["draw_groups", "draw_widths", "draw_history", "write_report_dir"]
+__all__ = ["draw_groups", "draw_picture", "draw_widths", "draw_history", "write_report_dir"]
 
-_IMAGE = (".svg", ".png", ".pdf")
+_FORMATS = (".dot", ".svg", ".html", ".png", ".pdf")
 
 
 def _pyplot() -> Any:
@@ -34,63 +35,74 @@ def _pyplot() -> Any:
     return plt
 
 
-def draw_groups(graph: DependencyGraph, path: str | Path) -> Path:
-    """Write the dependency graph to ``path``: ``.dot`` text, or an ``.svg``/``.png``/``.pdf`` image."""
+def draw_groups(gm: torch.fx.GraphModule, graph: DependencyGraph, path: str | Path, title: str = "") -> Path:
+    """Write the dependency groups of captured ``gm`` to ``path``: ``.dot`` text (groups and their members),
+    or the data-flow picture as ``.svg``, ``.html``, ``.png`` or ``.pdf``."""
     path = Path(path)
+    if path.suffix not in _FORMATS:
+        raise ArgumentError(f"cannot draw to {path}: use a .dot, .svg, .html, .png or .pdf file name")
     if path.suffix == ".dot":
         path.write_text(graph.to_dot())
         return path
-    if path.suffix not in _IMAGE:
-        raise ArgumentError(f"cannot draw to {path}: use a .dot, .svg, .png or .pdf file name")
-    dot = shutil.which("dot")
-    if dot:
-        subprocess.run([dot, f"-T{path.suffix[1:]}", "-o", str(path)], input=graph.to_dot(), text=True, check=True)
-        return path
-    return _draw_with_matplotlib(graph, path)
-
-
-def _draw_with_matplotlib(graph: DependencyGraph, path: Path) -> Path:
-    import networkx as nx
-
-    plt = _pyplot()
-    g = graph.to_networkx()
-    pos = nx.spring_layout(g, seed=0, k=1.5 / math.sqrt(max(g.number_of_nodes(), 1)))
-    side = max(8.0, math.sqrt(g.number_of_nodes()) * 1.2)
-    fig, ax = plt.subplots(figsize=(side, side))
-    groups = [n for n in g if n[0] == "group"]
-    members = [n for n in g if n[0] == "member"]
-    colours = plt.get_cmap("tab20")
-    nx.draw_networkx_edges(g, pos, ax=ax, alpha=0.3, width=0.6)
-    nx.draw_networkx_nodes(g, pos, nodelist=members, node_size=12, node_color="#777777", ax=ax)
-    nx.draw_networkx_nodes(
-        g, pos, nodelist=groups, node_shape="s", node_size=260, ax=ax,
-        node_color=["#d0d0d0" if g.nodes[n]["frozen"] else colours(n[1] % 20) for n in groups],
-    )
-    labels = {
-        n: f"{n[1]}: " + (f"frozen ({g.nodes[n]['frozen'][0][:40]})" if g.nodes[n]["frozen"] else f"width {g.nodes[n]['width']}")
-        for n in groups
-    }
-    nx.draw_networkx_labels(g, pos, labels=labels, font_size=6, ax=ax)
-    ax.set_title(f"{len(groups)} channel groups ({len(graph.prunable_groups)} prunable); grey: frozen")
-    ax.axis("off")
-    fig.savefig(path, bbox_inches="tight", dpi=110)
-    plt.close(fig)
+    pic = model_picture(gm, graph, title=title)
+    if path.suffix == ".svg":
+        path.write_text(picture_svg(pic) + "\n", encoding="utf-8")
+    elif path.suffix == ".html":
+        path.write_text(groups_page(graph, pic, title), encoding="utf-8")
+    else:
+        draw_picture(pic, path)
     return path
 
 
-def draw_widths(report: Report, path: str | Path) -> Path:
-    """Bar chart of every layer's output channels, before and after pruning."""
+def draw_picture(pic: Picture, path: str | Path, dpi: int = 110) -> Path:
+    """Render ``pic`` with matplotlib (PNG, PDF ...): the same boxes, lines and words as its SVG."""
+    from matplotlib.patches import FancyBboxPatch, PathPatch
+    from matplotlib.path import Path as MplPath
+
     plt = _pyplot()
-    rows = [r for r in report.rows if r.out_channels[0] is not None]
-    fig, ax = plt.subplots(figsize=(max(8.0, 0.12 * len(rows)), 4.5))
-    xs = range(len(rows))
-    ax.bar(xs, [r.out_channels[0] for r in rows], color="#c9d7ea", label="before")
-    ax.bar(xs, [r.out_channels[1] for r in rows], color="#2b6cb0", label="after")
-    ax.set_xticks(list(xs), [r.name for r in rows], rotation=90, fontsize=5)
-    ax.set_ylabel("output channels")
+    fig = plt.figure(figsize=(pic.width / 100, pic.height / 100))
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.set_xlim(0, pic.width)
+    ax.set_ylim(pic.height, 0)
+    ax.axis("off")
+    pt = 72 / 100  # points per pixel of the layout at 100 pixels per inch
+    font = {"family": [FONT_FAMILY.split(",")[0].strip("'"), "monospace"], "fontsize": FONT * pt}
+    for e in pic.edges:
+        codes = [MplPath.MOVETO] + [MplPath.CURVE4 if e.curved else MplPath.LINETO] * (len(e.points) - 1)
+        ax.add_patch(PathPatch(MplPath(e.points, codes), fill=False, edgecolor="#8a8f98", linewidth=1.1 * pt))
+    for s in pic.shapes:
+        ax.add_patch(FancyBboxPatch((s.x, s.y), s.w, s.h, boxstyle=f"round,pad=0,rounding_size={s.rx}", linewidth=1.2 * pt,
+                                    facecolor=s.fill, edgecolor=s.stroke, hatch="//" if s.hatched else None, hatchcolor="#b0b0b0",
+                                    linestyle="--" if s.hatched else "-"))
+        mid = s.y + s.h / 2
+        if s.centred:
+            ax.text(s.x + s.w / 2, mid, s.text, ha="center", va="center", **font)
+        else:
+            ax.text(s.x + 6, mid, s.text, ha="left", va="center", **font)
+        if s.note:
+            ax.text(s.x + s.w - 6, mid, s.note, ha="right", va="center", color="#333333", **font)
+    for t in pic.texts:
+        ax.text(t.x, t.y, t.text, ha="left", va="baseline", weight="bold" if t.bold else "normal",
+                **{**font, "fontsize": t.size * pt})
+    fig.savefig(path, dpi=dpi, facecolor="white")
+    plt.close(fig)
+    return Path(path)
+
+
+def draw_widths(report: Report, path: str | Path) -> Path:
+    """Horizontal bars of every layer's output channels, before and after pruning, one row per layer."""
+    plt = _pyplot()
+    rows = [r for r in report.rows if r.out_channels[0] is not None][::-1]
+    fig, ax = plt.subplots(figsize=(8.0, max(3.0, 0.16 * len(rows) + 1.0)))
+    ys = range(len(rows))
+    ax.barh(ys, [r.out_channels[0] for r in rows], color="#c9d7ea", label="before")
+    ax.barh(ys, [r.out_channels[1] for r in rows], color="#2b6cb0", label="after")
+    ax.set_yticks(list(ys), [r.name for r in rows], fontsize=7, family="monospace")
+    ax.set_ylim(-0.7, len(rows) - 0.3)
+    ax.set_xlabel("output channels")
     f0, f1 = report.flops
     ax.set_title(f"per-layer width: {f0 / 1e9:.3g} -> {f1 / 1e9:.3g} GFLOPs")
-    ax.legend()
+    ax.legend(loc="lower right")
     fig.savefig(path, bbox_inches="tight", dpi=110)
     plt.close(fig)
     return Path(path)
@@ -116,11 +128,13 @@ def draw_history(history: Any, path: str | Path) -> Path:
     return Path(path)
 
 
-def write_report_dir(report: Report, directory: str | Path) -> list[Path]:
-    """``report.md``, ``report.json`` and ``widths.png`` in ``directory`` (created if needed)."""
+def write_report_dir(report: Report, directory: str | Path, picture: Picture | None = None, title: str = "") -> list[Path]:
+    """``report.md``, ``report.json``, ``widths.png`` and ``report.html`` (with ``picture``, the groups drawn
+    by ``layout.model_picture``) in ``directory``, created if needed."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    md, js = directory / "report.md", directory / "report.json"
+    md, js, page = directory / "report.md", directory / "report.json", directory / "report.html"
     md.write_text(report.to_markdown())
     js.write_text(json.dumps(report.to_dict(), indent=1))
-    return [md, js, draw_widths(report, directory / "widths.png")]
+    page.write_text(report_page(report, picture, title), encoding="utf-8")
+    return [md, js, draw_widths(report, directory / "widths.png"), page]

@@ -82,6 +82,11 @@ class Group:
     def prunable(self) -> bool:
         return not self.frozen and self.width > 1
 
+    @property
+    def status(self) -> str:
+        """"prunable", "frozen: <reasons>", or "one atom" (a group of one atom is kept: nothing to choose)."""
+        return "prunable" if self.prunable else ("frozen: " + "; ".join(self.frozen) if self.frozen else "one atom")
+
 
 @dataclass(frozen=True)
 class Patch:
@@ -141,6 +146,17 @@ class DependencyGraph:
         prefix = module + "."
         return [g for g in self.groups if any(m.name.startswith(prefix) for m in g.members)]
 
+    def channels(self, group: Group) -> int:
+        """Channels ``group`` stands for, which its width in atoms may not show: a model input is one frozen
+        atom, and an atom of a grouped conv is one position in each of its groups. Counted in the members
+        that own the channels (output and per-channel dims); a group with none (a model input) counts the
+        fewest that any reader (a contraction's input dim) takes from it."""
+        counts = {role: [] for role in Role}  # type: dict[Role, list[int]]
+        for m in group.members:
+            counts[m.role].append(int(torch.isin(self.member_atoms[(m.name, m.dim)], group.atoms).sum()))
+        owned = counts[Role.OUT] + counts[Role.PARAM]
+        return max(owned) if owned else min(counts[Role.IN], default=group.width)
+
     @property
     def prunable_groups(self) -> list[Group]:
         return [g for g in self.groups if g.prunable]
@@ -179,9 +195,10 @@ class DependencyGraph:
         for grp in self.groups:
             names = [str(m) for m in grp.members]
             shown = ", ".join(names[:max_members]) + (f", ... (+{len(names) - max_members})" if len(names) > max_members else "")
-            status = "prunable" if grp.prunable else ("frozen: " + "; ".join(grp.frozen) if grp.frozen else "width 1")
-            rows.append([grp.id, grp.width, len(names), status, shown])
-        return tabulate(rows, headers=["group", "width", "members", "status", "first members"])
+            channels = self.channels(grp)
+            width = channels if channels == grp.width else f"{channels} ({grp.width} atom{'s' * (grp.width != 1)})"
+            rows.append([grp.id, width, len(names), grp.status, shown])
+        return tabulate(rows, headers=["group", "channels", "members", "status", "first members"])
 
     def __str__(self) -> str:
         n = len(self.prunable_groups)

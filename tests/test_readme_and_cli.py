@@ -26,7 +26,7 @@ PROMISE = re.compile(rf"#\s*((?:{VALUE})(?: (?:{VALUE}))*)\s*(?::|$)")
 # Prints whose comment describes a table: the columns or words the table must show (its numbers vary).
 TABLES = {
     "print(fxprune.report(small))": ["layer", "params", "MACs", "FLOPs", "->", "total"],
-    "print(graph)": ["width", "members", "prunable", "frozen: model input x"],
+    "print(graph)": ["channels", "members", "prunable", "frozen: model input x"],
     "print(fxprune.report(fast).summary())": ["FLOPs", "params", "latency", "faster", "batch 1", "threads"],
     "print(fxprune.measure_latency(fast, x))": ["ms median", "IQR", "batch 1", "cpu", "threads"],
     "print(history)": ["step", "GFLOPs", "params", "metric", "ranking s", "selecting s", "rewriting s", "fine-tuning s"],

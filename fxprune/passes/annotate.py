@@ -15,6 +15,7 @@ import torch.fx
 from torch import nn
 
 from .. import metakeys as keys
+from ..dataflow import channel_count, layers, read_params
 from ..flops import FlopModel, total_macs
 from ..graph import DependencyGraph, Family
 from ..masks import kept_mask
@@ -30,6 +31,20 @@ def _numel(mod: nn.Module) -> int:
     return sum(p.numel() for p in mod.parameters())
 
 
+def _kept(node: torch.fx.Node, graph: DependencyGraph, removed: torch.Tensor) -> tuple[int | None, int | None]:
+    """(channels before, after) of ``node``'s output along its tracked channel dim (None when untracked)."""
+    before = channel_count(node, graph)
+    entry = graph.tensor_atoms.get(node.name)
+    return before, (before if entry is None else int(kept_mask(removed, entry[1]).sum()))
+
+
+def _function_channels(node: torch.fx.Node, graph: DependencyGraph, removed: torch.Tensor) -> list[tuple[int | None, int | None]]:
+    """In and out channels of a function layer (a ``torch.export`` graph's conv, a functional linear),
+    read off the tensors it takes and gives."""
+    src = next((n for n in node.all_input_nodes if n.op != "get_attr"), None)
+    return [_kept(src, graph, removed) if src is not None else (None, None), _kept(node, graph, removed)]
+
+
 def annotate(
     gm: torch.fx.GraphModule,
     pruned: torch.fx.GraphModule,
@@ -40,6 +55,8 @@ def annotate(
     after = flop_model.per_node(removed)
     capture_note = gm.meta.get(keys.CAPTURE)
     before_mods, after_mods = dict(gm.named_modules()), dict(pruned.named_modules())
+    before_params, after_params = dict(gm.named_parameters()), dict(pruned.named_parameters())
+    named = layers(gm)
     pruned_nodes = {n.name: n for n in pruned.graph.nodes}
     rows: list[LayerRow] = []
     other = [0, 0]
@@ -54,16 +71,16 @@ def annotate(
             frac = float(kept_mask(removed, entry[1]).double().mean()) if entry is not None else 1.0
             other[0] += n0
             other[1] += round(n0 * frac)
+        if node not in named:
+            continue
         if node.op == "call_module":
             m0, m1 = before_mods[node.target], after_mods[node.target]
-            p0, p1 = _numel(m0), _numel(m1)
-            if not p0 and not macs0:
-                continue
-            rows.append(LayerRow(node.target, type(m0).__name__, (module_channels(m0, IN_FIELDS), module_channels(m1, IN_FIELDS)),
-                                 (module_channels(m0, OUT_FIELDS), module_channels(m1, OUT_FIELDS)), (p0, p1), (macs0, macs1)))
-        elif macs0:
-            op = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
-            rows.append(LayerRow(node.name, op, (None, None), (None, None), (0, 0), (macs0, macs1)))
+            rows.append(LayerRow(*named[node], (module_channels(m0, IN_FIELDS), module_channels(m1, IN_FIELDS)),
+                                 (module_channels(m0, OUT_FIELDS), module_channels(m1, OUT_FIELDS)), (_numel(m0), _numel(m1)), (macs0, macs1)))
+        else:
+            p0 = sum(before_params[p].numel() for p in read_params(node, before_params))
+            p1 = sum(after_params[p].numel() for p in read_params(pruned_nodes[node.name], after_params)) if node.name in pruned_nodes else p0
+            rows.append(LayerRow(*named[node], *_function_channels(node, graph, removed), (p0, p1), (macs0, macs1)))
     notes = []
     frozen = [g for g in graph.groups if g.frozen]
     if frozen:

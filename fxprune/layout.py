@@ -1,0 +1,258 @@
+"""Where each box, line and word of a dependency-group drawing goes; the SVG and matplotlib renderers
+only draw what this module places, so the HTML report and ``fxprune inspect --png/--svg`` show one picture.
+
+Blocks (inputs, layers, joins; ``dataflow.blocks``) are laid out top to bottom in data-flow order: a
+block's row is one more than its deepest predecessor's, so parallel branches (a residual shortcut, the
+two expand convs of a Fire module) sit side by side in one row and a residual stage reads downwards. A
+layer is labelled with its name, its width (before -> after in a report) and its group ``gN``, and is
+filled with its group's colour: boxes of one colour lose the same channels. Frozen groups are hatched
+grey and name their reason. A line that skips rows runs down a free column or a lane left of the boxes.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch.fx
+
+from .dataflow import Block, blocks as dataflow_blocks
+from .graph import DependencyGraph, Group
+from .report import Report
+
+__all__ = ["Shape", "Text", "Edge", "Picture", "picture", "model_picture", "FONT", "PALETTE", "FROZEN"]
+
+FONT = 11.0  # px; labels are monospace, so a label's width is known before any renderer runs
+_CHAR = 0.61 * FONT
+_BOX_H, _ROW, _COL_GAP, _LANE, _MARGIN = 20.0, 32.0, 28.0, 9.0, 16.0
+_MAX_CHARS = 58
+PALETTE = ("#0067a5", "#f38400", "#008856", "#be0032", "#f3c300", "#875692", "#a1caf1", "#8db600", "#e68fac", "#882d17",
+           "#1b9e9e", "#c2b280")  # after Kelly's colours of maximum contrast, without grey (grey means frozen)
+FROZEN = ("#ececec", "#6b6b6b")  # fill, outline
+_SP = "\u00a0\u00a0"  # two no-break spaces between a label's parts: SVG text collapses plain runs of spaces
+_JOIN = {"add": "+", "iadd": "+", "sub": "-", "mul": "×", "imul": "×", "cat": "cat", "concat": "cat", "stack": "stack"}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A box (``rx`` rounds its corners) with one line of text; ``tip`` is shown on hover."""
+
+    x: float
+    y: float
+    w: float
+    h: float
+    text: str
+    fill: str
+    stroke: str
+    note: str = ""  # drawn right-aligned in the box
+    hatched: bool = False
+    rx: float = 3.0
+    centred: bool = False
+    group: int | None = None
+    tip: str = ""
+
+
+@dataclass(frozen=True)
+class Text:
+    x: float
+    y: float  # baseline
+    text: str
+    size: float = FONT
+    bold: bool = False
+
+
+@dataclass(frozen=True)
+class Edge:
+    """A line through ``points``: a cubic curve (start, two control points, end) or a polyline."""
+
+    points: tuple[tuple[float, float], ...]
+    curved: bool
+
+
+@dataclass
+class Picture:
+    width: float
+    height: float
+    shapes: list[Shape] = field(default_factory=list)
+    edges: list[Edge] = field(default_factory=list)
+    texts: list[Text] = field(default_factory=list)
+
+
+def _fit(text: str, chars: int = _MAX_CHARS) -> str:
+    return text if len(text) <= chars else text[: chars - 1] + "…"
+
+
+def _mix(colour: str, t: float) -> str:
+    """``colour`` moved a fraction ``t`` towards white (t > 0) or black (t < 0)."""
+    rgb = [int(colour[i:i + 2], 16) for i in (1, 3, 5)]
+    end = 255 if t > 0 else 0
+    return "#" + "".join(f"{round(c + (end - c) * abs(t)):02x}" for c in rgb)
+
+
+def _tint(colour: str) -> tuple[str, str]:
+    """A box's fill (light, so dark text stays readable) and outline (dark) in ``colour``."""
+    return _mix(colour, 0.55), _mix(colour, -0.25)
+
+
+def _colours(blocks: list[Block], graph: DependencyGraph) -> dict[int, str]:
+    """A palette colour per group, the least recently used one for each group met in data-flow order, so
+    that groups near each other differ."""
+    order = [gid for b in blocks for gid in b.groups] + [g.id for g in graph.groups]
+    order = [gid for gid in order if not graph.groups[gid].frozen]  # frozen groups are grey
+    used: dict[str, int] = {c: -1 for c in PALETTE}
+    out: dict[int, str] = {}
+    for step, gid in enumerate(order):
+        if gid not in out:
+            out[gid] = min(PALETTE, key=lambda c: used[c])
+        used[out[gid]] = step  # a group met again (a residual stream) keeps its colour out of use nearby
+    return out
+
+
+def _widths(before: int | None, after: int | None) -> str:
+    if before is None:
+        return ""
+    return str(before) if after is None or after == before else f"{before}→{after}"
+
+
+def _rows_and_columns(blocks: list[Block]) -> tuple[list[int], list[int]]:
+    """Each block's row (one below its deepest predecessor) and column (ordered by where its predecessors sit)."""
+    rank: list[int] = []
+    for b in blocks:
+        rank.append(1 + max((rank[p] for p in b.preds), default=-1))
+    col = [0] * len(blocks)
+    by_rank: dict[int, list[int]] = defaultdict(list)
+    for i, r in enumerate(rank):
+        by_rank[r].append(i)
+    for r in sorted(by_rank):
+        def centre(i: int) -> float:
+            ps = blocks[i].preds
+            return sum(col[p] for p in ps) / len(ps) if ps else 0.0
+        for c, i in enumerate(sorted(by_rank[r], key=lambda i: (centre(i), i))):
+            col[i] = c
+    return rank, col
+
+
+def _tracks(blocks: list[Block], rank: list[int], col: list[int]) -> dict[tuple[int, int], tuple[str, int]]:
+    """For each edge that skips rows, the vertical track it runs down: its source's column where no box
+    and no other such edge is in the way, else the first free lane left of the boxes."""
+    occupied = {(rank[i], col[i]) for i in range(len(blocks))}
+    busy: dict[tuple[str, int], list[tuple[int, int]]] = defaultdict(list)
+    out = {}
+    for t, b in enumerate(blocks):
+        for s in b.preds:
+            lo, hi = rank[s], rank[t]
+            if hi - lo < 2:
+                continue
+            free = lambda key: all(hi <= a or b_ <= lo for a, b_ in busy[key])  # noqa: E731
+            key = ("col", col[s])
+            if any((r, col[s]) in occupied for r in range(lo + 1, hi)) or not free(key):
+                key = next(("lane", k) for k in range(len(blocks)) if free(("lane", k)))
+            busy[key].append((lo, hi))
+            out[(s, t)] = key
+    return out
+
+
+def picture(blocks: list[Block], graph: DependencyGraph, after: dict[str, int] | None = None, title: str = "") -> Picture:
+    """Place ``blocks`` (widths after pruning from ``after``, by layer name; None for an unpruned model)."""
+    colours = _colours(blocks, graph)
+    rank, col = _rows_and_columns(blocks)
+    tracks = _tracks(blocks, rank, col)
+    lanes = 1 + max((k for kind, k in tracks.values() if kind == "lane"), default=-1)
+    labels = [_label(b, graph, after) for b in blocks]
+    box_w = _CHAR * max([len(t) + 2 + len(n) for t, n in labels if t] + [24]) + 12
+    pic = Picture(0.0, 0.0)
+    top = _legend(pic, blocks, graph, colours, after, title)
+    left = _MARGIN + lanes * _LANE + (8 if lanes else 0)
+    x = [left + c * (box_w + _COL_GAP) for c in col]
+    y = [top + r * _ROW for r in rank]
+    for i, b in enumerate(blocks):
+        pic.shapes.append(_shape(b, labels[i], x[i], y[i], box_w, graph, colours, after))
+    for t, b in enumerate(blocks):
+        for s in b.preds:
+            sx, sy, tx, ty = x[s] + box_w / 2, y[s] + _BOX_H, x[t] + box_w / 2, y[t]
+            kind, k = tracks.get((s, t), ("", 0))
+            if not kind:
+                mid = (sy + ty) / 2
+                pic.edges.append(Edge(((sx, sy), (sx, mid), (tx, mid), (tx, ty)), True))
+                continue
+            vx = sx if kind == "col" else left - 8 - k * _LANE
+            gap_s, gap_t = sy + (_ROW - _BOX_H) / 2, ty - (_ROW - _BOX_H) / 2
+            pic.edges.append(Edge(((sx, sy), (sx, gap_s), (vx, gap_s), (vx, gap_t), (tx, gap_t), (tx, ty)), False))
+    pic.width = max([s.x + s.w for s in pic.shapes] + [t.x + _CHAR * len(t.text) for t in pic.texts]) + _MARGIN
+    pic.height = max(s.y + s.h for s in pic.shapes) + _MARGIN
+    return pic
+
+
+def model_picture(gm: torch.fx.GraphModule, graph: DependencyGraph, report: Report | None = None, title: str = "") -> Picture:
+    """The picture of a captured, coupled model; widths after pruning from ``report``'s rows (by layer name)."""
+    after = {r.name: r.out_channels[1] for r in report.rows if r.out_channels[1] is not None} if report else None
+    return picture(dataflow_blocks(gm, graph), graph, after, title)
+
+
+def _label(b: Block, graph: DependencyGraph, after: dict[str, int] | None) -> tuple[str, str]:
+    """A layer's or input's name, and its width, group and frozen reason (a join is a symbol instead: empty)."""
+    if b.kind == "join":
+        return "", ""
+    note = _widths(b.width, (after or {}).get(b.name)) + (f"{_SP}g{b.groups[0]}" if b.groups else "")
+    frozen = graph.groups[b.groups[0]].frozen if b.groups else ()
+    return _fit(b.name, 40), _fit(note + (f"{_SP}frozen: {frozen[0]}" if frozen else ""), 44)
+
+
+def _tip(b: Block, graph: DependencyGraph, after: dict[str, int] | None) -> str:
+    lines = [f"{b.name} ({b.op})"]
+    if b.width is not None:
+        lines.append(f"width {_widths(b.width, (after or {}).get(b.name))} channels")
+    lines += [_about(graph.groups[gid], graph) for gid in b.groups]
+    return "\n".join(lines)
+
+
+def _about(g: Group, graph: DependencyGraph) -> str:
+    return f"group g{g.id}: {graph.channels(g)} channels, {len(g.members)} members, {g.status}"
+
+
+def _shape(b: Block, label: tuple[str, str], x: float, y: float, box_w: float, graph: DependencyGraph, colours: dict[int, str],
+           after: dict[str, int] | None) -> Shape:
+    gid = b.groups[0] if len(b.groups) == 1 or (b.groups and b.kind != "join") else None
+    frozen = gid is not None and bool(graph.groups[gid].frozen)
+    fill, stroke = FROZEN if frozen else (_tint(colours[gid]) if gid is not None else ("#ffffff", "#555555"))
+    tip = _tip(b, graph, after)
+    if b.kind == "join":
+        sym = _JOIN.get(b.op, b.op)
+        w = max(_BOX_H, _CHAR * len(sym) + 10)
+        return Shape(x + (box_w - w) / 2, y, w, _BOX_H, sym, fill, stroke, "", frozen, _BOX_H / 2, True, gid, tip)
+    return Shape(x, y, box_w, _BOX_H, label[0], fill, stroke, label[1], frozen, 3.0, False, gid, tip)
+
+
+def _legend(pic: Picture, blocks: list[Block], graph: DependencyGraph, colours: dict[int, str],
+            after: dict[str, int] | None, title: str) -> float:
+    """Title, a key and one chip per group in its colour, at the top of ``pic``; returns where boxes start."""
+    y = _MARGIN
+    if title:
+        pic.texts.append(Text(_MARGIN, y + 13, title, FONT + 3, True))
+        y += 26
+    key = [(f"layer{_SP}64→32{_SP}g5", "#c5d5e6", "#3a5a7d", False, "a layer: its channels (before→after) and its group gN; "
+            "one colour = one group, whose channels are removed together"),
+           ("frozen", *FROZEN, True, "a frozen group: kept whole, for the reason shown"),
+           ("+", "#ffffff", "#555555", False, "where outputs meet: + add, × multiply, cat concatenate")]
+    for text, fill, stroke, hatched, meaning in key:
+        w = _CHAR * len(text) + 12
+        pic.shapes.append(Shape(_MARGIN, y, w, _BOX_H, text, fill, stroke, "", hatched, _BOX_H / 2 if text == "+" else 3.0, True))
+        pic.texts.append(Text(_MARGIN + w + 8, y + 14, meaning))
+        y += _BOX_H + 6
+    widths: dict[int, int] = {}
+    for b in blocks:
+        if b.kind == "layer" and len(b.groups) == 1 and after and b.name in after:
+            widths.setdefault(b.groups[0], after[b.name])
+    x, y, right = _MARGIN, y + 6, _MARGIN + 760
+    for g in graph.groups:
+        text = f"g{g.id}{_SP}{_widths(graph.channels(g), widths.get(g.id))} ch" + (f"{_SP}frozen: {g.frozen[0]}" if g.frozen else "")
+        w = _CHAR * len(_fit(text, 40)) + 12
+        if x + w > right and x > _MARGIN:
+            x, y = _MARGIN, y + _BOX_H + 4
+        fill, stroke = FROZEN if g.frozen else _tint(colours[g.id])
+        members = ", ".join(str(m) for m in g.members[:6]) + (" ..." if len(g.members) > 6 else "")
+        pic.shapes.append(Shape(x, y, w, _BOX_H, _fit(text, 40), fill, stroke, "", bool(g.frozen), 3.0, False, g.id,
+                                f"{_about(g, graph)}\nmembers: {members}"))
+        x += w + 6
+    return y + _BOX_H + 22
+
