@@ -21,6 +21,7 @@ from torch import nn
 
 from . import latency
 from . import metakeys as keys
+from .dataflow import layers
 from .errors import ArgumentError, TargetUnreachableError
 from .flops import FlopModel, total_macs
 from .graph import DependencyGraph, Plan
@@ -243,7 +244,7 @@ def reach_latency(a: Analysis, chooser: Chooser, target: Target, scores: dict[in
         )
     record = _latency_record(target, goal, before, after, cache, len(tried))
     record["results_timed"] = clock.timed
-    names = {n.name: n.target for n in a.gm.graph.nodes if n.op == "call_module"}
+    names = {n.name: name for n, (name, _) in layers(a.gm).items()}
     record["layers_ms"] = {names.get(node, node): ms for node, ms in model.layers(removed_mask(a.graph, plan)).items()}
     pruned = clock.pruned.get(_widths(plan))
     return plan, rewrite(a.gm, a.graph, plan) if pruned is None else pruned, record
