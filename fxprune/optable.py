@@ -73,6 +73,7 @@ SHAPE_METHODS = {
 }
 RESHAPE_METHODS = {"view", "reshape", "expand", "broadcast_to"}
 RESHAPE_FUNCS: set[Any] = {torch.reshape, torch.broadcast_to}
+UNFLATTEN: set[Any] = {torch.unflatten, "unflatten"}
 SPLIT: set[Any] = {torch.split, torch.chunk, "split", "chunk"}
 UNBIND: set[Any] = {torch.unbind, torch.select, "unbind", "select"}
 MATMUL: set[Any] = {torch.matmul, operator.matmul, torch.bmm, torch.mm, "matmul", "bmm", "mm"}
@@ -82,7 +83,7 @@ ATTENTION_PRODUCTS: set[Any] = MATMUL | SDPA | {torch.einsum}
 PASS_THROUGH: set[Any] = {
     operator.getitem, operator.mul, operator.truediv, torch.mul, torch.div, "mul", "div", "contiguous",
     "to", "float", "type_as", "clone", torch.clone, F.dropout,
-} | SHAPE_FUNCS | SHAPE_METHODS | RESHAPE_FUNCS | RESHAPE_METHODS | UNBIND | SPLIT
+} | SHAPE_FUNCS | SHAPE_METHODS | RESHAPE_FUNCS | RESHAPE_METHODS | UNFLATTEN | UNBIND | SPLIT
 CONV_FUNCS = {
     F.conv1d: False, F.conv2d: False, F.conv3d: False,
     F.conv_transpose1d: True, F.conv_transpose2d: True, F.conv_transpose3d: True,
@@ -103,11 +104,11 @@ ACTIVATION_METHODS = {"relu", "relu_"}
 SOFTMAX = {F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "softmax", "log_softmax"}
 
 FLOPLESS_FUNCS = ELEMENTWISE_FUNCS | FIRST_OPERAND_FUNCS | SHAPE_FUNCS | RESHAPE_FUNCS | SPATIAL_FUNCS | {
-    operator.getitem, torch.split, torch.chunk, torch.unbind, torch.select, F.batch_norm, F.layer_norm, F.group_norm, F.pad,
+    operator.getitem, torch.split, torch.chunk, torch.unbind, torch.select, torch.unflatten, F.batch_norm, F.layer_norm, F.group_norm, F.pad,
     getattr, torch.mean, torch.sum,
 }
 FLOPLESS_METHODS = ELEMENTWISE_METHODS | FIRST_OPERAND_METHODS | SHAPE_METHODS | RESHAPE_METHODS | {
-    "split", "chunk", "unbind", "select", "size", "dim", "mean", "sum", "numel",
+    "split", "chunk", "unbind", "select", "unflatten", "size", "dim", "mean", "sum", "numel", "aten slice", "aten index",
 }
 FLOPLESS_MODULES = ELEMENTWISE_MODULES + SPATIAL_MODULES + CHANNEL_PARAM_MODULES + (
     nn.LayerNorm, nn.GroupNorm, nn.Flatten, nn.Softmax, nn.ChannelShuffle,
@@ -142,10 +143,40 @@ _ATEN_AS: dict[str, Any] = {
 }
 
 
+_ATEN_AS.update({
+    "alias": torch.clone, "pad": F.pad, "constant_pad_nd": F.pad, "unflatten": torch.unflatten,
+    **dict.fromkeys(("upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d", "upsample_linear1d",
+                     "upsample_bilinear2d", "upsample_bicubic2d", "upsample_trilinear3d", "_upsample_nearest_exact2d",
+                     "_upsample_bilinear2d_aa"), F.interpolate),
+})
+ATEN_SLICE = "aten slice"
+ATEN_INDEX = "aten index"
+_ATEN_ONLY = {"slice": ATEN_SLICE, "index": ATEN_INDEX}
+
+
+def _by_name() -> dict[str, Any]:
+    """Every function and Tensor method the tables name, by the name its aten op has."""
+    names: dict[str, Any] = {}
+    for table in (ELEMENTWISE_FUNCS, FIRST_OPERAND_FUNCS, SPATIAL_FUNCS, SHAPE_FUNCS, RESHAPE_FUNCS, UNFLATTEN, SPLIT, UNBIND,
+                  MATMUL, REDUCTIONS, SOFTMAX):
+        for f in table:
+            if isinstance(f, str):
+                names.setdefault(f, f)
+            elif getattr(torch, getattr(f, "__name__", ""), None) is f:
+                names.setdefault(f.__name__, f)
+    for table in (ELEMENTWISE_METHODS, FIRST_OPERAND_METHODS, SHAPE_METHODS, RESHAPE_METHODS):
+        names.update((m, m) for m in table if m not in names)
+    return names
+
+
+_ATEN_BY_NAME = {**_by_name(), **_ATEN_AS, **_ATEN_ONLY}
+
+
 def canonical(target: Any) -> Any:
-    """The torch function (or Tensor method name) a graph target stands for; aten ops map to theirs."""
+    """The torch function (or Tensor method name) a graph target stands for: one table serves both
+    capture paths, so an aten op (torch.export) maps to the function or method of the same name."""
     if isinstance(target, torch._ops.OpOverload) and target.namespace == "aten":
-        return _ATEN_AS.get(target._opname, target)
+        return _ATEN_BY_NAME.get(target._opname, target)
     return target
 
 

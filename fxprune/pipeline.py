@@ -22,7 +22,7 @@ from torch import nn
 from . import latency
 from . import metakeys as keys
 from .dataflow import layers
-from .errors import ArgumentError, TargetUnreachableError
+from .errors import ArgumentError, ShapeError, TargetUnreachableError
 from .flops import FlopModel, total_macs
 from .graph import DependencyGraph, Plan
 from .masks import removed_mask
@@ -97,8 +97,17 @@ def analyze(model: Model, given: Inputs = None, ignore: Iterable[str] = (), seed
         given = model.example_inputs[0]
     inputs = example_inputs(given, seed)
     gm = capture(model, inputs)
+    try:
+        propagate_shapes(gm, inputs)
+    except ShapeError as exc:
+        if gm.meta[keys.CAPTURE] != "torch.fx.symbolic_trace":
+            raise
+        try:  # a traced graph that cannot run: fall back to torch.export
+            gm = capture(model, inputs, untraceable=exc)
+            propagate_shapes(gm, inputs)
+        except Exception:
+            raise exc from None
     log.info("captured %d graph nodes with %s", len(gm.graph.nodes), gm.meta[keys.CAPTURE])
-    propagate_shapes(gm, inputs)
     graph = couple(gm, ignore, free_output)
     total = total_macs(gm)
     log.info("%d channel groups, %d prunable; %.4g GFLOPs", len(graph.groups), len(graph.prunable_groups), 2 * total / 1e9)

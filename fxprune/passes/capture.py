@@ -5,7 +5,8 @@ done to the graph or to module attributes afterwards can reach the user's model.
 ``torch.fx.symbolic_trace``'s rules. Fallbacks, in order, when that fails:
 
 1. ``torch.export.export`` (non-strict) on the example inputs: it handles shape-dependent Python that
-   symbolic tracing cannot, and yields an aten-level graph the coupling pass understands;
+   symbolic tracing cannot, and yields an aten-level graph the coupling pass understands (also used
+   when a traced graph fails to run, e.g. because a leaf function mutates a list argument);
 2. symbolic tracing again, keeping each submodule that cannot be traced as one opaque call; the
    coupling pass then freezes every channel it touches.
 
@@ -105,20 +106,29 @@ def _exported(ep: torch.export.ExportedProgram, how: str) -> torch.fx.GraphModul
     return gm
 
 
-def capture(model: nn.Module | torch.export.ExportedProgram, example_inputs: Sequence[Any] = ()) -> torch.fx.GraphModule:
-    """Capture ``model`` as a GraphModule of its own, with the fallbacks described above."""
+def capture(model: nn.Module | torch.export.ExportedProgram, example_inputs: Sequence[Any] = (),
+            untraceable: BaseException | None = None) -> torch.fx.GraphModule:
+    """Capture ``model`` as a GraphModule of its own, with the fallbacks described above.
+
+    ``untraceable``: why an earlier symbolically traced graph cannot be used (it fails to run on the
+    example inputs); tracing is then skipped and the fallbacks start at once.
+    """
     if isinstance(model, torch.export.ExportedProgram):
         return _exported(model, "torch.export (an ExportedProgram was given)")
     if not isinstance(model, nn.Module):
         raise TraceError(f"expected a torch.nn.Module or torch.export.ExportedProgram, got {type(model).__name__}")
     root = structural_copy(model)
-    try:
-        gm = _trace(root, set())
-        gm.meta[keys.CAPTURE] = "torch.fx.symbolic_trace"
-        return gm
-    except Exception as exc:
-        first = exc
-    reason = f"symbolic_trace failed at {_user_frame(first)}: {type(first).__name__}: {str(first).splitlines()[0]}"
+    if untraceable is None:
+        try:
+            gm = _trace(root, set())
+            gm.meta[keys.CAPTURE] = "torch.fx.symbolic_trace"
+            return gm
+        except Exception as exc:
+            first = exc
+        reason = f"symbolic_trace failed at {_user_frame(first)}: {type(first).__name__}: {str(first).splitlines()[0]}"
+    else:
+        first = untraceable
+        reason = f"the symbolically traced graph fails to run: {str(first).splitlines()[0]}"
     printed = io.StringIO()
     try:
         with contextlib.redirect_stderr(printed):  # a failing export prints its partial graph; keep that for --verbose

@@ -39,6 +39,9 @@ from ...optable import (
     SDPA,
     SPLIT,
     UNBIND,
+    UNFLATTEN,
+    ATEN_INDEX,
+    ATEN_SLICE,
     canonical,
 )
 from ...traceable import shifted_window_attention
@@ -87,6 +90,9 @@ TABLE: dict[Any, Rule] = {
     **dict.fromkeys(RESHAPE_FUNCS | RESHAPE_METHODS, literals.reshape),
     **dict.fromkeys(SPLIT, literals.split),
     **dict.fromkeys(UNBIND, literals.unbind),
+    **dict.fromkeys(UNFLATTEN, literals.unflatten),
+    ATEN_SLICE: literals.aten_slice,
+    ATEN_INDEX: literals.aten_index,
     operator.getitem: literals.getitem,
 }
 """Rule of each module type, function and Tensor method name."""

@@ -182,6 +182,42 @@ def unbind(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[st
     return on_labels(s, node, args, kwargs)
 
 
+@family(Family.SHAPE)
+def unflatten(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
+    """``unflatten(x, dim, sizes)``: a reshape of one dim; a literal size of the channel dim follows pruning."""
+    src, x = s.input_of(node)
+    out = on_labels(s, node, args, kwargs, heads=feeds_attention(node))
+    dim, sizes = arg(args, kwargs, 1, "dim") % len(x.shape), arg(args, kwargs, 2, "sizes")
+    k = -1 if out.dim is None else out.dim - dim
+    if 0 <= k < len(sizes) and isinstance(node.args[2][k], int) and sizes[k] != -1:
+        s.patches.append(Patch(PatchKind.ARG, node.name, node.name, out.dim, path=("args", 2, k)))
+    return out
+
+
+@family(Family.SHAPE)
+def aten_slice(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
+    """``aten.slice(x, dim, start, end, step)`` (torch.export's form of ``x[a:b]``): only whole along channels."""
+    src, x = s.input_of(node)
+    if x.dim is not None and x.dim == arg(args, kwargs, 1, "dim", 0) % len(x.shape):
+        start, end, step = arg(args, kwargs, 2, "start"), arg(args, kwargs, 3, "end"), arg(args, kwargs, 4, "step", 1)
+        if slice(start, end, step).indices(x.shape[x.dim]) != (0, x.shape[x.dim], 1):
+            s.freeze(x, f"slice at node {node.name} takes part of the channels")
+    return on_labels(s, node, args, kwargs)
+
+
+@family(Family.SHAPE)
+def aten_index(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
+    """``aten.index(x, [index tensors or None])`` (torch.export's form of ``x[idx]``): a gather, as in getitem."""
+    src, x = s.input_of(node)
+    index = arg(args, kwargs, 1, "indices")
+    if any(isinstance(v, Labels) for v in index):
+        raise Unsupported(f"node {node.name} indexes with a computed tensor")
+    out = compress(s.uf, s.full(x)[tuple(slice(None) if v is None else v.tensor for v in index)])
+    if x.dim is not None and not (out.dim is not None and torch.equal(out.ids, x.ids)):
+        s.freeze(x, f"node {node.name} gathers channels with an index tensor")
+    return out
+
+
 def slice_channels(s: State, node: torch.fx.Node, src: torch.fx.Node, x: Labels) -> None:
     """Patch a slice of the channel dim to the kept positions; freeze a single channel or an index list."""
     idx = node.args[1]
