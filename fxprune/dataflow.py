@@ -64,7 +64,7 @@ def read_params(node: torch.fx.Node, params: dict[str, torch.nn.Parameter]) -> l
 
 def _is_layer(node: torch.fx.Node, modules: dict[str, torch.nn.Module], params: dict[str, torch.nn.Parameter]) -> bool:
     if node.op == "call_module":
-        return any(True for _ in modules[node.target].parameters()) or bool(node.meta.get(keys.FLOPS))
+        return next(modules[node.target].parameters(), None) is not None or bool(node.meta.get(keys.FLOPS))
     if node.op in ("call_function", "call_method"):
         return bool(node.meta.get(keys.FLOPS)) or bool(read_params(node, params))
     return False

@@ -15,9 +15,9 @@ import torch.fx
 from .errors import ArgumentError
 from .graph import DependencyGraph
 from .html import groups_page, report_page
-from .layout import FONT, Picture, model_picture
+from .layout import FONT, FONT_NAME, Picture, model_picture
 from .report import Report
-from .svg import FONT_FAMILY, picture_svg
+from .svg import picture_svg
 
 __all__ = ["draw_groups", "draw_picture", "draw_widths", "draw_history", "write_report_dir"]
 
@@ -66,7 +66,7 @@ def draw_picture(pic: Picture, path: str | Path, dpi: int = 110) -> Path:
     ax.set_ylim(pic.height, 0)
     ax.axis("off")
     pt = 72 / 100  # points per pixel of the layout at 100 pixels per inch
-    font = {"family": [FONT_FAMILY.split(",")[0].strip("'"), "monospace"], "fontsize": FONT * pt}
+    font = {"family": [FONT_NAME, "monospace"], "fontsize": FONT * pt}
     for e in pic.edges:
         codes = [MplPath.MOVETO] + [MplPath.CURVE4 if e.curved else MplPath.LINETO] * (len(e.points) - 1)
         ax.add_patch(PathPatch(MplPath(e.points, codes), fill=False, edgecolor="#8a8f98", linewidth=1.1 * pt))

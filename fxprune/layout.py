@@ -20,9 +20,10 @@ from .dataflow import Block, blocks as dataflow_blocks
 from .graph import DependencyGraph, Group
 from .report import Report
 
-__all__ = ["Shape", "Text", "Edge", "Picture", "picture", "model_picture", "FONT", "PALETTE", "FROZEN"]
+__all__ = ["Shape", "Text", "Edge", "Picture", "picture", "model_picture", "FONT", "FONT_NAME", "PALETTE", "FROZEN"]
 
 FONT = 11.0  # px; labels are monospace, so a label's width is known before any renderer runs
+FONT_NAME = "DejaVu Sans Mono"  # the face the widths are measured for (matplotlib ships it)
 _CHAR = 0.61 * FONT
 _BOX_H, _ROW, _COL_GAP, _LANE, _MARGIN = 20.0, 32.0, 28.0, 9.0, 16.0
 _MAX_CHARS = 58
@@ -54,6 +55,8 @@ class Shape:
 
 @dataclass(frozen=True)
 class Text:
+    """A line of free text (title, legend)."""
+
     x: float
     y: float  # baseline
     text: str
@@ -71,6 +74,8 @@ class Edge:
 
 @dataclass
 class Picture:
+    """Everything to draw, in pixels from the top left corner."""
+
     width: float
     height: float
     shapes: list[Shape] = field(default_factory=list)
@@ -79,6 +84,7 @@ class Picture:
 
 
 def _fit(text: str, chars: int = _MAX_CHARS) -> str:
+    """``text`` cut to ``chars`` characters (an ellipsis marks the cut); the hover text keeps it whole."""
     return text if len(text) <= chars else text[: chars - 1] + "…"
 
 
@@ -109,6 +115,7 @@ def _colours(blocks: list[Block], graph: DependencyGraph) -> dict[int, str]:
 
 
 def _widths(before: int | None, after: int | None) -> str:
+    """"64→32", or "64" when unchanged or not pruned."""
     if before is None:
         return ""
     return str(before) if after is None or after == before else f"{before}→{after}"
@@ -143,7 +150,9 @@ def _tracks(blocks: list[Block], rank: list[int], col: list[int]) -> dict[tuple[
             lo, hi = rank[s], rank[t]
             if hi - lo < 2:
                 continue
-            free = lambda key: all(hi <= a or b_ <= lo for a, b_ in busy[key])  # noqa: E731
+            def free(key: tuple[str, int], lo: int = lo, hi: int = hi) -> bool:
+                return all(hi <= start or end <= lo for start, end in busy[key])
+
             key = ("col", col[s])
             if any((r, col[s]) in occupied for r in range(lo + 1, hi)) or not free(key):
                 key = next(("lane", k) for k in range(len(blocks)) if free(("lane", k)))
@@ -178,7 +187,7 @@ def picture(blocks: list[Block], graph: DependencyGraph, after: dict[str, int] |
             vx = sx if kind == "col" else left - 8 - k * _LANE
             gap_s, gap_t = sy + (_ROW - _BOX_H) / 2, ty - (_ROW - _BOX_H) / 2
             pic.edges.append(Edge(((sx, sy), (sx, gap_s), (vx, gap_s), (vx, gap_t), (tx, gap_t), (tx, ty)), False))
-    pic.width = max([s.x + s.w for s in pic.shapes] + [t.x + _CHAR * len(t.text) for t in pic.texts]) + _MARGIN
+    pic.width = max([s.x + s.w for s in pic.shapes] + [t.x + 0.61 * t.size * len(t.text) for t in pic.texts]) + _MARGIN
     pic.height = max(s.y + s.h for s in pic.shapes) + _MARGIN
     return pic
 
@@ -199,6 +208,7 @@ def _label(b: Block, graph: DependencyGraph, after: dict[str, int] | None) -> tu
 
 
 def _tip(b: Block, graph: DependencyGraph, after: dict[str, int] | None) -> str:
+    """Hover text: the block's name, op, width and every group it belongs to with its state."""
     lines = [f"{b.name} ({b.op})"]
     if b.width is not None:
         lines.append(f"width {_widths(b.width, (after or {}).get(b.name))} channels")
@@ -207,14 +217,24 @@ def _tip(b: Block, graph: DependencyGraph, after: dict[str, int] | None) -> str:
 
 
 def _about(g: Group, graph: DependencyGraph) -> str:
+    """One line on a group: id, channels, members, prunable or why frozen."""
     return f"group g{g.id}: {graph.channels(g)} channels, {len(g.members)} members, {g.status}"
+
+
+def _style(gid: int | None, graph: DependencyGraph, colours: dict[int, str]) -> tuple[str, str, bool]:
+    """Fill, outline and hatching of a box of group ``gid`` (None: of several groups, drawn white)."""
+    if gid is None:
+        return "#ffffff", "#555555", False
+    if graph.groups[gid].frozen:
+        return *FROZEN, True
+    return *_tint(colours[gid]), False
 
 
 def _shape(b: Block, label: tuple[str, str], x: float, y: float, box_w: float, graph: DependencyGraph, colours: dict[int, str],
            after: dict[str, int] | None) -> Shape:
+    """The box of ``b`` in the column slot at (x, y): a layer fills the slot, a join is a pill in its middle."""
     gid = b.groups[0] if len(b.groups) == 1 or (b.groups and b.kind != "join") else None
-    frozen = gid is not None and bool(graph.groups[gid].frozen)
-    fill, stroke = FROZEN if frozen else (_tint(colours[gid]) if gid is not None else ("#ffffff", "#555555"))
+    fill, stroke, frozen = _style(gid, graph, colours)
     tip = _tip(b, graph, after)
     if b.kind == "join":
         sym = _JOIN.get(b.op, b.op)
@@ -249,9 +269,9 @@ def _legend(pic: Picture, blocks: list[Block], graph: DependencyGraph, colours: 
         w = _CHAR * len(_fit(text, 40)) + 12
         if x + w > right and x > _MARGIN:
             x, y = _MARGIN, y + _BOX_H + 4
-        fill, stroke = FROZEN if g.frozen else _tint(colours[g.id])
+        fill, stroke, frozen = _style(g.id, graph, colours)
         members = ", ".join(str(m) for m in g.members[:6]) + (" ..." if len(g.members) > 6 else "")
-        pic.shapes.append(Shape(x, y, w, _BOX_H, _fit(text, 40), fill, stroke, "", bool(g.frozen), 3.0, False, g.id,
+        pic.shapes.append(Shape(x, y, w, _BOX_H, _fit(text, 40), fill, stroke, "", frozen, 3.0, False, g.id,
                                 f"{_about(g, graph)}\nmembers: {members}"))
         x += w + 6
     return y + _BOX_H + 22

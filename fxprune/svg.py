@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from html import escape
 
-from .layout import FONT, Picture
+from .layout import FONT, FONT_NAME, Picture
 from .report import Report
 
-__all__ = ["picture_svg", "widths_svg", "FONT_FAMILY"]
+__all__ = ["picture_svg", "widths_svg"]
 
-FONT_FAMILY = "'DejaVu Sans Mono', Menlo, Consolas, monospace"
+FONT_FAMILY = f"'{FONT_NAME}', Menlo, Consolas, monospace"
 _HATCH = ('<pattern id="fxprune-hatch" patternUnits="userSpaceOnUse" width="6" height="6" patternTransform="rotate(45)">'
           '<rect width="6" height="6" fill="#ececec"/><line x1="0" y1="0" x2="0" y2="6" stroke="#b0b0b0" stroke-width="2.2"/>'
           "</pattern>")
