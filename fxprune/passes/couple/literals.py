@@ -31,7 +31,10 @@ from .state import State, Unsupported, arg, family, target_name
 def reshape(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
     base, sizes = size_args(node)
     sources = {d: channel_sources(s, size) for d, size in enumerate(sizes)}
-    out = on_labels(s, node, args, kwargs, frozenset(d for d, src in sources.items() if src), feeds_attention(node))
+    # A split into attention heads keeps whole heads even where head_dim is computed from a width:
+    # that size becomes a literal below. Elsewhere a computed size decides the split (``compress``).
+    heads = feeds_attention(node)
+    out = on_labels(s, node, args, kwargs, frozenset() if heads else frozenset(d for d, src in sources.items() if src), heads)
 
     def literal(d: int) -> None:  # size d of the output becomes a literal that follows pruning
         s.patches.append(Patch(PatchKind.ARG, node.name, node.name, d, path=(*base, d + (1 if base == ("args",) else 0))))

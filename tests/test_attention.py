@@ -1,0 +1,132 @@
+"""Transformers prune whole: attention heads are atoms, head counts are rewritten, FLOPs are honest.
+
+For each model: analyze() freezes only the model's input and output; compile(ratio=0.5) verifies,
+keeps the output shape, removes at least a quarter of the attention projections' weights, and the
+pruned model exports with torch.export.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import fxprune
+from conftest import lively
+
+ATTENTION_WEIGHTS = ("qkv.weight", "in_proj_weight", "to_qkv.weight", "proj.weight", "out_proj.weight", "merge.weight")
+
+MODELS = {  # name -> input size
+    "vit_b_16": 224, "swin_t": 112, "swin_v2_t": 112, "maxvit_t": 224,
+    "timm:vit_tiny_patch16_224": 224, "timm:deit_small_patch16_224": 224, "timm:swin_tiny_patch4_window7_224": 224,
+}
+
+
+def build(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    if name.startswith("timm:"):
+        timm = pytest.importorskip("timm")
+        model = timm.create_model(name[5:], pretrained=False)
+    else:
+        model = torchvision.models.get_model(name, weights=None)
+    for m in model.modules():  # torchvision's ViT starts with a zero head: give every output a say
+        if isinstance(m, nn.Linear) and not m.weight.any():
+            nn.init.normal_(m.weight, std=0.02)
+    return lively(model.eval())
+
+
+def attention_numel(model: nn.Module) -> int:
+    return sum(p.numel() for n, p in model.named_parameters() if ("attn" in n or "attention" in n) and n.endswith(ATTENTION_WEIGHTS))
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_transformer_prunes_whole(name: str) -> None:
+    model = build(name)
+    x = torch.randn(1, 3, MODELS[name], MODELS[name], generator=torch.Generator().manual_seed(1))
+    graph = fxprune.analyze(model, x)
+    frozen = sorted(r for g in graph.groups for r in g.frozen)
+    assert frozen == ["model input x", "model output"], frozen
+    pruned = fxprune.compile(model, ratio=0.5, example_inputs=x)
+    verified = pruned.meta["fxprune"]["verified"]
+    assert verified["max_abs_error"] <= verified["tolerance"]
+    with torch.no_grad():
+        assert pruned(x).shape == model(x).shape
+    before, after = attention_numel(model), attention_numel(pruned)
+    assert before > 0 and after <= 0.75 * before, (before, after)
+    exported = torch.export.export(pruned, (x,))
+    torch.testing.assert_close(exported.module()(x), pruned(x), rtol=1e-4, atol=1e-5)
+
+
+def test_heads_are_removed_whole_and_head_counts_rewritten() -> None:
+    """nn.MultiheadAttention with 4 heads of 8: pruning keeps multiples of 8 rows in q, k and v."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp = nn.Linear(16, 32)
+            self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+            self.out = nn.Linear(32, 5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.inp(x)
+            a, _ = self.attn(h, h, h, need_weights=False)
+            return self.out(h + a)
+
+    model = Block().eval()
+    x = torch.randn(2, 7, 16)
+    graph = fxprune.analyze(model, x)
+    heads = [g for g in graph.groups if any(m.name == "attn.in_proj_weight" and m.dim == 0 for m in g.members)
+             and not any(m.name == "inp.weight" for m in g.members)]
+    assert len(heads) == 1 and heads[0].width == 4
+    pruned = fxprune.compile(model, ratio=0.5, example_inputs=x)
+    rows = dict(pruned.named_parameters())["attn.in_proj_weight"].shape[0]
+    assert rows % (3 * 8) == 0 and rows < 96
+    assert model.attn.num_heads == 4 and model.attn.in_proj_weight.shape == (96, 32)  # the user's model is untouched
+
+
+def test_sdpa_attention_with_unbind() -> None:
+    """timm's pattern: one qkv projection, reshape to heads, unbind, scaled_dot_product_attention."""
+
+    class Attention(nn.Module):
+        def __init__(self, dim: int = 24, heads: int = 3) -> None:
+            super().__init__()
+            self.heads = heads
+            self.qkv = nn.Linear(dim, 3 * dim)
+            self.proj = nn.Linear(dim, dim)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b, n, c = x.shape
+            q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+            return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Linear(6, 24)
+            self.attn = Attention()
+            self.head = nn.Linear(24, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.embed(x)
+            return self.head(h + self.attn(h))
+
+    model = Net().eval()
+    x = torch.randn(2, 5, 6)
+    graph = fxprune.analyze(model, x)
+    assert sorted(r for g in graph.groups for r in g.frozen) == ["model input x", "model output"]
+    pruned = fxprune.compile(model, ratio=0.4, example_inputs=x)
+    assert dict(pruned.named_parameters())["attn.qkv.weight"].shape[0] % 3 == 0
+
+
+def test_vit_flops_count_attention_like_the_unfused_path() -> None:
+    model = torchvision.models.vit_b_16(weights=None).eval()
+    x = torch.randn(1, 3, 224, 224)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as unfused, torch.enable_grad():
+        model.train()(x)
+    model.eval()
+    counted = fxprune.count_flops(model, x)
+    assert abs(counted - unfused.get_total_flops()) <= 0.01 * unfused.get_total_flops()
