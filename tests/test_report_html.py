@@ -55,6 +55,17 @@ def _layer_table(page: str) -> str:
     return table[table.index("<tbody>"):table.index("</tbody>")]
 
 
+def test_report_page_shows_measured_latency() -> None:
+    from fxprune.html import report_page
+    from fxprune.report import LayerRow
+
+    rows = [LayerRow("conv", "Conv2d", (3, 3), (64, 32), (1792, 896), (10**9, 5 * 10**8))]
+    latency = {"before_ms": 12.5, "after_ms": 6.25, "speedup": 2.0, "layers_ms": {"conv": [4.0, 2.0]}}
+    page = report_page(fxprune.Report(rows, (1792, 896), (10**9, 5 * 10**8), (0, 0), latency=latency), None)
+    assert "<td>2.00G</td><td>1.00G</td>" in page and "<td>12.5</td><td>6.25</td><td>2x faster</td>" in page
+    assert "ms (layers est.)" in page and "4 → 2" in page and "12.5 → 6.25" in page and 'id="groups"' not in page
+
+
 def test_remote_references_are_found() -> None:
     assert _remote_references('<script src="https://cdn.example/x.js"></script><link href="//fonts.example/a.css">') != []
     assert _remote_references('<svg xmlns="http://www.w3.org/2000/svg"><a href="#groups">x</a></svg>') == []
