@@ -66,6 +66,11 @@ def conv(s: State, node: torch.fx.Node, w: Param, bias: str | None, groups: int,
     c_in = wt.shape[0] if transposed else wt.shape[1] * groups
     c_out = wt.shape[1] * groups if transposed else wt.shape[0]
     in_dim, out_dim = (0, 1) if transposed else (1, 0)
+    if x.dim == 0 and x.shape[0] > 1:
+        # Channels folded into the batch dim (attention heads pooled one by one) pass through the
+        # conv, which works sample by sample; its own channels then cannot be pruned.
+        s.flops(node, [x.ids])
+        return x.with_shape(s.shape(node))
     if x.dim not in (None, 1):
         s.freeze(x, f"{who} reads channels on dim 1, but channels vary along dim {x.dim} here")
     xin = x.ids if x.dim == 1 else x.ids[:1].expand(c_in)

@@ -101,6 +101,10 @@ BY_NAME: dict[str, Rule] = {
     "stochastic_depth": rules.elementwise,
     "_get_relative_position_bias": wrapped.relative_position_bias,
     "_patch_merging_pad": wrapped.patch_merging_pad,
+    "_add_rel_pos": wrapped.add_rel_pos,
+    "_add_shortcut": rules.elementwise,
+    "_unsqueeze": layout.shape_op,
+    "_squeeze": layout.shape_op,
 }
 """Rules of functions that libraries keep as leaves of a traced graph, by ``__name__``."""
 

@@ -130,7 +130,8 @@ def cat(s: State, args: tuple[Any, ...], kwargs: dict[str, Any], out_shape: tupl
         return None
     dim = arg(args, kwargs, 1, "dim", kwargs.get("axis", 0)) % len(out_shape)
     if all(lab.dim in (dim, None) for lab in labs):
-        return Labels(out_shape, dim, torch.cat([lab.ids if lab.dim == dim else lab.ids[:1].expand(lab.shape[dim]) for lab in labs]))
+        ids = torch.cat([lab.ids if lab.dim == dim else lab.ids[:1].expand(lab.shape[dim]) for lab in labs])
+        return Labels(out_shape, None, ids[:1]) if bool((ids == ids[0]).all()) else Labels(out_shape, dim, ids)
     first = labs[0]
     if all(lab.dim == first.dim and torch.equal(s.uf.roots(lab.ids), s.uf.roots(first.ids)) for lab in labs):
         return Labels(out_shape, first.dim, first.ids)

@@ -1,5 +1,8 @@
 """Rules for functions that libraries keep as leaves of a traced graph (``torch.fx.wrap``).
 
+torchvision's MViT adds relative positions to its attention logits in ``_add_rel_pos`` (heads pass
+from the logits and the queries to the result; the position tables are shared by all heads).
+
 torchvision's Swin calls its window attention, relative position bias and patch-merging padding as
 such leaves; the capture pass swaps the attention for ``traceable.shifted_window_attention``, which
 reads its widths from its weights. Its heads are atoms: a head's q, k and v rows of the packed
@@ -83,3 +86,29 @@ def patch_merging_pad(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwar
     if x.dim not in (None, last):
         raise Unsupported(f"patch merging at node {node.name} expects channels on the last dim")
     return Labels(s.shape(node), x.dim, x.ids if x.dim is None else x.ids.repeat(4))
+
+
+@family(Family.CONTRACT)
+def add_rel_pos(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
+    """torchvision MViT's ``_add_rel_pos(attn, q, q_thw, k_thw, rel_pos_h, rel_pos_w, rel_pos_t)``.
+
+    Heads (dim 1) pass from the logits and the queries to the result. The position tables are
+    shared by all heads and contracted with the queries' head_dim (dim 3): channels of q there are
+    bound to the tables' columns.
+    """
+    attn, q = s.labels(args[0], node), s.labels(args[1], node)
+    tables = args[4:7]
+    if attn.dim not in (None, 1) or q.dim not in (None, 1, 3):
+        raise Unsupported(f"relative positions at node {node.name} read channels off the heads and head_dim dims")
+    if q.dim == 3:
+        if not all(isinstance(t, Param) and t.tensor.dim() == 2 for t in tables):
+            raise Unsupported(f"relative positions at node {node.name} compute their tables")
+        for t in tables:
+            s.bind(t.name, 1, q.ids, owner(node), Role.IN)
+        s.consumers.append((node.name, 1, 3))
+        s.flops(node, [q.ids])
+        return attn.with_shape(s.shape(node))
+    if (attn.dim is None) != (q.dim is None):
+        raise Unsupported(f"relative positions at node {node.name} mix per-head and shared tensors")
+    s.uf.union_pairs(attn.ids, q.ids)
+    return attn.with_shape(s.shape(node))
