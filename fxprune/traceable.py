@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["expand", "shifted_window_attention", "library_functions"]
+__all__ = ["expand", "shifted_window_attention", "window_and_shift_size", "library_functions"]
 
 
 def expand(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any] | None:
@@ -74,59 +74,89 @@ def shifted_window_attention(
     logit_scale: torch.Tensor | None = None,
     training: bool = True,
 ) -> torch.Tensor:
-    """Swin's (shifted) window attention on ``input`` (B, H, W, C), as torchvision computes it, with
-    the attention width and the output width read from the weights: torchvision's own function reads
-    both from C, which stops being true once heads or the residual width are pruned."""
-    b, h, w, _ = input.shape
-    wh, ww = window_size
-    x = F.pad(input, (0, 0, 0, -w % ww, 0, -h % wh))
-    ph, pw = x.shape[1], x.shape[2]
-    sh, sw = (shift_size[0] if wh < ph else 0), (shift_size[1] if ww < pw else 0)
-    if sh or sw:
-        x = torch.roll(x, (-sh, -sw), (1, 2))
-    nh, nw, n = ph // wh, pw // ww, wh * ww
-    windows = x.view(b, nh, wh, nw, ww, -1).permute(0, 1, 3, 2, 4, 5).reshape(b * nh * nw, n, -1)
+    """Swin's (shifted) window attention on ``input`` (B, *spatial, C), 2-d or 3-d, as torchvision
+    computes it, with the attention width and the output width read from the weights: torchvision's
+    own functions read both from C, which stops being true once heads or the residual width are pruned."""
+    b, *size, _ = input.shape
+    k = len(size)
+    pads = [p for i in reversed(range(k)) for p in (0, -size[i] % window_size[i])]
+    x = F.pad(input, [0, 0, *pads])
+    padded = list(x.shape[1:-1])
+    shift = [s if w < p else 0 for s, w, p in zip(shift_size, window_size, padded)]
+    dims = tuple(range(1, k + 1))
+    if any(shift):
+        x = torch.roll(x, [-s for s in shift], dims)
+    counts = [p // w for p, w in zip(padded, window_size)]
+    n = math.prod(window_size)
+    windows = _to_windows(x, counts, window_size)
     inner = qkv_weight.shape[0] // 3
     if logit_scale is not None and qkv_bias is not None:  # Swin V2 has no key bias
         qkv_bias = torch.cat([qkv_bias[:inner], torch.zeros_like(qkv_bias[inner:2 * inner]), qkv_bias[2 * inner:]])
     qkv = F.linear(windows, qkv_weight, qkv_bias).reshape(-1, n, 3, num_heads, inner // num_heads).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv[0], qkv[1], qkv[2]
+    q, key, v = qkv[0], qkv[1], qkv[2]
     if logit_scale is not None:  # Swin V2: cosine attention
-        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        attn = F.normalize(q, dim=-1) @ F.normalize(key, dim=-1).transpose(-2, -1)
         attn = attn * torch.clamp(logit_scale, max=math.log(100.0)).exp()
     else:
-        attn = (q * (inner // num_heads) ** -0.5) @ k.transpose(-2, -1)
+        attn = (q * (inner // num_heads) ** -0.5) @ key.transpose(-2, -1)
     attn = attn + relative_position_bias
-    if sh or sw:
-        mask = _shift_mask(ph, pw, wh, ww, sh, sw).to(attn)
-        attn = (attn.view(b, nh * nw, num_heads, n, n) + mask[None, :, None]).view(-1, num_heads, n, n)
+    if any(shift):
+        mask = _shift_mask(padded, window_size, shift).to(attn)
+        attn = (attn.view(b, -1, num_heads, n, n) + mask[None, :, None]).view(-1, num_heads, n, n)
     attn = F.dropout(attn.softmax(-1), attention_dropout, training)
     out = (attn @ v).transpose(1, 2).reshape(-1, n, inner)
     out = F.dropout(F.linear(out, proj_weight, proj_bias), dropout, training)
-    c = out.shape[-1]
-    out = out.view(b, nh, nw, wh, ww, c).permute(0, 1, 3, 2, 4, 5).reshape(b, ph, pw, c)
-    if sh or sw:
-        out = torch.roll(out, (sh, sw), (1, 2))
-    return out[:, :h, :w, :].contiguous()
+    out = _from_windows(out, b, counts, window_size)
+    if any(shift):
+        out = torch.roll(out, shift, dims)
+    return out[(slice(None), *(slice(0, s) for s in size))].contiguous()
 
 
-def _shift_mask(ph: int, pw: int, wh: int, ww: int, sh: int, sw: int) -> torch.Tensor:
+def _to_windows(x: torch.Tensor, counts: list[int], window: list[int]) -> torch.Tensor:
+    """(B, *padded, C) -> (B * windows, positions per window, C), windows in row-major order."""
+    k = len(window)
+    split = x.reshape(x.shape[0], *[d for pair in zip(counts, window) for d in pair], x.shape[-1])
+    order = [0, *range(1, 2 * k, 2), *range(2, 2 * k + 1, 2), 2 * k + 1]
+    return split.permute(order).reshape(-1, math.prod(window), x.shape[-1])
+
+
+def _from_windows(w: torch.Tensor, b: int, counts: list[int], window: list[int]) -> torch.Tensor:
+    """The inverse of ``_to_windows``."""
+    k = len(window)
+    grid = w.reshape(b, *counts, *window, w.shape[-1])
+    order = [0, *[i for j in range(k) for i in (1 + j, 1 + k + j)], 2 * k + 1]
+    return grid.permute(order).reshape(b, *[c * s for c, s in zip(counts, window)], w.shape[-1])
+
+
+def _shift_mask(padded: list[int], window: list[int], shift: list[int]) -> torch.Tensor:
     """(windows, n, n): -100 between two positions of one window that the cyclic shift brought
     together from different regions of the feature map, 0 elsewhere."""
-
-    def bands(size: int, win: int, shift: int) -> list[tuple[int, int]]:
-        return [(0, size - win), (size - win, size - shift), (size - shift, size)] if shift else [(0, size)]
-
-    region = torch.zeros(ph, pw)
-    for i, (h0, h1) in enumerate(bands(ph, wh, sh)):
-        for j, (w0, w1) in enumerate(bands(pw, ww, sw)):
-            region[h0:h1, w0:w1] = 3 * i + j
-    ids = region.view(ph // wh, wh, pw // ww, ww).permute(0, 2, 1, 3).reshape(-1, wh * ww)
+    region = torch.zeros(padded)
+    for axis, (size, win, s) in enumerate(zip(padded, window, shift)):
+        band = torch.zeros(size)
+        if s:  # three bands along a shifted axis: [0, size-win), [size-win, size-s), [size-s, size)
+            band[size - win:] = 1
+            band[size - s:] = 2
+        region = region * 3 + band.view([-1 if d == axis else 1 for d in range(len(padded))])
+    ids = _to_windows(region[None, ..., None], [p // w for p, w in zip(padded, window)], window)[..., 0]
     return torch.where(ids[:, None, :] != ids[:, :, None], -100.0, 0.0)
+
+
+def window_and_shift_size(shift_size: list[int], size_dhw: list[int], window_size: list[int]) -> tuple[list[int], list[int]]:
+    """torchvision's video Swin ``_get_window_and_shift_size`` on copies: it changes its list arguments
+    in place, which a traced graph's arguments do not allow."""
+    from torchvision.models.video import swin_transformer
+
+    return swin_transformer._get_window_and_shift_size(list(shift_size), list(size_dhw), list(window_size))
 
 
 def library_functions() -> dict[Any, Any]:
     """Leaf functions of library models (``torch.fx.wrap``) -> the replacement the captured graph calls."""
     from torchvision.models import swin_transformer
+    from torchvision.models.video import swin_transformer as video_swin
 
-    return {swin_transformer.shifted_window_attention: shifted_window_attention}
+    return {
+        swin_transformer.shifted_window_attention: shifted_window_attention,
+        video_swin.shifted_window_attention_3d: shifted_window_attention,
+        video_swin._get_window_and_shift_size: window_and_shift_size,
+    }

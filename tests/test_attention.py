@@ -22,7 +22,7 @@ ATTENTION_WEIGHTS = ("qkv.weight", "in_proj_weight", "to_qkv.weight", "proj.weig
 
 MODELS = {  # name -> input size
     "vit_b_16": 224, "swin_t": 112, "swin_v2_t": 112, "maxvit_t": 224,
-    "timm:vit_tiny_patch16_224": 224, "timm:deit_small_patch16_224": 224, "timm:swin_tiny_patch4_window7_224": 224,
+    "swin3d_t": 112, "timm:vit_tiny_patch16_224": 224, "timm:deit_small_patch16_224": 224, "timm:swin_tiny_patch4_window7_224": 224,
 }
 
 
@@ -32,7 +32,7 @@ def build(name: str) -> nn.Module:
         timm = pytest.importorskip("timm")
         model = timm.create_model(name[5:], pretrained=False)
     else:
-        model = torchvision.models.get_model(name, weights=None)
+        model = torchvision.models.get_model(name, weights=None)  # video models take (B, 3, T, H, W)
     for m in model.modules():  # torchvision's ViT starts with a zero head: give every output a say
         if isinstance(m, nn.Linear) and not m.weight.any():
             nn.init.normal_(m.weight, std=0.02)
@@ -46,7 +46,8 @@ def attention_numel(model: nn.Module) -> int:
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_transformer_prunes_whole(name: str) -> None:
     model = build(name)
-    x = torch.randn(1, 3, MODELS[name], MODELS[name], generator=torch.Generator().manual_seed(1))
+    frames = (8,) if name == "swin3d_t" else ()
+    x = torch.randn(1, 3, *frames, MODELS[name], MODELS[name], generator=torch.Generator().manual_seed(1))
     graph = fxprune.analyze(model, x)
     frozen = sorted(r for g in graph.groups for r in g.frozen)
     assert frozen == ["model input x", "model output"], frozen

@@ -59,9 +59,8 @@ def window_attention(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwarg
     s.param_labels[proj_w.name] = Labels(tuple(proj_w.tensor.shape), 1, cols)  # the oracle masks these columns
     s.consumers.extend([(node.name, 0, last), (node.name, 2, 1)])
     s.patches.append(Patch(PatchKind.ARG, node.name, rpb_node.name, 1, path=("args", 5)))
-    b, h, w, _ = x.shape
-    wh, ww = arg(args, kwargs, 4, "window_size")
-    tokens = b * math.ceil(h / wh) * wh * math.ceil(w / ww) * ww
+    window = arg(args, kwargs, 4, "window_size")
+    tokens = x.shape[0] * math.prod(math.ceil(size / w) * w for size, w in zip(x.shape[1:-1], window))
     qkv_macs, proj_macs = tokens * c_in * 3 * inner, tokens * inner * proj_w.tensor.shape[0]
     attention_macs = int(node.meta.get(keys.FLOPS, 0)) // 2 - qkv_macs - proj_macs
     s.flop_terms.extend([(node.name, qkv_macs, [xin, rows]), (node.name, attention_macs, [head]),
