@@ -66,10 +66,11 @@ SHAPE_FUNCS: set[Any] = {
     torch.flatten, torch.permute, torch.transpose, torch.swapaxes, torch.movedim, torch.squeeze,
     torch.unsqueeze, torch.cat, torch.concat, torch.concatenate, torch.stack, torch.flip, torch.t,
     torch.pixel_shuffle, torch.pixel_unshuffle, F.pixel_shuffle, F.pixel_unshuffle, torch.tile,
+    torch.repeat_interleave,
 }
 SHAPE_METHODS = {
     "flatten", "permute", "transpose", "swapaxes", "movedim", "squeeze", "unsqueeze", "flip", "t",
-    "expand_as", "view_as", "reshape_as", "repeat", "tile",
+    "expand_as", "view_as", "reshape_as", "repeat", "tile", "repeat_interleave",
 }
 RESHAPE_METHODS = {"view", "reshape", "expand", "broadcast_to"}
 RESHAPE_FUNCS: set[Any] = {torch.reshape, torch.broadcast_to}

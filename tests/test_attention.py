@@ -18,11 +18,12 @@ from torch.utils.flop_counter import FlopCounterMode
 import fxprune
 from conftest import lively
 
-ATTENTION_WEIGHTS = ("qkv.weight", "in_proj_weight", "to_qkv.weight", "proj.weight", "out_proj.weight", "merge.weight")
+ATTENTION_WEIGHTS = ("qkv.weight", "in_proj_weight", "to_qkv.weight", "proj.weight", "out_proj.weight", "merge.weight",
+                     "project.0.weight")
 
 MODELS = {  # name -> input size
     "vit_b_16": 224, "swin_t": 112, "swin_v2_t": 112, "maxvit_t": 224,
-    "swin3d_t": 112, "timm:vit_tiny_patch16_224": 224, "timm:deit_small_patch16_224": 224, "timm:swin_tiny_patch4_window7_224": 224,
+    "swin3d_t": 112, "mvit_v2_s": 224, "timm:vit_tiny_patch16_224": 224, "timm:deit_small_patch16_224": 224, "timm:swin_tiny_patch4_window7_224": 224,
 }
 
 
@@ -46,7 +47,7 @@ def attention_numel(model: nn.Module) -> int:
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_transformer_prunes_whole(name: str) -> None:
     model = build(name)
-    frames = (8,) if name == "swin3d_t" else ()
+    frames = {"swin3d_t": (8,), "mvit_v2_s": (16,)}.get(name, ())
     x = torch.randn(1, 3, *frames, MODELS[name], MODELS[name], generator=torch.Generator().manual_seed(1))
     graph = fxprune.analyze(model, x)
     frozen = sorted(r for g in graph.groups for r in g.frozen)

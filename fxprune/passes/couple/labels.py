@@ -96,8 +96,8 @@ def compress(uf: UnionFind, t: torch.Tensor, force: frozenset[int] = frozenset()
     pruned tensor needs (a channel shuffle's halves, say). ``force`` names dims whose size the program
     computes from the channel count: when labels vary along any other dim, the split must happen
     along a forced dim (the largest), because that is the size that follows pruning at run time.
-    Otherwise, for a tensor split into attention ``heads`` (..., heads, head_dim), the dim before the
-    innermost varying one: whole heads become atoms, q, k and v of a head together. Otherwise the dim
+    Otherwise, for a tensor split into attention ``heads`` (..., heads, head_dim), the heads dim:
+    whole heads become atoms, q, k and v of a head together (a single head is one atom). Otherwise the dim
     with the fewest distinct labels per slice is used.
     """
     shape = tuple(t.shape)
@@ -110,8 +110,12 @@ def compress(uf: UnionFind, t: torch.Tensor, force: frozenset[int] = frozenset()
         return _merge_slices(uf, t, max(force, key=lambda d: shape[d]))
     if not varying:
         return Labels(shape, None, t.reshape(-1)[:1].clone())
-    if len(varying) > 1 and heads:
-        return _merge_slices(uf, t, varying[-2])
+    if len(varying) > 1 and heads and shape[-2] == 1:  # a single head: one atom
+        flat = t.reshape(-1)
+        uf.union_pairs(flat[:1].expand_as(flat), flat)
+        return Labels(shape, None, flat[:1].clone())
+    if len(varying) > 1 and heads and t.dim() - 2 in varying:
+        return _merge_slices(uf, t, t.dim() - 2)
     if len(varying) > 1:
         return _merge_slices(uf, t, min(varying, key=lambda d: (_distinct_per_slice(t, d), -shape[d])))
     d = varying[0]
