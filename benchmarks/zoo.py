@@ -11,12 +11,15 @@ For each model (random weights, eval mode, one 1x3xSxS input) this measures, in 
   "out A!=B" added when the pruned output shape differs from the original, or the short error, or
   "timeout".
 
-S is --size (default 224), except inception_v3 (at least 299) and vit_* (always 224).
+S is --size (default 224), except inception_v3 (at least 299) and vit_* (always 224). Video models
+(--video) take 1x3xTxSxS: 16 frames at 224 for MViT and S3D (their position tables and pooling
+need it), 8 frames at 112 for the others.
 Every model runs in its own subprocess with a timeout, so one crash or hang costs only its row.
 
     python benchmarks/zoo.py                                   # all models (takes hours)
     python benchmarks/zoo.py --models resnet18,squeezenet1_1 --timeout 120 --markdown
-    python benchmarks/zoo.py --timm --markdown                 # timm's CNN families (timm:NAME)
+    python benchmarks/zoo.py --timm --markdown                 # timm's CNNs and transformers (timm:NAME)
+    python benchmarks/zoo.py --video --markdown                # torchvision's video models
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ TIMM_MODELS = [
     "resnet50", "resnext26ts", "efficientnet_b0", "efficientnetv2_rw_t", "regnety_008", "convnext_nano",
     "mobilenetv3_large_100", "ghostnet_100", "rexnet_100", "dla34", "densenet121", "cspresnet50",
     "repvgg_a2", "hrnet_w18_small", "mixnet_s", "tf_mobilenetv3_small_100", "resnest14d", "sebotnet33ts_256",
+    "vit_tiny_patch16_224", "deit_small_patch16_224", "swin_tiny_patch4_window7_224", "efficientformer_l1",
+    "levit_128s",
 ]
 
 
@@ -52,7 +57,19 @@ def build_model(name: str) -> nn.Module:
     return torchvision.models.get_model(name, weights=None, **kwargs).eval()
 
 
+def is_video(name: str) -> bool:
+    return name in torchvision.models.list_models(module=torchvision.models.video)
+
+
+def example(name: str, size: int) -> torch.Tensor:
+    """The input of one model: 1x3xSxS, or 1x3xTxSxS for a video model (``input_size`` gives S)."""
+    frames = (16 if name.startswith("mvit") or name == "s3d" else 8,) if is_video(name) else ()
+    return torch.randn(1, 3, *frames, size, size, generator=torch.Generator().manual_seed(0))
+
+
 def input_size(name: str, size: int) -> int:
+    if is_video(name):
+        return 224 if name.startswith("mvit") or name == "s3d" else 112
     if name.startswith("vit_"):
         return 224  # the position embedding is built for 224x224
     if name == "inception_v3":
@@ -95,7 +112,7 @@ def fx_worker(name: str, size: int) -> dict:
     import fxprune
 
     model = build_model(name)
-    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    x = example(name, size)
     row = {"traced": "yes", "groups": "-", "frozen": "-", "before": None, "after": None, "time": "-"}
     try:
         groups = fxprune.analyze(model, x).groups
@@ -115,7 +132,7 @@ def fx_worker(name: str, size: int) -> dict:
 
 def tp_worker(name: str, size: int) -> dict:
     model = build_model(name)
-    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    x = example(name, size)
     with torch.no_grad():
         expected = tuple(model(x).shape)
     pruned = copy.deepcopy(model)
@@ -152,7 +169,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224, help="input resolution (default 224)")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per model and tool (default 300)")
     parser.add_argument("--markdown", action="store_true", help="print the table as GitHub markdown")
-    parser.add_argument("--timm", action="store_true", help="timm's CNN families instead of torchvision's models")
+    parser.add_argument("--timm", action="store_true", help="timm's CNNs and transformers instead of torchvision's models")
+    parser.add_argument("--video", action="store_true", help="torchvision's video models")
+    parser.add_argument("--no-tp", action="store_true", help="skip torch-pruning (its column shows '-')")
     parser.add_argument("--worker", choices=["fx", "tp"], help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -165,6 +184,8 @@ def main() -> None:
         names = args.models.split(",")
     elif args.timm:
         names = [f"timm:{n}" for n in TIMM_MODELS]
+    elif args.video:
+        names = torchvision.models.list_models(module=torchvision.models.video)
     else:
         names = torchvision.models.list_models(module=torchvision.models)
     rows, traced, verified, tp_ok = [], 0, 0, 0
@@ -172,12 +193,12 @@ def main() -> None:
         size = input_size(name, args.size)
         print(f"{name} @ {size} ...", file=sys.stderr, flush=True)
         fx = run_worker("fx", name, size, args.timeout)
-        tp = run_worker("tp", name, size, args.timeout)
+        tp = {"tp": "-"} if args.no_tp else run_worker("tp", name, size, args.timeout)
         traced += fx.get("traced") == "yes"
         verified += fx.get("verify") == "ok"
         tp_ok += bool(tp.get("tp_ok"))
         rows.append([
-            name, size, fx.get("traced", "?"), fx.get("groups", "-"), fx.get("frozen", "-"),
+            name, f"{example(name, size).shape[2]}x{size}" if is_video(name) else size, fx.get("traced", "?"), fx.get("groups", "-"), fx.get("frozen", "-"),
             gflops(fx.get("before")), gflops(fx.get("after")), fx.get("verify", fx.get("error")),
             fx.get("time", "-"), tp.get("tp", tp.get("error")),
         ])
