@@ -131,7 +131,8 @@ class DependencyGraph:
     tensor_atoms: dict[str, tuple[int, torch.Tensor]]  # node name -> (dim, atom id per index)
     patches: list[Patch]
     flop_terms: list[FlopTerm]
-    consumers: list[tuple[str, int, int]]  # (node, arg index, dim) read channel-wise by a contraction
+    # (node, arg index (or (list arg, item) for einsum's list form), dim) read channel-wise by a contraction
+    consumers: list[tuple[str, int | tuple[int, int], int]]
     notes: dict[str, str]  # node name -> why pruning there is not exactly output-preserving (for the user)
     families: dict[str, Family]  # node name -> op family
     num_atoms: int

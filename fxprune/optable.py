@@ -25,11 +25,15 @@ ELEMENTWISE_FUNCS: set[Any] = {
     F.leaky_relu, F.elu, F.selu, F.celu, F.mish, F.softplus, F.hardtanh, F.logsigmoid,
     F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
 }
+ELEMENTWISE_FUNCS |= {torch.eq, torch.ne, torch.lt, torch.le, torch.gt, torch.ge, torch.masked_fill}
 ELEMENTWISE_METHODS = {
+    "eq", "ne", "lt", "le", "gt", "ge",
     "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "pow", "sqrt", "rsqrt", "exp",
     "abs", "neg", "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "clamp", "clamp_", "clip",
     "square", "masked_fill", "masked_fill_", "lerp", "addcmul", "maximum", "minimum",
 }
+# Tensors made from nothing but sizes (the size of a model input's spatial dims, say): constants.
+CREATE: set[Any] = {"new_zeros", "new_ones", "new_full", "new_empty"}
 FIRST_OPERAND_FUNCS: set[Any] = {
     torch.zeros_like, torch.ones_like, torch.empty_like, torch.rand_like, torch.randn_like,
     torch.full_like, torch.clone,
@@ -139,7 +143,7 @@ _ATEN_AS: dict[str, Any] = {
     "softmax": torch.softmax, "log_softmax": torch.log_softmax, "pixel_shuffle": F.pixel_shuffle,
     "pixel_unshuffle": F.pixel_unshuffle, "channel_shuffle": F.channel_shuffle, "roll": torch.roll,
     "flip": torch.flip, "unbind": torch.unbind, "select": torch.select, "matmul": torch.matmul,
-    "scaled_dot_product_attention": F.scaled_dot_product_attention, "bmm": torch.bmm, "mm": torch.mm,
+    "scaled_dot_product_attention": F.scaled_dot_product_attention, "einsum": torch.einsum, "bmm": torch.bmm, "mm": torch.mm,
     "zeros_like": torch.zeros_like, "ones_like": torch.ones_like,
 }
 
@@ -165,7 +169,7 @@ def _by_name() -> dict[str, Any]:
                 names.setdefault(f, f)
             elif getattr(torch, getattr(f, "__name__", ""), None) is f:
                 names.setdefault(f.__name__, f)
-    for table in (ELEMENTWISE_METHODS, FIRST_OPERAND_METHODS, SHAPE_METHODS, RESHAPE_METHODS):
+    for table in (ELEMENTWISE_METHODS, FIRST_OPERAND_METHODS, SHAPE_METHODS, RESHAPE_METHODS, CREATE):
         names.update((m, m) for m in table if m not in names)
     return names
 

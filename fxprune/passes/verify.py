@@ -58,6 +58,19 @@ def masked_group_norm(x: torch.Tensor, mask: torch.Tensor, groups: int, weight: 
     return y
 
 
+def _arg_at(args: tuple[Any, ...], pos: int | tuple[int, int]) -> Any:
+    """A node argument by position, or an item of a list argument (``einsum(eq, [a, b])``)."""
+    return args[pos] if isinstance(pos, int) else args[pos[0]][pos[1]]
+
+
+def _with_arg(args: tuple[Any, ...], pos: int | tuple[int, int], value: Any) -> tuple[Any, ...]:
+    if isinstance(pos, int):
+        return tuple(value if i == pos else a for i, a in enumerate(args))
+    items = list(args[pos[0]])
+    items[pos[1]] = value
+    return _with_arg(args, pos[0], type(args[pos[0]])(items))
+
+
 class _OracleBuilder:
     def __init__(self, gm: torch.fx.GraphModule, graph: DependencyGraph, removed: torch.Tensor) -> None:
         self.gm, self.graph, self.removed = gm, graph, removed
@@ -87,12 +100,12 @@ class _OracleBuilder:
             out.args = (map_arg(out.args[0], lambda n: self.kept_output(g, n)),)
         for name, pos, dim in self.graph.consumers:
             new = val_map[old[name]]
-            src = old[name].args[pos]
+            src = _arg_at(old[name].args, pos)
             mask = self.mask_for(src, dim)
             if mask is not None:
                 with g.inserting_before(new):
                     masked = g.call_function(torch.mul, (val_map[src], self.mask_node(g, mask)))
-                new.args = tuple(masked if i == pos else a for i, a in enumerate(new.args))
+                new.args = _with_arg(new.args, pos, masked)
         for name in self.graph.masked_norms:
             self.replace_norm(g, old[name], val_map[old[name]])
         return graph_module(self.gm, g, self.masks)

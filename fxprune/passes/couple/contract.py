@@ -181,9 +181,12 @@ def einsum(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[st
     that only part of its operands label, that one operand sums away, or a second kept one (labels follow
     one dim) freezes those channels.
     """
-    if kwargs or len(args) not in (2, 3) or not isinstance(args[0], str):
+    listed = len(args) == 2 and isinstance(args[1], (list, tuple))  # einsum(eq, [a, b]), as aten has it
+    operands = tuple(args[1]) if listed else args[1:]
+    if kwargs or not isinstance(args[0], str) or len(operands) not in (1, 2):
         raise Unsupported(f"einsum at node {node.name} takes other than an equation and one or two tensors")
-    equation, operands = args[0], args[1:]
+    equation = args[0]
+    where = (lambda i: (1, i)) if listed else (lambda i: i + 1)  # an operand's place in the node's args
     weight = [isinstance(v, Param) and v.name not in s.param_labels for v in operands]
     labs = [None if w else s.labels(v, node) for v, w in zip(operands, weight)]
     shapes = [tuple(v.tensor.shape) if lab is None else lab.shape for v, lab in zip(operands, labs)]
@@ -222,7 +225,7 @@ def einsum(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[st
         if kept:
             carried.append((letter, found))
         else:
-            s.consumers.extend((node.name, i + 1, lab.dim) for i, lab in found if not weight[i])
+            s.consumers.extend((node.name, where(i), lab.dim) for i, lab in found if not weight[i])
         factors.append(found[0][1].ids)
     out_shape = s.shape(node)
     if len(carried) > 1:

@@ -22,6 +22,7 @@ from ... import metakeys as keys
 from ...optable import (
     CHANNEL_PARAM_MODULES,
     CONV_FUNCS,
+    CREATE,
     ELEMENTWISE_FUNCS,
     ELEMENTWISE_METHODS,
     ELEMENTWISE_MODULES,
@@ -73,6 +74,7 @@ TABLE: dict[Any, Rule] = {
     F.instance_norm: rules.batch_norm,
     F.pad: rules.pad,
     **dict.fromkeys(SOFTMAX, rules.softmax),
+    **dict.fromkeys(CREATE, rules.creates),
     **dict.fromkeys(REDUCTIONS, rules.reduction),
     **dict.fromkeys(CONV_FUNCS, contract.conv_function),
     F.linear: contract.linear_function,

@@ -212,13 +212,30 @@ def aten_slice(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dic
 def aten_index(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
     """``aten.index(x, [index tensors or None])`` (torch.export's form of ``x[idx]``): a gather, as in getitem."""
     src, x = s.input_of(node)
-    index = arg(args, kwargs, 1, "indices")
-    if any(isinstance(v, Labels) for v in index):
+    index = [constant(s, n) for n in node.args[1]]
+    if any(v is not None and not isinstance(v, torch.Tensor) for v in index):
         raise Unsupported(f"node {node.name} indexes with a computed tensor")
-    out = compress(s.uf, s.full(x)[tuple(slice(None) if v is None else v.tensor for v in index)])
+    out = compress(s.uf, s.full(x)[tuple(slice(None) if v is None else v for v in index)])
     if x.dim is not None and not (out.dim is not None and torch.equal(out.ids, x.ids)):
         s.freeze(x, f"node {node.name} gathers channels with an index tensor")
     return out
+
+
+def constant(s: State, n: Any, depth: int = 8) -> Any:
+    """The value of a graph argument computed from parameters, buffers and literals alone (an index
+    table and its views); an argument that depends on the model's inputs comes back as its node."""
+    if not isinstance(n, torch.fx.Node):
+        return n
+    if n.op == "get_attr":
+        value = s.env[n]
+        return value.tensor if isinstance(value, Param) else value
+    if n.op != "call_function" or depth == 0:
+        return n
+    args = map_aggregate(n.args, lambda a: constant(s, a, depth - 1))
+    kwargs = map_aggregate(n.kwargs, lambda a: constant(s, a, depth - 1))
+    flat: list[Any] = []
+    map_aggregate((args, kwargs), lambda a: flat.append(a) if isinstance(a, torch.fx.Node) else a)
+    return n if flat else n.target(*args, **kwargs)
 
 
 def slice_channels(s: State, node: torch.fx.Node, src: torch.fx.Node, x: Labels) -> None:

@@ -20,6 +20,7 @@ from torch import nn
 
 from ...graph import Family, Patch, PatchKind, Role
 from .labels import Labels, Param, compress
+from .literals import channel_sources
 from .state import State, Unsupported, arg, family, owner, target_name
 
 
@@ -48,6 +49,14 @@ def unknown(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[s
         raise Unsupported(f"module {node.target} ({type(mod).__name__}) is not understood")
     kind = "method" if node.op == "call_method" else "function"
     raise Unsupported(f"{kind} {target_name(node)} at node {node.name} is not understood")
+
+
+@family(Family.ELEMENTWISE)
+def creates(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
+    """``x.new_zeros(size)`` and the like: a constant; ``x`` only lends its dtype and device."""
+    if any(channel_sources(s, a) for a in (*node.args[1:], *node.kwargs.values())):
+        raise Unsupported(f"node {node.name} creates a tensor sized by a channel count")
+    return Labels(s.shape(node), None, s.uf.fresh(1))
 
 
 @family(Family.ELEMENTWISE)

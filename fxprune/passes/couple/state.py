@@ -82,7 +82,7 @@ class State:
         self.masked_norms: list[str] = []
         self.patches: list[Patch] = []
         self.flop_terms: list[tuple[str, int, list[torch.Tensor]]] = []
-        self.consumers: list[tuple[str, int, int]] = []
+        self.consumers: list[tuple[str, int | tuple[int, int], int]] = []
         self.param_labels: dict[str, Labels] = {}
         self.families: dict[str, Family] = {}
 
@@ -98,14 +98,15 @@ class State:
         return map_arg(a, lambda n: self.env[n])
 
     def as_labels(self, v: Any) -> Any:
-        """Labels for a tensor value; parameters get labels along their last non-singleton dim."""
+        """Labels for a tensor value; parameters get labels along their last non-singleton dim, integer
+        and boolean buffers (indices, masks) one label: they hold no channels."""
         if not isinstance(v, Param):
             return v
         if v.name in self.param_labels:
             return self.param_labels[v.name]
         shape = tuple(v.tensor.shape)
         dims = [d for d, size in enumerate(shape) if size > 1]
-        if not dims:
+        if not dims or not (v.tensor.is_floating_point() or v.tensor.is_complex()):  # index tables are no channels
             lab = Labels(shape, None, self.uf.fresh(1))
         else:
             lab = Labels(shape, dims[-1], self.uf.fresh(shape[dims[-1]]))
