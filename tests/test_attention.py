@@ -132,3 +132,30 @@ def test_vit_flops_count_attention_like_the_unfused_path() -> None:
     model.eval()
     counted = fxprune.count_flops(model, x)
     assert abs(counted - unfused.get_total_flops()) <= 0.01 * unfused.get_total_flops()
+
+
+def test_l1_scores_a_head_by_all_its_channels() -> None:
+    """The head whose q, k and v rows are smallest is the one l1 removes."""
+    torch.manual_seed(0)
+    attn = nn.MultiheadAttention(32, 4, batch_first=True).eval()
+    with torch.no_grad():
+        for part in range(3):  # head 2's rows of q, k and v: 8 rows each
+            attn.in_proj_weight[part * 32 + 16:part * 32 + 24] *= 0.01
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = attn
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.attn(x, x, x, need_weights=False)[0]
+
+    x = torch.randn(2, 6, 32)
+    graph = fxprune.analyze(Block(), x)
+    heads = next(g for g in graph.groups if g.width == 4)
+    plan = fxprune.Plan({heads.id: [0, 1, 3]})
+    pruned_by_plan = fxprune.apply_plan(Block(), plan, example_inputs=x)
+    pruned = fxprune.compile(Block(), strategy=fxprune.Strategy(selector="l1", round_to=1),
+                             target_gflops=fxprune.count_flops(pruned_by_plan, x) / 1e9, example_inputs=x)
+    kept = dict(pruned.named_parameters())["attn.in_proj_weight"]
+    torch.testing.assert_close(kept, dict(pruned_by_plan.named_parameters())["attn.in_proj_weight"])
