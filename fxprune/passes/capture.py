@@ -37,6 +37,9 @@ log = logging.getLogger("fxprune")
 __all__ = ["capture"]
 
 _MAX_OPAQUE = 64
+# torch.nn leaves that the coupling pass cannot see into and symbolic tracing cannot enter.
+_EXPORT_ONLY = (nn.Transformer, nn.TransformerEncoder, nn.TransformerDecoder, nn.TransformerEncoderLayer,
+                nn.TransformerDecoderLayer)
 
 
 class _Tracer(torch.fx.Tracer):
@@ -53,6 +56,9 @@ class _Tracer(torch.fx.Tracer):
         return module_qualified_name in self.opaque or super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        if isinstance(m, _EXPORT_ONLY):
+            raise TraceError(f"{type(m).__name__} checks tensor properties in Python (its fast path); "
+                             "torch.export records the computation it takes")
         try:
             expanded = None if self.path_of_module(m) in self.opaque else expand(m, args, kwargs)
             return expanded if expanded is not None else super().call_module(m, forward, args, kwargs)
