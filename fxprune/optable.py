@@ -34,6 +34,9 @@ ELEMENTWISE_METHODS = {
 }
 # Tensors made from nothing but sizes (the size of a model input's spatial dims, say): constants.
 CREATE: set[Any] = {"new_zeros", "new_ones", "new_full", "new_empty"}
+# Max unpooling: values and the indices of the pool they undo, channel by channel.
+UNPOOL_MODULES: tuple[type, ...] = (nn.MaxUnpool1d, nn.MaxUnpool2d, nn.MaxUnpool3d)
+UNPOOL_FUNCS: set[Any] = {F.max_unpool1d, F.max_unpool2d, F.max_unpool3d}
 FIRST_OPERAND_FUNCS: set[Any] = {
     torch.zeros_like, torch.ones_like, torch.empty_like, torch.rand_like, torch.randn_like,
     torch.full_like, torch.clone,
@@ -60,7 +63,9 @@ SPATIAL_FUNCS: set[Any] = {
     F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
     F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
     F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.lp_pool1d, F.lp_pool2d, F.interpolate, F.upsample,
-    torch.max_pool2d, torch.avg_pool1d, torch.adaptive_avg_pool1d,
+    torch.max_pool2d, torch.avg_pool1d, torch.adaptive_avg_pool1d, F.max_pool1d_with_indices,
+    F.max_pool2d_with_indices, F.max_pool3d_with_indices, F.adaptive_max_pool1d_with_indices,
+    F.adaptive_max_pool2d_with_indices, F.adaptive_max_pool3d_with_indices,
 }
 CHANNEL_PARAM_MODULES: tuple[type, ...] = (
     nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.PReLU,
@@ -108,14 +113,14 @@ ACTIVATION_METHODS = {"relu", "relu_"}
 
 SOFTMAX = {F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "softmax", "log_softmax"}
 
-FLOPLESS_FUNCS = ELEMENTWISE_FUNCS | FIRST_OPERAND_FUNCS | SHAPE_FUNCS | RESHAPE_FUNCS | SPATIAL_FUNCS | {
+FLOPLESS_FUNCS = ELEMENTWISE_FUNCS | FIRST_OPERAND_FUNCS | SHAPE_FUNCS | RESHAPE_FUNCS | SPATIAL_FUNCS | UNPOOL_FUNCS | {
     operator.getitem, torch.split, torch.chunk, torch.unbind, torch.select, torch.unflatten, F.batch_norm, F.layer_norm, F.group_norm, F.pad,
     getattr, torch.mean, torch.sum,
 }
 FLOPLESS_METHODS = ELEMENTWISE_METHODS | FIRST_OPERAND_METHODS | SHAPE_METHODS | RESHAPE_METHODS | {
     "split", "chunk", "unbind", "select", "unflatten", "size", "dim", "mean", "sum", "numel", "aten slice", "aten index",
 }
-FLOPLESS_MODULES = ELEMENTWISE_MODULES + SPATIAL_MODULES + CHANNEL_PARAM_MODULES + (
+FLOPLESS_MODULES = ELEMENTWISE_MODULES + SPATIAL_MODULES + CHANNEL_PARAM_MODULES + UNPOOL_MODULES + (
     nn.LayerNorm, nn.GroupNorm, nn.Flatten, nn.Softmax, nn.ChannelShuffle,
 )
 
@@ -142,7 +147,8 @@ _ATEN_AS: dict[str, Any] = {
     "split_with_sizes": torch.split, "mean": torch.mean, "sum": torch.sum, "amax": torch.amax,
     "softmax": torch.softmax, "log_softmax": torch.log_softmax, "pixel_shuffle": F.pixel_shuffle,
     "pixel_unshuffle": F.pixel_unshuffle, "channel_shuffle": F.channel_shuffle, "roll": torch.roll,
-    "flip": torch.flip, "unbind": torch.unbind, "select": torch.select, "matmul": torch.matmul,
+    "flip": torch.flip, "max_pool2d_with_indices": F.max_pool2d_with_indices,
+    "max_pool3d_with_indices": F.max_pool3d_with_indices, "max_unpool2d": F.max_unpool2d, "max_unpool3d": F.max_unpool3d, "unbind": torch.unbind, "select": torch.select, "matmul": torch.matmul,
     "scaled_dot_product_attention": F.scaled_dot_product_attention, "einsum": torch.einsum, "bmm": torch.bmm, "mm": torch.mm,
     "zeros_like": torch.zeros_like, "ones_like": torch.ones_like,
 }

@@ -452,3 +452,35 @@ def test_einsum_subscripts() -> None:
     assert einsum_subscripts("bchw,cd->bdhw", [4, 2]) == ([list("bchw"), list("cd")], list("bdhw"))
     assert einsum_subscripts("ij,jk", [2, 2]) == ([list("ij"), list("jk")], list("ik"))
     assert einsum_subscripts("...c,c->...", [3, 1]) == ([["...0", "...1", "c"], ["c"]], ["...0", "...1"])
+
+
+class SegNetLike(nn.Module):
+    """An encoder-decoder whose decoder unpools with the encoder's max-pool indices."""
+
+    def __init__(self, classes: int = 5) -> None:
+        super().__init__()
+        self.enc1 = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.enc2 = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU())
+        self.pool = nn.MaxPool2d(2, return_indices=True)
+        self.unpool = nn.MaxUnpool2d(2)
+        self.dec2 = nn.Sequential(nn.Conv2d(32, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.dec1 = nn.Conv2d(16, classes, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, first = self.pool(self.enc1(x))
+        x, second = F.max_pool2d(self.enc2(x), 2, return_indices=True)
+        x = self.dec2(F.max_unpool2d(x, second, 2))
+        return self.dec1(self.unpool(x, first))
+
+
+def test_max_unpool_ties_the_decoder_to_the_pool_whose_indices_it_reuses() -> None:
+    model = lively(SegNetLike().eval())
+    x = torch.randn(1, 3, 32, 32)
+    graph = fxprune.analyze(model, x)
+    group = {(m.name, m.dim): g.id for g in graph.groups for m in g.members}
+    assert group[("enc1.0.weight", 0)] == group[("dec2.0.weight", 0)]  # unpooled with enc1's indices
+    assert group[("enc2.0.weight", 0)] == group[("dec2.0.weight", 1)]  # unpooled with enc2's indices
+    assert group[("enc2.0.weight", 0)] != group[("enc1.0.weight", 0)]
+    assert len(graph.prunable_groups) == 2
+    small = fxprune.compile(model, ratio=0.5, example_inputs=x)
+    assert small(x).shape == model(x).shape

@@ -65,8 +65,9 @@ def annotate(
         macs1 = after.get(node.name, macs0)
         if node.name in pruned_nodes:
             pruned_nodes[node.name].meta[keys.MACS] = macs1
-        if graph.families.get(node.name) in _OTHER_FAMILIES and keys.TENSOR_META in node.meta:
-            n0 = math.prod(node.meta[keys.TENSOR_META].shape)
+        shape = getattr(node.meta.get(keys.TENSOR_META), "shape", None)  # None for tuple outputs
+        if graph.families.get(node.name) in _OTHER_FAMILIES and shape is not None:
+            n0 = math.prod(shape)
             entry = graph.tensor_atoms.get(node.name)
             frac = float(kept_mask(removed, entry[1]).double().mean()) if entry is not None else 1.0
             other[0] += n0

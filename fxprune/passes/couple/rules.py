@@ -17,7 +17,9 @@ from typing import Any
 import torch
 import torch.fx
 from torch import nn
+from torch.fx.passes.shape_prop import TensorMetadata
 
+from ... import metakeys as keys
 from ...graph import Family, Patch, PatchKind, Role
 from .labels import Labels, Param, compress
 from .literals import channel_sources
@@ -108,8 +110,13 @@ def merge(s: State, node: torch.fx.Node, operands: list[Any]) -> Labels:
 
 @family(Family.CHANNELWISE)
 def spatial(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
-    """Pooling, interpolation and padding modules and pooling functions."""
+    """Pooling, interpolation and padding modules and pooling functions; a max pool that also returns
+    its indices gives them the channels of its values."""
     src, x = s.input_of(node)
+    meta = node.meta.get(keys.TENSOR_META)
+    if isinstance(meta, (tuple, list)) and not isinstance(meta, TensorMetadata):
+        values = per_channel(s, node, src, x, {}, tuple(meta[0].shape))
+        return values, values.with_shape(tuple(meta[1].shape))
     return per_channel(s, node, src, x, {})
 
 
@@ -143,7 +150,8 @@ def pad(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, 
     return x.with_shape(s.shape(node))
 
 
-def per_channel(s: State, node: torch.fx.Node, src: torch.fx.Node, x: Labels, params: dict[str, torch.Tensor]) -> Labels:
+def per_channel(s: State, node: torch.fx.Node, src: torch.fx.Node, x: Labels, params: dict[str, torch.Tensor],
+                shape: tuple[int, ...] | None = None) -> Labels:
     """Labels stay with their channel on dim 1; ``params`` (name -> tensor) with one entry per channel follow."""
     who = owner(node)
     if x.dim not in (None, 1):
@@ -156,7 +164,7 @@ def per_channel(s: State, node: torch.fx.Node, src: torch.fx.Node, x: Labels, pa
         width = width_field(s.module(node))
         if width:
             s.patches.append(Patch(PatchKind.ATTR, who, src.name, 1, field=width))
-    return x.with_shape(s.shape(node))
+    return x.with_shape(shape or s.shape(node))
 
 
 def width_field(mod: nn.Module | None) -> str:
