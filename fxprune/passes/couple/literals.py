@@ -165,11 +165,8 @@ def getitem(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[s
     map_aggregate(index, lambda v: tensors.append(v) if isinstance(v, (Labels, Param)) else v)
     if any(isinstance(v, Labels) for v in tensors):
         raise Unsupported(f"node {node.name} indexes with a computed tensor")
-    if tensors:  # constant index tensors: gather the labels with them; channels gathered are kept
-        out = compress(s.uf, s.full(x)[map_aggregate(index, lambda v: v.tensor if isinstance(v, Param) else v)])
-        if x.dim is not None and not (out.dim is not None and torch.equal(out.ids, x.ids)):
-            s.freeze(x, f"node {node.name} gathers channels with an index tensor")
-        return out
+    if tensors:  # constant index tensors
+        return gather(s, node, x, map_aggregate(index, lambda v: v.tensor if isinstance(v, Param) else v))
     out = on_labels(s, node, args, kwargs)
     if x.dim is not None:
         slice_channels(s, node, src, x)
@@ -215,7 +212,13 @@ def aten_index(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dic
     index = [constant(s, n) for n in node.args[1]]
     if any(v is not None and not isinstance(v, torch.Tensor) for v in index):
         raise Unsupported(f"node {node.name} indexes with a computed tensor")
-    out = compress(s.uf, s.full(x)[tuple(slice(None) if v is None else v for v in index)])
+    return gather(s, node, x, tuple(slice(None) if v is None else v for v in index))
+
+
+def gather(s: State, node: torch.fx.Node, x: Labels, index: Any) -> Labels:
+    """``x[index]`` with constant index tensors, on the labels: a gather along other dims keeps the
+    channels (a relative-position table read by position); one along the channel dim freezes them."""
+    out = compress(s.uf, s.full(x)[index])
     if x.dim is not None and not (out.dim is not None and torch.equal(out.ids, x.ids)):
         s.freeze(x, f"node {node.name} gathers channels with an index tensor")
     return out
