@@ -30,7 +30,8 @@ from .state import State, Unsupported, arg, family, target_name
 @family(Family.SHAPE)
 def reshape(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
     base, sizes = size_args(node)
-    sources = {d: channel_sources(s, size) for d, size in enumerate(sizes)}
+    reads = [size_reads(s, size) for size in sizes]
+    sources = {d: [x for x, dim in found if is_channel_count(x, dim)] for d, (found, _) in enumerate(reads)}
     # A split into attention heads keeps whole heads even where head_dim is computed from a width:
     # that size becomes a literal below. Elsewhere a computed size decides the split (``compress``).
     heads = feeds_attention(node)
@@ -46,7 +47,8 @@ def reshape(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[s
         same = out.dim == d and all(set(s.uf.roots(lab.ids).tolist()) == set(s.uf.roots(out.ids).tolist()) for lab in src)
         if not src or same:
             continue
-        if len(sizes) == len(out.shape) and only_channels(s, sizes[d]):
+        found, data = reads[d]
+        if len(sizes) == len(out.shape) and not data and all(is_channel_count(x, dim) for x, dim in found):
             literal(d)
             continue
         why = f"node {node.name} takes a size from the channel count of another tensor"
@@ -76,26 +78,6 @@ def feeds_attention(node: torch.fx.Node, depth: int = 8) -> bool:
     return False
 
 
-def only_channels(s: State, size: Any) -> bool:
-    """True when a size argument is computed from channel counts and constants only."""
-    stack, seen = [size], set()
-    while stack:
-        n = stack.pop()
-        if not isinstance(n, torch.fx.Node) or n in seen:
-            continue
-        seen.add(n)
-        if keys.TENSOR_META in n.meta:
-            return False
-        base, dim = size_source(s, n)
-        if base is not None:
-            x = s.as_labels(s.env[base])
-            if not (isinstance(x, Labels) and x.dim is not None and isinstance(dim, int) and dim % len(x.shape) == x.dim):
-                return False
-            continue
-        stack.extend(n.all_input_nodes)
-    return True
-
-
 def size_args(node: torch.fx.Node) -> tuple[tuple[Any, ...], tuple[Any, ...] | list[Any]]:
     """Where a reshape's sizes are (a path into the node's args/kwargs) and the sizes themselves."""
     a = node.args
@@ -111,22 +93,34 @@ def size_args(node: torch.fx.Node) -> tuple[tuple[Any, ...], tuple[Any, ...] | l
     return base, sizes if isinstance(sizes, (tuple, list)) else ()
 
 
-def channel_sources(s: State, size: Any) -> list[Labels]:
-    """Labels of the tensors whose channel count a size argument is computed from (``x.size(1) // 2``)."""
-    stack, seen, found = [size], set(), []
+def size_reads(s: State, size: Any) -> tuple[list[tuple[Any, Any]], bool]:
+    """What a size argument is computed from: every (tensor value, dim) whose size it reads
+    (``x.size(1) // 2``), and whether it also reads a tensor's data."""
+    stack, seen, reads, data = [size], set(), [], False
     while stack:
         n = stack.pop()
-        if not isinstance(n, torch.fx.Node) or n in seen or keys.TENSOR_META in n.meta:
+        if not isinstance(n, torch.fx.Node) or n in seen:
             continue
         seen.add(n)
+        if keys.TENSOR_META in n.meta:
+            data = True
+            continue
         base, dim = size_source(s, n)
         if base is not None:
-            x = s.as_labels(s.env[base])
-            if isinstance(x, Labels) and x.dim is not None and isinstance(dim, int) and dim % len(x.shape) == x.dim:
-                found.append(x)
+            reads.append((s.as_labels(s.env[base]), dim))
             continue
         stack.extend(n.all_input_nodes)
-    return found
+    return reads, data
+
+
+def is_channel_count(x: Any, dim: Any) -> bool:
+    """True when size ``dim`` of a tensor with labels ``x`` is its channel count."""
+    return isinstance(x, Labels) and x.dim is not None and isinstance(dim, int) and dim % len(x.shape) == x.dim
+
+
+def channel_sources(s: State, size: Any) -> list[Labels]:
+    """Labels of the tensors whose channel count a size argument is computed from (``x.size(1) // 2``)."""
+    return [x for x, dim in size_reads(s, size)[0] if is_channel_count(x, dim)]
 
 
 def size_source(s: State, n: torch.fx.Node) -> tuple[torch.fx.Node | None, int | None]:
