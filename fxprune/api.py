@@ -124,11 +124,12 @@ def prune(model: Model, plan: Plan | dict[int, Sequence[int]], example_inputs: I
     return pipeline.finish(a, plan, verify)
 
 
-def report(gm: torch.fx.GraphModule) -> Report:
-    """The FLOP/parameter report of a GraphModule returned by ``compile`` or ``prune``."""
-    record = getattr(gm, "meta", {}).get(keys.RECORD) if isinstance(gm, torch.fx.GraphModule) else None
+def report(gm: nn.Module) -> Report:
+    """The FLOP/parameter report of a model returned by ``compile`` or ``prune``."""
+    meta = getattr(gm, "meta", None)
+    record = meta.get(keys.RECORD) if isinstance(gm, nn.Module) and isinstance(meta, dict) else None
     if not record or "report" not in record:
-        raise ArgumentError("report() takes a GraphModule returned by fxprune.compile or fxprune.prune; for any other module use fxprune.count_flops")
+        raise ArgumentError("report() takes a model returned by fxprune.compile or fxprune.prune; for any other module use fxprune.count_flops")
     return Report.from_dict(record["report"])
 
 

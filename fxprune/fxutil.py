@@ -24,7 +24,7 @@ __all__ = ["structural_copy", "copy_graph", "graph_module", "eval_mode"]
 def structural_copy(module: nn.Module, memo: dict[int, nn.Module] | None = None) -> nn.Module:
     """A new module tree with the same classes and attributes; tensors are shared, not copied.
 
-    Shared submodules stay shared (one copy per original object).
+    Shared submodules stay shared (one copy per original object); hook tables are the copy's own.
     """
     memo = {} if memo is None else memo
     if id(module) in memo:
@@ -33,6 +33,9 @@ def structural_copy(module: nn.Module, memo: dict[int, nn.Module] | None = None)
     memo[id(module)] = new
     new._parameters = dict(module._parameters)
     new._buffers = dict(module._buffers)
+    for name, value in module.__dict__.items():  # hooks registered on the copy stay on the copy
+        if name.endswith("hooks") and isinstance(value, dict):
+            setattr(new, name, type(value)(value))
     new._modules = {
         name: None if child is None else structural_copy(child, memo)
         for name, child in module._modules.items()

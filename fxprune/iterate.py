@@ -142,7 +142,7 @@ def prune_iteratively(
     if goal > start:
         raise ArgumentError(f"target_gflops={target_gflops} is above the model's {2 * start / 1e9:.4g} GFLOPs")
     name = chooser.describe()["selector"]
-    history = History([StepRecord(0, 2 * start / 1e9, _params(a.gm), evaluate(a.gm) if evaluate else None)], name, tapping)
+    history = History([StepRecord(0, 2 * start / 1e9, _params(a.model), evaluate(a.model) if evaluate else None)], name, tapping)
     taps, done = None, None  # done: the report of every step so far
     bar = tqdm(range(1, steps + 1), desc=f"fxprune {name}", unit="step", disable=not progress)
     for k in bar:
@@ -158,13 +158,14 @@ def prune_iteratively(
         pruned = pipeline.finish(a, plan, verify)
         done = report(pruned) if done is None else done.then(report(pruned))
         a = pipeline.analyze(pruned, a.inputs, ignore, seed)
-        a.gm.meta[keys.RECORD] = pruned.meta[keys.RECORD]
+        model = a.model
+        model.meta = {**getattr(model, "meta", {}), keys.RECORD: pruned.meta[keys.RECORD]}
         t3 = time.perf_counter()
         taps = chooser.selector.tap(a.graph, a.gm) if tapping and k < steps else None
-        finetune(a.gm if taps is None else taps.module)
+        finetune(model if taps is None else taps.module)
         t4 = time.perf_counter() - (taps.seconds if taps is not None else 0.0)
-        metric = evaluate(a.gm) if evaluate else None
-        history.steps.append(StepRecord(k, 2 * total_macs(a.gm) / 1e9, _params(a.gm), metric, t1 - t0, t2 - t1, t3 - t2, t4 - t3))
+        metric = evaluate(model) if evaluate else None
+        history.steps.append(StepRecord(k, 2 * total_macs(a.gm) / 1e9, _params(model), metric, t1 - t0, t2 - t1, t3 - t2, t4 - t3))
         bar.set_postfix(gflops=f"{history.steps[-1].gflops:.3g}", metric="-" if metric is None else f"{metric:.4g}")
-    a.gm.meta[keys.RECORD]["history"] = history.to_dict()
-    return pipeline.conclude(job, a.gm, done, {"steps": steps, "coarse": tapping}), history
+    a.model.meta[keys.RECORD]["history"] = history.to_dict()
+    return pipeline.conclude(job, a.model, done, {"steps": steps, "coarse": tapping}), history

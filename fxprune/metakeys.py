@@ -24,3 +24,7 @@ CAPTURE = "fxprune_capture"
 
 RECORD = "fxprune"
 """``GraphModule.meta``: the result's record (report, plan, strategy, verification, provenance)."""
+
+TREE = "fxprune_tree"
+"""``GraphModule.meta``: the module tree whose one run the graph records (the ops-run capture); results
+are pruned copies of it."""

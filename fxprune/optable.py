@@ -30,10 +30,11 @@ ELEMENTWISE_METHODS = {
     "eq", "ne", "lt", "le", "gt", "ge",
     "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "pow", "sqrt", "rsqrt", "exp",
     "abs", "neg", "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "clamp", "clamp_", "clip",
-    "square", "masked_fill", "masked_fill_", "lerp", "addcmul", "maximum", "minimum",
+    "square", "masked_fill", "masked_fill_", "lerp", "addcmul", "maximum", "minimum", "copy_",
 }
 # Tensors made from nothing but sizes (the size of a model input's spatial dims, say): constants.
-CREATE: set[Any] = {"new_zeros", "new_ones", "new_full", "new_empty"}
+CREATE: set[Any] = {"new_zeros", "new_ones", "new_full", "new_empty", torch.zeros, torch.ones, torch.full, torch.empty,
+                    torch.arange, torch.scalar_tensor}
 # Max unpooling: values and the indices of the pool they undo, channel by channel.
 UNPOOL_MODULES: tuple[type, ...] = (nn.MaxUnpool1d, nn.MaxUnpool2d, nn.MaxUnpool3d)
 UNPOOL_FUNCS: set[Any] = {F.max_unpool1d, F.max_unpool2d, F.max_unpool3d}
@@ -42,8 +43,8 @@ FIRST_OPERAND_FUNCS: set[Any] = {
     torch.full_like, torch.clone,
 }
 FIRST_OPERAND_METHODS = {
-    "contiguous", "clone", "detach", "float", "half", "double", "bfloat16", "to", "type", "type_as",
-    "cpu", "cuda", "requires_grad_",
+    "contiguous", "clone", "detach", "detach_", "float", "half", "double", "bfloat16", "to", "type", "type_as",
+    "cpu", "cuda", "requires_grad_", "fill_", "lift_fresh_copy",
 }
 ELEMENTWISE_MODULES: tuple[type, ...] = (
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
@@ -113,12 +114,21 @@ ACTIVATION_METHODS = {"relu", "relu_"}
 
 SOFTMAX = {F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "softmax", "log_softmax"}
 
+ATEN_SLICE = "aten slice"
+ATEN_INDEX = "aten index"
+INDEX_PUT = "aten index_put"
+_ATEN_ONLY = {"slice": ATEN_SLICE, "index": ATEN_INDEX, "index_put": INDEX_PUT, "index_put_": INDEX_PUT}
+# torchvision's RoI pooling operators (detectors): box by box, channel by channel, like a pooling op.
+ROI_POOL = "torchvision roi pooling"
+_TORCHVISION_AS = {"roi_align": ROI_POOL, "roi_pool": ROI_POOL}
+
 FLOPLESS_FUNCS = ELEMENTWISE_FUNCS | FIRST_OPERAND_FUNCS | SHAPE_FUNCS | RESHAPE_FUNCS | SPATIAL_FUNCS | UNPOOL_FUNCS | {
     operator.getitem, torch.split, torch.chunk, torch.unbind, torch.select, torch.unflatten, F.batch_norm, F.layer_norm, F.group_norm, F.pad,
     getattr, torch.mean, torch.sum,
 }
 FLOPLESS_METHODS = ELEMENTWISE_METHODS | FIRST_OPERAND_METHODS | SHAPE_METHODS | RESHAPE_METHODS | {
-    "split", "chunk", "unbind", "select", "unflatten", "size", "dim", "mean", "sum", "numel", "aten slice", "aten index",
+    "split", "chunk", "unbind", "select", "unflatten", "size", "dim", "mean", "sum", "numel", ATEN_SLICE, ATEN_INDEX,
+    INDEX_PUT, ROI_POOL,
 }
 FLOPLESS_MODULES = ELEMENTWISE_MODULES + SPATIAL_MODULES + CHANNEL_PARAM_MODULES + UNPOOL_MODULES + (
     nn.LayerNorm, nn.GroupNorm, nn.Flatten, nn.Softmax, nn.ChannelShuffle,
@@ -160,22 +170,19 @@ _ATEN_AS.update({
                      "upsample_bilinear2d", "upsample_bicubic2d", "upsample_trilinear3d", "_upsample_nearest_exact2d",
                      "_upsample_bilinear2d_aa"), F.interpolate),
 })
-ATEN_SLICE = "aten slice"
-ATEN_INDEX = "aten index"
-_ATEN_ONLY = {"slice": ATEN_SLICE, "index": ATEN_INDEX}
 
 
 def _by_name() -> dict[str, Any]:
     """Every function and Tensor method the tables name, by the name its aten op has."""
     names: dict[str, Any] = {}
     for table in (ELEMENTWISE_FUNCS, FIRST_OPERAND_FUNCS, SPATIAL_FUNCS, SHAPE_FUNCS, RESHAPE_FUNCS, UNFLATTEN, SPLIT, UNBIND,
-                  MATMUL, REDUCTIONS, SOFTMAX):
+                  MATMUL, REDUCTIONS, SOFTMAX, CREATE):
         for f in table:
             if isinstance(f, str):
                 names.setdefault(f, f)
             elif getattr(torch, getattr(f, "__name__", ""), None) is f:
                 names.setdefault(f.__name__, f)
-    for table in (ELEMENTWISE_METHODS, FIRST_OPERAND_METHODS, SHAPE_METHODS, RESHAPE_METHODS, CREATE):
+    for table in (ELEMENTWISE_METHODS, FIRST_OPERAND_METHODS, SHAPE_METHODS, RESHAPE_METHODS):
         names.update((m, m) for m in table if m not in names)
     return names
 
@@ -188,6 +195,8 @@ def canonical(target: Any) -> Any:
     capture paths, so an aten op (torch.export) maps to the function or method of the same name."""
     if isinstance(target, torch._ops.OpOverload) and target.namespace == "aten":
         return _ATEN_BY_NAME.get(target._opname, target)
+    if isinstance(target, torch._ops.OpOverload) and target.namespace == "torchvision":
+        return _TORCHVISION_AS.get(target._opname, target)
     return target
 
 

@@ -33,7 +33,9 @@ from .passes.couple import couple
 from .passes.rewrite import rewrite
 from .passes.select import CostModel, select
 from .passes.shapes import propagate_shapes
+from .passes.transplant import transplant
 from .passes.verify import verify as verify_pass
+from .passes.verify import verify_tree
 from .record import provenance
 from .report import Report
 from .stats import ClassSubset
@@ -87,6 +89,22 @@ class Analysis:
     graph: DependencyGraph
     flops: FlopModel
     inputs: tuple[Any, ...]
+
+    @property
+    def tree(self) -> nn.Module | None:
+        """The module tree whose one run ``gm`` records (an ops-run capture), else None."""
+        return self.gm.meta.get(keys.TREE)
+
+    @property
+    def model(self) -> nn.Module:
+        """What runs as the model does on any input: ``gm``, or the module tree it recorded."""
+        tree = self.tree
+        return self.gm if tree is None else tree
+
+    def result(self, pruned: torch.fx.GraphModule) -> nn.Module:
+        """The user's result of ``pruned`` (``gm`` rewritten): itself, or a pruned copy of the module tree."""
+        tree = self.tree
+        return pruned if tree is None else transplant(tree, pruned)
 
 
 def analyze(model: Model, given: Inputs = None, ignore: Iterable[str] = (), seed: int = 0, free_output: bool = False) -> Analysis:
@@ -256,7 +274,7 @@ def reach_latency(a: Analysis, chooser: Chooser, target: Target, scores: dict[in
     names = {n.name: name for n, (name, _) in layers(a.gm).items()}
     record["layers_ms"] = {names.get(node, node): ms for node, ms in model.layers(removed_mask(a.graph, plan)).items()}
     pruned = clock.pruned.get(_widths(plan))
-    return plan, rewrite(a.gm, a.graph, plan) if pruned is None else pruned, record
+    return plan, rewrite(a.gm, a.graph, plan) if pruned is None else pruned[0], record
 
 
 class _Clock:
@@ -271,7 +289,7 @@ class _Clock:
         self.architecture = hashlib.sha1("\n".join(parts).encode()).hexdigest()
         self.repeat = 15
         self.timed = 0
-        self.pruned: dict[str, torch.fx.GraphModule] = {}
+        self.pruned: dict[str, tuple[torch.fx.GraphModule, nn.Module]] = {}  # widths -> (rewritten graph, result)
 
     def _get(self, what: str, measure: Callable[[], list[Latency]]) -> list[list[Any]]:
         def timed() -> list[list[Any]]:
@@ -283,7 +301,7 @@ class _Clock:
         return rows
 
     def original(self) -> Latency:
-        row, = self._get("original", lambda: measure_in_turns([self.a.gm], self.a.inputs, warmup=5))
+        row, = self._get("original", lambda: measure_in_turns([self.a.model], self.a.inputs, warmup=5))
         original = Latency.from_row(row, self.setting)
         self.repeat = max(11, min(31, int(3000 / (2 * original.median_ms))))
         return original
@@ -294,8 +312,9 @@ class _Clock:
 
         def measure() -> list[Latency]:
             if widths not in self.pruned:
-                self.pruned[widths] = rewrite(self.a.gm, self.a.graph, plan)
-            return measure_in_turns([self.a.gm, self.pruned[widths]], self.a.inputs, repeat=self.repeat)
+                pruned = rewrite(self.a.gm, self.a.graph, plan)
+                self.pruned[widths] = pruned, self.a.result(pruned)
+            return measure_in_turns([self.a.model, self.pruned[widths][1]], self.a.inputs, repeat=self.repeat)
 
         before, after = self._get(f"widths {widths} timing {turn}", measure)
         return Latency.from_row(before, self.setting), Latency.from_row(after, self.setting)
@@ -335,21 +354,26 @@ def _latency_record(target: Target, goal: float, before: Latency, after: Latency
             "dtype": s.dtype, "timings_taken": cache.measured, "rounds": rounds}
 
 
-def finish(a: Analysis, plan: Plan, verify: bool, pruned: torch.fx.GraphModule | None = None) -> torch.fx.GraphModule:
-    """Rewrite ``a`` as ``plan`` says (unless ``pruned`` is that rewrite already), verify it (when asked)
-    and record the report, plan and provenance."""
+def finish(a: Analysis, plan: Plan, verify: bool, pruned: torch.fx.GraphModule | None = None) -> nn.Module:
+    """Rewrite ``a`` as ``plan`` says (unless ``pruned`` is that rewrite already), verify the result
+    (when asked) and record the report, plan and provenance in its ``meta``."""
     pruned = rewrite(a.gm, a.graph, plan) if pruned is None else pruned
+    result = a.result(pruned)
     removed = removed_mask(a.graph, plan)
     record = pruned.meta[keys.RECORD]
     log.info("rewrote the graph: %d of %d channel atoms removed", int(removed.sum()), a.graph.num_atoms)
     if verify:
-        result = verify_pass(a.gm, pruned, a.graph, removed, a.inputs)
-        record["verified"] = {"max_abs_error": result.max_abs_error, "tolerance": result.tolerance}
-        log.info("verified: max error %.3g (tolerance %.3g)", result.max_abs_error, result.tolerance)
+        if a.tree is None:
+            check = verify_pass(a.gm, pruned, a.graph, removed, a.inputs)
+        else:
+            check = verify_tree(a.gm, result, a.graph, removed, a.inputs)
+        record["verified"] = {"max_abs_error": check.max_abs_error, "tolerance": check.tolerance}
+        log.info("verified: max error %.3g (tolerance %.3g)", check.max_abs_error, check.tolerance)
     record["report"] = annotate(a.gm, pruned, a.graph, removed, a.flops).to_dict()
     record["plan"] = json.loads(plan.to_json())
     record.update(provenance(a.graph, a.inputs))
-    return pruned
+    result.meta[keys.RECORD] = record
+    return result
 
 
 def restrict_classes(model: Model, given: Inputs, keep_classes: Sequence[int], verify: bool) -> tuple[torch.fx.GraphModule, tuple[Any, ...]]:

@@ -103,19 +103,40 @@ def test_wrong_input_shape_is_a_shape_error(resnet: nn.Module) -> None:
 
 
 class Untraceable(nn.Module):
+    """Python control flow on the data: neither symbolic tracing nor torch.export captures it whole."""
+
     def __init__(self) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(3, 4, 1)
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 4, 1)
 
     def forward(self, x):
-        if x.sum() > 0:
-            return self.conv(x)
-        return self.conv(-x)
+        y = self.conv1(x).relu()
+        if x.mean() > 0:  # decided on the data
+            y = y * 2
+        return self.conv2(y)
 
 
-def test_untraceable_root_is_a_trace_error_naming_the_line() -> None:
-    with pytest.raises(fxprune.TraceError, match=r"test_api.py:\d+: if x.sum\(\) > 0"):
-        fxprune.compile(Untraceable(), ratio=0.5, example_inputs=X)
+def test_untraceable_root_prunes_as_a_copy_of_its_module_tree() -> None:
+    model = Untraceable()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pruned = fxprune.compile(model, ratio=0.5, example_inputs=X, round_to=1)
+    assert type(pruned) is Untraceable and pruned.conv1.out_channels == pruned.conv2.in_channels < 16
+    assert pruned.conv1.weight.shape[0] == pruned.conv1.out_channels
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert "ops one run on the example inputs executes" in fxprune.report(pruned).notes[-1]
+    assert pruned.meta["fxprune"]["verified"]["max_abs_error"] <= pruned.meta["fxprune"]["verified"]["tolerance"]
+
+
+def test_a_model_that_cannot_run_on_its_inputs_is_a_trace_error_naming_the_line() -> None:
+    class Picky(Untraceable):
+        def forward(self, x):
+            if x.shape[-1] != 7:
+                raise ValueError("needs 7 columns")
+            return super().forward(x)
+
+    with pytest.raises(fxprune.TraceError, match=r"(?s)test_api.py:\d+: if x.shape\[-1\] != 7.*needs 7 columns"):
+        fxprune.compile(Picky(), ratio=0.5, example_inputs=X)
 
 
 def test_prune_with_explicit_plan(resnet: nn.Module) -> None:

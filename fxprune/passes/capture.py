@@ -8,7 +8,13 @@ done to the graph or to module attributes afterwards can reach the user's model.
    symbolic tracing cannot, and yields an aten-level graph the coupling pass understands (also used
    when a traced graph fails to run, e.g. because a leaf function mutates a list argument);
 2. symbolic tracing again, keeping each submodule that cannot be traced as one opaque call; the
-   coupling pass then freezes every channel it touches.
+   coupling pass then freezes every channel it touches;
+3. the ops that one eval-mode run on the example inputs executes (``make_fx`` with real tensors, at the
+   level torch.export uses), parameters read by their qualified names. Detectors land here: image
+   transforms, anchors, box decoding and NMS run in Python on the data, so no tracer captures them
+   whole. The graph records that one run, sizes and branches included, so it serves the analysis only;
+   ``gm.meta["fxprune_tree"]`` keeps the module tree it ran, and the result of pruning is a pruned
+   copy of that tree (``passes/transplant.py``).
 
 ``gm.meta["fxprune_capture"]`` says how the graph was captured (and why a fallback was needed), and
 ``gm.meta["fxprune_opaque"]`` lists opaque modules; both are shown in the report.
@@ -20,6 +26,7 @@ import contextlib
 import io
 import logging
 import traceback
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,7 +36,7 @@ from torch import nn
 
 from .. import metakeys as keys
 from ..errors import TraceError
-from ..fxutil import structural_copy
+from ..fxutil import eval_mode, structural_copy
 from ..traceable import expand, library_functions
 
 log = logging.getLogger("fxprune")
@@ -112,6 +119,38 @@ def _exported(ep: torch.export.ExportedProgram, how: str) -> torch.fx.GraphModul
     return gm
 
 
+def _executed(root: nn.Module, example_inputs: Sequence[Any], how: str) -> torch.fx.GraphModule:
+    """The ops one eval-mode run of ``root`` executes on ``example_inputs``, with ``root``'s parameters
+    and buffers as ``get_attr`` nodes of their qualified names (tensors the run makes from constants
+    are attributes of the graph module)."""
+    from torch.fx.experimental.proxy_tensor import make_fx  # noqa: PLC0415 - slow to import, rarely needed
+
+    tensors = {**dict(root.named_parameters(remove_duplicate=False)), **dict(root.named_buffers(remove_duplicate=False))}
+
+    def run(state: dict[str, torch.Tensor], inputs: tuple[Any, ...]) -> Any:
+        return torch.func.functional_call(root, state, inputs)
+
+    with torch.no_grad(), eval_mode(root):
+        traced = make_fx(run, tracing_mode="real", pre_dispatch=True, _error_on_data_dependent_ops=False)(tensors, tuple(example_inputs))
+    graph = traced.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    owner = structural_copy(root)
+    for n in graph.nodes:  # constants the run made (an image mean, an anchor template)
+        if n.op == "get_attr":
+            setattr(owner, n.target, getattr(traced, n.target))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # get_attr warns that ``traced`` lacks the modules named: ``owner`` has them
+        for name, node in zip(tensors, placeholders):  # the state dict comes first, in order
+            with graph.inserting_before(node):
+                node.replace_all_uses_with(graph.get_attr(name))
+            graph.erase_node(node)
+        gm = torch.fx.GraphModule(owner, graph, type(root).__name__)
+    gm.meta[keys.CAPTURE] = how
+    gm.meta[keys.OPAQUE] = []
+    gm.meta[keys.TREE] = root
+    return gm
+
+
 def capture(model: nn.Module | torch.export.ExportedProgram, example_inputs: Sequence[Any] = (),
             untraceable: BaseException | None = None) -> torch.fx.GraphModule:
     """Capture ``model`` as a GraphModule of its own, with the fallbacks described above.
@@ -146,13 +185,19 @@ def capture(model: nn.Module | torch.export.ExportedProgram, example_inputs: Seq
             log.debug("torch.export printed:\n%s", printed.getvalue())
     try:
         gm = _trace_with_opaque(root)
+        gm.meta[keys.CAPTURE] = f"torch.fx.symbolic_trace with opaque submodules ({reason})"
+        return gm
     except Exception:
+        pass
+    try:
+        return _executed(root, example_inputs, f"the ops one run on the example inputs executes; the result is a pruned copy of the module tree ({reason})")
+    except Exception as exc:
         raise TraceError(
             f"could not capture {type(model).__name__} as a graph.\n"
             f"  torch.fx.symbolic_trace: {type(first).__name__}: {first}\n    at {_user_frame(first)}\n"
             f"  torch.export: {type(export_error).__name__}: {str(export_error).splitlines()[0]}\n"
-            "  hint: move data-dependent control flow into a submodule (it is then kept opaque and its "
-            "channels frozen), or wrap the function with torch.fx.wrap."
+            f"  one eval-mode run on example_inputs: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}\n"
+            "  hint: check that the model runs in eval mode on example_inputs (a detector takes a list of "
+            "3-d images: example_inputs=([image],)); or move data-dependent control flow into a submodule "
+            "(it is then kept opaque and its channels frozen)."
         ) from first
-    gm.meta[keys.CAPTURE] = f"torch.fx.symbolic_trace with opaque submodules ({reason})"
-    return gm

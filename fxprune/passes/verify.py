@@ -7,6 +7,8 @@ kept channels in the pruned model, so the oracle uses masked statistics there: t
 and ``DependencyGraph.notes`` tells the user that these layers' outputs do change with pruning
 (``DependencyGraph.masked_norms`` names them).
 When a plan drops classes (output channels), the oracle's output keeps only the kept ones.
+A model captured from one run of its ops (a detector) has a module tree as result; its oracle is a
+copy of that tree with the same zeros put into the weights that read removed channels (``verify_tree``).
 """
 
 from __future__ import annotations
@@ -19,13 +21,18 @@ import torch
 import torch.fx
 from torch.fx.node import map_aggregate, map_arg
 
+import torch.nn.functional as F
+from torch import nn
+
 from .. import metakeys as keys
+from ..decisions import Decisions
 from ..errors import VerificationError
-from ..fxutil import copy_graph, eval_mode, graph_module
+from ..fxutil import copy_graph, eval_mode, graph_module, structural_copy
 from ..graph import DependencyGraph
 from ..masks import kept_mask
+from ..optable import CONV_FUNCS, canonical
 
-__all__ = ["verify", "build_oracle", "VerifyResult"]
+__all__ = ["verify", "verify_tree", "build_oracle", "masked_tree", "VerifyResult"]
 
 
 def masked_layer_norm(x: torch.Tensor, mask: torch.Tensor, weight: Any, bias: Any, eps: float) -> torch.Tensor:
@@ -170,31 +177,8 @@ def _leaves(x: Any) -> list[torch.Tensor]:
     return out
 
 
-def verify(
-    gm: torch.fx.GraphModule,
-    pruned: torch.fx.GraphModule,
-    graph: DependencyGraph,
-    removed: torch.Tensor,
-    example_inputs: Sequence[Any],
-    rtol: float = 1e-4,
-) -> VerifyResult:
-    """Run oracle and pruned model on ``example_inputs``; raise VerificationError if they differ.
-
-    Tolerance: ``rtol * max|oracle output|``, per output tensor, purely relative so that tiny outputs
-    are checked as strictly as large ones (float32 rounding of reordered sums stays far below it; a
-    wrong channel gives errors of the order of the outputs themselves).
-    """
-    oracle = build_oracle(gm, graph, removed)
-    with torch.no_grad(), eval_mode(oracle), eval_mode(pruned):
-        want = _leaves(oracle(*example_inputs))
-        try:
-            got = _leaves(pruned(*example_inputs))
-        except Exception as exc:
-            raise VerificationError(
-                f"the pruned model fails to run: {type(exc).__name__}: {str(exc).splitlines()[0]}. This is a bug "
-                "in fxprune's coupling analysis; please report it with the model. Workaround: put the module "
-                "around the failing node in ignore=."
-            ) from exc
+def compare(want: list[torch.Tensor], got: list[torch.Tensor], rtol: float) -> VerifyResult:
+    """The oracle's outputs ``want`` against the pruned model's ``got``; VerificationError if they differ."""
     if len(want) != len(got):
         raise VerificationError(f"the pruned model returns {len(got)} tensors, the original {len(want)}")
     worst = VerifyResult(0.0, 0.0)
@@ -218,3 +202,126 @@ def verify(
         if err / max(tol, 1e-30) >= worst.max_abs_error / max(worst.tolerance, 1e-30):
             worst = VerifyResult(err, tol)
     return worst
+
+
+def verify(
+    gm: torch.fx.GraphModule,
+    pruned: torch.fx.GraphModule,
+    graph: DependencyGraph,
+    removed: torch.Tensor,
+    example_inputs: Sequence[Any],
+    rtol: float = 1e-4,
+) -> VerifyResult:
+    """Run oracle and pruned model on ``example_inputs``; raise VerificationError if they differ.
+
+    Tolerance: ``rtol * max|oracle output|``, per output tensor, purely relative so that tiny outputs
+    are checked as strictly as large ones (float32 rounding of reordered sums stays far below it; a
+    wrong channel gives errors of the order of the outputs themselves).
+    """
+    oracle = build_oracle(gm, graph, removed)
+    with torch.no_grad(), eval_mode(oracle), eval_mode(pruned):
+        want = _leaves(oracle(*example_inputs))
+        got = _run_pruned(pruned, example_inputs)
+    return compare(want, got, rtol)
+
+
+def _run_pruned(pruned: nn.Module, example_inputs: Sequence[Any]) -> list[torch.Tensor]:
+    try:
+        return _leaves(pruned(*example_inputs))
+    except VerificationError:
+        raise
+    except Exception as exc:
+        raise VerificationError(
+            f"the pruned model fails to run: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}. This is a bug "
+            "in fxprune's coupling analysis; please report it with the model. Workaround: put the module "
+            "around the failing node in ignore=."
+        ) from exc
+
+
+def _input_mask(w: torch.Tensor, keep: torch.Tensor, groups: int, transposed: bool) -> torch.Tensor:
+    """A 0/1 tensor shaped like a conv or linear weight ``w`` that zeroes the input channels ``keep`` drops."""
+    k = [1] * (w.dim() - 2)
+    if transposed:  # (in, out / groups, *kernel)
+        return keep.reshape(-1, 1, *k)
+    out, per_group = w.shape[0], w.shape[1]
+    return keep.reshape(groups, 1, per_group).expand(groups, out // groups, per_group).reshape(out, per_group, *k)
+
+
+def masked_tree(gm: torch.fx.GraphModule, graph: DependencyGraph, removed: torch.Tensor) -> nn.Module:
+    """The oracle of an ops-run capture: a copy of the module tree it recorded in which every conv and
+    linear weight that reads a removed channel has that input column zeroed, and every norm of
+    ``graph.masked_norms`` computes its statistics over the kept channels."""
+    oracle = structural_copy(gm.meta[keys.TREE])
+    modules = dict(oracle.named_modules())
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for name, pos, dim in graph.consumers:
+        node = nodes[name]
+        keep = _kept_along(graph, removed, _arg_at(node.args, pos), dim)
+        weight = node.args[1] if len(node.args) > 1 else None
+        t = canonical(node.target)
+        if keep is None:
+            continue
+        if not (t in CONV_FUNCS or t is F.linear) or pos != 0 or not _is_attr(weight):
+            raise VerificationError(f"node {name} ({node.target}) reads pruned channels, but not as the input of a conv "
+                                    "or linear weight; fxprune checks a module tree only there. Put the module around it in ignore=.")
+        owner, _, field = weight.target.rpartition(".")
+        mod = modules[owner]
+        w = getattr(mod, field)
+        groups = node.args[6] if len(node.args) > 6 else 1
+        mask = _input_mask(w, keep.to(w.dtype), groups if t in CONV_FUNCS else 1, CONV_FUNCS.get(t, False))
+        mod._parameters[field] = nn.Parameter(w.detach() * mask, requires_grad=False)
+    for name in graph.masked_norms:
+        node = nodes[name]
+        weight = node.args[2] if len(node.args) > 2 else None
+        keep = _kept_along(graph, removed, node.args[0], None)
+        if keep is None:
+            continue
+        mod = modules.get(weight.target.rpartition(".")[0]) if _is_attr(weight) else None
+        if not isinstance(mod, (nn.GroupNorm, nn.LayerNorm)):
+            raise VerificationError(f"node {name} normalizes over pruned channels outside a GroupNorm or LayerNorm module; "
+                                    "fxprune checks a module tree only there. Put the module around it in ignore=.")
+        mod.register_forward_hook(_masked_norm_hook(keep.to(weight.meta[keys.TENSOR_META].dtype)))
+    return oracle
+
+
+def _masked_norm_hook(keep: torch.Tensor) -> Any:
+    def hook(m: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
+        if isinstance(m, nn.GroupNorm):
+            return masked_group_norm(args[0], keep, m.num_groups, m.weight, m.bias, m.eps)
+        return masked_layer_norm(args[0], keep, m.weight, m.bias, m.eps)
+
+    return hook
+
+
+def _is_attr(n: Any) -> bool:
+    return isinstance(n, torch.fx.Node) and n.op == "get_attr"
+
+
+def _kept_along(graph: DependencyGraph, removed: torch.Tensor, node: Any, dim: int | None) -> torch.Tensor | None:
+    """Kept mask of ``node``'s channels along ``dim`` (None: its channel dim), or None when all are kept."""
+    entry = graph.tensor_atoms.get(node.name) if isinstance(node, torch.fx.Node) else None
+    if entry is None or (dim is not None and entry[0] != dim):
+        return None
+    keep = kept_mask(removed, entry[1])
+    return None if bool(keep.all()) else keep
+
+
+def verify_tree(
+    gm: torch.fx.GraphModule,
+    result: nn.Module,
+    graph: DependencyGraph,
+    removed: torch.Tensor,
+    example_inputs: Sequence[Any],
+    rtol: float = 1e-4,
+) -> VerifyResult:
+    """``verify`` for an ops-run capture (a detector): the masked module tree (``masked_tree``) against
+    the pruned copy, the second run taking the first run's decisions (``decisions.Decisions``) so that
+    a near-tie in top-k or NMS, decided the other way by float rounding, cannot make them differ."""
+    oracle = masked_tree(gm, graph, removed)
+    decisions = Decisions()
+    with torch.no_grad(), eval_mode(oracle), eval_mode(result):
+        with decisions.record():
+            want = _leaves(oracle(*example_inputs))
+        with decisions.replay():
+            got = _run_pruned(result, example_inputs)
+    return compare(want, got, rtol)

@@ -45,6 +45,8 @@ from ...optable import (
     UNFLATTEN,
     ATEN_INDEX,
     ATEN_SLICE,
+    INDEX_PUT,
+    ROI_POOL,
     canonical,
 )
 from ...traceable import shifted_window_attention
@@ -99,6 +101,8 @@ TABLE: dict[Any, Rule] = {
     **dict.fromkeys(UNFLATTEN, literals.unflatten),
     ATEN_SLICE: literals.aten_slice,
     ATEN_INDEX: literals.aten_index,
+    INDEX_PUT: literals.index_put,
+    ROI_POOL: rules.spatial,
     operator.getitem: literals.getitem,
 }
 """Rule of each module type, function and Tensor method name."""

@@ -21,7 +21,7 @@ from torch.fx.node import map_aggregate
 
 from ... import metakeys as keys
 from ...graph import Family, Patch, PatchKind
-from ...optable import ATTENTION_PRODUCTS, PASS_THROUGH, canonical
+from ...optable import ATTENTION_PRODUCTS, CREATE, PASS_THROUGH, canonical
 from .labels import Labels, Param, compress
 from .layout import on_labels
 from .state import State, Unsupported, arg, family, target_name
@@ -207,6 +207,32 @@ def aten_index(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dic
     if any(v is not None and not isinstance(v, torch.Tensor) for v in index):
         raise Unsupported(f"node {node.name} indexes with a computed tensor")
     return gather(s, node, x, tuple(slice(None) if v is None else v for v in index))
+
+
+@family(Family.SHAPE)
+def index_put(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
+    """``x[index] = values`` (``aten.index_put``) along dims other than the channel dim: the channels of
+    ``values`` land on the same channels of ``x``. Into a tensor made from sizes alone (``torch.zeros``,
+    a detector's pooled features), they become its channels and the channel count there follows pruning."""
+    dst, values = s.labels(args[0], node), s.labels(arg(args, kwargs, 2, "values"), node)
+    indexed, out_shape = len(node.args[1]), s.shape(node)
+    if dst.dim is not None and dst.dim < indexed:
+        raise Unsupported(f"node {node.name} writes into the channel dim by index")
+    if values.dim is None or values.shape[values.dim] == 1:
+        return dst.with_shape(out_shape)
+    d = len(out_shape) - (len(values.shape) - values.dim)
+    if d < indexed:
+        raise Unsupported(f"node {node.name} writes channels into an indexed dim")
+    if dst.dim is None:
+        made = node.args[0]
+        at = 1 if made.args and isinstance(made.args[0], torch.fx.Node) else 0  # x.new_zeros(size) or torch.zeros(size)
+        if canonical(made.target) in CREATE and len(made.args) > at and isinstance(made.args[at], (list, tuple)):
+            s.patches.append(Patch(PatchKind.ARG, made.name, node.name, d, path=("args", at, d)))
+        return Labels(out_shape, d, values.ids)
+    if dst.dim != d:
+        raise Unsupported(f"node {node.name} writes channels of one dim into another")
+    s.uf.union_pairs(dst.ids, values.ids)
+    return dst.with_shape(out_shape)
 
 
 def gather(s: State, node: torch.fx.Node, x: Labels, index: Any) -> Labels:

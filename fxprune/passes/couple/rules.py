@@ -55,8 +55,10 @@ def unknown(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[s
 
 @family(Family.ELEMENTWISE)
 def creates(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
-    """``x.new_zeros(size)`` and the like: a constant; ``x`` only lends its dtype and device."""
-    if any(channel_sources(s, a) for a in (*node.args[1:], *node.kwargs.values())):
+    """``torch.zeros(size)``, ``x.new_zeros(size)`` and the like: a constant; ``x`` only lends its dtype
+    and device."""
+    sizes = node.args[1:] if node.op == "call_method" or keys.TENSOR_META in getattr(node.args[0], "meta", {}) else node.args
+    if any(channel_sources(s, a) for a in (*sizes, *node.kwargs.values())):
         raise Unsupported(f"node {node.name} creates a tensor sized by a channel count")
     return Labels(s.shape(node), None, s.uf.fresh(1))
 
@@ -64,6 +66,8 @@ def creates(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[s
 @family(Family.ELEMENTWISE)
 def elementwise(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
     """An op applied position by position to all its tensor operands (add, mul, where ...)."""
+    if not isinstance(node.meta.get(keys.TENSOR_META), TensorMetadata):
+        raise Unsupported(f"node {node.name} returns positions, not values")  # torch.where(condition)
     return merge(s, node, [*args, *kwargs.values()])
 
 
