@@ -2,7 +2,8 @@
 
 The model is copied structurally first (new module objects that share the user's tensors), so nothing
 done to the graph or to module attributes afterwards can reach the user's model. Tracing follows
-``torch.fx.symbolic_trace``'s rules. Fallbacks, in order, when that fails:
+``torch.fx.symbolic_trace``'s rules. Fallbacks, in order, when that fails (a run whose sizes depend on
+its data, as a detector's do, goes to the third at once: torch.export would fail on it, slowly):
 
 1. ``torch.export.export`` (non-strict) on the example inputs: it handles shape-dependent Python that
    symbolic tracing cannot, and yields an aten-level graph the coupling pass understands (also used
@@ -151,6 +152,23 @@ def _executed(root: nn.Module, example_inputs: Sequence[Any], how: str) -> torch
     return gm
 
 
+def _decides_on_data(gm: torch.fx.GraphModule) -> bool:
+    """True when the recorded run's sizes depend on its data (a boolean mask selects, NMS keeps, a value
+    is read back into Python): torch.export fails on such a model, after minutes on a detector."""
+    for n in gm.graph.nodes:
+        op = n.target
+        if not isinstance(op, torch._ops.OpOverload):
+            continue
+        if (op.namespace, op._opname) == ("torchvision", "nms") or torch.Tag.data_dependent_output in op.tags:
+            return True
+        if torch.Tag.dynamic_output_shape in op.tags:
+            if op is not torch.ops.aten.index.Tensor:
+                return True
+            if any(isinstance(a, torch.fx.Node) and getattr(a.meta.get("val"), "dtype", None) == torch.bool for a in n.args[1]):
+                return True
+    return False
+
+
 def capture(model: nn.Module | torch.export.ExportedProgram, example_inputs: Sequence[Any] = (),
             untraceable: BaseException | None = None) -> torch.fx.GraphModule:
     """Capture ``model`` as a GraphModule of its own, with the fallbacks described above.
@@ -174,6 +192,13 @@ def capture(model: nn.Module | torch.export.ExportedProgram, example_inputs: Seq
     else:
         first = untraceable
         reason = f"the symbolically traced graph fails to run: {str(first).splitlines()[0]}"
+    executed = f"the ops one run on the example inputs executes; the result is a pruned copy of the module tree ({reason})"
+    try:
+        run: torch.fx.GraphModule | None = _executed(root, example_inputs, executed)
+    except Exception as exc:
+        run, run_error = None, exc
+    if run is not None and _decides_on_data(run):
+        return run
     printed = io.StringIO()
     try:
         with contextlib.redirect_stderr(printed):  # a failing export prints its partial graph; keep that for --verbose
@@ -188,16 +213,14 @@ def capture(model: nn.Module | torch.export.ExportedProgram, example_inputs: Seq
         gm.meta[keys.CAPTURE] = f"torch.fx.symbolic_trace with opaque submodules ({reason})"
         return gm
     except Exception:
-        pass
-    try:
-        return _executed(root, example_inputs, f"the ops one run on the example inputs executes; the result is a pruned copy of the module tree ({reason})")
-    except Exception as exc:
-        raise TraceError(
-            f"could not capture {type(model).__name__} as a graph.\n"
-            f"  torch.fx.symbolic_trace: {type(first).__name__}: {first}\n    at {_user_frame(first)}\n"
-            f"  torch.export: {type(export_error).__name__}: {str(export_error).splitlines()[0]}\n"
-            f"  one eval-mode run on example_inputs: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}\n"
-            "  hint: check that the model runs in eval mode on example_inputs (a detector takes a list of "
-            "3-d images: example_inputs=([image],)); or move data-dependent control flow into a submodule "
-            "(it is then kept opaque and its channels frozen)."
-        ) from first
+        if run is not None:
+            return run
+    raise TraceError(
+        f"could not capture {type(model).__name__} as a graph.\n"
+        f"  torch.fx.symbolic_trace: {type(first).__name__}: {first}\n    at {_user_frame(first)}\n"
+        f"  torch.export: {type(export_error).__name__}: {str(export_error).splitlines()[0]}\n"
+        f"  one eval-mode run on example_inputs: {type(run_error).__name__}: {(str(run_error).splitlines() or [''])[0]}\n"
+        "  hint: check that the model runs in eval mode on example_inputs (a detector takes a list of "
+        "3-d images: example_inputs=([image],)); or move data-dependent control flow into a submodule "
+        "(it is then kept opaque and its channels frozen)."
+    ) from first

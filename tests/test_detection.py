@@ -1,0 +1,85 @@
+"""Whole torchvision detectors, one per family: their image transform, anchors, box decoding and NMS run
+in Python on the data, so fxprune captures the ops of one run and returns a pruned copy of the module
+tree. Backbone, FPN and heads all lose channels, coupled across the glue (RoI pooling, shared heads
+over FPN levels), and the copy still takes a list of images and returns the usual list of dicts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import fxprune
+
+SMALL = {"min_size": 128, "max_size": 160}
+FAMILIES: dict[str, dict[str, Any]] = {
+    "fasterrcnn_mobilenet_v3_large_320_fpn": {"box_score_thresh": 0.0, **SMALL},
+    "retinanet_resnet50_fpn": {"score_thresh": 0.0, **SMALL},
+    "fcos_resnet50_fpn": {"score_thresh": 0.0, **SMALL},
+    "ssdlite320_mobilenet_v3_large": {"score_thresh": 0.0},
+    "maskrcnn_resnet50_fpn": {"box_score_thresh": 0.0, "rpn_post_nms_top_n_test": 200, "box_detections_per_img": 20, **SMALL},
+    "keypointrcnn_resnet50_fpn": {"box_score_thresh": 0.0, "rpn_post_nms_top_n_test": 200, "box_detections_per_img": 10, **SMALL},
+}
+# Parameters of the backbone's feature extractor; everything else is FPN, extra layers and heads.
+FEATURES = ("backbone.body.", "backbone.features.")
+
+
+def detector(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    return torchvision.models.get_model(name, weights=None, weights_backbone=None, **FAMILIES[name]).eval()
+
+
+def images(*sizes: tuple[int, int]) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return [torch.rand(3, h, w, generator=gen) for h, w in sizes]
+
+
+def head_params(model: nn.Module) -> int:
+    return sum(p.numel() for name, p in model.named_parameters() if not name.startswith(FEATURES))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_detector_prunes_whole_and_still_detects(name: str) -> None:
+    model = detector(name)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    example = images((128, 160))
+    pruned = fxprune.compile(model, ratio=0.5, example_inputs=(example,), round_to=8)
+
+    assert type(pruned) is type(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "the user's model changed"
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    verified = pruned.meta["fxprune"]["verified"]
+    assert verified["max_abs_error"] <= verified["tolerance"]
+
+    report = fxprune.report(pruned)
+    assert report.macs[1] <= 0.51 * report.macs[0]
+    assert head_params(pruned) <= 0.8 * head_params(model)
+
+    batch = images((128, 160), (150, 120))  # a list of images of other sizes than the example's
+    with torch.no_grad():
+        got, want = pruned(batch), model(batch)
+    assert len(got) == 2 and [set(d) for d in got] == [set(d) for d in want]
+    assert all(len(d["boxes"]) > 0 and d["boxes"].shape[1] == 4 for d in got)
+
+
+def test_fpn_channels_are_coupled_across_rpn_and_roi_heads() -> None:
+    model = detector("fasterrcnn_mobilenet_v3_large_320_fpn")
+    pruned = fxprune.compile(model, ratio=0.5, example_inputs=(images((128, 160)),), round_to=8)
+    fpn = {block[0].out_channels for block in pruned.backbone.fpn.layer_blocks}
+    assert len(fpn) == 1 and fpn.pop() == pruned.rpn.head.conv[0][0].in_channels < 256
+    assert pruned.roi_heads.box_head.fc6.in_features == pruned.rpn.head.conv[0][0].in_channels * 7 * 7
+
+
+def test_pruned_detector_trains() -> None:
+    model = detector("fasterrcnn_mobilenet_v3_large_320_fpn")
+    pruned = fxprune.compile(model, ratio=0.5, example_inputs=(images((128, 160)),), round_to=8)
+    pruned.train()
+    target = {"boxes": torch.tensor([[10.0, 20.0, 90.0, 100.0]]), "labels": torch.tensor([3])}
+    losses = pruned(images((128, 160)), [target])
+    total = sum(losses.values())
+    total.backward()
+    assert torch.isfinite(total) and pruned.roi_heads.box_head.fc6.weight.grad is not None
+    assert model.roi_heads.box_head.fc6.weight.grad is None  # the result owns its tensors
