@@ -2,12 +2,12 @@
 
 The model is copied structurally first (new module objects that share the user's tensors), so nothing
 done to the graph or to module attributes afterwards can reach the user's model. Tracing follows
-``torch.fx.symbolic_trace``'s rules. Fallbacks, in order, when that fails (a run whose sizes depend on
-its data, as a detector's do, goes to the third at once: torch.export would fail on it, slowly):
+``torch.fx.symbolic_trace``'s rules. Fallbacks, in order, when that fails:
 
 1. ``torch.export.export`` (non-strict) on the example inputs: it handles shape-dependent Python that
    symbolic tracing cannot, and yields an aten-level graph the coupling pass understands (also used
-   when a traced graph fails to run, e.g. because a leaf function mutates a list argument);
+   when a traced graph fails to run, e.g. because a leaf function mutates a list argument). Skipped
+   when the run has sizes that depend on the data, as a detector's do: export fails on those, slowly;
 2. symbolic tracing again, keeping each submodule that cannot be traced as one opaque call; the
    coupling pass then freezes every channel it touches;
 3. the ops that one eval-mode run on the example inputs executes (``make_fx`` with real tensors, at the
@@ -15,7 +15,8 @@ its data, as a detector's do, goes to the third at once: torch.export would fail
    transforms, anchors, box decoding and NMS run in Python on the data, so no tracer captures them
    whole. The graph records that one run, sizes and branches included, so it serves the analysis only;
    ``gm.meta["fxprune_tree"]`` keeps the module tree it ran, and the result of pruning is a pruned
-   copy of that tree (``passes/transplant.py``).
+   copy of that tree (``passes/transplant.py``). Python branches that the example inputs do not take
+   are not seen: the verification checks the result on the example inputs only.
 
 ``gm.meta["fxprune_capture"]`` says how the graph was captured (and why a fallback was needed), and
 ``gm.meta["fxprune_opaque"]`` lists opaque modules; both are shown in the report.
@@ -152,14 +153,14 @@ def _executed(root: nn.Module, example_inputs: Sequence[Any], how: str) -> torch
     return gm
 
 
-def _decides_on_data(gm: torch.fx.GraphModule) -> bool:
-    """True when the recorded run's sizes depend on its data (a boolean mask selects, NMS keeps, a value
-    is read back into Python): torch.export fails on such a model, after minutes on a detector."""
+def _sized_by_data(gm: torch.fx.GraphModule) -> bool:
+    """True when the recorded run has sizes that depend on its data (NMS keeps, a boolean mask
+    selects): torch.export fails on such a model, after minutes on a detector."""
     for n in gm.graph.nodes:
         op = n.target
         if not isinstance(op, torch._ops.OpOverload):
             continue
-        if (op.namespace, op._opname) == ("torchvision", "nms") or torch.Tag.data_dependent_output in op.tags:
+        if (op.namespace, op._opname) == ("torchvision", "nms"):
             return True
         if torch.Tag.dynamic_output_shape in op.tags:
             if op is not torch.ops.aten.index.Tensor:
@@ -197,10 +198,10 @@ def capture(model: nn.Module | torch.export.ExportedProgram, example_inputs: Seq
         run: torch.fx.GraphModule | None = _executed(root, example_inputs, executed)
     except Exception as exc:
         run, run_error = None, exc
-    if run is not None and _decides_on_data(run):
-        return run
     printed = io.StringIO()
     try:
+        if run is not None and _sized_by_data(run):
+            raise TraceError("the run has sizes that depend on the data (not tried)")
         with contextlib.redirect_stderr(printed):  # a failing export prints its partial graph; keep that for --verbose
             return _exported(torch.export.export(root, tuple(example_inputs), strict=False), f"torch.export ({reason})")
     except Exception as exc:

@@ -79,13 +79,17 @@ def finalize(s: State, opaque: tuple[str, ...]) -> DependencyGraph:
 
 
 def freeze_reasons(s: State, to_atoms: Callable[[torch.Tensor], torch.Tensor]) -> dict[int, list[str]]:
-    """Why each frozen atom is frozen (its first three reasons)."""
+    """Why each frozen atom is frozen (its first three reasons; a label's first reason only)."""
     reasons: dict[int, list[str]] = defaultdict(list)
-    by_reason: dict[str, list[int]] = defaultdict(list)
-    for lab, why in s.frozen.items():
-        by_reason[why].append(lab)
+    by_reason: dict[str, list[torch.Tensor]] = defaultdict(list)
+    seen = torch.zeros(len(s.uf.parent), dtype=torch.bool)
+    for ids, why in s.frozen:
+        fresh = ids[~seen[ids]]
+        seen[fresh] = True
+        if fresh.numel():
+            by_reason[why].append(fresh)
     for why, labs in by_reason.items():
-        for a in torch.unique(to_atoms(torch.tensor(labs))).tolist():
+        for a in torch.unique(to_atoms(torch.cat(labs))).tolist():
             if a != NEVER_REMOVED and len(reasons[a]) < 3:
                 reasons[a].append(why)
     return reasons

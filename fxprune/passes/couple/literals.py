@@ -249,6 +249,12 @@ def constant(s: State, n: Any, depth: int = 8) -> Any:
     table and its views); an argument that depends on the model's inputs comes back as its node."""
     if not isinstance(n, torch.fx.Node):
         return n
+    if (n, depth) not in s.constants:
+        s.constants[(n, depth)] = _constant(s, n, depth)
+    return s.constants[(n, depth)]
+
+
+def _constant(s: State, n: torch.fx.Node, depth: int) -> Any:
     if n.op == "get_attr":
         value = s.env[n]
         return value.tensor if isinstance(value, Param) else value

@@ -77,7 +77,8 @@ class State:
         self.env: dict[torch.fx.Node, Any] = {}  # the interpreter's: node -> Labels / Param / value
         self.slots: dict[tuple[str, int], list[torch.Tensor]] = defaultdict(list)
         self.members: dict[tuple[str, int], Member] = {}
-        self.frozen: dict[int, str] = {}  # label -> why it cannot be removed
+        self.frozen: list[tuple[torch.Tensor, str]] = []  # labels that cannot be removed, and why
+        self.constants: dict[tuple[torch.fx.Node, int], Any] = {}  # memo of literals.constant
         self.notes: dict[str, str] = {}
         self.masked_norms: list[str] = []
         self.patches: list[Patch] = []
@@ -138,8 +139,7 @@ class State:
         def visit(v: Any) -> Any:
             v = self.as_labels(v)
             if isinstance(v, Labels):
-                for lab in v.ids.tolist():
-                    self.frozen.setdefault(lab, reason)
+                self.frozen.append((v.ids.reshape(-1), reason))
             return v
 
         map_aggregate(value, visit)
