@@ -182,7 +182,13 @@ def save(gm: torch.fx.GraphModule, path: PathLike, example_inputs: Inputs = None
     shapes. ``example_inputs`` defaults to random tensors of the shapes recorded in
     ``gm.meta["fxprune"]["inputs"]``; a model without that record needs them.
     """
-    record = gm.meta.get(keys.RECORD) if isinstance(gm, torch.fx.GraphModule) else None
+    record = gm.meta.get(keys.RECORD) if isinstance(getattr(gm, "meta", None), dict) else None
+    if isinstance(record, dict) and not isinstance(gm, torch.fx.GraphModule):
+        raise ArgumentError(
+            f"save() writes graphs, and this {type(gm).__name__} is a pruned copy of a module tree that no exporter captures "
+            "whole (a detector). Keep its plan and weights instead: json.dump(model.meta['fxprune']['plan'], f) and "
+            "torch.save(model.state_dict(), path); later fxprune.apply_plan(fresh_model, plan, example_inputs) rebuilds "
+            "the pruned architecture, and load_state_dict() restores the weights.")
     if not isinstance(record, dict) or "plan" not in record:
         raise ArgumentError("save() takes a GraphModule returned by fxprune.compile, prune, apply_plan or load")
     if example_inputs is None and "inputs" not in record:

@@ -5,6 +5,9 @@ over FPN levels), and the copy still takes a list of images and returns the usua
 
 from __future__ import annotations
 
+import copy
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -65,21 +68,37 @@ def test_detector_prunes_whole_and_still_detects(name: str) -> None:
     assert all(len(d["boxes"]) > 0 and d["boxes"].shape[1] == 4 for d in got)
 
 
-def test_fpn_channels_are_coupled_across_rpn_and_roi_heads() -> None:
+@pytest.fixture(scope="module")
+def faster_rcnn() -> tuple[nn.Module, nn.Module]:
     model = detector("fasterrcnn_mobilenet_v3_large_320_fpn")
-    pruned = fxprune.compile(model, ratio=0.5, example_inputs=(images((128, 160)),), round_to=8)
+    return model, fxprune.compile(model, ratio=0.5, example_inputs=(images((128, 160)),), round_to=8)
+
+
+def test_fpn_channels_are_coupled_across_rpn_and_roi_heads(faster_rcnn: tuple[nn.Module, nn.Module]) -> None:
+    _, pruned = faster_rcnn
     fpn = {block[0].out_channels for block in pruned.backbone.fpn.layer_blocks}
     assert len(fpn) == 1 and fpn.pop() == pruned.rpn.head.conv[0][0].in_channels < 256
     assert pruned.roi_heads.box_head.fc6.in_features == pruned.rpn.head.conv[0][0].in_channels * 7 * 7
 
 
-def test_pruned_detector_trains() -> None:
-    model = detector("fasterrcnn_mobilenet_v3_large_320_fpn")
-    pruned = fxprune.compile(model, ratio=0.5, example_inputs=(images((128, 160)),), round_to=8)
-    pruned.train()
+def test_pruned_detector_trains(faster_rcnn: tuple[nn.Module, nn.Module]) -> None:
+    model, pruned = faster_rcnn
+    trained = copy.deepcopy(pruned).train()
     target = {"boxes": torch.tensor([[10.0, 20.0, 90.0, 100.0]]), "labels": torch.tensor([3])}
-    losses = pruned(images((128, 160)), [target])
+    losses = trained(images((128, 160)), [target])
     total = sum(losses.values())
     total.backward()
-    assert torch.isfinite(total) and pruned.roi_heads.box_head.fc6.weight.grad is not None
+    assert torch.isfinite(total) and trained.roi_heads.box_head.fc6.weight.grad is not None
     assert model.roi_heads.box_head.fc6.weight.grad is None  # the result owns its tensors
+
+
+def test_plan_and_weights_rebuild_the_pruned_detector(faster_rcnn: tuple[nn.Module, nn.Module], tmp_path: Path) -> None:
+    _, pruned = faster_rcnn
+    with pytest.raises(fxprune.ArgumentError, match="apply_plan"):
+        fxprune.save(pruned, tmp_path / "detector.fxp")
+    plan = json.loads(json.dumps(pruned.meta["fxprune"]["plan"]))
+    rebuilt = fxprune.apply_plan(detector("fasterrcnn_mobilenet_v3_large_320_fpn"), plan, (images((128, 160)),))
+    rebuilt.load_state_dict(pruned.state_dict())
+    with torch.no_grad():
+        got, want = rebuilt(images((140, 140))), pruned(images((140, 140)))
+    torch.testing.assert_close(got[0]["boxes"], want[0]["boxes"], rtol=1e-4, atol=1e-3)
