@@ -1,14 +1,15 @@
 """The latency cost model and the measured channel multiple (``round_to="auto"``).
 
 Both rest on timings of the model's own layers, rebuilt at other widths with random weights: every
-conv (not transposed) and linear module whose MACs the FLOP model tracks. A layer's time at a width is
+conv (not transposed) and linear layer whose MACs the FLOP model tracks, called as a module or, in
+torch.export and ops-run graphs, as a function on its weight. A layer's time at a width is
 taken once per device, torch version, thread count and dtype and kept in the ``TimingCache``.
 
 ``LatencyModel`` answers the question ``select`` asks of a cost model, "what does the model cost with
 these atoms removed?", in milliseconds: each measured layer's time is interpolated (multilinear) on a
 grid of kept widths (a quarter, half, three quarters and all of each pruned dimension, rounded to the
 width rule's multiple), and shrinks in proportion below the smallest; a contraction that cannot be
-rebuilt (a matmul, a functional conv) costs its MACs at the measured layers' mean rate. Memory-bound
+rebuilt (a matmul) costs its MACs at the measured layers' mean rate. Memory-bound
 nodes (element-wise, normalization, pooling, reductions, concatenation) cost a measured time per element
 they read and write (``Traffic``): their tensors shrink with their kept channels, and at batch 1 on a
 CPU they are a large share of a thin model's time. What pruning does not change is the whole model's
@@ -26,11 +27,13 @@ than its FLOPs promise, and finer multiples that are as fast leave the budget mo
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
@@ -64,23 +67,21 @@ class Layer:
     options: tuple[tuple[str, Any], ...]
 
     @classmethod
-    def of(cls, node: torch.fx.Node, module: nn.Module, term: FlopTerm) -> "Layer | None":
+    def of(cls, node: torch.fx.Node, spec: tuple[str, dict[str, Any]], term: FlopTerm) -> "Layer | None":
         src = node.args[0] if node.args else None
         if not isinstance(src, torch.fx.Node) or keys.TENSOR_META not in src.meta:
             return None
         in_shape = tuple(src.meta[keys.TENSOR_META].shape)
         sizes = tuple(f.numel() for f in term.factors)
-        if type(module) in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
-            depthwise = module.groups > 1 and module.groups == module.in_channels
-            if len(sizes) != (1 if depthwise else 2):
-                return None
-            options = (("kernel_size", module.kernel_size), ("stride", module.stride), ("padding", module.padding),
-                       ("dilation", module.dilation), ("bias", module.bias is not None), ("padding_mode", module.padding_mode))
-            mult = module.out_channels // module.in_channels if depthwise else 0
-            return cls(type(module).__name__, in_shape, sizes, module.groups, mult, options)
-        if type(module) is nn.Linear and len(sizes) == 2:
-            return cls("Linear", in_shape, sizes, 1, 0, (("bias", module.bias is not None),))
-        return None
+        kind, m = spec
+        if kind == "Linear":
+            return cls(kind, in_shape, sizes, 1, 0, (("bias", m["bias"]),)) if len(sizes) == 2 else None
+        depthwise = m["groups"] > 1 and m["groups"] == m["in_channels"]
+        if len(sizes) != (1 if depthwise else 2):
+            return None
+        options = tuple((k, m[k]) for k in ("kernel_size", "stride", "padding", "dilation", "bias", "padding_mode"))
+        mult = m["out_channels"] // m["in_channels"] if depthwise else 0
+        return cls(kind, in_shape, sizes, m["groups"], mult, options)
 
     def snap(self, kept: tuple[int, ...], multiple: int) -> tuple[int, ...]:
         """``kept`` rounded up to widths the layer can have: multiples of ``multiple`` (when narrower than
@@ -120,6 +121,38 @@ class Layer:
         return cache.get(setting, self.key(kept), measure)
 
 
+def _spec(node: torch.fx.Node, gm: torch.fx.GraphModule, modules: dict[str, nn.Module]) -> tuple[str, dict[str, Any]] | None:
+    """(module class name, its attributes) of a conv (not transposed) or linear call: a module call, or a
+    function call on a parameter (the torch.export and ops-run graphs' form)."""
+    if node.op == "call_module":
+        m = modules[node.target]
+        if type(m) is nn.Linear:
+            return "Linear", {"bias": m.bias is not None}
+        if type(m) not in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+            return None
+        names = ("groups", "in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "padding_mode")
+        return type(m).__name__, {**{k: getattr(m, k) for k in names}, "bias": m.bias is not None}
+    t = canonical(node.target) if node.op == "call_function" else None
+    weight = node.args[1] if len(node.args) > 1 else None
+    if t not in (F.linear, F.conv1d, F.conv2d, F.conv3d) or not (isinstance(weight, torch.fx.Node) and weight.op == "get_attr"):
+        return None
+    w = operator.attrgetter(weight.target)(gm)
+    args = list(node.args) + [None] * (7 - len(node.args))
+    bias = args[2] is not None
+    if t is F.linear:
+        return "Linear", {"bias": bias}
+    d = w.dim() - 2
+
+    def per_dim(v: Any, default: int) -> Any:
+        v = default if v is None else v
+        return v if isinstance(v, str) else tuple(v) if isinstance(v, (list, tuple)) else (v,) * d
+
+    groups = args[6] or 1
+    return f"Conv{d}d", {"groups": groups, "in_channels": w.shape[1] * groups, "out_channels": w.shape[0],
+                         "kernel_size": tuple(w.shape[2:]), "stride": per_dim(args[3], 1), "padding": per_dim(args[4], 0),
+                         "dilation": per_dim(args[5], 1), "padding_mode": "zeros", "bias": bias}
+
+
 def measurable_layers(gm: torch.fx.GraphModule, graph: DependencyGraph) -> dict[int, Layer]:
     """Index of each FlopTerm that ``Layer`` can rebuild, and its recipe."""
     nodes = {n.name: n for n in gm.graph.nodes}
@@ -127,10 +160,10 @@ def measurable_layers(gm: torch.fx.GraphModule, graph: DependencyGraph) -> dict[
     found = {}
     for i, term in enumerate(graph.flop_terms):
         node = nodes.get(term.node)
-        if node is not None and node.op == "call_module":
-            layer = Layer.of(node, modules[node.target], term)
-            if layer is not None:
-                found[i] = layer
+        spec = _spec(node, gm, modules) if node is not None else None
+        layer = Layer.of(node, spec, term) if spec is not None else None
+        if layer is not None:
+            found[i] = layer
     return found
 
 
