@@ -46,6 +46,7 @@ from torch import nn
 
 import fxprune
 from fxprune.timing import measure_in_turns
+from latency import closest_ratio
 
 DETECTORS = ("fasterrcnn_resnet50_fpn,fasterrcnn_resnet50_fpn_v2,fasterrcnn_mobilenet_v3_large_fpn,"
              "fasterrcnn_mobilenet_v3_large_320_fpn,retinanet_resnet50_fpn,retinanet_resnet50_fpn_v2,ssd300_vgg16,"
@@ -100,17 +101,7 @@ def tp_at(model: nn.Module, inputs: tuple[Any, ...], flops: int) -> nn.Module:
                              ignored_layers=ignored, output_transform=outputs).step()
         return m
 
-    lo, hi, best = 0.0, 0.9, None
-    for _ in range(6):
-        mid = (lo + hi) / 2
-        m = prune(mid)
-        f = fxprune.count_flops(m, inputs)
-        if best is None or abs(f - flops) < abs(best[1] - flops):
-            best = (m, f)
-        if abs(f - flops) <= 0.03 * flops:
-            break
-        lo, hi = (mid, hi) if f > flops else (lo, mid)
-    return best[0]
+    return closest_ratio(prune, lambda m: fxprune.count_flops(m, inputs), flops, tries=6, tolerance=0.03, hi=0.9)
 
 
 def outputs(out: Any) -> list[torch.Tensor]:

@@ -30,6 +30,8 @@ import json
 import statistics
 import time
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torchvision
@@ -43,6 +45,23 @@ MODELS = ("resnet50,resnet18,mobilenet_v2,mobilenet_v3_large,efficientnet_b0,reg
           "densenet121,vgg16_bn,shufflenet_v2_x1_0,squeezenet1_1")
 
 
+def closest_ratio(prune: Callable[[float], Any], flops_of: Callable[[Any], int], flops: int, tries: int = 12,
+                  tolerance: float = 0.01, hi: float = 0.95) -> Any:
+    """The result of ``prune(ratio)`` whose ``flops_of`` is closest to ``flops`` (bisection on the ratio,
+    stopping within ``tolerance``)."""
+    lo, best = 0.0, None
+    for _ in range(tries):
+        mid = (lo + hi) / 2
+        m = prune(mid)
+        f = flops_of(m)
+        if best is None or abs(f - flops) < abs(best[1] - flops):
+            best = (m, f)
+        if abs(f - flops) <= tolerance * flops:
+            break
+        lo, hi = (mid, hi) if f > flops else (lo, mid)
+    return best[0]
+
+
 def tp_at(model: torch.nn.Module, x: torch.Tensor, flops: int) -> torch.nn.Module:
     """torch-pruning's result at the per-layer ratio whose FLOPs match ``flops`` (bisection)."""
     import torch_pruning as tp
@@ -53,17 +72,7 @@ def tp_at(model: torch.nn.Module, x: torch.Tensor, flops: int) -> torch.nn.Modul
                              round_to=8, ignored_layers=[classifier(m)]).step()
         return m
 
-    lo, hi, best = 0.0, 0.95, None
-    for _ in range(12):
-        mid = (lo + hi) / 2
-        m = prune(mid)
-        f = fxprune.count_flops(m, x)
-        if best is None or abs(f - flops) < abs(best[1] - flops):
-            best = (m, f)
-        if abs(f - flops) <= 0.01 * flops:
-            break
-        lo, hi = (mid, hi) if f > flops else (lo, mid)
-    return best[0]
+    return closest_ratio(prune, lambda m: fxprune.count_flops(m, x), flops)
 
 
 def main() -> None:

@@ -193,7 +193,7 @@ def test_cli_trips(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pyte
     (tmp_path / "mynets.py").write_text(
         "import torch\nfrom torch import nn\n"
         "def net(width=8):\n    return nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(width * 16 * 16, 4))\n"
-        "class Branchy(nn.Module):\n    def forward(self, x):\n        return x if x.sum() > 0 else -x\n"
+        "class Branchy(nn.Module):\n    def forward(self, x):\n        return x if x.sum() > 1e9 else x.view(5, -1)\n"
         "def branchy():\n    return Branchy()\n")
     assert main(["compile", "mynets:net", "--model-arg", "width=6", "--ratio", "0.3", "--input-shape", "3,16,16", "--quiet"]) == 0
     capsys.readouterr()
