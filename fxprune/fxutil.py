@@ -3,7 +3,8 @@
 * ``structural_copy``: a new module tree sharing the user's tensors, so attribute edits never reach them;
 * ``copy_graph``: a copy of a graph that keeps its codegen (an exported graph's input/output structure);
 * ``graph_module``: a GraphModule over a new graph, borrowing the modules and tensors of another;
-* ``eval_mode``: every submodule in eval mode for a while, each flag restored afterwards.
+* ``eval_mode``: every submodule in eval mode for a while, each flag restored afterwards;
+* ``is_get_attr``: whether a node argument reads a parameter or buffer of the graph module.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 import torch.fx
 from torch import nn
 
-__all__ = ["structural_copy", "copy_graph", "graph_module", "eval_mode"]
+__all__ = ["structural_copy", "copy_graph", "graph_module", "eval_mode", "is_get_attr"]
 
 
 def structural_copy(module: nn.Module, memo: dict[int, nn.Module] | None = None) -> nn.Module:
@@ -73,3 +74,8 @@ def eval_mode(*modules: nn.Module) -> Iterator[None]:
     finally:
         for m, training in flags:
             m.training = training
+
+
+def is_get_attr(arg: Any) -> bool:
+    """True when a node argument is a ``get_attr`` node (a parameter or buffer read by name)."""
+    return isinstance(arg, torch.fx.Node) and arg.op == "get_attr"

@@ -39,6 +39,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 
 from . import metakeys as keys
 from .flops import FlopModel
+from .fxutil import is_get_attr
 from .graph import NEVER_REMOVED, DependencyGraph, Family, FlopTerm
 from .optable import canonical
 from .timing import Setting, TimingCache, measure_in_turns
@@ -134,7 +135,7 @@ def _spec(node: torch.fx.Node, gm: torch.fx.GraphModule, modules: dict[str, nn.M
         return type(m).__name__, {**{k: getattr(m, k) for k in names}, "bias": m.bias is not None}
     t = canonical(node.target) if node.op == "call_function" else None
     weight = node.args[1] if len(node.args) > 1 else None
-    if t not in (F.linear, F.conv1d, F.conv2d, F.conv3d) or not (isinstance(weight, torch.fx.Node) and weight.op == "get_attr"):
+    if t not in (F.linear, F.conv1d, F.conv2d, F.conv3d) or not is_get_attr(weight):
         return None
     w = operator.attrgetter(weight.target)(gm)
     args = list(node.args) + [None] * (7 - len(node.args))

@@ -16,7 +16,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..fxutil import structural_copy
+from ..fxutil import is_get_attr, structural_copy
 from ..optable import CONV_FUNCS, canonical
 
 __all__ = ["transplant"]
@@ -38,7 +38,7 @@ def _node_attrs(gm: torch.fx.GraphModule) -> dict[str, dict[str, Any]]:
             continue
         at, pos, attr = entry
         weight = n.args[at]
-        if isinstance(weight, torch.fx.Node) and weight.op == "get_attr" and len(n.args) > pos:
+        if is_get_attr(weight) and len(n.args) > pos:
             value = n.args[pos]
             found.setdefault(weight.target.rpartition(".")[0], {})[attr] = tuple(value) if isinstance(value, list) else value
     return found

@@ -27,7 +27,7 @@ from torch import nn
 from .. import metakeys as keys
 from ..decisions import Decisions
 from ..errors import VerificationError
-from ..fxutil import copy_graph, eval_mode, graph_module, structural_copy
+from ..fxutil import copy_graph, eval_mode, graph_module, is_get_attr, structural_copy
 from ..graph import DependencyGraph
 from ..masks import kept_mask
 from ..optable import CONV_FUNCS, canonical
@@ -85,11 +85,8 @@ class _OracleBuilder:
         self.modules = dict(gm.named_modules())
 
     def mask_for(self, node: torch.fx.Node, dim: int) -> torch.Tensor | None:
-        entry = self.graph.tensor_atoms.get(node.name)
-        if entry is None or entry[0] != dim:
-            return None
-        keep = kept_mask(self.removed, entry[1])
-        if bool(keep.all()):
+        keep = _kept_along(self.graph, self.removed, node, dim)
+        if keep is None:
             return None
         shape = [1] * len(node.meta[keys.TENSOR_META].shape)
         shape[dim] = -1
@@ -257,11 +254,11 @@ def masked_tree(gm: torch.fx.GraphModule, graph: DependencyGraph, removed: torch
     for name, pos, dim in graph.consumers:
         node = nodes[name]
         keep = _kept_along(graph, removed, _arg_at(node.args, pos), dim)
-        weight = node.args[1] if len(node.args) > 1 else None
-        t = canonical(node.target)
         if keep is None:
             continue
-        if not (t in CONV_FUNCS or t is F.linear) or pos != 0 or not _is_attr(weight):
+        weight = node.args[1] if len(node.args) > 1 else None
+        t = canonical(node.target)
+        if not (t in CONV_FUNCS or t is F.linear) or pos != 0 or not is_get_attr(weight):
             raise VerificationError(f"node {name} ({node.target}) reads pruned channels, but not as the input of a conv "
                                     "or linear weight; fxprune checks a module tree only there. Put the module around it in ignore=.")
         owner, _, field = weight.target.rpartition(".")
@@ -276,11 +273,11 @@ def masked_tree(gm: torch.fx.GraphModule, graph: DependencyGraph, removed: torch
         keep = _kept_along(graph, removed, node.args[0], None)
         if keep is None:
             continue
-        mod = modules.get(weight.target.rpartition(".")[0]) if _is_attr(weight) else None
+        mod = modules.get(weight.target.rpartition(".")[0]) if is_get_attr(weight) else None
         if not isinstance(mod, (nn.GroupNorm, nn.LayerNorm)):
             raise VerificationError(f"node {name} normalizes over pruned channels outside a GroupNorm or LayerNorm module; "
                                     "fxprune checks a module tree only there. Put the module around it in ignore=.")
-        mod.register_forward_hook(_masked_norm_hook(keep.to(weight.meta[keys.TENSOR_META].dtype)))
+        mod.register_forward_hook(_masked_norm_hook(keep.to(mod.weight.dtype)))
     return oracle
 
 
@@ -291,10 +288,6 @@ def _masked_norm_hook(keep: torch.Tensor) -> Any:
         return masked_layer_norm(args[0], keep, m.weight, m.bias, m.eps)
 
     return hook
-
-
-def _is_attr(n: Any) -> bool:
-    return isinstance(n, torch.fx.Node) and n.op == "get_attr"
 
 
 def _kept_along(graph: DependencyGraph, removed: torch.Tensor, node: Any, dim: int | None) -> torch.Tensor | None:
