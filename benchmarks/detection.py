@@ -8,7 +8,9 @@ so every image yields the full number of detections and the mask and keypoint he
 1.0, so that the RPN always passes its full 1000 proposals to the RoI heads, as a trained R-CNN does on
 a real image: with random weights, NMS at 0.7 keeps a number of proposals that depends on the weights
 (859 for one model, 1000 for its pruned copy), and the two would do different amounts of RoI work.
-Segmenters take a 1x3xSxS tensor.
+BatchNorm statistics are estimated on four random images before anything else (``normalized``): random
+weights with the initial statistics leave activations unnormalized, and their scale then decides where
+proposals fall and how many boxes survive. Segmenters take a 1x3xSxS tensor.
 Rows per model:
 
 * ``ratio=0.5``: ``fxprune.compile(model, ratio=0.5, example_inputs=...)``, default settings
@@ -76,7 +78,32 @@ def build(name: str, size: int) -> nn.Module:
         kwargs = {"score_thresh": 0.0}
     extra = {"weights_backbone": None} if is_detector(name) else {"weights_backbone": None, "aux_loss": False}
     torch.manual_seed(0)
-    return torchvision.models.get_model(name, weights=None, **extra, **kwargs).eval()
+    model = torchvision.models.get_model(name, weights=None, **extra, **kwargs).eval()
+    return normalized(model, name, size)
+
+
+def normalized(model: nn.Module, name: str, size: int, images: int = 4) -> nn.Module:
+    """``model`` with BatchNorm statistics estimated on ``images`` seeded random images, as a trained
+    model has them. With the initial statistics (mean 0, variance 1) a random ResNet's activations grow
+    block after block; the pruned copy, summing fewer channels, then sees other proposals and boxes (all
+    1000 of its RPN proposals small and on the finest FPN level, against large boxes on coarse levels for
+    the original) and does other RoI and NMS work than the original, which is not what pruning changes."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return model
+    gen = torch.Generator().manual_seed(1)
+    batch = [torch.rand(3, size, size, generator=gen) for _ in range(images)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a plain average over the batch
+        m.train()
+    with torch.no_grad():
+        model(batch if is_detector(name) else torch.stack(batch))
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+        m.eval()
+    return model
 
 
 def example(name: str, size: int) -> tuple[Any, ...]:
