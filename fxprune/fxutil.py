@@ -4,7 +4,8 @@
 * ``copy_graph``: a copy of a graph that keeps its codegen (an exported graph's input/output structure);
 * ``graph_module``: a GraphModule over a new graph, borrowing the modules and tensors of another;
 * ``eval_mode``: every submodule in eval mode for a while, each flag restored afterwards;
-* ``is_get_attr``: whether a node argument reads a parameter or buffer of the graph module.
+* ``is_get_attr``: whether a node argument reads a parameter or buffer of the graph module;
+* ``arg``: a call's argument given by position or by keyword.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 import torch.fx
 from torch import nn
 
-__all__ = ["structural_copy", "copy_graph", "graph_module", "eval_mode", "is_get_attr"]
+__all__ = ["structural_copy", "copy_graph", "graph_module", "eval_mode", "is_get_attr", "arg"]
 
 
 def structural_copy(module: nn.Module, memo: dict[int, nn.Module] | None = None) -> nn.Module:
@@ -79,3 +80,8 @@ def eval_mode(*modules: nn.Module) -> Iterator[None]:
 def is_get_attr(arg: Any) -> bool:
     """True when a node argument is a ``get_attr`` node (a parameter or buffer read by name)."""
     return isinstance(arg, torch.fx.Node) and arg.op == "get_attr"
+
+
+def arg(args: tuple[Any, ...], kwargs: dict[str, Any], i: int, name: str, default: Any = None) -> Any:
+    """Argument ``i`` of a call, or keyword ``name``: from a node's own args or from their values."""
+    return args[i] if len(args) > i else kwargs.get(name, default)

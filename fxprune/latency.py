@@ -39,7 +39,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 
 from . import metakeys as keys
 from .flops import FlopModel
-from .fxutil import is_get_attr
+from .fxutil import arg, is_get_attr
 from .graph import NEVER_REMOVED, DependencyGraph, Family, FlopTerm
 from .optable import canonical
 from .timing import Setting, TimingCache, measure_in_turns
@@ -134,12 +134,12 @@ def _spec(node: torch.fx.Node, gm: torch.fx.GraphModule, modules: dict[str, nn.M
         names = ("groups", "in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "padding_mode")
         return type(m).__name__, {**{k: getattr(m, k) for k in names}, "bias": m.bias is not None}
     t = canonical(node.target) if node.op == "call_function" else None
-    weight = node.args[1] if len(node.args) > 1 else None
+    args, kwargs = node.args, node.kwargs
+    weight = arg(args, kwargs, 1, "weight")
     if t not in (F.linear, F.conv1d, F.conv2d, F.conv3d) or not is_get_attr(weight):
         return None
     w = operator.attrgetter(weight.target)(gm)
-    args = list(node.args) + [None] * (7 - len(node.args))
-    bias = args[2] is not None
+    bias = arg(args, kwargs, 2, "bias") is not None
     if t is F.linear:
         return "Linear", {"bias": bias}
     d = w.dim() - 2
@@ -148,10 +148,11 @@ def _spec(node: torch.fx.Node, gm: torch.fx.GraphModule, modules: dict[str, nn.M
         v = default if v is None else v
         return v if isinstance(v, str) else tuple(v) if isinstance(v, (list, tuple)) else (v,) * d
 
-    groups = args[6] or 1
+    groups = arg(args, kwargs, 6, "groups") or 1
     return f"Conv{d}d", {"groups": groups, "in_channels": w.shape[1] * groups, "out_channels": w.shape[0],
-                         "kernel_size": tuple(w.shape[2:]), "stride": per_dim(args[3], 1), "padding": per_dim(args[4], 0),
-                         "dilation": per_dim(args[5], 1), "padding_mode": "zeros", "bias": bias}
+                         "kernel_size": tuple(w.shape[2:]), "stride": per_dim(arg(args, kwargs, 3, "stride"), 1),
+                         "padding": per_dim(arg(args, kwargs, 4, "padding"), 0),
+                         "dilation": per_dim(arg(args, kwargs, 5, "dilation"), 1), "padding_mode": "zeros", "bias": bias}
 
 
 def measurable_layers(gm: torch.fx.GraphModule, graph: DependencyGraph) -> dict[int, Layer]:

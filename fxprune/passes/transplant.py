@@ -16,12 +16,13 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..fxutil import is_get_attr, structural_copy
+from ..fxutil import arg, is_get_attr, structural_copy
 from ..optable import CONV_FUNCS, canonical
 
 __all__ = ["transplant"]
 
-# Module attributes that a graph call's argument holds: op -> (weight position, argument position, attribute).
+# Module attributes that a graph call's argument holds: op -> (weight position, argument position, attribute),
+# the attribute's name being the argument's keyword too.
 _ARG_ATTRS: dict[Any, tuple[int, int, str]] = {
     **dict.fromkeys(CONV_FUNCS, (1, 6, "groups")),
     F.group_norm: (2, 1, "num_groups"),
@@ -34,12 +35,11 @@ def _node_attrs(gm: torch.fx.GraphModule) -> dict[str, dict[str, Any]]:
     found: dict[str, dict[str, Any]] = {}
     for n in gm.graph.nodes:
         entry = _ARG_ATTRS.get(canonical(n.target)) if n.op == "call_function" else None
-        if entry is None or len(n.args) <= entry[0]:
+        if entry is None:
             continue
         at, pos, attr = entry
-        weight = n.args[at]
-        if is_get_attr(weight) and len(n.args) > pos:
-            value = n.args[pos]
+        weight, value = arg(n.args, n.kwargs, at, "weight"), arg(n.args, n.kwargs, pos, attr)
+        if is_get_attr(weight) and value is not None:
             found.setdefault(weight.target.rpartition(".")[0], {})[attr] = tuple(value) if isinstance(value, list) else value
     return found
 

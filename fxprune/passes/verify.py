@@ -27,7 +27,7 @@ from torch import nn
 from .. import metakeys as keys
 from ..decisions import Decisions
 from ..errors import VerificationError
-from ..fxutil import copy_graph, eval_mode, graph_module, is_get_attr, structural_copy
+from ..fxutil import arg, copy_graph, eval_mode, graph_module, is_get_attr, structural_copy
 from ..graph import DependencyGraph
 from ..masks import kept_mask
 from ..optable import CONV_FUNCS, canonical
@@ -256,7 +256,7 @@ def masked_tree(gm: torch.fx.GraphModule, graph: DependencyGraph, removed: torch
         keep = _kept_along(graph, removed, _arg_at(node.args, pos), dim)
         if keep is None:
             continue
-        weight = node.args[1] if len(node.args) > 1 else None
+        weight = arg(node.args, node.kwargs, 1, "weight")
         t = canonical(node.target)
         if not (t in CONV_FUNCS or t is F.linear) or pos != 0 or not is_get_attr(weight):
             raise VerificationError(f"node {name} ({node.target}) reads pruned channels, but not as the input of a conv "
@@ -264,7 +264,7 @@ def masked_tree(gm: torch.fx.GraphModule, graph: DependencyGraph, removed: torch
         owner, _, field = weight.target.rpartition(".")
         mod = modules[owner]
         w = getattr(mod, field)
-        groups = node.args[6] if len(node.args) > 6 else 1
+        groups = arg(node.args, node.kwargs, 6, "groups", 1)
         mask = _input_mask(w, keep.to(w.dtype), groups if t in CONV_FUNCS else 1, CONV_FUNCS.get(t, False))
         mod._parameters[field] = nn.Parameter(w.detach() * mask, requires_grad=False)
     for name in graph.masked_norms:

@@ -14,9 +14,10 @@ from typing import Any
 import torch
 import torch.fx
 
+from ...fxutil import arg
 from ...graph import Family
 from .labels import Labels
-from .state import State, Unsupported, arg, family
+from .state import State, Unsupported, family
 
 
 @family(Family.CONTRACT)

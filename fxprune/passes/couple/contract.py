@@ -14,10 +14,11 @@ from typing import Any
 import torch
 import torch.fx
 
+from ...fxutil import arg
 from ...graph import Family, Patch, PatchKind, Role
 from ...optable import CONV_FUNCS, canonical
 from .labels import Labels, Param
-from .state import State, Unsupported, arg, family, owner, target_name
+from .state import State, Unsupported, family, owner, target_name
 
 
 @family(Family.CONTRACT)

@@ -20,11 +20,12 @@ import torch.fx
 from torch.fx.node import map_aggregate
 
 from ... import metakeys as keys
+from ...fxutil import arg
 from ...graph import Family, Patch, PatchKind
 from ...optable import ATTENTION_PRODUCTS, CREATE, PASS_THROUGH, canonical
 from .labels import Labels, Param, compress
 from .layout import on_labels
-from .state import State, Unsupported, arg, family, target_name
+from .state import State, Unsupported, family, target_name
 
 
 @family(Family.SHAPE)

@@ -13,9 +13,10 @@ from typing import Any
 
 import torch.fx
 
+from ...fxutil import arg
 from ...graph import Family, Patch, PatchKind, Role
 from .labels import Labels, Param
-from .state import State, Unsupported, arg, family, owner
+from .state import State, Unsupported, family, owner
 
 
 @family(Family.NORM)

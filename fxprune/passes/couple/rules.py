@@ -20,10 +20,11 @@ from torch import nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from ... import metakeys as keys
+from ...fxutil import arg
 from ...graph import Family, Patch, PatchKind, Role
 from .labels import Labels, Param, compress
 from .literals import channel_sources
-from .state import State, Unsupported, arg, family, owner, target_name
+from .state import State, Unsupported, family, owner, target_name
 
 
 def placeholder(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

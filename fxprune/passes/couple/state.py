@@ -24,7 +24,7 @@ from ...graph import Family, Member, Patch, Role
 from ...optable import canonical
 from .labels import Labels, Param, UnionFind
 
-__all__ = ["Unsupported", "Rule", "State", "family", "arg", "owner", "target_name"]
+__all__ = ["Unsupported", "Rule", "State", "family", "owner", "target_name"]
 
 Rule = Callable[["State", torch.fx.Node, tuple[Any, ...], dict[str, Any]], Any]
 
@@ -49,11 +49,6 @@ def family(kind: Family) -> Callable[[Rule], Rule]:
         return rule
 
     return mark
-
-
-def arg(args: tuple[Any, ...], kwargs: dict[str, Any], i: int, name: str, default: Any = None) -> Any:
-    """Argument ``i`` of a call, or keyword ``name``: from a node's own args or from their values."""
-    return args[i] if len(args) > i else kwargs.get(name, default)
 
 
 def owner(node: torch.fx.Node) -> str:

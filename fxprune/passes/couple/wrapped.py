@@ -19,9 +19,10 @@ import torch
 import torch.fx
 
 from ... import metakeys as keys
+from ...fxutil import arg
 from ...graph import Family, Patch, PatchKind, Role
 from .labels import Labels, Param
-from .state import State, Unsupported, arg, family, owner
+from .state import State, Unsupported, family, owner
 
 
 @family(Family.CONTRACT)
