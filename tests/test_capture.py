@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torchvision
 from torch import nn
@@ -44,3 +45,21 @@ def test_falls_back_to_torch_export_and_says_why() -> None:
     assert len(pruned.meta["fxprune"]["kept"]["parameters"]["a.weight"]["0"]) < 8
     with torch.no_grad():
         assert pruned(X).shape == (1, 4, 32, 32)
+
+
+class TakesOneBranch(nn.Module):
+    """Chooses a head from its data: one eval-mode run sees only one of them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.a, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 8, 1), nn.Conv2d(16, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.stem(x)
+        return self.a(y) if y.sum() > -1e9 else self.b(y)
+
+
+def test_a_module_the_recorded_run_never_used_is_an_error() -> None:
+    """Captured from one run, the pruned stem would no longer fit ``b``: refused, with ``b`` named."""
+    with pytest.raises(fxprune.TraceError, match=r"did not use 1 module\(s\) with parameters: b\. .*every module runs"):
+        fxprune.compile(TakesOneBranch().eval(), ratio=0.5, example_inputs=X)

@@ -74,3 +74,29 @@ def test_one_stage_detector_prunes_through_the_export_fallback() -> None:
     assert report.flops[1] <= 0.5 * report.flops[0]
     with torch.no_grad():
         assert small(x).shape == model(x).shape
+
+
+class Thresholded(nn.Module):
+    """Keeps the positions of two heads whose best score passes a threshold, concatenated, as a
+    detector's postprocessing does; on the example input no position passes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.p1, self.p2 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 4, 1), nn.Conv2d(16, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.stem(x).relu()
+        kept = []
+        for head in (self.p1, self.p2):
+            s = head(f).flatten(2).transpose(1, 2).reshape(-1, 4)
+            kept.append(s[s.amax(1) > 1e9])
+        return torch.cat(kept)
+
+
+def test_no_detections_on_the_example_input() -> None:
+    """Empty tensors through the glue (a concatenation of nothing) still couple, prune and verify."""
+    model, x = Thresholded().eval(), torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    small = fxprune.compile(model, ratio=0.5, example_inputs=x)
+    assert fxprune.count_flops(small, (x,)) <= 0.55 * fxprune.count_flops(model, (x,))
+    with torch.no_grad():
+        assert small(x).shape == (0, 4)

@@ -16,7 +16,9 @@ done to the graph or to module attributes afterwards can reach the user's model.
    whole. The graph records that one run, sizes and branches included, so it serves the analysis only;
    ``gm.meta["fxprune_tree"]`` keeps the module tree it ran, and the result of pruning is a pruned
    copy of that tree (``passes/transplant.py``). Python branches that the example inputs do not take
-   are not seen: the verification checks the result on the example inputs only.
+   are not seen: the verification checks the result on the example inputs only, and a module with
+   parameters that the run never used (in a branch not taken) is an error, since it may read channels
+   that pruning removes.
 
 ``gm.meta["fxprune_capture"]`` says how the graph was captured (and why a fallback was needed), and
 ``gm.meta["fxprune_opaque"]`` lists opaque modules; both are shown in the report.
@@ -153,6 +155,18 @@ def _executed(root: nn.Module, example_inputs: Sequence[Any], how: str) -> torch
     return gm
 
 
+def _idle_modules(gm: torch.fx.GraphModule, root: nn.Module) -> list[str]:
+    """The outermost modules of ``root`` with parameters, none of which the recorded run read."""
+    params = dict(root.named_parameters(remove_duplicate=False))
+    read = {id(params[n.target]) for n in gm.graph.nodes if n.op == "get_attr" and n.users and n.target in params}
+    idle: list[str] = []
+    for name, mod in root.named_modules():
+        own = list(mod.parameters())
+        if own and not any(id(p) in read for p in own) and not any(name.startswith(f"{i}.") for i in idle):
+            idle.append(name)
+    return idle
+
+
 def _sized_by_data(gm: torch.fx.GraphModule) -> bool:
     """True when the recorded run has sizes that depend on its data (NMS keeps, a boolean mask
     selects): torch.export fails on such a model, after minutes on a detector."""
@@ -215,7 +229,16 @@ def capture(model: nn.Module | torch.export.ExportedProgram, example_inputs: Seq
         return gm
     except Exception:
         if run is not None:
-            return run
+            idle = _idle_modules(run, root)
+            if not idle:
+                return run
+            raise TraceError(
+                f"could not capture {type(model).__name__}: only one eval-mode run on example_inputs records it "
+                f"(symbolic_trace: {type(first).__name__}; torch.export: {type(export_error).__name__}), and that run did not "
+                f"use {len(idle)} module(s) with parameters: {', '.join(idle[:4])}{', ...' if len(idle) > 4 else ''}. Unseen, they "
+                "could read channels that pruning removes. Give example inputs on which every module runs, or move the "
+                "branch that chooses between them into a submodule (it is then kept opaque and its channels frozen)."
+            ) from first
     raise TraceError(
         f"could not capture {type(model).__name__} as a graph.\n"
         f"  torch.fx.symbolic_trace: {type(first).__name__}: {first}\n    at {_user_frame(first)}\n"

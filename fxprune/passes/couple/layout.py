@@ -20,9 +20,10 @@ from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from ... import metakeys as keys
+from ...fxutil import arg
 from ...graph import Family
 from .labels import Labels, compress
-from .state import State, arg, family, target_name
+from .state import State, family, target_name
 
 Moved = tuple[int, torch.Tensor] | None  # (new dim, ids) of a tensor whose labels only moved, or None
 
@@ -131,7 +132,8 @@ def cat(s: State, args: tuple[Any, ...], kwargs: dict[str, Any], out_shape: tupl
     dim = arg(args, kwargs, 1, "dim", kwargs.get("axis", 0)) % len(out_shape)
     if all(lab.dim in (dim, None) for lab in labs):
         ids = torch.cat([lab.ids if lab.dim == dim else lab.ids[:1].expand(lab.shape[dim]) for lab in labs])
-        return Labels(out_shape, None, ids[:1]) if bool((ids == ids[0]).all()) else Labels(out_shape, dim, ids)
+        same = ids.numel() > 0 and bool((ids == ids[0]).all())  # no ids: the result is empty along dim
+        return Labels(out_shape, None, ids[:1]) if same else Labels(out_shape, dim, ids)
     first = labs[0]
     if all(lab.dim == first.dim and torch.equal(s.uf.roots(lab.ids), s.uf.roots(first.ids)) for lab in labs):
         return Labels(out_shape, first.dim, first.ids)
