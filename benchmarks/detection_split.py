@@ -1,0 +1,108 @@
+"""Where a detector's time goes, before and after pruning: each top-level part and the postprocessing.
+
+Builds the model as ``benchmarks/detection.py`` does (random weights, BatchNorm statistics estimated,
+score thresholds 0), prunes it with ``fxprune.compile(model, ratio=...)`` and times the original and
+the result in turns; forward hooks time each top-level child (backbone, rpn, roi_heads, head...) and a
+wrapper times ``postprocess_detections`` (inside roi_heads for the R-CNNs). The table gives the medians
+in milliseconds and the pruned / original ratio of each part, and the number of boxes that the
+postprocessing's NMS received (equal numbers mean equal postprocessing work).
+
+    python benchmarks/detection_split.py --model ssdlite320_mobilenet_v3_large
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from tabulate import tabulate
+from torch import nn
+from torchvision.ops import boxes as box_ops
+
+import fxprune
+from detection import build, example
+
+
+class PartClock:
+    """Milliseconds spent in each top-level child of a detector and in its postprocessing, per forward."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.ms: dict[str, list[float]] = defaultdict(list)
+        self.started: dict[str, float] = {}
+        for name, child in model.named_children():
+            if name != "transform":
+                child.register_forward_pre_hook(lambda _m, _a, name=name: self.started.__setitem__(name, time.perf_counter()))
+                child.register_forward_hook(lambda _m, _a, _o, name=name: self.stop(name))
+        owner = getattr(model, "roi_heads", model)
+        owner.postprocess_detections = self.timed(owner.postprocess_detections, "postprocess")
+
+    def stop(self, name: str) -> None:
+        self.ms[name].append(1e3 * (time.perf_counter() - self.started[name]))
+
+    def timed(self, fn: Callable[..., Any], name: str) -> Callable[..., Any]:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            self.started[name] = time.perf_counter()
+            out = fn(*args, **kwargs)
+            self.stop(name)
+            return out
+        return run
+
+
+def nms_boxes(model: nn.Module, inputs: tuple[Any, ...]) -> list[int]:
+    """How many boxes each batched NMS call of one forward receives."""
+    seen, original = [], box_ops.batched_nms
+
+    def counting(boxes: torch.Tensor, *args: Any) -> torch.Tensor:
+        seen.append(boxes.shape[0])
+        return original(boxes, *args)
+
+    box_ops.batched_nms = counting
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        box_ops.batched_nms = original
+    return seen
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="fasterrcnn_resnet50_fpn")
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--ratio", type=float, default=0.5)
+    ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    model, inputs = build(args.model, args.size), example(args.model, args.size)
+    pruned = fxprune.compile(model, ratio=args.ratio, example_inputs=inputs)
+    boxes = [nms_boxes(m, inputs) for m in (model, pruned)]
+    clocks, totals = [PartClock(m) for m in (model, pruned)], ([], [])
+    with torch.no_grad():
+        for m in (model, pruned):
+            m(*inputs)
+        for clock in clocks:
+            clock.ms.clear()
+        for _ in range(args.repeat):
+            for m, total in zip((model, pruned), totals):
+                t = time.perf_counter()
+                m(*inputs)
+                total.append(1e3 * (time.perf_counter() - t))
+    rows = []
+    for part in [*clocks[0].ms, "forward"]:
+        before, after = (statistics.median(c.ms[part] if part != "forward" else t) for c, t in zip(clocks, totals))
+        rows.append([part, f"{before:.1f}", f"{after:.1f}", f"{after / before:.2f}"])
+    print(tabulate(rows, headers=["part", "original ms", f"ratio={args.ratio:g} ms", "ratio"], tablefmt="github"))
+    print(f"\nboxes into NMS: original {boxes[0]}, pruned {boxes[1]}; {args.model}, input {args.size}, "
+          f"{args.threads} threads, medians of {args.repeat} forwards in turns")
+
+
+if __name__ == "__main__":
+    main()
