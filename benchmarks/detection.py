@@ -179,11 +179,9 @@ def main() -> None:
                 print(f"{name} {label}: {got}", flush=True)
             else:
                 variants[label] = got
-        if args.no_tp:
-            pass
-        elif name.startswith(("maskrcnn", "keypointrcnn")):
+        if not args.no_tp and name.startswith(("maskrcnn", "keypointrcnn")):
             print(f"{name} torch-pruning: not tried (out of memory building its dependency graph, see the docstring)", flush=True)
-        elif "ratio=0.5" in variants:
+        elif not args.no_tp and "ratio=0.5" in variants:
             t = time.perf_counter()
             try:
                 variants["torch-pruning"] = tp_at(model, inputs, fxprune.count_flops(variants["ratio=0.5"][0], inputs)), time.perf_counter() - t
