@@ -19,6 +19,7 @@ Rows per model:
 
 * ``ratio=0.5``: ``fxprune.compile(model, ratio=0.5, example_inputs=...)``, default settings
   (round_to="auto"), verified;
+* ``ratio=0.5, SELECTOR`` for each of --selectors (e.g. ``latency_per_flop``), verified;
 * ``speedup=2`` (with --speedup): ``fxprune.compile(model, speedup=2)``, which measures its result;
 * ``torch-pruning``: ``MetaPruner`` with L1 importance and ``round_to=8``, the predictors (class, box,
   mask, keypoint outputs) ignored, at the per-layer ratio (bisection, at most 6 tries) that gives the
@@ -160,6 +161,7 @@ def main() -> None:
                     help="zero (default): score thresholds 0 and the R-CNNs' RPN NMS at 1.0, the full detections and the "
                          "heaviest postprocessing; model: the model's own thresholds, which random weights' scores "
                          "(about 1/91 per class) mostly miss, so the R-CNNs' NMS and mask/keypoint heads get almost nothing")
+    ap.add_argument("--selectors", default="", help="comma-separated selectors, one ratio=0.5 row each (e.g. latency_per_flop)")
     ap.add_argument("--speedup", action="store_true", help="add a speedup=2 row")
     ap.add_argument("--no-tp", action="store_true", help="skip torch-pruning")
     ap.add_argument("--markdown", action="store_true")
@@ -172,7 +174,8 @@ def main() -> None:
         model, inputs = build(name, args.size, args.thresholds), example(name, args.size)
         base_flops, base_heads = fxprune.count_flops(model, inputs), head_params(model, name)
         variants: dict[str, tuple[nn.Module, float]] = {}
-        wanted = [("ratio=0.5", {"ratio": 0.5})] + ([("speedup=2", {"speedup": 2.0, "verify": False})] if args.speedup else [])
+        wanted = [("ratio=0.5", {"ratio": 0.5}), *[(f"ratio=0.5, {s}", {"ratio": 0.5, "selector": s}) for s in args.selectors.split(",") if s],
+                  *([("speedup=2", {"speedup": 2.0, "verify": False})] if args.speedup else [])]
         for label, kw in wanted:
             got = compile_row(model, inputs, **kw)
             if isinstance(got, str):

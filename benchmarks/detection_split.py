@@ -5,9 +5,11 @@ score thresholds 0), prunes it with ``fxprune.compile(model, ratio=...)`` and ti
 the result in turns; forward hooks time each top-level child (backbone, rpn, roi_heads, head...) and a
 wrapper times ``postprocess_detections`` (inside roi_heads for the R-CNNs). The table gives the medians
 in milliseconds and the pruned / original ratio of each part, and the number of boxes that the
-postprocessing's NMS received (equal numbers mean equal postprocessing work).
+postprocessing's NMS received and kept: its work grows with both, and with random weights the boxes a
+model predicts (so how many overlap and are suppressed) depend on the scale of its outputs, which
+pruning changes. --selectors prunes once per selector.
 
-    python benchmarks/detection_split.py --model ssdlite320_mobilenet_v3_large
+    python benchmarks/detection_split.py --model ssdlite320_mobilenet_v3_large --selectors uniform,latency_per_flop
 """
 
 from __future__ import annotations
@@ -54,13 +56,14 @@ class PartClock:
         return run
 
 
-def nms_boxes(model: nn.Module, inputs: tuple[Any, ...]) -> list[int]:
-    """How many boxes each batched NMS call of one forward receives."""
+def nms_boxes(model: nn.Module, inputs: tuple[Any, ...]) -> list[tuple[int, int]]:
+    """(boxes in, boxes kept) of each batched NMS call of one forward: NMS work grows with both."""
     seen, original = [], box_ops.batched_nms
 
     def counting(boxes: torch.Tensor, *args: Any) -> torch.Tensor:
-        seen.append(boxes.shape[0])
-        return original(boxes, *args)
+        keep = original(boxes, *args)
+        seen.append((boxes.shape[0], keep.numel()))
+        return keep
 
     box_ops.batched_nms = counting
     try:
@@ -76,32 +79,35 @@ def main() -> None:
     ap.add_argument("--model", default="fasterrcnn_resnet50_fpn")
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--ratio", type=float, default=0.5)
+    ap.add_argument("--selectors", default="uniform", help="comma-separated selectors, one pruned model each")
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     model, inputs = build(args.model, args.size), example(args.model, args.size)
-    pruned = fxprune.compile(model, ratio=args.ratio, example_inputs=inputs)
-    boxes = [nms_boxes(m, inputs) for m in (model, pruned)]
-    clocks, totals = [PartClock(m) for m in (model, pruned)], ([], [])
+    labels = ["original", *args.selectors.split(",")]
+    models = [model, *(fxprune.compile(model, ratio=args.ratio, example_inputs=inputs, selector=s) for s in labels[1:])]
+    boxes = [nms_boxes(m, inputs) for m in models]
+    clocks, totals = [PartClock(m) for m in models], [[] for _ in models]
     with torch.no_grad():
-        for m in (model, pruned):
+        for m in models:
             m(*inputs)
         for clock in clocks:
             clock.ms.clear()
         for _ in range(args.repeat):
-            for m, total in zip((model, pruned), totals):
+            for m, total in zip(models, totals):
                 t = time.perf_counter()
                 m(*inputs)
                 total.append(1e3 * (time.perf_counter() - t))
     rows = []
     for part in [*clocks[0].ms, "forward"]:
-        before, after = (statistics.median(c.ms[part] if part != "forward" else t) for c, t in zip(clocks, totals))
-        rows.append([part, f"{before:.1f}", f"{after:.1f}", f"{after / before:.2f}"])
-    print(tabulate(rows, headers=["part", "original ms", f"ratio={args.ratio:g} ms", "ratio"], tablefmt="github"))
-    print(f"\nboxes into NMS: original {boxes[0]}, pruned {boxes[1]}; {args.model}, input {args.size}, "
-          f"{args.threads} threads, medians of {args.repeat} forwards in turns")
+        ms = [statistics.median(c.ms[part] if part != "forward" else t) for c, t in zip(clocks, totals)]
+        rows.append([part, *(f"{v:.1f}" for v in ms), *(f"{v / ms[0]:.2f}" for v in ms[1:])])
+    headers = ["part", *(f"{label} ms" for label in labels), *(f"{label} ratio" for label in labels[1:])]
+    print(tabulate(rows, headers=headers, tablefmt="github"))
+    print(f"\nratio={args.ratio:g}; boxes into / kept by each NMS: " + "; ".join(f"{label} {b}" for label, b in zip(labels, boxes)))
+    print(f"{args.model}, input {args.size}, {args.threads} threads, medians of {args.repeat} forwards in turns")
 
 
 if __name__ == "__main__":

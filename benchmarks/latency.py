@@ -4,6 +4,7 @@ For each model (random weights, eval mode, 2 CPU threads unless --threads) and b
 
 * ``ratio=0.5``: ``fxprune.compile(model, ratio=0.5)`` with the default settings (round_to="auto");
 * ``ratio=0.5, round_to=8``;
+* ``ratio=0.5, SELECTOR`` for each of --selectors (e.g. ``latency_per_flop``);
 * ``speedup=S`` for each S of --speedups: ``fxprune.compile(model, speedup=S)``;
 * ``torch-pruning``: ``MetaPruner`` with L1 importance, ``round_to=8`` (its recommendation), the final
   classifier ignored, at the per-layer ratio (found by bisection) that gives the FLOPs of the
@@ -82,6 +83,7 @@ def main() -> None:
     ap.add_argument("--speedups", default="2", help="comma-separated speed-up targets, one row each")
     ap.add_argument("--repeat", type=int, default=21, help="timing rounds")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--selectors", default="", help="comma-separated selectors, one ratio=0.5 row each (e.g. latency_per_flop)")
     ap.add_argument("--no-tp", action="store_true", help="skip torch-pruning")
     ap.add_argument("--no-round-to-8", action="store_true", help="skip the ratio=0.5, round_to=8 row")
     ap.add_argument("--json", help="also write the rows as JSON")
@@ -98,6 +100,7 @@ def main() -> None:
             base = fxprune.count_flops(model, x)
             variants = {}
             rows_wanted = [("ratio=0.5", {"ratio": 0.5}), ("ratio=0.5, round_to=8", {"ratio": 0.5, "round_to": 8}),
+                           *[(f"ratio=0.5, {s}", {"ratio": 0.5, "selector": s}) for s in args.selectors.split(",") if s],
                            *[(f"speedup={s:g}", {"speedup": s}) for s in speedups]]
 
             def build(label: str, kw: dict) -> None:

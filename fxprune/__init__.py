@@ -20,7 +20,7 @@ from .iterate import History, StepRecord, prune_iteratively
 from .graph import DependencyGraph, Group, Member, Plan
 from .record import plan_fingerprint
 from .report import Report
-from .selectors import APoZ, BNScale, GflopsAware, L1, L2, LatencyAware, MeanActivation, Random, Selector, Taylor, Uniform
+from .selectors import APoZ, BNScale, GflopsAware, L1, L2, LatencyAware, LatencyPerFlop, MeanActivation, Random, Selector, Taylor, Uniform
 from .serialize import apply_plan, load, save
 from .strategy import Strategy
 from .timing import Latency, measure_latency
@@ -32,7 +32,7 @@ __all__ = [
     "save", "load", "apply_plan", "plan_fingerprint", "Strategy",
     "measure_latency", "Latency",
     "DependencyGraph", "Group", "Member", "Plan", "Report", "Selector", "Uniform", "Random", "L1", "L2",
-    "BNScale", "GflopsAware", "LatencyAware", "APoZ", "MeanActivation", "Taylor",
+    "BNScale", "GflopsAware", "LatencyAware", "LatencyPerFlop", "APoZ", "MeanActivation", "Taylor",
     "FxPruneError", "ArgumentError", "TraceError", "ShapeError", "PlanError",
     "TargetUnreachableError", "VerificationError", "ArchiveError",
 ]

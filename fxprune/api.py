@@ -72,12 +72,12 @@ def compile(  # noqa: A001 - the product's verb
     How channels are chosen is a ``Strategy``: pass one as ``strategy=``, or its fields as keywords
     (``selector=``, ``mode=``, ``min_width=``, ``round_to=``, ``seed=``, ``calibration=``, ``loss_fn=``),
     which replace the given strategy's. ``selector``: a name (uniform, random, l1, l2, bn_scale,
-    gflops_aware, latency_aware, apoz, mean_activation, taylor) or an object with a ``scores(graph, gm)`` method. The
+    gflops_aware, latency_aware, latency_per_flop, apoz, mean_activation, taylor) or an object with a ``scores(graph, gm)`` method. The
     data-driven ones (apoz, mean_activation, taylor) need ``calibration``: an iterable of batches (e.g. a
     DataLoader), each an input tensor, ``(input,)`` or ``(input, target)``, input being a tensor or a
     tuple of positional inputs (a single tensor is one batch); taylor also needs ``loss_fn(output,
     target)`` (target None for batches without one). ``mode``: "per_group" (the default: every group
-    loses the same fraction) or "global" (all channels ranked together; always for gflops_aware and latency_aware). Every
+    loses the same fraction) or "global" (all channels ranked together; always for gflops_aware, latency_aware and latency_per_flop). Every
     pruned group keeps at least ``min_width`` channel atoms and a multiple of ``round_to`` channels (of
     its half, quarter... when the group is narrower); ``round_to="auto"`` (the default) measures which
     multiple is fastest on this device (see latency.py). See passes/select.py for the exact rules.

@@ -13,6 +13,8 @@ through ``fxprune.stats``, which never touches them.
 
 from __future__ import annotations
 
+import heapq
+import math
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -31,7 +33,7 @@ from .stats import CALIBRATION_FORMS, LossFn, Tapped, activation_scores, tap
 from .timing import Setting, TimingCache
 
 __all__ = [
-    "Selector", "Uniform", "Random", "LpNorm", "L1", "L2", "BNScale", "BNTaylor", "GflopsAware", "LatencyAware", "ActivationSelector",
+    "Selector", "Uniform", "Random", "LpNorm", "L1", "L2", "BNScale", "BNTaylor", "GflopsAware", "LatencyAware", "LatencyPerFlop", "ActivationSelector",
     "APoZ", "MeanActivation", "Taylor", "get_selector",
 ]
 
@@ -181,6 +183,13 @@ class GflopsAware:
         return shrink_order(graph, {g.id: float(saved[g.atoms].mean()) for g in graph.prunable_groups})
 
 
+def _latency_model(graph: DependencyGraph, gm: torch.fx.GraphModule, flops: FlopModel) -> LatencyModel:
+    """The latency model of ``gm``'s own layers (timed once per device, cached), without the fixed part."""
+    inputs = tuple(torch.randn(n.meta[keys.TENSOR_META].shape, dtype=n.meta[keys.TENSOR_META].dtype)
+                   for n in gm.graph.nodes if n.op == "placeholder")
+    return LatencyModel(graph, flops, gm, None, Setting.of(gm, inputs), TimingCache(), 1)
+
+
 class LatencyAware:
     """No ranking of channels: like ``gflops_aware``, with the milliseconds that the latency model
     (``latency.LatencyModel``, timings of the model's own layers on this device, cached) says a group
@@ -191,9 +200,7 @@ class LatencyAware:
     comparable_across_groups = True
 
     def scores(self, graph: DependencyGraph, gm: torch.fx.GraphModule) -> Scores:
-        inputs = tuple(torch.randn(n.meta[keys.TENSOR_META].shape, dtype=n.meta[keys.TENSOR_META].dtype)
-                       for n in gm.graph.nodes if n.op == "placeholder")
-        model = LatencyModel(graph, FlopModel(graph, total_macs(gm)), gm, None, Setting.of(gm, inputs), TimingCache(), 1)
+        model = _latency_model(graph, gm, FlopModel(graph, total_macs(gm)))
         none = torch.zeros(graph.num_atoms, dtype=torch.bool)
         full, saving = model.cost(none), {}
         for g in graph.prunable_groups:
@@ -202,6 +209,80 @@ class LatencyAware:
             quarter[g.atoms[g.width - n:]] = True
             saving[g.id] = (full - model.cost(quarter)) / n
         return shrink_order(graph, saving)
+
+
+class LatencyPerFlop:
+    """No ranking of channels: the fastest model at a FLOPs budget, by the latency model's estimate.
+
+    Channels go in steps of an eighth of a group, last positions first. Each step is the one, among all
+    groups, that saves the most estimated milliseconds per MAC it removes (greedy), until every group is
+    down to a quarter of its width; the rest of every group then follows in uniform order. The thin,
+    memory-bound layers (depthwise convs, narrow convs at high resolution) run far below the dense ones'
+    rate, so they give up the most channels. At a FLOPs target this is the fastest allocation the
+    estimate finds at those FLOPs; at a latency target, the one that keeps the most MACs for the time.
+    Removing a step changes only the cost of the FLOP terms its atoms are in, so after each step only the
+    groups that share such a term with it are estimated again."""
+
+    name = "latency_per_flop"
+    comparable_across_groups = True
+    STEPS = 8
+    FLOOR = 0.25
+
+    def scores(self, graph: DependencyGraph, gm: torch.fx.GraphModule) -> Scores:
+        flops = FlopModel(graph, total_macs(gm))
+        model = _latency_model(graph, gm, flops)
+        groups = {g.id: g for g in graph.prunable_groups}
+        kept = {gid: g.width for gid, g in groups.items()}
+        floor = {gid: max(1, math.ceil(self.FLOOR * g.width)) for gid, g in groups.items()}
+        removed = torch.zeros(graph.num_atoms, dtype=torch.bool)
+        now = (model.cost(removed), flops.cost(removed))
+
+        def step(gid: int) -> tuple[float, torch.Tensor, tuple[float, float]]:
+            """(ms saved per MAC, the mask after, its cost) of ``gid``'s next step; 0 when it has none."""
+            n = min(max(1, groups[gid].width // self.STEPS), kept[gid] - floor[gid])
+            after = removed.clone()
+            if n <= 0:
+                return 0.0, after, now
+            after[groups[gid].atoms[kept[gid] - n : kept[gid]]] = True
+            cost = (model.cost(after), flops.cost(after))
+            macs = now[1] - cost[1]
+            return ((now[0] - cost[0]) / macs if macs > 0 else 0.0), after, cost
+
+        neighbours = _sharing_terms(graph, flops)
+        value = {gid: step(gid)[0] for gid in groups}
+        heap = [(-v, gid) for gid, v in value.items() if v > 0]
+        heapq.heapify(heap)
+        out = {gid: torch.zeros(g.width, dtype=torch.float64) for gid, g in groups.items()}
+        rounds = 0
+        while heap:
+            v, gid = heapq.heappop(heap)
+            if -v != value[gid]:  # estimated before a neighbour's step
+                continue
+            _, after, now = step(gid)
+            n = int((after & ~removed).sum())
+            out[gid][kept[gid] - n : kept[gid]] = rounds + 0.5 * torch.arange(n, 0, -1, dtype=torch.float64) / n
+            kept[gid] -= n
+            removed, rounds = after, rounds + 1
+            for other in neighbours[gid]:
+                value[other] = step(other)[0]
+                if value[other] > 0:
+                    heapq.heappush(heap, (-value[other], other))
+        for gid, g in groups.items():
+            out[gid][: kept[gid]] = rounds + 1 + (1 - torch.arange(kept[gid], dtype=torch.float64) / g.width)
+        return out
+
+
+def _sharing_terms(graph: DependencyGraph, flops: FlopModel) -> dict[int, set[int]]:
+    """For each prunable group, the prunable groups that appear in a FLOP term with it (itself included)."""
+    in_term: dict[int, set[int]] = {}
+    owners = graph.atom_group[flops.cols].tolist()
+    for term, group in zip(flops.term_of[flops.rows].tolist(), owners):
+        in_term.setdefault(term, set()).add(group)
+    out: dict[int, set[int]] = {g.id: {g.id} for g in graph.prunable_groups}
+    for members in in_term.values():
+        for gid in members & out.keys():
+            out[gid] |= members & out.keys()
+    return out
 
 
 class BNTaylor:
@@ -304,7 +385,7 @@ class Taylor(ActivationSelector):
 
 _BY_NAME: dict[str, type] = {
     "uniform": Uniform, "random": Random, "l1": L1, "l2": L2, "bn_scale": BNScale, "gflops_aware": GflopsAware,
-    "latency_aware": LatencyAware,
+    "latency_aware": LatencyAware, "latency_per_flop": LatencyPerFlop,
     "apoz": APoZ, "mean_activation": MeanActivation, "taylor": Taylor, "bn_taylor": BNTaylor,
 }
 

@@ -45,7 +45,7 @@ class Strategy:
     """How channels are chosen; see ``fxprune.compile`` for what each field means."""
 
     selector: str | Selector = field(default="uniform", metadata=_cli(
-        "uniform (default), random, l1, l2, bn_scale, gflops_aware, latency_aware, or with --calibration DIR apoz, "
+        "uniform (default), random, l1, l2, bn_scale, gflops_aware, latency_aware, latency_per_flop, or with --calibration DIR apoz, "
         "mean_activation, taylor, bn_taylor"))
     mode: Mode | None = field(default=None, metadata=_cli(
         "per_group: same fraction of every group (default); global: all channels ranked together", choices=MODES))

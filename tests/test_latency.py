@@ -6,6 +6,7 @@ test checks behaviour, never the speed of this machine; benchmarks/latency.py me
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -164,6 +165,39 @@ def test_ranking_free_selectors_never_empty_a_group(fake_clock: None, selector: 
         assert 1 < a < b <= 16
         if ratio >= 0.6:
             assert b < 16
+
+
+def slow_5x5(models, inputs, *, repeat=15, warmup=3, min_ms=5.0):
+    """``fake_measure``, with 5x5 convs taking 5 ms per MFLOP: their channels cost the most time per MAC."""
+    out = fake_measure(models, inputs, repeat=repeat, warmup=warmup, min_ms=min_ms)
+    slow = [isinstance(m, nn.Conv2d) and m.kernel_size == (5, 5) for m in models]
+    return [dataclasses.replace(t, median_ms=5 * t.median_ms, q1_ms=5 * t.q1_ms, q3_ms=5 * t.q3_ms) if s else t
+            for t, s in zip(out, slow)]
+
+
+def test_latency_per_flop_removes_the_slowest_channels_per_mac_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """two_groups with a slow 5x5 conv: group A (its outputs) saves 4.3x more ms per MAC than group B, so
+    at 60% fewer FLOPs A alone shrinks (uniform would cut both to 10 of 16), and never below its quarter
+    while B still has channels above its own."""
+    monkeypatch.setattr(latency, "measure_in_turns", slow_5x5)
+    model = two_groups()
+    pruned = fxprune.compile(model, ratio=0.6, example_inputs=X16, selector="latency_per_flop", round_to=1)
+    assert width(pruned, "0") in (4, 5, 6) and width(pruned, "2") == 16
+    again = fxprune.compile(model, ratio=0.6, example_inputs=X16, selector="latency_per_flop", round_to=1)
+    assert pruned.meta["fxprune"]["kept"] == again.meta["fxprune"]["kept"]
+    deeper = fxprune.compile(model, ratio=0.75, example_inputs=X16, selector="latency_per_flop", round_to=1)
+    assert width(deeper, "0") == 4 and width(deeper, "2") < 16
+
+
+def test_latency_per_flop_never_empties_a_group(fake_clock: None) -> None:
+    """With every layer at the same rate, group B (fewer MACs per channel for the same memory traffic)
+    goes first, and past both groups' quarters both still keep channels (80% fewer FLOPs)."""
+    model = two_groups()
+    for ratio in (0.4, 0.6, 0.8):
+        pruned = fxprune.compile(model, ratio=ratio, example_inputs=X16, selector="latency_per_flop", round_to=1)
+        a, b = width(pruned, "0"), width(pruned, "2")
+        assert 1 < min(a, b) and b < 16
+        assert ratio == 0.8 or b < a
 
 
 def test_shrink_order_is_capped_and_keeps_first_atoms_last() -> None:
