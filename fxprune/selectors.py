@@ -258,7 +258,7 @@ class LatencyPerFlop:
             v, gid = heapq.heappop(heap)
             if -v != value[gid]:  # estimated before a neighbour's step
                 continue
-            _, after, now = step(gid)
+            _, after, now = step(gid)  # the value holds, but the mask and cost must include every step since
             n = int((after & ~removed).sum())
             out[gid][kept[gid] - n : kept[gid]] = rounds + 0.5 * torch.arange(n, 0, -1, dtype=torch.float64) / n
             kept[gid] -= n
