@@ -53,7 +53,7 @@ from torch import nn
 
 import fxprune
 from fxprune.timing import measure_in_turns
-from latency import closest_ratio
+from latency import SELECTORS_HELP, closest_ratio, selector_rows
 
 DETECTORS = ("fasterrcnn_resnet50_fpn,fasterrcnn_resnet50_fpn_v2,fasterrcnn_mobilenet_v3_large_fpn,"
              "fasterrcnn_mobilenet_v3_large_320_fpn,retinanet_resnet50_fpn,retinanet_resnet50_fpn_v2,ssd300_vgg16,"
@@ -161,7 +161,7 @@ def main() -> None:
                     help="zero (default): score thresholds 0 and the R-CNNs' RPN NMS at 1.0, the full detections and the "
                          "heaviest postprocessing; model: the model's own thresholds, which random weights' scores "
                          "(about 1/91 per class) mostly miss, so the R-CNNs' NMS and mask/keypoint heads get almost nothing")
-    ap.add_argument("--selectors", default="", help="comma-separated selectors, one ratio=0.5 row each (e.g. latency_per_flop)")
+    ap.add_argument("--selectors", default="", help=SELECTORS_HELP)
     ap.add_argument("--speedup", action="store_true", help="add a speedup=2 row")
     ap.add_argument("--no-tp", action="store_true", help="skip torch-pruning")
     ap.add_argument("--markdown", action="store_true")
@@ -174,7 +174,7 @@ def main() -> None:
         model, inputs = build(name, args.size, args.thresholds), example(name, args.size)
         base_flops, base_heads = fxprune.count_flops(model, inputs), head_params(model, name)
         variants: dict[str, tuple[nn.Module, float]] = {}
-        wanted = [("ratio=0.5", {"ratio": 0.5}), *[(f"ratio=0.5, {s}", {"ratio": 0.5, "selector": s}) for s in args.selectors.split(",") if s],
+        wanted = [("ratio=0.5", {"ratio": 0.5}), *selector_rows(args.selectors),
                   *([("speedup=2", {"speedup": 2.0, "verify": False})] if args.speedup else [])]
         for label, kw in wanted:
             got = compile_row(model, inputs, **kw)

@@ -63,6 +63,14 @@ def closest_ratio(prune: Callable[[float], Any], flops_of: Callable[[Any], int],
     return best[0]
 
 
+SELECTORS_HELP = "comma-separated selectors, one ratio=0.5 row each (e.g. latency_per_flop)"
+
+
+def selector_rows(names: str) -> list[tuple[str, dict[str, Any]]]:
+    """The rows of --selectors: ``ratio=0.5`` with each comma-separated selector."""
+    return [(f"ratio=0.5, {s}", {"ratio": 0.5, "selector": s}) for s in names.split(",") if s]
+
+
 def tp_at(model: torch.nn.Module, x: torch.Tensor, flops: int) -> torch.nn.Module:
     """torch-pruning's result at the per-layer ratio whose FLOPs match ``flops`` (bisection)."""
     import torch_pruning as tp
@@ -83,7 +91,7 @@ def main() -> None:
     ap.add_argument("--speedups", default="2", help="comma-separated speed-up targets, one row each")
     ap.add_argument("--repeat", type=int, default=21, help="timing rounds")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--selectors", default="", help="comma-separated selectors, one ratio=0.5 row each (e.g. latency_per_flop)")
+    ap.add_argument("--selectors", default="", help=SELECTORS_HELP)
     ap.add_argument("--no-tp", action="store_true", help="skip torch-pruning")
     ap.add_argument("--no-round-to-8", action="store_true", help="skip the ratio=0.5, round_to=8 row")
     ap.add_argument("--json", help="also write the rows as JSON")
@@ -100,7 +108,7 @@ def main() -> None:
             base = fxprune.count_flops(model, x)
             variants = {}
             rows_wanted = [("ratio=0.5", {"ratio": 0.5}), ("ratio=0.5, round_to=8", {"ratio": 0.5, "round_to": 8}),
-                           *[(f"ratio=0.5, {s}", {"ratio": 0.5, "selector": s}) for s in args.selectors.split(",") if s],
+                           *selector_rows(args.selectors),
                            *[(f"speedup={s:g}", {"speedup": s}) for s in speedups]]
 
             def build(label: str, kw: dict) -> None:
