@@ -138,13 +138,15 @@ ARCHS = {"vgg": VGG, "resnet": ResNet, "squeezenet": SqueezeNet}
 # name -> prune_iteratively options; random runs with two seeds. gflops_aware and latency_aware rank
 # nothing: groups shrink at a capped rate proportional to the MACs (the measured milliseconds) that one
 # of their channels saves; bn_taylor (coarse) ranks by |gamma * dL/dgamma| read from fine-tuning's own
-# gradients.
+# gradients; latency_per_flop takes greedy steps of the groups that save the most estimated
+# milliseconds per MAC.
 RUNS = {
     "random (seed 0)": {"selector": "random", "seed": 0}, "random (seed 1)": {"selector": "random", "seed": 1},
     "uniform": {"selector": "uniform"}, "l1": {"selector": "l1"},
     "taylor (coarse)": {"selector": "taylor", "coarse": True}, "taylor (separate)": {"selector": "taylor", "coarse": False},
     "bn_taylor (coarse)": {"selector": "bn_taylor", "coarse": True},
     "gflops_aware": {"selector": "gflops_aware"}, "latency_aware": {"selector": "latency_aware"},
+    "latency_per_flop": {"selector": "latency_per_flop"},
 }
 
 

@@ -20,7 +20,7 @@ layers and the costliest depthwise conv (by MACs) it times every output width ``
 widths that ends at a multiple of 32 near half the layer's width, with the input narrowed in proportion
 when it is pruned too (as in a pruned model). The fastest way to keep at least ``w`` channels costs
 ``low(w) = min(t(v) for v >= w)``; a multiple ``r`` of 1, 2, 4, 8, 16 is as slow as ``t(w) / low(w)``
-averaged over its multiples in the window and over the layers. The rule picks the smallest ``r`` within
+averaged over its multiples in the window below the top (a multiple of them all) and over the layers. The rule picks the smallest ``r`` within
 0.02 of the best. Widths off the steps of the latency curve are what makes a pruned model slower than
 its FLOPs promise, and finer multiples that are as fast leave the budget more freedom; a few percent
 per layer is a few percent of the whole model, more than the finer steps win back.
@@ -333,7 +333,7 @@ def fast_multiple(gm: torch.fx.GraphModule, graph: DependencyGraph, setting: Set
             ms[w] = layer.time((w,) if layer.multiplier else (c_in, w), setting, cache)
         low = {w: min(ms[v] for v in ms if v >= w) for w in ms}
         for r in MULTIPLES:
-            on = [ms[w] / low[w] for w in ms if w % r == 0]
+            on = [ms[w] / low[w] for w in ms if w % r == 0 and w < top]  # the top is on every step
             slowdown[r] += sum(on) / len(on) / len(chosen)
     cache.save()
     return next(r for r in MULTIPLES if slowdown[r] <= min(slowdown.values()) + TOLERANCE)
