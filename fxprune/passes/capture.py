@@ -7,7 +7,9 @@ done to the graph or to module attributes afterwards can reach the user's model.
 1. ``torch.export.export`` (non-strict) on the example inputs: it handles shape-dependent Python that
    symbolic tracing cannot, and yields an aten-level graph the coupling pass understands (also used
    when a traced graph fails to run, e.g. because a leaf function mutates a list argument). Skipped
-   when the run has sizes that depend on the data, as a detector's do: export fails on those, slowly;
+   when the run has sizes that depend on the data, as a detector's do: export fails on those, slowly.
+   That run (step 3's) is therefore taken first: one extra eval-mode run where export then succeeds,
+   against minutes of a failing export on a detector;
 2. symbolic tracing again, keeping each submodule that cannot be traced as one opaque call; the
    coupling pass then freezes every channel it touches;
 3. the ops that one eval-mode run on the example inputs executes (``make_fx`` with real tensors, at the
