@@ -150,6 +150,31 @@ def test_round_to_auto_picks_the_fast_steps(monkeypatch: pytest.MonkeyPatch, ste
     assert all(len(keep) % expected == 0 for keep in pruned.meta["fxprune"]["plan"].values())
 
 
+@pytest.mark.measured
+def test_round_to_auto_wants_the_fast_steps_even_a_few_percent_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Widths off multiples of 8 run 5% slower: a few percent per layer is a few percent of the whole
+    model, so "auto" takes 8 (within 2% of the best), not the finest multiple within 5%."""
+    monkeypatch.setattr(latency.Layer, "time", lambda self, kept, setting, cache: 1.0 if kept[-1] % 8 == 0 else 1.05)
+    a = pipeline.analyze(Net().eval(), X)
+    assert latency.fast_multiple(a.gm, a.graph, Setting.of(a.gm, a.inputs), TimingCache()) == 8
+
+
+@pytest.mark.measured
+def test_round_to_auto_narrows_a_pruned_input_with_the_output(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pruned model narrows a layer's input channels with its outputs, so the widths are timed that way."""
+    timed: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+
+    def time(self, kept, setting, cache):
+        timed.append((self.sizes, kept))
+        return 0.01 * kept[-1]
+
+    monkeypatch.setattr(latency.Layer, "time", time)
+    a = pipeline.analyze(Net().eval(), X)
+    latency.fast_multiple(a.gm, a.graph, Setting.of(a.gm, a.inputs), TimingCache())
+    assert {sizes for sizes, _ in timed} == {(64, 96), (96, 64)}  # b and c, the costliest; their inputs are pruned
+    assert all(kept[0] == round(sizes[0] * kept[1] / sizes[1]) for sizes, kept in timed)
+
+
 def test_an_explicit_round_to_wins() -> None:
     pruned = fxprune.compile(Net().eval(), ratio=0.5, example_inputs=X, verify=False, round_to=4)
     assert pruned.meta["fxprune"]["strategy"]["round_to"] == 4 and "round_to_measured" not in pruned.meta["fxprune"]["strategy"]
