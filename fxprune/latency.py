@@ -23,7 +23,9 @@ when it is pruned too (as in a pruned model). The fastest way to keep at least `
 averaged over its multiples in the window below the top (a multiple of them all) and over the layers. The rule picks the smallest ``r`` within
 0.02 of the best. Widths off the steps of the latency curve are what makes a pruned model slower than
 its FLOPs promise, and finer multiples that are as fast leave the budget more freedom; a few percent
-per layer is a few percent of the whole model, more than the finer steps win back.
+per layer is a few percent of the whole model, more than the finer steps win back. A model with grouped
+convs (not depthwise) gets at least 8, which the width rule applies to their per-group widths: below 8
+channels per group their kernels save FLOPs but hardly any time, which these dense timings do not show.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ MULTIPLES = (1, 2, 4, 8, 16)
 GRID = (0.25, 0.5, 0.75, 1.0)
 WINDOW = 32
 TOLERANCE = 0.02
+GROUPED = 8  # the least multiple for a model with grouped convs (module docstring)
 
 
 @dataclass(frozen=True)
@@ -88,11 +91,16 @@ class Layer:
 
     def snap(self, kept: tuple[int, ...], multiple: int) -> tuple[int, ...]:
         """``kept`` rounded up to widths the layer can have: multiples of ``multiple`` (when narrower than
-        the full size), of the conv's groups for its outputs, of the depthwise multiplier."""
+        the full size), of the depthwise multiplier; a grouped conv's per-group widths a multiple of
+        ``multiple`` or all of them."""
         out = []
         for i, (k, n) in enumerate(zip(kept, self.sizes)):
-            step = self.multiplier or (self.groups if i == 1 else 1)
-            step = math.lcm(step, multiple) if n > multiple else step
+            if self.groups > 1 and not self.multiplier:  # per-group widths: a multiple, or all (select.WidthRule)
+                unit = self.groups if i == 1 else 1
+                step = unit * (multiple if n // unit > multiple else n // unit)
+            else:
+                step = self.multiplier or 1
+                step = math.lcm(step, multiple) if n > multiple else step
             out.append(min(n, max(step, -(-k // step) * step)))
         return tuple(out)
 
@@ -319,8 +327,9 @@ def fast_multiple(gm: torch.fx.GraphModule, graph: DependencyGraph, setting: Set
     dense = [i for i in ranked if layers[i].groups == 1 and layers[i].sizes[-1] >= 2 * WINDOW]
     depthwise = [i for i in ranked if layers[i].multiplier == 1 and layers[i].sizes[-1] >= 2 * WINDOW]
     chosen = list({layers[i].key(layers[i].sizes): i for i in dense[:2] + depthwise[:1]}.values())
+    least = GROUPED if any(layer.groups > 1 and not layer.multiplier for layer in layers.values()) else 1
     if not chosen:
-        return 1
+        return least
     slowdown = dict.fromkeys(MULTIPLES, 0.0)
     for i in chosen:
         layer, c_in = layers[i], layers[i].sizes[0]
@@ -336,4 +345,4 @@ def fast_multiple(gm: torch.fx.GraphModule, graph: DependencyGraph, setting: Set
             on = [ms[w] / low[w] for w in ms if w % r == 0 and w < top]  # the top is on every step
             slowdown[r] += sum(on) / len(on) / len(chosen)
     cache.save()
-    return next(r for r in MULTIPLES if slowdown[r] <= min(slowdown.values()) + TOLERANCE)
+    return max(least, next(r for r in MULTIPLES if slowdown[r] <= min(slowdown.values()) + TOLERANCE))

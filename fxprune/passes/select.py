@@ -16,10 +16,13 @@ lowest-scored first, ties broken by position (the last first). A *schedule* maps
 
 Every count then obeys the WidthRule: a pruned group keeps at least ``min_width`` atoms and a channel
 count that is a multiple of ``round_to`` (of half of it, a quarter..., for groups not wider than that,
-so that a narrow group still keeps a width on the fast steps; the nearest allowed count); an atom
-may stand for several channels (one position in every group of a grouped conv), so a grouped conv of 13
-groups of 8 channels keeps all 8 positions at ``round_to=8``, the per-group width its kernels run at (a
-group may always keep all of its atoms). ``t`` is found by
+so that a narrow group still keeps a width on the fast steps; the nearest allowed count). An atom that
+is a block of channels (an attention head) counts all of them. An atom that repeats, one position in
+every group of a grouped conv (or in every copy of a repeated tensor), counts once: the per-group width
+is what the kernels run at, so such a group keeps a multiple of ``round_to`` atoms, or all of them when
+it is not wider (no halving: a grouped conv at 4 channels per group instead of 8 saves FLOPs but hardly
+any time), and a RegNet's 8-channel groups stay whole at ``round_to=8`` while the budget goes to the
+other groups (a group may always keep all of its atoms). ``t`` is found by
 bisection as the smallest fraction whose cost fits the target; of the groups that remove more atoms at
 ``t`` than just below it, as many as fit (in group order, again by bisection) get those atoms back;
 while more than 0.5% of the budget is unused, each group in turn may get one more step back (one atom,
@@ -71,25 +74,28 @@ class WidthRule:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ArgumentError(f"{name} must be an integer >= 1, got {value!r}")
 
-    def step(self, width: int, channels_per_atom: int = 1) -> int:
+    def step(self, width: int, channels_per_atom: int = 1, repeated: bool = False) -> int:
         """The multiple of atoms a pruned group of ``width`` atoms keeps: ``round_to`` channels, halved
-        while the group is not wider than that (a 16-channel group keeps 8 or 16 at ``round_to=16``)."""
+        while the group is not wider than that (a 16-channel group keeps 8 or 16 at ``round_to=16``);
+        for ``repeated`` atoms (positions in every group of a grouped conv) ``round_to`` atoms, or all."""
+        if repeated:
+            return self.round_to if width > self.round_to else width
         r = self.round_to
         while r > 1 and width * channels_per_atom <= r:
             r //= 2
         return r // math.gcd(r, channels_per_atom)
 
-    def kept(self, width: int, removed: int, channels_per_atom: int = 1) -> int:
+    def kept(self, width: int, removed: int, channels_per_atom: int = 1, repeated: bool = False) -> int:
         """The allowed kept count nearest to ``width - removed`` (a tie keeps more)."""
         want = max(width - removed, self.min_width)
-        step = self.step(width, channels_per_atom)
+        step = self.step(width, channels_per_atom, repeated)
         up = min(width, -(-want // step) * step)
         down = want // step * step
         return down if down >= self.min_width and want - down < up - want else up
 
-    def more(self, width: int, kept: int, channels_per_atom: int = 1) -> int:
+    def more(self, width: int, kept: int, channels_per_atom: int = 1, repeated: bool = False) -> int:
         """The next allowed kept count above ``kept`` (``width`` at most)."""
-        step = self.step(width, channels_per_atom)
+        step = self.step(width, channels_per_atom, repeated)
         return min(width, (kept // step + 1) * step)
 
     def __str__(self) -> str:
@@ -148,10 +154,10 @@ def select(
     widths = {g.id: g.width for g in groups}
     schedule = _per_group_schedule(groups) if mode == "per_group" else _global_schedule(groups, order, scores, comparable)
 
-    per_atom = _channels_per_atom(graph, groups)
+    kinds = _atom_kinds(graph, groups)
 
     def counts_at(t: float) -> dict[int, int]:
-        return {g.id: g.width - rule.kept(g.width, n, per_atom[g.id]) for g, n in zip(groups, schedule(t))}
+        return {g.id: g.width - rule.kept(g.width, n, *kinds[g.id]) for g, n in zip(groups, schedule(t))}
 
     fragile = _fragile_tensors(graph, groups, order)
 
@@ -208,7 +214,7 @@ def select(
             break
         n, w = counts[g.id], widths[g.id]
         if n:
-            fewer = w - rule.more(w, w - n, per_atom[g.id])
+            fewer = w - rule.more(w, w - n, *kinds[g.id])
             atoms = g.atoms[order[g.id][w - n : w - fewer]]
             before = removed[atoms].clone()
             removed[atoms] = False
@@ -222,18 +228,25 @@ def select(
     return Plan({gid: (~mask).nonzero().flatten().tolist() for gid, mask in gone.items() if bool(mask.any())})
 
 
-def _channels_per_atom(graph: DependencyGraph, groups: list[Group]) -> dict[int, int]:
-    """How many output channels each group's atom stands for: 1, or the group count of a grouped conv
-    whose per-group positions are the atoms (the most indices per atom in a member's dim 0, the output
-    dim of weights and the only dim of biases and norm parameters)."""
+def _atom_kinds(graph: DependencyGraph, groups: list[Group]) -> dict[int, tuple[int, bool]]:
+    """For each group, how many output channels its atom stands for (1, or the most indices per atom in a
+    member's dim 0: the output dim of weights, the only dim of biases and norm parameters) and whether
+    it repeats: in some member more than once, and nowhere at two neighbouring indices (a position in
+    every group of a grouped conv, not a head's block of channels)."""
     n = max(graph.num_atoms, 1)
-    ids = [atoms[atoms >= 0] + k * n for k, ((_, dim), atoms) in enumerate(graph.member_atoms.items()) if dim == 0]
     per_atom = torch.ones(n, dtype=torch.long)
-    if ids:
-        keys, counts = torch.unique(torch.cat(ids), return_counts=True)
-        per_atom = per_atom.scatter_reduce(0, keys % n, counts, "amax")
+    block = torch.zeros(n, dtype=torch.bool)
+    for (_, dim), atoms in graph.member_atoms.items():
+        at = (atoms >= 0).nonzero().flatten()
+        if dim != 0 or at.numel() == 0:
+            continue
+        ids = atoms[at]
+        per_atom = torch.maximum(per_atom, torch.zeros(n, dtype=torch.long).index_add_(0, ids, torch.ones_like(ids)))
+        block[ids[1:][(at[1:] == at[:-1] + 1) & (ids[1:] == ids[:-1])]] = True
+    repeats = ((per_atom > 1) & ~block)[: graph.num_atoms].long()
     per_group = torch.ones(len(graph.groups), dtype=torch.long).scatter_reduce(0, graph.atom_group, per_atom[: graph.num_atoms], "amax")
-    return {g.id: int(per_group[g.id]) for g in groups}
+    repeated = torch.zeros(len(graph.groups), dtype=torch.long).scatter_reduce(0, graph.atom_group, repeats, "amax")
+    return {g.id: (int(per_group[g.id]), bool(repeated[g.id])) for g in groups}
 
 
 def _fragile_tensors(graph: DependencyGraph, groups: list[Group], order: dict[int, torch.Tensor]) -> list[torch.Tensor]:
