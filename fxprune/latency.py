@@ -20,12 +20,13 @@ layers and the costliest depthwise conv (by MACs) it times every output width ``
 widths that ends at a multiple of 32 near half the layer's width, with the input narrowed in proportion
 when it is pruned too (as in a pruned model). The fastest way to keep at least ``w`` channels costs
 ``low(w) = min(t(v) for v >= w)``; a multiple ``r`` of 1, 2, 4, 8, 16 is as slow as ``t(w) / low(w)``
-averaged over its multiples in the window below the top (a multiple of them all) and over the layers. The rule picks the smallest ``r`` within
-0.02 of the best. Widths off the steps of the latency curve are what makes a pruned model slower than
-its FLOPs promise, and finer multiples that are as fast leave the budget more freedom; a few percent
-per layer is a few percent of the whole model, more than the finer steps win back. A model with grouped
-convs (not depthwise) gets at least 8, which the width rule applies to their per-group widths: below 8
-channels per group their kernels save FLOPs but hardly any time, which these dense timings do not show.
+averaged over its multiples in the window below the top (a multiple of them all) and over the layers.
+The rule picks the smallest ``r`` within 0.02 of the best. Widths off the steps of the latency curve are
+what makes a pruned model slower than its FLOPs promise, and finer multiples that are as fast leave the
+budget more freedom; a few percent per layer is a few percent of the whole model, more than the finer
+steps win back. A model with grouped convs (not depthwise) gets at least 8, which the width rule applies
+to their per-group widths: below 8 channels per group their kernels save FLOPs but hardly any time,
+which these dense timings do not show.
 """
 
 from __future__ import annotations

@@ -241,7 +241,8 @@ def _atom_kinds(graph: DependencyGraph, groups: list[Group]) -> dict[int, tuple[
         if dim != 0 or at.numel() == 0:
             continue
         ids = atoms[at]
-        per_atom = torch.maximum(per_atom, torch.zeros(n, dtype=torch.long).index_add_(0, ids, torch.ones_like(ids)))
+        keys, counts = torch.unique(ids, return_counts=True)
+        per_atom = per_atom.scatter_reduce(0, keys, counts, "amax")
         block[ids[1:][(at[1:] == at[:-1] + 1) & (ids[1:] == ids[:-1])]] = True
     repeats = ((per_atom > 1) & ~block)[: graph.num_atoms].long()
     per_group = torch.ones(len(graph.groups), dtype=torch.long).scatter_reduce(0, graph.atom_group, per_atom[: graph.num_atoms], "amax")
