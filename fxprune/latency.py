@@ -47,6 +47,7 @@ from .flops import FlopModel
 from .fxutil import arg, is_get_attr
 from .graph import NEVER_REMOVED, DependencyGraph, Family, FlopTerm
 from .optable import canonical
+from .passes.select import WidthRule
 from .timing import Setting, TimingCache, measure_in_turns
 
 __all__ = ["Layer", "Traffic", "LatencyModel", "fast_multiple", "MULTIPLES"]
@@ -96,9 +97,9 @@ class Layer:
         ``multiple`` or all of them."""
         out = []
         for i, (k, n) in enumerate(zip(kept, self.sizes)):
-            if self.groups > 1 and not self.multiplier:  # per-group widths: a multiple, or all (select.WidthRule)
+            if self.groups > 1 and not self.multiplier:  # the width rule's per-group widths
                 unit = self.groups if i == 1 else 1
-                step = unit * (multiple if n // unit > multiple else n // unit)
+                step = unit * WidthRule(round_to=multiple).step(n // unit, repeated=True)
             else:
                 step = self.multiplier or 1
                 step = math.lcm(step, multiple) if n > multiple else step
