@@ -16,6 +16,7 @@ import torch.fx
 from torch import nn
 
 from .. import metakeys as keys
+from ..codegen import direct_access
 from ..fxutil import copy_graph
 from ..graph import DependencyGraph, Patch, PatchKind, Plan
 from ..masks import kept_mask, removed_mask
@@ -156,6 +157,7 @@ class _Rewriter:
         for p in self.graph.patches:
             if p.kind == PatchKind.ATTR:
                 setattr(new.get_submodule(p.target), p.field, self.size(p))
+        direct_access(new.graph)
         new.recompile()
         new.training = gm.training
         new.meta[keys.RECORD] = {"kept": self.kept_record()}

@@ -1,0 +1,74 @@
+"""Generated code that reaches submodules through ``_modules``, so a thin model at batch 1 runs faster.
+
+FX's code names a submodule by its attribute chain (``self.layer1.0.conv1``), and every step of the chain
+resolves through ``nn.Module.__getattr__``, which Python calls only after the ordinary lookup has failed
+with an ``AttributeError``. That is a few microseconds per call of a module three or four levels deep:
+about a millisecond per forward of a MobileNet or RegNet, 2-5% of its batch-1 latency on a CPU, which the
+eager model (one lookup per module, none in ``nn.Sequential``) does not pay. ``direct_access`` makes a
+graph's code index ``self._modules['layer1']._modules['0']._modules['conv1']`` instead: the lookups that
+``__getattr__`` itself makes, so a submodule the user replaces or deletes is seen as before.
+
+It wraps whatever code generator the graph has (a torch.export graph's handles its inputs' and outputs'
+structure) and only rewrites the module paths in the code that generator emits, each time it runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import Any
+
+import torch.fx
+from torch.fx.graph import CodeGen, PythonCode
+
+__all__ = ["direct_access"]
+
+_CLASSES: dict[type, type] = {}
+
+
+def _attribute_chain(root: str, target: str) -> str:
+    """How FX's code names ``target`` under ``root`` (a step that is not an identifier goes through getattr)."""
+    for step in target.split("."):
+        root = f"{root}.{step}" if step.isidentifier() else f'getattr({root}, "{step}")'
+    return root
+
+
+def _direct(root: str, path: list[str]) -> str:
+    return root + "".join(f"._modules[{step!r}]" for step in path)
+
+
+def _literal(text: str) -> str:
+    """``text`` as a replacement of ``re.sub`` (no group references)."""
+    return text.replace("\\", "\\\\")
+
+
+class _DirectAccess:
+    """Mixed into the graph's own code generator class (see the module docstring)."""
+
+    def _gen_python_code(self, nodes: Any, root_module: str, *args: Any, **kwargs: Any) -> PythonCode:
+        code = super()._gen_python_code(nodes, root_module, *args, **kwargs)  # type: ignore[misc]
+        calls = {n.target for n in nodes if n.op == "call_module"}
+        reads = {n.target for n in nodes if n.op == "get_attr" and "." in n.target}
+        src = code.src
+        for target in sorted(calls | reads):
+            *owners, last = target.split(".")
+            chain = re.escape(_attribute_chain(root_module, target))
+            if target in calls:  # the chain followed by the call's parenthesis
+                src = re.sub(rf"(?<![\w.]){chain}(?=\()", _literal(_direct(root_module, [*owners, last])), src)
+            if target in reads:  # the whole chain; its last step is a tensor or another attribute
+                src = re.sub(rf"(?<![\w.]){chain}(?![\w.(])", _literal(_attribute_chain(_direct(root_module, owners), last)), src)
+        code.src = src
+        return code
+
+
+def direct_access(graph: torch.fx.Graph) -> None:
+    """Make ``graph``'s code reach submodules through ``_modules``; takes effect at the next ``recompile``."""
+    base = type(graph._codegen)
+    if issubclass(base, _DirectAccess):
+        return
+    cls = _CLASSES.get(base)
+    if cls is None:
+        cls = _CLASSES[base] = type(f"Direct{base.__name__}", (_DirectAccess, base), {})
+    codegen: CodeGen = copy.copy(graph._codegen)
+    codegen.__class__ = cls
+    graph.set_codegen(codegen)

@@ -1,0 +1,99 @@
+"""The pruned model's code reaches submodules through ``_modules`` (fxprune/codegen.py)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import fxprune
+from fxprune.codegen import direct_access
+
+
+@contextmanager
+def module_lookups() -> Iterator[list[str]]:
+    """The names that ``nn.Module.__getattr__`` resolves to a submodule while the block runs."""
+    found: list[str] = []
+    lookup = nn.Module.__getattr__
+
+    def counting(self: nn.Module, name: str):  # noqa: ANN202 - nn.Module's own signature
+        value = lookup(self, name)
+        if isinstance(value, nn.Module):
+            found.append(name)
+        return value
+
+    nn.Module.__getattr__ = counting
+    try:
+        yield found
+    finally:
+        nn.Module.__getattr__ = lookup
+
+
+@pytest.fixture(scope="module")
+def pruned() -> torch.fx.GraphModule:
+    model = torchvision.models.resnet18(weights=None).eval()
+    return fxprune.compile(model, example_inputs=torch.randn(1, 3, 64, 64), ratio=0.5)
+
+
+def test_the_forward_looks_up_no_submodule_by_attribute(pruned: torch.fx.GraphModule) -> None:
+    x = torch.randn(1, 3, 64, 64)
+    plain = torch.fx.GraphModule(pruned, copy.deepcopy(pruned.graph))
+    plain.graph.set_codegen(torch.fx.graph.CodeGen())
+    plain.recompile()
+    with torch.no_grad(), module_lookups() as before:
+        expected = plain(x)
+    with torch.no_grad(), module_lookups() as after:
+        got = pruned(x)
+    assert len(before) >= 60  # layer1.0.conv1 and the like: one lookup per step of each path
+    assert after == []
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)  # the same modules, in the same order
+    assert "self._modules['layer1']._modules['0']._modules['conv1'](" in pruned.code
+
+
+def test_a_replaced_or_deleted_submodule_is_seen(pruned: torch.fx.GraphModule) -> None:
+    gm = copy.deepcopy(pruned)
+    x = torch.randn(2, 3, 64, 64)
+    block = gm.get_submodule("layer4.1")
+    block.conv2, block.bn2 = nn.Identity(), nn.Identity()
+    with torch.no_grad():
+        assert not torch.allclose(gm(x), pruned(x), atol=1e-3)
+    del gm.fc
+    with pytest.raises(KeyError, match="fc"):
+        gm(x)
+
+
+def test_deepcopy_keeps_the_code_and_torch_export_runs_it(pruned: torch.fx.GraphModule) -> None:
+    x = torch.randn(1, 3, 64, 64)
+    copied = copy.deepcopy(pruned)
+    assert copied.code == pruned.code
+    ep = torch.export.export(pruned, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(x), pruned(x), rtol=1e-4, atol=1e-4)
+
+
+class TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.branch = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.scale = nn.Parameter(torch.tensor(2.0))
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.branch(inputs["a"]) * self.scale, inputs["b"] + 1
+
+
+def test_an_exported_graph_keeps_its_input_and_output_structure() -> None:
+    inputs = {"a": torch.randn(1, 3, 8, 8), "b": torch.randn(4)}
+    gm = torch.export.export(TwoInputs(), ({"a": inputs["a"], "b": inputs["b"]},)).module()
+    expected = gm(inputs)
+    direct_access(gm.graph)
+    gm.recompile()
+    direct_access(gm.graph)  # a second call changes nothing
+    got = gm(inputs)
+    assert isinstance(got, tuple) and len(got) == 2
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
