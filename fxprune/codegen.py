@@ -10,6 +10,7 @@ graph's code index ``self._modules['layer1']._modules['0']._modules['conv1']`` i
 
 It wraps whatever code generator the graph has (a torch.export graph's handles its inputs' and outputs'
 structure) and only rewrites the module paths in the code that generator emits, each time it runs.
+TorchScript compiles attribute chains only: ``DirectGraphModule`` hands it a copy with FX's own code.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ import re
 from typing import Any
 
 import torch.fx
+from torch import nn
 from torch.fx.graph import CodeGen, PythonCode
 
-__all__ = ["direct_access"]
+__all__ = ["direct_access", "DirectGraphModule"]
 
 _CLASSES: dict[type, type] = {}
 
@@ -37,28 +39,31 @@ def _direct(root: str, path: list[str]) -> str:
     return root + "".join(f"._modules[{step!r}]" for step in path)
 
 
-def _literal(text: str) -> str:
-    """``text`` as a replacement of ``re.sub`` (no group references)."""
-    return text.replace("\\", "\\\\")
-
-
 class _DirectAccess:
     """Mixed into the graph's own code generator class (see the module docstring)."""
 
     def _gen_python_code(self, nodes: Any, root_module: str, *args: Any, **kwargs: Any) -> PythonCode:
         code = super()._gen_python_code(nodes, root_module, *args, **kwargs)  # type: ignore[misc]
-        calls = {n.target for n in nodes if n.op == "call_module"}
-        reads = {n.target for n in nodes if n.op == "get_attr" and "." in n.target}
-        src = code.src
-        for target in sorted(calls | reads):
-            *owners, last = target.split(".")
-            chain = re.escape(_attribute_chain(root_module, target))
-            if target in calls:  # the chain followed by the call's parenthesis
-                src = re.sub(rf"(?<![\w.]){chain}(?=\()", _literal(_direct(root_module, [*owners, last])), src)
-            if target in reads:  # the whole chain; its last step is a tensor or another attribute
-                src = re.sub(rf"(?<![\w.]){chain}(?![\w.(])", _literal(_attribute_chain(_direct(root_module, owners), last)), src)
-        code.src = src
+        fast = {}
+        for n in nodes:
+            if n.op == "call_module" or (n.op == "get_attr" and "." in n.target):
+                *owners, last = n.target.split(".")
+                path = _direct(root_module, owners)
+                fast[_attribute_chain(root_module, n.target)] = (
+                    f"{path}._modules[{last!r}]" if n.op == "call_module" else _attribute_chain(path, last))
+        # Each whole attribute chain from the root; the ones that name a node's target change.
+        chain = re.compile(rf'(?<![\w.])(?:getattr\()*{re.escape(root_module)}(?:\.[A-Za-z_]\w*|, "[^"]*"\))*')
+        code.src = chain.sub(lambda m: fast.get(m.group(0), m.group(0)), code.src)
         return code
+
+
+def _plain(codegen: CodeGen) -> CodeGen:
+    """``codegen`` without ``_DirectAccess``."""
+    if not isinstance(codegen, _DirectAccess):
+        return codegen
+    plain = copy.copy(codegen)
+    plain.__class__ = type(codegen).__bases__[1]  # (_DirectAccess, the graph's own class)
+    return plain
 
 
 def direct_access(graph: torch.fx.Graph) -> None:
@@ -72,3 +77,16 @@ def direct_access(graph: torch.fx.Graph) -> None:
     codegen: CodeGen = copy.copy(graph._codegen)
     codegen.__class__ = cls
     graph.set_codegen(codegen)
+
+
+class DirectGraphModule(torch.fx.GraphModule):
+    """A GraphModule whose code is ``direct_access``'s; ``torch.jit.script`` gets a copy with FX's own code."""
+
+    def __init__(self, root: nn.Module | dict[str, Any], graph: torch.fx.Graph, class_name: str = "GraphModule") -> None:
+        direct_access(graph)
+        super().__init__(root, graph, class_name)
+
+    def __prepare_scriptable__(self) -> torch.fx.GraphModule:
+        graph = copy.deepcopy(self.graph)
+        graph.set_codegen(_plain(graph._codegen))
+        return torch.fx.GraphModule(self, graph, type(self).__name__)

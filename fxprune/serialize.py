@@ -36,6 +36,7 @@ from torch import nn
 from . import metakeys as keys
 from . import pipeline
 from .api import prune
+from .codegen import direct_access
 from .pipeline import Inputs
 from .errors import ArchiveError, ArgumentError, PlanError
 from .graph import Plan
@@ -230,6 +231,8 @@ def load(path: PathLike) -> torch.fx.GraphModule:
         raise _refuse(path, f"torch.export.load failed ({type(e).__name__}: {e})") from e
     _check_graph(ep, path)
     gm = ep.module()
+    direct_access(gm.graph)
+    gm.recompile()
     gm.meta[keys.RECORD] = doc["fxprune"]
     return gm
 

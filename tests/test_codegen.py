@@ -76,6 +76,24 @@ def test_deepcopy_keeps_the_code_and_torch_export_runs_it(pruned: torch.fx.Graph
         torch.testing.assert_close(ep.module()(x), pruned(x), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+def test_torch_jit_script_compiles_a_copy_with_fx_code(pruned: torch.fx.GraphModule) -> None:
+    x = torch.randn(1, 3, 64, 64)
+    scripted = torch.jit.script(copy.deepcopy(pruned))
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), pruned(x), rtol=1e-4, atol=1e-4)
+    assert "_modules" in pruned.code  # the model itself keeps its code
+
+
+def test_a_loaded_model_reads_its_tensors_through_modules(pruned: torch.fx.GraphModule, tmp_path) -> None:
+    x = torch.randn(1, 3, 64, 64)
+    fxprune.save(pruned, tmp_path / "m.fxp")
+    loaded = fxprune.load(tmp_path / "m.fxp")
+    assert "self._modules['layer1']._modules['0']._modules['conv1'].weight" in loaded.code
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), pruned(x), rtol=1e-4, atol=1e-4)
+
+
 class TwoInputs(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -16,7 +16,7 @@ import torch.fx
 from torch import nn
 
 from .. import metakeys as keys
-from ..codegen import direct_access
+from ..codegen import DirectGraphModule
 from ..fxutil import copy_graph
 from ..graph import DependencyGraph, Patch, PatchKind, Plan
 from ..masks import kept_mask, removed_mask
@@ -134,7 +134,7 @@ class _Rewriter:
         for n in new_graph.nodes:
             for k in (keys.TENSOR_META, keys.VALUE, keys.FLOPS):
                 n.meta.pop(k, None)
-        new = torch.fx.GraphModule(gm, new_graph, gm.__class__.__name__)
+        new = DirectGraphModule(gm, new_graph, gm.__class__.__name__)
         done: set[str] = set()
         for name in sorted({n.target for n in new_graph.nodes if n.op == "call_module"}):
             parent, _, field = name.rpartition(".")
@@ -157,7 +157,6 @@ class _Rewriter:
         for p in self.graph.patches:
             if p.kind == PatchKind.ATTR:
                 setattr(new.get_submodule(p.target), p.field, self.size(p))
-        direct_access(new.graph)
         new.recompile()
         new.training = gm.training
         new.meta[keys.RECORD] = {"kept": self.kept_record()}
