@@ -91,6 +91,10 @@ class Layer:
         mult = m["out_channels"] // m["in_channels"] if depthwise else 0
         return cls(kind, in_shape, sizes, m["groups"], mult, options)
 
+    @property
+    def dilated(self) -> bool:
+        return any(d != 1 for d in dict(self.options).get("dilation", (1,)))
+
     def snap(self, kept: tuple[int, ...], multiple: int) -> tuple[int, ...]:
         """``kept`` rounded up to widths the layer can have: multiples of ``multiple`` (when narrower than
         the full size), of the depthwise multiplier; a grouped conv's per-group widths a multiple of
@@ -325,9 +329,10 @@ class LatencyModel:
 def fast_multiple(gm: torch.fx.GraphModule, graph: DependencyGraph, setting: Setting, cache: TimingCache) -> int:
     """The channel multiple that ``round_to="auto"`` stands for on this model and device (module docstring)."""
     layers = measurable_layers(gm, graph)
-    ranked = sorted(layers, key=lambda i: -graph.flop_terms[i].macs)
-    dense = [i for i in ranked if layers[i].groups == 1 and layers[i].sizes[-1] >= 2 * WINDOW]
-    depthwise = [i for i in ranked if layers[i].multiplier == 1 and layers[i].sizes[-1] >= 2 * WINDOW]
+    ranked = [i for i in sorted(layers, key=lambda i: -graph.flop_terms[i].macs)
+              if layers[i].sizes[-1] >= 2 * WINDOW and not layers[i].dilated]
+    dense = [i for i in ranked if layers[i].groups == 1]
+    depthwise = [i for i in ranked if layers[i].multiplier == 1]
     chosen = list({layers[i].key(layers[i].sizes): i for i in dense[:2] + depthwise[:1]}.values())
     least = GROUPED if any(layer.groups > 1 and not layer.multiplier for layer in layers.values()) else 1
     if not chosen:

@@ -175,6 +175,24 @@ def test_round_to_auto_narrows_a_pruned_input_with_the_output(monkeypatch: pytes
     assert all(kept[0] == round(sizes[0] * kept[1] / sizes[1]) for sizes, kept in timed)
 
 
+@pytest.mark.measured
+def test_round_to_auto_does_not_time_a_dilated_conv(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dilated conv (DeepLab's ASPP: the costliest layers there) runs another kernel whose time hardly
+    steps with the width; it is not what the rest of the model runs, so the probe skips it."""
+    timed: list[tuple[int, ...]] = []
+
+    def time(self, kept, setting, cache):
+        timed.append(self.sizes)
+        return 0.01 * kept[-1]
+
+    monkeypatch.setattr(latency.Layer, "time", time)
+    model = Net().eval()
+    model.b = nn.Conv2d(64, 96, 3, padding=2, dilation=2)
+    a = pipeline.analyze(model, X)
+    latency.fast_multiple(a.gm, a.graph, Setting.of(a.gm, a.inputs), TimingCache())
+    assert set(timed) == {(96, 64), (3, 64)}  # c and a: b, the costliest, is dilated
+
+
 def test_an_explicit_round_to_wins() -> None:
     pruned = fxprune.compile(Net().eval(), ratio=0.5, example_inputs=X, verify=False, round_to=4)
     assert pruned.meta["fxprune"]["strategy"]["round_to"] == 4 and "round_to_measured" not in pruned.meta["fxprune"]["strategy"]
