@@ -16,17 +16,20 @@ CPU they are a large share of a thin model's time. What pruning does not change 
 measured time minus all of that (the fixed part).
 
 ``fast_multiple`` is the measured rule behind ``round_to="auto"``. For each of the two costliest dense
-layers and the costliest depthwise conv (by MACs) it times every output width ``w`` in the window of 32
-widths that ends at a multiple of 32 near half the layer's width, with the input narrowed in proportion
-when it is pruned too (as in a pruned model). The fastest way to keep at least ``w`` channels costs
-``low(w) = min(t(v) for v >= w)``; a multiple ``r`` of 1, 2, 4, 8, 16 is as slow as ``t(w) / low(w)``
-averaged over its multiples in the window below the top (a multiple of them all) and over the layers.
-The rule picks the smallest ``r`` within 0.02 of the best. Widths off the steps of the latency curve are
-what makes a pruned model slower than its FLOPs promise, and finer multiples that are as fast leave the
-budget more freedom; a few percent per layer is a few percent of the whole model, more than the finer
-steps win back. A model with grouped convs (not depthwise) gets at least 8, which the width rule applies
-to their per-group widths: below 8 channels per group their kernels save FLOPs but hardly any time,
-which these dense timings do not show.
+layers and the costliest depthwise conv (by MACs; not dilated: a dilated conv runs another kernel, whose
+time hardly steps with the width) it times every output width ``w`` in the window of 32 widths that ends
+at a multiple of 32 near half the layer's width, with the input narrowed in proportion when it is pruned
+too (as in a pruned model). The fastest way to keep at least ``w`` channels costs
+``low(w) = min(t(v) for v >= w)``; a multiple ``r`` of 8 or 16 is as slow as ``t(w) / low(w)`` averaged
+over its multiples in the window below the top (a multiple of both) and over the layers. The rule picks 8
+unless its widths run more than 0.02 slower than 16's. Widths off the steps of the latency curve are what
+makes a pruned model slower than its FLOPs promise, and a few percent per layer is a few percent of the
+whole model. Finer multiples are no candidates: on whole models they ran slower than 8 wherever this was
+measured, even where the timed layers' curves were flat (the few layers timed do not speak for the rest):
+ResNet-50, ResNet-18 (1) and MobileNetV3-Large (4) 5-9%; five detectors that took 1 or 2, 0.54-0.66 of
+the original's latency at half the FLOPs against 0.51-0.63 at 8 or 16 (docs/benchmarks.md). Grouped convs, to whose per-group widths the width rule applies, save
+FLOPs but hardly any time below 8 channels per group. A model with no layer wide enough to time gets 1
+(8 with grouped convs).
 """
 
 from __future__ import annotations
@@ -52,11 +55,11 @@ from .timing import Setting, TimingCache, measure_in_turns
 
 __all__ = ["Layer", "Traffic", "LatencyModel", "fast_multiple", "MULTIPLES"]
 
-MULTIPLES = (1, 2, 4, 8, 16)
+MULTIPLES = (8, 16)
 GRID = (0.25, 0.5, 0.75, 1.0)
 WINDOW = 32
 TOLERANCE = 0.02
-GROUPED = 8  # the least multiple for a model with grouped convs (module docstring)
+GROUPED = 8  # for a model with grouped convs and no layer wide enough to time (module docstring)
 
 
 @dataclass(frozen=True)
@@ -334,9 +337,8 @@ def fast_multiple(gm: torch.fx.GraphModule, graph: DependencyGraph, setting: Set
     dense = [i for i in ranked if layers[i].groups == 1]
     depthwise = [i for i in ranked if layers[i].multiplier == 1]
     chosen = list({layers[i].key(layers[i].sizes): i for i in dense[:2] + depthwise[:1]}.values())
-    least = GROUPED if any(layer.groups > 1 and not layer.multiplier for layer in layers.values()) else 1
     if not chosen:
-        return least
+        return GROUPED if any(layer.groups > 1 and not layer.multiplier for layer in layers.values()) else 1
     slowdown = dict.fromkeys(MULTIPLES, 0.0)
     for i in chosen:
         layer, c_in = layers[i], layers[i].sizes[0]
@@ -352,4 +354,4 @@ def fast_multiple(gm: torch.fx.GraphModule, graph: DependencyGraph, setting: Set
             on = [ms[w] / low[w] for w in ms if w % r == 0 and w < top]  # the top is on every step
             slowdown[r] += sum(on) / len(on) / len(chosen)
     cache.save()
-    return max(least, next(r for r in MULTIPLES if slowdown[r] <= min(slowdown.values()) + TOLERANCE))
+    return next(r for r in MULTIPLES if slowdown[r] <= min(slowdown.values()) + TOLERANCE)
