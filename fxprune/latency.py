@@ -27,9 +27,9 @@ makes a pruned model slower than its FLOPs promise, and a few percent per layer 
 whole model. Finer multiples are no candidates: on whole models they ran slower than 8 wherever this was
 measured, even where the timed layers' curves were flat (the few layers timed do not speak for the rest):
 ResNet-50, ResNet-18 (1) and MobileNetV3-Large (4) 5-9%; five detectors that took 1 or 2, 0.54-0.66 of
-the original's latency at half the FLOPs against 0.51-0.63 at 8 or 16 (docs/benchmarks.md). Grouped convs, to whose per-group widths the width rule applies, save
-FLOPs but hardly any time below 8 channels per group. A model with no layer wide enough to time gets 1
-(8 with grouped convs).
+the original's latency at half the FLOPs against 0.51-0.63 at 8 or 16 (docs/benchmarks.md). Grouped
+convs, to whose per-group widths the width rule applies, save FLOPs but hardly any time below 8 channels
+per group. A model with no layer wide enough to time gets 1 (8 with grouped convs).
 """
 
 from __future__ import annotations
