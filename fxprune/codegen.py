@@ -10,7 +10,7 @@ graph's code index ``self._modules['layer1']._modules['0']._modules['conv1']`` i
 
 It wraps whatever code generator the graph has (a torch.export graph's handles its inputs' and outputs'
 structure) and only rewrites the module paths in the code that generator emits, each time it runs.
-TorchScript compiles attribute chains only: ``DirectGraphModule`` hands it a copy with FX's own code.
+TorchScript compiles attribute chains only: ``DirectGraphModule`` hands it ``fx_code``'s copy.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch.fx
 from torch import nn
 from torch.fx.graph import CodeGen, PythonCode
 
-__all__ = ["direct_access", "DirectGraphModule"]
+__all__ = ["direct_access", "fx_code", "DirectGraphModule"]
 
 _CLASSES: dict[type, type] = {}
 
@@ -79,6 +79,13 @@ def direct_access(graph: torch.fx.Graph) -> None:
     graph.set_codegen(codegen)
 
 
+def fx_code(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A GraphModule over ``gm``'s modules that runs the code FX itself generates for its graph."""
+    graph = copy.deepcopy(gm.graph)
+    graph.set_codegen(_plain(graph._codegen))
+    return torch.fx.GraphModule(gm, graph, type(gm).__name__)
+
+
 class DirectGraphModule(torch.fx.GraphModule):
     """A GraphModule whose code is ``direct_access``'s; ``torch.jit.script`` gets a copy with FX's own code."""
 
@@ -87,6 +94,4 @@ class DirectGraphModule(torch.fx.GraphModule):
         super().__init__(root, graph, class_name)
 
     def __prepare_scriptable__(self) -> torch.fx.GraphModule:
-        graph = copy.deepcopy(self.graph)
-        graph.set_codegen(_plain(graph._codegen))
-        return torch.fx.GraphModule(self, graph, type(self).__name__)
+        return fx_code(self)

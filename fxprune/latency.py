@@ -95,6 +95,11 @@ class Layer:
         return cls(kind, in_shape, sizes, m["groups"], mult, options)
 
     @property
+    def grouped(self) -> bool:
+        """A grouped conv that is not depthwise."""
+        return self.groups > 1 and not self.multiplier
+
+    @property
     def dilated(self) -> bool:
         return any(d != 1 for d in dict(self.options).get("dilation", (1,)))
 
@@ -104,7 +109,7 @@ class Layer:
         ``multiple`` or all of them."""
         out = []
         for i, (k, n) in enumerate(zip(kept, self.sizes)):
-            if self.groups > 1 and not self.multiplier:  # the width rule's per-group widths
+            if self.grouped:  # the width rule's per-group widths
                 unit = self.groups if i == 1 else 1
                 step = unit * WidthRule(round_to=multiple).step(n // unit, repeated=True)
             else:
@@ -338,7 +343,7 @@ def fast_multiple(gm: torch.fx.GraphModule, graph: DependencyGraph, setting: Set
     depthwise = [i for i in ranked if layers[i].multiplier == 1]
     chosen = list({layers[i].key(layers[i].sizes): i for i in dense[:2] + depthwise[:1]}.values())
     if not chosen:
-        return GROUPED if any(layer.groups > 1 and not layer.multiplier for layer in layers.values()) else 1
+        return GROUPED if any(layer.grouped for layer in layers.values()) else 1
     slowdown = dict.fromkeys(MULTIPLES, 0.0)
     for i in chosen:
         layer, c_in = layers[i], layers[i].sizes[0]

@@ -12,7 +12,7 @@ import torchvision
 from torch import nn
 
 import fxprune
-from fxprune.codegen import direct_access
+from fxprune.codegen import direct_access, fx_code
 
 
 @contextmanager
@@ -42,9 +42,7 @@ def pruned() -> torch.fx.GraphModule:
 
 def test_the_forward_looks_up_no_submodule_by_attribute(pruned: torch.fx.GraphModule) -> None:
     x = torch.randn(1, 3, 64, 64)
-    plain = torch.fx.GraphModule(pruned, copy.deepcopy(pruned.graph))
-    plain.graph.set_codegen(torch.fx.graph.CodeGen())
-    plain.recompile()
+    plain = fx_code(pruned)
     with torch.no_grad(), module_lookups() as before:
         expected = plain(x)
     with torch.no_grad(), module_lookups() as after:
