@@ -12,9 +12,11 @@ BatchNorm statistics are estimated on four random images before anything else (`
 weights with the initial statistics leave activations unnormalized, and their scale then decides where
 proposals fall and how many boxes survive. With ``--thresholds model`` the detectors keep their own
 thresholds: random weights' class scores (about 1/91 each) mostly miss the R-CNNs' 0.05 and RetinaNet's
-and FCOS's, so their NMS and the mask and keypoint heads get almost nothing to do (the lightest
-postprocessing; a trained detector on a real image lies between the two settings), while SSD's 0.001
-lets them all pass as 0 does. Segmenters take a 1x3xSxS tensor.
+and FCOS's, so their NMS and the mask and keypoint heads get almost nothing to do (a trained detector on
+a real image lies between the two settings), while SSD's 0.001 lets them all pass as 0 does. With
+``--thresholds none`` they are 1, which no score passes: the final NMS and the mask and keypoint heads
+get nothing (the RPN NMS stays at 1.0), and what is timed is the networks and the fixed glue.
+Segmenters take a 1x3xSxS tensor.
 Rows per model:
 
 * ``ratio=0.5``: ``fxprune.compile(model, ratio=0.5, example_inputs=...)``, default settings
@@ -72,16 +74,25 @@ def is_detector(name: str) -> bool:
     return name in DETECTORS.split(",")
 
 
+# --thresholds: the detectors' score threshold; "model" keeps each model's own.
+SCORE_THRESHOLDS = {"zero": 0.0, "none": 1.0}
+THRESHOLDS_HELP = ("zero (default): score thresholds 0 and the R-CNNs' RPN NMS at 1.0, the full detections and the heaviest "
+                   "postprocessing; model: the model's own thresholds, which random weights' scores (about 1/91 per class) "
+                   "mostly miss, so the R-CNNs' NMS and mask/keypoint heads get almost nothing; none: score thresholds 1, "
+                   "which no score passes (the RPN NMS at 1.0 as with zero): no box reaches the final NMS or the mask and "
+                   "keypoint heads, so what is timed is the networks and the fixed glue")
+
+
 def build(name: str, size: int, thresholds: str = "zero") -> nn.Module:
     """The model with random weights, configured as the module docstring says."""
     kwargs: dict[str, Any] = {}
-    zero = thresholds == "zero"
+    score = SCORE_THRESHOLDS.get(thresholds)  # None: the model's own
     if "rcnn" in name:
-        kwargs = {"min_size": size, "max_size": size, **({"box_score_thresh": 0.0, "rpn_nms_thresh": 1.0} if zero else {})}
+        kwargs = {"min_size": size, "max_size": size, **({"box_score_thresh": score, "rpn_nms_thresh": 1.0} if score is not None else {})}
     elif name.startswith(("retinanet", "fcos")):
-        kwargs = {"min_size": size, "max_size": size, **({"score_thresh": 0.0} if zero else {})}
-    elif name.startswith("ssd") and zero:
-        kwargs = {"score_thresh": 0.0}
+        kwargs = {"min_size": size, "max_size": size, **({"score_thresh": score} if score is not None else {})}
+    elif name.startswith("ssd") and score is not None:
+        kwargs = {"score_thresh": score}
     extra = {"weights_backbone": None} if is_detector(name) else {"weights_backbone": None, "aux_loss": False}
     torch.manual_seed(0)
     model = torchvision.models.get_model(name, weights=None, **extra, **kwargs).eval()
@@ -157,10 +168,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--repeat", type=int, default=7, help="timing rounds")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--thresholds", choices=("zero", "model"), default="zero",
-                    help="zero (default): score thresholds 0 and the R-CNNs' RPN NMS at 1.0, the full detections and the "
-                         "heaviest postprocessing; model: the model's own thresholds, which random weights' scores "
-                         "(about 1/91 per class) mostly miss, so the R-CNNs' NMS and mask/keypoint heads get almost nothing")
+    ap.add_argument("--thresholds", choices=("zero", "model", "none"), default="zero", help=THRESHOLDS_HELP)
     ap.add_argument("--selectors", default="", help=SELECTORS_HELP)
     ap.add_argument("--speedup", action="store_true", help="add a speedup=2 row")
     ap.add_argument("--no-tp", action="store_true", help="skip torch-pruning")

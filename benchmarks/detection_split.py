@@ -1,15 +1,19 @@
 """Where a detector's time goes, before and after pruning: each top-level part and the postprocessing.
 
 Builds the model as ``benchmarks/detection.py`` does (random weights, BatchNorm statistics estimated,
-score thresholds 0), prunes it with ``fxprune.compile(model, ratio=...)`` and times the original and
-the result in turns; forward hooks time each top-level child (backbone, rpn, roi_heads, head...) and a
-wrapper times ``postprocess_detections`` (inside roi_heads for the R-CNNs). The table gives the medians
-in milliseconds and the pruned / original ratio of each part, and the number of boxes that the
-postprocessing's NMS received and kept: its work grows with both, and with random weights the boxes a
-model predicts (so how many overlap and are suppressed) depend on the scale of its outputs, which
-pruning changes. --selectors prunes once per selector.
+score thresholds 0 unless --thresholds says otherwise), prunes it with ``fxprune.compile(model,
+ratio=...)`` and times the original and the result in turns; forward hooks time each top-level child
+(backbone, rpn, roi_heads, head...) and a wrapper times ``postprocess_detections`` (inside roi_heads for
+the R-CNNs). The table gives the medians in milliseconds and the pruned / original ratio of each part,
+and the number of boxes that the postprocessing's NMS received and kept: its work grows with both, and
+with random weights the boxes a model predicts (so how many overlap and are suppressed) depend on the
+scale of its outputs, which pruning changes. --selectors prunes once per selector; "torch-pruning" there
+adds torch-pruning's result at the first selector's whole-model FLOPs (as detection.py builds it).
+--thresholds as in detection.py: "none" leaves the postprocessing no boxes, so the network's share shows
+alone.
 
     python benchmarks/detection_split.py --model ssdlite320_mobilenet_v3_large --selectors uniform,latency_per_flop
+    python benchmarks/detection_split.py --model ssdlite320_mobilenet_v3_large --thresholds none --selectors uniform,torch-pruning
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from torch import nn
 from torchvision.ops import boxes as box_ops
 
 import fxprune
-from detection import build, example
+from detection import THRESHOLDS_HELP, build, example, tp_at
 
 
 class PartClock:
@@ -82,12 +86,16 @@ def main() -> None:
     ap.add_argument("--selectors", default="uniform", help="comma-separated selectors, one pruned model each")
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--thresholds", choices=("zero", "model", "none"), default="zero", help=THRESHOLDS_HELP)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
-    model, inputs = build(args.model, args.size), example(args.model, args.size)
+    model, inputs = build(args.model, args.size, args.thresholds), example(args.model, args.size)
     labels = ["original", *args.selectors.split(",")]
-    models = [model, *(fxprune.compile(model, ratio=args.ratio, example_inputs=inputs, selector=s) for s in labels[1:])]
+    models = [model]
+    for label in labels[1:]:
+        models.append(tp_at(model, inputs, fxprune.count_flops(models[1], inputs)) if label == "torch-pruning"
+                      else fxprune.compile(model, ratio=args.ratio, example_inputs=inputs, selector=label))
     boxes = [nms_boxes(m, inputs) for m in models]
     clocks, totals = [PartClock(m) for m in models], [[] for _ in models]
     with torch.no_grad():
@@ -107,7 +115,7 @@ def main() -> None:
     headers = ["part", *(f"{label} ms" for label in labels), *(f"{label} ratio" for label in labels[1:])]
     print(tabulate(rows, headers=headers, tablefmt="github"))
     print(f"\nratio={args.ratio:g}; boxes into / kept by each NMS: " + "; ".join(f"{label} {b}" for label, b in zip(labels, boxes)))
-    print(f"{args.model}, input {args.size}, {args.threads} threads, medians of {args.repeat} forwards in turns")
+    print(f"{args.model}, input {args.size}, {args.threads} threads, thresholds {args.thresholds}, medians of {args.repeat} forwards in turns")
 
 
 if __name__ == "__main__":

@@ -129,7 +129,9 @@ def report(gm: nn.Module) -> Report:
     meta = getattr(gm, "meta", None)
     record = meta.get(keys.RECORD) if isinstance(gm, nn.Module) and isinstance(meta, dict) else None
     if not record or "report" not in record:
-        raise ArgumentError("report() takes a model returned by fxprune.compile or fxprune.prune; for any other module use fxprune.count_flops")
+        raise ArgumentError(f"report() takes a model returned by fxprune.compile or fxprune.prune (or fxprune.load), not this "
+                            f"{type(gm).__name__}: it carries no fxprune record. A pruned model pickled with torch.save comes "
+                            "back without it; fxprune.save and fxprune.load keep it. For any other module use fxprune.count_flops")
     return Report.from_dict(record["report"])
 
 

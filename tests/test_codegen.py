@@ -92,6 +92,16 @@ def test_a_loaded_model_reads_its_tensors_through_modules(pruned: torch.fx.Graph
         torch.testing.assert_close(loaded(x), pruned(x), rtol=1e-4, atol=1e-4)
 
 
+def test_a_model_pickled_with_torch_save_runs_and_report_says_what_keeps_the_record(pruned: torch.fx.GraphModule, tmp_path) -> None:
+    x = torch.randn(1, 3, 64, 64)
+    torch.save(pruned, tmp_path / "m.pt")
+    back = torch.load(tmp_path / "m.pt", weights_only=False)  # FX re-traces the pickled code: a plain GraphModule
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), pruned(x), rtol=1e-5, atol=1e-6)
+    with pytest.raises(fxprune.ArgumentError, match="torch.save comes back without it; fxprune.save and fxprune.load keep it"):
+        fxprune.report(back)
+
+
 class TwoInputs(nn.Module):
     def __init__(self) -> None:
         super().__init__()
