@@ -180,6 +180,8 @@ def test_report_table_markdown_and_dict(resnet: nn.Module) -> None:
     conv = next(r for r in rep.rows if r.name == "layer1.0.conv1")
     assert conv.out_channels[1] < conv.out_channels[0] == 64
     assert sum(r.macs[1] for r in rep.rows) == rep.macs[1]
+    # The frozen groups that cost a choice: the classes; the input's single atom is kept whatever freezes it.
+    assert f"1 of {len(fxprune.analyze(resnet, X).groups)} groups frozen: model output" in rep.notes
     with pytest.raises(fxprune.ArgumentError, match="count_flops"):
         fxprune.report(resnet)
 

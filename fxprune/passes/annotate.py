@@ -83,7 +83,7 @@ def annotate(
             p1 = sum(after_params[p].numel() for p in read_params(pruned_nodes[node.name], after_params)) if node.name in pruned_nodes else p0
             rows.append(LayerRow(*named[node], *_function_channels(node, graph, removed), (p0, p1), (macs0, macs1)))
     notes = []
-    frozen = [g for g in graph.groups if g.frozen]
+    frozen = [g for g in graph.groups if g.frozen and g.width > 1]  # one atom is kept whatever froze it
     if frozen:
         reasons = Counter(r for g in frozen for r in g.frozen[:1])
         top = "; ".join(f"{r} ({n} groups)" if n > 1 else r for r, n in reasons.most_common(5))
