@@ -15,7 +15,7 @@ from torch import nn
 
 from . import metakeys as keys
 from . import pipeline
-from .errors import ArgumentError, PlanError
+from .errors import ArgumentError
 from .flops import counter as flop_counter
 from .fxutil import eval_mode, structural_copy
 from .graph import DependencyGraph, Plan
@@ -110,18 +110,7 @@ def compile(  # noqa: A001 - the product's verb
 
 def prune(model: Model, plan: Plan | dict[int, Sequence[int]], example_inputs: Inputs = None, *, verify: bool = True) -> torch.fx.GraphModule:
     """Apply an explicit plan: for each group id of ``analyze(model)``, the positions of atoms to keep."""
-    a = pipeline.analyze(model, example_inputs)
-    plan = plan if isinstance(plan, Plan) else Plan({int(k): list(v) for k, v in plan.items()})
-    for gid, keep in plan.keep.items():
-        if not 0 <= gid < len(a.graph.groups):
-            raise PlanError(f"plan names group {gid}, but the model has groups 0..{len(a.graph.groups) - 1}")
-        g = a.graph.groups[gid]
-        keep = list(keep)
-        if g.frozen and len(keep) != g.width:
-            raise PlanError(f"group {gid} is frozen ({g.frozen[0]}); it must keep all {g.width} channels")
-        if not keep or len(set(keep)) != len(keep) or min(keep) < 0 or max(keep) >= g.width:
-            raise PlanError(f"group {gid} (width {g.width}, first member {g.members[0]}): keep must be distinct positions in 0..{g.width - 1}, at least one")
-    return pipeline.finish(a, plan, verify)
+    return pipeline.replay(pipeline.analyze(model, example_inputs), plan, verify)
 
 
 def report(gm: nn.Module) -> Report:

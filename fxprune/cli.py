@@ -26,12 +26,14 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
 from torch import nn
 
 from . import __version__, api, draw, layout, pipeline, serialize
 from . import metakeys as keys
 from .errors import ArgumentError, FxPruneError
+from .report import Report
 from .strategy import Strategy
 
 log = logging.getLogger("fxprune")
@@ -102,14 +104,7 @@ def _load_weights(model: nn.Module, spec: str, path: str) -> None:
     if not Path(path).is_file():
         raise ArgumentError(f"--weights {path}: no such file")
     try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            state = load_file(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except ImportError as exc:
-        raise ArgumentError(f"--weights {path}: reading .safetensors needs the safetensors package (pip install safetensors)") from exc
+        state = safetensors.torch.load_file(path) if path.endswith(".safetensors") else torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
         raise ArgumentError(f"--weights {path}: not a state_dict that torch.load(weights_only=True) can read: {exc}") from exc
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
@@ -293,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "report":
-        rep = api.report(serialize.load(args.file))
+        rep = Report.from_dict(serialize.read_record(args.file)["report"])
         print(rep.to_markdown() if args.markdown else rep)
         return 0
     strategy = _checked(args)

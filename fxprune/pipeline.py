@@ -22,7 +22,7 @@ from torch import nn
 from . import latency
 from . import metakeys as keys
 from .dataflow import layers
-from .errors import ArgumentError, ShapeError, TargetUnreachableError
+from .errors import ArgumentError, PlanError, ShapeError, TargetUnreachableError
 from .flops import FlopModel, total_macs
 from .graph import DependencyGraph, Plan
 from .masks import removed_mask
@@ -374,6 +374,21 @@ def finish(a: Analysis, plan: Plan, verify: bool, pruned: torch.fx.GraphModule |
     record.update(provenance(a.graph, a.inputs))
     result.meta[keys.RECORD] = record
     return result
+
+
+def replay(a: Analysis, plan: Plan | dict[int, Sequence[int]], verify: bool) -> nn.Module:
+    """``finish`` by an explicit plan (``prune``, ``apply_plan``), once each group's kept positions are checked."""
+    plan = plan if isinstance(plan, Plan) else Plan({int(k): list(v) for k, v in plan.items()})
+    for gid, keep in plan.keep.items():
+        if not 0 <= gid < len(a.graph.groups):
+            raise PlanError(f"plan names group {gid}, but the model has groups 0..{len(a.graph.groups) - 1}")
+        g = a.graph.groups[gid]
+        keep = list(keep)
+        if g.frozen and len(keep) != g.width:
+            raise PlanError(f"group {gid} is frozen ({g.frozen[0]}); it must keep all {g.width} channels")
+        if not keep or len(set(keep)) != len(keep) or min(keep) < 0 or max(keep) >= g.width:
+            raise PlanError(f"group {gid} (width {g.width}, first member {g.members[0]}): keep must be distinct positions in 0..{g.width - 1}, at least one")
+    return finish(a, plan, verify)
 
 
 def restrict_classes(model: Model, given: Inputs, keep_classes: Sequence[int], verify: bool) -> tuple[torch.fx.GraphModule, tuple[Any, ...]]:

@@ -25,30 +25,44 @@ def plan_fingerprint(graph: DependencyGraph) -> list[dict[str, Any]]:
     return [{"width": g.width, "members": sorted(str(m) for m in g.members)} for g in graph.groups]
 
 
+def _spec(x: Any) -> dict[str, Any] | None:
+    """A tensor's shape and dtype, ``{"list": [...]}`` for a list or tuple of tensors (a detector's images), else None."""
+    if isinstance(x, torch.Tensor):
+        return {"shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")}
+    if isinstance(x, (list, tuple)) and x and all(isinstance(t, torch.Tensor) for t in x):
+        return {"list": [_spec(t) for t in x]}
+    return None
+
+
 def input_specs(inputs: Sequence[Any]) -> list[dict[str, Any]]:
-    """JSON-ready shape and dtype of each positional example input (tensors only)."""
-    for i, x in enumerate(inputs):
-        if not isinstance(x, torch.Tensor):
-            raise ArgumentError(f"example input {i} is a {type(x).__name__}; saved models take tensor inputs only")
-    return [{"shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")} for x in inputs]
+    """JSON-ready shape and dtype of each positional example input (tensors, or lists of tensors)."""
+    specs = [_spec(x) for x in inputs]
+    for i, (x, spec) in enumerate(zip(inputs, specs)):
+        if spec is None:
+            raise ArgumentError(f"example input {i} is a {type(x).__name__}; saved models take tensors or lists of tensors only")
+    return specs  # type: ignore[return-value]
 
 
-def inputs_from_specs(specs: Sequence[dict[str, Any]], seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """Seeded random tensors of recorded shapes and dtypes: example inputs when the caller gives none."""
+def inputs_from_specs(specs: Sequence[dict[str, Any]], seed: int = 0) -> tuple[Any, ...]:
+    """Seeded random tensors (and lists of them) of recorded shapes and dtypes: example inputs when the caller gives none."""
     gen = torch.Generator().manual_seed(seed)
-    out = []
-    for spec in specs:
+
+    def build(spec: dict[str, Any]) -> Any:
+        if "list" in spec:
+            return [build(s) for s in spec["list"]]
         dtype = getattr(torch, spec["dtype"], None)
         if not isinstance(dtype, torch.dtype):
             raise ArgumentError(f"recorded input dtype {spec['dtype']!r} is not a torch dtype")
-        out.append(torch.randn(spec["shape"], generator=gen).to(dtype))
-    return tuple(out)
+        return torch.randn(spec["shape"], generator=gen).to(dtype)
+
+    return tuple(build(spec) for spec in specs)
 
 
 def provenance(graph: DependencyGraph, inputs: Sequence[Any]) -> dict[str, Any]:
     """The fields ``gm.meta["fxprune"]`` gains at compile time: the graph's fingerprint and, when every
-    example input is a tensor, their specs (which ``save`` then needs no ``example_inputs=`` for)."""
+    example input is a tensor or a list of tensors, their specs (which ``save`` then needs no
+    ``example_inputs=`` for)."""
     record: dict[str, Any] = {"fingerprint": plan_fingerprint(graph)}
-    if all(isinstance(x, torch.Tensor) for x in inputs):
+    if all(_spec(x) is not None for x in inputs):
         record["inputs"] = input_specs(inputs)
     return record

@@ -12,6 +12,12 @@ loads AOTInductor shared libraries, ``sympy.sympify``s (``eval``s) symbolic shap
 any ``torch.*`` attribute named as a graph target. So ``load`` reads the file once, admits only the
 entries ``save`` writes, none pickled, no sample inputs, no symbolic shapes, checks the sha256, gives
 those same bytes to ``torch.export.load`` and admits only ATen operators in the resulting graph.
+
+A pruned detector is a copy of its module tree, which no exporter captures whole; its archive has the
+same root folder and record, ``"kind": "modules"`` in the record's file, and one other entry,
+``data/weights.safetensors`` (its state_dict; safetensors holds raw tensors and a JSON header, nothing
+to unpickle). ``load`` then needs a fresh instance of the architecture: it replays the plan on it
+(checked against the recorded fingerprint) and loads the weights.
 """
 
 from __future__ import annotations
@@ -29,20 +35,20 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
 import torch.fx
 from torch import nn
 
 from . import metakeys as keys
 from . import pipeline
-from .api import prune
 from .codegen import direct_access
 from .pipeline import Inputs
 from .errors import ArchiveError, ArgumentError, PlanError
 from .graph import Plan
 from .record import input_specs, inputs_from_specs, plan_fingerprint
 
-__all__ = ["FORMAT", "save", "load", "apply_plan"]
+__all__ = ["FORMAT", "save", "load", "read_record", "apply_plan"]
 
 FORMAT = "fxprune/1"
 """Format version of ``extra/fxprune.json``; ``load`` refuses any other."""
@@ -58,6 +64,8 @@ _ENTRIES = re.compile(
     r"|data/sample_inputs/model\.pt|extra/fxprune\.json"
 )
 _UNHASHED = ("extra/", ".data/")  # the record itself, and the writer's bookkeeping
+_MODULES = "modules"  # the record file's "kind" for a pruned module tree (see the module docstring)
+_WEIGHTS = "data/weights.safetensors"
 _PAYLOAD_CONFIGS = ("data/weights/model_weights_config.json", "data/constants/model_constants_config.json")
 # What zipfile raises on a damaged archive: bad headers, CRC or deflate data, odd flags.
 _ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, RuntimeError, ValueError)
@@ -112,16 +120,20 @@ def _naturals(value: Any) -> bool:
     return isinstance(value, list) and all(type(i) is int and i >= 0 for i in value)
 
 
+def _spec_ok(spec: Any) -> bool:
+    """A tensor's recorded shape and dtype, or a non-empty list of them (see record.input_specs)."""
+    if isinstance(spec, dict) and isinstance(spec.get("list"), list):
+        return bool(spec["list"]) and all(_spec_ok(s) and "list" not in s for s in spec["list"])
+    return isinstance(spec, dict) and _naturals(spec.get("shape")) and isinstance(getattr(torch, str(spec.get("dtype")), None), torch.dtype)
+
+
 def _well_formed(record: Any) -> bool:
     """Whether the fields load and apply_plan read (plan, inputs, fingerprint) have the types they expect."""
     if not isinstance(record, dict):
         return False
     plan, specs, prints = record.get("plan"), record.get("inputs"), record.get("fingerprint", [])
     plan_ok = isinstance(plan, dict) and all(k.isdigit() and _naturals(v) for k, v in plan.items())
-    specs_ok = isinstance(specs, list) and all(
-        isinstance(s, dict) and _naturals(s.get("shape")) and isinstance(getattr(torch, str(s.get("dtype")), None), torch.dtype)
-        for s in specs
-    )
+    specs_ok = isinstance(specs, list) and all(_spec_ok(s) for s in specs)
     prints_ok = isinstance(prints, list) and all(
         isinstance(g, dict) and type(g.get("width")) is int and isinstance(g.get("members"), list) and g["members"]
         and all(isinstance(m, str) for m in g["members"])
@@ -147,6 +159,16 @@ def _has_key(tree: Any, key: str) -> bool:
     if isinstance(tree, dict):
         return key in tree or any(_has_key(v, key) for v in tree.values())
     return isinstance(tree, list) and any(_has_key(v, key) for v in tree)
+
+
+def _check_modules_contents(zf: zipfile.ZipFile, root: str, path: PathLike) -> None:
+    """A module tree's archive holds its record and its weights, nothing else."""
+    names = set(zf.namelist())
+    extra = sorted(names - {root + _RECORD, root + _WEIGHTS})
+    if extra:
+        raise _refuse(path, f"unexpected entry {extra[0]}")
+    if root + _WEIGHTS not in names:
+        raise _refuse(path, f"entry {root + _WEIGHTS} is missing")
 
 
 def _check_contents(zf: zipfile.ZipFile, root: str, path: PathLike) -> None:
@@ -176,25 +198,23 @@ def _check_graph(ep: torch.export.ExportedProgram, path: PathLike) -> None:
             raise _refuse(path, f"graph node {node.name} calls {target!r}, which is not an ATen operator")
 
 
-def save(gm: torch.fx.GraphModule, path: PathLike, example_inputs: Inputs = None) -> None:
+def save(gm: nn.Module, path: PathLike, example_inputs: Inputs = None) -> None:
     """Write a model from ``compile``/``prune``/``apply_plan``/``load`` to ``path`` (see the module docstring).
 
-    The archive holds a static-shape program: the loaded model takes inputs of the example inputs'
-    shapes. ``example_inputs`` defaults to random tensors of the shapes recorded in
-    ``gm.meta["fxprune"]["inputs"]``; a model without that record needs them.
+    A GraphModule's archive holds a static-shape program: the loaded model takes inputs of the example
+    inputs' shapes. ``example_inputs`` defaults to random tensors of the shapes recorded in
+    ``gm.meta["fxprune"]["inputs"]``; a model without that record needs them. A pruned module tree
+    (a detector) is written as its record and weights.
     """
     record = gm.meta.get(keys.RECORD) if isinstance(getattr(gm, "meta", None), dict) else None
-    if isinstance(record, dict) and not isinstance(gm, torch.fx.GraphModule):
-        raise ArgumentError(
-            f"save() writes graphs, and this {type(gm).__name__} is a pruned copy of a module tree that no exporter captures "
-            "whole (a detector). Keep its plan and weights instead: json.dump(model.meta['fxprune']['plan'], f) and "
-            "torch.save(model.state_dict(), path); later fxprune.apply_plan(fresh_model, plan, example_inputs) rebuilds "
-            "the pruned architecture, and load_state_dict() restores the weights.")
     if not isinstance(record, dict) or "plan" not in record:
-        raise ArgumentError("save() takes a GraphModule returned by fxprune.compile, prune, apply_plan or load")
+        raise ArgumentError("save() takes a model returned by fxprune.compile, prune, apply_plan or load")
     if example_inputs is None and "inputs" not in record:
-        raise ArgumentError(f"save() needs example_inputs= to export {os.fspath(path)}: this model records no input shapes")
+        raise ArgumentError(f"save() needs example_inputs= to write {os.fspath(path)}: this model records no input shapes")
     inputs = inputs_from_specs(record["inputs"]) if example_inputs is None else pipeline.example_inputs(example_inputs)
+    if not isinstance(gm, torch.fx.GraphModule):
+        _write(path, _modules_archive(gm, {**record, "inputs": input_specs(inputs)}))
+        return
     try:
         ep = torch.export.export(gm, inputs)
     except Exception as e:  # export fails in many ways (guards, unsupported ops, wrong inputs)
@@ -208,23 +228,64 @@ def save(gm: torch.fx.GraphModule, path: PathLike, example_inputs: Inputs = None
     doc = {"format": FORMAT, "sha256": _digest(*_open(bare.getvalue(), path), record, path), "fxprune": record}
     out = io.BytesIO()
     torch.export.save(ep, out, extra_files={_RECORD_NAME: json.dumps(doc)})
+    _write(path, out.getvalue())
+
+
+def _write(path: PathLike, data: bytes) -> None:
     try:
-        Path(path).write_bytes(out.getvalue())
+        Path(path).write_bytes(data)
     except OSError as e:
         raise ArchiveError(f"{os.fspath(path)}: cannot write ({e.strerror}); choose a writable path") from e
 
 
-def load(path: PathLike) -> torch.fx.GraphModule:
-    """Read a model written by ``save``: a GraphModule with ``meta[keys.RECORD]`` restored. Never unpickles."""
+def _modules_archive(model: nn.Module, record: dict[str, Any]) -> bytes:
+    """The archive of a pruned module tree: its record and its state_dict (see the module docstring)."""
+    # Copies: safetensors refuses tensors that share storage (tied weights); load_state_dict fills both again.
+    weights = safetensors.torch.save({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()})
+    root = "model/"
+    bare = io.BytesIO()
+    with zipfile.ZipFile(bare, "w") as zf:
+        zf.writestr(root + _WEIGHTS, weights)
+    doc = {"format": FORMAT, "kind": _MODULES, "class": f"{type(model).__module__}.{type(model).__qualname__}",
+           "sha256": _digest(*_open(bare.getvalue(), "archive"), record, "archive"), "fxprune": record}
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as zf:
+        zf.writestr(root + _RECORD, json.dumps(doc))
+        zf.writestr(root + _WEIGHTS, weights)
+    return out.getvalue()
+
+
+def _verified(path: PathLike) -> tuple[bytes, zipfile.ZipFile, str, dict[str, Any]]:
+    """The archive's bytes, zip, root and record document, once its entries and sha256 are checked."""
     try:
         data = Path(path).read_bytes()
     except OSError as e:
         raise ArchiveError(f"{os.fspath(path)}: cannot read ({e.strerror})") from e
     zf, root = _open(data, path)
     doc = _document(zf, root, path)
-    _check_contents(zf, root, path)
+    (_check_modules_contents if doc.get("kind") == _MODULES else _check_contents)(zf, root, path)
     if _digest(zf, root, doc["fxprune"], path) != doc["sha256"]:
         raise _refuse(path, "its contents do not match the sha256 recorded when it was saved (modified or damaged)")
+    return data, zf, root, doc
+
+
+def read_record(path: PathLike) -> dict[str, Any]:
+    """The checked ``meta["fxprune"]`` record of an archive from ``save``, without building its model."""
+    return _verified(path)[3]["fxprune"]
+
+
+def load(path: PathLike, model: nn.Module | None = None) -> nn.Module:
+    """Read a model written by ``save``, with ``meta[keys.RECORD]`` restored. Never unpickles.
+
+    A graph's archive gives a GraphModule. A pruned module tree's (a detector's) needs ``model``, a
+    fresh instance of the architecture it was pruned from (e.g. its factory with ``weights=None``): the
+    plan is replayed on it and the saved weights loaded; that instance is not modified.
+    """
+    data, zf, root, doc = _verified(path)
+    if doc.get("kind") == _MODULES:
+        return _load_modules(zf, root, doc, path, model)
+    if model is not None:
+        raise ArgumentError(f"load({os.fspath(path)!r}, model=...): this archive holds the whole pruned graph; call load(path) alone")
     try:
         ep = torch.export.load(io.BytesIO(data))
     except Exception as e:  # whatever torch's deserializer raises on a program it cannot rebuild
@@ -235,6 +296,25 @@ def load(path: PathLike) -> torch.fx.GraphModule:
     gm.recompile()
     gm.meta[keys.RECORD] = doc["fxprune"]
     return gm
+
+
+def _load_modules(zf: zipfile.ZipFile, root: str, doc: dict[str, Any], path: PathLike, model: nn.Module | None) -> nn.Module:
+    """Replay the record's plan on ``model`` and load the archive's weights into the result."""
+    if model is None:
+        raise ArgumentError(f"{os.fspath(path)} holds a pruned {doc.get('class', 'module tree')}'s plan and weights, not a graph: "
+                            "pass a fresh instance of the architecture it was pruned from, load(path, model=...)")
+    pruned = _from_record(model, doc["fxprune"], None, False, os.fspath(path))
+    try:
+        weights = safetensors.torch.load(_read(zf, root + _WEIGHTS, path))
+    except Exception as e:  # safetensors' own error types differ between releases
+        raise _refuse(path, f"{_WEIGHTS} is not a safetensors file ({type(e).__name__}: {e})") from e
+    try:
+        pruned.load_state_dict(weights)
+    except RuntimeError as e:
+        raise PlanError(f"{os.fspath(path)}: the saved weights do not fit {type(model).__name__} pruned by the saved plan ({e}); "
+                        "pass an instance built with the same arguments as the one that was pruned") from e
+    pruned.meta[keys.RECORD] = doc["fxprune"]
+    return pruned
 
 
 def _fingerprint_mismatch(saved: Sequence[dict[str, Any]], now: Sequence[dict[str, Any]]) -> str | None:
@@ -258,25 +338,28 @@ def apply_plan(
     example_inputs: Inputs = None,
     *,
     verify: bool = True,
-) -> torch.fx.GraphModule:
+) -> nn.Module:
     """Prune ``model``, a fresh instance of the architecture a plan was made for, as the plan says.
 
     ``plan`` is a ``Plan``, the dict in ``gm.meta["fxprune"]["plan"]``, or a file from ``save`` (only its
     JSON record is read; ``example_inputs`` then default to the recorded shapes). When the plan comes
     with a fingerprint, ``model``'s must match, else ``PlanError`` names the first differing group.
     """
-    fingerprint = None
     if isinstance(plan, (str, os.PathLike)):
         source = os.fspath(plan)
         zf, root = _open(source, source)
         with zf:
             record = _document(zf, root, source)["fxprune"]
-        plan, fingerprint = record["plan"], record.get("fingerprint")
-        if example_inputs is None:
-            example_inputs = inputs_from_specs(record["inputs"])
-    if fingerprint is not None:
-        mismatch = _fingerprint_mismatch(fingerprint, plan_fingerprint(pipeline.analyze(model, example_inputs).graph))
-        if mismatch:
-            raise PlanError(f"the plan from {source} was made for another architecture than {type(model).__name__}: "
-                            f"{mismatch}; apply it to a model built like the one it came from")
-    return prune(model, plan, example_inputs, verify=verify)
+        return _from_record(model, record, example_inputs, verify, source)
+    return pipeline.replay(pipeline.analyze(model, example_inputs), plan, verify)
+
+
+def _from_record(model: nn.Module, record: dict[str, Any], example_inputs: Inputs, verify: bool, source: str) -> nn.Module:
+    """``prune`` by a saved record's plan, once ``model``'s fingerprint matches the record's."""
+    a = pipeline.analyze(model, inputs_from_specs(record["inputs"]) if example_inputs is None else example_inputs)
+    fingerprint = record.get("fingerprint")
+    mismatch = None if fingerprint is None else _fingerprint_mismatch(fingerprint, plan_fingerprint(a.graph))
+    if mismatch:
+        raise PlanError(f"the plan from {source} was made for another architecture than {type(model).__name__}: "
+                        f"{mismatch}; apply it to a model built like the one it came from")
+    return pipeline.replay(a, record["plan"], verify)

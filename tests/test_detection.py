@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import torchvision
 from torch import nn
 
 import fxprune
+import fxprune.cli
 
 SMALL = {"min_size": 128, "max_size": 160}
 FAMILIES: dict[str, dict[str, Any]] = {
@@ -92,13 +94,44 @@ def test_pruned_detector_trains(faster_rcnn: tuple[nn.Module, nn.Module]) -> Non
     assert model.roi_heads.box_head.fc6.weight.grad is None  # the result owns its tensors
 
 
-def test_plan_and_weights_rebuild_the_pruned_detector(faster_rcnn: tuple[nn.Module, nn.Module], tmp_path: Path) -> None:
+def test_save_and_load_rebuild_the_pruned_detector(faster_rcnn: tuple[nn.Module, nn.Module], tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
     _, pruned = faster_rcnn
-    with pytest.raises(fxprune.ArgumentError, match="apply_plan"):
-        fxprune.save(pruned, tmp_path / "detector.fxp")
+    name = "fasterrcnn_mobilenet_v3_large_320_fpn"
+    path = tmp_path / "detector.pt2"
+    fxprune.save(pruned, path)
+    with pytest.raises(fxprune.ArgumentError, match=r"plan and weights, not a graph: .* load\(path, model=\.\.\.\)"):
+        fxprune.load(path)
+    fresh = detector(name)
+    untouched = copy.deepcopy(fresh.state_dict())
+    loaded = fxprune.load(path, model=fresh)
+    assert type(loaded) is type(pruned) and fxprune.report(loaded).flops == fxprune.report(pruned).flops
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in untouched.items())
+    # The plan alone rebuilds the architecture too; load_state_dict then restores the weights.
     plan = json.loads(json.dumps(pruned.meta["fxprune"]["plan"]))
-    rebuilt = fxprune.apply_plan(detector("fasterrcnn_mobilenet_v3_large_320_fpn"), plan, (images((128, 160)),))
+    rebuilt = fxprune.apply_plan(detector(name), plan, (images((128, 160)),), verify=False)
     rebuilt.load_state_dict(pruned.state_dict())
     with torch.no_grad():
-        got, want = rebuilt(images((140, 140))), pruned(images((140, 140)))
-    torch.testing.assert_close(got[0]["boxes"], want[0]["boxes"], rtol=1e-4, atol=1e-3)
+        want = pruned(images((140, 140)))
+        for got in (loaded(images((140, 140))), rebuilt(images((140, 140)))):
+            torch.testing.assert_close(got[0]["boxes"], want[0]["boxes"], rtol=1e-4, atol=1e-3)
+    assert fxprune.cli.main(["report", str(path)]) == 0
+    assert "backbone.fpn.layer_blocks.0.0 " in capsys.readouterr().out
+    with pytest.raises(fxprune.PlanError, match="another architecture than SSD"):
+        fxprune.load(path, model=detector("ssdlite320_mobilenet_v3_large"))
+
+
+def test_a_detector_archive_refuses_changed_weights_and_extra_entries(faster_rcnn: tuple[nn.Module, nn.Module], tmp_path: Path) -> None:
+    _, pruned = faster_rcnn
+    fxprune.save(pruned, tmp_path / "detector.pt2")
+    with zipfile.ZipFile(tmp_path / "detector.pt2") as zf:
+        entries = {n: zf.read(n) for n in zf.namelist()}
+    weights = next(n for n in entries if n.endswith("weights.safetensors"))
+    changed = {**entries, weights: entries[weights][:-4] + b"\0\0\0\0"}
+    extra = {**entries, "model/data/extra.bin": b"x"}
+    for files, match in [(changed, "do not match the sha256"), (extra, "unexpected entry model/data/extra.bin")]:
+        with zipfile.ZipFile(tmp_path / "edited.pt2", "w") as zf:
+            for n, data in files.items():
+                zf.writestr(n, data)
+        with pytest.raises(fxprune.ArchiveError, match=match):
+            fxprune.load(tmp_path / "edited.pt2", model=detector("fasterrcnn_mobilenet_v3_large_320_fpn"))
