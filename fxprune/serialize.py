@@ -302,7 +302,8 @@ def _load_modules(zf: zipfile.ZipFile, root: str, doc: dict[str, Any], path: Pat
     """Replay the record's plan on ``model`` and load the archive's weights into the result."""
     if model is None:
         raise ArgumentError(f"{os.fspath(path)} holds a pruned {doc.get('class', 'module tree')}'s plan and weights, not a graph: "
-                            "pass a fresh instance of the architecture it was pruned from, load(path, model=...)")
+                            "pass a fresh instance of the architecture it was pruned from, load(path, model=...), in Python "
+                            "(the file names no factory, so the command line cannot build one)")
     pruned = _from_record(model, doc["fxprune"], None, False, os.fspath(path))
     try:
         weights = safetensors.torch.load(_read(zf, root + _WEIGHTS, path))
