@@ -242,16 +242,12 @@ def _modules_archive(model: nn.Module, record: dict[str, Any]) -> bytes:
     """The archive of a pruned module tree: its record and its state_dict (see the module docstring)."""
     # Copies: safetensors refuses tensors that share storage (tied weights); load_state_dict fills both again.
     weights = safetensors.torch.save({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()})
-    root = "model/"
-    bare = io.BytesIO()
-    with zipfile.ZipFile(bare, "w") as zf:
-        zf.writestr(root + _WEIGHTS, weights)
-    doc = {"format": FORMAT, "kind": _MODULES, "class": f"{type(model).__module__}.{type(model).__qualname__}",
-           "sha256": _digest(*_open(bare.getvalue(), "archive"), record, "archive"), "fxprune": record}
-    out = io.BytesIO()
+    root, out = "model/", io.BytesIO()
     with zipfile.ZipFile(out, "w") as zf:
-        zf.writestr(root + _RECORD, json.dumps(doc))
         zf.writestr(root + _WEIGHTS, weights)
+        doc = {"format": FORMAT, "kind": _MODULES, "class": f"{type(model).__module__}.{type(model).__qualname__}",
+               "sha256": _digest(zf, root, record, "archive"), "fxprune": record}
+        zf.writestr(root + _RECORD, json.dumps(doc))
     return out.getvalue()
 
 
