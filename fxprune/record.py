@@ -63,6 +63,7 @@ def provenance(graph: DependencyGraph, inputs: Sequence[Any]) -> dict[str, Any]:
     example input is a tensor or a list of tensors, their specs (which ``save`` then needs no
     ``example_inputs=`` for)."""
     record: dict[str, Any] = {"fingerprint": plan_fingerprint(graph)}
-    if all(_spec(x) is not None for x in inputs):
-        record["inputs"] = input_specs(inputs)
+    specs = [_spec(x) for x in inputs]
+    if None not in specs:
+        record["inputs"] = specs
     return record

@@ -42,6 +42,7 @@ from torch import nn
 
 from . import metakeys as keys
 from . import pipeline
+from .api import prune
 from .codegen import direct_access
 from .pipeline import Inputs
 from .errors import ArchiveError, ArgumentError, PlanError
@@ -348,7 +349,7 @@ def apply_plan(
         with zf:
             record = _document(zf, root, source)["fxprune"]
         return _from_record(model, record, example_inputs, verify, source)
-    return pipeline.replay(pipeline.analyze(model, example_inputs), plan, verify)
+    return prune(model, plan, example_inputs, verify=verify)
 
 
 def _from_record(model: nn.Module, record: dict[str, Any], example_inputs: Inputs, verify: bool, source: str) -> nn.Module:
