@@ -10,15 +10,20 @@ with random weights the boxes a model predicts (so how many overlap and are supp
 scale of its outputs, which pruning changes. --selectors prunes once per selector; "torch-pruning" there
 adds torch-pruning's result at the first selector's whole-model FLOPs (as detection.py builds it).
 --thresholds as in detection.py: "none" leaves the postprocessing no boxes, so the network's share shows
-alone.
+alone. --compile runs each model's backbone and head (SSD, RetinaNet, FCOS; the R-CNNs' RPN and RoI heads
+stay eager, their work depends on the proposals) through ``torch.compile`` with inductor's freezing
+(weights constant, BatchNorm folded into the convs, convs on prepacked weights), as a deployment does,
+original and pruned alike; the glue and postprocessing stay eager.
 
     python benchmarks/detection_split.py --model ssdlite320_mobilenet_v3_large --selectors uniform,latency_per_flop
     python benchmarks/detection_split.py --model ssdlite320_mobilenet_v3_large --thresholds none --selectors uniform,torch-pruning
+    python benchmarks/detection_split.py --model ssdlite320_mobilenet_v3_large --thresholds none --compile
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 import warnings
@@ -78,6 +83,18 @@ def nms_boxes(model: nn.Module, inputs: tuple[Any, ...]) -> list[tuple[int, int]
     return seen
 
 
+def compiled(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose backbone and head run through ``torch.compile`` with freezing."""
+    import torch._inductor.config  # noqa: PLC0415 - only --compile needs inductor
+
+    torch._inductor.config.freezing = True
+    model = copy.deepcopy(model)
+    for name in ("backbone", "head"):
+        if hasattr(model, name):
+            setattr(model, name, torch.compile(getattr(model, name)))
+    return model
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="fasterrcnn_resnet50_fpn")
@@ -87,6 +104,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--thresholds", choices=("zero", "model", "none"), default="zero", help=THRESHOLDS_HELP)
+    ap.add_argument("--compile", action="store_true", help="run every model's network parts through torch.compile (freezing)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -96,6 +114,8 @@ def main() -> None:
     for label in labels[1:]:
         models.append(tp_at(model, inputs, fxprune.count_flops(models[1], inputs)) if label == "torch-pruning"
                       else fxprune.compile(model, ratio=args.ratio, example_inputs=inputs, selector=label))
+    if args.compile:
+        models = [compiled(m) for m in models]
     boxes = [nms_boxes(m, inputs) for m in models]
     clocks, totals = [PartClock(m) for m in models], [[] for _ in models]
     with torch.no_grad():
@@ -115,7 +135,8 @@ def main() -> None:
     headers = ["part", *(f"{label} ms" for label in labels), *(f"{label} ratio" for label in labels[1:])]
     print(tabulate(rows, headers=headers, tablefmt="github"))
     print(f"\nratio={args.ratio:g}; boxes into / kept by each NMS: " + "; ".join(f"{label} {b}" for label, b in zip(labels, boxes)))
-    print(f"{args.model}, input {args.size}, {args.threads} threads, thresholds {args.thresholds}, medians of {args.repeat} forwards in turns")
+    print(f"{args.model}, input {args.size}, {args.threads} threads, thresholds {args.thresholds}, "
+          f"{'network parts torch.compiled (freezing), ' if args.compile else ''}medians of {args.repeat} forwards in turns")
 
 
 if __name__ == "__main__":

@@ -63,3 +63,41 @@ def test_a_module_the_recorded_run_never_used_is_an_error() -> None:
     """Captured from one run, the pruned stem would no longer fit ``b``: refused, with ``b`` named."""
     with pytest.raises(fxprune.TraceError, match=r"did not use 1 module\(s\) with parameters: b\. .*every module runs"):
         fxprune.compile(TakesOneBranch().eval(), ratio=0.5, example_inputs=X)
+
+
+class Convs(nn.Module):
+    """Three convs; ``forward`` of a subclass makes symbolic_trace fail in one of two ways."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.act, self.b, self.c = nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 4, 1)
+
+
+class LoopsOverAShape(Convs):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.b(self.act(self.a(x)))
+        for _ in range(y.shape[1] // 8):  # torch.export captures this
+            y = torch.relu(y)
+        return self.c(y)
+
+
+class SizedByItsData(Convs):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.c(self.b(self.act(self.a(x))))
+        return y[:, :, : int((y[0, 0] > 0).sum()) // 32 + 1]  # a size from the data: only the ops one run executes
+
+
+@pytest.mark.parametrize(("cls", "capture"), [(LoopsOverAShape, "torch.export"), (SizedByItsData, "the ops one run")])
+def test_ignore_keeps_a_modules_channels_in_graphs_of_functions(cls: type[Convs], capture: str) -> None:
+    """torch.export and ops-run graphs call functions on parameters, not modules: ``ignore=`` finds a
+    module's ops by the module stack or the parameters they read, and a name that finds none is an error."""
+    model = lively(cls().eval())
+    pruned = fxprune.compile(model, ratio=0.4, example_inputs=X, ignore=["b"])
+    notes = fxprune.report(pruned).notes
+    assert any(capture in n for n in notes) and any("module b is in ignore=" in n for n in notes)
+    kept = pruned.meta["fxprune"]["kept"]["parameters"]
+    assert "0" not in kept["b.weight"] and len(kept["a.weight"]["0"]) < 16  # b keeps its outputs, a loses some
+    if cls is SizedByItsData:
+        assert pruned.get_submodule("b").out_channels == 16 and pruned.get_submodule("a").out_channels < 16
+        with pytest.raises(fxprune.ArgumentError, match=r"ignore= names 'act', but no op of the captured graph belongs to it"):
+            fxprune.compile(model, ratio=0.4, example_inputs=X, ignore=["act"])

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ... import metakeys as keys
+from ...errors import ArgumentError
 from ...optable import (
     CHANNEL_PARAM_MODULES,
     CONV_FUNCS,
@@ -126,6 +127,38 @@ class RuleError(RuntimeError):
     """A coupling rule failed: a bug in fxprune, not a property of the model."""
 
 
+def _modules_of(n: torch.fx.Node) -> list[str]:
+    """Qualified names of the modules whose work ``n`` is part of: the module it calls, the modules on its
+    recorded module stack (tracing and torch.export record one), and the owners of the parameters and
+    buffers it reads (all an ops-run capture, which records no stack, knows of a function's module)."""
+    if n.op == "call_module":
+        return [str(n.target)]
+    stack = [path for path, _ in (n.meta.get("nn_module_stack") or {}).values()]
+    return stack + [str(a.target).rpartition(".")[0] for a in n.all_input_nodes if a.op == "get_attr"]
+
+
+def ignored_nodes(gm: torch.fx.GraphModule, ignore: Iterable[str]) -> dict[torch.fx.Node, str]:
+    """The calls inside a module named in ``ignore`` (or below it), each with that name. A name that no
+    call is part of is an error: it would keep nothing, silently."""
+    found: dict[torch.fx.Node, str] = {}
+    seen = dict.fromkeys(ignore, False)
+    for n in gm.graph.nodes:
+        if n.op not in CALLS:
+            continue
+        inside = [p for p in seen if any(m == p or m.startswith(p + ".") for m in _modules_of(n))]
+        for p in inside:
+            seen[p] = True
+        if inside:
+            found[n] = inside[0]
+    missing = [p for p, hit in seen.items() if not hit]
+    if missing:
+        raise ArgumentError(f"ignore= names {', '.join(map(repr, missing))}, but no op of the captured graph belongs to it: a module the "
+                            "forward never calls, or, in a graph of the ops one run executed (detectors), a module without parameters, "
+                            "since an op is known to belong to a module there only by the parameters it reads. Name a module with "
+                            "parameters whose output channels must stay (a conv, a linear, a norm), or one around it")
+    return found
+
+
 class Coupler(torch.fx.Interpreter):
     """Runs the graph with each node's rule; every value is ``Labels``, a ``Param`` or a plain value."""
 
@@ -133,7 +166,7 @@ class Coupler(torch.fx.Interpreter):
         super().__init__(gm, garbage_collect_values=False)
         self.extra_traceback = False
         self.state = state
-        self.ignore = tuple(ignore)
+        self.ignored = ignored_nodes(gm, ignore)
 
     def rule(self, n: torch.fx.Node) -> Rule:
         if n.op == "call_module":
@@ -155,6 +188,6 @@ class Coupler(torch.fx.Interpreter):
             out = self.state.unsupported(n, args, kwargs, str(exc))
         except Exception as exc:
             raise RuleError(f"coupling rule {rule.__name__} failed at node {n.format_node()}: {type(exc).__name__}: {exc}") from exc
-        if n.op == "call_module" and any(n.target == p or n.target.startswith(p + ".") for p in self.ignore):
-            self.state.freeze(out, f"module {n.target} is in ignore=")
+        if n in self.ignored:
+            self.state.freeze(out, f"module {self.ignored[n]} is in ignore=")
         return out
