@@ -51,7 +51,7 @@ from .fxutil import arg, is_get_attr
 from .graph import NEVER_REMOVED, DependencyGraph, Family, FlopTerm
 from .optable import canonical
 from .passes.select import WidthRule
-from .timing import Setting, TimingCache, measure_in_turns
+from .timing import Setting, TimingCache, layer_ms
 
 __all__ = ["Layer", "Traffic", "LatencyModel", "fast_multiple", "MULTIPLES"]
 
@@ -141,7 +141,7 @@ class Layer:
     def time(self, kept: tuple[int, ...], setting: Setting, cache: TimingCache) -> float:
         def measure() -> float:
             layer, x = self.build(kept, torch.device(setting.device), getattr(torch, setting.dtype.removeprefix("torch.")))
-            return measure_in_turns([layer], (x,), repeat=5, warmup=2, min_ms=2.0)[0].median_ms
+            return layer_ms(layer, x)
 
         return cache.get(setting, self.key(kept), measure)
 
@@ -191,6 +191,15 @@ def measurable_layers(gm: torch.fx.GraphModule, graph: DependencyGraph) -> dict[
         if layer is not None:
             found[i] = layer
     return found
+
+
+def removable_atoms(graph: DependencyGraph) -> torch.Tensor:
+    """Whether some plan may remove each atom (those of prunable groups), indexable by a FlopTerm factor:
+    its last entry, at ``NEVER_REMOVED``, is False."""
+    out = torch.zeros(graph.num_atoms + 1, dtype=torch.bool)
+    for g in graph.prunable_groups:
+        out[g.atoms] = True
+    return out
 
 
 class Traffic:
@@ -243,7 +252,7 @@ def element_ms(shape: torch.Size, setting: Setting, cache: TimingCache) -> float
         device, dtype = torch.device(setting.device), getattr(torch, setting.dtype.removeprefix("torch."))
         norm = nn.BatchNorm2d(shape[1]).eval().to(device=device, dtype=dtype)
         x = torch.randn(shape, device=device, dtype=dtype)
-        return measure_in_turns([norm], (x,), repeat=5, warmup=2, min_ms=2.0)[0].median_ms / (2 * math.prod(shape))
+        return layer_ms(norm, x) / (2 * math.prod(shape))
 
     return cache.get(setting, f"BatchNorm2d{list(shape)} per element", measure)
 
@@ -272,10 +281,11 @@ class LatencyModel:
         change; None leaves it out (the layers alone, enough to compare removals)."""
         self.flops = flops
         self.setting = setting
-        layers = measurable_layers(gm, graph)
+        layers, removable = measurable_layers(gm, graph), removable_atoms(graph)
         self.grids: dict[int, tuple[list[list[int]], torch.Tensor]] = {}
         for i, layer in layers.items():
-            axes = [sorted({layer.snap((round(f * n),) * len(layer.sizes), multiple)[d] for f in GRID})
+            fixed = [not bool(removable[f].any()) for f in graph.flop_terms[i].factors]  # an image's channels, say
+            axes = [[n] if fixed[d] else sorted({layer.snap((round(f * n),) * len(layer.sizes), multiple)[d] for f in GRID})
                     for d, n in enumerate(layer.sizes)]
             values = torch.zeros([len(a) for a in axes], dtype=torch.float64)
             for index in torch.cartesian_prod(*[torch.arange(len(a)) for a in axes]).reshape(-1, len(axes)).tolist():
@@ -336,7 +346,7 @@ class LatencyModel:
 
 def fast_multiple(gm: torch.fx.GraphModule, graph: DependencyGraph, setting: Setting, cache: TimingCache) -> int:
     """The channel multiple that ``round_to="auto"`` stands for on this model and device (module docstring)."""
-    layers = measurable_layers(gm, graph)
+    layers, removable = measurable_layers(gm, graph), removable_atoms(graph)
     ranked = [i for i in sorted(layers, key=lambda i: -graph.flop_terms[i].macs)
               if layers[i].sizes[-1] >= 2 * WINDOW and not layers[i].dilated]
     dense = [i for i in ranked if layers[i].groups == 1]
@@ -347,7 +357,7 @@ def fast_multiple(gm: torch.fx.GraphModule, graph: DependencyGraph, setting: Set
     slowdown = dict.fromkeys(MULTIPLES, 0.0)
     for i in chosen:
         layer, c_in = layers[i], layers[i].sizes[0]
-        pruned_in = bool((graph.flop_terms[i].factors[0] != NEVER_REMOVED).any())
+        pruned_in = bool(removable[graph.flop_terms[i].factors[0]].any())
         top = max(WINDOW, WINDOW * round(layer.sizes[-1] / 2 / WINDOW))
         ms = {}
         for w in range(top - WINDOW + 1, top + 1):

@@ -4,7 +4,8 @@ A selector has one job: score every atom of every prunable group (higher = keep)
 group loses is decided once, by the budget logic in ``passes/select.py``, never by a selector. Any object
 with a ``scores(graph, gm)`` method of the same signature can be passed as ``selector=``; one whose scores
 are comparable across groups as they are (not only within a group) sets ``comparable_across_groups =
-True``, and is then ranked globally without normalization.
+True``, and is then ranked globally without normalization. One that sets ``uses_width_rule = True`` is
+called as ``scores(graph, gm, rule=...)`` with the ``WidthRule`` the plan's widths will follow.
 
 ``gm`` is the captured GraphModule: it shares its tensors with the user's model, so a selector must not
 modify them. Data-driven selectors (``apoz``, ``mean_activation``, ``taylor``) run on calibration data
@@ -28,6 +29,7 @@ from .flops import FlopModel, total_macs
 from .graph import DependencyGraph, Member
 from .latency import LatencyModel
 from .optable import canonical
+from .passes.select import WidthRule
 from . import normgrad
 from .stats import CALIBRATION_FORMS, LossFn, Tapped, activation_scores, tap
 from .timing import Setting, TimingCache
@@ -183,11 +185,13 @@ class GflopsAware:
         return shrink_order(graph, {g.id: float(saved[g.atoms].mean()) for g in graph.prunable_groups})
 
 
-def _latency_model(graph: DependencyGraph, gm: torch.fx.GraphModule, flops: FlopModel) -> LatencyModel:
-    """The latency model of ``gm``'s own layers (timed once per device, cached), without the fixed part."""
+def _latency_model(graph: DependencyGraph, gm: torch.fx.GraphModule, flops: FlopModel, rule: WidthRule | None) -> LatencyModel:
+    """The latency model of ``gm``'s own layers (timed once per device, cached), without the fixed part,
+    on widths that ``rule`` allows: off its multiple a layer can run far slower (a depthwise conv of 54
+    channels took 1.8x the time of 56 here), and no plan keeps such a width."""
     inputs = tuple(torch.randn(n.meta[keys.TENSOR_META].shape, dtype=n.meta[keys.TENSOR_META].dtype)
                    for n in gm.graph.nodes if n.op == "placeholder")
-    return LatencyModel(graph, flops, gm, None, Setting.of(gm, inputs), TimingCache(), 1)
+    return LatencyModel(graph, flops, gm, None, Setting.of(gm, inputs), TimingCache(), rule.round_to if rule else 1)
 
 
 class LatencyAware:
@@ -198,9 +202,10 @@ class LatencyAware:
 
     name = "latency_aware"
     comparable_across_groups = True
+    uses_width_rule = True
 
-    def scores(self, graph: DependencyGraph, gm: torch.fx.GraphModule) -> Scores:
-        model = _latency_model(graph, gm, FlopModel(graph, total_macs(gm)))
+    def scores(self, graph: DependencyGraph, gm: torch.fx.GraphModule, rule: WidthRule | None = None) -> Scores:
+        model = _latency_model(graph, gm, FlopModel(graph, total_macs(gm)), rule)
         none = torch.zeros(graph.num_atoms, dtype=torch.bool)
         full, saving = model.cost(none), {}
         for g in graph.prunable_groups:
@@ -225,12 +230,13 @@ class LatencyPerFlop:
 
     name = "latency_per_flop"
     comparable_across_groups = True
+    uses_width_rule = True
     STEPS = 8
     FLOOR = 0.25
 
-    def scores(self, graph: DependencyGraph, gm: torch.fx.GraphModule) -> Scores:
+    def scores(self, graph: DependencyGraph, gm: torch.fx.GraphModule, rule: WidthRule | None = None) -> Scores:
         flops = FlopModel(graph, total_macs(gm))
-        model = _latency_model(graph, gm, flops)
+        model = _latency_model(graph, gm, flops, rule)
         groups = {g.id: g for g in graph.prunable_groups}
         kept = {gid: g.width for gid, g in groups.items()}
         floor = {gid: max(1, math.ceil(self.FLOOR * g.width)) for gid, g in groups.items()}

@@ -114,10 +114,12 @@ class Chooser:
 
     def scores(self, graph: DependencyGraph, gm: torch.fx.GraphModule, seed: int, untapped: bool = False) -> dict[int, torch.Tensor]:
         """The selector's scores, with torch's global RNG seeded by ``seed`` and restored afterwards;
-        ``untapped``: the first step of coarse ranking, before any fine-tuning was tapped."""
+        ``untapped``: the first step of coarse ranking, before any fine-tuning was tapped. A selector that
+        sets ``uses_width_rule`` also gets the width rule (the latency ones time the widths it allows)."""
+        rule = {"rule": self.rule} if getattr(self.selector, "uses_width_rule", False) else {}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return (self.selector.untapped_scores if untapped else self.selector.scores)(graph, gm)
+            return (self.selector.untapped_scores if untapped else self.selector.scores)(graph, gm, **rule)
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready record of the strategy, kept in ``meta["fxprune"]["strategy"]``."""

@@ -52,7 +52,7 @@ def fake_measure(models, inputs, *, repeat=15, warmup=3, min_ms=5.0):
 @pytest.fixture
 def fake_clock(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(pipeline, "measure_in_turns", fake_measure)
-    monkeypatch.setattr(latency, "measure_in_turns", fake_measure)
+    monkeypatch.setattr(latency, "layer_ms", lambda layer, x: fake_measure([layer], (x,))[0].median_ms)
 
 
 def test_measure_latency_says_what_and_where() -> None:
@@ -223,7 +223,7 @@ def test_latency_per_flop_removes_the_slowest_channels_per_mac_first(monkeypatch
     """two_groups with a slow 5x5 conv: group A (its outputs) saves 4.3x more ms per MAC than group B, so
     at 60% fewer FLOPs A alone shrinks (uniform would cut both to 10 of 16), and never below its quarter
     while B still has channels above its own."""
-    monkeypatch.setattr(latency, "measure_in_turns", slow_5x5)
+    monkeypatch.setattr(latency, "layer_ms", lambda layer, x: slow_5x5([layer], (x,))[0].median_ms)
     model = two_groups()
     pruned = fxprune.compile(model, ratio=0.6, example_inputs=X16, selector="latency_per_flop", round_to=1)
     assert width(pruned, "0") in (4, 5, 6) and width(pruned, "2") == 16
@@ -254,3 +254,20 @@ def test_shrink_order_is_capped_and_keeps_first_atoms_last() -> None:
     first = [float(scores[gid][-1]) for gid in ids]
     assert first[1] / first[0] == pytest.approx(4.0, rel=0.01)
     assert math.isfinite(float(scores[ids[0]][0]))
+
+
+@pytest.mark.parametrize("selector", ["latency_aware", "latency_per_flop"])
+def test_latency_selectors_time_only_widths_the_rule_allows(monkeypatch: pytest.MonkeyPatch, selector: str) -> None:
+    """Off the rule's multiple a layer can run far slower, and no plan keeps such a width: the cost model
+    of the latency selectors times only full widths and multiples of ``round_to``."""
+    timed: list[tuple[int, int]] = []
+
+    def clock(layer: nn.Module, x: torch.Tensor) -> float:
+        if isinstance(layer, (nn.Conv2d, nn.Linear)):
+            timed.append((layer.weight.shape[1] * getattr(layer, "groups", 1), layer.weight.shape[0]))
+        return fake_measure([layer], (x,))[0].median_ms
+
+    monkeypatch.setattr(latency, "layer_ms", clock)
+    fxprune.compile(Net().eval(), ratio=0.5, example_inputs=X, selector=selector, round_to=8, verify=False)
+    full = {3, 64, 96, 10}
+    assert timed and all(w in full or w % 8 == 0 for pair in timed for w in pair)
