@@ -19,19 +19,17 @@ import torch
 import torch.fx
 
 from . import metakeys as keys
+from .fxutil import module_stack
 from .graph import DependencyGraph
 from .optable import canonical
 
 __all__ = ["Block", "layers", "function_name", "read_params", "channel_count", "blocks"]
 
-_STACK = "nn_module_stack"
-
-
 def _innermost(node: torch.fx.Node) -> tuple[str, Any]:
     """(qualified name, class or its dotted name) of the innermost module on ``node``'s recorded module
     stack; ("", None) when none is recorded or it is the root."""
-    stack = node.meta.get(_STACK) or {}
-    return tuple(list(stack.values())[-1]) if stack else ("", None)  # type: ignore[return-value]
+    stack = module_stack(node)
+    return stack[-1] if stack else ("", None)
 
 
 def _owner(node: torch.fx.Node) -> str:

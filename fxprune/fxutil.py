@@ -5,7 +5,8 @@
 * ``graph_module``: a GraphModule over a new graph, borrowing the modules and tensors of another;
 * ``eval_mode``: every submodule in eval mode for a while, each flag restored afterwards;
 * ``is_get_attr``: whether a node argument reads a parameter or buffer of the graph module;
-* ``arg``: a call's argument given by position or by keyword.
+* ``arg``: a call's argument given by position or by keyword;
+* ``module_stack``: the (qualified name, class) of each module a node's work is inside, outermost first.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 import torch.fx
 from torch import nn
 
-__all__ = ["structural_copy", "copy_graph", "graph_module", "eval_mode", "is_get_attr", "arg"]
+__all__ = ["structural_copy", "copy_graph", "graph_module", "eval_mode", "is_get_attr", "arg", "module_stack"]
 
 
 def structural_copy(module: nn.Module, memo: dict[int, nn.Module] | None = None) -> nn.Module:
@@ -85,3 +86,9 @@ def is_get_attr(arg: Any) -> bool:
 def arg(args: tuple[Any, ...], kwargs: dict[str, Any], i: int, name: str, default: Any = None) -> Any:
     """Argument ``i`` of a call, or keyword ``name``: from a node's own args or from their values."""
     return args[i] if len(args) > i else kwargs.get(name, default)
+
+
+def module_stack(node: torch.fx.Node) -> list[tuple[str, Any]]:
+    """(qualified name, class or its dotted name) of each module whose forward ``node`` ran inside,
+    outermost first, as tracing and torch.export record them; empty when none is recorded."""
+    return [tuple(entry) for entry in (node.meta.get("nn_module_stack") or {}).values()]  # type: ignore[misc]

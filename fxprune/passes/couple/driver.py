@@ -20,6 +20,7 @@ from torch import nn
 
 from ... import metakeys as keys
 from ...errors import ArgumentError
+from ...fxutil import module_stack
 from ...optable import (
     CHANNEL_PARAM_MODULES,
     CONV_FUNCS,
@@ -133,8 +134,7 @@ def _modules_of(n: torch.fx.Node) -> list[str]:
     buffers it reads (all an ops-run capture, which records no stack, knows of a function's module)."""
     if n.op == "call_module":
         return [str(n.target)]
-    stack = [path for path, _ in (n.meta.get("nn_module_stack") or {}).values()]
-    return stack + [str(a.target).rpartition(".")[0] for a in n.all_input_nodes if a.op == "get_attr"]
+    return [path for path, _ in module_stack(n)] + [str(a.target).rpartition(".")[0] for a in n.all_input_nodes if a.op == "get_attr"]
 
 
 def ignored_nodes(gm: torch.fx.GraphModule, ignore: Iterable[str]) -> dict[torch.fx.Node, str]:
