@@ -104,7 +104,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--thresholds", choices=("zero", "model", "none"), default="zero", help=THRESHOLDS_HELP)
-    ap.add_argument("--compile", action="store_true", help="run every model's network parts through torch.compile (freezing)")
+    ap.add_argument("--compile", action="store_true", help="run every model's backbone and head through torch.compile (freezing)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")

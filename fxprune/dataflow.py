@@ -25,6 +25,7 @@ from .optable import canonical
 
 __all__ = ["Block", "layers", "function_name", "read_params", "channel_count", "blocks"]
 
+
 def _innermost(node: torch.fx.Node) -> tuple[str, Any]:
     """(qualified name, class or its dotted name) of the innermost module on ``node``'s recorded module
     stack; ("", None) when none is recorded or it is the root."""
