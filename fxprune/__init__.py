@@ -10,6 +10,7 @@ from .errors import (
     ArchiveError,
     ArgumentError,
     FxPruneError,
+    MeasurementError,
     PlanError,
     ShapeError,
     TargetUnreachableError,
@@ -34,5 +35,5 @@ __all__ = [
     "DependencyGraph", "Group", "Member", "Plan", "Report", "Selector", "Uniform", "Random", "L1", "L2",
     "BNScale", "GflopsAware", "LatencyAware", "LatencyPerFlop", "APoZ", "MeanActivation", "Taylor",
     "FxPruneError", "ArgumentError", "TraceError", "ShapeError", "PlanError",
-    "TargetUnreachableError", "VerificationError", "ArchiveError",
+    "TargetUnreachableError", "MeasurementError", "VerificationError", "ArchiveError",
 ]

@@ -14,14 +14,15 @@ import torch.fx
 from torch import nn
 
 from . import metakeys as keys
-from . import pipeline
-from .errors import ArgumentError
+from . import pipeline, reach
+from .errors import ArgumentError, TargetUnreachableError
 from .flops import counter as flop_counter
 from .fxutil import eval_mode, structural_copy
 from .graph import DependencyGraph, Plan
 from .pipeline import DEFAULT_INPUT_SHAPE, Inputs, Model
 from .report import Report
-from .strategy import Strategy
+from .strategy import Chooser, Strategy
+from .timing import caching
 
 __all__ = ["compile", "analyze", "prune", "keep_only_classes", "report", "count_flops", "DEFAULT_INPUT_SHAPE"]
 
@@ -51,6 +52,8 @@ def compile(  # noqa: A001 - the product's verb
     ignore: Iterable[str] = (),
     verify: bool = True,
     keep_classes: Sequence[int] | None = None,
+    cache: bool = True,
+    on_noise: str = "raise",
     **options: Any,
 ) -> torch.fx.GraphModule:
     """Prune ``model`` to a FLOPs or latency budget and return a new, smaller ``torch.fx.GraphModule``.
@@ -61,9 +64,12 @@ def compile(  # noqa: A001 - the product's verb
     Latency is measured on the device that holds the model, at the batch size of ``example_inputs``, with
     the current thread count, in eval mode under no_grad (see ``measure_latency``); a latency cost model
     built from timings of the model's own layers picks the widths, and the result is measured, and
-    re-selected until the target holds (see ``pipeline.reach_latency``). Every timing is cached on disk
-    (``$FXPRUNE_CACHE_DIR``, default ``~/.cache/fxprune``) per device, torch version, thread count and
-    dtype, so compiling the same architecture again takes no timing; delete the file to measure afresh.
+    re-selected until the target holds: until the interval of its measured speed-up, timed in turns with
+    the original, clears the target (see reach.py). A machine too noisy to decide raises
+    ``MeasurementError`` (``on_noise="warn"``: the best result is returned with a warning that gives its
+    interval). Stable timings are cached on disk (``$FXPRUNE_CACHE_DIR``, default ``~/.cache/fxprune``) per
+    device, torch version, thread count and dtype, and a cached result is timed once more before it is
+    returned; ``cache=False`` neither reads nor writes the cache (``fxprune cache clear`` empties it).
     ``example_inputs`` defaults to one seeded ``torch.randn(1, 3, 224, 224)``. ``ignore`` names modules
     whose output channels must stay. The model's outputs never lose channels and ``model`` itself is never
     modified. With ``verify=True`` the result is checked against the masked original (see verify.py).
@@ -80,32 +86,66 @@ def compile(  # noqa: A001 - the product's verb
     loses the same fraction) or "global" (all channels ranked together; always for gflops_aware, latency_aware and latency_per_flop). Every
     pruned group keeps at least ``min_width`` channel atoms and a multiple of ``round_to`` channels (of
     its half, quarter... when the group is narrower); ``round_to="auto"`` (the default) measures which
-    multiple is fastest on this device (see latency.py). See passes/select.py for the exact rules.
+    multiple is fastest on this device (see latency.py), and falls back to finer multiples when its own
+    leaves the target out of reach, saying so in the report. See passes/select.py for the exact rules.
 
     ``keep_classes``: sorted class indices; the result outputs only those (see ``keep_only_classes``,
     applied first) and calibration uses only their samples (targets renumbered to match the outputs).
     The report then starts from ``model`` as given, all its classes included.
     Under ``torch.distributed`` every rank gets rank 0's plan.
     """
-    target = pipeline.Target(target_gflops, ratio, speedup, target_latency_ms)
+    target = pipeline.Target(target_gflops, ratio, speedup, target_latency_ms, on_noise)
     chosen = Strategy.of(strategy, **options)
-    job = pipeline.start(model, example_inputs, chosen, keep_classes, verify)
-    a = pipeline.analyze(job.model, job.inputs, ignore, chosen.seed)
-    job.chooser = pipeline.resolve(a, job.chooser)
-    scores = job.chooser.scores(a.graph, a.gm, chosen.seed)
-    if target.measured:
-        plan, pruned, measured = pipeline.reach_latency(a, job.chooser, target, scores)
-        pruned = pipeline.finish(a, plan, verify, pruned)
-        pruned.meta[keys.RECORD]["report"]["latency"] = measured
-    else:
-        budget = target.macs(a.flops.total)
-        pruned = pipeline.finish(a, pipeline.select_plan(a, job.chooser, budget, scores), verify)
-        if budget >= a.flops.total and keep_classes is None:  # keeping classes alone is a reason to compile
-            note = (f"the target ({target.describe()}) asks for no pruning: the model has {2 * a.flops.total / 1e9:.4g} GFLOPs; "
-                    "nothing was removed")
-            warnings.warn(f"fxprune.compile: {note}", stacklevel=2)
-            pruned.meta[keys.RECORD]["report"]["notes"].append(note)
+    with caching(cache):
+        job = pipeline.start(model, example_inputs, chosen, keep_classes, verify)
+        a = pipeline.analyze(job.model, job.inputs, ignore, chosen.seed)
+        pruned, job.chooser = _reach(a, pipeline.resolve(a, job.chooser), target, chosen.seed, verify)
+    if not target.measured and target.macs(a.flops.total) >= a.flops.total and keep_classes is None:  # keeping classes is a reason too
+        note = (f"the target ({target.describe()}) asks for no pruning: the model has {2 * a.flops.total / 1e9:.4g} GFLOPs; "
+                "nothing was removed")
+        warnings.warn(f"fxprune.compile: {note}", stacklevel=2)
+        pruned.meta[keys.RECORD]["report"]["notes"].append(note)
     return pipeline.conclude(job, pruned, report(pruned))
+
+
+def _reach(a: pipeline.Analysis, chooser: Chooser, target: pipeline.Target, seed: int, verify: bool) -> tuple[nn.Module, Chooser]:
+    """The verified result of ``target`` and the chooser that reached it: ``chooser``, or under
+    ``round_to="auto"`` the first finer multiple (``pipeline.finer``) that reaches the target, a FLOPs
+    target within ``pipeline.CLOSE`` (a latency target, whose every try is timed, falls back to 1 at once)."""
+    options = pipeline.finer(chooser)
+    if target.measured:
+        options = list(dict.fromkeys([options[0], options[-1]]))
+    for used in options[:-1]:
+        try:
+            done = _attempt(a, used, target, seed, strict=True)
+        except TargetUnreachableError:
+            continue
+        if done is not None:
+            return _finish(a, chooser, used, target, verify, *done), used
+    return _finish(a, chooser, options[-1], target, verify, *_attempt(a, options[-1], target, seed, strict=False)), options[-1]
+
+
+def _attempt(a: pipeline.Analysis, used: Chooser, target: pipeline.Target, seed: int,
+             strict: bool) -> tuple[Plan, torch.fx.GraphModule | None, dict[str, Any] | None] | None:
+    """(plan, its rewrite if one was made, the latency record) of ``target`` with ``used``; None when
+    ``strict`` and a FLOPs target lands further below its budget than ``pipeline.CLOSE``."""
+    scores = used.scores(a.graph, a.gm, seed)
+    if target.measured:
+        return reach.reach(a, used, target, scores)
+    plan = pipeline.select_plan(a, used, target.macs(a.flops.total), scores)
+    return None if strict and not pipeline.close(a, plan, target.macs(a.flops.total)) else (plan, None, None)
+
+
+def _finish(a: pipeline.Analysis, chooser: Chooser, used: Chooser, target: pipeline.Target, verify: bool, plan: Plan,
+            rewritten: torch.fx.GraphModule | None, measured: dict[str, Any] | None) -> nn.Module:
+    pruned = pipeline.finish(a, plan, verify, rewritten)
+    record = pruned.meta[keys.RECORD]["report"]
+    note = pipeline.fallback_note(chooser, used, target.describe())
+    record["notes"].extend([note] if note else [])
+    if measured is not None:
+        record["notes"].extend(measured.pop("notes"))
+        record["latency"] = measured
+    return pruned
 
 
 def prune(model: Model, plan: Plan | dict[int, Sequence[int]], example_inputs: Inputs = None, *, verify: bool = True) -> torch.fx.GraphModule:

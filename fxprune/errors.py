@@ -13,6 +13,7 @@ __all__ = [
     "ShapeError",
     "PlanError",
     "TargetUnreachableError",
+    "MeasurementError",
     "VerificationError",
     "ArchiveError",
 ]
@@ -46,6 +47,16 @@ class TargetUnreachableError(FxPruneError):
         super().__init__(message)
         self.smallest_gflops = smallest_gflops
         self.best_speedup = best_speedup
+
+
+class MeasurementError(FxPruneError):
+    """The machine was too noisy to tell whether a result meets a latency target. ``interval``: the best
+    result's speed-up interval; ``noise``: how much the original timed against itself varied."""
+
+    def __init__(self, message: str, interval: tuple[float, float] | None = None, noise: float | None = None) -> None:
+        super().__init__(message)
+        self.interval = interval
+        self.noise = noise
 
 
 class VerificationError(FxPruneError):

@@ -126,14 +126,15 @@ def _totals(report: Report) -> str:
     cells = [f"<tr><td>{escape(n)}</td><td>{si(a)}</td><td>{si(b)}</td><td>{_change(a, b)}</td></tr>" for n, a, b in rows]
     if report.latency:
         t = report.latency
+        interval = f" ({t['interval'][0]:.3g}-{t['interval'][1]:.3g}x, {t['confidence']:.0%})" if "interval" in t else ""
         cells.append(f"<tr><td>latency, ms (measured)</td><td>{t['before_ms']:.4g}</td><td>{t['after_ms']:.4g}</td>"
-                     f"<td>{t['speedup']:.3g}x faster</td></tr>")
+                     f"<td>{t['speedup']:.3g}x faster{interval}</td></tr>")
     return ("<table><thead><tr><th>total</th><th>before</th><th>after</th><th>change</th></tr></thead><tbody>"
             + "".join(cells) + "</tbody></table>")
 
 
 def _layers(report: Report) -> str:
-    ms = (report.latency or {}).get("layers_ms")
+    ms = report.estimated_ms() or None
     headers = [("layer", "layer", False), ("op", "op", False), ("in ch", "in", True), ("out ch", "out", True),
                ("params", "params", True), ("MACs", "macs", True), ("FLOPs", "flops", True), ("FLOPs removed", "removed", True)]
     rows = []
@@ -143,15 +144,15 @@ def _layers(report: Report) -> str:
         row = [(r.name, r.name), (r.op, r.op), _pair(r.in_channels), _pair(r.out_channels), _pair(r.params, si),
                _pair(r.macs, si), _pair(r.flops, si), (f"{gone:.1f}%" if f0 else "-", gone)]
         if ms is not None:
-            row.append(_pair(ms[r.name], lambda v: f"{v:.3g}") if r.name in ms else ("-", -1))
+            cell = _pair(ms[r.name], lambda v: f"{v:.3g}") if r.name in ms else ("-", -1)
+            row.append((cell[0] + " *", cell[1]) if r.name in ms and ms[r.name][1] > ms[r.name][0] else cell)
         rows.append(row)
     f0, f1 = report.flops
     foot = ["total", "", "", "", _pair(report.params, si)[0], _pair(report.macs, si)[0], _pair(report.flops, si)[0],
             f"{100 * (f0 - f1) / f0:.1f}%" if f0 else "-"]
     if ms is not None:
-        t = report.latency or {}
-        headers.append(("ms (layers est.)", "ms", True))
-        foot.append(_pair((t["before_ms"], t["after_ms"]), lambda v: f"{v:.3g}")[0])
+        headers.append(("est. ms (layer alone)", "ms", True))
+        foot.append(_pair(report.estimated_total(), lambda v: f"{v:.3g}")[0])
     return _table(headers, rows, foot, "layers-table")
 
 
@@ -163,7 +164,7 @@ _PICTURE_HINT = ("Layers in data-flow order, top to bottom; parallel branches si
 def report_page(report: Report, picture: Picture | None, title: str = "") -> str:
     """The report as one HTML page: totals, the sortable layer table, the widths chart and the groups picture."""
     heading = f"fxprune report{': ' + title if title else ''}"
-    notes = "".join(f"<li>{escape(n)}</li>" for n in report.notes)
+    notes = "".join(f"<li>{escape(n)}</li>" for n in report.all_notes())
     sections = [
         f"<h1>{escape(heading)}</h1>",
         '<nav><a href="#totals">totals</a><a href="#layers">layers</a><a href="#widths">widths</a>'

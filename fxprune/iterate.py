@@ -135,12 +135,14 @@ def prune_iteratively(
     job = pipeline.start(model, example_inputs, chosen, keep_classes, verify)
     seed = chosen.seed
     a = pipeline.analyze(job.model, job.inputs, ignore, seed)
-    job.chooser = chooser = pipeline.resolve(a, job.chooser)
-    tapping = coarse and hasattr(chooser.selector, "tap")
     start = a.flops.total
     goal = target.macs(start)
     if goal > start:
         raise ArgumentError(f"target_gflops={target_gflops} is above the model's {2 * start / 1e9:.4g} GFLOPs")
+    measured = pipeline.resolve(a, job.chooser)
+    job.chooser = chooser = pipeline.reachable(a, measured, goal)
+    fallback = pipeline.fallback_note(measured, chooser, target.describe())
+    tapping = coarse and hasattr(chooser.selector, "tap")
     name = chooser.describe()["selector"]
     history = History([StepRecord(0, 2 * start / 1e9, _params(a.model), evaluate(a.model) if evaluate else None)], name, tapping)
     taps, done = None, None  # done: the report of every step so far
@@ -168,4 +170,5 @@ def prune_iteratively(
         history.steps.append(StepRecord(k, 2 * total_macs(a.gm) / 1e9, _params(model), metric, t1 - t0, t2 - t1, t3 - t2, t4 - t3))
         bar.set_postfix(gflops=f"{history.steps[-1].gflops:.3g}", metric="-" if metric is None else f"{metric:.4g}")
     a.model.meta[keys.RECORD]["history"] = history.to_dict()
+    done.notes.extend([fallback] if fallback else [])
     return pipeline.conclude(job, a.model, done, {"steps": steps, "coarse": tapping}), history

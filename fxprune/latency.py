@@ -51,7 +51,7 @@ from .fxutil import arg, is_get_attr
 from .graph import NEVER_REMOVED, DependencyGraph, Family, FlopTerm
 from .optable import canonical
 from .passes.select import WidthRule
-from .timing import Setting, TimingCache, layer_ms
+from .timing import Latency, Setting, TimingCache, layer_ms
 
 __all__ = ["Layer", "Traffic", "LatencyModel", "fast_multiple", "MULTIPLES"]
 
@@ -139,11 +139,11 @@ class Layer:
         return layer.to(device=device, dtype=dtype), torch.randn(shape, device=device, dtype=dtype)
 
     def time(self, kept: tuple[int, ...], setting: Setting, cache: TimingCache) -> float:
-        def measure() -> float:
+        def measure() -> Latency:
             layer, x = self.build(kept, torch.device(setting.device), getattr(torch, setting.dtype.removeprefix("torch.")))
             return layer_ms(layer, x)
 
-        return cache.get(setting, self.key(kept), measure)
+        return cache.steady_ms(setting, self.key(kept), measure)
 
 
 def _spec(node: torch.fx.Node, gm: torch.fx.GraphModule, modules: dict[str, nn.Module]) -> tuple[str, dict[str, Any]] | None:
@@ -248,13 +248,12 @@ class Traffic:
 def element_ms(shape: torch.Size, setting: Setting, cache: TimingCache) -> float:
     """Milliseconds per element read or written by a memory-bound op on this device: an eval-mode
     BatchNorm over a 4-d tensor of ``shape`` (one read and one write of each element)."""
-    def measure() -> float:
+    def measure() -> Latency:
         device, dtype = torch.device(setting.device), getattr(torch, setting.dtype.removeprefix("torch."))
         norm = nn.BatchNorm2d(shape[1]).eval().to(device=device, dtype=dtype)
-        x = torch.randn(shape, device=device, dtype=dtype)
-        return layer_ms(norm, x) / (2 * math.prod(shape))
+        return layer_ms(norm, torch.randn(shape, device=device, dtype=dtype))
 
-    return cache.get(setting, f"BatchNorm2d{list(shape)} per element", measure)
+    return cache.steady_ms(setting, f"BatchNorm2d{list(shape)}", measure) / (2 * math.prod(shape))
 
 
 def _interpolate(grid: list[list[int]], values: torch.Tensor, kept: list[float]) -> float:

@@ -7,10 +7,9 @@ and the torch.compile backend all go through these functions; none of them calls
 from __future__ import annotations
 
 import difflib
-import hashlib
 import json
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -21,7 +20,6 @@ from torch import nn
 
 from . import latency
 from . import metakeys as keys
-from .dataflow import layers
 from .errors import ArgumentError, PlanError, ShapeError, TargetUnreachableError
 from .flops import FlopModel, total_macs
 from .graph import DependencyGraph, Plan
@@ -40,10 +38,10 @@ from .record import provenance
 from .report import Report
 from .stats import ClassSubset
 from .strategy import Chooser, Strategy
-from .timing import Latency, Setting, TimingCache, measure_in_turns
+from .timing import Setting, TimingCache
 
 __all__ = ["DEFAULT_INPUT_SHAPE", "Inputs", "Model", "Analysis", "Target", "Job", "example_inputs", "check_model", "analyze",
-           "resolve", "select_plan", "reach_latency", "finish", "start", "conclude"]
+           "resolve", "finer", "close", "reachable", "CLOSE", "fallback_note", "select_plan", "finish", "start", "conclude", "NOISE_POLICIES"]
 
 log = logging.getLogger("fxprune")
 
@@ -147,6 +145,11 @@ def check_model(model: Any) -> None:
                         f"got {type(model).__name__}.{hint}")
 
 
+NOISE_POLICIES = ("raise", "warn")
+"""What a latency target does when the machine is too noisy to decide: raise ``MeasurementError``, or
+return the best undecided result with a warning that gives its interval."""
+
+
 @dataclass(frozen=True)
 class Target:
     """What the result must cost: exactly one of ``gflops`` (of the result), ``ratio`` (of FLOPs removed),
@@ -156,8 +159,11 @@ class Target:
     ratio: float | None = None
     speedup: float | None = None
     latency_ms: float | None = None
+    on_noise: str = "raise"
 
     def __post_init__(self) -> None:
+        if self.on_noise not in NOISE_POLICIES:
+            raise ArgumentError(f"on_noise must be one of {', '.join(NOISE_POLICIES)}, got {self.on_noise!r}")
         given = [v for v in (self.gflops, self.ratio, self.speedup, self.latency_ms) if v is not None]
         if len(given) != 1:
             raise ArgumentError("give exactly one of target_gflops= (GFLOPs of the result), ratio= (fraction of FLOPs "
@@ -179,9 +185,6 @@ class Target:
         """The MACs budget for a model of ``total`` MACs (FLOPs = 2 x MACs)."""
         return self.gflops * 1e9 / 2 if self.gflops is not None else (1.0 - self.ratio) * total
 
-    def goal_ms(self, original_ms: float) -> float:
-        return self.latency_ms if self.latency_ms is not None else original_ms / self.speedup
-
     def describe(self) -> str:
         """The target as the user gave it, e.g. ``ratio=0.5``."""
         name, value = next((n, v) for n, v in (("target_gflops", self.gflops), ("ratio", self.ratio), ("speedup", self.speedup),
@@ -198,6 +201,53 @@ def resolve(a: Analysis, chooser: Chooser) -> Chooser:
     return replace(chooser, strategy=replace(chooser.strategy, round_to=multiple), measured=True)
 
 
+def finer(chooser: Chooser) -> list[Chooser]:
+    """``chooser`` and, when its multiple was measured (``round_to="auto"``), the same with every finer
+    multiple down to 1: what "auto" falls back to when its multiple leaves a target out of reach, so
+    that it never reaches less than ``round_to=1`` would."""
+    if not chooser.measured:
+        return [chooser]
+    out, r = [chooser], chooser.strategy.round_to
+    while r > 1:
+        r //= 2
+        out.append(replace(chooser, strategy=replace(chooser.strategy, round_to=r)))
+    return out
+
+
+CLOSE = 0.03
+"""Under ``round_to="auto"``, a FLOPs target whose plan lands further than this below its budget falls
+back to a finer multiple (at ``round_to=1`` plans land within it)."""
+
+
+def close(a: Analysis, plan: Plan, macs: float) -> bool:
+    """Whether ``plan`` keeps at least ``1 - CLOSE`` of the ``macs`` budget."""
+    return a.flops.macs(removed_mask(a.graph, plan)) >= (1 - CLOSE) * macs
+
+
+def reachable(a: Analysis, chooser: Chooser, macs: float) -> Chooser:
+    """The first of ``finer(chooser)`` whose width rule gets the model down to ``macs``, within ``CLOSE``
+    (the last if none does); reachability does not depend on the scores, so flat ones are used."""
+    options = finer(chooser)
+    flat = {g.id: torch.zeros(g.width) for g in a.graph.prunable_groups}
+    for used in options[:-1]:
+        try:
+            if close(a, select_plan(a, used, macs, flat), macs):
+                return used
+        except TargetUnreachableError:
+            continue
+    return options[-1]
+
+
+def fallback_note(tried: Chooser, used: Chooser, target: str) -> str | None:
+    """The report's note when "auto" fell back from ``tried``'s multiple to ``used``'s."""
+    if tried is used:
+        return None
+    note = (f"round_to='auto': multiples of {tried.strategy.round_to} (measured fastest here) do not reach {target} "
+            f"(a FLOPs target: within {CLOSE:.0%}); widths are multiples of {used.strategy.round_to} instead")
+    log.warning(note)
+    return note
+
+
 def select_plan(a: Analysis, chooser: Chooser, target: float, scores: dict[int, torch.Tensor], cost: CostModel | None = None) -> Plan:
     """The plan whose ``cost`` (default: ``a.flops``, in MACs) fits ``target`` given the selector's
     ``scores``; under torch.distributed, rank 0's plan, on every rank."""
@@ -207,151 +257,6 @@ def select_plan(a: Analysis, chooser: Chooser, target: float, scores: dict[int, 
         dist.broadcast_object_list(shared, src=0)
         plan = Plan.from_json(shared[0])
     return plan
-
-
-ROUNDS = 6
-"""How many pruned models a latency target measures at most."""
-
-MARGIN = 0.06
-"""A latency target aims this much below its goal: two timings of the same pair of models on a busy
-machine differ by a few percent, and the goal must hold when the user measures again."""
-
-
-def reach_latency(a: Analysis, chooser: Chooser, target: Target, scores: dict[int, torch.Tensor]) -> tuple[Plan, torch.fx.GraphModule, dict[str, Any]]:
-    """The plan, rewritten model and measurement record of a latency target.
-
-    The latency model turns the target into an estimated-milliseconds budget; each round selects, rewrites
-    and times the result in turns with the original (about 3 s of timings; ``_Clock`` keeps them, so a
-    second compile of the same architecture on the same setting times nothing and rewrites only its result). Until one result meets the
-    aim (``MARGIN`` below the goal) and one misses it, the next budget is the last result's estimate scaled
-    by aim / measured (at most 2x either way); then it moves between the closest pair by linear
-    interpolation of the estimates (measured latency is not monotone in the widths: some widths run slower
-    than wider ones). It stops at a result within 6% below the aim. The
-    slowest result within the aim wins, else the fastest within the goal; if none is, even at the smallest
-    allowed widths, ``TargetUnreachableError`` names the best speed-up measured."""
-    setting, cache = Setting.of(a.gm, a.inputs), TimingCache()
-    clock = _Clock(a, setting, cache)
-    original = clock.original()
-    goal = target.goal_ms(original.median_ms)
-    aim = goal * (1 - MARGIN)
-    model = latency.LatencyModel(a.graph, a.flops, a.gm, original.median_ms, setting, cache, chooser.rule.round_to)
-    budget, tried, smallest = aim, [], False
-    for _ in range(ROUNDS):
-        try:
-            plan = select_plan(a, chooser, budget, scores, model)
-        except TargetUnreachableError as exc:
-            if smallest:
-                break
-            budget, smallest = model.total / exc.best_speedup, True
-            plan = select_plan(a, chooser, budget, scores, model)
-        before, after = clock.pair(plan, 1)
-        ms = _equivalent(target, original, before, after)
-        stops = 0.94 * aim <= ms <= aim
-        if stops:  # time it again, so that one lucky timing cannot pass
-            again = clock.pair(plan, 2)
-            ms_again = _equivalent(target, original, *again)
-            if ms_again > ms:
-                ms, (before, after) = (ms + ms_again) / 2, again
-                stops = ms <= aim
-        estimate = model.cost(removed_mask(a.graph, plan))
-        log.info("round %d: %.4g ms measured, aiming at %.4g ms (%.4g ms estimated)", len(tried) + 1, ms, aim, estimate)
-        tried.append((ms, plan, before, after, estimate))
-        if stops:
-            break
-        budget = _next_budget(tried, aim)
-    within = [t for t in tried if t[0] <= aim] or [min(tried, key=lambda t: t[0])]
-    ms, plan, before, after, _ = max(within, key=lambda t: t[0])
-    if ms > goal:
-        speedup = before.median_ms / after.median_ms
-        raise TargetUnreachableError(
-            f"the latency target {goal:.4g} ms ({original.median_ms / goal:.3g}x faster than {original.median_ms:.4g} ms) "
-            f"is out of reach on {setting.device}: the best speed-up measured ({len(tried)} results timed) was {speedup:.3g}x ({after.median_ms:.4g} ms, "
-            f"{chooser.rule}). Ask for at most that, lower min_width/round_to, or un-freeze groups (see analyze()).",
-            best_speedup=speedup,
-        )
-    record = _latency_record(target, goal, before, after, cache, len(tried))
-    record["results_timed"] = clock.timed
-    names = {n.name: name for n, (name, _) in layers(a.gm).items()}
-    record["layers_ms"] = {names.get(node, node): ms for node, ms in model.layers(removed_mask(a.graph, plan)).items()}
-    pruned = clock.pruned.get(_widths(plan))
-    return plan, rewrite(a.gm, a.graph, plan) if pruned is None else pruned[0], record
-
-
-class _Clock:
-    """Timings of the original model and of pruned candidates (in turns with it), kept in the
-    ``TimingCache`` under the captured architecture and the candidate's widths: compiling the same
-    architecture again on the same setting takes no timing and reaches the same result."""
-
-    def __init__(self, a: Analysis, setting: Setting, cache: TimingCache) -> None:
-        self.a, self.setting, self.cache = a, setting, cache
-        parts = [a.gm.code, *(f"{n}{list(t.shape)}" for n, t in (*a.gm.named_parameters(), *a.gm.named_buffers())),
-                 *(f"{list(t.shape)} {t.dtype}" for t in a.inputs if isinstance(t, torch.Tensor))]
-        self.architecture = hashlib.sha1("\n".join(parts).encode()).hexdigest()
-        self.repeat = 15
-        self.timed = 0
-        self.pruned: dict[str, tuple[torch.fx.GraphModule, nn.Module]] = {}  # widths -> (rewritten graph, result)
-
-    def _get(self, what: str, measure: Callable[[], list[Latency]]) -> list[list[Any]]:
-        def timed() -> list[list[Any]]:
-            self.timed += 1
-            return [lat.to_row() for lat in measure()]
-
-        rows = self.cache.get(self.setting, f"model {self.architecture} {what}", timed)
-        self.cache.save()
-        return rows
-
-    def original(self) -> Latency:
-        row, = self._get("original", lambda: measure_in_turns([self.a.model], self.a.inputs, warmup=5))
-        original = Latency.from_row(row, self.setting)
-        self.repeat = max(11, min(31, int(3000 / (2 * original.median_ms))))
-        return original
-
-    def pair(self, plan: Plan, turn: int) -> tuple[Latency, Latency]:
-        """The original and ``plan``'s result, timed in turns (``turn``: the how-manieth timing of this pair)."""
-        widths = _widths(plan)
-
-        def measure() -> list[Latency]:
-            if widths not in self.pruned:
-                pruned = rewrite(self.a.gm, self.a.graph, plan)
-                self.pruned[widths] = pruned, self.a.result(pruned)
-            return measure_in_turns([self.a.model, self.pruned[widths][1]], self.a.inputs, repeat=self.repeat)
-
-        before, after = self._get(f"widths {widths} timing {turn}", measure)
-        return Latency.from_row(before, self.setting), Latency.from_row(after, self.setting)
-
-
-def _widths(plan: Plan) -> str:
-    return json.dumps({gid: len(kept) for gid, kept in sorted(plan.keep.items())}, separators=(",", ":"))
-
-
-def _equivalent(target: Target, original: Latency, before: Latency, after: Latency) -> float:
-    """The pruned model's milliseconds: as timed for a latency in ms, else the original's times the
-    ratio timed in turns (robust to the machine's speed drifting between timings)."""
-    return after.median_ms if target.latency_ms is not None else original.median_ms * after.median_ms / before.median_ms
-
-
-def _next_budget(tried: list[tuple[Any, ...]], aim: float) -> float:
-    """The next estimated-ms budget from (measured ms, ..., estimated ms) of the rounds so far: the last
-    estimate corrected by aim / measured (at most 2x either way), or, once results lie on both sides of
-    the aim, linear interpolation between the closest pair."""
-    fast = [(t[-1], t[0]) for t in tried if t[0] <= aim]
-    slow = [(t[-1], t[0]) for t in tried if t[0] > aim]
-    if not fast or not slow:
-        ms, estimate = tried[-1][0], tried[-1][-1]
-        return estimate * min(2.0, max(0.5, aim / ms))
-    (e0, m0), (e1, m1) = max(fast), min(slow)
-    if e1 <= e0:  # a costlier estimate measured faster: look just above the best fast one
-        return e0 * 1.02
-    w = min(0.9, max(0.1, (aim - m0) / (m1 - m0)))
-    return e0 + w * (e1 - e0)
-
-
-def _latency_record(target: Target, goal: float, before: Latency, after: Latency, cache: TimingCache, rounds: int) -> dict[str, Any]:
-    s = before.setting
-    return {"target": {"speedup": target.speedup, "latency_ms": target.latency_ms}, "goal_ms": goal,
-            "before_ms": before.median_ms, "after_ms": after.median_ms, "speedup": before.median_ms / after.median_ms,
-            "batch": before.batch, "device": s.device, "device_name": s.device_name, "threads": s.threads,
-            "dtype": s.dtype, "timings_taken": cache.measured, "rounds": rounds}
 
 
 def finish(a: Analysis, plan: Plan, verify: bool, pruned: torch.fx.GraphModule | None = None) -> nn.Module:

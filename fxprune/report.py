@@ -7,7 +7,7 @@ from typing import Any
 
 from tabulate import tabulate
 
-__all__ = ["Report", "LayerRow"]
+__all__ = ["Report", "LayerRow", "latency_summary"]
 
 
 @dataclass
@@ -53,6 +53,21 @@ def si(n: float) -> str:
     return str(int(n))
 
 
+def latency_summary(t: dict[str, Any]) -> str:
+    """One line on what a latency target measured: the medians, the speed-up with its interval, the
+    machine's noise and where it was measured."""
+    when = "" if t.get("results_timed", 1) else "; timed by an earlier compile of this architecture"
+    if t.get("rechecked_speedup"):
+        when += f", {t['rechecked_speedup']:.3g}x when timed again now"
+    interval = ""
+    if "interval" in t:
+        lo, hi = t["interval"]
+        interval = (f", {t['confidence']:.0%} interval {lo:.3g}-{hi:.3g}x over {t['comparison_rounds']} rounds in turns with the "
+                    f"original, which varied by {t['noise']:.1%} against itself")
+    return (f"latency measured {t['before_ms']:.4g} ms -> {t['after_ms']:.4g} ms ({t['speedup']:.3g}x faster{interval}; batch "
+            f"{t['batch']}, {t['device']}, {t['threads']} threads, {t['dtype']}{when})")
+
+
 @dataclass
 class Report:
     """Per-layer and total channels, parameters, MACs and FLOPs (FLOPs = 2 x MACs), before -> after.
@@ -81,13 +96,40 @@ class Report:
         ]
         body.append(["total", "", "", "", _arrow(self.params, si), _arrow(self.macs, si), _arrow(self.flops, si)])
         headers = ["layer", "op", "in ch", "out ch", "params", "MACs", "FLOPs"]
-        if self.latency and "layers_ms" in self.latency:  # estimated per layer from its timings; the total is measured
-            layers = self.latency["layers_ms"]
+        layers = self.estimated_ms()
+        if layers:  # estimated per layer from its timings; the measured whole model is in the summary
             for row, r in zip(body, self.rows):
-                row.append(_arrow(tuple(layers[r.name]), _ms) if r.name in layers else "-")
-            body[-1].append(_arrow((self.latency["before_ms"], self.latency["after_ms"]), _ms))
-            headers.append("ms (layers est.)")
+                pair = layers.get(r.name)
+                row.append("-" if pair is None else _arrow(pair, _ms) + (" *" if pair[1] > pair[0] else ""))
+            body[-1].append(_arrow(self.estimated_total(), _ms))
+            headers.append("est. ms")
         return tabulate(body, headers=headers, tablefmt=fmt)
+
+    def estimated_ms(self) -> dict[str, tuple[float, float]]:
+        """Each conv and linear layer's milliseconds before -> after as the latency model estimates them
+        (the layer timed alone at its widths); empty without a latency target."""
+        return {k: (v[0], v[1]) for k, v in ((self.latency or {}).get("layers_ms") or {}).items()}
+
+    def estimated_total(self) -> tuple[float, float]:
+        """The sum of the rows' estimates, before and after."""
+        layers = [self.estimated_ms()[r.name] for r in self.rows if r.name in self.estimated_ms()]
+        return sum(b for b, _ in layers), sum(a for _, a in layers)
+
+    def all_notes(self) -> list[str]:
+        """The notes, and what the estimated column means next to the measured latency."""
+        layers = self.estimated_ms()
+        if not layers:
+            return self.notes
+        (b, a), t = self.estimated_total(), self.latency
+        out = [f"est. ms: the latency model's estimate of each conv and linear layer, timed alone at its widths; the rows add up "
+               f"to {b:.3g} -> {a:.3g} ms of the {t['before_ms']:.4g} -> {t['after_ms']:.4g} ms measured for the whole model, the rest "
+               "being memory-bound ops (norms, activations, pooling, additions) and per-call overhead"]
+        rose = [r.name for r in self.rows if r.name in layers and layers[r.name][1] > layers[r.name][0]]
+        if rose:
+            out.append(f"* {len(rose)} layer(s) ({', '.join(rose[:4])}{', ...' if len(rose) > 4 else ''}) timed slower alone at "
+                       "their kept widths than at their full widths (the kernel for those widths is slower on this device); the "
+                       "plan keeps them because the whole model, as measured, meets the target")
+        return self.notes + out
 
     def summary(self) -> str:
         f0, f1 = self.flops
@@ -98,22 +140,19 @@ class Report:
             f"{si(self.other_flops[1])} FLOPs"
         )
         if self.latency:
-            t = self.latency
-            when = "" if t.get("results_timed", 1) else ", timed by an earlier compile of this architecture"
-            text += (f"\nlatency {t['before_ms']:.4g} ms -> {t['after_ms']:.4g} ms ({t['speedup']:.3g}x faster, measured in "
-                     f"turns; batch {t['batch']}, {t['device']}, {t['threads']} threads, {t['dtype']}{when})")
+            text += "\n" + latency_summary(self.latency)
         return text
 
     def __str__(self) -> str:
         text = self._table("simple") + "\n" + self.summary()
-        if self.notes:
-            text += "\n" + "\n".join(f"note: {n}" for n in self.notes)
+        if self.all_notes():
+            text += "\n" + "\n".join(f"note: {n}" for n in self.all_notes())
         return text
 
     def to_markdown(self) -> str:
         text = self._table("github") + "\n\n" + self.summary() + "\n"
-        if self.notes:
-            text += "\n" + "\n".join(f"- {n}" for n in self.notes) + "\n"
+        if self.all_notes():
+            text += "\n" + "\n".join(f"- {n}" for n in self.all_notes()) + "\n"
         return text
 
     def then(self, later: "Report") -> "Report":

@@ -1,19 +1,26 @@
-"""Measured latency: how long a module takes on the device that holds it, and a disk cache of layer timings.
+"""Measured latency: how long a module takes on the device that holds it, how sure that is, and a disk
+cache of timings.
 
 A latency is always measured the way the pruned model will run: eval mode, ``torch.no_grad()``, the
 current torch thread count, the batch size of the given inputs, on the device of the model's parameters
-(CUDA work is synchronized before a clock is read). Comparisons time the models in turns, so that a
-machine that slows down slows every model alike, and report medians.
+(CUDA work is synchronized before a clock is read). A timing is a sample, not a fact: every one keeps its
+spread. Comparisons time the models in turns, so that a machine that slows down slows every model alike,
+and give the ratio with a distribution-free interval of its median and the noise of the original timed
+against itself (``compare``); code that acts on a timing decides on the interval. Every clock reading
+goes through ``time_calls``, the one place a test replaces to fake the clock.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
+import math
 import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,10 +30,18 @@ from torch import nn
 
 from .fxutil import eval_mode
 
-__all__ = ["Latency", "measure_latency", "measure_in_turns", "layer_ms", "Setting", "TimingCache"]
+__all__ = ["Latency", "Comparison", "measure_latency", "measure_in_turns", "compare", "median_interval", "time_calls", "layer_ms",
+           "Setting", "TimingCache", "caching", "cache_path", "STABLE", "CONFIDENCE"]
 
-METHOD = 2
-"""How layers are timed (``layer_ms``); part of every cache key, so timings taken another way are taken again."""
+METHOD = 3
+"""How timings are taken and kept; part of every cache key, so timings taken another way are taken again."""
+
+CONFIDENCE = 0.95
+"""Coverage of the intervals of medians that decisions are taken on."""
+
+STABLE = 0.05
+"""A timing is stable when the relative half-width of its median's interval is at most this; only stable
+timings are cached."""
 
 _MMAP_MAX = 32 << 20
 """glibc malloc's largest dynamic mmap threshold on 64-bit systems (``DEFAULT_MMAP_THRESHOLD_MAX``)."""
@@ -76,14 +91,25 @@ class Latency:
     batch: int | None
     setting: Setting
 
+    low_ms: float | None = None
+    high_ms: float | None = None
+
     @property
     def spread(self) -> float:
         """Interquartile range relative to the median."""
         return (self.q3_ms - self.q1_ms) / self.median_ms if self.median_ms else 0.0
 
+    @property
+    def uncertainty(self) -> float:
+        """Half-width of the median's ``CONFIDENCE`` interval relative to the median (IQR-based without one)."""
+        if self.low_ms is None or self.high_ms is None:
+            return self.spread / 2
+        return (self.high_ms - self.low_ms) / 2 / self.median_ms if self.median_ms else 0.0
+
     def __str__(self) -> str:
         s = self.setting
-        return (f"{self.median_ms:.3f} ms median (IQR {self.q1_ms:.3f}-{self.q3_ms:.3f}, {self.runs} runs; batch {self.batch}, "
+        interval = "" if self.low_ms is None else f"{CONFIDENCE:.0%} interval {self.low_ms:.3f}-{self.high_ms:.3f}, "
+        return (f"{self.median_ms:.3f} ms median ({interval}IQR {self.q1_ms:.3f}-{self.q3_ms:.3f}, {self.runs} runs; batch {self.batch}, "
                 f"{s.device}, {s.threads} threads, {s.dtype})")
 
     def to_dict(self) -> dict[str, Any]:
@@ -91,11 +117,12 @@ class Latency:
 
     def to_row(self) -> list[Any]:
         """The numbers without the setting, for the timing cache."""
-        return [self.median_ms, self.q1_ms, self.q3_ms, self.runs, self.batch]
+        return [self.median_ms, self.q1_ms, self.q3_ms, self.runs, self.batch, self.low_ms, self.high_ms]
 
     @classmethod
     def from_row(cls, row: Sequence[Any], setting: Setting) -> "Latency":
-        return cls(*row, setting)
+        median, q1, q3, runs, batch, *interval = row
+        return cls(median, q1, q3, runs, batch, setting, *interval)
 
 
 def _sync(device: str) -> Callable[[], None]:
@@ -107,9 +134,42 @@ def _batch(inputs: Sequence[Any]) -> int | None:
     return int(first.shape[0]) if first is not None else None
 
 
+def median_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """A distribution-free interval of the median of ``values``: the order statistics ``x(k)`` and
+    ``x(n+1-k)`` with the largest ``k`` whose binomial coverage is at least ``confidence`` (for n = 11,
+    the 2nd and the 10th of the sorted values); the whole range when there are too few values."""
+    xs = sorted(values)
+    n, tail, k = len(xs), (1 - confidence) / 2, 0
+    below = 0.0
+    while k < n and below + math.comb(n, k) / 2 ** n <= tail:
+        below += math.comb(n, k) / 2 ** n
+        k += 1
+    return (xs[0], xs[-1]) if k == 0 else (xs[k - 1], xs[n - k])
+
+
 def _summary(ms: list[float], inputs: Sequence[Any], setting: Setting) -> Latency:
     q = statistics.quantiles(ms, n=4) if len(ms) > 1 else [ms[0]] * 3
-    return Latency(statistics.median(ms), q[0], q[2], len(ms), _batch(inputs), setting)
+    return Latency(statistics.median(ms), q[0], q[2], len(ms), _batch(inputs), setting, *median_interval(ms))
+
+
+def time_calls(model: Callable[..., Any], inputs: Sequence[Any], calls: int, sync: Callable[[], None]) -> float:
+    """Milliseconds per call of ``calls`` calls of ``model(*inputs)``: the one clock every timing here reads."""
+    sync()
+    t = time.perf_counter()
+    for _ in range(calls):
+        model(*inputs)
+    sync()
+    return (time.perf_counter() - t) * 1e3 / calls
+
+
+def _calls(models: Sequence[nn.Module], inputs: Sequence[Any], warmup: int, min_ms: float, sync: Callable[[], None]) -> list[int]:
+    """After ``warmup`` calls of each model, how many calls make one timing of it last about ``min_ms``."""
+    out = []
+    for m in models:
+        for _ in range(warmup):
+            m(*inputs)
+        out.append(max(1, int(min_ms / max(time_calls(m, inputs, 1, sync), 1e-3))))
+    return out
 
 
 def measure_in_turns(models: Sequence[nn.Module], inputs: Sequence[Any], *, repeat: int = 15, warmup: int = 3, min_ms: float = 5.0) -> list[Latency]:
@@ -120,28 +180,102 @@ def measure_in_turns(models: Sequence[nn.Module], inputs: Sequence[Any], *, repe
     sync = _sync(setting.device)
     samples: list[list[float]] = [[] for _ in models]
     with torch.no_grad(), eval_mode(*models):
-        calls = []
-        for m in models:
-            for _ in range(warmup):
-                m(*inputs)
-            sync()
-            t = time.perf_counter()
-            m(*inputs)
-            sync()
-            calls.append(max(1, int(min_ms / max((time.perf_counter() - t) * 1e3, 1e-3))))
+        calls = _calls(models, inputs, warmup, min_ms, sync)
         for _ in range(repeat):
             for i, m in enumerate(models):
-                sync()
-                t = time.perf_counter()
-                for _ in range(calls[i]):
-                    m(*inputs)
-                sync()
-                samples[i].append((time.perf_counter() - t) * 1e3 / calls[i])
+                samples[i].append(time_calls(m, inputs, calls[i], sync))
     return [_summary(s, inputs, setting) for s in samples]
 
 
-def layer_ms(layer: nn.Module, x: torch.Tensor) -> float:
-    """Median milliseconds of ``layer(x)`` alone, as the layer runs inside a model.
+@dataclass(frozen=True)
+class Comparison:
+    """A candidate timed against the original in turns: each round times the original, the candidate and
+    the original again. ``ratio`` is the median over rounds of the candidate's time over the mean of the
+    two original timings around it (a machine that slows down within a round slows both sides), ``low``
+    and ``high`` the ``CONFIDENCE`` interval of that median; ``noise`` is the relative half-width of the
+    same interval for the original against itself (the second original timing over the first, an A/A
+    pair): what this machine does to a ratio that is 1."""
+
+    ratio: float
+    low: float
+    high: float
+    noise: float
+    rounds: int
+    before: Latency
+    after: Latency
+
+    @property
+    def speedup(self) -> float:
+        return 1 / self.ratio
+
+    @property
+    def uncertainty(self) -> float:
+        """Relative half-width of the ratio's interval."""
+        return (self.high - self.low) / 2 / self.ratio
+
+    @property
+    def stable(self) -> bool:
+        """Both the ratio and the A/A pair are known to within ``STABLE``."""
+        return self.uncertainty <= STABLE and self.noise <= STABLE
+
+    def meets(self, goal: float) -> bool | None:
+        """Whether the ratio is at most ``goal``: True or False when the whole interval says so, None when
+        the interval holds ``goal`` (the noise is as large as the distance to it)."""
+        return True if self.high <= goal else False if self.low > goal else None
+
+    def describe(self) -> str:
+        return (f"{self.speedup:.3g}x ({CONFIDENCE:.0%} interval {1 / self.high:.3g}-{1 / self.low:.3g}x over {self.rounds} rounds; "
+                f"the original against itself varied by {self.noise:.1%})")
+
+    def to_row(self) -> list[Any]:
+        return [self.ratio, self.low, self.high, self.noise, self.rounds, self.before.to_row(), self.after.to_row()]
+
+    @classmethod
+    def from_row(cls, row: Sequence[Any], setting: Setting) -> "Comparison":
+        *numbers, before, after = row
+        return cls(*numbers, Latency.from_row(before, setting), Latency.from_row(after, setting))
+
+    @classmethod
+    def identical(cls, original: Latency) -> "Comparison":
+        """The comparison of a model with a copy of itself that nothing was removed from: no timing can
+        make it faster."""
+        return cls(1.0, 1.0, 1.0, 0.0, 0, original, original)
+
+
+def compare(original: nn.Module, candidate: nn.Module, inputs: Sequence[Any], *, rounds: int = 15, most: int | None = None,
+            goal: float | None = None, warmup: int = 3, min_ms: float = 5.0) -> Comparison:
+    """Time ``candidate`` against ``original`` in turns (see ``Comparison``): ``rounds`` rounds, then more,
+    up to ``most`` (default 3 x ``rounds``), while the ratio's interval holds ``goal`` or is wider than
+    ``STABLE``. ``candidate`` may be ``original`` itself: an A/A pair."""
+    inputs = tuple(inputs)
+    setting = Setting.of(original, inputs)
+    sync = _sync(setting.device)
+    most = 3 * rounds if most is None else max(most, rounds)
+    first, second, cand = [], [], []
+    with torch.no_grad(), eval_mode(original, candidate):
+        n_orig, n_cand = _calls([original, candidate], inputs, warmup, min_ms, sync)
+        while True:
+            while len(cand) < rounds:
+                first.append(time_calls(original, inputs, n_orig, sync))
+                cand.append(time_calls(candidate, inputs, n_cand, sync))
+                second.append(time_calls(original, inputs, n_orig, sync))
+            c = _comparison(first, second, cand, inputs, setting)
+            if rounds >= most or (c.uncertainty <= STABLE and (goal is None or c.meets(goal) is not None)):
+                return c
+            rounds = min(most, rounds + max(2, rounds // 2))
+
+
+def _comparison(first: list[float], second: list[float], cand: list[float], inputs: Sequence[Any], setting: Setting) -> Comparison:
+    ratios = [c / ((a + b) / 2) for a, b, c in zip(first, second, cand)]
+    aa = [b / a for a, b in zip(first, second)]
+    low, high = median_interval(ratios)
+    aa_low, aa_high = median_interval(aa)
+    return Comparison(statistics.median(ratios), low, high, (aa_high - aa_low) / 2 / statistics.median(aa), len(ratios),
+                      _summary(first + second, inputs, setting), _summary(cand, inputs, setting))
+
+
+def layer_ms(layer: nn.Module, x: torch.Tensor) -> Latency:
+    """Latency of ``layer(x)`` alone, as the layer runs inside a model (9 timings of about 1 ms).
 
     A loop that allocates the same large output again and again is the worst case of glibc's malloc:
     a block at least as large as the largest it has unmapped gets fresh pages from the kernel each time,
@@ -152,7 +286,7 @@ def layer_ms(layer: nn.Module, x: torch.Tensor) -> float:
         out = layer(x)
     if x.device.type == "cpu":
         torch.empty(min(2 * max(x.nbytes, out.nbytes), _MMAP_MAX - (1 << 20)), dtype=torch.uint8)
-    return measure_in_turns([layer], (x,), repeat=5, warmup=2, min_ms=2.0)[0].median_ms
+    return measure_in_turns([layer], (x,), repeat=9, warmup=2, min_ms=1.0)[0]
 
 
 def measure_latency(model: nn.Module, example_inputs: Any, *, repeat: int = 15, warmup: int = 3) -> Latency:
@@ -162,38 +296,84 @@ def measure_latency(model: nn.Module, example_inputs: Any, *, repeat: int = 15, 
     return measure_in_turns([model], inputs, repeat=repeat, warmup=warmup)[0]
 
 
-class TimingCache:
-    """Timings on disk, one JSON file: ``{setting key: {what was timed: its timing}}``; a timing is any
-    JSON value (a layer's milliseconds, a model's ``Latency.to_row``).
+_CACHING = contextvars.ContextVar("fxprune_caching", default=True)
 
-    The file lives in ``$FXPRUNE_CACHE_DIR`` (default ``~/.cache/fxprune``); ``measured`` counts the
-    timings this process took rather than read, so callers and tests can see the cache at work.
+
+@contextlib.contextmanager
+def caching(enabled: bool) -> Iterator[None]:
+    """Within this block, ``TimingCache`` reads and writes its file only when ``enabled`` (``cache=False``)."""
+    token = _CACHING.set(enabled)
+    try:
+        yield
+    finally:
+        _CACHING.reset(token)
+
+
+def cache_path() -> Path:
+    """The timing cache's file: ``$FXPRUNE_CACHE_DIR/latency.json`` (default ``~/.cache/fxprune``)."""
+    return Path(os.environ.get("FXPRUNE_CACHE_DIR", Path.home() / ".cache" / "fxprune")) / "latency.json"
+
+
+class TimingCache:
+    """Timings on disk, one JSON file (``cache_path``): ``{setting key: {what was timed: its timing}}``; a
+    timing is any JSON value (a ``Latency.to_row``, a ``Comparison.to_row``). Only timings that their
+    caller calls stable are kept, so a burst of other work on the machine is measured again next time
+    rather than replayed.
+
+    Inside ``caching(False)`` the file is neither read nor written. ``measured`` counts the timings this
+    process took rather than read, so callers and tests can see the cache at work.
     """
 
     def __init__(self, path: str | Path | None = None) -> None:
-        root = Path(os.environ.get("FXPRUNE_CACHE_DIR", Path.home() / ".cache" / "fxprune"))
-        self.path = Path(path) if path is not None else root / "latency.json"
+        self.path = Path(path) if path is not None else cache_path()
+        self.enabled = _CACHING.get()
         self.measured = 0
-        self.saved = 0  # how many of the measured timings the file holds
-        try:
-            self.data: dict[str, dict[str, Any]] = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            self.data = {}
+        self.unsaved = False
+        self.data: dict[str, dict[str, Any]] = {}
+        if self.enabled:
+            with contextlib.suppress(OSError, ValueError):
+                self.data = json.loads(self.path.read_text())
 
-    def get(self, setting: Setting, key: str, measure: Callable[[], Any]) -> Any:
-        """The cached timing of ``key`` under ``setting``, measured (and kept) on a miss."""
+    def get(self, setting: Setting, key: str, measure: Callable[[], Any], keep: Callable[[Any], bool] = lambda value: True) -> Any:
+        """The cached timing of ``key`` under ``setting``, measured on a miss and kept when ``keep`` says so."""
         table = self.data.setdefault(setting.key(), {})
-        if key not in table:
-            table[key] = measure()
-            self.measured += 1
-        return table[key]
+        if key in table:
+            return table[key]
+        value = measure()
+        self.measured += 1
+        if keep(value):
+            table[key] = value
+            self.unsaved = True
+        return value
+
+    def steady_ms(self, setting: Setting, key: str, measure: Callable[[], Latency], tolerance: float = 2 * STABLE, tries: int = 3) -> float:
+        """The median milliseconds of ``measure()``, measured again (at most ``tries`` times) while its
+        interval is wider than ``tolerance``; the steadiest timing is used, and kept only when steady."""
+        def steadiest() -> list[Any]:
+            best = measure()
+            for _ in range(tries - 1):
+                if best.uncertainty <= tolerance:
+                    break
+                best = min(best, measure(), key=lambda lat: lat.uncertainty)
+            return best.to_row()
+
+        return self.get(setting, key, steadiest, lambda row: Latency.from_row(row, setting).uncertainty <= tolerance)[0]
+
+    def drop(self, setting: Setting, prefix: str) -> int:
+        """Forget the timings whose key starts with ``prefix``; how many there were."""
+        table = self.data.get(setting.key(), {})
+        gone = [k for k in table if k.startswith(prefix)]
+        for k in gone:
+            del table[k]
+        self.unsaved = self.unsaved or bool(gone)
+        return len(gone)
 
     def save(self) -> None:
-        """Write the file atomically when it lacks timings taken here; a cache that cannot be written only
+        """Write the file atomically when it lacks timings kept here; a cache that cannot be written only
         costs time later."""
-        if self.saved == self.measured:
+        if not (self.enabled and self.unsaved):
             return
-        self.saved = self.measured
+        self.unsaved = False
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_suffix(f".{os.getpid()}.tmp")

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
+
+from fxprune.timing import Latency, Setting
 
 
 def lively(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -36,10 +40,36 @@ def same_state(model: nn.Module, state: dict[str, torch.Tensor]) -> bool:
     return now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in state)
 
 
+def _up(n: int, step: int = 8) -> int:
+    return -(-n // step) * step
+
+
+def stepped_ms(layer: nn.Module, x: torch.Tensor) -> float:
+    """A deterministic stand-in for a layer's measured milliseconds: its MACs with every channel count
+    rounded up to a multiple of 8, as kernels that work in blocks of 8 channels take (1 ms per 10 MMACs,
+    plus 0.01 ms a call)."""
+    spatial = x[0, 0].numel() if x.dim() > 2 else 1
+    if isinstance(layer, nn.Linear):
+        macs = x.numel() // x.shape[-1] * _up(layer.in_features) * _up(layer.out_features)
+    elif isinstance(layer, nn.modules.conv._ConvNd):
+        per_group = layer.in_channels // layer.groups
+        kernel = math.prod(layer.kernel_size) // math.prod(layer.stride)
+        macs = spatial * kernel * (_up(layer.out_channels) * (per_group if layer.groups > 1 else _up(per_group)))
+    else:
+        macs = x.numel()
+    return 1e-7 * macs + 0.01
+
+
+def fake_layer_ms(layer: nn.Module, x: torch.Tensor) -> Latency:
+    ms = stepped_ms(layer, x)
+    return Latency(ms, ms, ms, 9, int(x.shape[0]), Setting.of(layer, (x,)), ms, ms)
+
+
 @pytest.fixture(autouse=True)
-def _fixed_round_to(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
-    """``round_to="auto"`` measures this machine; tests pin it to 1 (exact widths, no timing) and keep
-    layer timings in a fresh cache directory, unless marked ``measured``."""
+def _fake_layer_clock(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Layer timings (the latency model and ``round_to="auto"``, which runs by default) come from
+    ``stepped_ms`` instead of this machine's clock, and are kept in a fresh cache directory; tests marked
+    ``measured`` time for real. The rule that acts on the timings is the shipped one."""
     monkeypatch.setenv("FXPRUNE_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
     if "measured" not in request.keywords:
-        monkeypatch.setattr("fxprune.latency.fast_multiple", lambda *args: 1)
+        monkeypatch.setattr("fxprune.latency.layer_ms", fake_layer_ms)
