@@ -16,6 +16,7 @@ import argparse
 import ast
 import difflib
 import importlib
+import json
 import logging
 import os
 import sys
@@ -30,7 +31,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from . import __version__, api, draw, layout, pipeline, serialize
+from . import __version__, api, draw, layout, pipeline, serialize, timing
 from . import metakeys as keys
 from .errors import ArgumentError, FxPruneError
 from .report import Report
@@ -45,6 +46,7 @@ EXAMPLES = """examples:
       --report-dir out/ --save out/mobilenet_v2.pt2
   fxprune inspect torchvision:squeezenet1_1 --png groups.png
   fxprune report out/mobilenet_v2.pt2
+  fxprune cache clear
 """
 
 
@@ -180,6 +182,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--keep-classes", type=_ints, metavar="I,J,...", help="keep only these output classes (indices, any order)")
     c.add_argument("--ignore", action="append", default=[], metavar="MODULE", help="keep this module's output channels (repeatable)")
     c.add_argument("--no-verify", action="store_true", help="skip the numerical check of the result")
+    c.add_argument("--no-cache", action="store_true", help="neither read nor write the timing cache (latency targets, round_to auto)")
+    c.add_argument("--on-noise", choices=pipeline.NOISE_POLICIES, default="raise",
+                   help="latency targets on a machine too noisy to decide: raise (default, exit 1) or warn and return the best "
+                        "result with its interval")
     c.add_argument("--markdown", action="store_true", help="print the report as a markdown table")
     c.add_argument("--report-dir", metavar="DIR", help="also write report.html, report.md, report.json and widths.png there")
     c.add_argument("--save", metavar="FILE", help="save the pruned model (fxprune.save, no pickle)")
@@ -192,7 +198,22 @@ def _parser() -> argparse.ArgumentParser:
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("file", help="a file written by fxprune.save or fxprune compile --save")
     r.add_argument("--markdown", action="store_true")
+    k = sub.add_parser("cache", help="show or clear the timing cache", parents=[flags])
+    k.add_argument("action", choices=("info", "clear"), help="info: where it is and what it holds; clear: delete it")
     return p
+
+
+def _cache(action: str) -> None:
+    path = timing.cache_path()
+    if action == "clear":
+        path.unlink(missing_ok=True)
+        print(f"cleared {path}")
+        return
+    tables = json.loads(path.read_text()) if path.is_file() else {}
+    print(f"{path}: {sum(len(t) for t in tables.values())} timings" if tables else f"{path}: empty")
+    for key, table in tables.items():
+        models = sum(k.startswith("model ") for k in table)
+        print(f"  {key}: {len(table) - models} layer timings, {models} model comparisons")
 
 
 def _inspect(args: argparse.Namespace, model: nn.Module, x: torch.Tensor) -> None:
@@ -207,7 +228,8 @@ def _compile(args: argparse.Namespace, model: nn.Module, x: torch.Tensor, strate
     start = time.perf_counter()
     pruned = api.compile(model, target_gflops=args.target_gflops, ratio=args.ratio, speedup=args.speedup, target_latency_ms=args.target_latency_ms,
                          example_inputs=x, strategy=strategy,
-                         ignore=args.ignore, verify=not args.no_verify, keep_classes=args.keep_classes)
+                         ignore=args.ignore, verify=not args.no_verify, keep_classes=args.keep_classes, cache=not args.no_cache,
+                         on_noise=args.on_noise)
     rep = api.report(pruned)
     print(rep.to_markdown() if args.markdown else rep)
     verified = "verified" if "verified" in pruned.meta[keys.RECORD] else "not verified"
@@ -290,6 +312,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "report":
         rep = Report.from_dict(serialize.read_record(args.file)["report"])
         print(rep.to_markdown() if args.markdown else rep)
+        return 0
+    if args.command == "cache":
+        _cache(args.action)
         return 0
     strategy = _checked(args)
     log.info("building %s", args.model)

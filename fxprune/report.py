@@ -82,7 +82,7 @@ class Report:
     macs: tuple[int, int]
     other_flops: tuple[int, int]
     notes: list[str] = field(default_factory=list)
-    latency: dict[str, Any] | None = None  # what a latency target measured (pipeline.reach_latency)
+    latency: dict[str, Any] | None = None  # what a latency target measured (reach.reach)
 
     @property
     def flops(self) -> tuple[int, int]:

@@ -218,10 +218,21 @@ class Comparison:
         """Both the ratio and the A/A pair are known to within ``STABLE``."""
         return self.uncertainty <= STABLE and self.noise <= STABLE
 
+    @property
+    def floor(self) -> float:
+        """The candidate's first quartile over the original's: other work only ever adds time, so the
+        quickest quarter of each model's timings is the least disturbed, whichever model a burst hit."""
+        return self.after.q1_ms / self.before.q1_ms
+
     def meets(self, goal: float) -> bool | None:
-        """Whether the ratio is at most ``goal``: True or False when the whole interval says so, None when
-        the interval holds ``goal`` (the noise is as large as the distance to it)."""
-        return True if self.high <= goal else False if self.low > goal else None
+        """Whether the ratio is at most ``goal``: True or False when the whole interval, widened by the
+        A/A noise, says so and the quickest timings (``floor``) agree; None when the interval holds
+        ``goal`` or the two disagree (the noise is as large as the distance to the goal)."""
+        if self.high * (1 + self.noise) <= goal:
+            return True if self.floor <= goal else None
+        if self.low * (1 - self.noise) > goal:
+            return False if self.floor > goal else None
+        return None
 
     def describe(self) -> str:
         return (f"{self.speedup:.3g}x ({CONFIDENCE:.0%} interval {1 / self.high:.3g}-{1 / self.low:.3g}x over {self.rounds} rounds; "

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+import fxprune
 from fxprune.timing import Latency, Setting
 
 
@@ -63,6 +64,38 @@ def stepped_ms(layer: nn.Module, x: torch.Tensor) -> float:
 def fake_layer_ms(layer: nn.Module, x: torch.Tensor) -> Latency:
     ms = stepped_ms(layer, x)
     return Latency(ms, ms, ms, 9, int(x.shape[0]), Setting.of(layer, (x,)), ms, ms)
+
+
+def flop_ms(model: nn.Module, inputs) -> float:
+    """What the fake clocks charge for one call: 1 ms per MFLOP, plus 0.05 ms."""
+    return fxprune.count_flops(model, tuple(inputs)) / 1e6 + 0.05
+
+
+def fake_measure(models, inputs, *, repeat=15, warmup=3, min_ms=5.0):
+    """``measure_in_turns`` as if every MFLOP took 1 ms, plus 0.05 ms per call."""
+    setting = Setting.of(models[0], tuple(inputs))
+    return [Latency(ms, ms, ms, repeat, int(inputs[0].shape[0]), setting, ms, ms) for ms in (flop_ms(m, inputs) for m in models)]
+
+
+class FlopClock:
+    """``timing.time_calls`` as if every MFLOP took 1 ms, plus 0.05 ms per call; ``factor(model)`` can
+    slow some timings down (a busy machine). A model's cost is computed once."""
+
+    def __init__(self, factor=lambda model: 1.0) -> None:
+        self.ms: dict[int, tuple[nn.Module, float]] = {}
+        self.factor = factor
+
+    def true_ms(self, model: nn.Module, inputs) -> float:
+        if id(model) not in self.ms:
+            self.ms[id(model)] = model, flop_ms(model, inputs)  # the model is kept, so its id stays its own
+        return self.ms[id(model)][1]
+
+    def __call__(self, model, inputs, calls, sync) -> float:
+        return self.true_ms(model, inputs) * self.factor(model)
+
+
+def layer_latency(layer: nn.Module, x: torch.Tensor) -> Latency:
+    return fake_measure([layer], (x,))[0]
 
 
 @pytest.fixture(autouse=True)

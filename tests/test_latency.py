@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import random
 import sys
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from torch import nn
 
 import fxprune
 from fxprune import latency, pipeline, timing
+from conftest import FlopClock, fake_measure, flop_ms, layer_latency
 from fxprune.timing import Latency, Setting, TimingCache, measure_in_turns
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -37,38 +39,6 @@ class Net(nn.Module):
     def forward(self, x):
         y = torch.relu(self.c(torch.relu(self.b(torch.relu(self.a(x))))))
         return self.head(y.mean((2, 3)))
-
-
-def flop_ms(model: nn.Module, inputs) -> float:
-    """What the fake clocks charge for one call: 1 ms per MFLOP, plus 0.05 ms."""
-    return fxprune.count_flops(model, tuple(inputs)) / 1e6 + 0.05
-
-
-def fake_measure(models, inputs, *, repeat=15, warmup=3, min_ms=5.0):
-    """``measure_in_turns`` as if every MFLOP took 1 ms, plus 0.05 ms per call."""
-    setting = Setting.of(models[0], tuple(inputs))
-    return [Latency(ms, ms, ms, repeat, int(inputs[0].shape[0]), setting, ms, ms) for ms in (flop_ms(m, inputs) for m in models)]
-
-
-class FlopClock:
-    """``timing.time_calls`` as if every MFLOP took 1 ms, plus 0.05 ms per call; ``factor(model)`` can
-    slow some timings down (a busy machine). A model's cost is computed once."""
-
-    def __init__(self, factor=lambda model: 1.0) -> None:
-        self.ms: dict[int, tuple[nn.Module, float]] = {}
-        self.factor = factor
-
-    def true_ms(self, model: nn.Module, inputs) -> float:
-        if id(model) not in self.ms:
-            self.ms[id(model)] = model, flop_ms(model, inputs)  # the model is kept, so its id stays its own
-        return self.ms[id(model)][1]
-
-    def __call__(self, model, inputs, calls, sync) -> float:
-        return self.true_ms(model, inputs) * self.factor(model)
-
-
-def layer_latency(layer: nn.Module, x: torch.Tensor) -> Latency:
-    return fake_measure([layer], (x,))[0]
 
 
 @pytest.fixture
@@ -298,3 +268,129 @@ def test_latency_selectors_time_only_widths_the_rule_allows(monkeypatch: pytest.
     fxprune.compile(Net().eval(), ratio=0.5, example_inputs=X, selector=selector, round_to=8, verify=False)
     full = {3, 64, 96, 10}
     assert timed and all(w in full or w % 8 == 0 for pair in timed for w in pair)
+
+
+class Bursts:
+    """Other work on the machine, in bursts: the timings of the model timed first (the original) are
+    slowed 2-3x while a burst lasts; bursts start on a share of timings and last 1-4 timings. Seeded."""
+
+    def __init__(self, share: float, seed: int) -> None:
+        self.rng, self.share, self.left, self.first = random.Random(seed), share, 0, None
+
+    def __call__(self, model: nn.Module) -> float:
+        self.first = model if self.first is None else self.first
+        if model is not self.first:
+            return 1.0
+        if self.left == 0 and self.rng.random() < self.share / 2.5:
+            self.left = self.rng.randint(1, 4)
+        if self.left:
+            self.left -= 1
+            return self.rng.uniform(2.0, 3.0)
+        return 1.0
+
+
+@pytest.mark.parametrize("share", [0.2, 0.5, 0.8])
+@pytest.mark.parametrize("seed", range(3))
+def test_bursts_that_slow_the_original_never_make_a_false_claim(monkeypatch: pytest.MonkeyPatch, share: float, seed: int) -> None:
+    """Whatever share of the original's timings a burst slows 2-3x, a result is returned only when its
+    true speed-up (the clock's charge without bursts) meets the target; otherwise compile refuses."""
+    clock = FlopClock(Bursts(share, seed))
+    monkeypatch.setattr(timing, "time_calls", clock)
+    monkeypatch.setattr(latency, "layer_ms", layer_latency)
+    net = Net().eval()
+    try:
+        pruned = fxprune.compile(net, speedup=2.0, example_inputs=X, verify=False, cache=False)
+    except (fxprune.MeasurementError, fxprune.TargetUnreachableError):
+        assert share > 0.2  # light bursts are seen through
+        return
+    record = pruned.meta["fxprune"]["report"]["latency"]
+    truth = flop_ms(net, (X,)) / flop_ms(pruned, (X,))
+    assert truth >= 2.0 and record["interval"][0] >= 2.0
+
+
+def test_a_machine_too_noisy_to_decide_raises_or_warns_with_the_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every other timing, at random, takes 10x as long: no result can be told from its target."""
+    def noisy_clock() -> None:
+        rng = random.Random(0)
+        monkeypatch.setattr(timing, "time_calls", FlopClock(lambda model: rng.choice((1.0, 10.0))))
+
+    monkeypatch.setattr(latency, "layer_ms", layer_latency)
+    noisy_clock()
+    with pytest.raises(fxprune.MeasurementError, match=r"too noisy .* interval .*Close other work") as info:
+        fxprune.compile(Net().eval(), speedup=1.5, example_inputs=X, verify=False, cache=False)
+    low, high = info.value.interval
+    assert low < 1.5 < high or info.value.noise > 0.05
+    noisy_clock()
+    with pytest.warns(UserWarning, match=r"too noisy .* interval"):
+        pruned = fxprune.compile(Net().eval(), speedup=1.5, example_inputs=X, verify=False, cache=False, on_noise="warn")
+    record = pruned.meta["fxprune"]["report"]["latency"]
+    assert record["speedup"] >= 1.5 and record["interval"][0] < 1.5
+
+
+def test_a_plan_that_removes_nothing_never_reports_a_speedup(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model with nothing prunable, on a clock that always charges its original twice: an identical
+    model would time 2x faster, but a plan that removes nothing is 1x by definition."""
+    monkeypatch.setattr(timing, "time_calls", FlopClock(Bursts(share=2.5, seed=0)))  # a burst on every timing of it
+    monkeypatch.setattr(latency, "layer_ms", layer_latency)
+    with pytest.raises(fxprune.TargetUnreachableError, match=r"was 1x") as info:
+        fxprune.compile(nn.Linear(16, 10).eval(), speedup=1.5, example_inputs=torch.randn(1, 16), verify=False)
+    assert info.value.best_speedup == 1.0
+
+
+def test_a_cached_result_that_no_longer_holds_is_timed_afresh(fake_clock: FlopClock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cache says a result is 1.5x faster; timed again now, every model takes as long as the
+    original (the clock changed): the claim is dropped from the cache, not replayed."""
+    monkeypatch.setenv("FXPRUNE_CACHE_DIR", str(tmp_path))
+    net = Net().eval()
+    fxprune.compile(net, speedup=1.5, example_inputs=X, verify=False)
+    monkeypatch.setattr(timing, "time_calls", lambda model, inputs, calls, sync: 1.0)
+    with pytest.raises(fxprune.TargetUnreachableError, match=r"was 1x"):
+        fxprune.compile(net, speedup=1.5, example_inputs=X, verify=False)
+    (table,) = json.loads((tmp_path / "latency.json").read_text()).values()
+    kept = [json.loads(json.dumps(v))[0] for k, v in table.items() if k.startswith("model ") and "original" not in k]
+    assert all(ratio > 1 / 1.5 for ratio in kept)  # no faster-than-asked comparison is left to replay
+
+
+def test_cache_false_and_the_cache_command(fake_clock: FlopClock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    from fxprune.cli import main
+
+    monkeypatch.setenv("FXPRUNE_CACHE_DIR", str(tmp_path))
+    fxprune.compile(Net().eval(), speedup=1.5, example_inputs=X, verify=False, cache=False)
+    assert not (tmp_path / "latency.json").exists()
+    fxprune.compile(Net().eval(), speedup=1.5, example_inputs=X, verify=False)
+    assert (tmp_path / "latency.json").exists()
+    assert main(["cache", "info"]) == 0 and "layer timings" in capsys.readouterr().out
+    assert main(["cache", "clear"]) == 0 and not (tmp_path / "latency.json").exists()
+
+
+def test_round_to_auto_falls_back_to_a_finer_multiple_that_reaches_the_target() -> None:
+    """Grouped convs of 8 channels per group stay whole at multiples of 8: the default falls back, says
+    so, and reaches ratio=0.5 as round_to=1 does."""
+    model = nn.Sequential(nn.Conv2d(3, 32, 3), nn.ReLU(), nn.Conv2d(32, 64, 3, groups=4), nn.ReLU(),
+                          nn.Conv2d(64, 64, 3, groups=8), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10)).eval()
+    x = torch.randn(1, 3, 32, 32)
+    pruned = fxprune.compile(model, ratio=0.5, example_inputs=x)
+    rep = fxprune.report(pruned)
+    assert 0.47 <= 1 - rep.flops[1] / rep.flops[0] and rep.flops[1] <= rep.flops[0] / 2
+    assert any("do not reach ratio=0.5" in n for n in rep.notes)
+    assert pruned.meta["fxprune"]["strategy"]["round_to"] < 8
+
+
+def test_regnet_prunes_with_the_defaults() -> None:
+    import torchvision
+
+    pruned = fxprune.compile(torchvision.models.regnet_y_400mf(), ratio=0.5, verify=False)
+    flops = fxprune.report(pruned).flops
+    assert 1 - flops[1] / flops[0] >= 0.45
+
+
+def test_the_estimated_column_adds_up_and_explains_rising_rows(fake_clock: FlopClock) -> None:
+    pruned = fxprune.compile(Net().eval(), speedup=1.5, example_inputs=X, verify=False)
+    rep = fxprune.report(pruned)
+    rows = rep.estimated_ms()
+    assert rep.estimated_total() == pytest.approx((sum(b for b, _ in rows.values()), sum(a for _, a in rows.values())))
+    assert not any("timed slower alone" in n for n in rep.all_notes())
+    rep.latency["layers_ms"]["c"] = [1.0, 2.0]
+    text = str(rep)
+    assert "1 -> 2 *" in text and "timed slower alone at their kept widths" in text and "rows add up to" in text
