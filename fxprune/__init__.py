@@ -21,7 +21,22 @@ from .iterate import History, StepRecord, prune_iteratively
 from .graph import DependencyGraph, Group, Member, Plan
 from .record import plan_fingerprint
 from .report import Report
-from .selectors import APoZ, BNScale, GflopsAware, L1, L2, LatencyAware, LatencyPerFlop, MeanActivation, Random, Selector, Taylor, Uniform
+from .selectors import (
+    SELECTORS,
+    APoZ,
+    BNScale,
+    BNTaylor,
+    GflopsAware,
+    L1,
+    L2,
+    LatencyAware,
+    LatencyPerFlop,
+    MeanActivation,
+    Random,
+    Selector,
+    Taylor,
+    Uniform,
+)
 from .serialize import apply_plan, load, save
 from .strategy import Strategy
 from .timing import Latency, measure_latency
@@ -33,7 +48,7 @@ __all__ = [
     "save", "load", "apply_plan", "plan_fingerprint", "Strategy",
     "measure_latency", "Latency",
     "DependencyGraph", "Group", "Member", "Plan", "Report", "Selector", "Uniform", "Random", "L1", "L2",
-    "BNScale", "GflopsAware", "LatencyAware", "LatencyPerFlop", "APoZ", "MeanActivation", "Taylor",
+    "BNScale", "BNTaylor", "GflopsAware", "LatencyAware", "LatencyPerFlop", "APoZ", "MeanActivation", "Taylor", "SELECTORS",
     "FxPruneError", "ArgumentError", "TraceError", "ShapeError", "PlanError",
     "TargetUnreachableError", "MeasurementError", "VerificationError", "ArchiveError",
 ]

@@ -77,12 +77,12 @@ def compile(  # noqa: A001 - the product's verb
 
     How channels are chosen is a ``Strategy``: pass one as ``strategy=``, or its fields as keywords
     (``selector=``, ``mode=``, ``min_width=``, ``round_to=``, ``seed=``, ``calibration=``, ``loss_fn=``),
-    which replace the given strategy's. ``selector``: a name (uniform, random, l1, l2, bn_scale,
-    gflops_aware, latency_aware, latency_per_flop, apoz, mean_activation, taylor) or an object with a ``scores(graph, gm)`` method. The
-    data-driven ones (apoz, mean_activation, taylor) need ``calibration``: an iterable of batches (e.g. a
-    DataLoader), each an input tensor, ``(input,)`` or ``(input, target)``, input being a tensor or a
-    tuple of positional inputs (a single tensor is one batch); taylor also needs ``loss_fn(output,
-    target)`` (target None for batches without one). ``mode``: "per_group" (the default: every group
+    which replace the given strategy's. ``selector``: a name in ``fxprune.SELECTORS`` or an object with
+    a ``scores(graph, gm)`` method. The data-driven ones (``fxprune.selectors.data_driven()``) need
+    ``calibration``: an iterable of batches (e.g. a DataLoader), each an input tensor, ``(input,)`` or
+    ``(input, target)``, input being a tensor or a tuple of positional inputs (a single tensor is one
+    batch); those ranking by gradients also need ``loss_fn(output, target)`` (target None for batches
+    without one). ``mode``: "per_group" (the default: every group
     loses the same fraction) or "global" (all channels ranked together; always for gflops_aware, latency_aware and latency_per_flop). Every
     pruned group keeps at least ``min_width`` channel atoms and a multiple of ``round_to`` channels (of
     its half, quarter... when the group is narrower); ``round_to="auto"`` (the default) measures which
@@ -94,7 +94,7 @@ def compile(  # noqa: A001 - the product's verb
     The report then starts from ``model`` as given, all its classes included.
     Under ``torch.distributed`` every rank gets rank 0's plan.
     """
-    target = pipeline.Target(target_gflops, ratio, speedup, target_latency_ms, on_noise)
+    target = pipeline.Target.of(on_noise, target_gflops=target_gflops, ratio=ratio, speedup=speedup, target_latency_ms=target_latency_ms)
     chosen = Strategy.of(strategy, **options)
     with caching(cache):
         job = pipeline.start(model, example_inputs, chosen, keep_classes, verify)

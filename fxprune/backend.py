@@ -25,12 +25,13 @@ from torch import nn
 
 from . import api
 from .errors import ArgumentError
+from .pipeline import Target
 from .strategy import Strategy
 
 __all__ = ["fxprune_backend"]
 
 _SOURCE = re.compile(r"\._(modules|parameters|buffers)\['([^']+)'\]")
-_OPTIONS = {"target_gflops", "ratio", "verify", "ignore", *Strategy.option_names()}
+_OPTIONS = {*Target.keywords(measured=False), "verify", "ignore", *Strategy.option_names()}
 _TRAINING_FLAG = {F.batch_norm: (5, "training"), F.dropout: (2, "training"), F.instance_norm: (5, "use_input_stats")}
 
 

@@ -7,7 +7,8 @@ Built models get ``--model-arg KEY=VALUE`` as keyword arguments and the state_di
 weights are random, and a warning says so. ``--calibration DIR`` (an image folder, one subfolder per
 class) feeds the data-driven selectors. Stage messages go to stderr (``--quiet`` silences them,
 ``--verbose`` adds torch's own messages); global flags go anywhere on the line. Exit codes: 0 success,
-1 an fxprune error (its whole message on stderr: what failed, the cause, the hint), 2 bad command line.
+1 an fxprune error (its whole message on stderr: what failed, the cause, the hint), 2 bad command line
+(a target or option out of range included).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from . import __version__, api, draw, layout, pipeline, serialize, timing
 from . import metakeys as keys
 from .errors import ArgumentError, FxPruneError
 from .report import Report
+from .selectors import data_driven, takes_loss
 from .strategy import Strategy
 
 log = logging.getLogger("fxprune")
@@ -170,15 +172,13 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compile", parents=[common], help="prune to a FLOPs or latency target and print the report",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     target = c.add_mutually_exclusive_group(required=True)
-    target.add_argument("--target-gflops", type=float, help="GFLOPs of the result (FLOPs = 2 x MACs)")
-    target.add_argument("--ratio", type=float, help="fraction of FLOPs to remove")
-    target.add_argument("--speedup", type=float, metavar="S", help="measured latency at most the original's / S (on this machine)")
-    target.add_argument("--target-latency-ms", type=float, metavar="T", help="measured latency at most T milliseconds")
+    for keyword, f in pipeline.Target.keywords().items():
+        target.add_argument("--" + keyword.replace("_", "-"), type=float, help=f.metadata["help"], metavar=f.metadata.get("metavar"))
     for f in fields(Strategy):
         if "cli" in f.metadata:
             c.add_argument("--" + f.name.replace("_", "-"), default=f.default, **f.metadata["cli"])
-    c.add_argument("--calibration", metavar="DIR", help="images for the data-driven selectors (apoz, mean_activation, taylor, "
-                   "bn_taylor): one subfolder per class, resized to --input-shape; taylor's loss is cross-entropy")
+    c.add_argument("--calibration", metavar="DIR", help=f"images for the data-driven selectors ({', '.join(data_driven())}): one "
+                   "subfolder per class, resized to --input-shape; the gradient-based ones use cross-entropy as their loss")
     c.add_argument("--keep-classes", type=_ints, metavar="I,J,...", help="keep only these output classes (indices, any order)")
     c.add_argument("--ignore", action="append", default=[], metavar="MODULE", help="keep this module's output channels (repeatable)")
     c.add_argument("--no-verify", action="store_true", help="skip the numerical check of the result")
@@ -226,8 +226,7 @@ def _inspect(args: argparse.Namespace, model: nn.Module, x: torch.Tensor) -> Non
 
 def _compile(args: argparse.Namespace, model: nn.Module, x: torch.Tensor, strategy: Strategy) -> None:
     start = time.perf_counter()
-    pruned = api.compile(model, target_gflops=args.target_gflops, ratio=args.ratio, speedup=args.speedup, target_latency_ms=args.target_latency_ms,
-                         example_inputs=x, strategy=strategy,
+    pruned = api.compile(model, **{k: getattr(args, k) for k in pipeline.Target.keywords()}, example_inputs=x, strategy=strategy,
                          ignore=args.ignore, verify=not args.no_verify, keep_classes=args.keep_classes, cache=not args.no_cache,
                          on_noise=args.on_noise)
     rep = api.report(pruned)
@@ -270,13 +269,13 @@ def _checked(args: argparse.Namespace) -> Strategy | None:
     """The compile command's target and strategy (calibration data included), checked before any model is built."""
     if args.command != "compile":
         return None
-    pipeline.Target(args.target_gflops, args.ratio, args.speedup, args.target_latency_ms)
+    pipeline.Target.of(args.on_noise, **{k: getattr(args, k) for k in pipeline.Target.keywords()})
     if args.keep_classes is not None:
         args.keep_classes = sorted(set(args.keep_classes))
     data: dict[str, Any] = {}
     if args.calibration is not None:
         data["calibration"] = calibration_batches(args.calibration, args.input_shape)
-        if args.selector in ("taylor", "bn_taylor"):
+        if takes_loss(args.selector):
             data["loss_fn"] = torch.nn.functional.cross_entropy
     strategy = Strategy(**{f.name: getattr(args, f.name) for f in fields(Strategy) if "cli" in f.metadata}, **data)
     strategy.chooser()  # checks that the selector and the data go together
@@ -284,7 +283,8 @@ def _checked(args: argparse.Namespace) -> Strategy | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     quiet, verbose = getattr(args, "quiet", False), getattr(args, "verbose", False)
     handler = None if log.handlers else logging.StreamHandler(sys.stderr)  # this call's stderr, unless the user set one up
     if handler is not None:
@@ -298,7 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not verbose:  # torch's tracing and export messages are for library authors, not for this terminal
                 warnings.filterwarnings("ignore", module=r"torch\..*")
                 torch_log.setLevel(logging.CRITICAL)
-            return _run(args)
+            return _run(args, parser)
     except FxPruneError as exc:
         print(f"fxprune: error: {exc}", file=sys.stderr)
         return 1
@@ -308,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.removeHandler(handler)
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.command == "report":
         rep = Report.from_dict(serialize.read_record(args.file)["report"])
         print(rep.to_markdown() if args.markdown else rep)
@@ -316,7 +316,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "cache":
         _cache(args.action)
         return 0
-    strategy = _checked(args)
+    try:
+        strategy = _checked(args)
+    except ArgumentError as exc:  # a bad command line: exit 2 with the usage, as argparse's own checks do
+        parser.error(str(exc))
     log.info("building %s", args.model)
     model = load_model(args.model, dict(args.model_arg), args.weights)
     x = torch.randn(args.input_shape, generator=torch.Generator().manual_seed(0))

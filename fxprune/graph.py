@@ -216,5 +216,5 @@ class Plan:
         return json.dumps({str(k): v for k, v in sorted(self.keep.items())})
 
     @classmethod
-    def from_json(cls, text: str) -> "Plan":
+    def from_json(cls, text: str) -> Plan:
         return cls({int(k): [int(i) for i in v] for k, v in json.loads(text).items()})

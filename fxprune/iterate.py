@@ -126,7 +126,12 @@ def prune_iteratively(
     The result's ``meta["fxprune"]`` has the report of the whole procedure (its "before" is ``model`` as
     given), the last step's plan, and the history as a dict.
     """
-    target = pipeline.Target(target_gflops, ratio)
+    latency = [k for k in options if k in pipeline.Target.keywords(measured=True)]
+    if latency:
+        raise ArgumentError(f"{latency[0]}= is a latency target, which prune_iteratively does not take: it prunes in equal FLOPs steps "
+                            f"({' or '.join(f'{k}=' for k in pipeline.Target.keywords(measured=False))}); measure the result with "
+                            f"fxprune.measure_latency, or reach a latency target in one step with fxprune.compile({latency[0]}=...)")
+    target = pipeline.Target.of(target_gflops=target_gflops, ratio=ratio)
     if not isinstance(steps, int) or steps < 1:
         raise ArgumentError(f"steps must be a positive integer, got {steps!r}")
     if not callable(finetune):

@@ -78,7 +78,7 @@ class Layer:
     options: tuple[tuple[str, Any], ...]
 
     @classmethod
-    def of(cls, node: torch.fx.Node, spec: tuple[str, dict[str, Any]], term: FlopTerm) -> "Layer | None":
+    def of(cls, node: torch.fx.Node, spec: tuple[str, dict[str, Any]], term: FlopTerm) -> Layer | None:
         src = node.args[0] if node.args else None
         if not isinstance(src, torch.fx.Node) or keys.TENSOR_META not in src.meta:
             return None

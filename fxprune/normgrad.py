@@ -49,7 +49,7 @@ def pass_sums(gm: torch.fx.GraphModule, weights: list[str], data: Any, loss_fn: 
     sums = {w: torch.zeros(params[w].numel(), dtype=torch.float64) for w in weights}
     batches = 0
     with eval_mode(copy), torch.enable_grad():
-        for i, (inputs, target) in enumerate(calibration_batches(data)):
+        for inputs, target in calibration_batches(data):
             loss = loss_fn(copy(*inputs), target)
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.requires_grad:
                 raise ArgumentError("loss_fn(output, target) must return a scalar tensor computed from the model's output")

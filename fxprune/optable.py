@@ -158,7 +158,8 @@ _ATEN_AS: dict[str, Any] = {
     "softmax": torch.softmax, "log_softmax": torch.log_softmax, "pixel_shuffle": F.pixel_shuffle,
     "pixel_unshuffle": F.pixel_unshuffle, "channel_shuffle": F.channel_shuffle, "roll": torch.roll,
     "flip": torch.flip, "max_pool2d_with_indices": F.max_pool2d_with_indices,
-    "max_pool3d_with_indices": F.max_pool3d_with_indices, "max_unpool2d": F.max_unpool2d, "max_unpool3d": F.max_unpool3d, "unbind": torch.unbind, "select": torch.select, "matmul": torch.matmul,
+    "max_pool3d_with_indices": F.max_pool3d_with_indices, "max_unpool2d": F.max_unpool2d, "max_unpool3d": F.max_unpool3d,
+    "unbind": torch.unbind, "select": torch.select, "matmul": torch.matmul,
     "scaled_dot_product_attention": F.scaled_dot_product_attention, "einsum": torch.einsum, "bmm": torch.bmm, "mm": torch.mm,
     "zeros_like": torch.zeros_like, "ones_like": torch.ones_like,
 }

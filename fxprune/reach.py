@@ -132,7 +132,8 @@ def _widths(plan: Plan) -> str:
     return json.dumps({gid: len(kept) for gid, kept in sorted(plan.keep.items())}, separators=(",", ":"))
 
 
-def reach(a: Analysis, chooser: Chooser, target: Target, scores: dict[int, torch.Tensor], fresh: bool = False) -> tuple[Plan, torch.fx.GraphModule, dict[str, Any]]:
+def reach(a: Analysis, chooser: Chooser, target: Target, scores: dict[int, torch.Tensor],
+          fresh: bool = False) -> tuple[Plan, torch.fx.GraphModule, dict[str, Any]]:
     """The plan, rewritten model and measurement record of a latency target (see the module docstring)."""
     setting, cache = Setting.of(a.gm, a.inputs), TimingCache()
     clock = Clock(a, setting, cache)

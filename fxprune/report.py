@@ -23,7 +23,7 @@ class LayerRow:
     def flops(self) -> tuple[int, int]:
         return (2 * self.macs[0], 2 * self.macs[1])
 
-    def then(self, later: "LayerRow") -> "LayerRow":
+    def then(self, later: LayerRow) -> LayerRow:
         """This row's "before" and ``later``'s "after": one row for two prunings in a row."""
         return LayerRow(later.name, later.op, *_spans(self, later, ("in_channels", "out_channels", "params", "macs")))
 
@@ -155,7 +155,7 @@ class Report:
             text += "\n" + "\n".join(f"- {n}" for n in self.all_notes()) + "\n"
         return text
 
-    def then(self, later: "Report") -> "Report":
+    def then(self, later: Report) -> Report:
         """One report for two prunings in a row (e.g. every step of gradual pruning): this report's
         "before", ``later``'s "after"; layers are matched by name."""
         first = {r.name: r for r in self.rows}
@@ -166,6 +166,6 @@ class Report:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Report":
+    def from_dict(cls, d: dict[str, Any]) -> Report:
         rows = [LayerRow(**{k: tuple(v) if isinstance(v, list) else v for k, v in r.items()}) for r in d["rows"]]
         return cls(rows, tuple(d["params"]), tuple(d["macs"]), tuple(d["other_flops"]), list(d["notes"]), d.get("latency"))

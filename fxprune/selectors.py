@@ -36,7 +36,7 @@ from .timing import Setting, TimingCache
 
 __all__ = [
     "Selector", "Uniform", "Random", "LpNorm", "L1", "L2", "BNScale", "BNTaylor", "GflopsAware", "LatencyAware", "LatencyPerFlop", "ActivationSelector",
-    "APoZ", "MeanActivation", "Taylor", "get_selector",
+    "APoZ", "MeanActivation", "Taylor", "get_selector", "SELECTORS", "data_driven", "takes_loss",
 ]
 
 Scores = dict[int, torch.Tensor]
@@ -299,6 +299,7 @@ class BNTaylor:
     scales score 0."""
 
     name = "bn_taylor"
+    takes_loss = True
     takes_data = True
 
     def __init__(self, calibration: Any = None, loss_fn: LossFn | None = None) -> None:
@@ -381,6 +382,7 @@ class Taylor(ActivationSelector):
 
     name = "taylor"
     needs_grad = True
+    takes_loss = True
 
     def values(self, activation: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
         return activation * grad
@@ -389,7 +391,7 @@ class Taylor(ActivationSelector):
         return mean.abs()
 
 
-_BY_NAME: dict[str, type] = {
+SELECTORS: dict[str, type] = {
     "uniform": Uniform, "random": Random, "l1": L1, "l2": L2, "bn_scale": BNScale, "gflops_aware": GflopsAware,
     "latency_aware": LatencyAware, "latency_per_flop": LatencyPerFlop,
     "apoz": APoZ, "mean_activation": MeanActivation, "taylor": Taylor, "bn_taylor": BNTaylor,
@@ -399,9 +401,9 @@ _BY_NAME: dict[str, type] = {
 def get_selector(selector: str | Selector, calibration: Any = None, loss_fn: LossFn | None = None) -> Selector:
     """The selector named ``selector`` (data-driven ones get ``calibration``/``loss_fn``), or the object itself."""
     if isinstance(selector, str):
-        if selector not in _BY_NAME:
-            raise ArgumentError(f"unknown selector {selector!r}; choose one of {sorted(_BY_NAME)} or pass an object with a scores(graph, gm) method")
-        cls = _BY_NAME[selector]
+        if selector not in SELECTORS:
+            raise ArgumentError(f"unknown selector {selector!r}; choose one of {sorted(SELECTORS)} or pass an object with a scores(graph, gm) method")
+        cls = SELECTORS[selector]
         if getattr(cls, "takes_data", False):
             return cls(calibration, loss_fn)
         selector = cls()
@@ -410,10 +412,20 @@ def get_selector(selector: str | Selector, calibration: Any = None, loss_fn: Los
     if calibration is not None or loss_fn is not None:
         given = "calibration=" if calibration is not None else "loss_fn="
         raise ArgumentError(
-            f"{given} is only used by the data-driven selectors 'apoz', 'mean_activation', 'taylor' and 'bn_taylor'; "
+            f"{given} is only used by the data-driven selectors {', '.join(map(repr, data_driven()))}; "
             f"selector {selector_name(selector)!r} does not read it (a selector object takes its data itself)"
         )
     return selector
+
+
+def data_driven() -> list[str]:
+    """Names of the selectors that read calibration data."""
+    return [name for name, cls in SELECTORS.items() if getattr(cls, "takes_data", False)]
+
+
+def takes_loss(name: str) -> bool:
+    """Whether the selector ``name`` takes ``loss_fn=`` (ranks by gradients of a loss)."""
+    return bool(getattr(SELECTORS.get(name), "takes_loss", False))
 
 
 def selector_name(selector: Any) -> str:

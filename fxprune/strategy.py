@@ -17,7 +17,7 @@ import torch
 from .errors import ArgumentError
 from .graph import DependencyGraph
 from .passes.select import MODES, WidthRule
-from .selectors import Selector, get_selector, selector_name
+from .selectors import SELECTORS, Selector, data_driven, get_selector, selector_name
 from .stats import LossFn
 
 __all__ = ["Strategy", "Chooser"]
@@ -45,8 +45,8 @@ class Strategy:
     """How channels are chosen; see ``fxprune.compile`` for what each field means."""
 
     selector: str | Selector = field(default="uniform", metadata=_cli(
-        "uniform (default), random, l1, l2, bn_scale, gflops_aware, latency_aware, latency_per_flop, or with --calibration DIR apoz, "
-        "mean_activation, taylor, bn_taylor"))
+        f"{', '.join(n for n in SELECTORS if n not in data_driven())} (default: uniform), or with --calibration DIR "
+        f"{', '.join(data_driven())}"))
     mode: Mode | None = field(default=None, metadata=_cli(
         "per_group: same fraction of every group (default); global: all channels ranked together", choices=MODES))
     min_width: int = field(default=1, metadata=_cli("every pruned group keeps at least N channels", type=int, metavar="N"))

@@ -58,7 +58,7 @@ class Setting:
     dtype: str
 
     @classmethod
-    def of(cls, module: nn.Module, inputs: Sequence[Any]) -> "Setting":
+    def of(cls, module: nn.Module, inputs: Sequence[Any]) -> Setting:
         tensors = [t for t in (*module.parameters(), *module.buffers(), *inputs) if isinstance(t, torch.Tensor)]
         device = tensors[0].device if tensors else torch.device("cpu")
         floats = [t.dtype for t in tensors if t.is_floating_point()]
@@ -120,7 +120,7 @@ class Latency:
         return [self.median_ms, self.q1_ms, self.q3_ms, self.runs, self.batch, self.low_ms, self.high_ms]
 
     @classmethod
-    def from_row(cls, row: Sequence[Any], setting: Setting) -> "Latency":
+    def from_row(cls, row: Sequence[Any], setting: Setting) -> Latency:
         median, q1, q3, runs, batch, *interval = row
         return cls(median, q1, q3, runs, batch, setting, *interval)
 
@@ -242,12 +242,12 @@ class Comparison:
         return [self.ratio, self.low, self.high, self.noise, self.rounds, self.before.to_row(), self.after.to_row()]
 
     @classmethod
-    def from_row(cls, row: Sequence[Any], setting: Setting) -> "Comparison":
+    def from_row(cls, row: Sequence[Any], setting: Setting) -> Comparison:
         *numbers, before, after = row
         return cls(*numbers, Latency.from_row(before, setting), Latency.from_row(after, setting))
 
     @classmethod
-    def identical(cls, original: Latency) -> "Comparison":
+    def identical(cls, original: Latency) -> Comparison:
         """The comparison of a model with a copy of itself that nothing was removed from: no timing can
         make it faster."""
         return cls(1.0, 1.0, 1.0, 0.0, 0, original, original)

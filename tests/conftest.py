@@ -98,6 +98,13 @@ def layer_latency(layer: nn.Module, x: torch.Tensor) -> Latency:
     return fake_measure([layer], (x,))[0]
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that time this machine for real belong to the slow lane."""
+    for item in items:
+        if "measured" in item.keywords:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True)
 def _fake_layer_clock(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
     """Layer timings (the latency model and ``round_to="auto"``, which runs by default) come from

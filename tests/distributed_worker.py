@@ -44,7 +44,8 @@ def main(out: Path) -> None:
         example_inputs=x[:1], progress=False,
     )
     torch.save(
-        {"state": pruned.state_dict(), "params": {k: k in dict(pruned.named_parameters()) for k in pruned.state_dict()}, "plan": pruned.meta["fxprune"]["plan"], "own_scores": own,
+        {"state": pruned.state_dict(), "params": {k: k in dict(pruned.named_parameters()) for k in pruned.state_dict()},
+         "plan": pruned.meta["fxprune"]["plan"], "own_scores": own,
          "gflops": [s.gflops for s in history.steps]},
         out / f"rank{rank}.pt",
     )

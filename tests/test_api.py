@@ -244,14 +244,30 @@ def test_unknown_strategy_option_names_the_closest_one(resnet: nn.Module) -> Non
         fxprune.Strategy(min_width=0)
 
 
-def test_cli_and_backend_options_come_from_strategy() -> None:
+def test_cli_backend_and_iterate_take_the_one_list_of_targets_and_options() -> None:
+    import inspect
+
     from fxprune.backend import _OPTIONS
     from fxprune.cli import _parser
+    from fxprune.pipeline import Target
 
-    flags = _parser()._subparsers._group_actions[0].choices["compile"].format_help()
-    for name in ("--selector", "--mode", "--min-width", "--round-to", "--seed"):
-        assert name in flags
-    assert set(fxprune.Strategy.option_names()) <= _OPTIONS
+    compile_cmd = _parser()._subparsers._group_actions[0].choices["compile"]
+    flags = {a.dest for a in compile_cmd._actions}
+    targets = {a.dest for group in compile_cmd._mutually_exclusive_groups for a in group._group_actions}
+    assert targets == set(Target.keywords()) == {"target_gflops", "ratio", "speedup", "target_latency_ms"}
+    assert {f for f in fxprune.Strategy.option_names() if "cli" in fxprune.Strategy.__dataclass_fields__[f].metadata} <= flags
+    assert _OPTIONS - {"verify", "ignore"} == set(Target.keywords(measured=False)) | set(fxprune.Strategy.option_names())
+    iterate = inspect.signature(fxprune.prune_iteratively).parameters
+    assert {k for k in iterate if k in Target.keywords() or k in ("speedup", "target_latency_ms")} == set(Target.keywords(measured=False))
+    assert set(inspect.signature(fxprune.compile).parameters) >= set(Target.keywords())
+    data_free = [n for n in fxprune.SELECTORS if n not in fxprune.selectors.data_driven()]
+    help_text = compile_cmd.format_help().replace("\n", " ")
+    assert all(name in help_text for name in fxprune.SELECTORS) and data_free[0] == "uniform"
+
+
+def test_prune_iteratively_names_a_latency_target_as_such(resnet: nn.Module) -> None:
+    with pytest.raises(fxprune.ArgumentError, match=r"speedup= is a latency target, which prune_iteratively does not take"):
+        fxprune.prune_iteratively(resnet, speedup=1.5, steps=2, finetune=lambda m: None)
 
 
 def test_report_numbers_round_to_the_next_unit() -> None:

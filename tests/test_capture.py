@@ -23,6 +23,7 @@ def test_exported_program_prunes_like_the_module() -> None:
     rep = fxprune.report(pruned)
     assert rep.flops[1] <= 0.5 * rep.flops[0] and any("ExportedProgram" in n for n in rep.notes)
     assert pruned(X).shape == (1, 1000)
+    assert not any(m.training for m in pruned.modules())  # for inference: ONNX export does not warn of training mode
 
 
 class ShapeDependent(nn.Module):

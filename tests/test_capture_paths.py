@@ -11,6 +11,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from capture_paths import compare  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 MODELS = ["resnet18", "mobilenet_v3_small", "shufflenet_v2_x0_5", "squeezenet1_1", "efficientnet_b0",
           "regnet_y_400mf", "convnext_tiny", "densenet121", "googlenet", "vit_b_16", "swin_t"]
 

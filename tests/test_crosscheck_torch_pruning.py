@@ -25,6 +25,8 @@ tp = pytest.importorskip("torch_pruning")
 
 import fxprune  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 INPUT_SHAPE = (1, 3, 64, 64)
 
 # Output channels of these convolutions are pruned (key: the conv weight's qualified name). Every entry

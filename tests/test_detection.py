@@ -19,6 +19,8 @@ from torch import nn
 import fxprune
 import fxprune.cli
 
+pytestmark = pytest.mark.slow
+
 SMALL = {"min_size": 128, "max_size": 160}
 FAMILIES: dict[str, dict[str, Any]] = {
     "fasterrcnn_mobilenet_v3_large_320_fpn": {"box_score_thresh": 0.0, **SMALL},

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+pytestmark = pytest.mark.slow
+
 
 def test_two_ranks_end_with_identical_pruned_models(tmp_path):
     worker = Path(__file__).with_name("distributed_worker.py")

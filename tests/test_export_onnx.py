@@ -11,6 +11,8 @@ from torch import nn
 import fxprune
 from conftest import lively
 
+pytestmark = pytest.mark.slow
+
 X = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 
 

@@ -136,12 +136,13 @@ def test_timm_models_by_name(capsys: pytest.CaptureFixture[str]) -> None:
     "argv, code, message",
     [
         (["compile", "torchvision:nope", "--ratio", "0.5"], 1, "torchvision has no model 'nope'"),
-        (["compile", "torchvision:resnet18", "--ratio", "2"], 1, "ratio must be in [0, 1)"),
+        (["compile", "torchvision:resnet18", "--ratio", "2"], 2, "ratio must be in [0, 1)"),
+        (["compile", "torchvision:resnet18", "--ratio", "1.5"], 2, "ratio must be in [0, 1)"),
         (["compile", "torchvision:resnet18", "--target-gflops", "1e-6", "--input-shape", "1,3,32,32"], 1, "out of reach"),
-        (["compile", "torchvision:resnet18", "--speedup", "0.5"], 1, "speedup must be at least 1"),
+        (["compile", "torchvision:resnet18", "--speedup", "0.5"], 2, "speedup must be at least 1"),
         (["compile", "torchvision:resnet18", "--round-to", "x"], 2, "expected an integer or auto, got 'x'"),
         (["compile", "torchvision:resnt18", "--ratio", "0.5"], 1, "did you mean torchvision:resnet18"),
-        (["compile", "torchvision:resnet18", "--ratio", "1.5", "--weights", "missing.pt"], 1, "ratio must be in [0, 1)"),  # before building
+        (["compile", "torchvision:resnet18", "--ratio", "1.5", "--weights", "missing.pt"], 2, "ratio must be in [0, 1)"),  # before building
         (["inspect", "torchvision:resnet18", "--weights", "missing.pt"], 1, "--weights missing.pt: no such file"),
         (["inspect", "torchvision:resnet18", "--model-arg", "num_classes"], 2, "expected KEY=VALUE"),
         (["inspect", "nomodule.at.all:factory"], 1, "cannot import"),

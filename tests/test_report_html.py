@@ -170,6 +170,7 @@ def _run_browser(browser: str, profile: Path, *args: str) -> subprocess.Complete
                            "--enable-logging=stderr", "--v=0", *args], capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_report_renders_in_a_headless_browser(report_dir: Path, tmp_path: Path) -> None:
     browser = _browser()
     url = (report_dir / "report.html").resolve().as_uri()

@@ -10,6 +10,8 @@ import torchvision
 import fxprune
 from conftest import lively
 
+pytestmark = pytest.mark.slow
+
 MODELS = ["fcn_resnet50", "deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large"]
 
 

@@ -7,7 +7,6 @@ each selector has one obvious choice.
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

@@ -10,6 +10,8 @@ import torchvision
 import fxprune
 from conftest import lively
 
+pytestmark = pytest.mark.slow
+
 MODELS = {
     "resnet18": 64, "resnet50": 64, "squeezenet1_0": 64, "squeezenet1_1": 64, "vgg16_bn": 64,
     "alexnet": 96, "densenet121": 64, "googlenet": 64, "inception_v3": 96, "mobilenet_v2": 64,

@@ -120,6 +120,8 @@ def _trace_with_opaque(root: nn.Module) -> torch.fx.GraphModule:
 
 def _exported(ep: torch.export.ExportedProgram, how: str) -> torch.fx.GraphModule:
     gm = ep.module()
+    for m in gm.modules():  # its ops are fixed; the flag tells exporters (ONNX) that the result is for inference, as pruned
+        m.training = False
     gm.meta[keys.CAPTURE] = how
     gm.meta[keys.OPAQUE] = []
     return gm

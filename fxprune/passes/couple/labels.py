@@ -75,7 +75,7 @@ class Labels:
         view[self.dim] = -1
         return self.ids.view(view).expand(self.shape).contiguous()
 
-    def with_shape(self, shape: tuple[int, ...]) -> "Labels":
+    def with_shape(self, shape: tuple[int, ...]) -> Labels:
         """The same labels on a tensor of another shape (an op that keeps the channel dim in place)."""
         return Labels(tuple(shape), self.dim, self.ids)
 
