@@ -2,9 +2,9 @@
 
 For each model (random weights, eval mode, batch 1, 2 CPU threads unless --threads) this compiles
 ``ratio=0.5`` with the default settings, makes a module over the same weights whose code is FX's own
-(``fxprune.codegen.fx_code``: ``self.layer1.0.conv1``, each step through ``nn.Module.__getattr__``), and
+(``fxprune.core.codegen.fx_code``: ``self.layer1.0.conv1``, each step through ``nn.Module.__getattr__``), and
 times the original, that module and the result (``self._modules['layer1']...``, fxprune/codegen.py) in
-turns (``fxprune.timing.measure_in_turns``). It prints each one's median latency as a ratio to the
+turns (``fxprune.latency.timing.measure_in_turns``). It prints each one's median latency as a ratio to the
 original's, and the milliseconds the code generator saves.
 
     python benchmarks/codegen.py
@@ -20,8 +20,8 @@ import torchvision
 from tabulate import tabulate
 
 import fxprune
-from fxprune.codegen import fx_code
-from fxprune.timing import measure_in_turns
+from fxprune.core.codegen import fx_code
+from fxprune.latency.timing import measure_in_turns
 
 MODELS = "mobilenet_v2,efficientnet_b0,resnet50,mobilenet_v3_large,regnet_y_400mf,shufflenet_v2_x1_0,resnet18,squeezenet1_1"
 

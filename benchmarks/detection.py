@@ -29,7 +29,7 @@ Rows per model:
   its dependency graph of their whole forward ran out of memory here (MemoryError under a 22 GB limit;
   without one the kernel killed the process at 24 GB).
 
-The original and all rows of one model are timed in turns (``fxprune.timing.measure_in_turns``,
+The original and all rows of one model are timed in turns (``fxprune.latency.timing.measure_in_turns``,
 --repeat rounds); the table gives frames per second, the latency ratio to the original, the whole-model
 FLOPs (``fxprune.count_flops``: FlopCounterMode over the real forward, postprocessing included) and
 the share of parameters outside the backbone's feature extractor (FPN, extra layers and heads) left.
@@ -54,7 +54,7 @@ from tabulate import tabulate
 from torch import nn
 
 import fxprune
-from fxprune.timing import measure_in_turns
+from fxprune.latency.timing import measure_in_turns
 from latency import SELECTORS_HELP, closest_ratio, selector_rows
 
 DETECTORS = ("fasterrcnn_resnet50_fpn,fasterrcnn_resnet50_fpn_v2,fasterrcnn_mobilenet_v3_large_fpn,"

@@ -13,7 +13,7 @@ For each model (random weights, eval mode, 2 CPU threads unless --threads) and b
   exactly the FLOPs of the torch-pruning row, so that the two compare at equal FLOPs;
 
 then times the original and every pruned model of a model and batch size in turns (one timing of each
-per round, --repeat rounds, ``fxprune.timing.measure_in_turns``), so that all rows of one model are
+per round, --repeat rounds, ``fxprune.latency.timing.measure_in_turns``), so that all rows of one model are
 measured side by side, and prints each row's FLOPs ratio and median-latency ratio to the original, plus
 the compile time. Every compile runs with verify=False;
 ``speedup`` rows also report the speed-up the compile measured itself.
@@ -39,7 +39,7 @@ import torchvision
 from tabulate import tabulate
 
 import fxprune
-from fxprune.timing import measure_in_turns
+from fxprune.latency.timing import measure_in_turns
 from zoo import classifier
 
 MODELS = ("resnet50,resnet18,mobilenet_v2,mobilenet_v3_large,efficientnet_b0,regnet_y_400mf,convnext_tiny,"
@@ -115,11 +115,12 @@ def main() -> None:
                 t = time.perf_counter()
                 try:
                     pruned = fxprune.compile(model, example_inputs=x, verify=False, **kw)
-                except fxprune.TargetUnreachableError as exc:
+                except (fxprune.TargetUnreachableError, fxprune.MeasurementError) as exc:
                     print(f"{name} batch {batch} {label}: {str(exc).splitlines()[0]}", flush=True)
                     return
                 measured = pruned.meta["fxprune"]["report"].get("latency")
-                variants[label] = (pruned, time.perf_counter() - t, measured["speedup"] if measured else None)
+                own = (measured["speedup"], measured["estimated_speedup"]) if measured else None
+                variants[label] = (pruned, time.perf_counter() - t, own)
 
             for label, kw in rows_wanted:
                 if not (args.no_round_to_8 and "round_to" in kw):
@@ -141,14 +142,15 @@ def main() -> None:
             for (label, (pruned, seconds, self_speedup)), lat in zip(variants.items(), timed[1:]):
                 rec = {"model": name, "batch": batch, "row": label, "flops_ratio": fxprune.count_flops(pruned, x) / base,
                        "latency_ratio": lat.median_ms / original.median_ms, "original_ms": original.median_ms,
-                       "pruned_ms": lat.median_ms, "compile_s": seconds, "compile_measured_speedup": self_speedup}
+                       "pruned_ms": lat.median_ms, "compile_s": seconds, "compile_measured_speedup": self_speedup and self_speedup[0],
+                       "compile_estimated_speedup": self_speedup and self_speedup[1]}
                 records.append(rec)
                 rows.append([name, batch, label, f"{rec['flops_ratio']:.3f}", f"{rec['latency_ratio']:.3f}",
                              f"{1 / rec['latency_ratio']:.2f}x", f"{original.median_ms:.1f}", f"{lat.median_ms:.1f}",
-                             f"{seconds:.1f}", "-" if self_speedup is None else f"{self_speedup:.2f}x"])
+                             f"{seconds:.1f}", "-" if self_speedup is None else f"{self_speedup[0]:.2f}x (est. {self_speedup[1]:.2f}x)"])
                 print(tabulate([rows[-1]], tablefmt="plain"), flush=True)
     headers = ["model", "batch", "row", "FLOPs ratio", "latency ratio", "speed-up", "original ms", "pruned ms",
-               "compile s", "compile's own measure"]
+               "compile s", "compile's own measure (latency model's estimate)"]
     print()
     print(tabulate(rows, headers=headers, tablefmt="github"))
     by_row: dict[str, list[float]] = {}

@@ -3,7 +3,7 @@
 For each model, with an empty timing cache, two processes burn the CPU in random bursts (each busy for
 0.1-1.5 s, then idle for 0.1-1.5 s, seeded) while ``fxprune.compile(model, speedup=S)`` runs at batch 1.
 The load then stops and the result is timed again against the original in interleaved rounds
-(``fxprune.timing.compare``, medians). A compile that refuses with ``MeasurementError`` (the machine was
+(``fxprune.latency.timing.compare``, medians). A compile that refuses with ``MeasurementError`` (the machine was
 too noisy to decide) is an honest outcome too. Last, a second compile on the same cache, on the quiet
 machine, is timed again the same way.
 
@@ -29,7 +29,7 @@ import torchvision
 from tabulate import tabulate
 
 import fxprune
-from fxprune.timing import compare
+from fxprune.latency.timing import compare
 
 
 def burn(seed: int, stop: mp.Event) -> None:
@@ -66,10 +66,11 @@ def compiled(model: torch.nn.Module, x: torch.Tensor, speedup: float) -> tuple[t
     try:
         result = fxprune.compile(model, speedup=speedup, example_inputs=x)
     except fxprune.MeasurementError as exc:
-        return None, f"refused: {str(exc).split(':')[1].strip()[:60]}", time.perf_counter() - t
+        lo, hi = exc.interval
+        return None, f"refused (too noisy): best {lo:.2f}-{hi:.2f}x, A/A {exc.noise:.0%}", time.perf_counter() - t
     record = fxprune.report(result).latency
     lo, hi = record["interval"]
-    return result, f"{record['speedup']:.2f}x ({lo:.2f}-{hi:.2f})", time.perf_counter() - t
+    return result, f"{record['speedup']:.2f}x ({lo:.2f}-{hi:.2f}), A/A {record['noise']:.0%}", time.perf_counter() - t
 
 
 def main() -> int:

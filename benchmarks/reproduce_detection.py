@@ -54,7 +54,7 @@ from torchvision.models.segmentation import FCN
 from torchvision.models.segmentation.fcn import FCNHead
 
 import fxprune
-from fxprune.timing import measure_in_turns
+from fxprune.latency.timing import measure_in_turns
 
 CLASSES = 11  # background + the 10 Fashion-MNIST classes
 THRESHOLD = 0.1  # an item's pixel counts (box, mask) above this value in [0, 1]

@@ -18,28 +18,17 @@ from .errors import (
     VerificationError,
 )
 from .iterate import History, StepRecord, prune_iteratively
-from .graph import DependencyGraph, Group, Member, Plan
-from .record import plan_fingerprint
+from .core.graph import DependencyGraph, Group, Member, Plan
+from .archive.record import plan_fingerprint
 from .report import Report
-from .selectors import (
-    SELECTORS,
-    APoZ,
-    BNScale,
-    BNTaylor,
-    GflopsAware,
-    L1,
-    L2,
-    LatencyAware,
-    LatencyPerFlop,
-    MeanActivation,
-    Random,
-    Selector,
-    Taylor,
-    Uniform,
-)
-from .serialize import apply_plan, load, save
-from .strategy import Strategy
-from .timing import Latency, measure_latency
+from .selection.costaware import GflopsAware, LatencyAware, LatencyPerFlop
+from .selection.datadriven import APoZ, BNTaylor, MeanActivation, Taylor
+from .selection.protocol import Selector
+from .selection.selectors import SELECTORS
+from .selection.weights import BNScale, L1, L2, Random, Uniform
+from .archive.serialize import apply_plan, load, save
+from .selection.strategy import Strategy
+from .latency.timing import Latency, measure_latency
 
 __version__ = "0.1.0"
 

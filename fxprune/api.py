@@ -13,16 +13,17 @@ import torch
 import torch.fx
 from torch import nn
 
-from . import metakeys as keys
-from . import pipeline, reach
+from .core import metakeys as keys
+from . import pipeline
+from .latency import reach
 from .errors import ArgumentError, TargetUnreachableError
-from .flops import counter as flop_counter
-from .fxutil import eval_mode, structural_copy
-from .graph import DependencyGraph, Plan
+from .core.flops import counter as flop_counter
+from .core.fxutil import eval_mode, structural_copy
+from .core.graph import DependencyGraph, Plan
 from .pipeline import DEFAULT_INPUT_SHAPE, Inputs, Model
 from .report import Report
-from .strategy import Chooser, Strategy
-from .timing import caching
+from .selection.strategy import Chooser, Strategy
+from .latency.timing import caching
 
 __all__ = ["compile", "analyze", "prune", "keep_only_classes", "report", "count_flops", "DEFAULT_INPUT_SHAPE"]
 
@@ -78,7 +79,7 @@ def compile(  # noqa: A001 - the product's verb
     How channels are chosen is a ``Strategy``: pass one as ``strategy=``, or its fields as keywords
     (``selector=``, ``mode=``, ``min_width=``, ``round_to=``, ``seed=``, ``calibration=``, ``loss_fn=``),
     which replace the given strategy's. ``selector``: a name in ``fxprune.SELECTORS`` or an object with
-    a ``scores(graph, gm)`` method. The data-driven ones (``fxprune.selectors.data_driven()``) need
+    a ``scores(graph, gm)`` method. The data-driven ones (``fxprune.selection.selectors.data_driven()``) need
     ``calibration``: an iterable of batches (e.g. a DataLoader), each an input tensor, ``(input,)`` or
     ``(input, target)``, input being a tensor or a tuple of positional inputs (a single tensor is one
     batch); those ranking by gradients also need ``loss_fn(output, target)`` (target None for batches
@@ -97,15 +98,15 @@ def compile(  # noqa: A001 - the product's verb
     target = pipeline.Target.of(on_noise, target_gflops=target_gflops, ratio=ratio, speedup=speedup, target_latency_ms=target_latency_ms)
     chosen = Strategy.of(strategy, **options)
     with caching(cache):
-        job = pipeline.start(model, example_inputs, chosen, keep_classes, verify)
+        job = pipeline.restrict_classes_first(model, example_inputs, chosen, keep_classes, verify)
         a = pipeline.analyze(job.model, job.inputs, ignore, chosen.seed)
-        pruned, job.chooser = _reach(a, pipeline.resolve(a, job.chooser), target, chosen.seed, verify)
+        pruned, job.chooser = _reach(a, pipeline.measure_round_to(a, job.chooser), target, chosen.seed, verify)
     if not target.measured and target.macs(a.flops.total) >= a.flops.total and keep_classes is None:  # keeping classes is a reason too
         note = (f"the target ({target.describe()}) asks for no pruning: the model has {2 * a.flops.total / 1e9:.4g} GFLOPs; "
                 "nothing was removed")
         warnings.warn(f"fxprune.compile: {note}", stacklevel=2)
         pruned.meta[keys.RECORD]["report"]["notes"].append(note)
-    return pipeline.conclude(job, pruned, report(pruned))
+    return pipeline.record_run(job, pruned, report(pruned))
 
 
 def _reach(a: pipeline.Analysis, chooser: Chooser, target: pipeline.Target, seed: int, verify: bool) -> tuple[nn.Module, Chooser]:
@@ -138,7 +139,7 @@ def _attempt(a: pipeline.Analysis, used: Chooser, target: pipeline.Target, seed:
 
 def _finish(a: pipeline.Analysis, chooser: Chooser, used: Chooser, target: pipeline.Target, verify: bool, plan: Plan,
             rewritten: torch.fx.GraphModule | None, measured: dict[str, Any] | None) -> nn.Module:
-    pruned = pipeline.finish(a, plan, verify, rewritten)
+    pruned = pipeline.rewrite_verify_record(a, plan, verify, rewritten)
     record = pruned.meta[keys.RECORD]["report"]
     note = pipeline.fallback_note(chooser, used, target.describe())
     record["notes"].extend([note] if note else [])
@@ -150,7 +151,7 @@ def _finish(a: pipeline.Analysis, chooser: Chooser, used: Chooser, target: pipel
 
 def prune(model: Model, plan: Plan | dict[int, Sequence[int]], example_inputs: Inputs = None, *, verify: bool = True) -> torch.fx.GraphModule:
     """Apply an explicit plan: for each group id of ``analyze(model)``, the positions of atoms to keep."""
-    return pipeline.replay(pipeline.analyze(model, example_inputs), plan, verify)
+    return pipeline.apply_checked_plan(pipeline.analyze(model, example_inputs), plan, verify)
 
 
 def report(gm: nn.Module) -> Report:

@@ -26,7 +26,7 @@ from torch import nn
 from . import api
 from .errors import ArgumentError
 from .pipeline import Target
-from .strategy import Strategy
+from .selection.strategy import Strategy
 
 __all__ = ["fxprune_backend"]
 

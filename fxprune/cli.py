@@ -32,12 +32,16 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from . import __version__, api, draw, layout, pipeline, serialize, timing
-from . import metakeys as keys
+from . import __version__, api, pipeline
+from .render import draw
+from .render import picture
+from .archive import serialize
+from .latency import timing
+from .core import metakeys as keys
 from .errors import ArgumentError, FxPruneError
 from .report import Report
-from .selectors import data_driven, takes_loss
-from .strategy import Strategy
+from .selection.selectors import data_driven, takes_loss
+from .selection.strategy import Strategy
 
 log = logging.getLogger("fxprune")
 
@@ -234,9 +238,9 @@ def _compile(args: argparse.Namespace, model: nn.Module, x: torch.Tensor, strate
     verified = "verified" if "verified" in pruned.meta[keys.RECORD] else "not verified"
     print(f"compiled in {time.perf_counter() - start:.2f} s, {verified}")
     if args.report_dir:
-        a = pipeline.analyze(model, x, args.ignore)  # the groups of the model as given, for the report's picture
-        picture = layout.model_picture(a.gm, a.graph, rep, args.model)
-        for path in draw.write_report_dir(rep, args.report_dir, picture, args.model):
+        a = pipeline.analyze(model, x, args.ignore, announce=False)  # the groups of the model as given, for the report's picture
+        drawing = picture.model_picture(a.gm, a.graph, rep, args.model)
+        for path in draw.write_report_dir(rep, args.report_dir, drawing, args.model):
             log.info("wrote %s", path)
     if args.save:
         serialize.save(pruned, args.save)
@@ -246,7 +250,7 @@ def _compile(args: argparse.Namespace, model: nn.Module, x: torch.Tensor, strate
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def calibration_batches(folder: str, shape: tuple[int, ...], batch: int = 32) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def image_folder_batches(folder: str, shape: tuple[int, ...], batch: int = 32) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(images, labels) batches of an image folder with one subfolder per class (sorted: the i-th is
     class i), resized to the H, W of ``shape`` (N, C, H, W); 3 channels get ImageNet's normalization."""
     from torchvision import datasets, transforms
@@ -274,7 +278,7 @@ def _checked(args: argparse.Namespace) -> Strategy | None:
         args.keep_classes = sorted(set(args.keep_classes))
     data: dict[str, Any] = {}
     if args.calibration is not None:
-        data["calibration"] = calibration_batches(args.calibration, args.input_shape)
+        data["calibration"] = image_folder_batches(args.calibration, args.input_shape)
         if takes_loss(args.selector):
             data["loss_fn"] = torch.nn.functional.cross_entropy
     strategy = Strategy(**{f.name: getattr(args, f.name) for f in fields(Strategy) if "cli" in f.metadata}, **data)

@@ -7,7 +7,7 @@ channels on the model the previous fine-tuning produced.
 Coarse ranking (``coarse=True``, data-driven selectors): the statistics a step ranks by come from taps
 (the selector's ``tap``) in the model handed to the previous step's ``finetune``, i.e. from the user's own
 training forwards and backwards. The activation selectors insert identity modules after the probed nodes
-(``fxprune.stats.tap``); bn_taylor only hooks the gradients of the norm scales (``fxprune.normgrad``).
+(``fxprune.selection.stats.tap``); bn_taylor only hooks the gradients of the norm scales (``fxprune.selection.normgrad``).
 Step 1, which has no fine-tuning before it, ranks as the selector's ``untapped_scores`` says: a pass
 over ``calibration=`` (bn_taylor without data: ``|gamma|``). With ``coarse=False`` every step ranks in
 such a pass. The time the taps take is counted as the next step's ranking time, not as fine-tuning time.
@@ -27,13 +27,13 @@ from tabulate import tabulate
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import metakeys as keys
+from .core import metakeys as keys
 from . import pipeline
 from .api import report
 from .errors import ArgumentError
-from .flops import total_macs
+from .core.flops import total_macs
 from .pipeline import Inputs, Model
-from .strategy import Strategy
+from .selection.strategy import Strategy
 
 __all__ = ["prune_iteratively", "History", "StepRecord"]
 
@@ -86,7 +86,7 @@ class History:
 
     def plot(self, path: str | Path) -> Path:
         """Metric against GFLOPs, one point per step, as an image (``pip install 'fxprune[plot]'``)."""
-        from .draw import draw_history
+        from .render.draw import draw_history
 
         return draw_history(self, path)
 
@@ -137,14 +137,14 @@ def prune_iteratively(
     if not callable(finetune):
         raise ArgumentError("finetune must be a function finetune(model) that trains the model in place")
     chosen = Strategy.of(strategy, **options)
-    job = pipeline.start(model, example_inputs, chosen, keep_classes, verify)
+    job = pipeline.restrict_classes_first(model, example_inputs, chosen, keep_classes, verify)
     seed = chosen.seed
     a = pipeline.analyze(job.model, job.inputs, ignore, seed)
     start = a.flops.total
     goal = target.macs(start)
     if goal > start:
         raise ArgumentError(f"target_gflops={target_gflops} is above the model's {2 * start / 1e9:.4g} GFLOPs")
-    measured = pipeline.resolve(a, job.chooser)
+    measured = pipeline.measure_round_to(a, job.chooser)
     job.chooser = chooser = pipeline.reachable(a, measured, goal)
     fallback = pipeline.fallback_note(measured, chooser, target.describe())
     tapping = coarse and hasattr(chooser.selector, "tap")
@@ -162,7 +162,7 @@ def prune_iteratively(
         t1 = time.perf_counter()
         plan = pipeline.select_plan(a, chooser, start - k * (start - goal) / steps, scores)
         t2 = time.perf_counter()
-        pruned = pipeline.finish(a, plan, verify)
+        pruned = pipeline.rewrite_verify_record(a, plan, verify)
         done = report(pruned) if done is None else done.then(report(pruned))
         a = pipeline.analyze(pruned, a.inputs, ignore, seed)
         model = a.model
@@ -176,4 +176,4 @@ def prune_iteratively(
         bar.set_postfix(gflops=f"{history.steps[-1].gflops:.3g}", metric="-" if metric is None else f"{metric:.4g}")
     a.model.meta[keys.RECORD]["history"] = history.to_dict()
     done.notes.extend([fallback] if fallback else [])
-    return pipeline.conclude(job, a.model, done, {"steps": steps, "coarse": tapping}), history
+    return pipeline.record_run(job, a.model, done, {"steps": steps, "coarse": tapping}), history

@@ -18,12 +18,12 @@ import torch.distributed as dist
 import torch.fx
 from torch import nn
 
-from . import latency
-from . import metakeys as keys
+from .latency import costmodel
+from .core import metakeys as keys
 from .errors import ArgumentError, PlanError, ShapeError, TargetUnreachableError
-from .flops import FlopModel, total_macs
-from .graph import DependencyGraph, Plan
-from .masks import removed_mask
+from .core.flops import FlopModel, total_macs
+from .core.graph import DependencyGraph, Plan
+from .core.masks import removed_mask
 from .passes.annotate import annotate
 from .passes.capture import capture
 from .passes.classes import class_plan
@@ -34,14 +34,15 @@ from .passes.shapes import propagate_shapes
 from .passes.transplant import transplant
 from .passes.verify import verify as verify_pass
 from .passes.verify import verify_tree
-from .record import provenance
+from .archive.record import provenance
 from .report import Report
-from .stats import ClassSubset
-from .strategy import Chooser, Strategy
-from .timing import Setting, TimingCache
+from .selection.stats import ClassSubset
+from .selection.strategy import Chooser, Strategy
+from .latency.timing import Setting, TimingCache
 
 __all__ = ["DEFAULT_INPUT_SHAPE", "Inputs", "Model", "Analysis", "Target", "Job", "example_inputs", "check_model", "analyze",
-           "resolve", "finer", "close", "reachable", "CLOSE", "fallback_note", "select_plan", "finish", "start", "conclude", "NOISE_POLICIES"]
+           "measure_round_to", "finer", "close", "reachable", "CLOSE", "fallback_note", "select_plan", "rewrite_verify_record",
+           "apply_checked_plan", "restrict_classes", "restrict_classes_first", "record_run", "NOISE_POLICIES"]
 
 log = logging.getLogger("fxprune")
 
@@ -105,8 +106,10 @@ class Analysis:
         return pruned if tree is None else transplant(tree, pruned)
 
 
-def analyze(model: Model, given: Inputs = None, ignore: Iterable[str] = (), seed: int = 0, free_output: bool = False) -> Analysis:
-    """Capture ``model``, annotate shapes and FLOPs, and couple its channels."""
+def analyze(model: Model, given: Inputs = None, ignore: Iterable[str] = (), seed: int = 0, free_output: bool = False,
+            announce: bool = True) -> Analysis:
+    """Capture ``model``, annotate shapes and FLOPs, and couple its channels; ``announce``: log what was
+    captured (False for a second analysis of a model already announced)."""
     check_model(model)
     ignore = _check_ignore(model, ignore)
     if given is None and isinstance(model, torch.export.ExportedProgram) and model.example_inputs:
@@ -123,10 +126,11 @@ def analyze(model: Model, given: Inputs = None, ignore: Iterable[str] = (), seed
             propagate_shapes(gm, inputs)
         except Exception:
             raise exc from None
-    log.info("captured %d graph nodes with %s", len(gm.graph.nodes), gm.meta[keys.CAPTURE])
+    level = logging.INFO if announce else logging.DEBUG
+    log.log(level, "captured %d graph nodes with %s", len(gm.graph.nodes), gm.meta[keys.CAPTURE])
     graph = couple(gm, ignore, free_output)
     total = total_macs(gm)
-    log.info("%d channel groups, %d prunable; %.4g GFLOPs", len(graph.groups), len(graph.prunable_groups), 2 * total / 1e9)
+    log.log(level, "%d channel groups, %d prunable; %.4g GFLOPs", len(graph.groups), len(graph.prunable_groups), 2 * total / 1e9)
     return Analysis(gm, graph, FlopModel(graph, total), inputs)
 
 
@@ -204,11 +208,11 @@ class Target:
         return next(f"{k}={getattr(self, f.name):g}" for k, f in self.keywords().items() if getattr(self, f.name) is not None)
 
 
-def resolve(a: Analysis, chooser: Chooser) -> Chooser:
-    """``chooser`` with ``round_to="auto"`` replaced by the multiple measured on ``a`` (``latency.fast_multiple``)."""
+def measure_round_to(a: Analysis, chooser: Chooser) -> Chooser:
+    """``chooser`` with ``round_to="auto"`` replaced by the multiple measured on ``a`` (``costmodel.fast_multiple``)."""
     if chooser.strategy.round_to != "auto":
         return chooser
-    multiple = latency.fast_multiple(a.gm, a.graph, Setting.of(a.gm, a.inputs), TimingCache())
+    multiple = costmodel.fast_multiple(a.gm, a.graph, Setting.of(a.gm, a.inputs), TimingCache())
     log.info("round_to='auto': widths are multiples of %d on this device", multiple)
     return replace(chooser, strategy=replace(chooser.strategy, round_to=multiple), measured=True)
 
@@ -271,7 +275,7 @@ def select_plan(a: Analysis, chooser: Chooser, target: float, scores: dict[int, 
     return plan
 
 
-def finish(a: Analysis, plan: Plan, verify: bool, pruned: torch.fx.GraphModule | None = None) -> nn.Module:
+def rewrite_verify_record(a: Analysis, plan: Plan, verify: bool, pruned: torch.fx.GraphModule | None = None) -> nn.Module:
     """Rewrite ``a`` as ``plan`` says (unless ``pruned`` is that rewrite already), verify the result
     (when asked) and record the report, plan and provenance in its ``meta``."""
     pruned = rewrite(a.gm, a.graph, plan) if pruned is None else pruned
@@ -293,8 +297,8 @@ def finish(a: Analysis, plan: Plan, verify: bool, pruned: torch.fx.GraphModule |
     return result
 
 
-def replay(a: Analysis, plan: Plan | dict[int, Sequence[int]], verify: bool) -> nn.Module:
-    """``finish`` by an explicit plan (``prune``, ``apply_plan``), once each group's kept positions are checked."""
+def apply_checked_plan(a: Analysis, plan: Plan | dict[int, Sequence[int]], verify: bool) -> nn.Module:
+    """``rewrite_verify_record`` by an explicit plan (``prune``, ``apply_plan``), once each group's kept positions are checked."""
     plan = plan if isinstance(plan, Plan) else Plan({int(k): list(v) for k, v in plan.items()})
     for gid, keep in plan.keep.items():
         if not 0 <= gid < len(a.graph.groups):
@@ -305,13 +309,13 @@ def replay(a: Analysis, plan: Plan | dict[int, Sequence[int]], verify: bool) -> 
             raise PlanError(f"group {gid} is frozen ({g.frozen[0]}); it must keep all {g.width} channels")
         if not keep or len(set(keep)) != len(keep) or min(keep) < 0 or max(keep) >= g.width:
             raise PlanError(f"group {gid} (width {g.width}, first member {g.members[0]}): keep must be distinct positions in 0..{g.width - 1}, at least one")
-    return finish(a, plan, verify)
+    return rewrite_verify_record(a, plan, verify)
 
 
 def restrict_classes(model: Model, given: Inputs, keep_classes: Sequence[int], verify: bool) -> tuple[torch.fx.GraphModule, tuple[Any, ...]]:
     """``model`` with only the outputs ``keep_classes``, and the example inputs it was checked on."""
     a = analyze(model, given, free_output=True)
-    pruned = finish(a, class_plan(a.gm, a.graph, keep_classes), verify)
+    pruned = rewrite_verify_record(a, class_plan(a.gm, a.graph, keep_classes), verify)
     pruned.meta[keys.RECORD]["classes"] = [int(c) for c in keep_classes]
     return pruned, a.inputs
 
@@ -328,7 +332,7 @@ class Job:
     before: Report | None
 
 
-def start(model: Model, given: Inputs, strategy: Strategy, keep_classes: Sequence[int] | None, verify: bool) -> Job:
+def restrict_classes_first(model: Model, given: Inputs, strategy: Strategy, keep_classes: Sequence[int] | None, verify: bool) -> Job:
     """Restrict classes first when asked (calibration then sees only their samples, renumbered)."""
     if keep_classes is None:
         return Job(model, given, strategy.chooser(), None, None)
@@ -338,7 +342,7 @@ def start(model: Model, given: Inputs, strategy: Strategy, keep_classes: Sequenc
     return Job(model, given, strategy.chooser(), [int(c) for c in keep_classes], Report.from_dict(model.meta[keys.RECORD]["report"]))
 
 
-def conclude(job: Job, result: torch.fx.GraphModule, report: Report, extra: dict[str, Any] | None = None) -> torch.fx.GraphModule:
+def record_run(job: Job, result: torch.fx.GraphModule, report: Report, extra: dict[str, Any] | None = None) -> torch.fx.GraphModule:
     """Record on ``result`` the report from the model as given (``report`` joined after the class
     restriction's), the strategy and the kept classes."""
     record = result.meta[keys.RECORD]

@@ -6,10 +6,12 @@ import math
 
 import pytest
 import torch
+import torch.fx
+import torch.nn.functional as F
 from torch import nn
 
 import fxprune
-from fxprune.timing import Latency, Setting
+from fxprune.latency.timing import Latency, Setting
 
 
 def lively(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -98,6 +100,68 @@ def layer_latency(layer: nn.Module, x: torch.Tensor) -> Latency:
     return fake_measure([layer], (x,))[0]
 
 
+X16 = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+
+
+def two_groups() -> nn.Sequential:
+    """conv0 (3 -> 16, 5x5) -> relu -> conv2 (16 -> 16, 1x1) -> relu -> conv4 (16 -> 4, 1x1).
+
+    Group A (conv0's outputs) costs 256 * (75 + 16) = 23296 MACs per channel at 16x16, group B
+    (conv2's outputs) 256 * (16 + 4) = 5120.
+    """
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 5, padding=2, bias=False), nn.ReLU(), nn.Conv2d(16, 16, 1, bias=False), nn.ReLU(),
+        nn.Conv2d(16, 4, 1, bias=False),
+    ).eval()
+
+
+def width(pruned: torch.fx.GraphModule, module: str) -> int:
+    return pruned.get_submodule(module).out_channels
+
+
+FORWARDS: list[int] = []
+
+
+@torch.fx.wrap
+def count_forward(x: torch.Tensor) -> torch.Tensor:
+    """Stays one call in the traced graph, so every forward of every rewritten model is counted."""
+    FORWARDS.append(x.shape[0])
+    return x
+
+
+class Net(nn.Module):
+    """Residual stream plus a fire-style concat: the couplings that make gradual pruning non-trivial."""
+
+    def __init__(self, classes: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.res = nn.Sequential(nn.Conv2d(16, 24, 3, padding=1), nn.BatchNorm2d(24), nn.ReLU(), nn.Conv2d(24, 16, 3, padding=1), nn.BatchNorm2d(16))
+        self.squeeze = nn.Conv2d(16, 8, 1)
+        self.e1 = nn.Conv2d(8, 16, 1)
+        self.e3 = nn.Conv2d(8, 16, 3, padding=1)
+        self.head = nn.Linear(32, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = count_forward(x)
+        x = self.stem(x)
+        x = F.relu(x + self.res(x))
+        s = F.relu(self.squeeze(F.max_pool2d(x, 2)))
+        x = torch.cat([F.relu(self.e1(s)), F.relu(self.e3(s))], 1)
+        return self.head(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def quadrant_data(n: int, classes: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise images whose class is the quadrant that is brighter: learnable in a few SGD steps."""
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, classes, (n,), generator=gen)
+    x = torch.randn(n, 1, 16, 16, generator=gen) * 0.3
+    for i, c in enumerate(y.tolist()):
+        r, col = divmod(c % 4, 2)
+        x[i, 0, 8 * r:8 * r + 8, 8 * col:8 * col + 8] += 2.0 + c // 4
+    return x, y
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests that time this machine for real belong to the slow lane."""
     for item in items:
@@ -112,4 +176,4 @@ def _fake_layer_clock(request: pytest.FixtureRequest, monkeypatch: pytest.Monkey
     ``measured`` time for real. The rule that acts on the timings is the shipped one."""
     monkeypatch.setenv("FXPRUNE_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
     if "measured" not in request.keywords:
-        monkeypatch.setattr("fxprune.latency.layer_ms", fake_layer_ms)
+        monkeypatch.setattr("fxprune.latency.costmodel.layer_ms", fake_layer_ms)

@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 sys.path.insert(0, str(Path(__file__).parent))
 import fxprune  # noqa: E402
 from fxprune.pipeline import analyze  # noqa: E402
-from test_iterate import Net, quadrant_data  # noqa: E402
+from conftest import Net, quadrant_data  # noqa: E402
 
 
 def main(out: Path) -> None:

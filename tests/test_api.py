@@ -260,7 +260,7 @@ def test_cli_backend_and_iterate_take_the_one_list_of_targets_and_options() -> N
     iterate = inspect.signature(fxprune.prune_iteratively).parameters
     assert {k for k in iterate if k in Target.keywords() or k in ("speedup", "target_latency_ms")} == set(Target.keywords(measured=False))
     assert set(inspect.signature(fxprune.compile).parameters) >= set(Target.keywords())
-    data_free = [n for n in fxprune.SELECTORS if n not in fxprune.selectors.data_driven()]
+    data_free = [n for n in fxprune.SELECTORS if n not in fxprune.selection.selectors.data_driven()]
     help_text = compile_cmd.format_help().replace("\n", " ")
     assert all(name in help_text for name in fxprune.SELECTORS) and data_free[0] == "uniform"
 

@@ -12,7 +12,7 @@ import torchvision
 from torch import nn
 
 import fxprune
-from fxprune.codegen import direct_access, fx_code
+from fxprune.core.codegen import direct_access, fx_code
 
 
 @contextmanager

@@ -8,53 +8,13 @@ import pytest
 import torch
 import torch.fx
 import torch.nn.functional as F
-from conftest import same_state, state_copy
+from conftest import FORWARDS, Net, quadrant_data, same_state, state_copy
 from torch import nn
 
 import fxprune
 from fxprune.errors import ArgumentError
-from fxprune.stats import ClassSubset
+from fxprune.selection.stats import ClassSubset
 
-FORWARDS: list[int] = []
-
-
-@torch.fx.wrap
-def count_forward(x: torch.Tensor) -> torch.Tensor:
-    """Stays one call in the traced graph, so every forward of every rewritten model is counted."""
-    FORWARDS.append(x.shape[0])
-    return x
-
-
-class Net(nn.Module):
-    """Residual stream plus a fire-style concat: the couplings that make gradual pruning non-trivial."""
-
-    def __init__(self, classes: int = 4) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
-        self.res = nn.Sequential(nn.Conv2d(16, 24, 3, padding=1), nn.BatchNorm2d(24), nn.ReLU(), nn.Conv2d(24, 16, 3, padding=1), nn.BatchNorm2d(16))
-        self.squeeze = nn.Conv2d(16, 8, 1)
-        self.e1 = nn.Conv2d(8, 16, 1)
-        self.e3 = nn.Conv2d(8, 16, 3, padding=1)
-        self.head = nn.Linear(32, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = count_forward(x)
-        x = self.stem(x)
-        x = F.relu(x + self.res(x))
-        s = F.relu(self.squeeze(F.max_pool2d(x, 2)))
-        x = torch.cat([F.relu(self.e1(s)), F.relu(self.e3(s))], 1)
-        return self.head(F.adaptive_avg_pool2d(x, 1).flatten(1))
-
-
-def quadrant_data(n: int, classes: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Noise images whose class is the quadrant that is brighter: learnable in a few SGD steps."""
-    gen = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, classes, (n,), generator=gen)
-    x = torch.randn(n, 1, 16, 16, generator=gen) * 0.3
-    for i, c in enumerate(y.tolist()):
-        r, col = divmod(c % 4, 2)
-        x[i, 0, 8 * r:8 * r + 8, 8 * col:8 * col + 8] += 2.0 + c // 4
-    return x, y
 
 
 X, Y = quadrant_data(256)
@@ -316,7 +276,8 @@ def test_bn_taylor_coarse_ranking_adds_no_forward_or_backward_pass():
 
 
 def test_bn_taylor_tap_is_the_mean_gamma_times_gradient():
-    from fxprune import normgrad, pipeline
+    from fxprune import pipeline
+    from fxprune.selection import normgrad
 
     a = pipeline.analyze(trained_net(), EXAMPLE)
     weights = ["stem.1.weight", "res.1.weight", "res.4.weight"]

@@ -10,7 +10,6 @@ import dataclasses
 import json
 import math
 import random
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,12 +17,10 @@ import torch
 from torch import nn
 
 import fxprune
-from fxprune import latency, pipeline, timing
-from conftest import FlopClock, fake_measure, flop_ms, layer_latency
-from fxprune.timing import Latency, Setting, TimingCache, measure_in_turns
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_selectors import X16, two_groups, width  # noqa: E402
+from fxprune import pipeline
+from fxprune.latency import costmodel, timing
+from conftest import X16, FlopClock, fake_measure, flop_ms, layer_latency, two_groups, width
+from fxprune.latency.timing import Latency, Setting, TimingCache, measure_in_turns
 
 X = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
@@ -45,7 +42,7 @@ class Net(nn.Module):
 def fake_clock(monkeypatch: pytest.MonkeyPatch) -> FlopClock:
     clock = FlopClock()
     monkeypatch.setattr(timing, "time_calls", clock)
-    monkeypatch.setattr(latency, "layer_ms", layer_latency)
+    monkeypatch.setattr(costmodel, "layer_ms", layer_latency)
     return clock
 
 
@@ -119,7 +116,7 @@ def test_latency_target_arguments_are_checked(kwargs: dict) -> None:
 def test_latency_model_answers_like_the_flop_model(fake_clock: FlopClock) -> None:
     """With times proportional to FLOPs, estimated milliseconds of a removal track its MACs."""
     a = pipeline.analyze(Net().eval(), X)
-    model = latency.LatencyModel(a.graph, a.flops, a.gm, None, Setting.of(a.gm, a.inputs), TimingCache(), 1)
+    model = costmodel.LatencyModel(a.graph, a.flops, a.gm, None, Setting.of(a.gm, a.inputs), TimingCache(), 1)
     none = torch.zeros(a.graph.num_atoms, dtype=torch.bool)
     for g in a.graph.prunable_groups:
         half = none.clone()
@@ -139,9 +136,9 @@ def test_round_to_auto_picks_the_fast_steps(monkeypatch: pytest.MonkeyPatch, ste
         w = kept[-1]
         return 0.01 * w * (1.0 if w % step == 0 else 1.4)
 
-    monkeypatch.setattr(latency.Layer, "time", time)
+    monkeypatch.setattr(costmodel.Layer, "time", time)
     a = pipeline.analyze(Net().eval(), X)
-    assert latency.fast_multiple(a.gm, a.graph, Setting.of(a.gm, a.inputs), TimingCache()) == expected
+    assert costmodel.fast_multiple(a.gm, a.graph, Setting.of(a.gm, a.inputs), TimingCache()) == expected
     pruned = fxprune.compile(Net().eval(), ratio=0.5, example_inputs=X, verify=False)
     assert pruned.meta["fxprune"]["strategy"]["round_to"] == expected
     assert pruned.meta["fxprune"]["strategy"]["round_to_measured"] is True
@@ -152,9 +149,9 @@ def test_round_to_auto_picks_the_fast_steps(monkeypatch: pytest.MonkeyPatch, ste
 def test_round_to_auto_wants_the_fast_steps_even_a_few_percent_off(monkeypatch: pytest.MonkeyPatch) -> None:
     """Widths off multiples of 8 run 5% slower: a few percent per layer is a few percent of the whole
     model, so "auto" takes 8 (within 2% of the best), not the finest multiple within 5%."""
-    monkeypatch.setattr(latency.Layer, "time", lambda self, kept, setting, cache: 1.0 if kept[-1] % 8 == 0 else 1.05)
+    monkeypatch.setattr(costmodel.Layer, "time", lambda self, kept, setting, cache: 1.0 if kept[-1] % 8 == 0 else 1.05)
     a = pipeline.analyze(Net().eval(), X)
-    assert latency.fast_multiple(a.gm, a.graph, Setting.of(a.gm, a.inputs), TimingCache()) == 8
+    assert costmodel.fast_multiple(a.gm, a.graph, Setting.of(a.gm, a.inputs), TimingCache()) == 8
 
 
 @pytest.mark.measured
@@ -166,9 +163,9 @@ def test_round_to_auto_narrows_a_pruned_input_with_the_output(monkeypatch: pytes
         timed.append((self.sizes, kept))
         return 0.01 * kept[-1]
 
-    monkeypatch.setattr(latency.Layer, "time", time)
+    monkeypatch.setattr(costmodel.Layer, "time", time)
     a = pipeline.analyze(Net().eval(), X)
-    latency.fast_multiple(a.gm, a.graph, Setting.of(a.gm, a.inputs), TimingCache())
+    costmodel.fast_multiple(a.gm, a.graph, Setting.of(a.gm, a.inputs), TimingCache())
     assert {sizes for sizes, _ in timed} == {(64, 96), (96, 64)}  # b and c, the costliest; their inputs are pruned
     assert all(kept[0] == round(sizes[0] * kept[1] / sizes[1]) for sizes, kept in timed)
 
@@ -183,11 +180,11 @@ def test_round_to_auto_does_not_time_a_dilated_conv(monkeypatch: pytest.MonkeyPa
         timed.append(self.sizes)
         return 0.01 * kept[-1]
 
-    monkeypatch.setattr(latency.Layer, "time", time)
+    monkeypatch.setattr(costmodel.Layer, "time", time)
     model = Net().eval()
     model.b = nn.Conv2d(64, 96, 3, padding=2, dilation=2)
     a = pipeline.analyze(model, X)
-    latency.fast_multiple(a.gm, a.graph, Setting.of(a.gm, a.inputs), TimingCache())
+    costmodel.fast_multiple(a.gm, a.graph, Setting.of(a.gm, a.inputs), TimingCache())
     assert set(timed) == {(96, 64), (3, 64)}  # c and a: b, the costliest, is dilated
 
 
@@ -220,7 +217,7 @@ def test_latency_per_flop_removes_the_slowest_channels_per_mac_first(monkeypatch
     """two_groups with a slow 5x5 conv: group A (its outputs) saves 4.3x more ms per MAC than group B, so
     at 60% fewer FLOPs A alone shrinks (uniform would cut both to 10 of 16), and never below its quarter
     while B still has channels above its own."""
-    monkeypatch.setattr(latency, "layer_ms", lambda layer, x: slow_5x5([layer], (x,))[0])
+    monkeypatch.setattr(costmodel, "layer_ms", lambda layer, x: slow_5x5([layer], (x,))[0])
     model = two_groups()
     pruned = fxprune.compile(model, ratio=0.6, example_inputs=X16, selector="latency_per_flop", round_to=1)
     assert width(pruned, "0") in (4, 5, 6) and width(pruned, "2") == 16
@@ -244,7 +241,7 @@ def test_latency_per_flop_never_empties_a_group(fake_clock: FlopClock) -> None:
 def test_shrink_order_is_capped_and_keeps_first_atoms_last() -> None:
     graph = fxprune.analyze(two_groups(), X16)
     ids = [g.id for g in graph.prunable_groups]
-    scores = fxprune.selectors.shrink_order(graph, {ids[0]: 1000.0, ids[1]: 1.0})
+    scores = fxprune.selection.costaware.shrink_order(graph, {ids[0]: 1000.0, ids[1]: 1.0})
     for gid in ids:
         assert bool((scores[gid][:-1] > scores[gid][1:]).all())  # the last position goes first
     # rates are capped at 2x the mean either way, so the ratio of removal times is at most 4
@@ -264,7 +261,7 @@ def test_latency_selectors_time_only_widths_the_rule_allows(monkeypatch: pytest.
             timed.append((layer.weight.shape[1] * getattr(layer, "groups", 1), layer.weight.shape[0]))
         return layer_latency(layer, x)
 
-    monkeypatch.setattr(latency, "layer_ms", clock)
+    monkeypatch.setattr(costmodel, "layer_ms", clock)
     fxprune.compile(Net().eval(), ratio=0.5, example_inputs=X, selector=selector, round_to=8, verify=False)
     full = {3, 64, 96, 10}
     assert timed and all(w in full or w % 8 == 0 for pair in timed for w in pair)
@@ -296,7 +293,7 @@ def test_bursts_that_slow_the_original_never_make_a_false_claim(monkeypatch: pyt
     true speed-up (the clock's charge without bursts) meets the target; otherwise compile refuses."""
     clock = FlopClock(Bursts(share, seed))
     monkeypatch.setattr(timing, "time_calls", clock)
-    monkeypatch.setattr(latency, "layer_ms", layer_latency)
+    monkeypatch.setattr(costmodel, "layer_ms", layer_latency)
     net = Net().eval()
     try:
         pruned = fxprune.compile(net, speedup=2.0, example_inputs=X, verify=False, cache=False)
@@ -314,7 +311,7 @@ def test_a_machine_too_noisy_to_decide_raises_or_warns_with_the_interval(monkeyp
         rng = random.Random(0)
         monkeypatch.setattr(timing, "time_calls", FlopClock(lambda model: rng.choice((1.0, 10.0))))
 
-    monkeypatch.setattr(latency, "layer_ms", layer_latency)
+    monkeypatch.setattr(costmodel, "layer_ms", layer_latency)
     noisy_clock()
     with pytest.raises(fxprune.MeasurementError, match=r"too noisy .* interval .*Close other work") as info:
         fxprune.compile(Net().eval(), speedup=1.5, example_inputs=X, verify=False, cache=False)
@@ -331,7 +328,7 @@ def test_a_plan_that_removes_nothing_never_reports_a_speedup(monkeypatch: pytest
     """A model with nothing prunable, on a clock that always charges its original twice: an identical
     model would time 2x faster, but a plan that removes nothing is 1x by definition."""
     monkeypatch.setattr(timing, "time_calls", FlopClock(Bursts(share=2.5, seed=0)))  # a burst on every timing of it
-    monkeypatch.setattr(latency, "layer_ms", layer_latency)
+    monkeypatch.setattr(costmodel, "layer_ms", layer_latency)
     with pytest.raises(fxprune.TargetUnreachableError, match=r"was 1x") as info:
         fxprune.compile(nn.Linear(16, 10).eval(), speedup=1.5, example_inputs=torch.randn(1, 16), verify=False)
     assert info.value.best_speedup == 1.0

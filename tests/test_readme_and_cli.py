@@ -54,7 +54,7 @@ def test_readme_snippets_print_what_they_say(tmp_path: Path, monkeypatch: pytest
     """Every snippet as written; the clock of whole-model timings is a deterministic stand-in (as the
     layer clock is, tests/conftest.py), so a busy test machine cannot change what the latency target does."""
     monkeypatch.chdir(tmp_path)  # the examples write files
-    monkeypatch.setattr("fxprune.timing.time_calls", FlopClock())
+    monkeypatch.setattr("fxprune.latency.timing.time_calls", FlopClock())
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
     assert blocks
     promised = 0
@@ -121,6 +121,8 @@ def test_inspect_draws_and_compile_writes_report_dir_and_file(tmp_path: Path, ca
     assert (out / "report.md").read_text().startswith("| layer")
     assert (out / "widths.png").read_bytes()[:4] == b"\x89PNG"
     capsys.readouterr()
+    assert main(["compile", "torchvision:squeezenet1_1", "--ratio", "0.5", "--input-shape", "1,3,64,64", "--report-dir", str(out)]) == 0
+    assert capsys.readouterr().err.count("captured") == 1  # announced once, though the report's picture analyzes the model again
     assert main(["report", str(saved)]) == 0
     assert "features.3.squeeze" in capsys.readouterr().out
     assert main(["inspect", str(saved), "--input-shape", "1,3,64,64"]) == 0  # a saved model is a MODEL too

@@ -14,7 +14,9 @@ import torchvision
 from torch import nn
 
 import fxprune
-from fxprune import dataflow, layout, pipeline
+from fxprune import pipeline
+from fxprune.core import dataflow
+from fxprune.render import picture
 from fxprune.cli import main
 from fxprune.report import si
 
@@ -56,7 +58,7 @@ def _layer_table(page: str) -> str:
 
 
 def test_report_page_shows_measured_latency() -> None:
-    from fxprune.html import report_page
+    from fxprune.render.html import report_page
     from fxprune.report import LayerRow
 
     rows = [LayerRow("conv", "Conv2d", (3, 3), (64, 32), (1792, 896), (10**9, 5 * 10**8))]
@@ -77,7 +79,7 @@ def test_picture_boxes_never_overlap_and_follow_the_data(name: str) -> None:
     model = getattr(torchvision.models, name)(weights=None).eval()
     a = pipeline.analyze(model, torch.randn(1, 3, 64, 64))
     blocks = dataflow.blocks(a.gm, a.graph)
-    pic = layout.picture(blocks, a.graph)
+    pic = picture.picture(blocks, a.graph)
     for i, s in enumerate(pic.shapes):
         assert 0 <= s.x and s.x + s.w <= pic.width and 0 <= s.y and s.y + s.h <= pic.height
         for t in pic.shapes[i + 1:]:
@@ -88,9 +90,9 @@ def test_picture_boxes_never_overlap_and_follow_the_data(name: str) -> None:
             if blocks[p].name in layers and b.name in layers:
                 assert layers[blocks[p].name].y < layers[b.name].y
     frozen = [s for s in pic.shapes if s.hatched]
-    assert frozen and all(s.fill == layout.FROZEN[0] for s in frozen)
+    assert frozen and all(s.fill == picture.FROZEN[0] for s in frozen)
     coloured = [s for s in pic.shapes if s.group is not None and not a.graph.groups[s.group].frozen]
-    assert coloured and all(s.fill != layout.FROZEN[0] for s in coloured)
+    assert coloured and all(s.fill != picture.FROZEN[0] for s in coloured)
     fills = {}
     for s in coloured:  # one colour per group: the legend chip and every box of the group agree
         assert fills.setdefault(s.group, s.fill) == s.fill

@@ -15,12 +15,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import fxprune
-from conftest import same_state, state_copy
-from fxprune.flops import FlopModel
-from fxprune.passes.select import WidthRule
+from conftest import X16, same_state, state_copy, two_groups, width
+from fxprune.core.flops import FlopModel
+from fxprune.core.widths import WidthRule
 
 X = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-X16 = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
 _gen = torch.Generator().manual_seed(2)
 CAL = [torch.randn(4, 3, 8, 8, generator=_gen) for _ in range(3)]
 TARGETS = [torch.randn(4, 4, 8, 8, generator=_gen) for _ in range(3)]
@@ -40,25 +39,10 @@ def one_group(bn: bool = True, relu: bool = True) -> nn.Sequential:
     return nn.Sequential(*layers, nn.Conv2d(8, 4, 1)).eval()
 
 
-def two_groups() -> nn.Sequential:
-    """conv0 (3 -> 16, 5x5) -> relu -> conv2 (16 -> 16, 1x1) -> relu -> conv4 (16 -> 4, 1x1).
-
-    Group A (conv0's outputs) costs 256 * (75 + 16) = 23296 MACs per channel at 16x16, group B
-    (conv2's outputs) 256 * (16 + 4) = 5120.
-    """
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 16, 5, padding=2, bias=False), nn.ReLU(), nn.Conv2d(16, 16, 1, bias=False), nn.ReLU(),
-        nn.Conv2d(16, 4, 1, bias=False),
-    ).eval()
 
 
 def kept(pruned: torch.fx.GraphModule, param: str = "0.weight") -> list[int]:
     return pruned.meta["fxprune"]["kept"]["parameters"][param]["0"]
-
-
-def width(pruned: torch.fx.GraphModule, module: str) -> int:
-    return pruned.get_submodule(module).out_channels
 
 
 def removed(pruned: torch.fx.GraphModule, full: nn.Module) -> int:

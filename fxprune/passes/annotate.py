@@ -14,12 +14,12 @@ import torch
 import torch.fx
 from torch import nn
 
-from .. import metakeys as keys
-from ..dataflow import channel_count, layers, read_params
-from ..flops import FlopModel, total_macs
-from ..graph import DependencyGraph, Family
-from ..masks import kept_mask
-from ..optable import IN_FIELDS, OUT_FIELDS, module_channels
+from ..core import metakeys as keys
+from ..core.dataflow import channel_count, layers, read_params
+from ..core.flops import FlopModel, total_macs
+from ..core.graph import DependencyGraph, Family
+from ..core.masks import kept_mask
+from ..core.optable import IN_FIELDS, OUT_FIELDS, module_channels
 from ..report import LayerRow, Report
 
 __all__ = ["annotate"]

@@ -40,10 +40,10 @@ import torch
 import torch.fx
 from torch import nn
 
-from .. import metakeys as keys
+from ..core import metakeys as keys
 from ..errors import TraceError
-from ..fxutil import eval_mode, structural_copy
-from ..traceable import expand, library_functions
+from ..core.fxutil import eval_mode, structural_copy
+from ..core.traceable import expand, library_functions
 
 log = logging.getLogger("fxprune")
 

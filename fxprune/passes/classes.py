@@ -14,7 +14,7 @@ import torch
 import torch.fx
 
 from ..errors import ArgumentError
-from ..graph import DependencyGraph, Plan
+from ..core.graph import DependencyGraph, Plan
 
 __all__ = ["class_plan"]
 

@@ -15,12 +15,12 @@ import torch
 import torch.fx
 from torch import nn
 
-from .. import metakeys as keys
-from ..codegen import DirectGraphModule
-from ..fxutil import copy_graph
-from ..graph import DependencyGraph, Patch, PatchKind, Plan
-from ..masks import kept_mask, removed_mask
-from ..optable import IN_FIELDS, OUT_FIELDS, module_channels
+from ..core import metakeys as keys
+from ..core.codegen import DirectGraphModule
+from ..core.fxutil import copy_graph
+from ..core.graph import DependencyGraph, Patch, PatchKind, Plan
+from ..core.masks import kept_mask, removed_mask
+from ..core.optable import IN_FIELDS, OUT_FIELDS, module_channels
 
 __all__ = ["rewrite"]
 

@@ -20,11 +20,11 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch import nn
 from torch.utils.flop_counter import conv_flop_count
 
-from .. import metakeys as keys
+from ..core import metakeys as keys
 from ..errors import ShapeError
-from ..flops import counter as flop_counter
-from ..fxutil import eval_mode
-from ..optable import flopless
+from ..core.flops import counter as flop_counter
+from ..core.fxutil import eval_mode
+from ..core.optable import flopless
 
 __all__ = ["propagate_shapes"]
 

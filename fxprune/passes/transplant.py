@@ -16,8 +16,8 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..fxutil import arg, is_get_attr, structural_copy
-from ..optable import CONV_FUNCS, canonical
+from ..core.fxutil import arg, is_get_attr, structural_copy
+from ..core.optable import CONV_FUNCS, canonical
 
 __all__ = ["transplant"]
 

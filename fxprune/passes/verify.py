@@ -24,13 +24,13 @@ from torch.fx.node import map_aggregate, map_arg
 import torch.nn.functional as F
 from torch import nn
 
-from .. import metakeys as keys
-from ..decisions import Decisions
+from ..core import metakeys as keys
+from ..core.decisions import Decisions
 from ..errors import VerificationError
-from ..fxutil import arg, copy_graph, eval_mode, graph_module, is_get_attr, structural_copy
-from ..graph import DependencyGraph
-from ..masks import kept_mask
-from ..optable import CONV_FUNCS, canonical
+from ..core.fxutil import arg, copy_graph, eval_mode, graph_module, is_get_attr, structural_copy
+from ..core.graph import DependencyGraph
+from ..core.masks import kept_mask
+from ..core.optable import CONV_FUNCS, canonical
 
 __all__ = ["verify", "verify_tree", "build_oracle", "masked_tree", "VerifyResult"]
 

@@ -20,8 +20,8 @@ from collections.abc import Iterable
 import torch
 import torch.fx
 
-from ... import metakeys as keys
-from ...graph import DependencyGraph
+from ...core import metakeys as keys
+from ...core.graph import DependencyGraph
 from .driver import Coupler, RuleError
 from .grouping import finalize
 from .state import State, Unsupported

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 import torch.fx
 
-from ...fxutil import arg
-from ...graph import Family
+from ...core.fxutil import arg
+from ...core.graph import Family
 from .labels import Labels
 from .state import State, Unsupported, family
 

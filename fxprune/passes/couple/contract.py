@@ -14,9 +14,9 @@ from typing import Any
 import torch
 import torch.fx
 
-from ...fxutil import arg
-from ...graph import Family, Patch, PatchKind, Role
-from ...optable import CONV_FUNCS, canonical
+from ...core.fxutil import arg
+from ...core.graph import Family, Patch, PatchKind, Role
+from ...core.optable import CONV_FUNCS, canonical
 from .labels import Labels, Param
 from .state import State, Unsupported, family, owner, target_name
 

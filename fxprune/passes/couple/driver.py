@@ -18,10 +18,10 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from ... import metakeys as keys
+from ...core import metakeys as keys
 from ...errors import ArgumentError
-from ...fxutil import module_stack
-from ...optable import (
+from ...core.fxutil import module_stack
+from ...core.optable import (
     CHANNEL_PARAM_MODULES,
     CONV_FUNCS,
     CREATE,
@@ -51,7 +51,7 @@ from ...optable import (
     ROI_POOL,
     canonical,
 )
-from ...traceable import shifted_window_attention
+from ...core.traceable import shifted_window_attention
 from . import attention, contract, layout, literals, norms, rules, wrapped
 from .state import Rule, State, Unsupported
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from ...graph import NEVER_REMOVED, DependencyGraph, FlopTerm, Group, Member
+from ...core.graph import NEVER_REMOVED, DependencyGraph, FlopTerm, Group, Member
 from .labels import Labels, Param
 from .state import State
 

@@ -19,9 +19,9 @@ from torch import nn
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import TensorMetadata
 
-from ... import metakeys as keys
-from ...fxutil import arg
-from ...graph import Family
+from ...core import metakeys as keys
+from ...core.fxutil import arg
+from ...core.graph import Family
 from .labels import Labels, compress
 from .state import State, family, target_name
 

@@ -19,10 +19,10 @@ import torch
 import torch.fx
 from torch.fx.node import map_aggregate
 
-from ... import metakeys as keys
-from ...fxutil import arg
-from ...graph import Family, Patch, PatchKind
-from ...optable import ATTENTION_PRODUCTS, CREATE, PASS_THROUGH, canonical
+from ...core import metakeys as keys
+from ...core.fxutil import arg
+from ...core.graph import Family, Patch, PatchKind
+from ...core.optable import ATTENTION_PRODUCTS, CREATE, PASS_THROUGH, canonical
 from .labels import Labels, Param, compress
 from .layout import on_labels
 from .state import State, Unsupported, family, target_name

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch.fx
 
-from ...fxutil import arg
-from ...graph import Family, Patch, PatchKind, Role
+from ...core.fxutil import arg
+from ...core.graph import Family, Patch, PatchKind, Role
 from .labels import Labels, Param
 from .state import State, Unsupported, family, owner
 

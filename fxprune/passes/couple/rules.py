@@ -19,9 +19,9 @@ import torch.fx
 from torch import nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
-from ... import metakeys as keys
-from ...fxutil import arg
-from ...graph import Family, Patch, PatchKind, Role
+from ...core import metakeys as keys
+from ...core.fxutil import arg
+from ...core.graph import Family, Patch, PatchKind, Role
 from .labels import Labels, Param, compress
 from .literals import channel_sources
 from .state import State, Unsupported, family, owner, target_name

@@ -19,9 +19,9 @@ from torch import nn
 from torch.fx.node import map_aggregate, map_arg
 from torch.fx.passes.shape_prop import TensorMetadata
 
-from ... import metakeys as keys
-from ...graph import Family, Member, Patch, Role
-from ...optable import canonical
+from ...core import metakeys as keys
+from ...core.graph import Family, Member, Patch, Role
+from ...core.optable import canonical
 from .labels import Labels, Param, UnionFind
 
 __all__ = ["Unsupported", "Rule", "State", "family", "owner", "target_name"]

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 import torch.fx
 
-from ... import metakeys as keys
-from ...fxutil import arg
-from ...graph import Family, Patch, PatchKind, Role
+from ...core import metakeys as keys
+from ...core.fxutil import arg
+from ...core.graph import Family, Patch, PatchKind, Role
 from .labels import Labels, Param
 from .state import State, Unsupported, family, owner
 

@@ -23,10 +23,10 @@ from typing import Any
 import torch
 import torch.fx
 
-from .errors import ArgumentError
-from .graph import DependencyGraph
+from ..errors import ArgumentError
+from ..core.graph import DependencyGraph
 from .stats import CALIBRATION_FORMS, LossFn, calibration_batches, detached_copy
-from .fxutil import eval_mode
+from ..core.fxutil import eval_mode
 
 __all__ = ["atom_sums", "pass_sums", "GradTap"]
 

@@ -10,84 +10,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from html import escape
+from importlib.resources import files
 from typing import Any
 
-from .graph import DependencyGraph
-from .layout import Picture
-from .report import Report, si
+from ..core.graph import DependencyGraph
+from .picture import Picture
+from ..report import Report, si
 from .svg import picture_svg, widths_svg
 
 __all__ = ["report_page", "groups_page"]
 
-_STYLE = """
-body { font-family: system-ui, "Segoe UI", "DejaVu Sans", Arial, sans-serif; margin: 24px 32px; color: #1d1d1d; }
-h1 { font-size: 22px; margin: 0 0 4px; } h2 { font-size: 18px; margin: 28px 0 8px; }
-nav a { margin-right: 14px; color: #2b6cb0; } p.hint { color: #555; margin: 4px 0 10px; }
-table { border-collapse: collapse; font-size: 13px; }
-th, td { padding: 3px 10px; border-bottom: 1px solid #e2e2e2; text-align: right; white-space: nowrap; }
-th { background: #f3f5f8; position: sticky; top: 0; }
-td:first-child { font-family: "DejaVu Sans Mono", Menlo, Consolas, monospace; }
-td:first-child, th:first-child, .text { text-align: left; }
-table.sortable th { cursor: pointer; user-select: none; }
-table.sortable th::after { content: " \\2195"; color: #aaa; }
-table.sortable th[aria-sort="ascending"]::after { content: " \\25B2"; color: #2b6cb0; }
-table.sortable th[aria-sort="descending"]::after { content: " \\25BC"; color: #2b6cb0; }
-tfoot td { font-weight: bold; border-top: 2px solid #bbb; }
-tbody tr:hover { background: #f6f9ff; }
-.scroll { overflow-x: auto; max-width: 100%; }
-ul.notes { color: #444; font-size: 14px; }
-svg.fxprune-groups.focus .box:not(.on) { opacity: 0.28; }
-svg.fxprune-groups .box.on rect { stroke-width: 2.4; }
-"""
-
-_SCRIPT = """
-(function () {
-  "use strict";
-  function value(cell) { var v = cell.getAttribute("data-v"); return v === null ? cell.textContent : v; }
-  function sortTable(table, col, descending) {
-    var body = table.tBodies[0], rows = Array.prototype.slice.call(body.rows);
-    var head = table.tHead.rows[0].cells, numeric = head[col].getAttribute("data-type") === "num";
-    rows.sort(function (a, b) {
-      var x = value(a.cells[col]), y = value(b.cells[col]);
-      var c = numeric ? parseFloat(x) - parseFloat(y) : x.localeCompare(y);
-      return descending ? -c : c;
-    });
-    rows.forEach(function (r) { body.appendChild(r); });
-    Array.prototype.forEach.call(head, function (th, i) {
-      th.setAttribute("aria-sort", i === col ? (descending ? "descending" : "ascending") : "none");
-    });
-  }
-  document.querySelectorAll("table.sortable").forEach(function (table) {
-    Array.prototype.forEach.call(table.tHead.rows[0].cells, function (th, i) {
-      th.addEventListener("click", function () {
-        var state = th.getAttribute("aria-sort"), numeric = th.getAttribute("data-type") === "num";
-        sortTable(table, i, state === "none" || state === null ? numeric : state === "ascending");
-      });
-    });
-  });
-  var wanted = /^#sort=(-?)([\\w-]+)$/.exec(window.location.hash);
-  if (wanted) {
-    document.querySelectorAll("table.sortable th[data-key='" + wanted[2] + "']").forEach(function (th) {
-      sortTable(th.closest("table"), th.cellIndex, wanted[1] === "-");
-    });
-  }
-  document.querySelectorAll("svg.fxprune-groups").forEach(function (svg) {
-    function clear() {
-      svg.classList.remove("focus");
-      svg.querySelectorAll(".box.on").forEach(function (b) { b.classList.remove("on"); });
-    }
-    svg.addEventListener("mouseover", function (event) {
-      clear();
-      var box = event.target.closest("[data-group]");
-      if (!box) { return; }
-      svg.classList.add("focus");
-      svg.querySelectorAll("[data-group='" + box.getAttribute("data-group") + "']").forEach(function (b) { b.classList.add("on"); });
-    });
-    svg.addEventListener("mouseleave", clear);
-  });
-  document.documentElement.setAttribute("data-ready", "1");
-})();
-"""
+_STYLE = (files(__package__) / "report.css").read_text()
+_SCRIPT = (files(__package__) / "report.js").read_text()
 
 Cell = tuple[str, Any]  # (shown text, sort value)
 

@@ -45,12 +45,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
-from . import metakeys as keys
-from .flops import FlopModel
-from .fxutil import arg, is_get_attr
-from .graph import NEVER_REMOVED, DependencyGraph, Family, FlopTerm
-from .optable import canonical
-from .passes.select import WidthRule
+from ..core import metakeys as keys
+from ..core.flops import FlopModel
+from ..core.fxutil import arg, is_get_attr
+from ..core.graph import NEVER_REMOVED, DependencyGraph, Family, FlopTerm
+from ..core.optable import canonical
+from ..core.widths import WidthRule
 from .timing import Latency, Setting, TimingCache, layer_ms
 
 __all__ = ["Layer", "Traffic", "LatencyModel", "fast_multiple", "MULTIPLES"]

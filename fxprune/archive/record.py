@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from .errors import ArgumentError
-from .graph import DependencyGraph
+from ..errors import ArgumentError
+from ..core.graph import DependencyGraph
 
 __all__ = ["plan_fingerprint", "input_specs", "inputs_from_specs", "provenance"]
 

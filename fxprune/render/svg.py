@@ -1,4 +1,4 @@
-"""SVG text, written by hand (no plotting library needed): a ``layout.Picture`` and a per-layer widths chart.
+"""SVG text, written by hand (no plotting library needed): a ``picture.Picture`` and a per-layer widths chart.
 
 Both are self-contained ``<svg>`` elements: no external fonts, scripts or styles, so they can be saved
 as files or inlined in an HTML page. Every box carries a ``<title>`` (shown on hover) and, when it
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from html import escape
 
-from .layout import FONT, FONT_NAME, Picture
-from .report import Report
+from .picture import FONT, FONT_NAME, Picture
+from ..report import Report
 
 __all__ = ["picture_svg", "widths_svg"]
 

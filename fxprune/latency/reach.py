@@ -34,14 +34,14 @@ import torch
 import torch.fx
 from torch import nn
 
-from . import latency
-from .dataflow import layers
-from .errors import MeasurementError, TargetUnreachableError
-from .graph import Plan
-from .masks import removed_mask
-from .passes.rewrite import rewrite
-from .pipeline import Analysis, Target, select_plan
-from .strategy import Chooser
+from . import costmodel
+from ..core.dataflow import layers
+from ..errors import MeasurementError, TargetUnreachableError
+from ..core.graph import Plan
+from ..core.masks import removed_mask
+from ..passes.rewrite import rewrite
+from ..pipeline import Analysis, Target, select_plan
+from ..selection.strategy import Chooser
 from .timing import CONFIDENCE, Comparison, Setting, TimingCache, compare
 
 __all__ = ["reach", "ROUNDS", "MARGIN", "BAND", "OVERSHOOT"]
@@ -143,7 +143,7 @@ def reach(a: Analysis, chooser: Chooser, target: Target, scores: dict[int, torch
     original_ms = base.before.median_ms
     goal = target.latency_ms / original_ms if target.latency_ms is not None else 1 / target.speedup
     aim = goal * (1 - MARGIN)
-    model = latency.LatencyModel(a.graph, a.flops, a.gm, original_ms, setting, cache, chooser.rule.round_to)
+    model = costmodel.LatencyModel(a.graph, a.flops, a.gm, original_ms, setting, cache, chooser.rule.round_to)
     trials = _search(a, chooser, scores, clock, model, base, goal, aim)
     met = [t for t in trials if t.comparison.meets(goal)]
     if not met:
@@ -171,7 +171,7 @@ def reach(a: Analysis, chooser: Chooser, target: Target, scores: dict[int, torch
     return chosen.plan, clock.result(chosen.plan)[0], record
 
 
-def _search(a: Analysis, chooser: Chooser, scores: dict[int, torch.Tensor], clock: Clock, model: latency.LatencyModel,
+def _search(a: Analysis, chooser: Chooser, scores: dict[int, torch.Tensor], clock: Clock, model: costmodel.LatencyModel,
             base: Comparison, goal: float, aim: float) -> list[Trial]:
     budget, smallest = aim * model.total, False
     trials: list[Trial] = []

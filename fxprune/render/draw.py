@@ -1,6 +1,6 @@
 """Drawings for people: the dependency groups, per-layer widths, and a report folder.
 
-The dependency groups are drawn in data-flow order (``layout.py`` places every box once): as SVG or
+The dependency groups are drawn in data-flow order (``picture.py`` places every box once): as SVG or
 HTML text with no extra package, or as PNG/PDF with matplotlib (``pip install fxprune[plot]``).
 """
 
@@ -12,11 +12,11 @@ from typing import Any
 
 import torch.fx
 
-from .errors import ArgumentError
-from .graph import DependencyGraph
+from ..errors import ArgumentError
+from ..core.graph import DependencyGraph
 from .html import groups_page, report_page
-from .layout import FONT, FONT_NAME, Picture, model_picture
-from .report import Report
+from .picture import FONT, FONT_NAME, Picture, model_picture
+from ..report import Report
 from .svg import picture_svg
 
 __all__ = ["draw_groups", "draw_picture", "draw_widths", "draw_history", "write_report_dir"]
@@ -130,7 +130,7 @@ def draw_history(history: Any, path: str | Path) -> Path:
 
 def write_report_dir(report: Report, directory: str | Path, picture: Picture | None = None, title: str = "") -> list[Path]:
     """``report.md``, ``report.json``, ``widths.png`` and ``report.html`` (with ``picture``, the groups drawn
-    by ``layout.model_picture``) in ``directory``, created if needed."""
+    by ``picture.model_picture``) in ``directory``, created if needed."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     md, js, page = directory / "report.md", directory / "report.json", directory / "report.html"

@@ -18,7 +18,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .errors import VerificationError
+from ..errors import VerificationError
 
 __all__ = ["Decisions"]
 

@@ -14,10 +14,12 @@ from typing import Any, Literal
 
 import torch
 
-from .errors import ArgumentError
-from .graph import DependencyGraph
-from .passes.select import MODES, WidthRule
-from .selectors import SELECTORS, Selector, data_driven, get_selector, selector_name
+from ..errors import ArgumentError
+from ..core.graph import DependencyGraph
+from ..core.widths import WidthRule
+from ..passes.select import MODES
+from .protocol import Selector
+from .selectors import SELECTORS, data_driven, get_selector, selector_name
 from .stats import LossFn
 
 __all__ = ["Strategy", "Chooser"]
@@ -66,9 +68,9 @@ class Strategy:
 
     @property
     def rule(self) -> WidthRule:
-        """The width rule; ``round_to="auto"`` must first be measured (``pipeline.resolve``)."""
+        """The width rule; ``round_to="auto"`` must first be measured (``pipeline.measure_round_to``)."""
         if self.round_to == "auto":
-            raise ArgumentError("round_to='auto' becomes a number only on an analyzed model (pipeline.resolve)")
+            raise ArgumentError("round_to='auto' becomes a number only on an analyzed model (pipeline.measure_round_to)")
         return WidthRule(self.min_width, self.round_to)
 
     @classmethod

@@ -26,10 +26,10 @@ import torch
 import torch.fx
 from torch import nn
 
-from .errors import ArgumentError, FxPruneError
-from .graph import DependencyGraph
-from .optable import is_activation
-from .fxutil import copy_graph, eval_mode, graph_module, structural_copy
+from ..errors import ArgumentError, FxPruneError
+from ..core.graph import DependencyGraph
+from ..core.optable import is_activation
+from ..core.fxutil import copy_graph, eval_mode, graph_module, structural_copy
 
 __all__ = ["ChannelStatistic", "CALIBRATION_FORMS", "calibration_batches", "ClassSubset", "activation_scores", "detached_copy",
            "Tapped", "tap"]

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .fxutil import eval_mode
+from ..core.fxutil import eval_mode
 
 __all__ = ["Latency", "Comparison", "measure_latency", "measure_in_turns", "compare", "median_interval", "time_calls", "layer_ms",
            "Setting", "TimingCache", "caching", "cache_path", "STABLE", "CONFIDENCE"]

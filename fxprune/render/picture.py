@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 
 import torch.fx
 
-from .dataflow import Block, blocks as dataflow_blocks
-from .graph import DependencyGraph, Group
-from .report import Report
+from ..core.dataflow import Block, blocks as dataflow_blocks
+from ..core.graph import DependencyGraph, Group
+from ..report import Report
 
 __all__ = ["Shape", "Text", "Edge", "Picture", "picture", "model_picture", "FONT", "FONT_NAME", "PALETTE", "FROZEN"]
 

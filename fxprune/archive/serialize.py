@@ -40,13 +40,13 @@ import torch
 import torch.fx
 from torch import nn
 
-from . import metakeys as keys
-from . import pipeline
-from .api import prune
-from .codegen import direct_access
-from .pipeline import Inputs
-from .errors import ArchiveError, ArgumentError, PlanError
-from .graph import Plan
+from ..core import metakeys as keys
+from .. import pipeline
+from ..api import prune
+from ..core.codegen import direct_access
+from ..pipeline import Inputs
+from ..errors import ArchiveError, ArgumentError, PlanError
+from ..core.graph import Plan
 from .record import input_specs, inputs_from_specs, plan_fingerprint
 
 __all__ = ["FORMAT", "save", "load", "read_record", "apply_plan"]
@@ -360,4 +360,4 @@ def _from_record(model: nn.Module, record: dict[str, Any], example_inputs: Input
     if mismatch:
         raise PlanError(f"the plan from {source} was made for another architecture than {type(model).__name__}: "
                         f"{mismatch}; apply it to a model built like the one it came from")
-    return pipeline.replay(a, record["plan"], verify)
+    return pipeline.apply_checked_plan(a, record["plan"], verify)

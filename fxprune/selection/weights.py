@@ -1,0 +1,115 @@
+"""Selectors that read nothing but the model: no ranking (uniform), random, the Lp norm of each
+atom's weights, and the scale of the norm layer that follows it (bn_scale)."""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.graph import DependencyGraph, Member
+from ..core.optable import canonical
+from ..errors import ArgumentError
+from .protocol import Scores
+
+__all__ = ["Uniform", "Random", "LpNorm", "L1", "L2", "BNScale", "norm_weights"]
+
+
+class Uniform:
+    """No ranking: every group keeps its first atoms, in channel order."""
+
+    name = "uniform"
+
+    def scores(self, graph: DependencyGraph, gm: torch.fx.GraphModule) -> Scores:
+        return {g.id: -torch.arange(g.width, dtype=torch.float64) for g in graph.prunable_groups}
+
+
+class Random:
+    """Uniform random scores from torch's global generator, which ``compile`` seeds with ``seed=``."""
+
+    name = "random"
+
+    def scores(self, graph: DependencyGraph, gm: torch.fx.GraphModule) -> Scores:
+        return {g.id: torch.rand(g.width, dtype=torch.float64) for g in graph.prunable_groups}
+
+
+def _state(gm: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
+    return {**dict(gm.named_parameters()), **dict(gm.named_buffers())}
+
+
+def _lp_sums(graph: DependencyGraph, state: dict[str, torch.Tensor], members: list[Member], p: float) -> torch.Tensor:
+    """Per atom (all atoms of ``graph``): the sum of ``|w|^p`` over the slices of ``members`` it owns."""
+    total = torch.zeros(graph.num_atoms, dtype=torch.float64)
+    for m in members:
+        t = state[m.name].detach().to(torch.float64).abs() ** p
+        total.index_add_(0, graph.member_atoms[(m.name, m.dim)], t.movedim(m.dim, 0).reshape(t.shape[m.dim], -1).sum(1))
+    return total
+
+
+class LpNorm:
+    """Lp norm of the weights that produce each atom (output slices of conv/linear weights, all of them
+    taken as one vector). Groups with no producing weight (a parameter used element-wise) fall back to
+    all their members."""
+
+    def __init__(self, p: float) -> None:
+        if not p > 0:
+            raise ArgumentError(f"LpNorm needs p > 0, got {p}")
+        self.p = p
+        self.name = f"l{p:g}"
+
+    def scores(self, graph: DependencyGraph, gm: torch.fx.GraphModule) -> Scores:
+        state, out = _state(gm), {}
+        for g in graph.prunable_groups:
+            members = [m for m in g.members if m.role == "out"] or list(g.members)
+            out[g.id] = _lp_sums(graph, state, members, self.p)[g.atoms] ** (1 / self.p)
+        return out
+
+
+class L1(LpNorm):
+    """L1 norm of the weights that produce each atom."""
+
+    def __init__(self) -> None:
+        super().__init__(1)
+
+
+class L2(LpNorm):
+    """L2 norm of the weights that produce each atom."""
+
+    def __init__(self) -> None:
+        super().__init__(2)
+
+
+_NORM_MODULES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+_NORM_FUNCS = {F.batch_norm, F.instance_norm, F.group_norm, F.layer_norm}
+
+
+def norm_weights(gm: torch.fx.GraphModule) -> set[str]:
+    """Qualified names of the affine weights (gamma) of the normalization layers ``gm`` calls."""
+    modules = dict(gm.named_modules())
+    found = set()
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(modules[node.target], _NORM_MODULES):
+            if getattr(modules[node.target], "weight", None) is not None:
+                found.add(f"{node.target}.weight")
+        elif node.op == "call_function" and canonical(node.target) in _NORM_FUNCS:
+            args = node.normalized_arguments(gm, normalize_to_only_use_kwargs=True)
+            weight = args.kwargs.get("weight") if args is not None else None
+            if isinstance(weight, torch.fx.Node) and weight.op == "get_attr":
+                found.add(weight.target)
+    return found
+
+
+class BNScale:
+    """|gamma| of the normalization layers (BatchNorm, InstanceNorm, GroupNorm, LayerNorm) that scale each
+    atom, summed when several do; groups without a norm weight fall back to l1."""
+
+    name = "bn_scale"
+
+    def scores(self, graph: DependencyGraph, gm: torch.fx.GraphModule) -> Scores:
+        weights = norm_weights(gm)
+        state, fallback, out = _state(gm), L1().scores(graph, gm), {}
+        for g in graph.prunable_groups:
+            gammas = [m for m in g.members if m.role == "param" and m.name in weights]
+            out[g.id] = _lp_sums(graph, state, gammas, 1)[g.atoms] if gammas else fallback[g.id]
+        return out
