@@ -21,7 +21,7 @@ import torch
 import torch.fx
 from torch import nn
 
-__all__ = ["structural_copy", "copy_graph", "graph_module", "eval_mode", "is_get_attr", "arg", "module_stack"]
+__all__ = ["structural_copy", "copy_graph", "copy_modes", "graph_module", "eval_mode", "is_get_attr", "arg", "module_stack"]
 
 
 def structural_copy(module: nn.Module, memo: dict[int, nn.Module] | None = None) -> nn.Module:
@@ -62,7 +62,18 @@ def graph_module(source: torch.fx.GraphModule, graph: torch.fx.Graph, extra: dic
     for n in graph.nodes:
         if n.op in ("call_module", "get_attr") and n.target not in attrs:
             attrs[n.target] = source.get_submodule(n.target) if n.op == "call_module" else operator.attrgetter(n.target)(source)
-    return torch.fx.GraphModule(attrs, graph)
+    gm = torch.fx.GraphModule(attrs, graph)
+    copy_modes(source, gm)
+    return gm
+
+
+def copy_modes(source: nn.Module, target: nn.Module) -> None:
+    """Give every submodule of ``target`` the training flag of ``source``'s submodule of the same name
+    (``source``'s own where it has none): FX builds a GraphModule's root and containers anew, in
+    training mode, whatever mode the modules it copies are in."""
+    flags = {n: m.training for n, m in source.named_modules()}
+    for n, m in target.named_modules():
+        m.training = flags.get(n, source.training)
 
 
 @contextlib.contextmanager

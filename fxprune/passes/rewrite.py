@@ -17,7 +17,7 @@ from torch import nn
 
 from ..core import metakeys as keys
 from ..core.codegen import DirectGraphModule
-from ..core.fxutil import copy_graph
+from ..core.fxutil import copy_graph, copy_modes
 from ..core.graph import DependencyGraph, Patch, PatchKind, Plan
 from ..core.masks import kept_mask, removed_mask
 from ..core.optable import IN_FIELDS, OUT_FIELDS, module_channels
@@ -135,6 +135,7 @@ class _Rewriter:
             for k in (keys.TENSOR_META, keys.VALUE, keys.FLOPS):
                 n.meta.pop(k, None)
         new = DirectGraphModule(gm, new_graph, gm.__class__.__name__)
+        copy_modes(gm, new)
         done: set[str] = set()
         for name in sorted({n.target for n in new_graph.nodes if n.op == "call_module"}):
             parent, _, field = name.rpartition(".")
