@@ -70,7 +70,8 @@ def compiled(model: torch.nn.Module, x: torch.Tensor, speedup: float) -> tuple[t
         return None, f"refused (too noisy): best {lo:.2f}-{hi:.2f}x, A/A {exc.noise:.0%}", time.perf_counter() - t
     record = fxprune.report(result).latency
     lo, hi = record["interval"]
-    return result, f"{record['speedup']:.2f}x ({lo:.2f}-{hi:.2f}), A/A {record['noise']:.0%}", time.perf_counter() - t
+    text = f"{record['speedup']:.2f}x ({lo:.2f}-{hi:.2f}), A/A {record['noise']:.0%}, est. {record['estimated_speedup']:.2f}x"
+    return result, text, time.perf_counter() - t
 
 
 def main() -> int:

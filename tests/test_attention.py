@@ -44,6 +44,7 @@ def attention_numel(model: nn.Module) -> int:
     return sum(p.numel() for n, p in model.named_parameters() if ("attn" in n or "attention" in n) and n.endswith(ATTENTION_WEIGHTS))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_transformer_prunes_whole(name: str) -> None:
     model = build(name)

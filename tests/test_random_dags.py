@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
@@ -136,6 +137,7 @@ def prune_one(net: SpecNet, ratio: float, selector: str, seed: int) -> bool:
 EXAMPLE_ARGS = dict(net=spec_nets(), ratio=st.floats(0.1, 0.7), selector=st.sampled_from(["uniform", "l1"]), seed=st.integers(0, 3))
 
 
+@pytest.mark.slow
 def test_random_dag_oracle_holds() -> None:
     pruned: list[bool] = []
 

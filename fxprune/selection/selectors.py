@@ -26,12 +26,10 @@ from .weights import BNScale, L1, L2, Random, Uniform
 
 __all__ = ["SELECTORS", "get_selector", "data_driven", "takes_loss", "selector_name"]
 
-SELECTORS: dict[str, type] = {
-    "uniform": Uniform, "random": Random, "l1": L1, "l2": L2, "bn_scale": BNScale, "gflops_aware": GflopsAware,
-    "latency_aware": LatencyAware, "latency_per_flop": LatencyPerFlop,
-    "apoz": APoZ, "mean_activation": MeanActivation, "taylor": Taylor, "bn_taylor": BNTaylor,
-}
-"""Every selector by name: the one list that the docs, the command line and the errors read."""
+SELECTORS: dict[str, type] = {cls.name: cls for cls in (Uniform, Random, L1, L2, BNScale, GflopsAware, LatencyAware, LatencyPerFlop,
+                                                         APoZ, MeanActivation, Taylor, BNTaylor)}
+"""Every selector by its ``name`` (each class says its own): the one list that the docs, the command line
+and the errors read."""
 
 
 def get_selector(selector: str | Selector, calibration: Any = None, loss_fn: LossFn | None = None) -> Selector:

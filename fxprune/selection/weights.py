@@ -69,12 +69,16 @@ class LpNorm:
 class L1(LpNorm):
     """L1 norm of the weights that produce each atom."""
 
+    name = "l1"
+
     def __init__(self) -> None:
         super().__init__(1)
 
 
 class L2(LpNorm):
     """L2 norm of the weights that produce each atom."""
+
+    name = "l2"
 
     def __init__(self) -> None:
         super().__init__(2)
