@@ -106,7 +106,7 @@ def main() -> int:
                      f"{1 - flops[1] / flops[0]:.0%}", again_text, f"{again_s:.0f}",
                      f"{quiet_again.speedup:.2f}x" if quiet_again else "-", "yes" if ok else "NO"])
         print(tabulate(rows[-1:], tablefmt="plain"), file=sys.stderr, flush=True)
-    headers = ["model", "under load: reported (95% interval)", "s", "quiet re-measure", "FLOPs removed",
+    headers = ["model", "under load: reported (95% interval), A/A noise, estimate", "s", "quiet re-measure", "FLOPs removed",
                "2nd compile, quiet: reported", "s", "quiet re-measure", "holds"]
     print(f"speedup={args.speedup:g}, batch 1, {args.size}x{args.size}, {torch.get_num_threads()} threads, "
           f"{args.burners} burning processes during the first compile")

@@ -111,30 +111,19 @@ def compile(  # noqa: A001 - the product's verb
 
 def _reach(a: pipeline.Analysis, chooser: Chooser, target: pipeline.Target, seed: int, verify: bool) -> tuple[nn.Module, Chooser]:
     """The verified result of ``target`` and the chooser that reached it: ``chooser``, or under
-    ``round_to="auto"`` the first finer multiple (``pipeline.finer``) that reaches the target, a FLOPs
-    target within ``pipeline.CLOSE`` (a latency target, whose every try is timed, falls back to 1 at once)."""
-    options = pipeline.finer(chooser)
-    if target.measured:
-        options = list(dict.fromkeys([options[0], options[-1]]))
-    for used in options[:-1]:
-        try:
-            done = _attempt(a, used, target, seed, strict=True)
-        except TargetUnreachableError:
-            continue
-        if done is not None:
-            return _finish(a, chooser, used, target, verify, *done), used
-    return _finish(a, chooser, options[-1], target, verify, *_attempt(a, options[-1], target, seed, strict=False)), options[-1]
-
-
-def _attempt(a: pipeline.Analysis, used: Chooser, target: pipeline.Target, seed: int,
-             strict: bool) -> tuple[Plan, torch.fx.GraphModule | None, dict[str, Any] | None] | None:
-    """(plan, its rewrite if one was made, the latency record) of ``target`` with ``used``; None when
-    ``strict`` and a FLOPs target lands further below its budget than ``pipeline.CLOSE``."""
-    scores = used.scores(a.graph, a.gm, seed)
-    if target.measured:
-        return reach.reach(a, used, target, scores)
-    plan = pipeline.select_plan(a, used, target.macs(a.flops.total), scores)
-    return None if strict and not pipeline.close(a, plan, target.macs(a.flops.total)) else (plan, None, None)
+    ``round_to="auto"`` a finer multiple when its own does not reach the target (``pipeline.reachable``
+    for a FLOPs target; a latency target, whose every try is timed, falls back to 1 at once)."""
+    if not target.measured:
+        used = pipeline.reachable(a, chooser, target.macs(a.flops.total))
+        plan = pipeline.select_plan(a, used, target.macs(a.flops.total), used.scores(a.graph, a.gm, seed))
+        return _finish(a, chooser, used, target, verify, plan, None, None), used
+    finest = pipeline.finer(chooser)[-1]
+    try:
+        return _finish(a, chooser, chooser, target, verify, *reach.reach(a, chooser, target, chooser.scores(a.graph, a.gm, seed))), chooser
+    except TargetUnreachableError:
+        if finest is chooser:
+            raise
+    return _finish(a, chooser, finest, target, verify, *reach.reach(a, finest, target, finest.scores(a.graph, a.gm, seed))), finest
 
 
 def _finish(a: pipeline.Analysis, chooser: Chooser, used: Chooser, target: pipeline.Target, verify: bool, plan: Plan,

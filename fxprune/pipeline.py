@@ -242,7 +242,7 @@ def close(a: Analysis, plan: Plan, macs: float) -> bool:
 
 def reachable(a: Analysis, chooser: Chooser, macs: float) -> Chooser:
     """The first of ``finer(chooser)`` whose width rule gets the model down to ``macs``, within ``CLOSE``
-    (the last if none does); reachability does not depend on the scores, so flat ones are used."""
+    (the last if none does); the width rule, not the scores, decides that, so flat scores are used."""
     options = finer(chooser)
     flat = {g.id: torch.zeros(g.width) for g in a.graph.prunable_groups}
     for used in options[:-1]:

@@ -56,9 +56,7 @@ def si(n: float) -> str:
 def latency_summary(t: dict[str, Any]) -> str:
     """One line on what a latency target measured: the medians, the speed-up with its interval, the
     machine's noise and where it was measured."""
-    when = "" if t.get("results_timed", 1) else "; timed by an earlier compile of this architecture"
-    if t.get("rechecked_speedup"):
-        when += f", {t['rechecked_speedup']:.3g}x when timed again now"
+    when = f"; found in the timing cache at {t['cached_speedup']:.3g}x and timed again now" if t.get("cached_speedup") else ""
     interval = ""
     if "interval" in t:
         lo, hi = t["interval"]

@@ -18,7 +18,8 @@ does, ``MeasurementError`` says when the noise kept the best one from being deci
 
 Comparisons are cached (``TimingCache``) under the captured architecture and the result's widths, only
 when stable; a result chosen from cached comparisons is timed once more, briefly, against the original
-before it is returned, and a cache that no longer holds is dropped and the search runs afresh.
+before it is returned, and that timing is the one reported; a cache that no longer holds (the new
+timing misses the goal) is dropped and the search runs afresh.
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ MARGIN = 0.06
 
 BAND = 1.5
 """A measured speed-up more than this factor away from the latency model's estimate is timed again. On
-quiet runs the two agreed within 1.25x (docs/latency.md); a burst of other work lands outside."""
+quiet runs the two agreed within 1.47x (8 targets, median 1.10); under load they were 1.68x apart
+(docs/latency.md, "Estimated against measured")."""
 
 OVERSHOOT = 1.3
 """A result more than this many times faster than asked for gets a note saying why (the widths' steps)."""
@@ -140,6 +142,9 @@ def reach(a: Analysis, chooser: Chooser, target: Target, scores: dict[int, torch
     if fresh:
         clock.drop()
     base = clock.baseline()
+    if not base.stable:  # layer timings taken now may sit in a burst; use them, keep none
+        log.info("the original against itself varied by %.1f%%: this compile's timings are not cached", 100 * base.noise)
+        cache.hold()
     original_ms = base.before.median_ms
     goal = target.latency_ms / original_ms if target.latency_ms is not None else 1 / target.speedup
     aim = goal * (1 - MARGIN)
@@ -150,19 +155,17 @@ def reach(a: Analysis, chooser: Chooser, target: Target, scores: dict[int, torch
         chosen = _refuse(target, trials, goal, original_ms, setting, chooser)
     else:
         chosen = max(met, key=lambda t: t.ratio)
-    rechecked = None
-    if chosen.cached:  # a cached claim is checked against the clock before it is returned
-        check = clock.recheck(chosen.plan)
-        rechecked = check.speedup
-        if check.ratio > goal and not fresh:
+    c, cached = chosen.comparison, None
+    if chosen.cached:  # a cached claim is checked against the clock before it is returned, and the new timing is what is reported
+        c, cached = clock.recheck(chosen.plan), c.speedup
+        if c.ratio > goal and not fresh:
             log.warning("the cached timing of this result (%s) did not hold when timed again (%s): timing afresh",
-                        chosen.comparison.describe(), check.describe())
+                        chosen.comparison.describe(), c.describe())
             return reach(a, chooser, target, scores, fresh=True)
-    c = chosen.comparison
     record = {"target": {"speedup": target.speedup, "latency_ms": target.latency_ms}, "goal_ms": goal * original_ms,
               "before_ms": c.before.median_ms, "after_ms": c.after.median_ms, "speedup": c.speedup,
               "interval": [1 / c.high, 1 / c.low], "confidence": CONFIDENCE, "noise": max(c.noise, base.noise),
-              "comparison_rounds": c.rounds, "estimated_speedup": 1 / chosen.estimate, "rechecked_speedup": rechecked,
+              "comparison_rounds": c.rounds, "estimated_speedup": 1 / chosen.estimate, "cached_speedup": cached,
               "batch": c.before.batch, "device": setting.device, "device_name": setting.device_name, "threads": setting.threads,
               "dtype": setting.dtype, "timings_taken": cache.measured, "rounds": len(trials), "results_timed": clock.timed,
               "notes": _overshoot(chosen, trials, goal)}

@@ -370,6 +370,11 @@ class TimingCache:
 
         return self.get(setting, key, steadiest, lambda row: Latency.from_row(row, setting).uncertainty <= tolerance)[0]
 
+    def hold(self) -> None:
+        """Keep nothing more on disk from this instance: its timings were taken on a machine found too
+        noisy (bursts of other work inflate a short timing without widening its interval)."""
+        self.enabled = False
+
     def drop(self, setting: Setting, prefix: str) -> int:
         """Forget the timings whose key starts with ``prefix``; how many there were."""
         table = self.data.get(setting.key(), {})
