@@ -11,7 +11,10 @@ estimate (outside ``BAND``) is timed again before it is believed; a plan that re
 timed (its ratio is 1). Until one result meets the aim (``MARGIN`` below the goal) and one misses it, the
 next budget is the last estimate scaled by aim / measured (at most 2x either way); then it moves between
 the closest pair by linear interpolation (measured latency is not monotone in the widths). It stops at a
-result that meets the goal within 6% of the aim. The slowest result that meets the goal wins. If none
+result that meets the goal within 6% of the aim. The slowest result that meets the goal wins; when it
+is more than ``OVERSHOOT`` times faster than asked while wider results were left undecided by the noise,
+those are timed again with more rounds, and a machine too noisy to decide them raises
+``MeasurementError`` rather than return a model pruned far past its target. If none
 does, ``MeasurementError`` says when the noise kept the best one from being decided (or, with
 ``on_noise="warn"``, that one is returned with a warning and its interval), else
 ``TargetUnreachableError`` names the best speed-up measured.
@@ -154,7 +157,7 @@ def reach(a: Analysis, chooser: Chooser, target: Target, scores: dict[int, torch
     if not met:
         chosen = _refuse(target, trials, goal, original_ms, setting, chooser)
     else:
-        chosen = max(met, key=lambda t: t.ratio)
+        chosen = _closest(max(met, key=lambda t: t.ratio), trials, goal, target, clock)
     c, cached = chosen.comparison, None
     if chosen.cached:  # a cached claim is checked against the clock before it is returned, and the new timing is what is reported
         c, cached = clock.recheck(chosen.plan), c.speedup
@@ -246,6 +249,31 @@ def _refuse(target: Target, trials: list[Trial], goal: float, original_ms: float
         f"{1 / c.low:.3g}x). Ask for at most that, lower min_width/round_to, or un-freeze groups (see analyze()).",
         best_speedup=c.speedup,
     )
+
+
+def _closest(chosen: Trial, trials: list[Trial], goal: float, target: Target, clock: Clock) -> Trial:
+    """``chosen``, unless it is more than ``OVERSHOOT`` times faster than asked while wider results whose
+    medians meet the goal were left undecided by the noise: those are timed again with three times the
+    rounds (the widest first, two at most), and if none can be decided, the machine was too noisy to find a
+    result near the target: ``MeasurementError`` (``on_noise="warn"``: ``chosen``, with a warning)."""
+    if chosen.ratio * OVERSHOOT >= goal:
+        return chosen
+    near = sorted((t for t in trials if t.ratio > chosen.ratio and t.ratio <= goal and t.comparison.meets(goal) is None),
+                  key=lambda t: t.ratio, reverse=True)
+    for t in near[:2]:
+        c, _ = clock.compare(t.plan, goal, turn=3)
+        if c.meets(goal):
+            return Trial(t.plan, c, t.estimate, False)
+    if not near:
+        return chosen
+    message = (f"the machine was too noisy to find a result near {target.describe()}: the results that met it measured "
+               f"{chosen.comparison.speedup:.3g}x and faster (more than {OVERSHOOT:g} times the target), and the one nearer it, "
+               f"{near[0].comparison.describe()}, could not be told from the target. Close other work and compile again, or "
+               "prune to FLOPs (target_gflops= or ratio=); on_noise='warn' returns the faster result with a warning.")
+    if target.on_noise != "warn":
+        raise MeasurementError(message, interval=(1 / near[0].comparison.high, 1 / near[0].comparison.low), noise=near[0].comparison.noise)
+    warnings.warn(f"fxprune.compile: {message}", stacklevel=4)
+    return chosen
 
 
 def _overshoot(chosen: Trial, trials: list[Trial], goal: float) -> list[str]:
