@@ -391,3 +391,29 @@ def test_the_estimated_column_adds_up_and_explains_rising_rows(fake_clock: FlopC
     rep.latency["layers_ms"]["c"] = [1.0, 2.0]
     text = str(rep)
     assert "1 -> 2 *" in text and "timed slower alone at their kept widths" in text and "rows add up to" in text
+
+
+def test_a_result_far_past_the_target_is_not_returned_while_nearer_ones_are_undecided(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Results truly 1.4-1.95x faster time at random (0.5-2x their cost): undecidable; only results
+    pruned past 1.95x (1.3 times the 1.5x asked) can meet the target. The compile refuses rather than
+    return one of those, or returns it with a warning under on_noise="warn"."""
+    def install() -> None:
+        rng, clock = random.Random(0), FlopClock()
+        first: list[nn.Module] = []
+
+        def factor(model: nn.Module) -> float:
+            first.append(model) if not first else None
+            speedup = clock.true_ms(first[0], (X,)) / clock.true_ms(model, (X,))
+            return rng.uniform(0.5, 2.0) if 1.4 <= speedup <= 1.95 else 1.0
+
+        clock.factor = factor
+        monkeypatch.setattr(timing, "time_calls", clock)
+
+    monkeypatch.setattr(costmodel, "layer_ms", layer_latency)
+    install()
+    with pytest.raises(fxprune.MeasurementError, match="too noisy to find a result near speedup=1.5"):
+        fxprune.compile(Net().eval(), speedup=1.5, example_inputs=X, verify=False, cache=False)
+    install()
+    with pytest.warns(UserWarning, match="too noisy to find a result near"):
+        pruned = fxprune.compile(Net().eval(), speedup=1.5, example_inputs=X, verify=False, cache=False, on_noise="warn")
+    assert pruned.meta["fxprune"]["report"]["latency"]["speedup"] > 1.95
