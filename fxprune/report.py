@@ -110,7 +110,8 @@ class Report:
 
     def estimated_total(self) -> tuple[float, float]:
         """The sum of the rows' estimates, before and after."""
-        layers = [self.estimated_ms()[r.name] for r in self.rows if r.name in self.estimated_ms()]
+        estimated = self.estimated_ms()
+        layers = [estimated[r.name] for r in self.rows if r.name in estimated]
         return sum(b for b, _ in layers), sum(a for _, a in layers)
 
     def all_notes(self) -> list[str]:

@@ -239,10 +239,7 @@ def _refuse(target: Target, trials: list[Trial], goal: float, original_ms: float
                    f"{c.describe()}. Close other work on the machine and compile again, ask for a target the noise cannot hide "
                    "(a smaller speed-up), or prune to FLOPs (target_gflops= or ratio=), which needs no timing; "
                    "on_noise='warn' returns that result with a warning.")
-        if target.on_noise == "warn" and c.ratio <= goal:
-            warnings.warn(f"fxprune.compile: {message}", stacklevel=4)
-            return best
-        raise MeasurementError(message, interval=(1 / c.high, 1 / c.low), noise=c.noise)
+        return _too_noisy(message, best, target.on_noise == "warn" and c.ratio <= goal)
     raise TargetUnreachableError(
         f"the latency target {asked} is out of reach on {setting.device}: the best speed-up measured ({len(trials)} results timed) "
         f"was {c.speedup:.3g}x ({c.after.median_ms:.4g} ms, {chooser.rule}; {CONFIDENCE:.0%} interval {1 / c.high:.3g}-"
@@ -256,7 +253,7 @@ def _closest(chosen: Trial, trials: list[Trial], goal: float, target: Target, cl
     medians meet the goal were left undecided by the noise: those are timed again with three times the
     rounds (the widest first, two at most), and if none can be decided, the machine was too noisy to find a
     result near the target: ``MeasurementError`` (``on_noise="warn"``: ``chosen``, with a warning)."""
-    if chosen.ratio * OVERSHOOT >= goal:
+    if not _far(chosen, goal):
         return chosen
     near = sorted((t for t in trials if t.ratio > chosen.ratio and t.ratio <= goal and t.comparison.meets(goal) is None),
                   key=lambda t: t.ratio, reverse=True)
@@ -270,15 +267,27 @@ def _closest(chosen: Trial, trials: list[Trial], goal: float, target: Target, cl
                f"{chosen.comparison.speedup:.3g}x and faster (more than {OVERSHOOT:g} times the target), and the one nearer it, "
                f"{near[0].comparison.describe()}, could not be told from the target. Close other work and compile again, or "
                "prune to FLOPs (target_gflops= or ratio=); on_noise='warn' returns the faster result with a warning.")
-    if target.on_noise != "warn":
-        raise MeasurementError(message, interval=(1 / near[0].comparison.high, 1 / near[0].comparison.low), noise=near[0].comparison.noise)
-    warnings.warn(f"fxprune.compile: {message}", stacklevel=4)
+    _too_noisy(message, near[0], target.on_noise == "warn")
     return chosen
+
+
+def _far(trial: Trial, goal: float) -> bool:
+    """Whether ``trial`` is more than ``OVERSHOOT`` times faster than the goal asks."""
+    return trial.ratio * OVERSHOOT < goal
+
+
+def _too_noisy(message: str, undecided: Trial, warn: bool) -> Trial:
+    """``undecided`` with a warning that says ``message`` when ``warn``, else ``MeasurementError`` with its interval."""
+    c = undecided.comparison
+    if not warn:
+        raise MeasurementError(message, interval=(1 / c.high, 1 / c.low), noise=c.noise)
+    warnings.warn(f"fxprune.compile: {message}", stacklevel=5)
+    return undecided
 
 
 def _overshoot(chosen: Trial, trials: list[Trial], goal: float) -> list[str]:
     """A note when the result is more than ``OVERSHOOT`` times faster than asked for: the wider plans tried missed."""
-    if chosen.ratio * OVERSHOOT >= goal:
+    if not _far(chosen, goal):
         return []
     wider = [t for t in trials if t.estimate > chosen.estimate and not t.comparison.meets(goal)]
     why = (f"the next wider plan tried measured {min(wider, key=lambda t: t.estimate).comparison.speedup:.3g}x, short of the target: "
