@@ -115,15 +115,15 @@ def _reach(a: pipeline.Analysis, chooser: Chooser, target: pipeline.Target, seed
     for a FLOPs target; a latency target, whose every try is timed, falls back to 1 at once)."""
     if not target.measured:
         used = pipeline.reachable(a, chooser, target.macs(a.flops.total))
-        plan = pipeline.select_plan(a, used, target.macs(a.flops.total), used.scores(a.graph, a.gm, seed))
+        plan = pipeline.select_plan(a, used, target.macs(a.flops.total), used.scores(a.graph, a.gm, seed, cost=a.flops))
         return _finish(a, chooser, used, target, verify, plan, None, None), used
     finest = pipeline.finer(chooser)[-1]
     try:
-        return _finish(a, chooser, chooser, target, verify, *reach.reach(a, chooser, target, chooser.scores(a.graph, a.gm, seed))), chooser
+        return _finish(a, chooser, chooser, target, verify, *reach.reach(a, chooser, target, seed)), chooser
     except TargetUnreachableError:
         if finest is chooser:
             raise
-    return _finish(a, chooser, finest, target, verify, *reach.reach(a, finest, target, finest.scores(a.graph, a.gm, seed))), finest
+    return _finish(a, chooser, finest, target, verify, *reach.reach(a, finest, target, seed)), finest
 
 
 def _finish(a: pipeline.Analysis, chooser: Chooser, used: Chooser, target: pipeline.Target, verify: bool, plan: Plan,

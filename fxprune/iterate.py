@@ -154,11 +154,11 @@ def prune_iteratively(
     bar = tqdm(range(1, steps + 1), desc=f"fxprune {name}", unit="step", disable=not progress)
     for k in bar:
         t0 = time.perf_counter() - (taps.seconds if taps is not None else 0.0)
+        tapped = None
         if taps is not None:
             per_atom = taps.atom_scores()
-            scores = {g.id: per_atom[g.atoms] for g in a.graph.prunable_groups}
-        else:
-            scores = chooser.scores(a.graph, a.gm, seed + k, untapped=tapping)
+            tapped = {g.id: per_atom[g.atoms] for g in a.graph.prunable_groups}
+        scores = chooser.scores(a.graph, a.gm, seed + k, untapped=tapping, cost=a.flops, tapped=tapped)
         t1 = time.perf_counter()
         plan = pipeline.select_plan(a, chooser, start - k * (start - goal) / steps, scores)
         t2 = time.perf_counter()

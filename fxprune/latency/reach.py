@@ -137,9 +137,9 @@ def _widths(plan: Plan) -> str:
     return json.dumps({gid: len(kept) for gid, kept in sorted(plan.keep.items())}, separators=(",", ":"))
 
 
-def reach(a: Analysis, chooser: Chooser, target: Target, scores: dict[int, torch.Tensor],
-          fresh: bool = False) -> tuple[Plan, torch.fx.GraphModule, dict[str, Any]]:
-    """The plan, rewritten model and measurement record of a latency target (see the module docstring)."""
+def reach(a: Analysis, chooser: Chooser, target: Target, seed: int, fresh: bool = False) -> tuple[Plan, torch.fx.GraphModule, dict[str, Any]]:
+    """The plan, rewritten model and measurement record of a latency target (see the module docstring); the
+    selector scores with ``seed``, and one that ranks by cost gets the latency model."""
     setting, cache = Setting.of(a.gm, a.inputs), TimingCache()
     clock = Clock(a, setting, cache)
     if fresh:
@@ -152,6 +152,7 @@ def reach(a: Analysis, chooser: Chooser, target: Target, scores: dict[int, torch
     goal = target.latency_ms / original_ms if target.latency_ms is not None else 1 / target.speedup
     aim = goal * (1 - MARGIN)
     model = costmodel.LatencyModel(a.graph, a.flops, a.gm, original_ms, setting, cache, chooser.rule.round_to)
+    scores = chooser.scores(a.graph, a.gm, seed, cost=model)
     trials = _search(a, chooser, scores, clock, model, base, goal, aim)
     met = [t for t in trials if t.comparison.meets(goal)]
     if not met:
@@ -164,7 +165,7 @@ def reach(a: Analysis, chooser: Chooser, target: Target, scores: dict[int, torch
         if c.ratio > goal and not fresh:
             log.warning("the cached timing of this result (%s) did not hold when timed again (%s): timing afresh",
                         chosen.comparison.describe(), c.describe())
-            return reach(a, chooser, target, scores, fresh=True)
+            return reach(a, chooser, target, seed, fresh=True)
     record = {"target": {"speedup": target.speedup, "latency_ms": target.latency_ms}, "goal_ms": goal * original_ms,
               "before_ms": c.before.median_ms, "after_ms": c.after.median_ms, "speedup": c.speedup,
               "interval": [1 / c.high, 1 / c.low], "confidence": CONFIDENCE, "noise": max(c.noise, base.noise),

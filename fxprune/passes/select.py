@@ -40,7 +40,7 @@ from ..errors import ArgumentError, TargetUnreachableError
 from ..core.graph import DependencyGraph, Group, Plan
 from ..core.widths import WidthRule
 
-__all__ = ["select", "CostModel", "MODES"]
+__all__ = ["select", "CostModel", "MODES", "atom_kinds"]
 
 MODES = ("per_group", "global")
 
@@ -111,7 +111,7 @@ def select(
     widths = {g.id: g.width for g in groups}
     schedule = _per_group_schedule(groups) if mode == "per_group" else _global_schedule(groups, order, scores, comparable)
 
-    kinds = _atom_kinds(graph, groups)
+    kinds = atom_kinds(graph, groups)
 
     def counts_at(t: float) -> dict[int, int]:
         return {g.id: g.width - rule.kept(g.width, n, *kinds[g.id]) for g, n in zip(groups, schedule(t))}
@@ -185,7 +185,7 @@ def select(
     return Plan({gid: (~mask).nonzero().flatten().tolist() for gid, mask in gone.items() if bool(mask.any())})
 
 
-def _atom_kinds(graph: DependencyGraph, groups: list[Group]) -> dict[int, tuple[int, bool]]:
+def atom_kinds(graph: DependencyGraph, groups: list[Group]) -> dict[int, tuple[int, bool]]:
     """For each group, how many output channels its atom stands for (1, or the most indices per atom in a
     member's dim 0: the output dim of weights, the only dim of biases and norm parameters) and whether
     it repeats: in some member more than once, and nowhere at two neighbouring indices (a position in

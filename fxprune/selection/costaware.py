@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.fx
@@ -18,7 +20,7 @@ from ..latency.costmodel import LatencyModel
 from ..latency.timing import Setting, TimingCache
 from .protocol import Scores
 
-__all__ = ["GflopsAware", "LatencyAware", "LatencyPerFlop", "shrink_order", "RATE_CAP"]
+__all__ = ["GflopsAware", "LatencyAware", "LatencyPerFlop", "shrink_order", "greedy_scores", "RATE_CAP"]
 
 
 RATE_CAP = 2.0
@@ -110,45 +112,73 @@ class LatencyPerFlop:
     def scores(self, graph: DependencyGraph, gm: torch.fx.GraphModule, rule: WidthRule | None = None) -> Scores:
         flops = FlopModel(graph, total_macs(gm))
         model = _latency_model(graph, gm, flops, rule)
-        groups = {g.id: g for g in graph.prunable_groups}
-        kept = {gid: g.width for gid, g in groups.items()}
-        floor = {gid: max(1, math.ceil(self.FLOOR * g.width)) for gid, g in groups.items()}
-        removed = torch.zeros(graph.num_atoms, dtype=torch.bool)
-        now = (model.cost(removed), flops.cost(removed))
+        groups = graph.prunable_groups
+        order = {g.id: torch.arange(g.width - 1, -1, -1) for g in groups}
+        size = {g.id: max(1, g.width // self.STEPS) for g in groups}
+        floor = {g.id: max(1, math.ceil(self.FLOOR * g.width)) for g in groups}
 
-        def step(gid: int) -> tuple[float, torch.Tensor, tuple[float, float]]:
-            """(ms saved per MAC, the mask after, its cost) of ``gid``'s next step; 0 when it has none."""
-            n = min(max(1, groups[gid].width // self.STEPS), kept[gid] - floor[gid])
-            after = removed.clone()
-            if n <= 0:
-                return 0.0, after, now
-            after[groups[gid].atoms[kept[gid] - n : kept[gid]]] = True
+        def worth(atoms: torch.Tensor, after: torch.Tensor, now: tuple[float, float]) -> tuple[float, tuple[float, float]]:
             cost = (model.cost(after), flops.cost(after))
             macs = now[1] - cost[1]
-            return ((now[0] - cost[0]) / macs if macs > 0 else 0.0), after, cost
+            return ((now[0] - cost[0]) / macs if macs > 0 else 0.0), cost
 
-        neighbours = _sharing_terms(graph, flops)
-        value = {gid: step(gid)[0] for gid in groups}
-        heap = [(-v, gid) for gid, v in value.items() if v > 0]
-        heapq.heapify(heap)
-        out = {gid: torch.zeros(g.width, dtype=torch.float64) for gid, g in groups.items()}
-        rounds = 0
-        while heap:
-            v, gid = heapq.heappop(heap)
-            if -v != value[gid]:  # estimated before a neighbour's step
-                continue
-            _, after, now = step(gid)  # the value holds, but the mask and cost must include every step since
-            n = int((after & ~removed).sum())
-            out[gid][kept[gid] - n : kept[gid]] = rounds + 0.5 * torch.arange(n, 0, -1, dtype=torch.float64) / n
-            kept[gid] -= n
-            removed, rounds = after, rounds + 1
-            for other in neighbours[gid]:
-                value[other] = step(other)[0]
-                if value[other] > 0:
-                    heapq.heappush(heap, (-value[other], other))
-        for gid, g in groups.items():
-            out[gid][: kept[gid]] = rounds + 1 + (1 - torch.arange(kept[gid], dtype=torch.float64) / g.width)
-        return out
+        none = torch.zeros(graph.num_atoms, dtype=torch.bool)
+        return greedy_scores(graph, flops, order, size, floor, worth, (model.cost(none), flops.cost(none)))
+
+
+Worth = Callable[[torch.Tensor, torch.Tensor, Any], tuple[float, Any]]
+
+
+def greedy_scores(graph: DependencyGraph, flops: FlopModel, order: dict[int, torch.Tensor], size: dict[int, int],
+                  floor: dict[int, int], worth: Worth, start: Any) -> Scores:
+    """Scores, comparable across groups, of a greedy removal order.
+
+    Each round removes the next ``size[gid]`` atoms of one group, in its ``order`` (positions, first to go
+    first), never below ``floor[gid]`` kept: the group whose step is worth most. ``worth(atoms, after, now)``
+    values removing ``atoms`` (the mask becomes ``after``) when the current cost is ``now`` (``start`` at
+    first) and returns that value (<= 0: not now) with the cost of ``after``. A step changes only the cost
+    of the FLOP terms its atoms are in, so after each round only the groups that share such a term with it
+    are valued again. Atoms go in the order of the rounds; what no round removed follows, every group in
+    its order at the same pace."""
+    groups = {g.id: g for g in graph.prunable_groups}
+    gone = dict.fromkeys(groups, 0)
+    removed, now = torch.zeros(graph.num_atoms, dtype=torch.bool), start
+
+    def step(gid: int) -> tuple[float, torch.Tensor, Any]:
+        """(value, atoms, cost after) of ``gid``'s next step; value 0 when it has none."""
+        n = min(size[gid], groups[gid].width - gone[gid] - floor[gid])
+        if n <= 0:
+            return 0.0, torch.empty(0, dtype=torch.long), now
+        atoms = groups[gid].atoms[order[gid][gone[gid] : gone[gid] + n]]
+        after = removed.clone()
+        after[atoms] = True
+        worth_it, cost = worth(atoms, after, now)
+        return worth_it, atoms, cost
+
+    neighbours = _sharing_terms(graph, flops)
+    value = {gid: step(gid)[0] for gid in groups}
+    heap = [(-v, gid) for gid, v in value.items() if v > 0]
+    heapq.heapify(heap)
+    out = {gid: torch.zeros(g.width, dtype=torch.float64) for gid, g in groups.items()}
+    rounds = 0
+    while heap:
+        v, gid = heapq.heappop(heap)
+        if -v != value[gid]:  # valued before a neighbour's step
+            continue
+        _, atoms, now = step(gid)  # the value holds, but the cost must include every step since
+        n = atoms.numel()
+        out[gid][order[gid][gone[gid] : gone[gid] + n]] = rounds + 0.5 * torch.arange(1, n + 1, dtype=torch.float64) / n
+        removed[atoms] = True
+        gone[gid] += n
+        rounds += 1
+        for other in neighbours[gid]:
+            value[other] = step(other)[0]
+            if value[other] > 0:
+                heapq.heappush(heap, (-value[other], other))
+    for gid, g in groups.items():
+        rest = order[gid][gone[gid] :]
+        out[gid][rest] = rounds + 1 + torch.arange(gone[gid] + 1, g.width + 1, dtype=torch.float64) / g.width
+    return out
 
 
 def _sharing_terms(graph: DependencyGraph, flops: FlopModel) -> dict[int, set[int]]:

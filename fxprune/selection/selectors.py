@@ -5,12 +5,15 @@ group loses is decided once, by the budget logic in ``passes/select.py``, never 
 with a ``scores(graph, gm)`` method of the same signature can be passed as ``selector=``; one whose scores
 are comparable across groups as they are (not only within a group) sets ``comparable_across_groups =
 True``, and is then ranked globally without normalization. One that sets ``uses_width_rule = True`` is
-called as ``scores(graph, gm, rule=...)`` with the ``WidthRule`` the plan's widths will follow.
+called as ``scores(graph, gm, rule=...)`` with the ``WidthRule`` the plan's widths will follow; one that
+sets ``uses_cost = True`` also gets ``cost=``, the cost model the target is counted in (the latency model
+for a latency target, the FLOP model otherwise), and one with a ``rank(graph, gm, importance, rule, cost)``
+method turns per-atom importance (the statistics coarse ranking gathers) into its scores.
 
 ``gm`` is the captured GraphModule: it shares its tensors with the user's model, so a selector must not
 modify them. Data-driven selectors (``apoz``, ``mean_activation``, ``taylor``) run on calibration data
 through ``selection.stats``, which never touches them. The selectors themselves live in ``weights``
-(data-free), ``costaware`` (ranked by cost) and ``datadriven``; ``SELECTORS`` names them all.
+(data-free), ``costaware`` (ranked by cost), ``knapsack`` (importance per cost) and ``datadriven``; ``SELECTORS`` names them all.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 from ..errors import ArgumentError
 from .costaware import GflopsAware, LatencyAware, LatencyPerFlop
 from .datadriven import APoZ, BNTaylor, MeanActivation, Taylor
+from .knapsack import Knapsack, KnapsackBNTaylor
 from .protocol import Selector
 from .stats import LossFn
 from .weights import BNScale, L1, L2, Random, Uniform
@@ -27,7 +31,7 @@ from .weights import BNScale, L1, L2, Random, Uniform
 __all__ = ["SELECTORS", "get_selector", "data_driven", "takes_loss", "selector_name"]
 
 SELECTORS: dict[str, type] = {cls.name: cls for cls in (Uniform, Random, L1, L2, BNScale, GflopsAware, LatencyAware, LatencyPerFlop,
-                                                         APoZ, MeanActivation, Taylor, BNTaylor)}
+                                                         Knapsack, APoZ, MeanActivation, Taylor, BNTaylor, KnapsackBNTaylor)}
 """Every selector by its ``name`` (each class says its own): the one list that the docs, the command line
 and the errors read."""
 

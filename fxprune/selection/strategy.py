@@ -17,7 +17,7 @@ import torch
 from ..errors import ArgumentError
 from ..core.graph import DependencyGraph
 from ..core.widths import WidthRule
-from ..passes.select import MODES
+from ..passes.select import MODES, CostModel
 from .protocol import Selector
 from .selectors import SELECTORS, data_driven, get_selector, selector_name
 from .stats import LossFn
@@ -114,14 +114,21 @@ class Chooser:
     def rule(self) -> WidthRule:
         return self.strategy.rule
 
-    def scores(self, graph: DependencyGraph, gm: torch.fx.GraphModule, seed: int, untapped: bool = False) -> dict[int, torch.Tensor]:
+    def scores(self, graph: DependencyGraph, gm: torch.fx.GraphModule, seed: int, untapped: bool = False,
+               cost: CostModel | None = None, tapped: dict[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
         """The selector's scores, with torch's global RNG seeded by ``seed`` and restored afterwards;
-        ``untapped``: the first step of coarse ranking, before any fine-tuning was tapped. A selector that
-        sets ``uses_width_rule`` also gets the width rule (the latency ones time the widths it allows)."""
-        rule = {"rule": self.rule} if getattr(self.selector, "uses_width_rule", False) else {}
+        ``untapped``: the first step of coarse ranking, before any fine-tuning was tapped; ``tapped``: the
+        statistics coarse ranking gathered (the scores themselves, unless the selector ranks importance
+        with ``rank``). A selector that sets ``uses_width_rule`` also gets the width rule (the latency ones
+        time the widths it allows), one that sets ``uses_cost`` the ``cost`` model of the target."""
+        extra = {"rule": self.rule} if getattr(self.selector, "uses_width_rule", False) else {}
+        extra |= {"cost": cost} if getattr(self.selector, "uses_cost", False) else {}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return (self.selector.untapped_scores if untapped else self.selector.scores)(graph, gm, **rule)
+            if tapped is not None:
+                rank = getattr(self.selector, "rank", None)
+                return rank(graph, gm, tapped, **extra) if rank is not None else tapped
+            return (self.selector.untapped_scores if untapped else self.selector.scores)(graph, gm, **extra)
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready record of the strategy, kept in ``meta["fxprune"]["strategy"]``."""
