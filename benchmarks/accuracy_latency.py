@@ -13,6 +13,9 @@ the same order, the same optimizer and steps):
 * ``latency_per_flop``, ``knapsack`` (importance: l1 of the weights), ``knapsack_bn_taylor`` (importance:
   bn_taylor from one pass over 1,024 held-out training images), ``uniform`` and ``l1``: ``speedup=s``
   with that selector;
+* ``knapsack:NAME`` (ablations, not in the default list): the knapsack with selector NAME's scores as
+  importance, e.g. ``knapsack:bn_scale``, or ``knapsack:equal`` (every channel equally important:
+  allocation by cost alone);
 * ``torch-pruning``: ``MetaPruner`` with L1 group importance, ``round_to=8``, the classifier ignored; it
   has no latency target, so its per-layer ratio is bisected until its measured speed-up is within 3% of s.
 
@@ -37,6 +40,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +50,8 @@ from torch import nn
 
 import fxprune
 from fxprune.latency.timing import compare, measure_in_turns
+from fxprune.selection.knapsack import Knapsack
+from fxprune.selection.selectors import data_driven, get_selector
 from latency import closest_ratio
 from reproduce import fashion_mnist
 from zoo import classifier
@@ -144,6 +150,28 @@ def torch_pruning_at(model: nn.Module, x: torch.Tensor, speedup: float, rounds: 
     return closest_ratio(prune, lambda m: compare(model, m, (x,), rounds=rounds).ratio, 1 / speedup, tolerance=TOLERANCE)
 
 
+class Equal:
+    """Every channel equally important: the knapsack then allocates by cost alone."""
+
+    def scores(self, graph: Any, gm: nn.Module) -> dict[int, torch.Tensor]:
+        return {g.id: torch.ones(g.width) for g in graph.prunable_groups}
+
+
+def options(method: str, calib: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Any]:
+    """``compile``'s keywords for ``method``: a selector's name, ``default``, or ``knapsack:NAME``, the
+    knapsack with selector NAME's scores as importance (for the ablations)."""
+    if method == "default":
+        return {}
+    name, _, importance = method.partition(":")
+    data = {"calibration": calib, "loss_fn": F.cross_entropy}
+    if importance == "equal":
+        return {"selector": Knapsack(Equal())}
+    if importance:
+        reads = importance in data_driven()
+        return {"selector": Knapsack(get_selector(importance, **(data if reads else {})))}
+    return {"selector": name, **(data if name in data_driven() else {})}
+
+
 def prune_all(name: str, model: nn.Module, x: torch.Tensor, speedup: float, methods: list[str], calib: list[tuple[torch.Tensor, torch.Tensor]],
               rounds: int) -> dict[str, tuple[nn.Module, float]]:
     """Every method's pruned copy of ``model`` at ``speedup`` on input ``x`` and the seconds it took."""
@@ -153,9 +181,7 @@ def prune_all(name: str, model: nn.Module, x: torch.Tensor, speedup: float, meth
         if method == "torch-pruning":
             pruned = torch_pruning_at(model, x, speedup, rounds)
         else:
-            data = {"calibration": calib, "loss_fn": F.cross_entropy} if method == "knapsack_bn_taylor" else {}
-            chosen = {} if method == "default" else {"selector": method}
-            pruned = fxprune.compile(model, example_inputs=(x,), speedup=speedup, on_noise="warn", **chosen, **data)
+            pruned = fxprune.compile(model, example_inputs=(x,), speedup=speedup, on_noise="warn", **options(method, calib))
         out[method] = (pruned, time.perf_counter() - t)
         print(f"  {name} {speedup}x {method}: pruned in {out[method][1]:.0f} s", flush=True)
     return out

@@ -79,7 +79,9 @@ def compile(  # noqa: A001 - the product's verb
     How channels are chosen is a ``Strategy``: pass one as ``strategy=``, or its fields as keywords
     (``selector=``, ``mode=``, ``min_width=``, ``round_to=``, ``seed=``, ``calibration=``, ``loss_fn=``),
     which replace the given strategy's. ``selector``: a name in ``fxprune.SELECTORS`` or an object with
-    a ``scores(graph, gm)`` method. The data-driven ones (``fxprune.selection.selectors.data_driven()``) need
+    a ``scores(graph, gm)`` method; by default uniform, and for a latency target given ``calibration`` and
+    ``loss_fn``, knapsack_bn_taylor (the channels that lose the least importance per millisecond saved).
+    The data-driven ones (``fxprune.selection.selectors.data_driven()``) need
     ``calibration``: an iterable of batches (e.g. a DataLoader), each an input tensor, ``(input,)`` or
     ``(input, target)``, input being a tensor or a tuple of positional inputs (a single tensor is one
     batch); those ranking by gradients also need ``loss_fn(output, target)`` (target None for batches
@@ -96,7 +98,7 @@ def compile(  # noqa: A001 - the product's verb
     Under ``torch.distributed`` every rank gets rank 0's plan.
     """
     target = pipeline.Target.of(on_noise, target_gflops=target_gflops, ratio=ratio, speedup=speedup, target_latency_ms=target_latency_ms)
-    chosen = Strategy.of(strategy, **options)
+    chosen = Strategy.of(strategy, **_default_selector(strategy, target, options))
     with caching(cache):
         job = pipeline.restrict_classes_first(model, example_inputs, chosen, keep_classes, verify)
         a = pipeline.analyze(job.model, job.inputs, ignore, chosen.seed)
@@ -107,6 +109,19 @@ def compile(  # noqa: A001 - the product's verb
         warnings.warn(f"fxprune.compile: {note}", stacklevel=2)
         pruned.meta[keys.RECORD]["report"]["notes"].append(note)
     return pipeline.record_run(job, pruned, report(pruned))
+
+
+LATENCY_WITH_DATA = "knapsack_bn_taylor"
+"""The selector of a latency target given ``calibration=`` and ``loss_fn=`` and no selector: the most
+accurate at equal measured latency in docs/results.md (without data, the default stays uniform)."""
+
+
+def _default_selector(strategy: Strategy | None, target: pipeline.Target, options: dict[str, Any]) -> dict[str, Any]:
+    """``options``, with ``LATENCY_WITH_DATA`` as the selector of a latency target that has data and names none."""
+    data = options.get("calibration") is not None and options.get("loss_fn") is not None
+    if strategy is None and "selector" not in options and target.measured and data:
+        return {**options, "selector": LATENCY_WITH_DATA}
+    return options
 
 
 def _reach(a: pipeline.Analysis, chooser: Chooser, target: pipeline.Target, seed: int, verify: bool) -> tuple[nn.Module, Chooser]:

@@ -169,6 +169,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.slow)
 
 
+@pytest.fixture
+def fake_clock(monkeypatch: pytest.MonkeyPatch) -> FlopClock:
+    """Every timing, of whole models and of layers, from ``FlopClock``: 1 ms per MFLOP."""
+    clock = FlopClock()
+    monkeypatch.setattr("fxprune.latency.timing.time_calls", clock)
+    monkeypatch.setattr("fxprune.latency.costmodel.layer_ms", layer_latency)
+    return clock
+
+
 @pytest.fixture(autouse=True)
 def _fake_layer_clock(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
     """Layer timings (the latency model and ``round_to="auto"``, which runs by default) come from

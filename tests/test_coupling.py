@@ -484,3 +484,52 @@ def test_max_unpool_ties_the_decoder_to_the_pool_whose_indices_it_reuses() -> No
     assert len(graph.prunable_groups) == 2
     small = fxprune.compile(model, ratio=0.5, example_inputs=x)
     assert small(x).shape == model(x).shape
+
+
+class TinyLM(nn.Module):
+    """Token embedding, a residual MLP, a norm and an output layer tied to the embedding."""
+
+    def __init__(self, functional: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.functional = functional
+        self.emb = nn.Embedding(50, 32)
+        self.fc1, self.fc2 = nn.Linear(32, 64), nn.Linear(64, 32)
+        self.norm = nn.LayerNorm(32)
+        self.head = nn.Linear(32, 50, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = F.embedding(ids, self.emb.weight) if self.functional else self.emb(ids)
+        h = h + self.fc2(F.relu(self.fc1(h)))
+        return self.head(self.norm(h))
+
+
+IDS = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_an_embedding_gives_its_weights_dim_1_and_a_tied_output_layer_shares_it(functional: bool) -> None:
+    model = TinyLM(functional).eval()
+    graph = fxprune.analyze(model, IDS)
+    assert [g.width for g in graph.prunable_groups] == [32, 64]  # the hidden size (embedding, norm, tied head) and the MLP
+    pruned = fxprune.compile(model, example_inputs=IDS, ratio=0.5, round_to=1)
+    assert pruned(IDS).shape == (2, 7, 50)
+    weights = {n: p.shape for n, p in pruned.named_parameters(remove_duplicate=False)}
+    assert weights["emb.weight"][1] == weights["head.weight"][1] < 32
+
+
+def test_cat_skips_empty_one_dimensional_tensors_as_torch_does() -> None:
+    """A key/value cache starts as a 1-d empty tensor, which torch.cat skips whatever the dim."""
+
+    class Cached(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.out = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            return self.out(torch.cat([y.new_zeros(0), y], dim=2))
+
+    pruned = compile_ok(Cached().eval())
+    assert pruned.get_submodule("conv").out_channels < 8

@@ -38,14 +38,6 @@ class Net(nn.Module):
         return self.head(y.mean((2, 3)))
 
 
-@pytest.fixture
-def fake_clock(monkeypatch: pytest.MonkeyPatch) -> FlopClock:
-    clock = FlopClock()
-    monkeypatch.setattr(timing, "time_calls", clock)
-    monkeypatch.setattr(costmodel, "layer_ms", layer_latency)
-    return clock
-
-
 def test_measure_latency_says_what_and_where() -> None:
     lat = fxprune.measure_latency(Net(), X, repeat=3, warmup=1)
     assert lat.median_ms > 0 and lat.q1_ms <= lat.median_ms <= lat.q3_ms and lat.runs == 3

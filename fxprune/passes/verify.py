@@ -48,6 +48,11 @@ def masked_layer_norm(x: torch.Tensor, mask: torch.Tensor, weight: Any, bias: An
     return y
 
 
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int, keepdim: bool = False) -> torch.Tensor:
+    """The mean over ``dim`` of the positions where ``mask`` is 1."""
+    return (x * mask).sum(dim, keepdim=keepdim) / mask.sum()
+
+
 def masked_group_norm(x: torch.Tensor, mask: torch.Tensor, groups: int, weight: Any, bias: Any, eps: float) -> torch.Tensor:
     """GroupNorm over channel dim 1 using only the channels where ``mask`` is 1."""
     n, c = x.shape[:2]
@@ -134,22 +139,25 @@ class _OracleBuilder:
         if mask is None:
             return
         with g.inserting_before(new):
-            m = self.mask_node(g, mask)
-            if old.op == "call_module":
-                mod = self.modules[old.target]
-                w = g.get_attr(f"{old.target}.weight") if getattr(mod, "weight", None) is not None else None
-                b = g.get_attr(f"{old.target}.bias") if getattr(mod, "bias", None) is not None else None
-                groups = getattr(mod, "num_groups", None)
-                eps = mod.eps
-            else:
-                kw = new.normalized_arguments(self.gm, normalize_to_only_use_kwargs=True).kwargs
-                w, b, eps, groups = kw["weight"], kw["bias"], kw["eps"], kw.get("num_groups")
-            if groups is not None:
-                repl = g.call_function(masked_group_norm, (new.args[0], m, groups, w, b, eps))
-            else:
-                repl = g.call_function(masked_layer_norm, (new.args[0], m, w, b, eps))
+            repl = self.masked_statistic(g, old, new, self.mask_node(g, mask), dim)
         new.replace_all_uses_with(repl)
         g.erase_node(new)
+
+    def masked_statistic(self, g: torch.fx.Graph, old: torch.fx.Node, new: torch.fx.Node, m: torch.fx.Node, dim: int) -> torch.fx.Node:
+        """A call that computes ``old``'s norm or mean over the channels that mask ``m`` keeps."""
+        if old.op != "call_module" and canonical(old.target) in (torch.mean, "mean"):
+            return g.call_function(masked_mean, (new.args[0], m, dim, bool(arg(old.args, old.kwargs, 2, "keepdim", False))))
+        if old.op == "call_module":
+            mod = self.modules[old.target]
+            w = g.get_attr(f"{old.target}.weight") if getattr(mod, "weight", None) is not None else None
+            b = g.get_attr(f"{old.target}.bias") if getattr(mod, "bias", None) is not None else None
+            groups, eps = getattr(mod, "num_groups", None), mod.eps
+        else:
+            kw = new.normalized_arguments(self.gm, normalize_to_only_use_kwargs=True).kwargs
+            w, b, eps, groups = kw["weight"], kw["bias"], kw["eps"], kw.get("num_groups")
+        if groups is not None:
+            return g.call_function(masked_group_norm, (new.args[0], m, groups, w, b, eps))
+        return g.call_function(masked_layer_norm, (new.args[0], m, w, b, eps))
 
 
 def build_oracle(gm: torch.fx.GraphModule, graph: DependencyGraph, removed: torch.Tensor) -> torch.fx.GraphModule:

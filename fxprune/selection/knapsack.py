@@ -35,10 +35,12 @@ __all__ = ["Knapsack", "KnapsackBNTaylor", "normalized"]
 
 
 def normalized(graph: DependencyGraph, importance: Scores) -> Scores:
-    """``importance`` divided by each group's L2 norm (a group scored all zeros: every atom 1 / sqrt(width))."""
+    """``importance`` divided by each group's L2 norm (a group scored all zeros: every atom 1 / sqrt(width)).
+    Scores below zero (a selector's "higher = keep" may be negative) are first shifted to start at zero."""
     out = {}
     for g in graph.prunable_groups:
-        s = importance[g.id].to(torch.float64).abs()
+        s = importance[g.id].to(torch.float64)
+        s = s - min(float(s.min()), 0.0)
         norm = float(s.norm())
         out[g.id] = s / norm if norm > 0 else torch.full((g.width,), g.width**-0.5, dtype=torch.float64)
     return out

@@ -1,5 +1,5 @@
 """Rules for contracting ops: conv, linear and matmul read the labels of the contracted dim and
-produce fresh ones.
+produce fresh ones; an embedding produces fresh ones from its weight's dim 1.
 
 The contracted input labels are bound to the weight's input dim and recorded as a consumer (the
 verification oracle masks that input); fresh output labels are bound to the weight's output dim and
@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 
 from ...core.fxutil import arg
 from ...core.graph import Family, Patch, PatchKind, Role
@@ -50,6 +51,29 @@ def linear_module(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: 
 def linear_function(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
     """``F.linear`` with a parameter as weight."""
     return linear(s, node, *parameters(node, args, kwargs))
+
+
+def embedding_module(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
+    return embedding(s, node, Param(f"{node.target}.weight", s.modules[node.target].weight))
+
+
+def embedding_function(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
+    """``F.embedding(input, weight)``, or ``torch.embedding(weight, input)`` (the aten op's order)."""
+    return embedding(s, node, arg(args, kwargs, 1, "weight") if canonical(node.target) is F.embedding else args[0])
+
+
+def embedding(s: State, node: torch.fx.Node, w: Any) -> Labels:
+    """A lookup of rows of a parameter: the output's last dim is the weight's dim 1, which a tied output
+    layer (a linear reading the same weight) shares."""
+    if not isinstance(w, Param) or w.tensor.dim() != 2:
+        raise Unsupported(f"{target_name(node)} at node {node.name} looks up rows of a computed or non-2-d weight")
+    out_shape = s.shape(node)
+    ids = s.uf.fresh(w.tensor.shape[1])
+    who = owner(node)
+    s.bind(w.name, 1, ids, who, Role.OUT)
+    if node.op == "call_module":
+        s.patches.append(Patch(PatchKind.ATTR, who, node.name, len(out_shape) - 1, field="embedding_dim"))
+    return Labels(out_shape, len(out_shape) - 1, ids)
 
 
 def parameters(node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Param, str | None]:

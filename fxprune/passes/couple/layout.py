@@ -127,6 +127,7 @@ MOVES: dict[str, Callable[[Labels, tuple[Any, ...], dict[str, Any]], Moved]] = {
 def cat(s: State, args: tuple[Any, ...], kwargs: dict[str, Any], out_shape: tuple[int, ...]) -> Labels | None:
     """Concatenation on compact labels: along the channel dim, or of tensors with the same labels."""
     labs = [s.as_labels(v) for v in arg(args, kwargs, 0, "tensors", ())]
+    labs = [lab for lab in labs if not (isinstance(lab, Labels) and lab.shape == (0,))]  # cat skips 1-d empty tensors
     if not labs or not all(isinstance(lab, Labels) for lab in labs):
         return None
     dim = arg(args, kwargs, 1, "dim", kwargs.get("axis", 0)) % len(out_shape)

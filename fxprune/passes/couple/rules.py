@@ -22,6 +22,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 from ...core import metakeys as keys
 from ...core.fxutil import arg
 from ...core.graph import Family, Patch, PatchKind, Role
+from ...core.optable import canonical
 from .labels import Labels, Param, compress
 from .literals import channel_sources
 from .state import State, Unsupported, family, owner, target_name
@@ -194,7 +195,9 @@ def softmax(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[s
 
 @family(Family.REDUCTION)
 def reduction(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
-    """mean / sum / amax / amin: labels kept along the remaining dims, frozen when the channel dim goes."""
+    """mean / sum / amax / amin: labels kept along the remaining dims, frozen when the channel dim goes,
+    except for a mean over the channel dim alone: a per-position statistic, masked like LayerNorm's (in a
+    graph, not in a module tree)."""
     x = s.labels(arg(args, kwargs, 0, "input"), node)
     out_shape = s.shape(node)
     if x.dim is None:
@@ -202,6 +205,11 @@ def reduction(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict
     dims = arg(args, kwargs, 1, "dim")
     dims = [] if dims is None else [dims] if isinstance(dims, int) else list(dims)
     dims = [d % len(x.shape) for d in dims] or list(range(len(x.shape)))  # no dims: all of them
+    if dims == [x.dim] and canonical(node.target) in (torch.mean, "mean") and keys.TREE not in s.gm.meta:
+        # a statistic over channels (RMSNorm's mean of squares): the pruned model averages the kept ones
+        # (a pruned module tree, ``verify_tree``, masks norm modules only)
+        s.mask_norm(node, f"{owner(node)} averages over pruned channels (node {node.name}): statistics change with pruning")
+        return Labels(out_shape, None, s.uf.fresh(1))
     if x.dim in dims:
         s.freeze(x, f"{target_name(node)} over the channel dim at node {node.name}")
         return Labels(out_shape, None, x.ids[:1])
