@@ -89,7 +89,7 @@ def test_knapsack_reaches_a_latency_target_on_the_latency_model(fake_clock: Flop
 def test_knapsack_bn_taylor_reads_calibration_and_coarse_ranking_takes_its_taps() -> None:
     x, y = quadrant_data(64)
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1),
+    model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1),
                           nn.BatchNorm2d(16), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4)).eval()
     calibration = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 64, 16)]
     pruned = fxprune.compile(model, ratio=0.5, example_inputs=x[:1], selector="knapsack_bn_taylor", calibration=calibration,
@@ -104,7 +104,7 @@ def test_knapsack_bn_taylor_reads_calibration_and_coarse_ranking_takes_its_taps(
             F.cross_entropy(m(x[i : i + 16]), y[i : i + 16]).backward()
             opt.step()
 
-    result, history = fxprune.prune_iteratively(model, finetune, ratio=0.5, steps=2, example_inputs=x[:1], selector="knapsack_bn_taylor",
+    result, history = fxprune.prune_iteratively(model, finetune=finetune, ratio=0.5, steps=2, example_inputs=x[:1], selector="knapsack_bn_taylor",
                                                 coarse=True, round_to=1)
     assert history.coarse and fxprune.count_flops(result, x[:1]) <= 0.5 * fxprune.count_flops(model, x[:1])
 
@@ -121,7 +121,7 @@ def test_the_width_rule_sets_the_step() -> None:
 def test_a_latency_target_with_data_defaults_to_knapsack_bn_taylor(fake_clock: FlopClock) -> None:
     x, y = quadrant_data(32)
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+    model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                           nn.Linear(16, 4)).eval()
     data = {"calibration": [(x, y)], "loss_fn": F.cross_entropy}
     with_data = fxprune.compile(model, speedup=1.2, example_inputs=x[:1], **data)
