@@ -166,7 +166,8 @@ _ATEN_AS: dict[str, Any] = {
 
 
 _ATEN_AS.update({
-    "embedding": torch.embedding, "alias": torch.clone, "pad": F.pad, "constant_pad_nd": F.pad, "unflatten": torch.unflatten,
+    "embedding": torch.embedding, "addmm": torch.addmm, "linalg_vector_norm": torch.linalg.vector_norm,
+    "alias": torch.clone, "pad": F.pad, "constant_pad_nd": F.pad, "unflatten": torch.unflatten,
     **dict.fromkeys(("upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d", "upsample_linear1d",
                      "upsample_bilinear2d", "upsample_bicubic2d", "upsample_trilinear3d", "_upsample_nearest_exact2d",
                      "_upsample_bilinear2d_aa"), F.interpolate),

@@ -29,6 +29,7 @@ done to the graph or to module attributes afterwards can reach the user's model.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
 import traceback
@@ -188,6 +189,21 @@ def _sized_by_data(gm: torch.fx.GraphModule) -> bool:
     return False
 
 
+def _without_cache(root: nn.Module) -> nn.Module:
+    """``root`` with a copy of its Hugging Face config that turns the key/value cache off, in every module
+    that shares that config: a forward that returns a cache object records no graph (torch.export cannot
+    return it), and the computation to prune is the same without it."""
+    config = getattr(root, "config", None)
+    if not getattr(config, "use_cache", False):
+        return root
+    quiet = copy.copy(config)
+    quiet.use_cache = False
+    for m in root.modules():
+        if getattr(m, "config", None) is config:
+            m.config = quiet
+    return root
+
+
 def capture(model: nn.Module | torch.export.ExportedProgram, example_inputs: Sequence[Any] = (),
             untraceable: BaseException | None = None) -> torch.fx.GraphModule:
     """Capture ``model`` as a GraphModule of its own, with the fallbacks described above.
@@ -199,7 +215,7 @@ def capture(model: nn.Module | torch.export.ExportedProgram, example_inputs: Seq
         return _exported(model, "torch.export (an ExportedProgram was given)")
     if not isinstance(model, nn.Module):
         raise TraceError(f"expected a torch.nn.Module or torch.export.ExportedProgram, got {type(model).__name__}")
-    root = structural_copy(model)
+    root = _without_cache(structural_copy(model))
     if untraceable is None:
         try:
             gm = _trace(root, set())

@@ -132,14 +132,27 @@ def conv(s: State, node: torch.fx.Node, w: Param, bias: str | None, groups: int,
     return Labels(s.shape(node), 1, out_ids)
 
 
-def linear(s: State, node: torch.fx.Node, w: Param, bias: str | None) -> Labels:
-    src, x = s.input_of(node)
+@family(Family.CONTRACT)
+def addmm(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
+    """``torch.addmm(bias, x, weight)`` with parameters: a linear whose weight is stored (in, out), as
+    GPT-2's Conv1D computes it."""
+    bias, weight = arg(args, kwargs, 0, "input"), arg(args, kwargs, 2, "mat2")
+    scaled = arg(args, kwargs, 3, "beta", 1) != 1 or arg(args, kwargs, 4, "alpha", 1) != 1
+    if not isinstance(weight, Param) or not isinstance(bias, Param) or bias.tensor.dim() != 1 or scaled:
+        raise Unsupported(f"addmm at node {node.name} is not a bias plus input times a weight parameter")
+    return linear(s, node, weight, bias.name, at=1, stored_in_out=True)
+
+
+def linear(s: State, node: torch.fx.Node, w: Param, bias: str | None, at: int = 0, stored_in_out: bool = False) -> Labels:
+    """``x @ w.T + bias``, ``x`` being argument ``at`` of ``node``; ``stored_in_out``: ``w`` is (in, out)."""
+    src, x = s.input_of(node, at)
     if w.tensor.dim() != 2:
         raise Unsupported(f"linear at node {node.name} has a {w.tensor.dim()}-d weight")
     who = owner(node)
     out_shape = s.shape(node)
     last = len(x.shape) - 1
-    n_out, n_in = w.tensor.shape
+    in_dim, out_dim = (0, 1) if stored_in_out else (1, 0)
+    n_out, n_in = w.tensor.shape[out_dim], w.tensor.shape[in_dim]
     if x.dim not in (None, last) and x.shape[x.dim] > 1:
         # Channels vary along a dim the linear does not contract: they pass through unchanged,
         # and the linear's own output features cannot be pruned.
@@ -147,11 +160,11 @@ def linear(s: State, node: torch.fx.Node, w: Param, bias: str | None) -> Labels:
         return x.with_shape(out_shape)
     xin = x.ids if x.dim == last else x.ids[:1].expand(n_in)
     out_ids = s.uf.fresh(n_out)
-    s.bind(w.name, 1, xin, who, Role.IN)
-    s.bind(w.name, 0, out_ids, who, Role.OUT)
+    s.bind(w.name, in_dim, xin, who, Role.IN)
+    s.bind(w.name, out_dim, out_ids, who, Role.OUT)
     if bias is not None:
         s.bind(bias, 0, out_ids, who, Role.OUT)
-    s.consumers.append((node.name, 0, last))
+    s.consumers.append((node.name, at, last))
     s.flops(node, [xin, out_ids])
     if node.op == "call_module":
         s.patches.append(Patch(PatchKind.ATTR, who, src.name, last, field="in_features"))

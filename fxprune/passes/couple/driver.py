@@ -88,6 +88,8 @@ TABLE: dict[Any, Rule] = {
     **dict.fromkeys(CONV_FUNCS, contract.conv_function),
     F.linear: contract.linear_function,
     F.embedding: contract.embedding_function,
+    torch.addmm: contract.addmm,
+    torch.linalg.vector_norm: rules.vector_norm,
     torch.embedding: contract.embedding_function,
     **dict.fromkeys(MATMUL, contract.matmul),
     torch.einsum: contract.einsum,

@@ -199,10 +199,21 @@ def reduction(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict
     except for a mean over the channel dim alone: a per-position statistic, masked like LayerNorm's (in a
     graph, not in a module tree)."""
     x = s.labels(arg(args, kwargs, 0, "input"), node)
+    return reduce(s, node, x, arg(args, kwargs, 1, "dim"), bool(arg(args, kwargs, 2, "keepdim", False)))
+
+
+@family(Family.REDUCTION)
+def vector_norm(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
+    """``torch.linalg.vector_norm(x, ord, dim, keepdim)``: a reduction (GRN's norm over positions)."""
+    x = s.labels(arg(args, kwargs, 0, "x"), node)
+    return reduce(s, node, x, arg(args, kwargs, 2, "dim"), bool(arg(args, kwargs, 3, "keepdim", False)))
+
+
+def reduce(s: State, node: torch.fx.Node, x: Labels, dims: Any, keepdim: bool) -> Labels:
+    """The labels of ``x`` reduced over ``dims`` (None: all), as ``reduction`` says."""
     out_shape = s.shape(node)
     if x.dim is None:
         return Labels(out_shape, None, x.ids[:1])
-    dims = arg(args, kwargs, 1, "dim")
     dims = [] if dims is None else [dims] if isinstance(dims, int) else list(dims)
     dims = [d % len(x.shape) for d in dims] or list(range(len(x.shape)))  # no dims: all of them
     if dims == [x.dim] and canonical(node.target) in (torch.mean, "mean") and keys.TREE not in s.gm.meta:
@@ -213,5 +224,4 @@ def reduction(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict
     if x.dim in dims:
         s.freeze(x, f"{target_name(node)} over the channel dim at node {node.name}")
         return Labels(out_shape, None, x.ids[:1])
-    keepdim = bool(arg(args, kwargs, 2, "keepdim", False))
     return Labels(out_shape, x.dim if keepdim else x.dim - sum(d < x.dim for d in dims), x.ids)

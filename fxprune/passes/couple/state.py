@@ -117,9 +117,9 @@ class State:
             raise Unsupported(f"node {node.name} reads a {type(v).__name__} where a tensor is expected")
         return v
 
-    def input_of(self, node: torch.fx.Node) -> tuple[torch.fx.Node, Labels]:
-        """The node a call reads its tensor from (its first positional argument) and its labels."""
-        src = node.args[0] if node.args else None
+    def input_of(self, node: torch.fx.Node, at: int = 0) -> tuple[torch.fx.Node, Labels]:
+        """The node a call reads its tensor from (its positional argument ``at``, the first by default) and its labels."""
+        src = node.args[at] if len(node.args) > at else None
         if not isinstance(src, torch.fx.Node):
             raise Unsupported(f"node {node.name} takes its input by keyword or as a constant")
         return src, self.labels(self.env[src], node)
