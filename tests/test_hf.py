@@ -1,0 +1,75 @@
+"""Hugging Face transformers models, built from small configs with random weights, compiled directly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fxprune
+
+T = pytest.importorskip("transformers")
+
+IDS = torch.randint(0, 100, (1, 8), generator=torch.Generator().manual_seed(0))
+IMAGE = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, vocab_size=100)
+
+
+def gpt2() -> torch.nn.Module:
+    return T.GPT2LMHeadModel(T.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=100, n_positions=64, bos_token_id=0, eos_token_id=0))
+
+
+def bert() -> torch.nn.Module:
+    return T.BertForSequenceClassification(T.BertConfig(**TEXT, num_attention_heads=4, num_labels=3))
+
+
+def vit() -> torch.nn.Module:
+    return T.ViTForImageClassification(T.ViTConfig(image_size=64, patch_size=16, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                   intermediate_size=128, num_labels=3))
+
+
+def convnextv2() -> torch.nn.Module:
+    return T.ConvNextV2ForImageClassification(T.ConvNextV2Config(num_stages=2, hidden_sizes=[16, 32], depths=[1, 1], num_labels=3))
+
+
+def llama() -> torch.nn.Module:
+    return T.LlamaForCausalLM(T.LlamaConfig(**TEXT, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+
+
+def qwen2() -> torch.nn.Module:
+    return T.Qwen2ForCausalLM(T.Qwen2Config(**TEXT, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+
+
+def segformer() -> torch.nn.Module:
+    return T.SegformerForSemanticSegmentation(T.SegformerConfig(
+        num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[16, 32], num_attention_heads=[1, 2], decoder_hidden_size=32,
+        num_labels=3, strides=[4, 2], patch_sizes=[7, 3], mlp_ratios=[2, 2]))
+
+
+def swin() -> torch.nn.Module:
+    return T.SwinForImageClassification(T.SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=4,
+                                                     num_labels=3))
+
+
+@pytest.mark.parametrize("make, x", [(gpt2, IDS), (bert, IDS), (vit, IMAGE), (convnextv2, IMAGE)], ids=lambda v: getattr(v, "__name__", ""))
+def test_a_model_compiles_directly_freezing_only_its_input_and_output_and_keeps_its_output_structure(make, x: torch.Tensor) -> None:
+    model = make().eval()
+    graph = fxprune.analyze(model, x)
+    assert all(r.startswith(("model input", "model output")) for g in graph.groups for r in g.frozen), [g.frozen for g in graph.groups]
+    pruned = fxprune.compile(model, example_inputs=x, ratio=0.5, round_to=1)
+    with torch.no_grad():
+        out, ref = pruned(x), model(x)
+    assert type(out) is type(ref) and out.logits.shape == ref.logits.shape
+    before, after = fxprune.report(pruned).flops
+    assert after <= 0.5 * before
+
+
+@pytest.mark.parametrize("make, x", [(llama, IDS), (qwen2, IDS), (segformer, IMAGE), (swin, IMAGE)], ids=lambda v: getattr(v, "__name__", ""))
+def test_what_cannot_be_pruned_yet_is_frozen_with_a_reason_never_an_internal_error(make, x: torch.Tensor) -> None:
+    graph = fxprune.analyze(make().eval(), x)
+    assert graph.prunable_groups and all(g.frozen for g in graph.groups if not g.prunable and g.width > 1)
+
+
+def test_the_users_config_keeps_its_cache_setting() -> None:
+    model = gpt2().eval()
+    fxprune.compile(model, example_inputs=IDS, ratio=0.3, round_to=1)
+    assert model.config.use_cache is True
