@@ -266,7 +266,7 @@ def main() -> None:
             rows.append(Row(name, batches[name], s, method, before, accuracy(pruned, test, args.test_images), lat[0].median_ms / took.median_ms, took.median_ms,
                             fxprune.count_flops(pruned, x1) / 1e6, sum(p.numel() for p in pruned.parameters()), seconds))
         (out / "accuracy_latency.json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
-    headers = ["model", "batch", "target", "method", "acc % pruned", "acc % fine-tuned", "speed-up measured", "ms b1", "MFLOPs", "params", "prune s"]
+    headers = ["model", "batch", "target", "method", "acc % pruned", "acc % fine-tuned", "speed-up measured", "ms", "MFLOPs", "params", "prune s"]
     table = tabulate([[r.model, r.batch, "-" if r.method == "original" else f"{r.speedup:g}x", r.method, f"{r.pruned_acc:.2f}", f"{r.acc:.2f}",
                        f"{r.measured:.2f}x", f"{r.latency_ms:.2f}", f"{r.mflops:.1f}", f"{r.params / 1e6:.2f}M", f"{r.seconds:.0f}"] for r in rows],
                      headers, tablefmt="github")
