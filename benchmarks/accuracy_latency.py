@@ -174,14 +174,19 @@ def options(method: str, calib: list[tuple[torch.Tensor, torch.Tensor]]) -> dict
 
 def prune_all(name: str, model: nn.Module, x: torch.Tensor, speedup: float, methods: list[str], calib: list[tuple[torch.Tensor, torch.Tensor]],
               rounds: int) -> dict[str, tuple[nn.Module, float]]:
-    """Every method's pruned copy of ``model`` at ``speedup`` on input ``x`` and the seconds it took."""
+    """Every method's pruned copy of ``model`` at ``speedup`` on input ``x`` and the seconds it took (none
+    for a method whose target is out of reach)."""
     out = {}
     for method in methods:
         t = time.perf_counter()
         if method == "torch-pruning":
             pruned = torch_pruning_at(model, x, speedup, rounds)
         else:
-            pruned = fxprune.compile(model, example_inputs=(x,), speedup=speedup, on_noise="warn", **options(method, calib))
+            try:
+                pruned = fxprune.compile(model, example_inputs=(x,), speedup=speedup, on_noise="warn", **options(method, calib))
+            except fxprune.TargetUnreachableError as exc:
+                print(f"  {name} {speedup}x {method}: out of reach, best measured {exc.best_speedup:.2f}x", flush=True)
+                continue
         out[method] = (pruned, time.perf_counter() - t)
         print(f"  {name} {speedup}x {method}: pruned in {out[method][1]:.0f} s", flush=True)
     return out
