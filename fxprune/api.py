@@ -80,7 +80,7 @@ def compile(  # noqa: A001 - the product's verb
     (``selector=``, ``mode=``, ``min_width=``, ``round_to=``, ``seed=``, ``calibration=``, ``loss_fn=``),
     which replace the given strategy's. ``selector``: a name in ``fxprune.SELECTORS`` or an object with
     a ``scores(graph, gm)`` method; by default uniform, and for a latency target given ``calibration`` and
-    ``loss_fn``, knapsack_bn_taylor (the channels that lose the least importance per millisecond saved).
+    ``loss_fn``, bn_taylor (the most accurate at equal measured latency in docs/results.md).
     The data-driven ones (``fxprune.selection.selectors.data_driven()``) need
     ``calibration``: an iterable of batches (e.g. a DataLoader), each an input tensor, ``(input,)`` or
     ``(input, target)``, input being a tensor or a tuple of positional inputs (a single tensor is one
@@ -111,9 +111,10 @@ def compile(  # noqa: A001 - the product's verb
     return pipeline.record_run(job, pruned, report(pruned))
 
 
-LATENCY_WITH_DATA = "knapsack_bn_taylor"
+LATENCY_WITH_DATA = "bn_taylor"
 """The selector of a latency target given ``calibration=`` and ``loss_fn=`` and no selector: the most
-accurate at equal measured latency in docs/results.md (without data, the default stays uniform)."""
+accurate at equal measured latency in docs/results.md, ahead of the knapsack selectors (without data,
+the default stays uniform)."""
 
 
 def _default_selector(strategy: Strategy | None, target: pipeline.Target, options: dict[str, Any]) -> dict[str, Any]:

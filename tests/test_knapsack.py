@@ -118,13 +118,14 @@ def test_the_width_rule_sets_the_step() -> None:
     assert int(first[:8].floor().unique().numel()) == 1  # the first 8 of A went in one round
 
 
-def test_a_latency_target_with_data_defaults_to_knapsack_bn_taylor(fake_clock: FlopClock) -> None:
+def test_a_latency_target_with_data_defaults_to_bn_taylor(fake_clock: FlopClock) -> None:
     x, y = quadrant_data(32)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                           nn.Linear(16, 4)).eval()
     data = {"calibration": [(x, y)], "loss_fn": F.cross_entropy}
     with_data = fxprune.compile(model, speedup=1.2, example_inputs=x[:1], **data)
-    assert with_data.meta["fxprune"]["strategy"]["selector"] == "knapsack_bn_taylor"
+    assert with_data.meta["fxprune"]["strategy"]["selector"] == "bn_taylor"
     assert fxprune.compile(model, speedup=1.2, example_inputs=x[:1]).meta["fxprune"]["strategy"]["selector"] == "uniform"
-    assert fxprune.compile(model, speedup=1.2, example_inputs=x[:1], selector="bn_taylor", **data).meta["fxprune"]["strategy"]["selector"] == "bn_taylor"
+    named = fxprune.compile(model, speedup=1.2, example_inputs=x[:1], selector="knapsack_bn_taylor", **data)
+    assert named.meta["fxprune"]["strategy"]["selector"] == "knapsack_bn_taylor"
