@@ -73,3 +73,13 @@ def test_the_users_config_keeps_its_cache_setting() -> None:
     model = gpt2().eval()
     fxprune.compile(model, example_inputs=IDS, ratio=0.3, round_to=1)
     assert model.config.use_cache is True
+
+
+def test_a_pruned_model_saves_and_loads_with_its_output_structure(tmp_path) -> None:
+    pruned = fxprune.compile(gpt2().eval(), example_inputs=IDS, ratio=0.5, round_to=1)
+    fxprune.save(pruned, tmp_path / "gpt2.fxp")
+    loaded = fxprune.load(tmp_path / "gpt2.fxp")
+    with torch.no_grad():
+        out, ref = loaded(IDS), pruned(IDS)
+    assert type(out) is type(ref)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
