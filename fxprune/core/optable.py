@@ -100,6 +100,7 @@ CONV_FUNCS = {
     F.conv_transpose1d: True, F.conv_transpose2d: True, F.conv_transpose3d: True,
 }
 REDUCTIONS = {"mean", "sum", "amax", "amin", torch.mean, torch.sum, torch.amax, torch.amin}
+MEAN = {"mean", torch.mean}  # the reduction whose statistic over channels verification can mask (RMSNorm's)
 # Rectifier-like activations (a subset of the element-wise ops): their outputs are the activations
 # that activation-statistics selectors (apoz, mean_activation, taylor) look at.
 ACTIVATION_MODULES: tuple[type, ...] = (

@@ -30,7 +30,7 @@ from ..errors import VerificationError
 from ..core.fxutil import arg, copy_graph, eval_mode, graph_module, is_get_attr, structural_copy
 from ..core.graph import DependencyGraph
 from ..core.masks import kept_mask
-from ..core.optable import CONV_FUNCS, canonical
+from ..core.optable import CONV_FUNCS, MEAN, canonical
 
 __all__ = ["verify", "verify_tree", "build_oracle", "masked_tree", "VerifyResult"]
 
@@ -145,7 +145,7 @@ class _OracleBuilder:
 
     def masked_statistic(self, g: torch.fx.Graph, old: torch.fx.Node, new: torch.fx.Node, m: torch.fx.Node, dim: int) -> torch.fx.Node:
         """A call that computes ``old``'s norm or mean over the channels that mask ``m`` keeps."""
-        if old.op != "call_module" and canonical(old.target) in (torch.mean, "mean"):
+        if old.op != "call_module" and canonical(old.target) in MEAN:
             return g.call_function(masked_mean, (new.args[0], m, dim, bool(arg(old.args, old.kwargs, 2, "keepdim", False))))
         if old.op == "call_module":
             mod = self.modules[old.target]

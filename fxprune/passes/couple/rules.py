@@ -22,7 +22,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 from ...core import metakeys as keys
 from ...core.fxutil import arg
 from ...core.graph import Family, Patch, PatchKind, Role
-from ...core.optable import canonical
+from ...core.optable import MEAN, canonical
 from .labels import Labels, Param, compress
 from .literals import channel_sources
 from .state import State, Unsupported, family, owner, target_name
@@ -216,7 +216,7 @@ def reduce(s: State, node: torch.fx.Node, x: Labels, dims: Any, keepdim: bool) -
         return Labels(out_shape, None, x.ids[:1])
     dims = [] if dims is None else [dims] if isinstance(dims, int) else list(dims)
     dims = [d % len(x.shape) for d in dims] or list(range(len(x.shape)))  # no dims: all of them
-    if dims == [x.dim] and canonical(node.target) in (torch.mean, "mean") and keys.TREE not in s.gm.meta:
+    if dims == [x.dim] and canonical(node.target) in MEAN and keys.TREE not in s.gm.meta:
         # a statistic over channels (RMSNorm's mean of squares): the pruned model averages the kept ones
         # (a pruned module tree, ``verify_tree``, masks norm modules only)
         s.mask_norm(node, f"{owner(node)} averages over pruned channels (node {node.name}): statistics change with pruning")
