@@ -54,9 +54,9 @@ def row(name: str, ratio: float) -> list:
                                   if not r.startswith(("model input", "model output")))
     t = time.perf_counter()
     try:
-        pruned = fxprune.compile(model, example_inputs=x, ratio=ratio, round_to=1)
+        pruned = fxprune.compile(model, example_inputs=x, ratio=ratio)
     except fxprune.TargetUnreachableError as exc:
-        pruned = fxprune.compile(model, example_inputs=x, target_gflops=exc.smallest_gflops * 1.0001, round_to=1)
+        pruned = fxprune.compile(model, example_inputs=x, target_gflops=exc.smallest_gflops * 1.0001)
     seconds = time.perf_counter() - t
     before, after = fxprune.report(pruned).flops
     frozen = "; ".join(f"{n}x {r}" for r, n in reasons.most_common()) or "-"

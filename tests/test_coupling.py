@@ -513,7 +513,7 @@ def test_an_embedding_gives_its_weights_dim_1_and_a_tied_output_layer_shares_it(
     model = TinyLM(functional).eval()
     graph = fxprune.analyze(model, IDS)
     assert [g.width for g in graph.prunable_groups] == [32, 64]  # the hidden size (embedding, norm, tied head) and the MLP
-    pruned = fxprune.compile(model, example_inputs=IDS, ratio=0.5, round_to=1)
+    pruned = fxprune.compile(model, example_inputs=IDS, ratio=0.5)
     assert pruned(IDS).shape == (2, 7, 50)
     weights = {n: p.shape for n, p in pruned.named_parameters(remove_duplicate=False)}
     assert weights["emb.weight"][1] == weights["head.weight"][1] < 32
@@ -533,3 +533,25 @@ def test_cat_skips_empty_one_dimensional_tensors_as_torch_does() -> None:
 
     pruned = compile_ok(Cached().eval())
     assert pruned.get_submodule("conv").out_channels < 8
+
+
+def test_an_rms_norm_written_out_averages_the_kept_channels_and_verifies() -> None:
+    """pow / mean over the channel dim / rsqrt: the mean is a statistic over channels, not a freeze."""
+
+    class RMS(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 4)
+            self.weight = nn.Parameter(torch.rand(32) + 0.5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.fc1(x)
+            h = self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6))
+            return self.fc2(h)
+
+    model, x = RMS().eval(), torch.randn(3, 16, generator=torch.Generator().manual_seed(0))
+    graph = fxprune.analyze(model, x)
+    assert [g.width for g in graph.prunable_groups] == [32] and any("averages over pruned channels" in n for n in graph.notes.values())
+    pruned = fxprune.compile(model, example_inputs=x, ratio=0.4)  # verified against the masked mean
+    assert pruned.get_submodule("fc1").out_features < 32

@@ -55,7 +55,7 @@ def test_a_model_compiles_directly_freezing_only_its_input_and_output_and_keeps_
     model = make().eval()
     graph = fxprune.analyze(model, x)
     assert all(r.startswith(("model input", "model output")) for g in graph.groups for r in g.frozen), [g.frozen for g in graph.groups]
-    pruned = fxprune.compile(model, example_inputs=x, ratio=0.5, round_to=1)
+    pruned = fxprune.compile(model, example_inputs=x, ratio=0.5)
     with torch.no_grad():
         out, ref = pruned(x), model(x)
     assert type(out) is type(ref) and out.logits.shape == ref.logits.shape
@@ -71,12 +71,12 @@ def test_what_cannot_be_pruned_yet_is_frozen_with_a_reason_never_an_internal_err
 
 def test_the_users_config_keeps_its_cache_setting() -> None:
     model = gpt2().eval()
-    fxprune.compile(model, example_inputs=IDS, ratio=0.3, round_to=1)
+    fxprune.compile(model, example_inputs=IDS, ratio=0.3)
     assert model.config.use_cache is True
 
 
 def test_a_pruned_model_saves_and_loads_with_its_output_structure(tmp_path) -> None:
-    pruned = fxprune.compile(gpt2().eval(), example_inputs=IDS, ratio=0.5, round_to=1)
+    pruned = fxprune.compile(gpt2().eval(), example_inputs=IDS, ratio=0.5)
     fxprune.save(pruned, tmp_path / "gpt2.fxp")
     loaded = fxprune.load(tmp_path / "gpt2.fxp")
     with torch.no_grad():

@@ -93,7 +93,7 @@ def test_knapsack_bn_taylor_reads_calibration_and_coarse_ranking_takes_its_taps(
                           nn.BatchNorm2d(16), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4)).eval()
     calibration = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 64, 16)]
     pruned = fxprune.compile(model, ratio=0.5, example_inputs=x[:1], selector="knapsack_bn_taylor", calibration=calibration,
-                             loss_fn=F.cross_entropy, round_to=1)
+                             loss_fn=F.cross_entropy)
     assert fxprune.count_flops(pruned, x[:1]) <= 0.5 * fxprune.count_flops(model, x[:1])
 
     def finetune(m: nn.Module) -> None:
@@ -105,7 +105,7 @@ def test_knapsack_bn_taylor_reads_calibration_and_coarse_ranking_takes_its_taps(
             opt.step()
 
     result, history = fxprune.prune_iteratively(model, finetune=finetune, ratio=0.5, steps=2, example_inputs=x[:1], selector="knapsack_bn_taylor",
-                                                coarse=True, round_to=1)
+                                                coarse=True)
     assert history.coarse and fxprune.count_flops(result, x[:1]) <= 0.5 * fxprune.count_flops(model, x[:1])
 
 
