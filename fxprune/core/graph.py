@@ -38,6 +38,7 @@ class PatchKind(str, Enum):
     ARG = "arg"
     SLICE = "slice"
     SPLIT = "split"
+    VALUE = "value"
 
 
 class Family(str, Enum):
@@ -96,7 +97,8 @@ class Patch:
     ``dim`` (wrapped in a tuple when ``as_tuple``). kind "arg": the literal at ``path`` inside node
     ``target``'s (args, kwargs) becomes that size. kind "slice": the slice at ``path`` is re-indexed to
     the kept positions of ``node`` along ``dim``. kind "split": node ``target`` becomes a split with the
-    pruned sizes of its pieces along ``dim``.
+    pruned sizes of its pieces along ``dim``. kind "value": the argument at ``path`` becomes ``value``, what
+    the original computed from a size that pruning changes (scaled dot-product attention's default scale).
     """
 
     kind: PatchKind
@@ -106,6 +108,7 @@ class Patch:
     field: str = ""
     path: tuple[Any, ...] = ()
     as_tuple: bool = False
+    value: Any = None
 
 
 @dataclass(frozen=True)

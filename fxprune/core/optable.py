@@ -20,7 +20,7 @@ ELEMENTWISE_FUNCS: set[Any] = {
     torch.add, torch.sub, torch.subtract, torch.mul, torch.multiply, torch.div, torch.true_divide,
     torch.maximum, torch.minimum, torch.where, torch.lerp, torch.addcmul, torch.addcdiv, torch.pow,
     torch.clamp, torch.clip, torch.sqrt, torch.rsqrt, torch.exp, torch.log, torch.abs, torch.neg,
-    torch.sigmoid, torch.tanh, torch.relu, torch.relu_, torch.erf, torch.sign, torch.square,
+    torch.sigmoid, torch.tanh, torch.relu, torch.relu_, torch.erf, torch.sign, torch.square, torch.cos, torch.sin,
     F.relu, F.relu_, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.sigmoid, F.tanh,
     F.leaky_relu, F.elu, F.selu, F.celu, F.mish, F.softplus, F.hardtanh, F.logsigmoid,
     F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
@@ -30,7 +30,7 @@ ELEMENTWISE_METHODS = {
     "eq", "ne", "lt", "le", "gt", "ge",
     "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "pow", "sqrt", "rsqrt", "exp",
     "abs", "neg", "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "clamp", "clamp_", "clip",
-    "square", "masked_fill", "masked_fill_", "lerp", "addcmul", "maximum", "minimum", "copy_",
+    "square", "masked_fill", "masked_fill_", "lerp", "addcmul", "maximum", "minimum", "copy_", "cos", "sin",
 }
 # Tensors made from nothing but sizes (the size of a model input's spatial dims, say): constants.
 CREATE: set[Any] = {"new_zeros", "new_ones", "new_full", "new_empty", torch.zeros, torch.ones, torch.full, torch.empty,
@@ -94,6 +94,7 @@ ATTENTION_PRODUCTS: set[Any] = MATMUL | SDPA | {torch.einsum}
 PASS_THROUGH: set[Any] = {
     operator.getitem, operator.mul, operator.truediv, torch.mul, torch.div, "mul", "div", "contiguous",
     "to", "float", "type_as", "clone", torch.clone, F.dropout,
+    operator.add, torch.add, "add", operator.neg, torch.neg, "neg", "aten slice",  # rotary embeddings
 } | SHAPE_FUNCS | SHAPE_METHODS | RESHAPE_FUNCS | RESHAPE_METHODS | UNFLATTEN | UNBIND | SPLIT
 CONV_FUNCS = {
     F.conv1d: False, F.conv2d: False, F.conv3d: False,
@@ -115,7 +116,7 @@ ACTIVATION_METHODS = {"relu", "relu_"}
 
 SOFTMAX = {F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "softmax", "log_softmax"}
 
-ATEN_SLICE = "aten slice"
+ATEN_SLICE = "aten slice"  # PASS_THROUGH names it too
 ATEN_INDEX = "aten index"
 INDEX_PUT = "aten index_put"
 _ATEN_ONLY = {"slice": ATEN_SLICE, "index": ATEN_INDEX, "index_put": INDEX_PUT, "index_put_": INDEX_PUT}

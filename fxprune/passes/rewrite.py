@@ -30,7 +30,7 @@ def _set_in(container: Any, path: tuple[Any, ...], value: Any) -> Any:
         return value
     head, rest = path[0], path[1:]
     if isinstance(container, dict):
-        return {**container, head: _set_in(container[head], rest, value)}
+        return {**container, head: _set_in(container.get(head), rest, value)}
     items = list(container)
     items[head] = _set_in(items[head], rest, value)
     return type(container)(items) if not isinstance(container, torch.Size) else tuple(items)
@@ -101,6 +101,8 @@ class _Rewriter:
                 self.set_arg(node, p.path, slice(int(kept[:start].sum()), int(kept[:max(stop, start)].sum()), None))
             elif p.kind == PatchKind.SPLIT:
                 self.make_split(node, p)
+            elif p.kind == PatchKind.VALUE:
+                self.set_arg(node, p.path, p.value)
 
     def int_value(self, v: Any) -> Any:
         return v.meta[keys.VALUE] if isinstance(v, torch.fx.Node) else v

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from ...core.graph import NEVER_REMOVED, DependencyGraph, FlopTerm, Group, Member
+from ...core.graph import NEVER_REMOVED, DependencyGraph, FlopTerm, Group, Member, Role
 from .labels import Labels, Param
 from .state import State
 
@@ -33,6 +33,12 @@ def finalize(s: State, opaque: tuple[str, ...]) -> DependencyGraph:
         for ids in bound[1:]:
             uf.union_pairs(bound[0], ids)
     root = uf.root_table()
+    channels = torch.zeros(len(uf.parent), dtype=torch.bool)
+    for bound in s.slots.values():
+        channels[root[bound[0]]] = True
+    for name, dim, ids in s.buffer_slots:  # a buffer holds channels where its labels meet a parameter's
+        if channels[root[ids]].any():
+            s.bind(name, dim, ids, name.rpartition(".")[0] or name, Role.PARAM)
     keys = list(s.slots)
     # Atoms are the roots that own slots, numbered in order of first appearance.
     slot_roots = torch.cat([root[s.slots[k][0]] for k in keys]) if keys else torch.empty(0, dtype=torch.long)

@@ -203,8 +203,9 @@ def aten_slice(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dic
 @family(Family.SHAPE)
 def aten_index(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
     """``aten.index(x, [index tensors or None])`` (torch.export's form of ``x[idx]``): a gather, as in getitem."""
-    src, x = s.input_of(node)
     index = [constant(s, n) for n in node.args[1]]
+    s.as_labels(args[0], frozenset(d for d, v in enumerate(index) if v is not None))  # a parameter read as a table
+    src, x = s.input_of(node)
     if any(v is not None and not isinstance(v, torch.Tensor) for v in index):
         raise Unsupported(f"node {node.name} indexes with a computed tensor")
     return gather(s, node, x, tuple(slice(None) if v is None else v for v in index))

@@ -91,7 +91,17 @@ def merge(s: State, node: torch.fx.Node, operands: list[Any]) -> Labels:
         k = d - (nd - len(lab.shape))
         return lab.shape[k] if k >= 0 else 1
 
-    varying = {lab.dim + nd - len(lab.shape) for lab in labs if lab.dim is not None and lab.shape[lab.dim] > 1}
+    def along(labs: list[Labels]) -> set[int]:
+        return {lab.dim + nd - len(lab.shape) for lab in labs if lab.dim is not None and lab.shape[lab.dim] > 1}
+
+    varying = along(labs)
+    channels = [lab for lab in labs if not s.is_table(lab)]
+    if len(varying) > 1 and len(along(channels)) == 1:
+        # A table of buffers read along positions that the channels do not vary along (a rotary
+        # embedding's cos and sin along head_dim, the heads being the channels): those positions stay.
+        tables = [lab for lab in labs if s.is_table(lab)]
+        s.freeze(tables, f"node {node.name} reads a table of buffers along positions that are not channels")
+        labs, varying = channels, along(channels)
     if len(varying) > 1:
         full = [s.full(lab) for lab in labs]
         full = [f.reshape([1] * (nd - f.dim()) + list(f.shape)).expand(out_shape) for f in full]

@@ -80,6 +80,9 @@ class State:
         self.flop_terms: list[tuple[str, int, list[torch.Tensor]]] = []
         self.consumers: list[tuple[str, int | tuple[int, int], int]] = []
         self.param_labels: dict[str, Labels] = {}
+        self.parameters = {name for name, _ in gm.named_parameters(remove_duplicate=False)}
+        self.buffer_slots: list[tuple[str, int, torch.Tensor]] = []  # bound in ``grouping`` only where they meet channels
+        self.buffer_ids: set[int] = set()
         self.families: dict[str, Family] = {}
 
     def module(self, node: torch.fx.Node) -> nn.Module | None:
@@ -93,22 +96,33 @@ class State:
         """``a`` (a node argument) with every node replaced by its value."""
         return map_arg(a, lambda n: self.env[n])
 
-    def as_labels(self, v: Any) -> Any:
+    def as_labels(self, v: Any, positions: frozenset[int] = frozenset()) -> Any:
         """Labels for a tensor value; parameters get labels along their last non-singleton dim, integer
-        and boolean buffers (indices, masks) one label: they hold no channels."""
+        and boolean buffers (indices, masks) one label: they hold no channels. A floating-point buffer
+        gets labels too, but holds channels only where they meet a parameter's (``grouping.finalize``):
+        a rotary embedding's frequencies hold positions within a head. ``positions``: dims that the first
+        use reads by position (a relative-position table gathered by index), so they hold no channels."""
         if not isinstance(v, Param):
             return v
         if v.name in self.param_labels:
             return self.param_labels[v.name]
         shape = tuple(v.tensor.shape)
-        dims = [d for d, size in enumerate(shape) if size > 1]
+        dims = [d for d, size in enumerate(shape) if size > 1 and d not in positions]
         if not dims or not (v.tensor.is_floating_point() or v.tensor.is_complex()):  # index tables are no channels
             lab = Labels(shape, None, self.uf.fresh(1))
         else:
             lab = Labels(shape, dims[-1], self.uf.fresh(shape[dims[-1]]))
-            self.bind(v.name, dims[-1], lab.ids, v.name.rpartition(".")[0] or v.name, Role.PARAM)
+            if v.name in self.parameters:
+                self.bind(v.name, dims[-1], lab.ids, v.name.rpartition(".")[0] or v.name, Role.PARAM)
+            else:
+                self.buffer_slots.append((v.name, dims[-1], lab.ids))
+                self.buffer_ids.update(lab.ids.tolist())
         self.param_labels[v.name] = lab
         return lab
+
+    def is_table(self, lab: Labels) -> bool:
+        """True when ``lab``'s labels all come from buffers and meet no parameter's channels so far."""
+        return lab.dim is not None and set(self.uf.roots(lab.ids).tolist()) <= self.buffer_ids
 
     def labels(self, v: Any, node: torch.fx.Node) -> Labels:
         """Labels of a value that ``node`` needs to be a tensor."""
