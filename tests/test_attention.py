@@ -160,3 +160,84 @@ def test_l1_scores_a_head_by_all_its_channels() -> None:
                              target_gflops=fxprune.count_flops(pruned_by_plan, x) / 1e9, example_inputs=x)
     kept = dict(pruned.named_parameters())["attn.in_proj_weight"]
     torch.testing.assert_close(kept, dict(pruned_by_plan.named_parameters())["attn.in_proj_weight"])
+
+
+class Decoder(nn.Module):
+    """A decoder layer as Llama writes it: rotary embeddings from a frequency buffer, 4 query heads
+    sharing 2 key/value heads, either repeated (``repeat_kv``) or read by SDPA's ``enable_gqa``."""
+
+    def __init__(self, gqa_in_sdpa: bool, dim: int = 32, heads: int = 4, kv_heads: int = 2) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim, self.gqa_in_sdpa = heads, kv_heads, dim // heads, gqa_in_sdpa
+        self.embed = nn.Linear(6, dim)
+        self.q = nn.Linear(dim, heads * self.head_dim, bias=False)
+        self.k = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
+        self.v = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
+        self.o = nn.Linear(heads * self.head_dim, dim, bias=False)
+        self.head = nn.Linear(dim, 3)
+        self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(0, self.head_dim, 2).float() / self.head_dim), persistent=False)
+
+    @staticmethod
+    def rotate_half(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat((-x[..., x.shape[-1] // 2:], x[..., : x.shape[-1] // 2]), dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        b, n, _ = h.shape
+        angles = torch.arange(n, dtype=torch.float32)[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((angles, angles), dim=-1)
+        cos, sin = emb.cos(), emb.sin()
+        q = self.q(h).view(b, n, -1, self.head_dim).transpose(1, 2)
+        k = self.k(h).view(b, n, -1, self.head_dim).transpose(1, 2)
+        v = self.v(h).view(b, n, -1, self.head_dim).transpose(1, 2)
+        q, k = q * cos + self.rotate_half(q) * sin, k * cos + self.rotate_half(k) * sin
+        if self.gqa_in_sdpa:
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            rep = self.heads // self.kv_heads
+            k, v = (t[:, :, None].expand(b, self.kv_heads, rep, n, self.head_dim).reshape(b, self.heads, n, self.head_dim) for t in (k, v))
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.head(h + self.o(a.transpose(1, 2).reshape(b, n, -1)))
+
+
+@pytest.mark.parametrize("gqa_in_sdpa", [False, True], ids=["repeat_kv", "enable_gqa"])
+def test_a_key_value_head_and_its_query_heads_are_one_atom_and_rotary_embeddings_keep_heads(gqa_in_sdpa: bool) -> None:
+    torch.manual_seed(0)
+    model = Decoder(gqa_in_sdpa).eval()
+    x = torch.randn(2, 5, 6)
+    graph = fxprune.analyze(model, x)
+    assert sorted(r for g in graph.groups for r in g.frozen) == ["model input x", "model output"]
+    heads = next(g for g in graph.groups if any(m.name == "k.weight" and m.dim == 0 for m in g.members))
+    assert heads.width == 2 and {m.name for m in heads.members} == {"q.weight", "k.weight", "v.weight", "o.weight"}
+    assert "inv_freq" not in {m.name for g in graph.groups for m in g.members}  # positions within a head, not channels
+    pruned = fxprune.apply_plan(model, fxprune.Plan({heads.id: [1]}), example_inputs=x)  # verified against the masked original
+    params = dict(pruned.named_parameters())
+    assert params["q.weight"].shape[0] == 16 and params["k.weight"].shape[0] == 8 and params["o.weight"].shape[1] == 16
+    with torch.no_grad():  # the kept query heads are those that read the kept key/value head
+        torch.testing.assert_close(params["q.weight"], model.q.weight[16:], rtol=0, atol=0)
+
+
+def test_single_head_attention_prunes_head_dim_and_keeps_its_scale() -> None:
+    """One head: q and k lose the same channels, v its own; the default scale 1/sqrt(head_dim) stays as it was."""
+
+    class OneHead(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Linear(6, 16)
+            self.q, self.k, self.v, self.o = (nn.Linear(16, 16) for _ in range(4))
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.embed(x)
+            q, k, v = (p(h).unsqueeze(1) for p in (self.q, self.k, self.v))  # (B, 1 head, N, 16)
+            return self.head(h + self.o(F.scaled_dot_product_attention(q, k, v).squeeze(1)))
+
+    torch.manual_seed(0)
+    model = OneHead().eval()
+    x = torch.randn(2, 5, 6)
+    graph = fxprune.analyze(model, x)
+    assert sorted(r for g in graph.groups for r in g.frozen) == ["model input x", "model output"]
+    qk = next(g for g in graph.groups if any(m.name == "q.weight" and m.dim == 0 for m in g.members))
+    assert {m.name for m in qk.members} >= {"q.weight", "k.weight"} and "v.weight" not in {m.name for m in qk.members}
+    pruned = fxprune.compile(model, ratio=0.5, example_inputs=x)  # verification compares with the masked original
+    assert dict(pruned.named_parameters())["q.weight"].shape[0] < 16
