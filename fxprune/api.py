@@ -98,7 +98,7 @@ def compile(  # noqa: A001 - the product's verb
     Under ``torch.distributed`` every rank gets rank 0's plan.
     """
     target = pipeline.Target.of(on_noise, target_gflops=target_gflops, ratio=ratio, speedup=speedup, target_latency_ms=target_latency_ms)
-    chosen = Strategy.of(strategy, **_default_selector(strategy, target, options))
+    chosen = Strategy.of(strategy, **_default_selector(strategy, target, options)).for_model(model)
     with caching(cache):
         job = pipeline.restrict_classes_first(model, example_inputs, chosen, keep_classes, verify)
         a = pipeline.analyze(job.model, job.inputs, ignore, chosen.seed)

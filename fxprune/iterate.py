@@ -136,7 +136,7 @@ def prune_iteratively(
         raise ArgumentError(f"steps must be a positive integer, got {steps!r}")
     if not callable(finetune):
         raise ArgumentError("finetune must be a function finetune(model) that trains the model in place")
-    chosen = Strategy.of(strategy, **options)
+    chosen = Strategy.of(strategy, **options).for_model(model)
     job = pipeline.restrict_classes_first(model, example_inputs, chosen, keep_classes, verify)
     seed = chosen.seed
     a = pipeline.analyze(job.model, job.inputs, ignore, seed)

@@ -32,8 +32,9 @@ from .passes.rewrite import rewrite
 from .passes.select import CostModel, select
 from .passes.shapes import propagate_shapes
 from .passes.transplant import transplant
+from .passes.hfmodel import hf_model
 from .passes.verify import verify as verify_pass
-from .passes.verify import verify_tree
+from .passes.verify import verify_same, verify_tree
 from .archive.record import provenance
 from .report import Report
 from .selection.stats import ClassSubset
@@ -101,9 +102,22 @@ class Analysis:
         return self.gm if tree is None else tree
 
     def result(self, pruned: torch.fx.GraphModule) -> nn.Module:
-        """The user's result of ``pruned`` (``gm`` rewritten): itself, or a pruned copy of the module tree."""
-        tree = self.tree
-        return pruned if tree is None else transplant(tree, pruned)
+        """The user's result of ``pruned`` (``gm`` rewritten): itself, a pruned copy of the module tree, or a
+        Hugging Face model of the original's class when its config can describe the widths (else ``pruned``,
+        its record saying why: ``meta["fxprune"]["huggingface"]``)."""
+        tree, hf = self.tree, self.gm.meta.get(keys.HF)
+        if tree is not None:
+            return transplant(tree, pruned)
+        if hf is None:
+            return pruned
+        model, why = hf_model(hf, pruned)
+        pruned.meta[keys.RECORD]["huggingface"] = {"class": type(hf).__name__, "returned": type(model or pruned).__name__,
+                                                   **({"why": why} if why else {})}
+        if model is None:
+            log.warning("the result is a GraphModule, not a %s: %s", type(hf).__name__, why)
+            return pruned
+        model.meta = pruned.meta
+        return model
 
 
 def analyze(model: Model, given: Inputs = None, ignore: Iterable[str] = (), seed: int = 0, free_output: bool = False,
@@ -286,6 +300,9 @@ def rewrite_verify_record(a: Analysis, plan: Plan, verify: bool, pruned: torch.f
     if verify:
         if a.tree is None:
             check = verify_pass(a.gm, pruned, a.graph, removed, a.inputs)
+            if result is not pruned:  # a Hugging Face model built anew: its own forward gives the verified outputs
+                same = verify_same(pruned, result, a.inputs)
+                check = max(check, same, key=lambda c: c.max_abs_error / max(c.tolerance, 1e-30))
         else:
             check = verify_tree(a.gm, result, a.graph, removed, a.inputs)
         record["verified"] = {"max_abs_error": check.max_abs_error, "tolerance": check.tolerance}

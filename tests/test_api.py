@@ -234,7 +234,7 @@ def test_strategy_object_and_keywords_give_the_same_plan(resnet: nn.Module) -> N
     b = fxprune.compile(resnet, ratio=0.4, example_inputs=x, selector="random", round_to=4, seed=3, verify=False)
     c = fxprune.compile(resnet, ratio=0.4, example_inputs=x, strategy=fxprune.Strategy(selector="random"), round_to=4, seed=3, verify=False)
     assert a.meta["fxprune"]["plan"] == b.meta["fxprune"]["plan"] == c.meta["fxprune"]["plan"]
-    assert a.meta["fxprune"]["strategy"] == {"selector": "random", "mode": "per_group", "min_width": 1, "round_to": 4, "seed": 3}
+    assert a.meta["fxprune"]["strategy"] == {"selector": "random", "mode": "per_group", "min_width": 1, "round_to": 4, "equal_widths": False, "seed": 3}
 
 
 def test_unknown_strategy_option_names_the_closest_one(resnet: nn.Module) -> None:

@@ -28,3 +28,7 @@ RECORD = "fxprune"
 TREE = "fxprune_tree"
 """``GraphModule.meta``: the module tree whose one run the graph records (the ops-run capture); results
 are pruned copies of it."""
+
+HF = "fxprune_hf"
+"""``GraphModule.meta``: the Hugging Face model the graph was captured from; results are models of its class
+when a config can describe their widths (``passes/hfmodel.py``)."""

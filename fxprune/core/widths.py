@@ -14,10 +14,13 @@ __all__ = ["WidthRule"]
 @dataclass(frozen=True)
 class WidthRule:
     """How many atoms a pruned group may keep: at least ``min_width`` and a multiple of ``step`` (see the
-    module docstring). A group may always keep all its atoms."""
+    module docstring). A group may always keep all its atoms. ``equal_widths``: groups that repeat from
+    layer to layer (the same members but for the layer index) keep equal widths, as a Hugging Face
+    config, with one size per model, needs."""
 
     min_width: int = 1
     round_to: int = 1
+    equal_widths: bool = False
 
     def __post_init__(self) -> None:
         for name in ("min_width", "round_to"):
@@ -50,4 +53,4 @@ class WidthRule:
         return min(width, (kept // step + 1) * step)
 
     def __str__(self) -> str:
-        return f"min_width={self.min_width}, round_to={self.round_to}"
+        return f"min_width={self.min_width}, round_to={self.round_to}" + (", equal_widths=True" if self.equal_widths else "")

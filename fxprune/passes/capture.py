@@ -45,6 +45,7 @@ from ..core import metakeys as keys
 from ..errors import TraceError
 from ..core.fxutil import eval_mode, structural_copy
 from ..core.traceable import expand, library_functions
+from .hfmodel import is_hf
 
 log = logging.getLogger("fxprune")
 
@@ -237,7 +238,10 @@ def capture(model: nn.Module | torch.export.ExportedProgram, example_inputs: Seq
         if run is not None and _sized_by_data(run):
             raise TraceError("the run has sizes that depend on the data (not tried)")
         with contextlib.redirect_stderr(printed):  # a failing export prints its partial graph; keep that for --verbose
-            return _exported(torch.export.export(root, tuple(example_inputs), strict=False), f"torch.export ({reason})")
+            gm = _exported(torch.export.export(root, tuple(example_inputs), strict=False), f"torch.export ({reason})")
+        if is_hf(model):
+            gm.meta[keys.HF] = model  # read only: results are built anew (passes/hfmodel.py)
+        return gm
     except Exception as exc:
         export_error = exc
     finally:

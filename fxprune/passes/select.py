@@ -26,11 +26,13 @@ other groups (a group may always keep all of its atoms). ``t`` is found by
 bisection as the smallest fraction whose cost fits the target; of the groups that remove more atoms at
 ``t`` than just below it, as many as fit (in group order, again by bisection) get those atoms back;
 while more than 0.5% of the budget is unused, each group in turn may get one more step back (one atom,
-or a multiple's worth). The result never exceeds the target.
+or a multiple's worth). The result never exceeds the target. With ``equal_widths`` (per_group mode
+only), the groups that repeat from layer to layer get atoms back together, so they keep equal widths.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -40,7 +42,7 @@ from ..errors import ArgumentError, TargetUnreachableError
 from ..core.graph import DependencyGraph, Group, Plan
 from ..core.widths import WidthRule
 
-__all__ = ["select", "CostModel", "MODES", "atom_kinds"]
+__all__ = ["select", "CostModel", "MODES", "atom_kinds", "repeated_groups"]
 
 MODES = ("per_group", "global")
 
@@ -149,12 +151,13 @@ def select(
         else:
             lo = mid
     # Between fraction lo (over budget) and hi (within it) some groups lose more atoms; give the
-    # first k of them (in group order) their atoms back, with the largest k that fits.
+    # first k of them (in group order; repeated groups together) their atoms back, with the largest k that fits.
     counts, over = counts_at(hi), counts_at(lo)
-    changed = [gid for gid in counts if counts[gid] != over[gid]]
+    units = repeated_groups(groups) if rule.equal_widths else [[g] for g in groups]
+    changed = [unit for unit in units if counts[unit[0].id] != over[unit[0].id]]
 
     def give_back(k: int) -> dict[int, int]:
-        return {**counts, **{gid: over[gid] for gid in changed[:k]}}
+        return {**counts, **{g.id: over[g.id] for unit in changed[:k] for g in unit}}
 
     a, b = 0, len(changed)
     while a < b:
@@ -166,23 +169,33 @@ def select(
     counts = give_back(a)
     removed = removed_for(counts)
     current = model.cost(removed)
-    for g in groups:  # one more step per group while over 0.5% of the budget is unused
+    for unit in units:  # one more step per group while over 0.5% of the budget is unused
         if target - current <= 0.005 * target:
             break
-        n, w = counts[g.id], widths[g.id]
+        n, w = counts[unit[0].id], unit[0].width
         if n:
-            fewer = w - rule.more(w, w - n, *kinds[g.id])
-            atoms = g.atoms[order[g.id][w - n : w - fewer]]
+            fewer = w - rule.more(w, w - n, *kinds[unit[0].id])
+            atoms = torch.cat([g.atoms[order[g.id][w - n : w - fewer]] for g in unit])
             before = removed[atoms].clone()
             removed[atoms] = False
             cost = model.cost(removed)
             if cost <= target:
-                counts[g.id] = fewer
+                counts.update({g.id: fewer for g in unit})
                 current = cost
             else:
                 removed[atoms] = before
     gone = {g.id: removed[g.atoms] for g in groups}
     return Plan({gid: (~mask).nonzero().flatten().tolist() for gid, mask in gone.items() if bool(mask.any())})
+
+
+def repeated_groups(groups: list[Group]) -> list[list[Group]]:
+    """``groups`` gathered into sets that repeat from layer to layer: the same width and the same members
+    once layer indices (the numbers in ``layers.3.mlp``) are set aside; in order of their first group."""
+    found: dict[Any, list[Group]] = {}
+    for g in groups:
+        members = frozenset((re.sub(r"(?<=\.)\d+(?=\.)", "#", m.name), m.dim) for m in g.members)
+        found.setdefault((g.width, members), []).append(g)
+    return list(found.values())
 
 
 def atom_kinds(graph: DependencyGraph, groups: list[Group]) -> dict[int, tuple[int, bool]]:

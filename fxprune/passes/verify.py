@@ -32,7 +32,7 @@ from ..core.graph import DependencyGraph
 from ..core.masks import kept_mask
 from ..core.optable import CONV_FUNCS, MEAN, canonical
 
-__all__ = ["verify", "verify_tree", "build_oracle", "masked_tree", "VerifyResult"]
+__all__ = ["verify", "verify_tree", "verify_same", "build_oracle", "masked_tree", "VerifyResult"]
 
 
 def masked_layer_norm(x: torch.Tensor, mask: torch.Tensor, weight: Any, bias: Any, eps: float) -> torch.Tensor:
@@ -326,3 +326,10 @@ def verify_tree(
         with decisions.replay():
             got = _run_pruned(result, example_inputs)
     return compare(want, got, rtol)
+
+
+def verify_same(reference: nn.Module, result: nn.Module, example_inputs: Sequence[Any], rtol: float = 1e-4) -> VerifyResult:
+    """``result``, a model built anew from the verified pruned graph ``reference`` (a Hugging Face model of
+    the original's class), against that graph on the example inputs: its own forward must agree."""
+    with torch.no_grad(), eval_mode(result):
+        return compare(_leaves(reference(*example_inputs)), _run_pruned(result, example_inputs), rtol)

@@ -17,6 +17,7 @@ import torch
 from ..errors import ArgumentError
 from ..core.graph import DependencyGraph
 from ..core.widths import WidthRule
+from ..passes.hfmodel import is_hf
 from ..passes.select import MODES, CostModel
 from .protocol import Selector
 from .selectors import SELECTORS, data_driven, get_selector, selector_name
@@ -55,6 +56,9 @@ class Strategy:
     round_to: int | Literal["auto"] = field(default="auto", metadata=_cli(
         "kept widths are multiples of N (e.g. 8); auto (default): the multiple measured fastest on this device",
         type=_round_to, metavar="N|auto"))
+    equal_widths: bool | None = field(default=None, metadata=_cli(
+        "layers that repeat keep equal widths (default: for Hugging Face models, whose configs hold one size per model)",
+        action="store_const", const=True))
     seed: int = field(default=0, metadata=_cli("seed of random selection and of the default example input", type=int))
     calibration: Any = None
     loss_fn: LossFn | None = None
@@ -65,13 +69,15 @@ class Strategy:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ArgumentError(f"seed must be an integer, got {self.seed!r}")
         WidthRule(self.min_width, 1 if self.round_to == "auto" else self.round_to)  # validates both
+        if self.equal_widths and self.mode == "global":
+            raise ArgumentError("equal_widths=True keeps repeated layers at equal widths, which needs mode='per_group'")
 
     @property
     def rule(self) -> WidthRule:
         """The width rule; ``round_to="auto"`` must first be measured (``pipeline.measure_round_to``)."""
         if self.round_to == "auto":
             raise ArgumentError("round_to='auto' becomes a number only on an analyzed model (pipeline.measure_round_to)")
-        return WidthRule(self.min_width, self.round_to)
+        return WidthRule(self.min_width, self.round_to, bool(self.equal_widths))
 
     @classmethod
     def option_names(cls) -> tuple[str, ...]:
@@ -90,12 +96,20 @@ class Strategy:
                 raise ArgumentError(f"unknown option {name}={options[name]!r}; the strategy options are {', '.join(names)}{hint}")
         return replace(strategy or cls(), **options)
 
+    def for_model(self, model: Any) -> Strategy:
+        """This strategy with ``equal_widths=None`` decided: True for a Hugging Face model under a per-group
+        budget (its config holds one size per model, so only then does its class come back), else False."""
+        if self.equal_widths is not None:
+            return self
+        return replace(self, equal_widths=is_hf(model) and self.chooser().mode == "per_group")
+
     def chooser(self) -> Chooser:
         """The selector object and the budget settings this strategy stands for."""
         sel = get_selector(self.selector, self.calibration, self.loss_fn)
         comparable = bool(getattr(sel, "comparable_across_groups", False))
-        if comparable and self.mode == "per_group":
-            raise ArgumentError(f"selector {selector_name(sel)!r} ranks channels of different groups against each other; it needs mode='global' (its default)")
+        if comparable and (self.mode == "per_group" or self.equal_widths):
+            raise ArgumentError(f"selector {selector_name(sel)!r} ranks channels of different groups against each other; it needs "
+                                "mode='global' (its default), and so cannot keep equal widths (equal_widths=False)")
         return Chooser(self, sel, "global" if comparable else self.mode or "per_group", comparable)
 
 
@@ -134,5 +148,5 @@ class Chooser:
         """JSON-ready record of the strategy, kept in ``meta["fxprune"]["strategy"]``."""
         s = self.strategy
         out = {"selector": selector_name(self.selector), "mode": self.mode, "min_width": s.min_width,
-               "round_to": s.round_to, "seed": s.seed}
+               "round_to": s.round_to, "equal_widths": bool(s.equal_widths), "seed": s.seed}
         return {**out, "round_to_measured": True} if self.measured else out
