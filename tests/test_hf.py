@@ -80,3 +80,32 @@ def test_a_pruned_model_saves_and_loads_with_its_output_structure(tmp_path) -> N
         out, ref = loaded(IDS), pruned(IDS)
     assert type(out) is type(ref)
     torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("make", [llama, qwen2], ids=lambda f: f.__name__)
+def test_a_pruned_decoder_is_its_class_with_a_true_config_generates_and_round_trips(make, tmp_path) -> None:
+    model = make().eval()
+    pruned = fxprune.compile(model, example_inputs=IDS, ratio=0.5)
+    assert type(pruned) is type(model) and pruned.meta["fxprune"]["huggingface"]["returned"] == type(model).__name__
+    c, layer = pruned.config, pruned.model.layers[1]
+    assert c.num_attention_heads < 4 and c.num_key_value_heads < 2 or c.intermediate_size < 128  # something was pruned
+    assert layer.self_attn.q_proj.weight.shape == (c.num_attention_heads * c.head_dim, c.hidden_size)
+    assert layer.self_attn.k_proj.weight.shape == (c.num_key_value_heads * c.head_dim, c.hidden_size)
+    assert layer.mlp.up_proj.weight.shape == (c.intermediate_size, c.hidden_size)
+    assert c.num_attention_heads % c.num_key_value_heads == 0 and model.config.num_attention_heads == 4  # the user's config is untouched
+    out = pruned.generate(IDS, max_new_tokens=8, do_sample=False)
+    assert out.shape == (1, IDS.shape[1] + 8)
+    pruned.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(IDS).logits, pruned(IDS).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_layers_pruned_to_different_widths_come_back_as_a_graph_with_the_reason() -> None:
+    model = llama().eval()
+    graph = fxprune.analyze(model, IDS)
+    mlp = [g for g in graph.prunable_groups if any(m.name.endswith("mlp.up_proj.weight") and m.dim == 0 for m in g.members)]
+    plan = fxprune.Plan({mlp[0].id: list(range(64)), mlp[1].id: list(range(96))})
+    pruned = fxprune.apply_plan(model, plan, example_inputs=IDS)
+    assert isinstance(pruned, torch.fx.GraphModule)
+    assert "more than one intermediate_size (64, 96)" in pruned.meta["fxprune"]["huggingface"]["why"]

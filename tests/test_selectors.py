@@ -330,3 +330,37 @@ class WrongLength:
 def test_bad_selector_arguments_get_clear_errors(kwargs: dict, match: str) -> None:
     with pytest.raises(fxprune.ArgumentError, match=match):
         fxprune.compile(one_group(), ratio=0.5, example_inputs=X, **kwargs)
+
+
+def test_equal_widths_keeps_repeated_layers_at_one_width() -> None:
+    """Three identical residual blocks: at ratio 0.2 the budget's last steps would leave one block wider;
+    with equal_widths the blocks get their channels back together."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(16, 40), nn.Linear(40, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.fc2(torch.relu(self.fc1(x)))
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp, self.layers, self.out = nn.Linear(8, 16), nn.Sequential(*[Block() for _ in range(3)]), nn.Linear(16, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(self.layers(self.inp(x)))
+
+    torch.manual_seed(0)
+    model, x = Net().eval(), torch.randn(2, 8)
+
+    def widths(equal: bool) -> list[int]:
+        pruned = fxprune.compile(model, example_inputs=x, ratio=0.2, round_to=1, equal_widths=equal)
+        return [pruned.get_parameter(f"layers.{i}.fc1.weight").shape[0] for i in range(3)]
+
+    assert len(set(widths(False))) > 1
+    equal = widths(True)
+    assert len(set(equal)) == 1 and equal[0] < 40
+    with pytest.raises(fxprune.ArgumentError, match="per_group"):
+        fxprune.compile(model, example_inputs=x, ratio=0.2, equal_widths=True, mode="global")
