@@ -4,10 +4,19 @@ Each model is built from a small config with random weights (nothing is download
 directly, its ``ModelOutput`` and all, at ``ratio=0.5`` with verification; a model that cannot reach it
 is reported with the most its prunable groups allow. Printed per model: dependency groups, how many
 are prunable, frozen groups other than the model's input and output with their reasons, FLOPs before and
-after, compile time and the output type of the result.
+after, compile time, the result's class (the model's own where its config can describe the pruned
+widths, else a GraphModule) and the output type it returns.
+
+A decoder at a realistic size (``--decoder``, a Llama-3.2-1B-shaped config with random weights): a
+quarter of the attention heads (whole key/value groups: 8 -> 6 key/value heads, 32 -> 24 query heads)
+and 40% of the MLP channels go in every layer (the first ones are kept: with random weights which
+channels go does not change speed); printed are the time to analyze and to prune (capture, coupling,
+rewrite, verification, the model rebuilt as its class), parameters, and ``generate()`` tokens per second
+of the original and the pruned model, timed in turns (median of the rounds, and their ratio).
 
     python benchmarks/hf.py                 # the zoo (docs/benchmarks.md)
     python benchmarks/hf.py --models gpt2,bert
+    python benchmarks/hf.py --decoder       # the 1B decoder (docs/benchmarks.md)
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ from __future__ import annotations
 import argparse
 import collections
 import logging
+import statistics
 import time
 import warnings
 
@@ -61,20 +71,74 @@ def row(name: str, ratio: float) -> list:
     before, after = fxprune.report(pruned).flops
     frozen = "; ".join(f"{n}x {r}" for r, n in reasons.most_common()) or "-"
     return [name, model_cls, len(graph.groups), len(graph.prunable_groups), frozen, f"{2 * before / 1e6:.2f}", f"{2 * after / 1e6:.2f}",
-            f"{1 - after / before:.0%}", f"{seconds:.1f}", type(pruned(x)).__name__]
+            f"{1 - after / before:.0%}", f"{seconds:.1f}", type(pruned).__name__, type(pruned(x)).__name__]
+
+
+LLAMA_1B = {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
+            "head_dim": 64, "vocab_size": 128256, "tie_word_embeddings": True, "rope_theta": 500000.0, "max_position_embeddings": 4096}
+
+
+def tokens_per_second(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int) -> float:
+    t = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    assert out.shape[1] == prompt.shape[1] + new_tokens
+    return new_tokens / (time.perf_counter() - t)
+
+
+def decoder(rounds: int, new_tokens: int) -> None:
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA_1B)).eval()
+    prompt = torch.randint(0, LLAMA_1B["vocab_size"], (1, 16), generator=torch.Generator().manual_seed(0))
+    t = time.perf_counter()
+    graph = fxprune.analyze(model, prompt)
+    analyzed = time.perf_counter() - t
+    keep = {}
+    for g in graph.prunable_groups:
+        names = {(m.name.rpartition(".")[0].rpartition(".")[2], m.dim) for m in g.members}
+        if ("k_proj", 0) in names:
+            keep[g.id] = list(range(g.width * 3 // 4))
+        elif ("up_proj", 0) in names:
+            keep[g.id] = list(range(round(g.width * 0.6 / 64) * 64))
+    t = time.perf_counter()
+    pruned = fxprune.apply_plan(model, fxprune.Plan(keep), example_inputs=prompt)
+    prune_s = time.perf_counter() - t
+    speeds: dict[str, list[float]] = {"original": [], "pruned": []}
+    for m in (model, pruned):  # warm-up
+        tokens_per_second(m, prompt, 4)
+    for _ in range(rounds):
+        for name, m in (("original", model), ("pruned", pruned)):
+            speeds[name].append(tokens_per_second(m, prompt, new_tokens))
+    c = pruned.config
+    before, after = (sum(p.numel() for p in m.parameters()) for m in (model, pruned))
+    tps = {k: statistics.median(v) for k, v in speeds.items()}
+    print(tabulate([[type(pruned).__name__, f"{c.num_attention_heads}/{c.num_key_value_heads} heads, MLP {c.intermediate_size}",
+                     f"{analyzed:.0f}", f"{prune_s:.0f}", f"{before / 1e6:.0f}", f"{after / 1e6:.0f}", f"{tps['original']:.2f}",
+                     f"{tps['pruned']:.2f}", f"{tps['pruned'] / tps['original']:.2f}x"]],
+                   ["result", "pruned config", "analyze s", "prune s", "M params", "after", "tokens/s", "after", "ratio"], tablefmt="github"))
+    print(f"{rounds} rounds of generate(max_new_tokens={new_tokens}) from a 16-token prompt, in turns; per round (original, pruned): "
+          + ", ".join(f"({a:.2f}, {b:.2f})" for a, b in zip(speeds["original"], speeds["pruned"])))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=",".join(ZOO))
     ap.add_argument("--ratio", type=float, default=0.5)
+    ap.add_argument("--decoder", action="store_true", help="the Llama-3.2-1B-shaped decoder instead of the zoo")
+    ap.add_argument("--rounds", type=int, default=5, help="--decoder: generate() runs of each model, in turns")
+    ap.add_argument("--new-tokens", type=int, default=32, help="--decoder: tokens each generate() makes")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     logging.getLogger("fxprune").setLevel(logging.ERROR)
     torch.set_num_threads(2)
+    if args.decoder:
+        decoder(args.rounds, args.new_tokens)
+        return
     rows = [row(name, args.ratio) for name in args.models.split(",")]
     print(tabulate(rows, ["model", "class", "groups", "prunable", "frozen besides input and output", "MFLOPs", "after", "cut",
-                          "compile s", "result returns"], tablefmt="github"))
+                          "compile s", "result", "result returns"], tablefmt="github"))
 
 
 if __name__ == "__main__":

@@ -109,3 +109,9 @@ def test_layers_pruned_to_different_widths_come_back_as_a_graph_with_the_reason(
     pruned = fxprune.apply_plan(model, plan, example_inputs=IDS)
     assert isinstance(pruned, torch.fx.GraphModule)
     assert "more than one intermediate_size (64, 96)" in pruned.meta["fxprune"]["huggingface"]["why"]
+
+
+def test_saving_a_pruned_decoder_with_fxprune_points_to_save_pretrained(tmp_path) -> None:
+    pruned = fxprune.compile(llama().eval(), example_inputs=IDS, ratio=0.5)
+    with pytest.raises(fxprune.ArgumentError, match="save_pretrained"):
+        fxprune.save(pruned, tmp_path / "llama.fxp")

@@ -30,6 +30,7 @@ TABLES = {
     "print(graph)": ["channels", "members", "prunable", "frozen: model input x"],
     "print(fxprune.report(fast).summary())": ["FLOPs", "params", "latency", "faster", "batch 1", "threads"],
     "print(fxprune.measure_latency(fast, x))": ["ms median", "IQR", "batch 1", "cpu", "threads"],
+    "print(type(pruned).__name__, pruned.config.num_attention_heads, pruned.config.intermediate_size)": ["LlamaForCausalLM"],
     "print(history)": ["step", "GFLOPs", "params", "metric", "ranking s", "selecting s", "rewriting s", "fine-tuning s"],
 }
 

@@ -46,6 +46,7 @@ from ..api import prune
 from ..core.codegen import direct_access
 from ..pipeline import Inputs
 from ..errors import ArchiveError, ArgumentError, PlanError
+from ..passes.hfmodel import is_hf
 from ..core.graph import Plan
 from .record import input_specs, inputs_from_specs, plan_fingerprint
 
@@ -210,6 +211,9 @@ def save(gm: nn.Module, path: PathLike, example_inputs: Inputs = None) -> None:
     record = gm.meta.get(keys.RECORD) if isinstance(getattr(gm, "meta", None), dict) else None
     if not isinstance(record, dict) or "plan" not in record:
         raise ArgumentError("save() takes a model returned by fxprune.compile, prune, apply_plan or load")
+    if is_hf(gm):
+        raise ArgumentError(f"save() was given a {type(gm).__name__}, a Hugging Face model whose config describes its pruned widths: "
+                            f"save it with save_pretrained(dir) and load it with {type(gm).__name__}.from_pretrained(dir)")
     if example_inputs is None and "inputs" not in record:
         raise ArgumentError(f"save() needs example_inputs= to write {os.fspath(path)}: this model records no input shapes")
     inputs = inputs_from_specs(record["inputs"]) if example_inputs is None else pipeline.example_inputs(example_inputs)

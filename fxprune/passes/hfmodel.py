@@ -13,6 +13,7 @@ result is then the pruned GraphModule, and its report says why.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from typing import Any
@@ -28,6 +29,14 @@ log = logging.getLogger("fxprune")
 WIDTH_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "n_embd", "n_inner",
                 "n_head", "d_model", "encoder_ffn_dim", "decoder_ffn_dim", "ffn_dim")
 """Config fields that hold widths a pruned model may change (one number per model)."""
+
+
+def _no_init() -> contextlib.AbstractContextManager[Any]:
+    try:
+        from transformers.initialization import no_init_weights  # noqa: PLC0415 - only for Hugging Face models
+    except ImportError:  # older transformers: initialize, then overwrite
+        return contextlib.nullcontext()
+    return no_init_weights()
 
 
 def is_hf(model: Any) -> bool:
@@ -97,7 +106,9 @@ def hf_model(model: nn.Module, pruned: torch.fx.GraphModule) -> tuple[nn.Module 
     config, why = truthful_config(model, shapes)
     if config is None:
         return None, why
-    new = type(model)(config).to(device=next(model.parameters()).device, dtype=model.dtype)
+    with _no_init():  # every parameter is loaded below: random initialization would only cost time
+        new = type(model)(config)
+    new = new.to(device=next(model.parameters()).device, dtype=model.dtype)
     state = {**{n: t.detach() for n, t in model.state_dict().items()},
              **{n: t.detach() for n, t in {**dict(pruned.named_parameters(remove_duplicate=False)), **dict(pruned.named_buffers())}.items()}}
     new.load_state_dict({k: state[k] for k in new.state_dict()}, strict=True)

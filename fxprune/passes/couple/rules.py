@@ -95,7 +95,7 @@ def merge(s: State, node: torch.fx.Node, operands: list[Any]) -> Labels:
         return {lab.dim + nd - len(lab.shape) for lab in labs if lab.dim is not None and lab.shape[lab.dim] > 1}
 
     varying = along(labs)
-    channels = [lab for lab in labs if not s.is_table(lab)]
+    channels = [lab for lab in labs if not s.is_table(lab)] if len(varying) > 1 else labs
     if len(varying) > 1 and len(along(channels)) == 1:
         # A table of buffers read along positions that the channels do not vary along (a rotary
         # embedding's cos and sin along head_dim, the heads being the channels): those positions stay.

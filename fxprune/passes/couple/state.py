@@ -122,7 +122,7 @@ class State:
 
     def is_table(self, lab: Labels) -> bool:
         """True when ``lab``'s labels all come from buffers and meet no parameter's channels so far."""
-        return lab.dim is not None and set(self.uf.roots(lab.ids).tolist()) <= self.buffer_ids
+        return bool(self.buffer_ids) and lab.dim is not None and set(self.uf.roots(lab.ids).tolist()) <= self.buffer_ids
 
     def labels(self, v: Any, node: torch.fx.Node) -> Labels:
         """Labels of a value that ``node`` needs to be a tensor."""
