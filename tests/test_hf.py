@@ -35,6 +35,12 @@ def llama() -> torch.nn.Module:
     return T.LlamaForCausalLM(T.LlamaConfig(**TEXT, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
 
 
+def llama_tied() -> torch.nn.Module:
+    """Input and output embeddings tied (Llama 3.2 1B's config): the pruned model ties them again."""
+    return T.LlamaForCausalLM(T.LlamaConfig(**TEXT, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                            tie_word_embeddings=True))
+
+
 def qwen2() -> torch.nn.Module:
     return T.Qwen2ForCausalLM(T.Qwen2Config(**TEXT, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
 
@@ -82,7 +88,7 @@ def test_a_pruned_model_saves_and_loads_with_its_output_structure(tmp_path) -> N
     torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("make", [llama, qwen2], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("make", [llama, llama_tied, qwen2], ids=lambda f: f.__name__)
 def test_a_pruned_decoder_is_its_class_with_a_true_config_generates_and_round_trips(make, tmp_path) -> None:
     model = make().eval()
     pruned = fxprune.compile(model, example_inputs=IDS, ratio=0.5)
@@ -93,6 +99,7 @@ def test_a_pruned_decoder_is_its_class_with_a_true_config_generates_and_round_tr
     assert layer.self_attn.k_proj.weight.shape == (c.num_key_value_heads * c.head_dim, c.hidden_size)
     assert layer.mlp.up_proj.weight.shape == (c.intermediate_size, c.hidden_size)
     assert c.num_attention_heads % c.num_key_value_heads == 0 and model.config.num_attention_heads == 4  # the user's config is untouched
+    assert (pruned.lm_head.weight is pruned.model.embed_tokens.weight) == bool(model.config.tie_word_embeddings)
     out = pruned.generate(IDS, max_new_tokens=8, do_sample=False)
     assert out.shape == (1, IDS.shape[1] + 8)
     pruned.save_pretrained(tmp_path)

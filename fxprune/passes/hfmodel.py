@@ -97,10 +97,26 @@ def truthful_config(model: nn.Module, shapes: dict[str, tuple[int, ...]]) -> tup
     return new, ""
 
 
+def _by_every_name(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` (the pruned graph's, by qualified name) also under every other name that ``model`` gives
+    the same tensor: a graph holds tied weights (input and output embeddings) once."""
+    names: dict[int, list[str]] = {}
+    for n, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        names.setdefault(id(t), []).append(n)
+    out = dict(tensors)
+    for aliases in names.values():
+        found = next((tensors[n] for n in aliases if n in tensors), None)
+        if found is not None:
+            out.update(dict.fromkeys(aliases, found))
+    return out
+
+
 def hf_model(model: nn.Module, pruned: torch.fx.GraphModule) -> tuple[nn.Module | None, str]:
     """A model of ``model``'s class with ``pruned``'s tensors and a config that describes them, or None
     and the reason why no config can."""
-    tensors = dict(pruned.named_parameters(remove_duplicate=False))
+    read = {n.target for n in pruned.graph.nodes if n.op == "get_attr" and n.users}  # a tied weight is read under one of its names
+    held = {**dict(pruned.named_parameters(remove_duplicate=False)), **dict(pruned.named_buffers(remove_duplicate=False))}
+    tensors = _by_every_name(model, {n: t for n, t in held.items() if n in read})
     ref = dict(model.named_parameters(remove_duplicate=False))
     shapes = {n: tuple(tensors[n].shape) if n in tensors else tuple(p.shape) for n, p in ref.items()}
     config, why = truthful_config(model, shapes)
@@ -109,9 +125,9 @@ def hf_model(model: nn.Module, pruned: torch.fx.GraphModule) -> tuple[nn.Module 
     with _no_init():  # every parameter is loaded below: random initialization would only cost time
         new = type(model)(config)
     new = new.to(device=next(model.parameters()).device, dtype=model.dtype)
-    state = {**{n: t.detach() for n, t in model.state_dict().items()},
-             **{n: t.detach() for n, t in {**dict(pruned.named_parameters(remove_duplicate=False)), **dict(pruned.named_buffers())}.items()}}
-    new.load_state_dict({k: state[k] for k in new.state_dict()}, strict=True)
+    state = {**model.state_dict(), **tensors}
+    new.load_state_dict({k: state[k].detach() for k in new.state_dict()}, strict=True)
+    new.tie_weights()  # as the config says (tied input and output embeddings)
     if getattr(model, "generation_config", None) is not None:
         new.generation_config = copy.deepcopy(model.generation_config)
     new.train(model.training)
