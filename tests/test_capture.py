@@ -102,3 +102,32 @@ def test_ignore_keeps_a_modules_channels_in_graphs_of_functions(cls: type[Convs]
         assert pruned.get_submodule("b").out_channels == 16 and pruned.get_submodule("a").out_channels < 16
         with pytest.raises(fxprune.ArgumentError, match=r"ignore= names 'act', but no op of the captured graph belongs to it"):
             fxprune.compile(model, ratio=0.4, example_inputs=X, ignore=["act"])
+
+
+def test_regions_that_export_wraps_in_grad_mode_or_autocast_are_inlined_and_keep_their_context() -> None:
+    """torch.export wraps ``with torch.no_grad()`` and ``with torch.autocast(...)`` regions in higher-order
+    ops (as transformers' rotary embeddings have them); their channels couple, and the region keeps its mode."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.a(x)
+            with torch.autocast("cpu", enabled=False):
+                h = torch.relu(h)
+            with torch.no_grad():
+                h = h * 2
+            return self.b(h)
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 8)
+    ep = torch.export.export(Net().eval(), (x,), strict=False)
+    assert any("wrap_with" in str(n.target) for n in ep.graph.nodes)
+    graph = fxprune.analyze(ep, x)
+    assert sorted(r for g in graph.groups for r in g.frozen) == ["model input x", "model output"]
+    pruned = fxprune.compile(ep, ratio=0.4, round_to=1)
+    assert pruned.get_parameter("a.weight").shape[0] < 16
+    pruned(x).sum().backward()  # the no_grad region still cuts a's weights off from the loss
+    assert pruned.get_parameter("a.weight").grad is None and pruned.get_parameter("b.weight").grad is not None

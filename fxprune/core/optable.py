@@ -32,6 +32,10 @@ ELEMENTWISE_METHODS = {
     "abs", "neg", "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "clamp", "clamp_", "clip",
     "square", "masked_fill", "masked_fill_", "lerp", "addcmul", "maximum", "minimum", "copy_", "cos", "sin",
 }
+# Calls that enter and leave grad mode or autocast around a region (torch.export's wrapped regions, inlined
+# by the capture pass): no tensors, no channels.
+CONTEXT: set[Any] = {torch.is_grad_enabled, torch._C._set_grad_enabled, torch.amp.autocast_mode._enter_autocast,
+                     torch.amp.autocast_mode._exit_autocast}
 # Tensors made from nothing but sizes (the size of a model input's spatial dims, say): constants.
 CREATE: set[Any] = {"new_zeros", "new_ones", "new_full", "new_empty", torch.zeros, torch.ones, torch.full, torch.empty,
                     torch.arange, torch.scalar_tensor}

@@ -24,6 +24,7 @@ from ...core.fxutil import module_stack
 from ...core.optable import (
     CHANNEL_PARAM_MODULES,
     CONV_FUNCS,
+    CONTEXT,
     CREATE,
     ELEMENTWISE_FUNCS,
     ELEMENTWISE_METHODS,
@@ -84,6 +85,7 @@ TABLE: dict[Any, Rule] = {
     F.pad: rules.pad,
     **dict.fromkeys(SOFTMAX, rules.softmax),
     **dict.fromkeys(CREATE, rules.creates),
+    **dict.fromkeys(CONTEXT, rules.context),
     **dict.fromkeys(REDUCTIONS, rules.reduction),
     **dict.fromkeys(CONV_FUNCS, contract.conv_function),
     F.linear: contract.linear_function,

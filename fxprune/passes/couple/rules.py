@@ -4,6 +4,7 @@
 * element-wise (add, mul, activations, where ...): labels meeting at one position are merged;
 * channel-wise (BatchNorm, PReLU, pooling, interpolation, padding): labels stay with their channel;
 * softmax and reductions: fine along other dims, frozen over the channel dim;
+* grad mode and autocast entered and left around a region: nothing to do;
 * anything not in the dispatch table: unsupported, so the driver freezes it.
 
 Every rule takes ``(state, node, args, kwargs)``, the args being the values of the node's arguments.
@@ -53,6 +54,11 @@ def unknown(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[s
         raise Unsupported(f"module {node.target} ({type(mod).__name__}) is not understood")
     kind = "method" if node.op == "call_method" else "function"
     raise Unsupported(f"{kind} {target_name(node)} at node {node.name} is not understood")
+
+
+def context(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Entering or leaving grad mode or autocast: no tensors pass."""
+    return None
 
 
 @family(Family.ELEMENTWISE)
