@@ -122,3 +122,27 @@ def test_saving_a_pruned_decoder_with_fxprune_points_to_save_pretrained(tmp_path
     pruned = fxprune.compile(llama().eval(), example_inputs=IDS, ratio=0.5)
     with pytest.raises(fxprune.ArgumentError, match="save_pretrained"):
         fxprune.save(pruned, tmp_path / "llama.fxp")
+
+
+def bart() -> torch.nn.Module:
+    return T.BartForConditionalGeneration(T.BartConfig(vocab_size=100, d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                                                       decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=64))
+
+
+def t5() -> torch.nn.Module:
+    return T.T5ForConditionalGeneration(T.T5Config(vocab_size=100, d_model=64, d_kv=16, d_ff=128, num_layers=1, num_heads=4))
+
+
+@pytest.mark.parametrize("make", [bart, t5], ids=lambda f: f.__name__)
+def test_encoder_decoders_with_cross_attention_prune_and_freeze_only_with_a_reason(make) -> None:
+    """Keys and values from the encoder's sequence: BART's cross-attention heads prune; T5's bias of literal
+    head count (zeros of n_heads) keeps its cross-attention heads, with that reason."""
+    model = make().eval()
+    inputs = (IDS, None, IDS[:, :5])
+    graph = fxprune.analyze(model, inputs)
+    frozen = {r.split(" at node ")[0] for g in graph.groups for r in g.frozen}
+    assert frozen <= {"model output", "the mask of scaled_dot_product_attention"}, frozen
+    assert any(any(".q" in m.name and m.dim == 0 for m in g.members) for g in graph.prunable_groups)
+    pruned = fxprune.compile(model, example_inputs=inputs, ratio=0.4)
+    before, after = fxprune.report(pruned).flops
+    assert after <= 0.6 * before

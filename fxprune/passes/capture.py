@@ -242,17 +242,17 @@ def _sized_by_data(gm: torch.fx.GraphModule) -> bool:
 
 
 def _without_cache(root: nn.Module) -> nn.Module:
-    """``root`` with a copy of its Hugging Face config that turns the key/value cache off, in every module
-    that shares that config: a forward that returns a cache object records no graph (torch.export cannot
-    return it), and the computation to prune is the same without it."""
-    config = getattr(root, "config", None)
-    if not getattr(config, "use_cache", False):
-        return root
-    quiet = copy.copy(config)
-    quiet.use_cache = False
+    """``root`` whose Hugging Face configs (an encoder-decoder's stacks hold copies of their own) are copies
+    that turn the key/value cache off: a forward that returns a cache object records no graph (torch.export
+    cannot return it), and the computation to prune is the same without it."""
+    quiet: dict[int, Any] = {}
     for m in root.modules():
-        if getattr(m, "config", None) is config:
-            m.config = quiet
+        config = getattr(m, "config", None)
+        if getattr(config, "use_cache", False) is True:
+            if id(config) not in quiet:
+                quiet[id(config)] = copy.copy(config)
+                quiet[id(config)].use_cache = False
+            m.config = quiet[id(config)]
     return root
 
 

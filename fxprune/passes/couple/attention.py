@@ -55,6 +55,9 @@ def scaled_dot_product_attention(s: State, node: torch.fx.Node, args: tuple[Any,
                 s.uf.union_pairs(q.ids, m.ids)
             else:
                 s.freeze(m, f"the mask of scaled_dot_product_attention at node {node.name} varies along other than heads")
+        elif len(m.shape) >= -d and m.shape[d] > 1:  # a heads dim of a size written as a literal (T5's zero bias)
+            s.freeze(qkv, f"the mask of scaled_dot_product_attention at node {node.name} has as many heads as the "
+                          "attention, but follows none of its channels")
     s.flops(node, [q.ids])
     return Labels(out_shape, len(out_shape) + d, q.ids)
 
