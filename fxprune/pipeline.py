@@ -97,9 +97,12 @@ class Analysis:
 
     @property
     def model(self) -> nn.Module:
-        """What runs as the model does on any input: ``gm``, or the module tree it recorded."""
-        tree = self.tree
-        return self.gm if tree is None else tree
+        """What runs as the model does on any input: ``gm``, the module tree it recorded, or the Hugging
+        Face model it was exported from (which shares its tensors)."""
+        for model in (self.tree, self.gm.meta.get(keys.HF)):
+            if model is not None:
+                return model
+        return self.gm
 
     def result(self, pruned: torch.fx.GraphModule) -> nn.Module:
         """The user's result of ``pruned`` (``gm`` rewritten): itself, a pruned copy of the module tree, or a

@@ -146,3 +146,26 @@ def test_encoder_decoders_with_cross_attention_prune_and_freeze_only_with_a_reas
     pruned = fxprune.compile(model, example_inputs=inputs, ratio=0.4)
     before, after = fxprune.report(pruned).flops
     assert after <= 0.6 * before
+
+
+def test_gradual_pruning_fine_tunes_the_decoder_as_its_class() -> None:
+    """prune_iteratively hands fine-tuning a LlamaForCausalLM at every step (its loss and labels work), and
+    what fine-tuning changed is what the next step prunes."""
+    classes, before, after = [], [], []
+
+    def finetune(model: torch.nn.Module) -> None:
+        classes.append(type(model).__name__)
+        before.append(model.lm_head.weight.detach().clone())
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        model.train()
+        model(IDS, labels=IDS).loss.backward()
+        opt.step()
+        model.eval()
+        after.append(model.lm_head.weight.detach().clone())
+
+    pruned, _ = fxprune.prune_iteratively(llama().eval(), finetune=finetune, example_inputs=IDS, ratio=0.5, steps=2)
+    assert classes == ["LlamaForCausalLM", "LlamaForCausalLM"] and type(pruned).__name__ == "LlamaForCausalLM"
+    assert pruned.generate(IDS, max_new_tokens=4).shape == (1, 12)
+    tuned, second = after[0], before[1]  # step 2 starts from step 1's fine-tuned weights (columns may go)
+    assert not torch.equal(tuned, before[0]) and second.shape[1] <= tuned.shape[1]
+    assert all(any(torch.equal(col, c) for c in tuned.T) for col in second.T)
