@@ -57,7 +57,9 @@ def compile(  # noqa: A001 - the product's verb
     on_noise: str = "raise",
     **options: Any,
 ) -> torch.fx.GraphModule:
-    """Prune ``model`` to a FLOPs or latency budget and return a new, smaller ``torch.fx.GraphModule``.
+    """Prune ``model`` to a FLOPs or latency budget and return a new, smaller ``torch.fx.GraphModule`` (for a
+    detector, a pruned copy of its module tree; for a Hugging Face model, a model of its class when a config
+    can describe the pruned widths, see passes/hfmodel.py).
 
     Give exactly one of ``target_gflops`` (GFLOPs of the result, FLOPs = 2 x MACs of conv, linear and
     matmul as counted by ``FlopCounterMode``), ``ratio`` (fraction of those FLOPs to remove), ``speedup``
@@ -77,7 +79,7 @@ def compile(  # noqa: A001 - the product's verb
     ``model`` may also be a ``torch.export.ExportedProgram`` (its example inputs are the default then).
 
     How channels are chosen is a ``Strategy``: pass one as ``strategy=``, or its fields as keywords
-    (``selector=``, ``mode=``, ``min_width=``, ``round_to=``, ``seed=``, ``calibration=``, ``loss_fn=``),
+    (``selector=``, ``mode=``, ``min_width=``, ``round_to=``, ``equal_widths=``, ``seed=``, ``calibration=``, ``loss_fn=``),
     which replace the given strategy's. ``selector``: a name in ``fxprune.SELECTORS`` or an object with
     a ``scores(graph, gm)`` method; by default uniform, and for a latency target given ``calibration`` and
     ``loss_fn``, bn_taylor (the most accurate at equal measured latency in docs/results.md).
@@ -90,7 +92,9 @@ def compile(  # noqa: A001 - the product's verb
     pruned group keeps at least ``min_width`` channel atoms and a multiple of ``round_to`` channels (of
     its half, quarter... when the group is narrower); ``round_to="auto"`` (the default) measures which
     multiple is fastest on this device (see latency.py), and falls back to finer multiples when its own
-    leaves the target out of reach, saying so in the report. See passes/select.py for the exact rules.
+    leaves the target out of reach, saying so in the report. ``equal_widths``: layers that repeat (the same
+    parameters but for the layer index) keep equal widths; by default true for Hugging Face models under
+    per-group budgets (their configs hold one size per model), else false. See passes/select.py for the exact rules.
 
     ``keep_classes``: sorted class indices; the result outputs only those (see ``keep_only_classes``,
     applied first) and calibration uses only their samples (targets renumbered to match the outputs).
