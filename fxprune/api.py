@@ -56,7 +56,7 @@ def compile(  # noqa: A001 - the product's verb
     cache: bool = True,
     on_noise: str = "raise",
     **options: Any,
-) -> torch.fx.GraphModule:
+) -> nn.Module:
     """Prune ``model`` to a FLOPs or latency budget and return a new, smaller ``torch.fx.GraphModule`` (for a
     detector, a pruned copy of its module tree; for a Hugging Face model, a model of its class when a config
     can describe the pruned widths, see passes/hfmodel.py).
@@ -158,7 +158,7 @@ def _finish(a: pipeline.Analysis, chooser: Chooser, used: Chooser, target: pipel
     return pruned
 
 
-def prune(model: Model, plan: Plan | dict[int, Sequence[int]], example_inputs: Inputs = None, *, verify: bool = True) -> torch.fx.GraphModule:
+def prune(model: Model, plan: Plan | dict[int, Sequence[int]], example_inputs: Inputs = None, *, verify: bool = True) -> nn.Module:
     """Apply an explicit plan: for each group id of ``analyze(model)``, the positions of atoms to keep."""
     return pipeline.apply_checked_plan(pipeline.analyze(model, example_inputs), plan, verify)
 
