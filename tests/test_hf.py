@@ -169,3 +169,16 @@ def test_gradual_pruning_fine_tunes_the_decoder_as_its_class() -> None:
     tuned, second = after[0], before[1]  # step 2 starts from step 1's fine-tuned weights (columns may go)
     assert not torch.equal(tuned, before[0]) and second.shape[1] <= tuned.shape[1]
     assert all(any(torch.equal(col, c) for c in tuned.T) for col in second.T)
+
+
+def test_per_head_norms_over_head_dim_keep_heads_prunable() -> None:
+    """Qwen3 normalizes q and k per head over head_dim (RMSNorm weights of head_dim): those weights hold
+    positions within a head, so they stay whole and the grouped-query heads still prune."""
+    model = T.Qwen3ForCausalLM(T.Qwen3Config(**TEXT, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)).eval()
+    graph = fxprune.analyze(model, IDS)
+    heads = [g for g in graph.prunable_groups if any(m.name.endswith("k_proj.weight") and m.dim == 0 for m in g.members)]
+    assert len(heads) == 2 and all(g.width == 2 for g in heads)
+    frozen = {r.split(" at node ")[0].split(" reads ")[-1] for g in graph.groups for r in g.frozen}
+    assert frozen <= {"model input input_ids", "model output", "a table of parameters or buffers along positions that are not channels"}, frozen
+    pruned = fxprune.compile(model, example_inputs=IDS, ratio=0.5)
+    assert type(pruned) is type(model) and pruned.generate(IDS, max_new_tokens=4).shape == (1, 12)

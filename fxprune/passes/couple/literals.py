@@ -22,7 +22,7 @@ from torch.fx.node import map_aggregate
 from ...core import metakeys as keys
 from ...core.fxutil import arg
 from ...core.graph import Family, Patch, PatchKind
-from ...core.optable import ATTENTION_PRODUCTS, CREATE, PASS_THROUGH, canonical
+from ...core.optable import ATTENTION_PRODUCTS, CREATE, PASS_THROUGH, RESHAPE_FUNCS, RESHAPE_METHODS, UNFLATTEN, canonical
 from .labels import Labels, Param, compress
 from .layout import on_labels
 from .state import State, Unsupported, family, target_name
@@ -62,9 +62,10 @@ def reshape(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[s
     return out
 
 
-def feeds_attention(node: torch.fx.Node, depth: int = 8) -> bool:
+def feeds_attention(node: torch.fx.Node, depth: int = 12) -> bool:
     """True when ``node``'s output reaches an attention product (matmul, bmm, einsum, scaled dot-product
-    attention) through layout and scaling ops only: a reshape that splits channels into heads."""
+    attention) through layout and scaling ops only, and no later reshape splits it again: a reshape that
+    splits channels into heads (an earlier split, q, k and v out of one projection, is not)."""
     frontier = [node]
     for _ in range(depth):
         nxt = []
@@ -73,10 +74,18 @@ def feeds_attention(node: torch.fx.Node, depth: int = 8) -> bool:
                 t = canonical(user.target)
                 if t in ATTENTION_PRODUCTS:
                     return True
-                if t in PASS_THROUGH or user.op == "call_module":
+                if (t in PASS_THROUGH or user.op == "call_module") and not splits(user):
                     nxt.append(user)
         frontier = nxt
     return False
+
+
+def splits(node: torch.fx.Node) -> bool:
+    """True for a view, reshape or unflatten whose output has more dims than its input."""
+    if canonical(node.target) not in RESHAPE_FUNCS | RESHAPE_METHODS | UNFLATTEN or canonical(node.target) in ("expand", torch.broadcast_to):
+        return False
+    shapes = [getattr(n.meta.get(keys.TENSOR_META), "shape", None) for n in (node.args[0], node)]
+    return all(sh is not None for sh in shapes) and len(shapes[1]) > len(shapes[0])
 
 
 def size_args(node: torch.fx.Node) -> tuple[tuple[Any, ...], tuple[Any, ...] | list[Any]]:

@@ -103,10 +103,11 @@ def merge(s: State, node: torch.fx.Node, operands: list[Any]) -> Labels:
     varying = along(labs)
     channels = [lab for lab in labs if not s.is_table(lab)] if len(varying) > 1 else labs
     if len(varying) > 1 and len(along(channels)) == 1:
-        # A table of buffers read along positions that the channels do not vary along (a rotary
-        # embedding's cos and sin along head_dim, the heads being the channels): those positions stay.
+        # A table of parameters or buffers read along positions that the channels do not vary along (a
+        # rotary embedding's cos and sin, a per-head norm's weight, along head_dim, the heads being the
+        # channels): those positions stay.
         tables = [lab for lab in labs if s.is_table(lab)]
-        s.freeze(tables, f"node {node.name} reads a table of buffers along positions that are not channels")
+        s.freeze(tables, f"node {node.name} reads a table of parameters or buffers along positions that are not channels")
         labs, varying = channels, along(channels)
     if len(varying) > 1:
         full = [s.full(lab) for lab in labs]

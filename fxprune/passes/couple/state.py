@@ -82,7 +82,7 @@ class State:
         self.param_labels: dict[str, Labels] = {}
         self.parameters = {name for name, _ in gm.named_parameters(remove_duplicate=False)}
         self.buffer_slots: list[tuple[str, int, torch.Tensor]] = []  # bound in ``grouping`` only where they meet channels
-        self.buffer_ids: set[int] = set()
+        self.table_ids: set[int] = set()  # labels of parameters and buffers read as data
         self.families: dict[str, Family] = {}
 
     def module(self, node: torch.fx.Node) -> nn.Module | None:
@@ -116,13 +116,14 @@ class State:
                 self.bind(v.name, dims[-1], lab.ids, v.name.rpartition(".")[0] or v.name, Role.PARAM)
             else:
                 self.buffer_slots.append((v.name, dims[-1], lab.ids))
-                self.buffer_ids.update(lab.ids.tolist())
+            self.table_ids.update(lab.ids.tolist())
         self.param_labels[v.name] = lab
         return lab
 
     def is_table(self, lab: Labels) -> bool:
-        """True when ``lab``'s labels all come from buffers and meet no parameter's channels so far."""
-        return bool(self.buffer_ids) and lab.dim is not None and set(self.uf.roots(lab.ids).tolist()) <= self.buffer_ids
+        """True when ``lab``'s labels all come from parameters or buffers read as data (a rotary embedding's
+        frequencies, a per-head norm's weight over head_dim) and meet no producer's channels so far."""
+        return bool(self.table_ids) and lab.dim is not None and set(self.uf.roots(lab.ids).tolist()) <= self.table_ids
 
     def labels(self, v: Any, node: torch.fx.Node) -> Labels:
         """Labels of a value that ``node`` needs to be a tensor."""
