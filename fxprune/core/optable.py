@@ -93,12 +93,16 @@ SPLIT: set[Any] = {torch.split, torch.chunk, torch.tensor_split, "split", "chunk
 UNBIND: set[Any] = {torch.unbind, torch.select, "unbind", "select"}
 MATMUL: set[Any] = {torch.matmul, operator.matmul, torch.bmm, torch.mm, "matmul", "bmm", "mm"}
 SDPA: set[Any] = {F.scaled_dot_product_attention}
+# aten ops without a torch function of the same meaning (torch.export's forms of x[a:b], x[idx], x[idx] = v).
+ATEN_SLICE = "aten slice"
+ATEN_INDEX = "aten index"
+INDEX_PUT = "aten index_put"
 # An operand that reaches one of these through PASS_THROUGH ops is split into attention heads.
 ATTENTION_PRODUCTS: set[Any] = MATMUL | SDPA | {torch.einsum}
 PASS_THROUGH: set[Any] = {
     operator.getitem, operator.mul, operator.truediv, torch.mul, torch.div, "mul", "div", "contiguous",
     "to", "float", "type_as", "clone", torch.clone, F.dropout,
-    operator.add, torch.add, "add", operator.neg, torch.neg, "neg", "aten slice",  # rotary embeddings
+    operator.add, torch.add, "add", operator.neg, torch.neg, "neg", ATEN_SLICE,  # rotary embeddings
 } | SHAPE_FUNCS | SHAPE_METHODS | RESHAPE_FUNCS | RESHAPE_METHODS | UNFLATTEN | UNBIND | SPLIT
 CONV_FUNCS = {
     F.conv1d: False, F.conv2d: False, F.conv3d: False,
@@ -120,9 +124,6 @@ ACTIVATION_METHODS = {"relu", "relu_"}
 
 SOFTMAX = {F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "softmax", "log_softmax"}
 
-ATEN_SLICE = "aten slice"  # PASS_THROUGH names it too
-ATEN_INDEX = "aten index"
-INDEX_PUT = "aten index_put"
 _ATEN_ONLY = {"slice": ATEN_SLICE, "index": ATEN_INDEX, "index_put": INDEX_PUT, "index_put_": INDEX_PUT}
 # torchvision's RoI pooling operators (detectors): box by box, channel by channel, like a pooling op.
 ROI_POOL = "torchvision roi pooling"

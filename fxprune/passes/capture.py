@@ -120,48 +120,41 @@ def _trace_with_opaque(root: nn.Module) -> torch.fx.GraphModule:
         return _trace(root, opaque)
 
 
-def _context_calls(node: torch.fx.Node) -> tuple[tuple[Any, tuple[Any, ...]], Any, int] | None:
-    """For a call of torch.export's ``wrap_with_set_grad_enabled`` / ``wrap_with_autocast``: (the call that
-    enters its context, how to leave it, where its operands start); None for any other node."""
-    from torch._higher_order_ops.wrap import WrapWithAutocast, WrapWithSetGradEnabled  # noqa: PLC0415 - export's own
-
-    if node.op != "call_function":
-        return None
-    if isinstance(node.target, WrapWithSetGradEnabled):
-        return (torch._C._set_grad_enabled, node.args[:1]), "grad", 2
-    if isinstance(node.target, WrapWithAutocast):
-        return (torch.amp.autocast_mode._enter_autocast, node.args[:4]), torch.amp.autocast_mode._exit_autocast, 5
-    return None
-
-
 def _inline_contexts(gm: torch.fx.GraphModule) -> None:
     """Replace each region that torch.export wrapped in a higher-order op (grad mode, autocast) by its ops
     between explicit calls that enter and leave the context, as export recorded them before wrapping: the
     coupling rules then see the ops, and the graph computes what it did."""
+    from torch._higher_order_ops.wrap import WrapWithAutocast, WrapWithSetGradEnabled  # noqa: PLC0415 - export's own
+
     graph = gm.graph
     for node in list(graph.nodes):
-        found = _context_calls(node)
-        if found is None:
+        grad = isinstance(node.target, WrapWithSetGradEnabled)
+        if node.op != "call_function" or not (grad or isinstance(node.target, WrapWithAutocast)):
             continue
-        (enter, enter_args), leave, at = found
-        body = getattr(gm, node.args[at - 1].target)
+        at = 1 if grad else 4  # (enabled, body, *operands) or (device, dtype, enabled, cache_enabled, body, *operands)
+        holder = node.args[at]
+        body = getattr(gm, holder.target)
         if any(n.op in ("get_attr", "call_module") for n in body.graph.nodes):
             continue  # a body with tensors or modules of its own stays wrapped (and frozen)
         with graph.inserting_before(node):
-            if leave == "grad":
+            if grad:
                 before = graph.call_function(torch.is_grad_enabled)
-            entered = graph.call_function(enter, enter_args)
-            env = dict(zip([n for n in body.graph.nodes if n.op == "placeholder"], node.args[at:]))
+                graph.call_function(torch._C._set_grad_enabled, node.args[:1])
+            else:
+                entered = graph.call_function(torch.amp.autocast_mode._enter_autocast, node.args[:4])
+            env = dict(zip([n for n in body.graph.nodes if n.op == "placeholder"], node.args[at + 1:]))
             for b in body.graph.nodes:
                 if b.op == "output":
                     outputs = torch.fx.node.map_arg(b.args[0], env.__getitem__)
                 elif b.op != "placeholder":
                     env[b] = graph.node_copy(b, env.__getitem__)
-            graph.call_function(*((torch._C._set_grad_enabled, (before,)) if leave == "grad" else (leave, (entered,))))
+            if grad:
+                graph.call_function(torch._C._set_grad_enabled, (before,))
+            else:
+                graph.call_function(torch.amp.autocast_mode._exit_autocast, (entered,))
         for user in list(node.users):  # getitem(wrapped, i)
             user.replace_all_uses_with(outputs[user.args[1]])
             graph.erase_node(user)
-        holder = node.args[at - 1]
         graph.erase_node(node)
         if not holder.users:
             graph.erase_node(holder)

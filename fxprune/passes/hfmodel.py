@@ -13,7 +13,6 @@ result is then the pruned GraphModule, and its report says why.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 from typing import Any
@@ -29,14 +28,6 @@ log = logging.getLogger("fxprune")
 WIDTH_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "n_embd", "n_inner",
                 "n_head", "d_model", "encoder_ffn_dim", "decoder_ffn_dim", "ffn_dim")
 """Config fields that hold widths a pruned model may change (one number per model)."""
-
-
-def _no_init() -> contextlib.AbstractContextManager[Any]:
-    try:
-        from transformers.initialization import no_init_weights  # noqa: PLC0415 - only for Hugging Face models
-    except ImportError:  # older transformers: initialize, then overwrite
-        return contextlib.nullcontext()
-    return no_init_weights()
 
 
 def is_hf(model: Any) -> bool:
@@ -122,7 +113,9 @@ def hf_model(model: nn.Module, pruned: torch.fx.GraphModule) -> tuple[nn.Module 
     config, why = truthful_config(model, shapes)
     if config is None:
         return None, why
-    with _no_init():  # every parameter is loaded below: random initialization would only cost time
+    from transformers.initialization import no_init_weights  # noqa: PLC0415 - a Hugging Face model: transformers is there
+
+    with no_init_weights():  # every parameter is loaded below: random initialization would only cost time
         new = type(model)(config)
     new = new.to(device=next(model.parameters()).device, dtype=model.dtype)
     state = {**model.state_dict(), **tensors}

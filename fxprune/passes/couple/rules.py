@@ -101,14 +101,16 @@ def merge(s: State, node: torch.fx.Node, operands: list[Any]) -> Labels:
         return {lab.dim + nd - len(lab.shape) for lab in labs if lab.dim is not None and lab.shape[lab.dim] > 1}
 
     varying = along(labs)
-    channels = [lab for lab in labs if not s.is_table(lab)] if len(varying) > 1 else labs
-    if len(varying) > 1 and len(along(channels)) == 1:
+    if len(varying) > 1:
         # A table of parameters or buffers read along positions that the channels do not vary along (a
         # rotary embedding's cos and sin, a per-head norm's weight, along head_dim, the heads being the
         # channels): those positions stay.
-        tables = [lab for lab in labs if s.is_table(lab)]
-        s.freeze(tables, f"node {node.name} reads a table of parameters or buffers along positions that are not channels")
-        labs, varying = channels, along(channels)
+        table = [s.is_table(lab) for lab in labs]
+        channels = [lab for lab, t in zip(labs, table) if not t]
+        if len(along(channels)) == 1:
+            s.freeze([lab for lab, t in zip(labs, table) if t], f"node {node.name} reads a table of parameters or buffers along "
+                                                               "positions that are not channels")
+            labs, varying = channels, along(channels)
     if len(varying) > 1:
         full = [s.full(lab) for lab in labs]
         full = [f.reshape([1] * (nd - f.dim()) + list(f.shape)).expand(out_shape) for f in full]
