@@ -3,16 +3,18 @@
 torchvision's ``resnet18`` and ``mobilenet_v2`` (``num_classes=10``, ``weights=None``) are trained from
 scratch on Fashion-MNIST, resized to 3x64x64 (bilinear, the grey channel repeated) so that a batch-1
 forward is more than per-operator overhead. Each is then pruned to run 1.5x and 2x faster on
-this machine by every method (MobileNetV2 at batch 8: at batch 1 its per-operator overhead is most of
-its time here, and a MobileNetV2 at a tenth of its width runs only 1.5x faster than the original), and
-every result is fine-tuned with the same budget (the same images in
+this machine by every method (MobileNetV2 at batch 32: at small batches its per-operator overhead is most
+of its time here; at batch 8 a MobileNetV2 of half its width ran only 1.72x faster than the original, so 2x
+meant removing 97% of the FLOPs), and every result is fine-tuned with the same budget (the same images in
 the same order, the same optimizer and steps):
 
-* ``default``: ``fxprune.compile(model, speedup=s)`` as shipped (a row of its own only when its selector
-  is not one of the rows below);
-* ``latency_per_flop``, ``knapsack`` (importance: l1 of the weights), ``knapsack_bn_taylor`` (importance:
-  bn_taylor from one pass over 1,024 held-out training images), ``uniform`` and ``l1``: ``speedup=s``
-  with that selector;
+* ``default``: ``fxprune.compile(model, speedup=s, calibration=..., loss_fn=...)`` as shipped for a user
+  with data (a row of its own only when its selector, ``fxprune.api.LATENCY_WITH_DATA``, is not one of
+  the rows below);
+* ``bn_taylor`` (importance: |gamma x dL/dgamma| from one pass over 1,024 held-out training images, every
+  group losing the same share), ``knapsack_bn_taylor`` (the same importance, allocated by the knapsack),
+  ``latency_per_flop``, ``knapsack`` (importance: l1 of the weights), ``uniform`` and ``l1``:
+  ``speedup=s`` with that selector;
 * ``knapsack:NAME`` (ablations, not in the default list): the knapsack with selector NAME's scores as
   importance, e.g. ``knapsack:bn_scale``, or ``knapsack:equal`` (every channel equally important:
   allocation by cost alone);
@@ -49,6 +51,7 @@ from tabulate import tabulate
 from torch import nn
 
 import fxprune
+from fxprune.api import LATENCY_WITH_DATA
 from fxprune.latency.timing import compare, measure_in_turns
 from fxprune.selection.knapsack import Knapsack
 from fxprune.selection.selectors import data_driven, get_selector
@@ -57,7 +60,7 @@ from reproduce import fashion_mnist
 from zoo import classifier
 
 SIZE = 64
-SELECTORS = ("latency_per_flop", "knapsack", "knapsack_bn_taylor", "uniform", "l1")
+SELECTORS = ("bn_taylor", "knapsack_bn_taylor", "latency_per_flop", "knapsack", "uniform", "l1")
 TOLERANCE = 0.03
 
 
@@ -160,10 +163,10 @@ class Equal:
 def options(method: str, calib: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Any]:
     """``compile``'s keywords for ``method``: a selector's name, ``default``, or ``knapsack:NAME``, the
     knapsack with selector NAME's scores as importance (for the ablations)."""
-    if method == "default":
-        return {}
-    name, _, importance = method.partition(":")
     data = {"calibration": calib, "loss_fn": F.cross_entropy}
+    if method == "default":
+        return data
+    name, _, importance = method.partition(":")
     if importance == "equal":
         return {"selector": Knapsack(Equal())}
     if importance:
@@ -223,7 +226,7 @@ def main() -> None:
     ap.add_argument("--models", default="resnet18,mobilenet_v2")
     ap.add_argument("--speedups", default="1.5,2")
     ap.add_argument("--methods", default=",".join(("default", *SELECTORS, "torch-pruning")))
-    ap.add_argument("--batches", default="resnet18=1,mobilenet_v2=8", help="the batch size latency is measured at, per model")
+    ap.add_argument("--batches", default="resnet18=1,mobilenet_v2=32", help="the batch size latency is measured at, per model")
     ap.add_argument("--train-steps", default="resnet18=260,mobilenet_v2=420", help="baseline training batches of 64, per model")
     ap.add_argument("--finetune-steps", type=int, default=60, help="fine-tuning batches of 64 after pruning, the same for every method")
     ap.add_argument("--test-images", type=int, default=5000)
@@ -256,12 +259,12 @@ def main() -> None:
         print(f"{name}: baseline {accuracy(model, test, args.test_images):.2f}% ({time.perf_counter() - t:.0f} s)", flush=True)
         results: list[tuple[float, str, nn.Module, float, float]] = []
         for s in (float(v) for v in args.speedups.split(",")):
-            default = fxprune.Strategy().selector
+            default = LATENCY_WITH_DATA
             wanted = [m for m in methods if not (m == "default" and default in methods)]
             for method, (pruned, seconds) in prune_all(name, model, x1, s, wanted, calib, args.latency_rounds).items():
                 before = accuracy(pruned, test, min(1000, args.test_images))
                 train(pruned, args.finetune_steps, lr=0.01, start=train_steps[name] * train.batch)
-                results.append((s, method, pruned, before, seconds))
+                results.append((s, f"default ({default})" if method == "default" else method, pruned, before, seconds))
         lat = measure_in_turns([model] + [r[2] for r in results], (x1,), repeat=args.latency_rounds)
         base = Row(name, batches[name], 1.0, "original", accuracy(model, test, min(1000, args.test_images)), accuracy(model, test, args.test_images),
                    1.0, lat[0].median_ms, fxprune.count_flops(model, x1) / 1e6, sum(p.numel() for p in model.parameters()), 0.0)
@@ -278,7 +281,7 @@ def main() -> None:
     print(table)
     (out / "accuracy_latency.md").write_text(table + "\n")
     plot(rows, out / "accuracy_latency.png")
-    print(f"total {time.perf_counter() - t_all:.0f} s; default selector: {fxprune.Strategy().selector}")
+    print(f"total {time.perf_counter() - t_all:.0f} s; default selector with data: {LATENCY_WITH_DATA}, without: {fxprune.Strategy().selector}")
 
 
 if __name__ == "__main__":
