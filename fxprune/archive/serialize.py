@@ -1,17 +1,20 @@
 """save / load / apply_plan: pruned models on disk, and nothing from the file is ever unpickled.
 
-An archive is what ``torch.export.save`` writes for ``torch.export.export(gm, example_inputs)``, plus
-one extra file, ``extra/fxprune.json``: the format version, the ``gm.meta["fxprune"]`` record (kept
-indices, plan, report, input specs; the fingerprint when recorded) and a sha256 of the record and of the
-archive's other entries.
+An archive is what ``torch.export.save`` writes for ``torch.export.export(gm, example_inputs)`` with
+the batch dims (and the sequence dims of token inputs) dynamic where the model allows
+(``core/dynamic.py``; the record's ``"dims"`` says which), plus one extra file, ``extra/fxprune.json``:
+the format version, the ``gm.meta["fxprune"]`` record (kept indices, plan, report, input specs; the
+fingerprint when recorded) and a sha256 of the record and of the archive's other entries. ``load``
+gives a GraphModule that trains: ``train()``/``eval()`` switch its batch-norm and dropout ops too.
 
 ``torch.export.load`` alone is not safe on a file from elsewhere (torch 2.14): it calls
 ``torch.load(weights_only=False)`` on weights and constants marked ``use_pickle``, retries the sample
 inputs with ``weights_only=False`` when ``weights_only=True`` fails, ``pickle.loads`` opaque constants,
-loads AOTInductor shared libraries, ``sympy.sympify``s (``eval``s) symbolic shape strings, and resolves
-any ``torch.*`` attribute named as a graph target. So ``load`` reads the file once, admits only the
-entries ``save`` writes, none pickled, no sample inputs, no symbolic shapes, checks the sha256, gives
-those same bytes to ``torch.export.load`` and admits only ATen operators in the resulting graph.
+loads AOTInductor shared libraries, ``sympy.sympify``s (``eval``s) symbolic shape strings, compiles its
+guards' code, and resolves any ``torch.*`` attribute named as a graph target. So ``load`` reads the
+file once, admits only the entries ``save`` writes, none pickled, no sample inputs, no guards' code,
+symbolic shapes only as sympy constructors of size symbols and integers (``_SYMBOLIC``), checks the
+sha256, gives those same bytes to ``torch.export.load`` and admits only ATen operators in the graph.
 
 A pruned detector is a copy of its module tree, which no exporter captures whole; its archive has the
 same root folder and record, ``"kind": "modules"`` in the record's file, and one other entry,
@@ -22,6 +25,7 @@ to unpickle). ``load`` then needs a fresh instance of the architecture: it repla
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import itertools
@@ -31,7 +35,7 @@ import os
 import re
 import zipfile
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +44,11 @@ import torch
 import torch.fx
 from torch import nn
 
+from ..core import dynamic
 from ..core import metakeys as keys
 from .. import pipeline
 from ..api import prune
-from ..core.codegen import direct_access
+from ..core.codegen import DirectGraphModule
 from ..pipeline import Inputs
 from ..errors import ArchiveError, ArgumentError, PlanError
 from ..passes.hfmodel import is_hf
@@ -65,6 +70,10 @@ _ENTRIES = re.compile(
     r"|data/weights/(model_weights_config\.json|weight_\d+)|data/constants/(model_constants_config\.json|tensor_\d+)"
     r"|data/sample_inputs/model\.pt|extra/fxprune\.json"
 )
+# A symbolic size as torch.export writes it (``Mul(Integer(4), Symbol('s31', positive=True, integer=True))``):
+# sympy constructors, size symbols and integers only, nothing that names an attribute or other code.
+_SYMBOLIC = re.compile(r"(?:(?:Symbol|Integer|Rational|Mul|Add|Pow|Max|Min|Mod|PythonMod|FloorDiv|CeilToInt|CleanDiv)\("
+                       r"|'[su]\d+'|(?:positive|integer|nonnegative)=True|-?\d+|[(), ])+")
 _UNHASHED = ("extra/", ".data/")  # the record itself, and the writer's bookkeeping
 _MODULES = "modules"  # the record file's "kind" for a pruned module tree (see the module docstring)
 _WEIGHTS = "data/weights.safetensors"
@@ -157,10 +166,11 @@ def _digest(zf: zipfile.ZipFile, root: str, record: dict[str, Any], path: PathLi
     return h.hexdigest()
 
 
-def _has_key(tree: Any, key: str) -> bool:
+def _values(tree: Any, key: str) -> list[Any]:
+    """Every value stored under ``key`` anywhere in a parsed JSON ``tree``."""
     if isinstance(tree, dict):
-        return key in tree or any(_has_key(v, key) for v in tree.values())
-    return isinstance(tree, list) and any(_has_key(v, key) for v in tree)
+        return [v for k, v in tree.items() if k == key] + [x for v in tree.values() for x in _values(v, key)]
+    return [x for v in tree for x in _values(v, key)] if isinstance(tree, list) else []
 
 
 def _check_modules_contents(zf: zipfile.ZipFile, root: str, path: PathLike) -> None:
@@ -187,8 +197,11 @@ def _check_contents(zf: zipfile.ZipFile, root: str, path: PathLike) -> None:
         raise _refuse(path, f"malformed program or payload config ({type(e).__name__}: {e})") from e
     if _read(zf, root + "data/sample_inputs/model.pt", path):
         raise _refuse(path, "it holds pickled sample inputs")
-    if _has_key(program, "expr_str"):
-        raise _refuse(path, "its program has symbolic shapes")
+    unsafe = [e for e in _values(program, "expr_str") if not (isinstance(e, str) and _SYMBOLIC.fullmatch(e))]
+    if unsafe:
+        raise _refuse(path, f"its program has a symbolic shape that is not a size expression ({str(unsafe[0])[:80]!r})")
+    if any(_values(program, "guards_code")):
+        raise _refuse(path, "its program has guards' code")
 
 
 def _check_graph(ep: torch.export.ExportedProgram, path: PathLike) -> None:
@@ -203,8 +216,8 @@ def _check_graph(ep: torch.export.ExportedProgram, path: PathLike) -> None:
 def save(gm: nn.Module, path: PathLike, example_inputs: Inputs = None) -> None:
     """Write a model from ``compile``/``prune``/``apply_plan``/``load`` to ``path`` (see the module docstring).
 
-    A GraphModule's archive holds a static-shape program: the loaded model takes inputs of the example
-    inputs' shapes. ``example_inputs`` defaults to random tensors of the shapes recorded in
+    A GraphModule's archive holds a program whose batch (and token sequence) dims are dynamic where the
+    model allows; the record's ``"dims"`` says which, and why any is static. ``example_inputs`` defaults to random tensors of the shapes recorded in
     ``gm.meta["fxprune"]["inputs"]``; a model without that record needs them. A pruned module tree
     (a detector) is written as its record and weights.
     """
@@ -221,19 +234,32 @@ def save(gm: nn.Module, path: PathLike, example_inputs: Inputs = None) -> None:
         _write(path, _modules_archive(gm, {**record, "inputs": input_specs(inputs)}))
         return
     try:
-        ep = torch.export.export(gm, inputs)
+        with _mode(gm, training=False):  # the archive holds the inference graph; load's train() switches it
+            ep, dims = dynamic.export(gm, inputs)
     except Exception as e:  # export fails in many ways (guards, unsupported ops, wrong inputs)
         first = (str(e).strip().splitlines() or [""])[0]
         raise ArchiveError(f"{os.fspath(path)}: torch.export.export failed on the pruned model ({type(e).__name__}: {first}); "
                            "check that example_inputs= are inputs the model accepts") from e
     ep.example_inputs = None  # torch.export.save would pickle them, and load would unpickle them
+    ep._guards_code = []  # code that load would compile; the loaded module checks its inputs' static dims itself
     bare = io.BytesIO()
     torch.export.save(ep, bare)
-    record = {**record, "inputs": input_specs(inputs)}
+    record = {**record, "inputs": input_specs(inputs), "dims": dims}
     doc = {"format": FORMAT, "sha256": _digest(*_open(bare.getvalue(), path), record, path), "fxprune": record}
     out = io.BytesIO()
     torch.export.save(ep, out, extra_files={_RECORD_NAME: json.dumps(doc)})
     _write(path, out.getvalue())
+
+
+@contextlib.contextmanager
+def _mode(model: nn.Module, training: bool) -> Iterator[None]:
+    """``model`` in train or eval mode (``model.train``, which a result's graph ops follow) for the duration."""
+    was = model.training
+    model.train(training)
+    try:
+        yield
+    finally:
+        model.train(was)
 
 
 def _write(path: PathLike, data: bytes) -> None:
@@ -278,7 +304,8 @@ def read_record(path: PathLike) -> dict[str, Any]:
 def load(path: PathLike, model: nn.Module | None = None) -> nn.Module:
     """Read a model written by ``save``, with ``meta[keys.RECORD]`` restored. Never unpickles.
 
-    A graph's archive gives a GraphModule. A pruned module tree's (a detector's) needs ``model``, a
+    A graph's archive gives a GraphModule in eval mode that takes any batch size the record's ``"dims"``
+    allows, and trains: ``train()`` switches its batch-norm and dropout ops to training. A pruned module tree's (a detector's) needs ``model``, a
     fresh instance of the architecture it was pruned from (e.g. its factory with ``weights=None``): the
     plan is replayed on it and the saved weights loaded; that instance is not modified.
     """
@@ -292,9 +319,9 @@ def load(path: PathLike, model: nn.Module | None = None) -> nn.Module:
     except Exception as e:  # whatever torch's deserializer raises on a program it cannot rebuild
         raise _refuse(path, f"torch.export.load failed ({type(e).__name__}: {e})") from e
     _check_graph(ep, path)
-    gm = ep.module()
-    direct_access(gm.graph)
-    gm.recompile()
+    program = ep.module()  # its train() and eval() raise NotImplementedError: a GraphModule of its own trains
+    gm = DirectGraphModule(program, program.graph, "GraphModule")
+    gm.eval()
     gm.meta[keys.RECORD] = doc["fxprune"]
     return gm
 

@@ -11,6 +11,10 @@ graph's code index ``self._modules['layer1']._modules['0']._modules['conv1']`` i
 It wraps whatever code generator the graph has (a torch.export graph's handles its inputs' and outputs'
 structure) and only rewrites the module paths in the code that generator emits, each time it runs.
 TorchScript compiles attribute chains only: ``DirectGraphModule`` hands it ``fx_code``'s copy.
+
+A torch.export graph records batch norm and dropout as ops whose training flag is a literal of the mode
+at export. ``DirectGraphModule.train``/``eval`` set those literals too (``follow_mode``), so a result
+of the export path fine-tunes as the model did: batch statistics and dropout in train mode.
 """
 
 from __future__ import annotations
@@ -23,9 +27,13 @@ import torch.fx
 from torch import nn
 from torch.fx.graph import CodeGen, PythonCode
 
-__all__ = ["direct_access", "fx_code", "DirectGraphModule"]
+__all__ = ["direct_access", "fx_code", "follow_mode", "DirectGraphModule"]
 
 _CLASSES: dict[type, type] = {}
+_aten = torch.ops.aten
+# aten ops whose behaviour follows the training flag, and the position of that flag among their arguments.
+_MODE_ARGS = {_aten.batch_norm.default: 5, _aten.dropout.default: 2, _aten.feature_dropout.default: 2,
+              _aten.alpha_dropout.default: 2, _aten.feature_alpha_dropout.default: 2}
 
 
 def _attribute_chain(root: str, target: str) -> str:
@@ -86,12 +94,30 @@ def fx_code(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return torch.fx.GraphModule(gm, graph, type(gm).__name__)
 
 
+def follow_mode(graph: torch.fx.Graph, training: bool) -> bool:
+    """Set the training flag of every batch-norm and dropout op in ``graph`` to ``training``; whether any changed."""
+    changed = False
+    for n in graph.nodes:
+        at = _MODE_ARGS.get(n.target) if n.op == "call_function" else None
+        if at is not None and len(n.args) > at and n.args[at] is not training:
+            n.args = (*n.args[:at], training, *n.args[at + 1:])
+            changed = True
+    return changed
+
+
 class DirectGraphModule(torch.fx.GraphModule):
     """A GraphModule whose code is ``direct_access``'s; ``torch.jit.script`` gets a copy with FX's own code."""
 
     def __init__(self, root: nn.Module | dict[str, Any], graph: torch.fx.Graph, class_name: str = "GraphModule") -> None:
         direct_access(graph)
         super().__init__(root, graph, class_name)
+
+    def train(self, mode: bool = True) -> DirectGraphModule:
+        """``nn.Module.train``, and the graph's own batch-norm and dropout ops follow (``follow_mode``)."""
+        super().train(mode)
+        if follow_mode(self.graph, mode):
+            self.recompile()
+        return self
 
     def __prepare_scriptable__(self) -> torch.fx.GraphModule:
         return fx_code(self)

@@ -41,6 +41,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from ..core import dynamic
 from ..core import metakeys as keys
 from ..errors import TraceError
 from ..core.fxutil import eval_mode, structural_copy
@@ -173,6 +174,22 @@ def _exported(ep: torch.export.ExportedProgram, how: str) -> torch.fx.GraphModul
     return gm
 
 
+def _given_program(ep: torch.export.ExportedProgram, example_inputs: Sequence[Any]) -> torch.fx.GraphModule:
+    """The graph of an ExportedProgram given as the model. One with static batch (or sequence) dims is
+    exported again from its own module with those dims dynamic (``core/dynamic.py``), so the result
+    takes any batch; where that fails, the program is used as given and the note says why."""
+    how = "torch.export (an ExportedProgram was given)"
+    dims = dynamic.wanted(example_inputs)
+    if dims.keys() <= dynamic.dynamic_dims(ep):
+        return _exported(ep, f"{how}; {dynamic.describe(dims, set(dims), '')}")
+    try:
+        again, note = dynamic.export(ep.module(check_guards=False), example_inputs)
+    except Exception as exc:  # export fails in many ways; the program as given still works at its own shapes
+        why = f"exporting its module again with dynamic dims failed: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+        return _exported(ep, f"{how}; {dynamic.describe(dims, dynamic.dynamic_dims(ep), why)}")
+    return _exported(again, f"{how}, exported again for dynamic dims; {note}")
+
+
 def _executed(root: nn.Module, example_inputs: Sequence[Any], how: str) -> torch.fx.GraphModule:
     """The ops one eval-mode run of ``root`` executes on ``example_inputs``, with ``root``'s parameters
     and buffers as ``get_attr`` nodes of their qualified names (tensors the run makes from constants
@@ -257,7 +274,7 @@ def capture(model: nn.Module | torch.export.ExportedProgram, example_inputs: Seq
     example inputs); tracing is then skipped and the fallbacks start at once.
     """
     if isinstance(model, torch.export.ExportedProgram):
-        return _exported(model, "torch.export (an ExportedProgram was given)")
+        return _given_program(model, example_inputs)
     if not isinstance(model, nn.Module):
         raise TraceError(f"expected a torch.nn.Module or torch.export.ExportedProgram, got {type(model).__name__}")
     root = _without_cache(structural_copy(model))
@@ -282,7 +299,8 @@ def capture(model: nn.Module | torch.export.ExportedProgram, example_inputs: Seq
         if run is not None and _sized_by_data(run):
             raise TraceError("the run has sizes that depend on the data (not tried)")
         with contextlib.redirect_stderr(printed):  # a failing export prints its partial graph; keep that for --verbose
-            gm = _exported(torch.export.export(root, tuple(example_inputs), strict=False), f"torch.export ({reason})")
+            ep, dims = dynamic.export(root, example_inputs)
+            gm = _exported(ep, f"torch.export ({reason}); {dims}")
         if is_hf(model):
             gm.meta[keys.HF] = model  # read only: results are built anew (passes/hfmodel.py)
         return gm

@@ -1,0 +1,89 @@
+"""Dynamic dims for ``torch.export``: results that take any batch size (and any sequence length for token inputs).
+
+``torch.export`` specializes every dim to the example's size unless told otherwise, so a graph captured
+from a batch of 1 rejects a batch of 8 ("Guard failed: x.size()[0] == 1"). ``export`` asks for the batch
+dim of every tensor input and the sequence dim of every token input (a 2-d integer or boolean tensor:
+ids, masks) to stay symbolic. Sizes of 0 and 1 are not specialized (``backed_size_oblivious``), so an
+example of batch 1 still gives a graph for any batch. A dim the model's code pins to one size (a
+literal in a reshape, a check on it) stays static, and the note says which and why; export never fails
+because of a dim it could not keep dynamic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.fx.experimental._config as fx_config
+from torch.export import Dim
+from torch.utils._sympy.numbers import int_oo
+
+__all__ = ["wanted", "export", "dynamic_dims", "describe"]
+
+_TOKENS = (torch.int32, torch.int64, torch.bool)
+
+
+def wanted(inputs: Sequence[Any]) -> dict[tuple[int, int], str]:
+    """The dims to keep dynamic, ``(input index, dim) -> "batch" | "sequence"``."""
+    out: dict[tuple[int, int], str] = {}
+    for i, x in enumerate(inputs):
+        if isinstance(x, torch.Tensor) and x.dim() >= 1:
+            out[(i, 0)] = "batch"
+            if x.dim() == 2 and x.dtype in _TOKENS:
+                out[(i, 1)] = "sequence"
+    return out
+
+
+def _spec(inputs: Sequence[Any], dims: dict[tuple[int, int], str], hint: Any) -> tuple[Any, ...]:
+    """``dynamic_shapes=`` for ``export``: ``hint`` on each wanted dim, None for other inputs."""
+    return tuple({d: hint for (j, d) in dims if j == i} or None for i in range(len(inputs)))
+
+
+def dynamic_dims(ep: torch.export.ExportedProgram) -> set[tuple[int, int]]:
+    """The ``(input index, dim)`` pairs of ``ep``'s user inputs whose size is symbolic with no upper bound
+    (a model that pins a dim leaves it a symbol whose range ends at the sizes its guards allow)."""
+    names = [s.arg.name for s in ep.graph_signature.input_specs if s.kind == torch.export.graph_signature.InputKind.USER_INPUT]
+    vals = {n.name: n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder"}
+    ranges = {str(k): v for k, v in ep.range_constraints.items()}
+    return {(i, d) for i, name in enumerate(names) if isinstance(v := vals.get(name), torch.Tensor)
+            for d, size in enumerate(v.shape) if isinstance(size, torch.SymInt)
+            and (r := ranges.get(str(size.node.expr))) is not None and r.upper == int_oo}
+
+
+def _why(exc: BaseException) -> str:
+    """The lines of a failed dynamic export that say which dim was pinned and how, joined."""
+    lines = [line.strip(" -") for line in str(exc).splitlines() if line.strip(" -")]
+    said = [line for line in lines if "shape[" in line or "specialized" in line or "guard" in line.lower()]
+    return "; ".join(said[:2] or lines[:1])[:300]
+
+
+def describe(dims: dict[tuple[int, int], str], dynamic: set[tuple[int, int]], why: str) -> str:
+    """``"dynamic dims: batch of input 0; static: sequence of input 1 (why)"``."""
+    name = {k: f"{v} of input {k[0]}" for k, v in dims.items()}
+    kept = [name[k] for k in dims if k in dynamic]
+    pinned = [name[k] for k in dims if k not in dynamic]
+    text = f"dynamic dims: {', '.join(kept) or 'none'}"
+    return text + (f"; static (the model fixes them, so inputs must have the example's size there): {', '.join(pinned)} ({why})"
+                   if pinned else "")
+
+
+def export(module: torch.nn.Module, inputs: Sequence[Any], strict: bool = False) -> tuple[torch.export.ExportedProgram, str]:
+    """``torch.export.export(module, inputs)`` with the ``wanted`` dims dynamic where the model allows,
+    and a note that says which are (``describe``). Falls back to static shapes, never fails for a dim."""
+    dims = wanted(inputs)
+    args = tuple(inputs)
+    if not dims:
+        return torch.export.export(module, args, strict=strict), "dynamic dims: none (no tensor inputs)"
+    with fx_config.patch(backed_size_oblivious=True):
+        try:
+            ep = torch.export.export(module, args, dynamic_shapes=_spec(inputs, dims, Dim.DYNAMIC), strict=strict)
+            why = "; ".join(getattr(ep, "_guards_code", []))[:300] or "a guard of the model's code"
+        except Exception as exc:  # a dim the model pins: keep the others dynamic (Dim.AUTO) and say why
+            why = _why(exc)
+            try:
+                ep = torch.export.export(module, args, dynamic_shapes=_spec(inputs, dims, Dim.AUTO), strict=strict)
+            except Exception as again:  # Dim.AUTO itself failed: static shapes
+                why = f"{why}; with the others dynamic: {_why(again)}"
+                return torch.export.export(module, args, strict=strict), describe(dims, set(), why)
+    return ep, describe(dims, dynamic_dims(ep), why)
