@@ -244,7 +244,9 @@ def _compile(args: argparse.Namespace, model: nn.Module, x: torch.Tensor, strate
             log.info("wrote %s", path)
     if args.save:
         serialize.save(pruned, args.save)
-        log.info("wrote %s", args.save)
+        load = f"fxprune.load({args.save!r}{'' if isinstance(pruned, torch.fx.GraphModule) else ', model=<a fresh instance>'})"
+        print(f"saved {args.save}: {load} gives the pruned model, which fine-tunes (train(), eval()); "
+              f"fxprune.apply_plan(<a fresh instance of {args.model}>, {args.save!r}) prunes one by the same plan")
 
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

@@ -11,6 +11,7 @@ because of a dim it could not keep dynamic.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,6 +23,7 @@ from torch.utils._sympy.numbers import int_oo
 __all__ = ["wanted", "export", "dynamic_dims", "describe"]
 
 _TOKENS = (torch.int32, torch.int64, torch.bool)
+_NOT_ONE = re.compile(r"L\['\w+'\]\.size\(\)\[(\d+)\] != 1")
 
 
 def wanted(inputs: Sequence[Any]) -> dict[tuple[int, int], str]:
@@ -68,22 +70,50 @@ def describe(dims: dict[tuple[int, int], str], dynamic: set[tuple[int, int]], wh
                    if pinned else "")
 
 
+def _widened(inputs: Sequence[Any], dims: dict[tuple[int, int], str]) -> tuple[Any, ...]:
+    """``inputs`` with each wanted dim of size 0 or 1 repeated to 2, so that code testing ``size == 1``
+    (a batch-of-one shortcut) takes the general path and leaves no guard that pins the dim."""
+    out = list(inputs)
+    for (i, d) in dims:
+        if out[i].shape[d] < 2:
+            rows = out[i] if out[i].shape[d] else torch.zeros_like(out[i].narrow(d, 0, 0)).expand(*out[i].shape[:d], 1, *out[i].shape[d + 1:])
+            out[i] = torch.cat([rows, rows], d)
+    return tuple(out)
+
+
+def _unpin_one(ep: torch.export.ExportedProgram, inputs: Sequence[Any], free: dict[tuple[int, int], str]) -> None:
+    """Drop the guards ``size != 1`` on the dims ``_widened`` grew from 1: they record that the traced
+    (general) path is not the batch-of-one shortcut, which computes the same, and would refuse the example itself."""
+    grown = {d for (i, d) in free if inputs[i].shape[d] < 2}
+    ep._guards_code = [g for g in getattr(ep, "_guards_code", [])
+                       if not ((m := _NOT_ONE.fullmatch(g)) and int(m.group(1)) in grown)]
+
+
+def _guards(ep: torch.export.ExportedProgram) -> str:
+    return "; ".join(getattr(ep, "_guards_code", []))[:300] or "a guard in the model's code"
+
+
 def export(module: torch.nn.Module, inputs: Sequence[Any], strict: bool = False) -> tuple[torch.export.ExportedProgram, str]:
     """``torch.export.export(module, inputs)`` with the ``wanted`` dims dynamic where the model allows,
-    and a note that says which are (``describe``). Falls back to static shapes, never fails for a dim."""
+    and a note that says which are (``describe``). A dim the model pins is left out and the others are
+    tried again (once), then the batch dims alone; static shapes last: export never fails for a dim."""
     dims = wanted(inputs)
-    args = tuple(inputs)
-    if not dims:
-        return torch.export.export(module, args, strict=strict), "dynamic dims: none (no tensor inputs)"
+    trying = [dims, {k: v for k, v in dims.items() if v == "batch"}]
+    why = ""
     with fx_config.patch(backed_size_oblivious=True):
-        try:
-            ep = torch.export.export(module, args, dynamic_shapes=_spec(inputs, dims, Dim.DYNAMIC), strict=strict)
-            why = "; ".join(getattr(ep, "_guards_code", []))[:300] or "a guard of the model's code"
-        except Exception as exc:  # a dim the model pins: keep the others dynamic (Dim.AUTO) and say why
-            why = _why(exc)
+        while trying:
+            free = trying.pop(0)
+            if not free:
+                continue
             try:
-                ep = torch.export.export(module, args, dynamic_shapes=_spec(inputs, dims, Dim.AUTO), strict=strict)
-            except Exception as again:  # Dim.AUTO itself failed: static shapes
-                why = f"{why}; with the others dynamic: {_why(again)}"
-                return torch.export.export(module, args, strict=strict), describe(dims, set(), why)
-    return ep, describe(dims, dynamic_dims(ep), why)
+                ep = torch.export.export(module, _widened(inputs, free), dynamic_shapes=_spec(inputs, free, Dim.DYNAMIC), strict=strict)
+            except Exception as exc:  # a dim the model pins, or an export failure of any kind: try fewer dims
+                why = why or _why(exc)
+                continue
+            _unpin_one(ep, inputs, free)
+            kept = dynamic_dims(ep) & free.keys()
+            if kept == free.keys():
+                return ep, describe(dims, kept, why)
+            why = why or _guards(ep)
+            trying = [{k: v for k, v in free.items() if k in kept}] if kept else []
+    return torch.export.export(module, tuple(inputs), strict=strict), describe(dims, set(), why or "no tensor inputs")

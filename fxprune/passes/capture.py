@@ -165,7 +165,10 @@ def _inline_contexts(gm: torch.fx.GraphModule) -> None:
 
 
 def _exported(ep: torch.export.ExportedProgram, how: str) -> torch.fx.GraphModule:
-    gm = ep.module()
+    """``ep``'s graph as a plain GraphModule: ``ep.module()`` refuses train()/eval() and checks its inputs
+    in forward pre-hooks that module copies (the selectors' detached copies) do not keep working."""
+    program = ep.module()
+    gm = torch.fx.GraphModule(program, program.graph, type(program).__name__)
     _inline_contexts(gm)
     for m in gm.modules():  # its ops are fixed; the flag tells exporters (ONNX) that the result is for inference, as pruned
         m.training = False

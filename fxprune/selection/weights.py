@@ -3,6 +3,8 @@ atom's weights, and the scale of the norm layer that follows it (bn_scale)."""
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx
 import torch.nn.functional as F
@@ -86,12 +88,24 @@ class L2(LpNorm):
 
 _NORM_MODULES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 _NORM_FUNCS = {F.batch_norm, F.instance_norm, F.group_norm, F.layer_norm}
+_PRODUCTS = {torch.mul, operator.mul}
+
+
+def _scale(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str | None:
+    """The 1-d parameter that ``node``, an element-wise product, scales its other operand by (an RMSNorm's
+    gamma, as tracing and torch.export record ``weight * x``), else None."""
+    if node.op != "call_function" or canonical(node.target) not in _PRODUCTS or len(node.args) != 2:
+        return None
+    params = dict(gm.named_parameters())
+    names = [a.target for a in node.args if isinstance(a, torch.fx.Node) and a.op == "get_attr" and a.target in params]
+    return names[0] if len(names) == 1 and params[names[0]].dim() == 1 else None
 
 
 def norm_weights(gm: torch.fx.GraphModule) -> set[str]:
-    """Qualified names of the affine weights (gamma) of the normalization layers ``gm`` calls."""
+    """Qualified names of the affine weights (gamma) of the normalization layers ``gm`` calls, and of the
+    1-d parameters that scale a tensor element-wise (RMSNorm's gamma, which graphs record as a product)."""
     modules = dict(gm.named_modules())
-    found = set()
+    found = {name for node in gm.graph.nodes if (name := _scale(gm, node)) is not None}
     for node in gm.graph.nodes:
         if node.op == "call_module" and isinstance(modules[node.target], _NORM_MODULES):
             if getattr(modules[node.target], "weight", None) is not None:
