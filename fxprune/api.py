@@ -23,7 +23,8 @@ from .core.graph import DependencyGraph, Plan
 from .pipeline import DEFAULT_INPUT_SHAPE, Inputs, Model
 from .report import Report
 from .selection.strategy import Chooser, Strategy
-from .latency.timing import caching
+from .latency import timing
+from .latency.cache import caching
 
 __all__ = ["compile", "analyze", "prune", "keep_only_classes", "report", "count_flops", "DEFAULT_INPUT_SHAPE"]
 
@@ -55,6 +56,7 @@ def compile(  # noqa: A001 - the product's verb
     keep_classes: Sequence[int] | None = None,
     cache: bool = True,
     on_noise: str = "raise",
+    threads: int | None = None,
     **options: Any,
 ) -> nn.Module:
     """Prune ``model`` to a FLOPs or latency budget and return a new, smaller ``torch.fx.GraphModule`` (for a
@@ -65,12 +67,14 @@ def compile(  # noqa: A001 - the product's verb
     matmul as counted by ``FlopCounterMode``), ``ratio`` (fraction of those FLOPs to remove), ``speedup``
     (the result's measured latency is at most the original's divided by it) or ``target_latency_ms``.
     Latency is measured on the device that holds the model, at the batch size of ``example_inputs``, with
-    the current thread count, in eval mode under no_grad (see ``measure_latency``); a latency cost model
-    built from timings of the model's own layers picks the widths, and the result is measured, and
-    re-selected until the target holds: until the interval of its measured speed-up, timed in turns with
-    the original, clears the target (see reach.py). A machine too noisy to decide raises
-    ``MeasurementError`` (``on_noise="warn"``: the best result is returned with a warning that gives its
-    interval). Stable timings are cached on disk (``$FXPRUNE_CACHE_DIR``, default ``~/.cache/fxprune``) per
+    ``threads`` intra-op threads (default: torch's current count; give the count you deploy with), in eval
+    mode under no_grad (see ``measure_latency``). The machine is checked for about 2 s first: one too
+    noisy to decide the target, or whose threads stall on cores that other work holds, raises
+    ``MeasurementError`` at once, saying what was measured and what to do. Then a latency cost model
+    built from timings of the model's own layers picks the widths, and each candidate is timed in turns
+    with the original until the interval of its speed-up decides the target (see latency/reach.py). A
+    machine too noisy to decide raises ``MeasurementError`` (``on_noise="warn"``: the best result is
+    returned with a warning that gives its interval). Stable timings are cached on disk (``$FXPRUNE_CACHE_DIR``, default ``~/.cache/fxprune``) per
     device, torch version, thread count and dtype, and a cached result is timed once more before it is
     returned; ``cache=False`` neither reads nor writes the cache (``fxprune cache clear`` empties it).
     ``example_inputs`` defaults to one seeded ``torch.randn(1, 3, 224, 224)``. ``ignore`` names modules
@@ -90,9 +94,10 @@ def compile(  # noqa: A001 - the product's verb
     without one). ``mode``: "per_group" (the default: every group
     loses the same fraction) or "global" (all channels ranked together; always for gflops_aware, latency_aware and latency_per_flop). Every
     pruned group keeps at least ``min_width`` channel atoms and a multiple of ``round_to`` channels (of
-    its half, quarter... when the group is narrower); ``round_to="auto"`` (the default) measures which
-    multiple is fastest on this device (see latency.py), and falls back to finer multiples when its own
-    leaves the target out of reach, saying so in the report. ``equal_widths``: layers that repeat (the same
+    its half, quarter... when the group is narrower); ``round_to="auto"`` (the default) is 8 for a FLOPs
+    target (on any machine; 1 for a model without a layer of 64 channels or more) and, for a latency
+    target, the multiple of 8 or 16 measured fastest on this device (see latency/costmodel.py); it falls
+    back to finer multiples when its own leaves the target out of reach, saying so in the report. ``equal_widths``: layers that repeat (the same
     parameters but for the layer index) keep equal widths; by default true for Hugging Face models under
     per-group budgets (their configs hold one size per model), else false. See passes/select.py for the exact rules.
 
@@ -102,17 +107,29 @@ def compile(  # noqa: A001 - the product's verb
     Under ``torch.distributed`` every rank gets rank 0's plan.
     """
     target = pipeline.Target.of(on_noise, target_gflops=target_gflops, ratio=ratio, speedup=speedup, target_latency_ms=target_latency_ms)
+    _check_threads(threads, target)
     chosen = Strategy.of(strategy, **_default_selector(strategy, target, options)).for_model(model)
     with caching(cache):
         job = pipeline.restrict_classes_first(model, example_inputs, chosen, keep_classes, verify)
         a = pipeline.analyze(job.model, job.inputs, ignore, chosen.seed)
-        pruned, job.chooser = _reach(a, pipeline.measure_round_to(a, job.chooser), target, chosen.seed, verify)
+        with timing.threads(threads):
+            pruned, job.chooser = _reach(a, pipeline.measure_round_to(a, job.chooser, target.measured), target, chosen.seed, verify)
     if not target.measured and target.macs(a.flops.total) >= a.flops.total and keep_classes is None:  # keeping classes is a reason too
         note = (f"the target ({target.describe()}) asks for no pruning: the model has {2 * a.flops.total / 1e9:.4g} GFLOPs; "
                 "nothing was removed")
         warnings.warn(f"fxprune.compile: {note}", stacklevel=2)
         pruned.meta[keys.RECORD]["report"]["notes"].append(note)
     return pipeline.record_run(job, pruned, report(pruned))
+
+
+def _check_threads(threads: int | None, target: pipeline.Target) -> None:
+    if threads is None:
+        return
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ArgumentError(f"threads must be a positive integer (the thread count you deploy with), got {threads!r}")
+    if not target.measured:
+        raise ArgumentError(f"threads={threads} sets the thread count a latency target is measured at; {target.describe()} is a FLOPs "
+                            "target, which takes no timing: leave threads out, or ask for speedup= or target_latency_ms=")
 
 
 LATENCY_WITH_DATA = "bn_taylor"

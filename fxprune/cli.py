@@ -36,7 +36,7 @@ from . import __version__, api, pipeline
 from .render import draw
 from .render import picture
 from .archive import serialize
-from .latency import timing
+from .latency.cache import cache_path
 from .core import metakeys as keys
 from .errors import ArgumentError, FxPruneError
 from .report import Report
@@ -187,6 +187,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--ignore", action="append", default=[], metavar="MODULE", help="keep this module's output channels (repeatable)")
     c.add_argument("--no-verify", action="store_true", help="skip the numerical check of the result")
     c.add_argument("--no-cache", action="store_true", help="neither read nor write the timing cache (latency targets, round_to auto)")
+    c.add_argument("--threads", type=int, metavar="N", help="latency targets: measure at N intra-op threads, the count you deploy "
+                   "with (default: torch's, here %d); 1 holds up when other work shares the cores" % torch.get_num_threads())
     c.add_argument("--on-noise", choices=pipeline.NOISE_POLICIES, default="raise",
                    help="latency targets on a machine too noisy to decide: raise (default, exit 1) or warn and return the best "
                         "result with its interval")
@@ -208,7 +210,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cache(action: str) -> None:
-    path = timing.cache_path()
+    path = cache_path()
     if action == "clear":
         path.unlink(missing_ok=True)
         print(f"cleared {path}")
@@ -232,7 +234,7 @@ def _compile(args: argparse.Namespace, model: nn.Module, x: torch.Tensor, strate
     start = time.perf_counter()
     pruned = api.compile(model, **{k: getattr(args, k) for k in pipeline.Target.keywords()}, example_inputs=x, strategy=strategy,
                          ignore=args.ignore, verify=not args.no_verify, keep_classes=args.keep_classes, cache=not args.no_cache,
-                         on_noise=args.on_noise)
+                         on_noise=args.on_noise, threads=args.threads)
     rep = api.report(pruned)
     print(rep.to_markdown() if args.markdown else rep)
     verified = "verified" if "verified" in pruned.meta[keys.RECORD] else "not verified"

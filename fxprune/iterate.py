@@ -144,7 +144,7 @@ def prune_iteratively(
     goal = target.macs(start)
     if goal > start:
         raise ArgumentError(f"target_gflops={target_gflops} is above the model's {2 * start / 1e9:.4g} GFLOPs")
-    measured = pipeline.measure_round_to(a, job.chooser)
+    measured = pipeline.measure_round_to(a, job.chooser, timed=False)
     job.chooser = chooser = pipeline.reachable(a, measured, goal)
     fallback = pipeline.fallback_note(measured, chooser, target.describe())
     tapping = coarse and hasattr(chooser.selector, "tap")

@@ -39,7 +39,8 @@ from .archive.record import provenance
 from .report import Report
 from .selection.stats import ClassSubset
 from .selection.strategy import Chooser, Strategy
-from .latency.timing import Setting, TimingCache
+from .latency.cache import TimingCache
+from .latency.timing import Setting
 
 __all__ = ["DEFAULT_INPUT_SHAPE", "Inputs", "Model", "Analysis", "Target", "Job", "example_inputs", "check_model", "analyze",
            "measure_round_to", "finer", "close", "reachable", "CLOSE", "fallback_note", "select_plan", "rewrite_verify_record",
@@ -232,12 +233,17 @@ class Target:
         return next(f"{k}={getattr(self, f.name):g}" for k, f in self.keywords().items() if getattr(self, f.name) is not None)
 
 
-def measure_round_to(a: Analysis, chooser: Chooser) -> Chooser:
-    """``chooser`` with ``round_to="auto"`` replaced by the multiple measured on ``a`` (``costmodel.fast_multiple``)."""
+def measure_round_to(a: Analysis, chooser: Chooser, timed: bool) -> Chooser:
+    """``chooser`` with ``round_to="auto"`` made a number: for a latency target (``timed``) the multiple
+    measured fastest on ``a`` (``costmodel.fast_multiple``), for a FLOPs target the one decided without
+    the clock (``costmodel.steady_multiple``), so that a FLOPs target gives the same plan at any moment."""
     if chooser.strategy.round_to != "auto":
         return chooser
-    multiple = costmodel.fast_multiple(a.gm, a.graph, Setting.of(a.gm, a.inputs), TimingCache())
-    log.info("round_to='auto': widths are multiples of %d on this device", multiple)
+    if timed:
+        multiple = costmodel.fast_multiple(a.gm, a.graph, Setting.of(a.gm, a.inputs), TimingCache())
+        log.info("round_to='auto': widths are multiples of %d, measured fastest on this device", multiple)
+    else:
+        multiple = costmodel.steady_multiple(a.gm, a.graph)
     return replace(chooser, strategy=replace(chooser.strategy, round_to=multiple), measured=True)
 
 

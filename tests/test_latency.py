@@ -20,7 +20,8 @@ import fxprune
 from fxprune import pipeline
 from fxprune.latency import costmodel, timing
 from conftest import X16, FlopClock, fake_measure, flop_ms, layer_latency, two_groups, width
-from fxprune.latency.timing import Latency, Setting, TimingCache, measure_in_turns
+from fxprune.latency.cache import TimingCache
+from fxprune.latency.timing import Latency, Setting, measure_in_turns
 
 X = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
@@ -282,38 +283,133 @@ class Bursts:
 @pytest.mark.parametrize("seed", range(3))
 def test_bursts_that_slow_the_original_never_make_a_false_claim(monkeypatch: pytest.MonkeyPatch, share: float, seed: int) -> None:
     """Whatever share of the original's timings a burst slows 2-3x, a result is returned only when its
-    true speed-up (the clock's charge without bursts) meets the target; otherwise compile refuses."""
+    true speed-up (the clock's charge without bursts) meets the target; otherwise compile refuses, and
+    only because of the noise. Light bursts are seen through: a result comes back."""
     clock = FlopClock(Bursts(share, seed))
     monkeypatch.setattr(timing, "time_calls", clock)
     monkeypatch.setattr(costmodel, "layer_ms", layer_latency)
     net = Net().eval()
     try:
         pruned = fxprune.compile(net, speedup=2.0, example_inputs=X, verify=False, cache=False)
-    except (fxprune.MeasurementError, fxprune.TargetUnreachableError):
-        assert share > 0.2  # light bursts are seen through
+    except fxprune.MeasurementError as exc:
+        assert share > 0.2, f"light bursts refused: {exc}"
+        assert exc.noise is not None and "noisy" in str(exc)
         return
     record = pruned.meta["fxprune"]["report"]["latency"]
     truth = flop_ms(net, (X,)) / flop_ms(pruned, (X,))
     assert truth >= 2.0 and record["interval"][0] >= 2.0
 
 
-def test_a_machine_too_noisy_to_decide_raises_or_warns_with_the_interval(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every other timing, at random, takes 10x as long: no result can be told from its target."""
+def test_a_machine_too_noisy_to_decide_raises_or_warns(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every other timing, at random, takes 10x as long: the machine check refuses before any search,
+    saying what it measured; with on_noise="warn" the search runs anyway and its result says how sure it is."""
     def noisy_clock() -> None:
         rng = random.Random(0)
         monkeypatch.setattr(timing, "time_calls", FlopClock(lambda model: rng.choice((1.0, 10.0))))
 
     monkeypatch.setattr(costmodel, "layer_ms", layer_latency)
+    timed: list[nn.Module] = []
+    monkeypatch.setattr(costmodel, "layer_ms", lambda layer, x: timed.append(layer) or layer_latency(layer, x))
     noisy_clock()
-    with pytest.raises(fxprune.MeasurementError, match=r"too noisy .* interval .*Close other work") as info:
-        fxprune.compile(Net().eval(), speedup=1.5, example_inputs=X, verify=False, cache=False)
-    low, high = info.value.interval
-    assert low < 1.5 < high or info.value.noise > 0.05
+    with pytest.raises(fxprune.MeasurementError, match=r"cannot be decided .*too noisy .*bursts of other work hit [5-9]\d% of the rounds"):
+        fxprune.compile(Net().eval(), speedup=1.5, example_inputs=X, verify=False, cache=False, round_to=8)
+    assert not timed  # refused before the search timed anything
     noisy_clock()
-    with pytest.warns(UserWarning, match=r"too noisy .* interval"):
+    with pytest.warns(UserWarning, match=r"cannot be decided .* Searching anyway"):
         pruned = fxprune.compile(Net().eval(), speedup=1.5, example_inputs=X, verify=False, cache=False, on_noise="warn")
     record = pruned.meta["fxprune"]["report"]["latency"]
-    assert record["speedup"] >= 1.5 and record["interval"][0] < 1.5
+    assert record["interval"][0] <= record["speedup"] <= record["interval"][1]
+
+
+class Contention:
+    """Other PyTorch work on the cores, in bursts longer than a round, on a virtual clock that advances
+    by what it charges: while a burst lasts, every call takes twice as long (the cores are shared) plus,
+    on more than one thread, ``stall`` ms (threads waiting for each other), which slows a small model
+    more than a large one, so ratios lean towards 1."""
+
+    def __init__(self, bursts: list[tuple[float, float]], stall: float = 200.0) -> None:
+        self.clock, self.now, self.bursts, self.stall = FlopClock(), 0.0, bursts, stall
+
+    def busy(self) -> bool:
+        return any(start <= self.now < end for start, end in self.bursts)
+
+    def __call__(self, model, inputs, calls, sync) -> float:
+        ms = self.clock.true_ms(model, inputs)
+        if self.busy():
+            ms = 2 * ms + (self.stall if torch.get_num_threads() > 1 else 0.0)
+        self.now += ms * calls
+        return ms
+
+
+@pytest.mark.parametrize("length", [20, 80, 160, 10 ** 4])
+def test_contention_in_long_bursts_never_over_prunes(monkeypatch: pytest.MonkeyPatch, length: int) -> None:
+    """Contention starts right after the machine check and lasts ``length`` forwards of the original
+    (longer than a round; 10**4: to the end): timings taken in it are timed again or refused, and a
+    result comes back only when it truly meets the target and is at most 1.3x past it. (Without the
+    check on the original's drift, 160 returned 2.03x "because the widths step" and 10**4 returned a
+    2.52x result reported as 1.52x.)"""
+    monkeypatch.setattr(costmodel, "layer_ms", layer_latency)
+    net = Net().eval()
+    full = flop_ms(net, (X,))
+    monkeypatch.setattr(timing, "time_calls", Contention([(21 * full, (21 + length) * full)]))
+    with timing.threads(2):
+        try:
+            pruned = fxprune.compile(net, speedup=1.5, example_inputs=X, verify=False, cache=False, round_to=1)
+        except fxprune.MeasurementError as exc:
+            assert length > 80 and "load changed" in str(exc)
+            return
+    assert 1.5 <= full / flop_ms(pruned, (X,)) <= 1.3 * 1.5
+
+
+def test_timings_that_contradict_the_width_order_are_timed_again_or_refused(monkeypatch: pytest.MonkeyPatch,
+                                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """The first candidate times 1.3x its FLOPs' cost (it misses 1.5x), so the search tries a narrower
+    one, which a burst makes 3x slower for its first ``burst`` calls: narrower and slower than a wider
+    one contradicts the width order. Both are timed again; a burst that has passed lets the search go
+    on to a result that truly meets the target, one that lasts gets MeasurementError."""
+    monkeypatch.setattr(costmodel, "layer_ms", layer_latency)
+    net = Net().eval()
+
+    def install(burst: int) -> None:
+        clock, seen, calls = FlopClock(), [], {}
+
+        def factor(model: nn.Module) -> float:
+            seen.append(model) if model not in seen else None
+            calls[id(model)] = calls.get(id(model), 0) + 1
+            if len(seen) > 1 and model is seen[1]:
+                return 1.3
+            return 3.0 if len(seen) > 2 and model is seen[2] and calls[id(model)] <= burst else 1.0
+
+        clock.factor = factor
+        monkeypatch.setattr(timing, "time_calls", clock)
+
+    install(burst=10 ** 6)
+    with caplog.at_level("INFO", logger="fxprune"), pytest.raises(fxprune.MeasurementError, match="contradict the widths"):
+        fxprune.compile(net, speedup=1.5, example_inputs=X, verify=False, cache=False, round_to=1)
+    assert "timing both again" in caplog.text
+    caplog.clear()
+    install(burst=18)
+    with caplog.at_level("INFO", logger="fxprune"):
+        pruned = fxprune.compile(net, speedup=1.5, example_inputs=X, verify=False, cache=False, round_to=1)
+    assert "timing both again" in caplog.text
+    assert flop_ms(net, (X,)) / flop_ms(pruned, (X,)) >= 1.5
+
+
+def test_stalled_threads_refuse_in_seconds_and_name_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two threads stall (a 2-thread call takes 4x a 1-thread one): the machine check refuses before any
+    layer is timed and names threads=1; at threads=1 the same target is met, and the latency says 1 thread."""
+    clock = FlopClock(lambda model: 4.0 if torch.get_num_threads() > 1 else 1.0)
+    monkeypatch.setattr(timing, "time_calls", clock)
+    timed = []
+    monkeypatch.setattr(costmodel, "layer_ms", lambda layer, x: timed.append(layer) or layer_latency(layer, x))
+    with timing.threads(2), pytest.raises(fxprune.MeasurementError, match=r"2 threads stall .*threads=1 \(--threads 1\)"):
+        fxprune.compile(Net().eval(), speedup=1.5, example_inputs=X, verify=False, cache=False, round_to=8)
+    assert not timed
+    with timing.threads(2):
+        pruned = fxprune.compile(Net().eval(), speedup=1.5, example_inputs=X, verify=False, cache=False, threads=1)
+        assert torch.get_num_threads() == 2
+    record = fxprune.report(pruned).latency
+    assert record["threads"] == 1 and record["interval"][0] >= 1.5 and "1 threads" in fxprune.report(pruned).summary()
 
 
 def test_a_plan_that_removes_nothing_never_reports_a_speedup(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -51,9 +51,10 @@ from ..core.fxutil import arg, is_get_attr
 from ..core.graph import NEVER_REMOVED, DependencyGraph, Family, FlopTerm
 from ..core.optable import canonical
 from ..core.widths import WidthRule
-from .timing import Latency, Setting, TimingCache, layer_ms
+from .cache import TimingCache
+from .timing import Latency, Setting, layer_ms
 
-__all__ = ["Layer", "Traffic", "LatencyModel", "fast_multiple", "MULTIPLES"]
+__all__ = ["Layer", "Traffic", "LatencyModel", "fast_multiple", "steady_multiple", "MULTIPLES"]
 
 MULTIPLES = (8, 16)
 GRID = (0.25, 0.5, 0.75, 1.0)
@@ -343,16 +344,35 @@ class LatencyModel:
         return {"best_speedup": self.total / smallest}
 
 
-def fast_multiple(gm: torch.fx.GraphModule, graph: DependencyGraph, setting: Setting, cache: TimingCache) -> int:
-    """The channel multiple that ``round_to="auto"`` stands for on this model and device (module docstring)."""
-    layers, removable = measurable_layers(gm, graph), removable_atoms(graph)
+def _timed_layers(layers: dict[int, Layer], graph: DependencyGraph) -> list[int]:
+    """The layers ``fast_multiple`` times: the two costliest dense ones and the costliest depthwise conv
+    wide enough for its window, not dilated (module docstring)."""
     ranked = [i for i in sorted(layers, key=lambda i: -graph.flop_terms[i].macs)
               if layers[i].sizes[-1] >= 2 * WINDOW and not layers[i].dilated]
     dense = [i for i in ranked if layers[i].groups == 1]
     depthwise = [i for i in ranked if layers[i].multiplier == 1]
-    chosen = list({layers[i].key(layers[i].sizes): i for i in dense[:2] + depthwise[:1]}.values())
+    return list({layers[i].key(layers[i].sizes): i for i in dense[:2] + depthwise[:1]}.values())
+
+
+def _narrow_multiple(layers: dict[int, Layer]) -> int:
+    """The multiple of a model with no layer wide enough to time: 1, or 8 with grouped convs."""
+    return GROUPED if any(layer.grouped for layer in layers.values()) else 1
+
+
+def steady_multiple(gm: torch.fx.GraphModule, graph: DependencyGraph) -> int:
+    """``round_to="auto"`` without the clock, for FLOPs targets: 8, the multiple ``fast_multiple`` picks
+    unless 16's widths run faster, on every model wide enough to time; so the same model and target give
+    the same plan on any machine, at any load."""
+    layers = measurable_layers(gm, graph)
+    return MULTIPLES[0] if _timed_layers(layers, graph) else _narrow_multiple(layers)
+
+
+def fast_multiple(gm: torch.fx.GraphModule, graph: DependencyGraph, setting: Setting, cache: TimingCache) -> int:
+    """The channel multiple that ``round_to="auto"`` stands for on this model and device, for latency targets (module docstring)."""
+    layers, removable = measurable_layers(gm, graph), removable_atoms(graph)
+    chosen = _timed_layers(layers, graph)
     if not chosen:
-        return GROUPED if any(layer.grouped for layer in layers.values()) else 1
+        return _narrow_multiple(layers)
     slowdown = dict.fromkeys(MULTIPLES, 0.0)
     for i in chosen:
         layer, c_in = layers[i], layers[i].sizes[0]

@@ -1,28 +1,28 @@
-"""reach: a latency target (``speedup=``, ``target_latency_ms=``) met as measured, never claimed on noise.
+"""reach: a latency target (``speedup=``, ``target_latency_ms=``) met as measured, in seconds, never claimed on noise.
 
 Both targets are a goal for the ratio of the result's time to the original's, timed in turns
-(``timing.compare``): 1 / speedup, or the target's milliseconds over the original's. The original is first
-timed against itself (an A/A pair), which gives its milliseconds and the machine's noise. The latency
-model turns the goal into an estimated-milliseconds budget; each round selects a plan, rewrites it and
-compares the result with the original, taking more rounds while the ratio's interval holds the goal.
+(``timing.compare``): 1 / speedup, or the target's milliseconds over the original's. First the machine
+is checked for a few seconds (``machine.check``): a machine whose noise or stalls could not decide the
+target gets ``MeasurementError`` at once, with the figures and what to do. Then the latency model
+proposes and the clock confirms: each candidate is the plan the model puts at the current budget, timed
+against the original until its interval decides the goal (``FEWEST`` rounds or more; rounds hit by a
+burst are dropped). A result meets the goal when its whole interval, widened by the A/A noise, does.
 
-A result meets the goal when its whole interval does. A measured ratio far from the latency model's
-estimate (outside ``BAND``) is timed again before it is believed; a plan that removes nothing is never
-timed (its ratio is 1). Until one result meets the aim (``MARGIN`` below the goal) and one misses it, the
-next budget is the last estimate scaled by aim / measured (at most 2x either way); then it moves between
-the closest pair by linear interpolation (measured latency is not monotone in the widths). It stops at a
-result that meets the goal within 6% of the aim. The slowest result that meets the goal wins; when it
-is more than ``OVERSHOOT`` times faster than asked while wider results were left undecided by the noise,
-those are timed again with more rounds, and a machine too noisy to decide them raises
-``MeasurementError`` rather than return a model pruned far past its target. If none
-does, ``MeasurementError`` says when the noise kept the best one from being decided (or, with
-``on_noise="warn"``, that one is returned with a warning and its interval), else
-``TargetUnreachableError`` names the best speed-up measured.
+Until one result meets the aim (``MARGIN`` below the goal) and one misses it, the next budget is the last
+estimate scaled by aim / measured (at most 2x either way); then it moves between the closest pair by
+linear interpolation. It stops at a result that meets the goal within 6% of the aim. A measured ratio
+far from the model's estimate (outside ``BAND``) is timed again before it is believed, and so are two
+timings that contradict the width order (a plan with more channels in every group measured faster
+than one with fewer, beyond the noise): if they still do, the machine changed under the search, and it
+refuses. The slowest result that meets the goal wins; when it is more than ``OVERSHOOT`` times faster
+than asked, the nearest wider results are timed again, and a plan between the two is tried; a result
+that far past the target is returned only when the widths step from one to the other (the report says
+so), never when the noise left nearer ones undecided.
 
 Comparisons are cached (``TimingCache``) under the captured architecture and the result's widths, only
-when stable; a result chosen from cached comparisons is timed once more, briefly, against the original
-before it is returned, and that timing is the one reported; a cache that no longer holds (the new
-timing misses the goal) is dropped and the search runs afresh.
+when stable; a result chosen from cached comparisons is timed once more against the original before it
+is returned, and that timing is the one reported; a cache that no longer holds is dropped and the
+search runs afresh, once.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -39,16 +40,18 @@ import torch.fx
 from torch import nn
 
 from . import costmodel
+from .cache import TimingCache
+from .machine import SECONDS, Machine, check
+from .timing import CONFIDENCE, STABLE, Comparison, Setting, compare
 from ..core.dataflow import layers
-from ..errors import MeasurementError, TargetUnreachableError
 from ..core.graph import Plan
 from ..core.masks import removed_mask
+from ..errors import MeasurementError, TargetUnreachableError
 from ..passes.rewrite import rewrite
 from ..pipeline import Analysis, Target, select_plan
 from ..selection.strategy import Chooser
-from .timing import CONFIDENCE, Comparison, Setting, TimingCache, compare
 
-__all__ = ["reach", "ROUNDS", "MARGIN", "BAND", "OVERSHOOT"]
+__all__ = ["reach", "ROUNDS", "MARGIN", "BAND", "OVERSHOOT", "DRIFT", "ORDER"]
 
 log = logging.getLogger("fxprune")
 
@@ -59,12 +62,19 @@ MARGIN = 0.06
 """A latency target aims this much below its goal, so that the goal holds when the user measures again."""
 
 BAND = 1.5
-"""A measured speed-up more than this factor away from the latency model's estimate is timed again. On
-quiet runs the two agreed within 1.47x (8 targets, median 1.10); under load they were 1.68x apart
-(docs/latency.md, "Estimated against measured")."""
+"""A measured speed-up more than this factor away from the latency model's estimate is timed again."""
 
 OVERSHOOT = 1.3
-"""A result more than this many times faster than asked for gets a note saying why (the widths' steps)."""
+"""A result more than this many times faster than asked is returned only when the widths force the step."""
+
+DRIFT = 1.3
+"""A comparison whose original ran this many times slower or faster than during the machine check was
+taken under another load (contention slows the original too, and a ratio taken while other work stalls
+our threads is biased towards 1): it is timed again, and a search whose load keeps changing refuses."""
+
+ORDER = 0.05
+"""How much faster than a narrower plan a wider one may time (beyond the noise) before the two timings
+are taken to contradict each other: kernels step with the width, so a few percent happen."""
 
 
 @dataclass(frozen=True)
@@ -81,6 +91,12 @@ class Trial:
     def ratio(self) -> float:
         return self.comparison.ratio
 
+    def wider(self, other: Trial) -> bool:
+        """Every group keeps at least as many channels here as in ``other``, and some group more (a group
+        a plan does not name is kept whole)."""
+        mine, theirs = _kept(self.plan), _kept(other.plan)
+        return mine != theirs and all(mine.get(g, math.inf) >= theirs.get(g, math.inf) for g in {*mine, *theirs})
+
 
 class Clock:
     """Comparisons of pruned candidates with the original, kept in the ``TimingCache`` under the captured
@@ -91,25 +107,8 @@ class Clock:
         parts = [a.gm.code, *(f"{n}{list(t.shape)}" for n, t in (*a.gm.named_parameters(), *a.gm.named_buffers())),
                  *(f"{list(t.shape)} {t.dtype}" for t in a.inputs if isinstance(t, torch.Tensor))]
         self.prefix = f"model {hashlib.sha1(chr(10).join(parts).encode()).hexdigest()} "
-        self.rounds = 15
         self.timed = 0
         self.pruned: dict[str, tuple[torch.fx.GraphModule, nn.Module]] = {}  # widths -> (rewritten graph, result)
-
-    def _compare(self, key: str, candidate: Any, goal: float | None, rounds: int) -> tuple[Comparison, bool]:
-        def measure() -> list[Any]:
-            self.timed += 1
-            return compare(self.a.model, candidate(), self.a.inputs, rounds=rounds, goal=goal).to_row()
-
-        timed = self.timed
-        row = self.cache.get(self.setting, self.prefix + key, measure, lambda r: Comparison.from_row(r, self.setting).stable)
-        self.cache.save()
-        return Comparison.from_row(row, self.setting), self.timed == timed
-
-    def baseline(self) -> Comparison:
-        """The original against itself: its milliseconds and the machine's noise."""
-        c, _ = self._compare("original", lambda: self.a.model, None, 15)
-        self.rounds = max(9, min(31, int(3000 / (3 * c.before.median_ms))))
-        return c
 
     def result(self, plan: Plan) -> tuple[torch.fx.GraphModule, nn.Module]:
         widths = _widths(plan)
@@ -119,13 +118,24 @@ class Clock:
         return self.pruned[widths]
 
     def compare(self, plan: Plan, goal: float, turn: int = 1) -> tuple[Comparison, bool]:
-        """``plan``'s result against the original (``turn``: the how-manieth timing of this pair); whether it was cached."""
-        return self._compare(f"widths {_widths(plan)} timing {turn}", lambda: self.result(plan)[1], goal, self.rounds * turn)
+        """``plan``'s result against the original (``turn``: the how-manieth timing of this pair; later
+        ones may take more rounds); whether it was read from the cache."""
+        def measure() -> list[Any]:
+            self.timed += 1
+            first = turn == 1
+            return compare(self.a.model, self.result(plan)[1], self.a.inputs, goal=goal, most=20 if first else 30,
+                           seconds=10.0 if first else 15.0).to_row()
+
+        timed = self.timed
+        row = self.cache.get(self.setting, f"{self.prefix}widths {_widths(plan)} timing {turn}", measure,
+                             lambda r: Comparison.from_row(r, self.setting).stable)
+        self.cache.save()
+        return Comparison.from_row(row, self.setting), self.timed == timed
 
     def recheck(self, plan: Plan) -> Comparison:
-        """A short timing of ``plan``'s result against the original, never cached."""
+        """A timing of ``plan``'s result against the original, never cached."""
         self.timed += 1
-        return compare(self.a.model, self.result(plan)[1], self.a.inputs, rounds=max(9, self.rounds // 2), most=0)
+        return compare(self.a.model, self.result(plan)[1], self.a.inputs, seconds=5.0)
 
     def drop(self) -> None:
         """Forget every cached comparison of this architecture."""
@@ -133,143 +143,230 @@ class Clock:
         self.cache.save()
 
 
+def _kept(plan: Plan) -> dict[int, int]:
+    return {gid: len(kept) for gid, kept in plan.keep.items()}
+
+
 def _widths(plan: Plan) -> str:
-    return json.dumps({gid: len(kept) for gid, kept in sorted(plan.keep.items())}, separators=(",", ":"))
+    return json.dumps(dict(sorted(_kept(plan).items())), separators=(",", ":"))
 
 
-def reach(a: Analysis, chooser: Chooser, target: Target, seed: int, fresh: bool = False) -> tuple[Plan, torch.fx.GraphModule, dict[str, Any]]:
-    """The plan, rewritten model and measurement record of a latency target (see the module docstring); the
-    selector scores with ``seed``, and one that ranks by cost gets the latency model."""
+def reach(a: Analysis, chooser: Chooser, target: Target, seed: int) -> tuple[Plan, torch.fx.GraphModule, dict[str, Any]]:
+    """The plan, rewritten model and measurement record of a latency target at torch's current thread
+    count (see the module docstring); the selector scores with ``seed``, and one that ranks by cost gets
+    the latency model."""
     setting, cache = Setting.of(a.gm, a.inputs), TimingCache()
-    clock = Clock(a, setting, cache)
-    if fresh:
-        clock.drop()
-    base = clock.baseline()
-    if not base.stable:  # layer timings taken now may sit in a burst; use them, keep none
-        log.info("the original against itself varied by %.1f%%: this compile's timings are not cached", 100 * base.noise)
+    if not a.graph.prunable_groups:
+        raise TargetUnreachableError(f"the latency target {target.describe()} is out of reach: no channel group of the model can be "
+                                     "pruned (see analyze() for why each is frozen), so the best speed-up was 1x", best_speedup=1.0)
+    log.info("checking the machine: timing the original at %d threads%s for about %.0f s", setting.threads,
+             " and at 1 thread" if setting.threads > 1 and setting.device == "cpu" else "", SECONDS)
+    machine = check(a.model, a.inputs)
+    why = machine.refusal()
+    if why is not None:
+        message = f"{target.describe()} cannot be decided on {setting.device} now: {why} Searching anyway (on_noise='warn')."
+        raise_or_warn(target.on_noise, MeasurementError(message.removesuffix(" Searching anyway (on_noise='warn')."), noise=machine.noise),
+                      message)
+    log.info("the original takes %.4g ms at %d threads; its A/A pairs varied by %.1f%%", machine.original.median_ms,
+             setting.threads, 100 * machine.noise)
+    if machine.noise > STABLE:  # layer timings taken now may sit in a burst; use them, keep none
+        log.info("the machine is noisy: this compile's timings are not cached")
         cache.hold()
-    original_ms = base.before.median_ms
-    goal = target.latency_ms / original_ms if target.latency_ms is not None else 1 / target.speedup
-    aim = goal * (1 - MARGIN)
-    model = costmodel.LatencyModel(a.graph, a.flops, a.gm, original_ms, setting, cache, chooser.rule.round_to)
-    scores = chooser.scores(a.graph, a.gm, seed, cost=model)
-    trials = _search(a, chooser, scores, clock, model, base, goal, aim)
-    met = [t for t in trials if t.comparison.meets(goal)]
-    if not met:
-        chosen = _refuse(target, trials, goal, original_ms, setting, chooser)
-    else:
-        chosen = _closest(max(met, key=lambda t: t.ratio), trials, goal, target, clock)
-    c, cached = chosen.comparison, None
-    if chosen.cached:  # a cached claim is checked against the clock before it is returned, and the new timing is what is reported
-        c, cached = clock.recheck(chosen.plan), c.speedup
-        if c.ratio > goal and not fresh:
+    return Search(a, chooser, target, seed, setting, cache, machine).run()
+
+
+class Search:
+    """The search of one latency target (module docstring): candidates proposed by the latency model, timed by the clock."""
+
+    def __init__(self, a: Analysis, chooser: Chooser, target: Target, seed: int, setting: Setting, cache: TimingCache,
+                 machine: Machine) -> None:
+        self.a, self.chooser, self.target, self.setting, self.cache = a, chooser, target, setting, cache
+        self.original, self.noise = machine.original, machine.noise
+        original_ms = self.original_ms = machine.original.median_ms
+        self.goal = target.latency_ms / original_ms if target.latency_ms is not None else 1 / target.speedup
+        self.aim = self.goal * (1 - MARGIN)
+        self.clock = Clock(a, setting, cache)
+        self.model = costmodel.LatencyModel(a.graph, a.flops, a.gm, original_ms, setting, cache, chooser.rule.round_to)
+        self.scores = chooser.scores(a.graph, a.gm, seed, cost=self.model)
+        self.timed = 0  # candidates timed, over both passes
+
+    def run(self) -> tuple[Plan, torch.fx.GraphModule, dict[str, Any]]:
+        for fresh in (False, True):
+            trials = self.search()
+            met = [t for t in trials if t.comparison.meets(self.goal)]
+            chosen = self.refuse(trials) if not met else self.closest(max(met, key=lambda t: t.ratio), trials)
+            c, cached = chosen.comparison, None
+            if not chosen.cached:
+                break
+            c, cached = self.clock.recheck(chosen.plan), c.speedup  # a cached claim is checked, and the new timing reported
+            if c.ratio <= self.goal or fresh:
+                break
             log.warning("the cached timing of this result (%s) did not hold when timed again (%s): timing afresh",
                         chosen.comparison.describe(), c.describe())
-            return reach(a, chooser, target, seed, fresh=True)
-    record = {"target": {"speedup": target.speedup, "latency_ms": target.latency_ms}, "goal_ms": goal * original_ms,
-              "before_ms": c.before.median_ms, "after_ms": c.after.median_ms, "speedup": c.speedup,
-              "interval": [1 / c.high, 1 / c.low], "confidence": CONFIDENCE, "noise": max(c.noise, base.noise),
-              "comparison_rounds": c.rounds, "estimated_speedup": 1 / chosen.estimate, "cached_speedup": cached,
-              "batch": c.before.batch, "device": setting.device, "device_name": setting.device_name, "threads": setting.threads,
-              "dtype": setting.dtype, "timings_taken": cache.measured, "rounds": len(trials), "results_timed": clock.timed,
-              "notes": _overshoot(chosen, trials, goal)}
-    names = {n.name: name for n, (name, _) in layers(a.gm).items()}
-    record["layers_ms"] = {names.get(node, node): ms for node, ms in model.layers(removed_mask(a.graph, chosen.plan)).items()}
-    return chosen.plan, clock.result(chosen.plan)[0], record
+            self.clock.drop()
+        record = {"target": {"speedup": self.target.speedup, "latency_ms": self.target.latency_ms}, "goal_ms": self.goal * self.original_ms,
+                  "before_ms": c.before.median_ms, "after_ms": c.after.median_ms, "speedup": c.speedup,
+                  "interval": [1 / c.high, 1 / c.low], "confidence": CONFIDENCE, "noise": max(c.noise, self.noise),
+                  "comparison_rounds": c.rounds, "estimated_speedup": 1 / chosen.estimate, "cached_speedup": cached,
+                  "batch": c.before.batch, "device": self.setting.device, "device_name": self.setting.device_name,
+                  "threads": self.setting.threads, "dtype": self.setting.dtype, "timings_taken": self.cache.measured,
+                  "rounds": self.timed, "results_timed": self.clock.timed, "notes": _overshoot(chosen, trials, self.goal)}
+        names = {n.name: name for n, (name, _) in layers(self.a.gm).items()}
+        removed = removed_mask(self.a.graph, chosen.plan)
+        record["layers_ms"] = {names.get(node, node): ms for node, ms in self.model.layers(removed).items()}
+        return chosen.plan, self.clock.result(chosen.plan)[0], record
 
+    def plan(self, budget: float) -> Plan:
+        return select_plan(self.a, self.chooser, budget, self.scores, self.model)
 
-def _search(a: Analysis, chooser: Chooser, scores: dict[int, torch.Tensor], clock: Clock, model: costmodel.LatencyModel,
-            base: Comparison, goal: float, aim: float) -> list[Trial]:
-    budget, smallest = aim * model.total, False
-    trials: list[Trial] = []
-    seen: dict[str, Trial] = {}
-    for _ in range(ROUNDS):
-        try:
-            plan = select_plan(a, chooser, budget, scores, model)
-        except TargetUnreachableError as exc:
-            if smallest:
+    def trial(self, plan: Plan, why: str, turn: int = 1) -> Trial:
+        """``plan`` timed against the original (again when far from the model's estimate), with a line that says why."""
+        removed = removed_mask(self.a.graph, plan)
+        estimate = self.model.cost(removed) / self.model.total
+        if not bool(removed.any()):
+            return Trial(plan, Comparison.identical(self.original), 1.0, False)
+        self.timed += 1
+        flops = 1 - self.a.flops.macs(removed) / self.a.flops.total
+        log.info("candidate %d (%s): %.0f%% of the FLOPs removed, %.3gx estimated; timing it against the original",
+                 self.timed, why, 100 * flops, 1 / estimate)
+        c, cached = self.clock.compare(plan, self.goal, turn)
+        if turn == 1 and not 1 / BAND <= c.ratio / estimate <= BAND:
+            log.info("  measured %.3gx against %.3gx estimated: timing it again before believing it", c.speedup, 1 / estimate)
+            c, cached = self.clock.compare(plan, self.goal, turn=2)
+        if not cached and self.drifted(c):
+            log.info("  the original took %.4g ms here against %.4g ms when the machine was checked: the load changed; timing it again",
+                     c.before.median_ms, self.original_ms)
+            c, cached = self.clock.compare(plan, self.goal, turn=turn + 3)
+            if self.drifted(c):
+                raise_or_warn(self.target.on_noise, MeasurementError(
+                    f"the machine's load changed during the search on {self.setting.device}: the original took {c.before.median_ms:.4g} ms "
+                    f"while a candidate was timed, against {self.original_ms:.4g} ms when the machine was checked, twice. Ratios "
+                    "timed under another load do not hold on a quiet machine (other work stalls a small model more than a large "
+                    "one). Close other work and compile again, use threads=1, or prune to FLOPs (target_gflops= or ratio=).",
+                    interval=(1 / c.high, 1 / c.low), noise=c.noise))
+        verdict = {True: "meets", False: "misses", None: "cannot yet be told from"}[c.meets(self.goal)]
+        log.info("  %s%s: %s the %.3gx asked", c.describe(), " (cached)" if cached else "", verdict, 1 / self.goal)
+        return Trial(plan, c, estimate, cached)
+
+    def drifted(self, c: Comparison) -> bool:
+        return not 1 / DRIFT <= c.before.median_ms / self.original_ms <= DRIFT
+
+    def search(self) -> list[Trial]:
+        budget, smallest, why = self.aim * self.model.total, False, "the latency model's plan for the target"
+        trials: list[Trial] = []
+        seen: dict[str, Trial] = {}
+        while len(seen) < ROUNDS and len(trials) < 2 * ROUNDS:
+            try:
+                plan = self.plan(budget)
+            except TargetUnreachableError as exc:
+                if smallest:
+                    break
+                budget, smallest, why = self.model.total / exc.best_speedup, True, "the smallest plan the widths allow"
+                plan = self.plan(budget)
+            widths = _widths(plan)
+            trial = seen.get(widths) or self.trial(plan, why)
+            if widths not in seen:
+                trial = self.ordered(trial, list(seen.values()))
+            seen[widths] = trial
+            trials.append(trial)
+            if trial.comparison.meets(self.goal) and trial.ratio >= 0.94 * self.aim:
                 break
-            budget, smallest = model.total / exc.best_speedup, True
-            plan = select_plan(a, chooser, budget, scores, model)
-        removed = removed_mask(a.graph, plan)
-        estimate = model.cost(removed) / model.total
-        widths = _widths(plan)
-        if widths in seen:  # the budget moved too little to change the widths
-            trial = seen[widths]
-        elif not bool(removed.any()):
-            trial = Trial(plan, Comparison.identical(base.before), 1.0, False)
-        else:
-            c, cached = clock.compare(plan, goal)
-            if not 1 / BAND <= c.ratio / estimate <= BAND:  # far from the model's estimate: time it again first
-                log.info("measured %.3gx against %.3gx estimated: timing it again", c.speedup, 1 / estimate)
-                c, cached = clock.compare(plan, goal, turn=2)
-            trial = Trial(plan, c, estimate, cached)
-        seen[widths] = trial
-        trials.append(trial)
-        c = trial.comparison
-        log.info("round %d: %s, aiming at %.3gx (%.3gx estimated)", len(trials), c.describe(), 1 / aim, 1 / estimate)
-        if c.meets(goal) and c.ratio >= 0.94 * aim:
-            break
-        budget = _next_budget(trials, aim, model.total)
-    return trials
+            budget, why = _next_budget(trials, self.aim, self.model.total)
+        return trials
+
+    def ordered(self, trial: Trial, earlier: list[Trial]) -> Trial:
+        """``trial``, after re-timing it and any earlier trial whose timing contradicts the width order;
+        ``MeasurementError`` when the two still contradict each other (the machine changed under the search)."""
+        for other in earlier:
+            wide, narrow = (trial, other) if trial.wider(other) else (other, trial) if other.wider(trial) else (None, None)
+            if wide is None or not _contradict(wide, narrow):
+                continue
+            log.info("  a plan with more channels timed faster than one with fewer (%.3gx against %.3gx): timing both again",
+                     wide.comparison.speedup, narrow.comparison.speedup)
+            wide2, narrow2 = (self.trial(t.plan, "timed again: the width order", turn=3) for t in (wide, narrow))
+            if _contradict(wide2, narrow2):
+                c = wide2.comparison
+                raise MeasurementError(
+                    f"the timings contradict the widths on {self.setting.device}: a result with more channels in every group measured "
+                    f"{c.speedup:.3g}x, one with fewer {narrow2.comparison.speedup:.3g}x, twice; the machine's load changed under "
+                    "the search. Close other work and compile again, or prune to FLOPs (target_gflops= or ratio=).",
+                    interval=(1 / c.high, 1 / c.low), noise=c.noise)
+            return wide2 if trial is wide else narrow2
+        return trial
+
+    def refuse(self, trials: list[Trial]) -> Trial:
+        """No result met the goal: the noise error when the best one was undecided, else the unreachable one;
+        with ``on_noise="warn"``, an undecided best result whose median meets the goal is returned instead."""
+        best = min(trials, key=lambda t: t.ratio)
+        c = best.comparison
+        asked = f"{self.target.describe()} ({1 / self.goal:.3g}x faster than the original's {self.original_ms:.4g} ms)"
+        if c.meets(self.goal) is None:
+            message = (f"the machine was too noisy to tell whether a result meets {asked} on {self.setting.device}: the best one "
+                       f"measured {c.describe()}. Close other work on the machine and compile again, ask for a target the noise "
+                       "cannot hide (a smaller speed-up), or prune to FLOPs (target_gflops= or ratio=), which needs no timing; "
+                       "on_noise='warn' returns that result with a warning.")
+            return _too_noisy(message, best, self.target.on_noise == "warn" and c.ratio <= self.goal)
+        raise TargetUnreachableError(
+            f"the latency target {asked} is out of reach on {self.setting.device}: the best speed-up measured ({len(trials)} results "
+            f"timed) was {c.speedup:.3g}x ({c.after.median_ms:.4g} ms, {self.chooser.rule}; {CONFIDENCE:.0%} interval "
+            f"{1 / c.high:.3g}-{1 / c.low:.3g}x). Ask for at most that, lower min_width/round_to, or un-freeze groups (see analyze()).",
+            best_speedup=c.speedup,
+        )
+
+    def closest(self, chosen: Trial, trials: list[Trial]) -> Trial:
+        """``chosen``, unless it is more than ``OVERSHOOT`` times faster than asked: then the nearest wider
+        results are timed again (two at most) and a plan between is tried; if that finds none that meets the
+        goal while some stay undecided, the machine was too noisy to find a result near the target."""
+        if not _far(chosen, self.goal):
+            return chosen
+        wider = sorted({_widths(t.plan): t for t in trials if t.wider(chosen) and not t.comparison.meets(self.goal)}.values(),
+                       key=lambda t: t.estimate)
+        undecided = []
+        for t in wider[:2]:
+            again = self.trial(t.plan, "timed again: the result is far past the target", turn=3)
+            trials.append(again)
+            if again.comparison.meets(self.goal):
+                return again
+            undecided += [again] if again.comparison.meets(self.goal) is None else []
+        if wider:
+            plan = self.plan(self.model.total * (chosen.estimate + wider[0].estimate) / 2)
+            if _widths(plan) not in {_widths(t.plan) for t in trials}:
+                between = self.trial(plan, "between the result and the nearest wider plan")
+                trials.append(between)
+                if between.comparison.meets(self.goal):
+                    return self.closest(between, trials) if not _far(between, self.goal) else between
+                undecided += [between] if between.comparison.meets(self.goal) is None else []
+        if not undecided:
+            return chosen
+        message = (f"the machine was too noisy to find a result near {self.target.describe()}: the results that met it measured "
+                   f"{chosen.comparison.speedup:.3g}x and faster (more than {OVERSHOOT:g} times the target), and the one nearer it, "
+                   f"{undecided[0].comparison.describe()}, could not be told from the target. Close other work and compile again, or "
+                   "prune to FLOPs (target_gflops= or ratio=); on_noise='warn' returns the faster result with a warning.")
+        _too_noisy(message, undecided[0], self.target.on_noise == "warn")
+        return chosen
 
 
-def _next_budget(trials: list[Trial], aim: float, total: float) -> float:
-    """The next estimated-ms budget: the last estimate corrected by aim / measured (at most 2x either way),
-    or, once results lie on both sides of the aim, linear interpolation between the closest pair."""
+def _contradict(wide: Trial, narrow: Trial) -> bool:
+    """``wide`` (more channels) timed faster than ``narrow`` beyond both intervals, the noise and ``ORDER``."""
+    w, n = wide.comparison, narrow.comparison
+    return w.rounds > 0 and n.rounds > 0 and w.high * (1 + w.noise) < n.low * (1 - n.noise) * (1 - ORDER)
+
+
+def _next_budget(trials: list[Trial], aim: float, total: float) -> tuple[float, str]:
+    """The next estimated-ms budget and why: the last estimate corrected by aim / measured (at most 2x
+    either way), or, once results lie on both sides of the aim, linear interpolation between the closest pair."""
     fast = [(t.estimate, t.ratio) for t in trials if t.ratio <= aim]
     slow = [(t.estimate, t.ratio) for t in trials if t.ratio > aim]
+    last = trials[-1]
     if not fast or not slow:
-        last = trials[-1]
-        return total * last.estimate * min(2.0, max(0.5, aim / last.ratio))
+        side = "slower" if last.ratio > aim else "faster"
+        return (total * last.estimate * min(2.0, max(0.5, aim / last.ratio)),
+                f"the last one timed {side} than aimed at, {last.comparison.speedup:.3g}x against {1 / aim:.3g}x")
     (e0, m0), (e1, m1) = max(fast), min(slow)
     if e1 <= e0:  # a costlier estimate measured faster: look just above the best fast one
-        return total * e0 * 1.02
+        return total * e0 * 1.02, "just wider than the slowest that met the aim"
     w = min(0.9, max(0.1, (aim - m0) / (m1 - m0)))
-    return total * (e0 + w * (e1 - e0))
-
-
-def _refuse(target: Target, trials: list[Trial], goal: float, original_ms: float, setting: Setting, chooser: Chooser) -> Trial:
-    """No result met the goal: the noise error when the best one was undecided, else the unreachable one;
-    with ``on_noise="warn"``, an undecided best result whose median meets the goal is returned instead."""
-    best = min(trials, key=lambda t: t.ratio)
-    c = best.comparison
-    asked = f"{target.describe()} ({1 / goal:.3g}x faster than the original's {original_ms:.4g} ms)"
-    if c.meets(goal) is None:
-        message = (f"the machine was too noisy to tell whether a result meets {asked} on {setting.device}: the best one measured "
-                   f"{c.describe()}. Close other work on the machine and compile again, ask for a target the noise cannot hide "
-                   "(a smaller speed-up), or prune to FLOPs (target_gflops= or ratio=), which needs no timing; "
-                   "on_noise='warn' returns that result with a warning.")
-        return _too_noisy(message, best, target.on_noise == "warn" and c.ratio <= goal)
-    raise TargetUnreachableError(
-        f"the latency target {asked} is out of reach on {setting.device}: the best speed-up measured ({len(trials)} results timed) "
-        f"was {c.speedup:.3g}x ({c.after.median_ms:.4g} ms, {chooser.rule}; {CONFIDENCE:.0%} interval {1 / c.high:.3g}-"
-        f"{1 / c.low:.3g}x). Ask for at most that, lower min_width/round_to, or un-freeze groups (see analyze()).",
-        best_speedup=c.speedup,
-    )
-
-
-def _closest(chosen: Trial, trials: list[Trial], goal: float, target: Target, clock: Clock) -> Trial:
-    """``chosen``, unless it is more than ``OVERSHOOT`` times faster than asked while wider results whose
-    medians meet the goal were left undecided by the noise: those are timed again with three times the
-    rounds (the widest first, two at most), and if none can be decided, the machine was too noisy to find a
-    result near the target: ``MeasurementError`` (``on_noise="warn"``: ``chosen``, with a warning)."""
-    if not _far(chosen, goal):
-        return chosen
-    near = sorted((t for t in trials if t.ratio > chosen.ratio and t.ratio <= goal and t.comparison.meets(goal) is None),
-                  key=lambda t: t.ratio, reverse=True)
-    for t in near[:2]:
-        c, _ = clock.compare(t.plan, goal, turn=3)
-        if c.meets(goal):
-            return Trial(t.plan, c, t.estimate, False)
-    if not near:
-        return chosen
-    message = (f"the machine was too noisy to find a result near {target.describe()}: the results that met it measured "
-               f"{chosen.comparison.speedup:.3g}x and faster (more than {OVERSHOOT:g} times the target), and the one nearer it, "
-               f"{near[0].comparison.describe()}, could not be told from the target. Close other work and compile again, or "
-               "prune to FLOPs (target_gflops= or ratio=); on_noise='warn' returns the faster result with a warning.")
-    _too_noisy(message, near[0], target.on_noise == "warn")
-    return chosen
+    return total * (e0 + w * (e1 - e0)), f"between the closest pair, {1 / m0:.3g}x and {1 / m1:.3g}x"
 
 
 def _far(trial: Trial, goal: float) -> bool:
@@ -280,9 +377,7 @@ def _far(trial: Trial, goal: float) -> bool:
 def _too_noisy(message: str, undecided: Trial, warn: bool) -> Trial:
     """``undecided`` with a warning that says ``message`` when ``warn``, else ``MeasurementError`` with its interval."""
     c = undecided.comparison
-    if not warn:
-        raise MeasurementError(message, interval=(1 / c.high, 1 / c.low), noise=c.noise)
-    warnings.warn(f"fxprune.compile: {message}", stacklevel=5)
+    raise_or_warn("warn" if warn else "raise", MeasurementError(message, interval=(1 / c.high, 1 / c.low), noise=c.noise))
     return undecided
 
 
@@ -290,7 +385,15 @@ def _overshoot(chosen: Trial, trials: list[Trial], goal: float) -> list[str]:
     """A note when the result is more than ``OVERSHOOT`` times faster than asked for: the wider plans tried missed."""
     if not _far(chosen, goal):
         return []
-    wider = [t for t in trials if t.estimate > chosen.estimate and not t.comparison.meets(goal)]
-    why = (f"the next wider plan tried measured {min(wider, key=lambda t: t.estimate).comparison.speedup:.3g}x, short of the target: "
-           "the allowed widths step from one to the other" if wider else "no wider plan was found within the rounds the search takes")
+    wider = [t for t in trials if t.wider(chosen) and not t.comparison.meets(goal)]
+    why = (f"the nearest wider plan measured {min(wider, key=lambda t: t.estimate).comparison.speedup:.3g}x, short of the target, "
+           "and no plan lies between: the allowed widths step from one to the other" if wider
+           else "no wider plan was found within the candidates the search takes")
     return [f"the result measured {chosen.comparison.speedup:.3g}x, more than {OVERSHOOT:g} times the {1 / goal:.3g}x asked for: {why}"]
+
+
+def raise_or_warn(on_noise: str, error: MeasurementError, warning: str | None = None) -> None:
+    """``error`` raised, or with ``on_noise="warn"`` a warning that says it (or ``warning``); the search goes on."""
+    if on_noise != "warn":
+        raise error
+    warnings.warn(f"fxprune.compile: {warning or error}", stacklevel=6)

@@ -6,23 +6,21 @@ current torch thread count, the batch size of the given inputs, on the device of
 (CUDA work is synchronized before a clock is read). A timing is a sample, not a fact: every one keeps its
 spread. Comparisons time the models in turns, so that a machine that slows down slows every model alike,
 and give the ratio with a distribution-free interval of its median and the noise of the original timed
-against itself (``compare``); code that acts on a timing decides on the interval. Every clock reading
-goes through ``time_calls``, the one place a test replaces to fake the clock.
+against itself (``compare``); code that acts on a timing decides on the interval, and stops timing as
+soon as the interval decides. Every clock reading goes through ``time_calls``, the one place a test
+replaces to fake the clock. The thread count is a setting of its own (``threads``), shown with every
+latency.
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
-import json
 import math
-import os
 import platform
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,9 +29,9 @@ from torch import nn
 from ..core.fxutil import eval_mode
 
 __all__ = ["Latency", "Comparison", "measure_latency", "measure_in_turns", "compare", "median_interval", "time_calls", "layer_ms",
-           "Setting", "TimingCache", "caching", "cache_path", "STABLE", "CONFIDENCE"]
+           "Setting", "threads", "STABLE", "CONFIDENCE", "BURST", "FEWEST"]
 
-METHOD = 3
+METHOD = 4
 """How timings are taken and kept; part of every cache key, so timings taken another way are taken again."""
 
 CONFIDENCE = 0.95
@@ -42,6 +40,14 @@ CONFIDENCE = 0.95
 STABLE = 0.05
 """A timing is stable when the relative half-width of its median's interval is at most this; only stable
 timings are cached."""
+
+BURST = 0.10
+"""A round whose two timings of the original differ by more than this is discarded: a burst of other
+work hit it (such bursts last seconds, longer than a round), and its ratio says nothing about the models."""
+
+FEWEST = 6
+"""Rounds a comparison takes before it may decide: the fewest whose 95% interval of the median is not
+the whole range of a smaller sample."""
 
 _MMAP_MAX = 32 << 20
 """glibc malloc's largest dynamic mmap threshold on 64-bit systems (``DEFAULT_MMAP_THRESHOLD_MAX``)."""
@@ -66,6 +72,20 @@ class Setting:
 
     def key(self) -> str:
         return f"{self.device_name}|torch {self.torch}|{self.threads} threads|{self.dtype}|method {METHOD}"
+
+
+@contextlib.contextmanager
+def threads(count: int | None) -> Iterator[int]:
+    """Within this block torch runs on ``count`` intra-op threads (None: as it is); the count is restored after."""
+    before = torch.get_num_threads()
+    if count is not None:
+        if count < 1:
+            raise ValueError(f"threads must be at least 1, got {count}")
+        torch.set_num_threads(count)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
 
 
 def _device_name(device: torch.device) -> str:
@@ -194,7 +214,8 @@ class Comparison:
     two original timings around it (a machine that slows down within a round slows both sides), ``low``
     and ``high`` the ``CONFIDENCE`` interval of that median; ``noise`` is the relative half-width of the
     same interval for the original against itself (the second original timing over the first, an A/A
-    pair): what this machine does to a ratio that is 1."""
+    pair): what this machine does to a ratio that is 1. ``dropped`` rounds were discarded as bursts
+    (``BURST``) and count in none of these."""
 
     ratio: float
     low: float
@@ -203,6 +224,7 @@ class Comparison:
     rounds: int
     before: Latency
     after: Latency
+    dropped: int = 0
 
     @property
     def speedup(self) -> float:
@@ -215,8 +237,8 @@ class Comparison:
 
     @property
     def stable(self) -> bool:
-        """Both the ratio and the A/A pair are known to within ``STABLE``."""
-        return self.uncertainty <= STABLE and self.noise <= STABLE
+        """Both the ratio and the A/A pair are known to within ``STABLE``, and bursts hit at most a quarter of the rounds."""
+        return self.uncertainty <= STABLE and self.noise <= STABLE and self.dropped <= (self.rounds + self.dropped) / 4
 
     @property
     def floor(self) -> float:
@@ -235,16 +257,17 @@ class Comparison:
         return None
 
     def describe(self) -> str:
-        return (f"{self.speedup:.3g}x ({CONFIDENCE:.0%} interval {1 / self.high:.3g}-{1 / self.low:.3g}x over {self.rounds} rounds; "
-                f"the original against itself varied by {self.noise:.1%})")
+        bursts = f", {self.dropped} rounds dropped as bursts" if self.dropped else ""
+        return (f"{self.speedup:.3g}x ({CONFIDENCE:.0%} interval {1 / self.high:.3g}-{1 / self.low:.3g}x over {self.rounds} rounds{bursts}; "
+                f"the original against itself varied by {self.noise:.1%}; {self.before.setting.threads} threads)")
 
     def to_row(self) -> list[Any]:
-        return [self.ratio, self.low, self.high, self.noise, self.rounds, self.before.to_row(), self.after.to_row()]
+        return [self.ratio, self.low, self.high, self.noise, self.rounds, self.before.to_row(), self.after.to_row(), self.dropped]
 
     @classmethod
     def from_row(cls, row: Sequence[Any], setting: Setting) -> Comparison:
-        *numbers, before, after = row
-        return cls(*numbers, Latency.from_row(before, setting), Latency.from_row(after, setting))
+        *numbers, before, after, dropped = row
+        return cls(*numbers, Latency.from_row(before, setting), Latency.from_row(after, setting), dropped)
 
     @classmethod
     def identical(cls, original: Latency) -> Comparison:
@@ -253,36 +276,39 @@ class Comparison:
         return cls(1.0, 1.0, 1.0, 0.0, 0, original, original)
 
 
-def compare(original: nn.Module, candidate: nn.Module, inputs: Sequence[Any], *, rounds: int = 15, most: int | None = None,
-            goal: float | None = None, warmup: int = 3, min_ms: float = 5.0) -> Comparison:
-    """Time ``candidate`` against ``original`` in turns (see ``Comparison``): ``rounds`` rounds, then more,
-    up to ``most`` (default 3 x ``rounds``), while the ratio's interval holds ``goal`` or is wider than
-    ``STABLE``. ``candidate`` may be ``original`` itself: an A/A pair."""
+def compare(original: nn.Module, candidate: nn.Module, inputs: Sequence[Any], *, rounds: int = FEWEST, most: int = 40,
+            goal: float | None = None, seconds: float = 20.0, warmup: int = 2, min_ms: float = 5.0) -> Comparison:
+    """Time ``candidate`` against ``original`` in turns (see ``Comparison``), sequentially: once ``rounds``
+    rounds are kept, stop as soon as the ratio's interval decides ``goal`` (without a goal: is within
+    ``STABLE``), else go on up to ``most`` rounds, or ``seconds`` of timed calls once ``rounds`` are kept.
+    A round whose A/A pair differs by more than ``BURST`` is dropped. ``candidate`` may be ``original``: an A/A pair."""
     inputs = tuple(inputs)
     setting = Setting.of(original, inputs)
     sync = _sync(setting.device)
-    most = 3 * rounds if most is None else max(most, rounds)
-    first, second, cand = [], [], []
+    taken: list[tuple[float, float, float]] = []  # (original, candidate, original) per round
     with torch.no_grad(), eval_mode(original, candidate):
         n_orig, n_cand = _calls([original, candidate], inputs, warmup, min_ms, sync)
         while True:
-            while len(cand) < rounds:
-                first.append(time_calls(original, inputs, n_orig, sync))
-                cand.append(time_calls(candidate, inputs, n_cand, sync))
-                second.append(time_calls(original, inputs, n_orig, sync))
-            c = _comparison(first, second, cand, inputs, setting)
-            if rounds >= most or (c.uncertainty <= STABLE and (goal is None or c.meets(goal) is not None)):
-                return c
-            rounds = min(most, rounds + max(2, rounds // 2))
+            taken.append((time_calls(original, inputs, n_orig, sync), time_calls(candidate, inputs, n_cand, sync),
+                          time_calls(original, inputs, n_orig, sync)))
+            kept = [r for r in taken if abs(r[2] / r[0] - 1) <= BURST]
+            spent = sum((a + b) * n_orig + c * n_cand for a, c, b in taken) / 1e3
+            done = len(taken) >= most or (len(kept) >= rounds and spent > seconds)
+            if len(kept) >= rounds or done:
+                result = _comparison(*zip(*(kept if len(kept) >= 2 else taken)), inputs, setting, len(taken) - len(kept))
+                decided = len(kept) >= rounds and (result.meets(goal) is not None if goal is not None else result.uncertainty <= STABLE)
+                if decided or done:
+                    return result
 
 
-def _comparison(first: list[float], second: list[float], cand: list[float], inputs: Sequence[Any], setting: Setting) -> Comparison:
+def _comparison(first: Sequence[float], cand: Sequence[float], second: Sequence[float], inputs: Sequence[Any], setting: Setting,
+                dropped: int = 0) -> Comparison:
     ratios = [c / ((a + b) / 2) for a, b, c in zip(first, second, cand)]
     aa = [b / a for a, b in zip(first, second)]
     low, high = median_interval(ratios)
     aa_low, aa_high = median_interval(aa)
     return Comparison(statistics.median(ratios), low, high, (aa_high - aa_low) / 2 / statistics.median(aa), len(ratios),
-                      _summary(first + second, inputs, setting), _summary(cand, inputs, setting))
+                      _summary([*first, *second], inputs, setting), _summary(list(cand), inputs, setting), dropped)
 
 
 def layer_ms(layer: nn.Module, x: torch.Tensor) -> Latency:
@@ -305,95 +331,3 @@ def measure_latency(model: nn.Module, example_inputs: Any, *, repeat: int = 15, 
     no_grad, the current thread count, on the device that holds the model. ``model`` is left as it was."""
     inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     return measure_in_turns([model], inputs, repeat=repeat, warmup=warmup)[0]
-
-
-_CACHING = contextvars.ContextVar("fxprune_caching", default=True)
-
-
-@contextlib.contextmanager
-def caching(enabled: bool) -> Iterator[None]:
-    """Within this block, ``TimingCache`` reads and writes its file only when ``enabled`` (``cache=False``)."""
-    token = _CACHING.set(enabled)
-    try:
-        yield
-    finally:
-        _CACHING.reset(token)
-
-
-def cache_path() -> Path:
-    """The timing cache's file: ``$FXPRUNE_CACHE_DIR/latency.json`` (default ``~/.cache/fxprune``)."""
-    return Path(os.environ.get("FXPRUNE_CACHE_DIR", Path.home() / ".cache" / "fxprune")) / "latency.json"
-
-
-class TimingCache:
-    """Timings on disk, one JSON file (``cache_path``): ``{setting key: {what was timed: its timing}}``; a
-    timing is any JSON value (a ``Latency.to_row``, a ``Comparison.to_row``). Only timings that their
-    caller calls stable are kept, so a burst of other work on the machine is measured again next time
-    rather than replayed.
-
-    Inside ``caching(False)`` the file is neither read nor written. ``measured`` counts the timings this
-    process took rather than read, so callers and tests can see the cache at work.
-    """
-
-    def __init__(self, path: str | Path | None = None) -> None:
-        self.path = Path(path) if path is not None else cache_path()
-        self.enabled = _CACHING.get()
-        self.measured = 0
-        self.unsaved = False
-        self.data: dict[str, dict[str, Any]] = {}
-        if self.enabled:
-            with contextlib.suppress(OSError, ValueError):
-                self.data = json.loads(self.path.read_text())
-
-    def get(self, setting: Setting, key: str, measure: Callable[[], Any], keep: Callable[[Any], bool] = lambda value: True) -> Any:
-        """The cached timing of ``key`` under ``setting``, measured on a miss and kept when ``keep`` says so."""
-        table = self.data.setdefault(setting.key(), {})
-        if key in table:
-            return table[key]
-        value = measure()
-        self.measured += 1
-        if keep(value):
-            table[key] = value
-            self.unsaved = True
-        return value
-
-    def steady_ms(self, setting: Setting, key: str, measure: Callable[[], Latency], tolerance: float = 2 * STABLE, tries: int = 3) -> float:
-        """The median milliseconds of ``measure()``, measured again (at most ``tries`` times) while its
-        interval is wider than ``tolerance``; the steadiest timing is used, and kept only when steady."""
-        def steadiest() -> list[Any]:
-            best = measure()
-            for _ in range(tries - 1):
-                if best.uncertainty <= tolerance:
-                    break
-                best = min(best, measure(), key=lambda lat: lat.uncertainty)
-            return best.to_row()
-
-        return self.get(setting, key, steadiest, lambda row: Latency.from_row(row, setting).uncertainty <= tolerance)[0]
-
-    def hold(self) -> None:
-        """Keep nothing more on disk from this instance: its timings were taken on a machine found too
-        noisy (bursts of other work inflate a short timing without widening its interval)."""
-        self.enabled = False
-
-    def drop(self, setting: Setting, prefix: str) -> int:
-        """Forget the timings whose key starts with ``prefix``; how many there were."""
-        table = self.data.get(setting.key(), {})
-        gone = [k for k in table if k.startswith(prefix)]
-        for k in gone:
-            del table[k]
-        self.unsaved = self.unsaved or bool(gone)
-        return len(gone)
-
-    def save(self) -> None:
-        """Write the file atomically when it lacks timings kept here; a cache that cannot be written only
-        costs time later."""
-        if not (self.enabled and self.unsaved):
-            return
-        self.unsaved = False
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(self.data, indent=0, sort_keys=True))
-            tmp.replace(self.path)
-        except OSError:
-            pass

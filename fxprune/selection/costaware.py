@@ -17,7 +17,8 @@ from ..core.flops import FlopModel, total_macs
 from ..core.graph import DependencyGraph
 from ..core.widths import WidthRule
 from ..latency.costmodel import LatencyModel
-from ..latency.timing import Setting, TimingCache
+from ..latency.cache import TimingCache
+from ..latency.timing import Setting
 from .protocol import Scores
 
 __all__ = ["GflopsAware", "LatencyAware", "LatencyPerFlop", "shrink_order", "greedy_scores", "RATE_CAP"]

@@ -1,0 +1,108 @@
+"""machine: a few seconds of timing the original before a latency target, to know whether it can be decided.
+
+Other PyTorch work on the same cores is the noise users have: its OpenMP threads and ours stall each
+other in bursts of seconds, and then a multi-threaded forward runs slower than a single-threaded one.
+``check`` times the original in rounds of three (twice at the chosen thread count, then at one thread)
+for about ``SECONDS``; the first two are an A/A pair, whose disagreement is what the machine does to a
+ratio that is 1, and the third shows stalls (it comes last: the first call after a change of thread
+count is often slower). ``Machine.refusal`` says
+why a target cannot be decided now, so that ``compile`` refuses in seconds instead of searching for
+minutes on timings that say nothing.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core.fxutil import eval_mode
+from . import timing
+from .timing import BURST, FEWEST, Latency, Setting, _calls, _summary, _sync, median_interval, threads
+
+__all__ = ["Machine", "check", "SECONDS", "NOISY", "STALLED", "BURSTY"]
+
+SECONDS = 2.0
+"""How long ``check`` times the original (at least twice ``FEWEST`` rounds, at most ``MOST``)."""
+
+MOST = 30
+
+NOISY = 0.10
+"""The A/A noise (relative half-width of its median's interval, over the rounds no burst hit, as a
+comparison keeps them) above which no target is decided: every result's interval is widened by it, so
+one 10% from its target could not be told from it."""
+
+STALLED = 1.25
+"""A forward at the chosen thread count this many times slower than a one-thread forward at the same
+moment is stalling on cores that other work holds (quietly, more threads are never much slower)."""
+
+BURSTY = 1 / 3
+"""The share of rounds whose A/A pair disagrees by more than ``BURST`` above which the machine is busy."""
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What ``check`` measured: the original's latency at the chosen thread count and at one thread, the
+    A/A noise, the share of rounds a burst hit, and the median of chosen-count over one-thread time."""
+
+    original: Latency
+    single: Latency | None
+    noise: float
+    bursts: float
+    stall: float
+    seconds: float
+
+    @property
+    def threads(self) -> int:
+        return self.original.setting.threads
+
+    def refusal(self) -> str | None:
+        """Why no latency target can be decided on this machine now, with what to do; None when it can."""
+        n = self.threads
+        seen = (f"timing the original for {self.seconds:.1f} s, its A/A pairs varied by {self.noise:.1%} and bursts of other work "
+                f"hit {self.bursts:.0%} of the rounds")
+        if self.single is not None:
+            seen += (f"; a {n}-thread forward took {self.original.median_ms:.4g} ms against {self.single.median_ms:.4g} ms at 1 "
+                     "thread at the same moments")
+        reasons = [f"other work holds the cores, so {n} threads stall each other ({self.stall:.2f}x the 1-thread time)"
+                   for _ in range(self.single is not None and self.stall > STALLED)]
+        reasons += ["the machine is too noisy to tell a result from its target" for _ in range(self.noise > NOISY or self.bursts > BURSTY)]
+        if not reasons:
+            return None
+        why = ", and ".join(reasons)
+        fix = ("close the other work (other PyTorch jobs included) and compile again, or prune to FLOPs (target_gflops= or "
+               "ratio=), which needs no timing")
+        if n > 1:
+            fix = (f"measure at the thread count you deploy with: threads=1 (--threads 1) holds up under contention, and "
+                   f"torch.set_num_threads(1) at deployment gives that speed; or {fix}")
+        return f"{why} ({seen}). To decide a latency target, {fix}."
+
+
+def check(model: nn.Module, inputs: Sequence[Any], seconds: float = SECONDS) -> Machine:
+    """Time ``model`` in rounds (twice at the chosen thread count, once at one thread) for about ``seconds``."""
+    inputs = tuple(inputs)
+    setting = Setting.of(model, inputs)
+    sync = _sync(setting.device)
+    n = torch.get_num_threads()
+    first: list[float] = []
+    single: list[float] = []
+    second: list[float] = []
+    with torch.no_grad(), eval_mode(model):
+        (calls,) = _calls([model], inputs, 2, 5.0, sync)
+        while len(first) < MOST and (len(first) < 2 * FEWEST or sum(first + second + single) * calls / 1e3 < seconds):
+            first.append(timing.time_calls(model, inputs, calls, sync))
+            second.append(timing.time_calls(model, inputs, calls, sync))
+            if n > 1 and setting.device == "cpu":
+                with threads(1):
+                    single.append(timing.time_calls(model, inputs, calls, sync))
+    aa = [b / a for a, b in zip(first, second)]
+    steady = [r for r in aa if abs(r - 1) <= BURST]  # as a comparison keeps them
+    low, high = median_interval(steady if len(steady) >= 2 else aa)
+    mean = [(a + b) / 2 for a, b in zip(first, second)]
+    return Machine(_summary(first + second, inputs, setting), _summary(single, inputs, replace(setting, threads=1)) if single else None,
+                   (high - low) / 2 / statistics.median(steady if len(steady) >= 2 else aa), 1 - len(steady) / len(aa),
+                   statistics.median(m / s for m, s in zip(mean, single)) if single else 1.0, sum(first + second + single) * calls / 1e3)
