@@ -1,10 +1,10 @@
-"""Dynamic dims for ``torch.export``: results that take any batch size (and any sequence length for token inputs).
+"""Dynamic dims for ``torch.export``: results that take any batch size.
 
 ``torch.export`` specializes every dim to the example's size unless told otherwise, so a graph captured
 from a batch of 1 rejects a batch of 8 ("Guard failed: x.size()[0] == 1"). ``export`` asks for the batch
-dim of every tensor input and the sequence dim of every token input (a 2-d integer or boolean tensor:
-ids, masks) to stay symbolic. Sizes of 0 and 1 are not specialized (``backed_size_oblivious``), so an
-example of batch 1 still gives a graph for any batch. A dim the model's code pins to one size (a
+dim of every tensor input to stay symbolic (``wanted``: sequence lengths stay static). Sizes of 0 and
+1 are not specialized (``backed_size_oblivious``) and are traced at 2, so an example of batch 1 still
+gives a graph for any batch. A dim the model's code pins to one size (a
 literal in a reshape, a check on it) stays static, and the note says which and why; export never fails
 because of a dim it could not keep dynamic.
 """
@@ -20,21 +20,16 @@ import torch.fx.experimental._config as fx_config
 from torch.export import Dim
 from torch.utils._sympy.numbers import int_oo
 
-__all__ = ["wanted", "export", "dynamic_dims", "describe"]
+__all__ = ["wanted", "export", "dynamic_dims", "describe", "size_arithmetic"]
 
-_TOKENS = (torch.int32, torch.int64, torch.bool)
-_NOT_ONE = re.compile(r"L\['\w+'\]\.size\(\)\[(\d+)\] != 1")
+_NOT_ONE = re.compile(r"L\['\w+'\]\.size\(\)\[(\d+)\] (?:!= 1|> 1|>= 2)")
 
 
 def wanted(inputs: Sequence[Any]) -> dict[tuple[int, int], str]:
-    """The dims to keep dynamic, ``(input index, dim) -> "batch" | "sequence"``."""
-    out: dict[tuple[int, int], str] = {}
-    for i, x in enumerate(inputs):
-        if isinstance(x, torch.Tensor) and x.dim() >= 1:
-            out[(i, 0)] = "batch"
-            if x.dim() == 2 and x.dtype in _TOKENS:
-                out[(i, 1)] = "sequence"
-    return out
+    """The dims to keep dynamic, ``(input index, dim) -> "batch"``: dim 0 of every tensor input. Token
+    inputs keep their sequence length static: with a symbolic length, the coupling pass sees a rotary
+    position table sliced to it as a slice of channels and freezes the attention heads (Qwen3)."""
+    return {(i, 0): "batch" for i, x in enumerate(inputs) if isinstance(x, torch.Tensor) and x.dim() >= 1}
 
 
 def _spec(inputs: Sequence[Any], dims: dict[tuple[int, int], str], hint: Any) -> tuple[Any, ...]:
@@ -61,7 +56,7 @@ def _why(exc: BaseException) -> str:
 
 
 def describe(dims: dict[tuple[int, int], str], dynamic: set[tuple[int, int]], why: str) -> str:
-    """``"dynamic dims: batch of input 0; static: sequence of input 1 (why)"``."""
+    """``"dynamic dims: batch of input 1; static (...): batch of input 0 (why)"``."""
     name = {k: f"{v} of input {k[0]}" for k, v in dims.items()}
     kept = [name[k] for k in dims if k in dynamic]
     pinned = [name[k] for k in dims if k not in dynamic]
@@ -82,7 +77,7 @@ def _widened(inputs: Sequence[Any], dims: dict[tuple[int, int], str]) -> tuple[A
 
 
 def _unpin_one(ep: torch.export.ExportedProgram, inputs: Sequence[Any], free: dict[tuple[int, int], str]) -> None:
-    """Drop the guards ``size != 1`` on the dims ``_widened`` grew from 1: they record that the traced
+    """Drop the guards ``size != 1`` (``> 1``, ``>= 2``) on the dims ``_widened`` grew from 1: they record that the traced
     (general) path is not the batch-of-one shortcut, which computes the same, and would refuse the example itself."""
     grown = {d for (i, d) in free if inputs[i].shape[d] < 2}
     ep._guards_code = [g for g in getattr(ep, "_guards_code", [])
@@ -93,12 +88,20 @@ def _guards(ep: torch.export.ExportedProgram) -> str:
     return "; ".join(getattr(ep, "_guards_code", []))[:300] or "a guard in the model's code"
 
 
-def export(module: torch.nn.Module, inputs: Sequence[Any], strict: bool = False) -> tuple[torch.export.ExportedProgram, str]:
+def size_arithmetic(ep: torch.export.ExportedProgram) -> bool:
+    """Whether ``ep`` computes with a symbolic size (``batch * heads`` for a reshape) rather than only reading it."""
+    return any(n.op == "call_function" and n.target is not torch.ops.aten.sym_size.int and isinstance(n.meta.get("val"), torch.SymInt)
+               for n in ep.graph.nodes)
+
+
+def export(module: torch.nn.Module, inputs: Sequence[Any], strict: bool = False,
+           arithmetic: bool = True) -> tuple[torch.export.ExportedProgram, str]:
     """``torch.export.export(module, inputs)`` with the ``wanted`` dims dynamic where the model allows,
     and a note that says which are (``describe``). A dim the model pins is left out and the others are
-    tried again (once), then the batch dims alone; static shapes last: export never fails for a dim."""
+    tried again (once); static shapes last: export never fails for a dim. ``arithmetic=False``: static
+    also where the program computes with a symbolic size (``size_arithmetic``), for graphs to prune."""
     dims = wanted(inputs)
-    trying = [dims, {k: v for k, v in dims.items() if v == "batch"}]
+    trying = [dims]
     why = ""
     with fx_config.patch(backed_size_oblivious=True):
         while trying:
@@ -112,6 +115,10 @@ def export(module: torch.nn.Module, inputs: Sequence[Any], strict: bool = False)
                 continue
             _unpin_one(ep, inputs, free)
             kept = dynamic_dims(ep) & free.keys()
+            if kept == free.keys() and not arithmetic and size_arithmetic(ep):
+                why = ("the batch size enters shape arithmetic (batch x heads in a reshape), whose literals the rewrite "
+                       "cannot patch yet")
+                break
             if kept == free.keys():
                 return ep, describe(dims, kept, why)
             why = why or _guards(ep)

@@ -183,10 +183,10 @@ def _given_program(ep: torch.export.ExportedProgram, example_inputs: Sequence[An
     takes any batch; where that fails, the program is used as given and the note says why."""
     how = "torch.export (an ExportedProgram was given)"
     dims = dynamic.wanted(example_inputs)
-    if dims.keys() <= dynamic.dynamic_dims(ep):
+    if dims.keys() <= dynamic.dynamic_dims(ep) and not dynamic.size_arithmetic(ep):
         return _exported(ep, f"{how}; {dynamic.describe(dims, set(dims), '')}")
     try:
-        again, note = dynamic.export(ep.module(check_guards=False), example_inputs)
+        again, note = dynamic.export(ep.module(check_guards=False), example_inputs, arithmetic=False)
     except Exception as exc:  # export fails in many ways; the program as given still works at its own shapes
         why = f"exporting its module again with dynamic dims failed: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
         return _exported(ep, f"{how}; {dynamic.describe(dims, dynamic.dynamic_dims(ep), why)}")
@@ -302,7 +302,7 @@ def capture(model: nn.Module | torch.export.ExportedProgram, example_inputs: Seq
         if run is not None and _sized_by_data(run):
             raise TraceError("the run has sizes that depend on the data (not tried)")
         with contextlib.redirect_stderr(printed):  # a failing export prints its partial graph; keep that for --verbose
-            ep, dims = dynamic.export(root, example_inputs)
+            ep, dims = dynamic.export(root, example_inputs, arithmetic=False)
             gm = _exported(ep, f"torch.export ({reason}); {dims}")
         if is_hf(model):
             gm.meta[keys.HF] = model  # read only: results are built anew (passes/hfmodel.py)
