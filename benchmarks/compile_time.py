@@ -12,7 +12,8 @@ warm-up run of each, the median of --repeat runs of
 It also prints the number of torch.fx graph nodes and fxprune's time per 1000 nodes, to judge whether
 fxprune scales linearly with graph size, the torch-pruning / fxprune time ratio, and fxprune's compile
 time in eager forward passes of the same model on the same input (``torch.no_grad``), timed interleaved
-with the compiles (compile, forward, compile, forward ...; medians of each).
+with the compiles (compile, capture alone, forward, compile ...; medians of each), in all and beyond
+the capture (compile minus capture, over one forward).
 
     python benchmarks/compile_time.py
     python benchmarks/compile_time.py --models resnet50,swin_t --repeat 3 --tp-timeout 60
@@ -33,6 +34,7 @@ import torchvision
 from tabulate import tabulate
 
 import fxprune
+from fxprune.passes.capture import capture
 from zoo import build_model, short_error, tp_prune
 
 DEFAULT_MODELS = "resnet50,densenet201,mobilenet_v2,efficientnet_b0,swin_t,maxvit_t,convnext_tiny,regnet_y_400mf"
@@ -59,14 +61,20 @@ def forward_seconds(model, x) -> float:
         return time.perf_counter() - start
 
 
-def fx_and_forward(model, x, repeat: int) -> tuple[float, float] | str:
-    """Medians of fxprune compiles and eager forwards, taking turns, after one warm-up of each."""
+def capture_seconds(model, x) -> float:
+    start = time.perf_counter()
+    capture(model, (x,))
+    return time.perf_counter() - start
+
+
+def fx_and_forward(model, x, repeat: int) -> tuple[float, float, float] | str:
+    """Medians of fxprune compiles, captures alone and eager forwards, taking turns, after one warm-up of each."""
     try:
-        fx_seconds(model, x), forward_seconds(model, x)
-        pairs = [(fx_seconds(model, x), forward_seconds(model, x)) for _ in range(repeat)]
+        fx_seconds(model, x), capture_seconds(model, x), forward_seconds(model, x)
+        runs = [(fx_seconds(model, x), capture_seconds(model, x), forward_seconds(model, x)) for _ in range(repeat)]
     except Exception as exc:
         return short_error(exc, 40)
-    return statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
+    return tuple(statistics.median(r[k] for r in runs) for k in range(3))
 
 
 def tp_seconds(model, x, timeout: int) -> float:
@@ -115,8 +123,8 @@ def main() -> None:
         model = build_model(name)
         x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
         nodes = graph_nodes(model)
-        both = fx_and_forward(model, x, args.repeat)
-        fx, fwd = both if isinstance(both, tuple) else (both, None)
+        timed = fx_and_forward(model, x, args.repeat)
+        fx, cap, fwd = timed if isinstance(timed, tuple) else (timed, None, None)
         tp = "skipped" if args.no_tp else median_seconds(lambda: tp_seconds(model, x, args.tp_timeout), args.repeat)
         if tp == "timeout":
             tp = f"timeout >{args.tp_timeout}s"
@@ -126,12 +134,13 @@ def main() -> None:
             f"{fx:.2f}" if fx_ok else fx,
             f"{1000 * fx / nodes:.2f}" if fx_ok and isinstance(nodes, int) else "-",
             f"{fx / fwd:.1f}" if fx_ok else "-",
+            f"{(fx - cap) / fwd:.1f}" if fx_ok else "-",
             f"{tp:.2f}" if tp_ok else tp,
             f"{tp / fx:.1f}x" if fx_ok and tp_ok else "-",
         ])
         print(f"[{i}/{len(names)}, {time.perf_counter() - start:.0f} s] {name}: fxprune {rows[-1][2]} s, "
-              f"{rows[-1][4]} forward passes", file=sys.stderr, flush=True)
-    headers = ["model", "fx nodes", "fxprune s", "fxprune s / 1k nodes", "forward passes", "torch-pruning s", "tp / fxprune"]
+              f"{rows[-1][4]} forward passes, {rows[-1][5]} beyond capture", file=sys.stderr, flush=True)
+    headers = ["model", "fx nodes", "fxprune s", "fxprune s / 1k nodes", "forward passes", "beyond capture", "torch-pruning s", "tp / fxprune"]
     print(tabulate(rows, headers=headers, disable_numparse=True))
     print(f"median of {args.repeat} runs after one warm-up; torch.get_num_threads() = {torch.get_num_threads()}")
 

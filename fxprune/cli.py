@@ -188,7 +188,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--no-verify", action="store_true", help="skip the numerical check of the result")
     c.add_argument("--no-cache", action="store_true", help="neither read nor write the timing cache (latency targets, round_to auto)")
     c.add_argument("--threads", type=int, metavar="N", help="latency targets: measure at N intra-op threads, the count you deploy "
-                   "with (default: torch's, here %d); 1 holds up when other work shares the cores" % torch.get_num_threads())
+                   f"with (default: torch's, here {torch.get_num_threads()}); 1 holds up when other work shares the cores")
     c.add_argument("--on-noise", choices=pipeline.NOISE_POLICIES, default="raise",
                    help="latency targets on a machine too noisy to decide: raise (default, exit 1) or warn and return the best "
                         "result with its interval")

@@ -119,26 +119,48 @@ def test_latency_model_answers_like_the_flop_model(fake_clock: FlopClock) -> Non
         assert saved_ms == pytest.approx(saved_mflops, rel=0.15)
 
 
-@pytest.mark.measured
+def stepped_time(step: int):
+    """``Layer.time`` for a layer whose widths off multiples of ``step`` run 40% slower."""
+    return lambda self, kept, setting, cache: 0.01 * kept[-1] * (1.0 if kept[-1] % step == 0 else 1.4)
+
+
 @pytest.mark.parametrize("step,expected", [(8, 8), (16, 16), (1, 8)])
-def test_round_to_auto_picks_the_fast_steps(monkeypatch: pytest.MonkeyPatch, step: int, expected: int) -> None:
-    """A layer whose widths off multiples of ``step`` run 40% slower gets multiples of ``step``; flat timings
-    (step 1) get 8, the least multiple "auto" takes."""
-
-    def time(self, kept, setting, cache):
-        w = kept[-1]
-        return 0.01 * w * (1.0 if w % step == 0 else 1.4)
-
-    monkeypatch.setattr(costmodel.Layer, "time", time)
+def test_round_to_auto_picks_the_fast_steps_for_a_latency_target(monkeypatch: pytest.MonkeyPatch, step: int, expected: int) -> None:
+    """A layer whose widths off multiples of ``step`` run 40% slower gets multiples of ``step`` under a
+    latency target; flat timings (step 1) get 8, the least multiple "auto" takes. A FLOPs target gets 8."""
+    monkeypatch.setattr(costmodel.Layer, "time", stepped_time(step))
     a = pipeline.analyze(Net().eval(), X)
-    assert costmodel.fast_multiple(a.gm, a.graph, Setting.of(a.gm, a.inputs), TimingCache()) == expected
-    pruned = fxprune.compile(Net().eval(), ratio=0.5, example_inputs=X, verify=False)
-    assert pruned.meta["fxprune"]["strategy"]["round_to"] == expected
-    assert pruned.meta["fxprune"]["strategy"]["round_to_measured"] is True
-    assert all(len(keep) % expected == 0 for keep in pruned.meta["fxprune"]["plan"].values())
+    chooser = fxprune.Strategy().chooser()
+    timed = pipeline.measure_round_to(a, chooser, timed=True)
+    assert timed.strategy.round_to == expected and timed.describe()["round_to_measured"] is True
+    assert pipeline.measure_round_to(a, chooser, timed=False).strategy.round_to == 8
+
+
+def test_a_flops_target_gives_the_same_plan_whatever_the_clock_says(monkeypatch: pytest.MonkeyPatch) -> None:
+    """round_to="auto" under a FLOPs target reads no clock: layers that run fast at multiples of 16 (a
+    machine, or a moment of load, where 16 wins) and at multiples of 8 give one plan, of multiples of 8."""
+    plans = []
+    for step in (16, 8, 1):
+        monkeypatch.setattr(costmodel.Layer, "time", stepped_time(step))
+        monkeypatch.setattr(timing, "time_calls", FlopClock(lambda model: random.uniform(1, 3)))
+        pruned = fxprune.compile(Net().eval(), ratio=0.5, example_inputs=X, verify=False)
+        plans.append(pruned.meta["fxprune"]["plan"])
+    assert plans[0] == plans[1] == plans[2]
+    assert all(len(keep) % 8 == 0 for keep in plans[0].values())
 
 
 @pytest.mark.measured
+def test_round_to_auto_on_this_machines_clock() -> None:
+    """On the real clock, whatever this machine's steps: the measured multiple is one "auto" offers, and
+    a FLOPs target is reached at multiples of 8."""
+    a = pipeline.analyze(Net().eval(), X)
+    assert costmodel.fast_multiple(a.gm, a.graph, Setting.of(a.gm, a.inputs), TimingCache()) in costmodel.MULTIPLES
+    pruned = fxprune.compile(Net().eval(), ratio=0.5, example_inputs=X)
+    flops = fxprune.report(pruned).flops
+    assert 0.47 <= 1 - flops[1] / flops[0] and flops[1] <= flops[0] / 2
+    assert all(len(keep) % 8 == 0 for keep in pruned.meta["fxprune"]["plan"].values())
+
+
 def test_round_to_auto_wants_the_fast_steps_even_a_few_percent_off(monkeypatch: pytest.MonkeyPatch) -> None:
     """Widths off multiples of 8 run 5% slower: a few percent per layer is a few percent of the whole
     model, so "auto" takes 8 (within 2% of the best), not the finest multiple within 5%."""
@@ -147,7 +169,6 @@ def test_round_to_auto_wants_the_fast_steps_even_a_few_percent_off(monkeypatch: 
     assert costmodel.fast_multiple(a.gm, a.graph, Setting.of(a.gm, a.inputs), TimingCache()) == 8
 
 
-@pytest.mark.measured
 def test_round_to_auto_narrows_a_pruned_input_with_the_output(monkeypatch: pytest.MonkeyPatch) -> None:
     """A pruned model narrows a layer's input channels with its outputs, so the widths are timed that way."""
     timed: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
@@ -163,7 +184,6 @@ def test_round_to_auto_narrows_a_pruned_input_with_the_output(monkeypatch: pytes
     assert all(kept[0] == round(sizes[0] * kept[1] / sizes[1]) for sizes, kept in timed)
 
 
-@pytest.mark.measured
 def test_round_to_auto_does_not_time_a_dilated_conv(monkeypatch: pytest.MonkeyPatch) -> None:
     """A dilated conv (DeepLab's ASPP: the costliest layers there) runs another kernel whose time hardly
     steps with the width; it is not what the rest of the model runs, so the probe skips it."""

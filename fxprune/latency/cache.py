@@ -58,6 +58,9 @@ class TimingCache:
             with contextlib.suppress(OSError, ValueError):
                 self.data = json.loads(self.path.read_text())
 
+    def has(self, setting: Setting, key: str) -> bool:
+        return key in self.data.get(setting.key(), {})
+
     def get(self, setting: Setting, key: str, measure: Callable[[], Any], keep: Callable[[Any], bool] = lambda value: True) -> Any:
         """The cached timing of ``key`` under ``setting``, measured on a miss and kept when ``keep`` says so."""
         table = self.data.setdefault(setting.key(), {})

@@ -7,7 +7,7 @@ taken once per device, torch version, thread count and dtype and kept in the ``T
 
 ``LatencyModel`` answers the question ``select`` asks of a cost model, "what does the model cost with
 these atoms removed?", in milliseconds: each measured layer's time is interpolated (multilinear) on a
-grid of kept widths (a quarter, half, three quarters and all of each pruned dimension, rounded to the
+grid of kept widths (a quarter, half and all of each pruned dimension, ``GRID``, rounded to the
 width rule's multiple), and shrinks in proportion below the smallest; a contraction that cannot be
 rebuilt (a matmul) costs its MACs at the measured layers' mean rate. Memory-bound
 nodes (element-wise, normalization, pooling, reductions, concatenation) cost a measured time per element
@@ -34,6 +34,7 @@ per group. A model with no layer wide enough to time gets 1 (8 with grouped conv
 
 from __future__ import annotations
 
+import logging
 import math
 import operator
 from dataclasses import dataclass
@@ -56,8 +57,13 @@ from .timing import Latency, Setting, layer_ms
 
 __all__ = ["Layer", "Traffic", "LatencyModel", "fast_multiple", "steady_multiple", "MULTIPLES"]
 
+log = logging.getLogger("fxprune")
+
 MULTIPLES = (8, 16)
-GRID = (0.25, 0.5, 0.75, 1.0)
+GRID = (0.25, 0.5, 1.0)
+"""Kept fractions each pruned dimension is timed at: a conv's or linear's time is close to bilinear in
+its input and output widths, which multilinear interpolation reproduces exactly, so a 3x3 grid costs
+half of a 4x4 one (3.1 against 6.3 full-layer timings) for the same estimates between the points."""
 WINDOW = 32
 TOLERANCE = 0.02
 GROUPED = 8  # for a model with grouped convs and no layer wide enough to time (module docstring)
@@ -272,6 +278,21 @@ def _interpolate(grid: list[list[int]], values: torch.Tensor, kept: list[float])
     return float(v)
 
 
+def _announce(graph: DependencyGraph, layers: dict[int, Layer], grids: dict[int, tuple[list[list[int]], list[list[int]]]],
+              total_ms: float | None, setting: Setting, cache: TimingCache) -> None:
+    """Log how many layer timings the cache lacks and about how long they take (each about 12 calls of
+    at least 1 ms; a layer at full width about its share of the model's MACs of ``total_ms``)."""
+    todo = [(i, [a[j] for a, j in zip(axes, index)]) for i, (axes, points) in grids.items() for index in points
+            if not cache.has(setting, layers[i].key(tuple(a[j] for a, j in zip(axes, index))))]
+    if not todo:
+        return
+    macs = sum(graph.flop_terms[i].macs for i in layers) or 1
+    ms = sum(12 * max(1.0, (total_ms or 0.0) * graph.flop_terms[i].macs / macs * math.prod(k / n for k, n in zip(kept, layers[i].sizes)))
+             for i, kept in todo)
+    log.info("timing %d layer widths of %d layers alone for the latency model (about %.0f s; kept for next time)",
+             len(todo), len({i for i, _ in todo}), ms / 1e3)
+
+
 class LatencyModel:
     """Milliseconds of the model as a function of the removed-atom mask (see the module docstring)."""
 
@@ -282,14 +303,18 @@ class LatencyModel:
         self.flops = flops
         self.setting = setting
         layers, removable = measurable_layers(gm, graph), removable_atoms(graph)
-        self.grids: dict[int, tuple[list[list[int]], torch.Tensor]] = {}
+        grids = {}  # each layer's widths along each factor, and the grid's points
         for i, layer in layers.items():
             fixed = [not bool(removable[f].any()) for f in graph.flop_terms[i].factors]  # an image's channels, say
             axes = [[n] if fixed[d] else sorted({layer.snap((round(f * n),) * len(layer.sizes), multiple)[d] for f in GRID})
                     for d, n in enumerate(layer.sizes)]
+            grids[i] = axes, torch.cartesian_prod(*[torch.arange(len(a)) for a in axes]).reshape(-1, len(axes)).tolist()
+        _announce(graph, layers, grids, total_ms, setting, cache)
+        self.grids: dict[int, tuple[list[list[int]], torch.Tensor]] = {}
+        for i, (axes, points) in grids.items():
             values = torch.zeros([len(a) for a in axes], dtype=torch.float64)
-            for index in torch.cartesian_prod(*[torch.arange(len(a)) for a in axes]).reshape(-1, len(axes)).tolist():
-                values[tuple(index)] = layer.time(tuple(a[j] for a, j in zip(axes, index)), setting, cache)
+            for index in points:
+                values[tuple(index)] = layers[i].time(tuple(a[j] for a, j in zip(axes, index)), setting, cache)
             self.grids[i] = (axes, values)
         self.traffic = Traffic(gm, graph)
         largest = self.traffic.largest
