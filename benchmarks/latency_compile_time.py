@@ -1,18 +1,23 @@
-"""How long does a latency target take to compile, with an empty and with a warm timing cache?
+"""How long does a latency target take to compile, with an empty and with a warm timing cache, and does
+what it reports hold when the result is timed again?
 
-In one process, one call after the other, on a new cache folder (``FXPRUNE_CACHE_DIR`` is pointed at a
-fresh temporary directory): ``compile(model, speedup=S)`` (empty cache), the same call twice more (every
-timing cached), and ``compile(model, ratio=0.5)`` twice, for comparison. Prints seconds, the speed-up
-the compile measured, and how many timings each call took.
+For each case (model, input size, batch, speed-up), in one process, on a fresh cache folder
+(``FXPRUNE_CACHE_DIR`` points at a new temporary directory): ``compile(model, speedup=S)`` with the
+cache empty, then the same call again (warm cache). Each result is then timed again against the
+original in interleaved rounds (``fxprune.latency.timing.compare``, at least --rounds rounds, until its
+interval is within 5%). A row holds when its compile took at most the case's limit (warm: 30 s and no
+longer than cold), the re-measured speed-up is at least the target and within 5% of what the compile
+reported.
 
-    python benchmarks/latency_compile_time.py
-    python benchmarks/latency_compile_time.py --model mobilenet_v2 --speedup 1.5 --batch 8
+    python benchmarks/latency_compile_time.py                   # the three README cases
+    python benchmarks/latency_compile_time.py --cases resnet18:112:1:1.25:60 --threads 1
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 
@@ -21,32 +26,53 @@ import torchvision
 from tabulate import tabulate
 
 import fxprune
+from fxprune.latency.timing import compare, threads
+
+CASES = "resnet18:112:1:1.25:60,resnet50:224:1:2:120,mobilenet_v2:224:8:2:180"
+"""model:size:batch:speedup:seconds allowed with an empty cache."""
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="resnet50")
-    ap.add_argument("--speedup", type=float, default=2.0)
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cases", default=CASES, help="comma-separated model:size:batch:speedup:seconds")
+    ap.add_argument("--threads", type=int, default=None, help="compile's threads= (default: torch's count)")
+    ap.add_argument("--rounds", type=int, default=15, help="least interleaved rounds of each re-measurement")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    os.environ["FXPRUNE_CACHE_DIR"] = tempfile.mkdtemp(prefix="fxprune-cache-")
-    model = torchvision.models.get_model(args.model, weights=None).eval()
-    x = torch.randn(args.batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-    calls = [("speedup, empty cache", {"speedup": args.speedup}), ("speedup again", {"speedup": args.speedup}),
-             ("ratio=0.5", {"ratio": 0.5}), ("speedup once more", {"speedup": args.speedup}), ("ratio=0.5 again", {"ratio": 0.5})]
     rows = []
-    for label, kw in calls:
-        start = time.perf_counter()
-        pruned = fxprune.compile(model, example_inputs=x, **kw)
-        seconds = time.perf_counter() - start
-        lat = fxprune.report(pruned).latency or {}
-        rows.append([label, f"{seconds:.2f}", f"{lat['speedup']:.2f}x" if lat else "-", lat.get("timings_taken", "-"),
-                     lat.get("results_timed", "-")])
-        print(tabulate([rows[-1]], tablefmt="plain"), flush=True)
-    print(tabulate(rows, headers=["call", "seconds", "measured speed-up", "timings taken", "results timed"], tablefmt="github"))
+    for case in args.cases.split(","):
+        name, size, batch, speedup, limit = case.split(":")
+        size, batch, speedup, limit = int(size), int(batch), float(speedup), float(limit)
+        os.environ["FXPRUNE_CACHE_DIR"] = tempfile.mkdtemp(prefix="fxprune-cache-")
+        model = torchvision.models.get_model(name, weights=None).eval()
+        x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+        cold_s = None
+        for cache in ("empty", "warm"):
+            start = time.perf_counter()
+            try:
+                pruned = fxprune.compile(model, speedup=speedup, example_inputs=x, threads=args.threads)
+            except fxprune.FxPruneError as exc:
+                rows.append([name, f"{batch}x{size}", f"{speedup:g}", cache, f"{time.perf_counter() - start:.1f}", "-", "-", "-", "-",
+                             f"{type(exc).__name__}: {str(exc)[:80]}", "NO"])
+                print(tabulate(rows[-1:], tablefmt="plain"), file=sys.stderr, flush=True)
+                continue
+            seconds = time.perf_counter() - start
+            lat = fxprune.report(pruned).latency
+            with threads(args.threads):
+                again = compare(model, pruned, (x,), rounds=args.rounds, most=4 * args.rounds)
+            flops = fxprune.report(pruned).flops
+            ok = (seconds <= (limit if cache == "empty" else min(30.0, 1.1 * (cold_s or seconds))) and again.speedup >= speedup
+                  and abs(lat["speedup"] / again.speedup - 1) <= 0.05)
+            cold_s = seconds if cache == "empty" else cold_s
+            rows.append([name, f"{batch}x{size}", f"{speedup:g}", cache, f"{seconds:.1f}", f"{lat['speedup']:.3g}x",
+                         f"{again.speedup:.3g}x ({1 / again.high:.3g}-{1 / again.low:.3g})", f"{1 - flops[1] / flops[0]:.0%}",
+                         lat["results_timed"], "", "yes" if ok else "NO"])
+            print(tabulate(rows[-1:], tablefmt="plain"), file=sys.stderr, flush=True)
+    with threads(args.threads) as count:
+        print(f"{count} threads, torch {torch.__version__}; re-measured in interleaved rounds right after each compile")
+    print(tabulate(rows, headers=["model", "input", "speedup", "cache", "compile s", "reported", "re-measured (95% interval)",
+                                  "FLOPs removed", "results timed", "error", "holds"], tablefmt="github"))
+    return 0 if all(r[-1] == "yes" for r in rows) else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
