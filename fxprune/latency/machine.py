@@ -22,7 +22,7 @@ from torch import nn
 
 from ..core.fxutil import eval_mode
 from . import timing
-from .timing import BURST, FEWEST, Latency, Setting, _calls, _summary, _sync, median_interval, threads
+from .timing import BURST, FEWEST, Latency, Setting, _calls, _summary, _sync, median_interval, settle_malloc, threads
 
 __all__ = ["Machine", "check", "SECONDS", "NOISY", "STALLED", "BURSTY"]
 
@@ -88,6 +88,7 @@ def check(model: nn.Module, inputs: Sequence[Any], seconds: float = SECONDS) -> 
     setting = Setting.of(model, inputs)
     sync = _sync(setting.device)
     n = torch.get_num_threads()
+    settle_malloc(setting.device)
     first: list[float] = []
     single: list[float] = []
     second: list[float] = []

@@ -2,15 +2,17 @@
 
 Both targets are a goal for the ratio of the result's time to the original's, timed in turns
 (``timing.compare``): 1 / speedup, or the target's milliseconds over the original's. First the machine
-is checked for a few seconds (``machine.check``): a machine whose noise or stalls could not decide the
-target gets ``MeasurementError`` at once, with the figures and what to do. Then the latency model
+is checked for a few seconds (``machine.check``, twice when the first look finds it busy): a machine whose
+noise or stalls could not decide the target gets ``MeasurementError`` at once, with the figures and
+what to do. Then the latency model
 proposes and the clock confirms: each candidate is the plan the model puts at the current budget, timed
 against the original until its interval decides the goal (``FEWEST`` rounds or more; rounds hit by a
 burst are dropped). A result meets the goal when its whole interval, widened by the A/A noise, does.
 
 Until one result meets the aim (``MARGIN`` below the goal) and one misses it, the next budget is the last
 estimate scaled by aim / measured (at most 2x either way); then it moves between the closest pair by
-linear interpolation. It stops at a result that meets the goal within 6% of the aim. A measured ratio
+linear interpolation. It stops at a result that meets the goal within 6% of the aim, or when the
+closest pair is estimated within ``NEAR`` of each other. A measured ratio
 far from the model's estimate (outside ``BAND``) is timed again before it is believed, and so are two
 timings that contradict the width order (a plan with more channels in every group measured faster
 than one with fewer, beyond the noise): if they still do, the machine changed under the search, and it
@@ -66,6 +68,11 @@ BAND = 1.5
 
 OVERSHOOT = 1.3
 """A result more than this many times faster than asked is returned only when the widths force the step."""
+
+NEAR = 0.02
+"""The search stops once the closest results on either side of the aim are estimated this close: the
+latency model cannot order plans nearer than that (its layers are timed alone), so further candidates
+would be timed for nothing."""
 
 DRIFT = 1.3
 """A comparison whose original ran this many times slower or faster than during the machine check was
@@ -162,6 +169,9 @@ def reach(a: Analysis, chooser: Chooser, target: Target, seed: int) -> tuple[Pla
     log.info("checking the machine: timing the original at %d threads%s for about %.0f s", setting.threads,
              " and at 1 thread" if setting.threads > 1 and setting.device == "cpu" else "", SECONDS)
     machine = check(a.model, a.inputs)
+    if machine.refusal() is not None:  # a burst may pass: one more look before refusing
+        log.info("the machine looked busy (%s): checking again", machine.refusal().split(" (")[0])
+        machine = check(a.model, a.inputs)
     why = machine.refusal()
     if why is not None:
         message = f"{target.describe()} cannot be decided on {setting.device} now: {why} Searching anyway (on_noise='warn')."
@@ -271,7 +281,10 @@ class Search:
             trials.append(trial)
             if trial.comparison.meets(self.goal) and trial.ratio >= 0.94 * self.aim:
                 break
-            budget, why = _next_budget(trials, self.aim, self.model.total)
+            proposal = _next_budget(trials, self.aim, self.model.total)
+            if proposal is None:
+                break
+            budget, why = proposal
         return trials
 
     def ordered(self, trial: Trial, earlier: list[Trial]) -> Trial:
@@ -352,9 +365,10 @@ def _contradict(wide: Trial, narrow: Trial) -> bool:
     return w.rounds > 0 and n.rounds > 0 and w.high * (1 + w.noise) < n.low * (1 - n.noise) * (1 - ORDER)
 
 
-def _next_budget(trials: list[Trial], aim: float, total: float) -> tuple[float, str]:
+def _next_budget(trials: list[Trial], aim: float, total: float) -> tuple[float, str] | None:
     """The next estimated-ms budget and why: the last estimate corrected by aim / measured (at most 2x
-    either way), or, once results lie on both sides of the aim, linear interpolation between the closest pair."""
+    either way), or, once results lie on both sides of the aim, linear interpolation between the closest
+    pair; None once that pair's estimates are within ``NEAR`` of each other."""
     fast = [(t.estimate, t.ratio) for t in trials if t.ratio <= aim]
     slow = [(t.estimate, t.ratio) for t in trials if t.ratio > aim]
     last = trials[-1]
@@ -363,6 +377,8 @@ def _next_budget(trials: list[Trial], aim: float, total: float) -> tuple[float, 
         return (total * last.estimate * min(2.0, max(0.5, aim / last.ratio)),
                 f"the last one timed {side} than aimed at, {last.comparison.speedup:.3g}x against {1 / aim:.3g}x")
     (e0, m0), (e1, m1) = max(fast), min(slow)
+    if abs(e1 - e0) < NEAR * e1:  # the model cannot order plans this close: no more candidates
+        return None
     if e1 <= e0:  # a costlier estimate measured faster: look just above the best fast one
         return total * e0 * 1.02, "just wider than the slowest that met the aim"
     w = min(0.9, max(0.1, (aim - m0) / (m1 - m0)))
