@@ -331,7 +331,7 @@ def test_a_machine_too_noisy_to_decide_raises_or_warns(monkeypatch: pytest.Monke
     timed: list[nn.Module] = []
     monkeypatch.setattr(costmodel, "layer_ms", lambda layer, x: timed.append(layer) or layer_latency(layer, x))
     noisy_clock()
-    with pytest.raises(fxprune.MeasurementError, match=r"cannot be decided .*too noisy .*bursts of other work hit [5-9]\d% of the rounds"):
+    with pytest.raises(fxprune.MeasurementError, match=r"cannot be decided .*too noisy .*bursts of other work hit [4-9]\d% of the rounds"):
         fxprune.compile(Net().eval(), speedup=1.5, example_inputs=X, verify=False, cache=False, round_to=8)
     assert not timed  # refused before the search timed anything
     noisy_clock()

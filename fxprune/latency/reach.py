@@ -21,10 +21,10 @@ than asked, the nearest wider results are timed again, and a plan between the tw
 that far past the target is returned only when the widths step from one to the other (the report says
 so), never when the noise left nearer ones undecided.
 
-Comparisons are cached (``TimingCache``) under the captured architecture and the result's widths, only
-when stable; a result chosen from cached comparisons is timed once more against the original before it
-is returned, and that timing is the one reported; a cache that no longer holds is dropped and the
-search runs afresh, once.
+The chosen result is timed once more against the original, never from the cache, until its interval
+is within ``PRECISE``: that timing is the one reported. Comparisons are cached (``TimingCache``) under
+the captured architecture and the result's widths, only when stable; when the confirming timing misses
+the goal, the cached comparisons of the model are dropped and the search runs afresh, once.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from torch import nn
 from . import costmodel
 from .cache import TimingCache
 from .machine import SECONDS, Machine, check
-from .timing import CONFIDENCE, STABLE, Comparison, Setting, compare
+from .timing import CONFIDENCE, FEWEST, STABLE, Comparison, Setting, compare
 from ..core.dataflow import layers
 from ..core.graph import Plan
 from ..core.masks import removed_mask
@@ -68,6 +68,10 @@ BAND = 1.5
 
 OVERSHOOT = 1.3
 """A result more than this many times faster than asked is returned only when the widths force the step."""
+
+PRECISE = 0.025
+"""The reported speed-up is timed until its interval is within this (relative half-width), so that
+timing the result again gives the same figure to within a few percent."""
 
 NEAR = 0.02
 """The search stops once the closest results on either side of the aim are estimated this close: the
@@ -109,8 +113,8 @@ class Clock:
     """Comparisons of pruned candidates with the original, kept in the ``TimingCache`` under the captured
     architecture and the candidate's widths when they are stable."""
 
-    def __init__(self, a: Analysis, setting: Setting, cache: TimingCache) -> None:
-        self.a, self.setting, self.cache = a, setting, cache
+    def __init__(self, a: Analysis, setting: Setting, cache: TimingCache, burst: float) -> None:
+        self.a, self.setting, self.cache, self.burst = a, setting, cache, burst
         parts = [a.gm.code, *(f"{n}{list(t.shape)}" for n, t in (*a.gm.named_parameters(), *a.gm.named_buffers())),
                  *(f"{list(t.shape)} {t.dtype}" for t in a.inputs if isinstance(t, torch.Tensor))]
         self.prefix = f"model {hashlib.sha1(chr(10).join(parts).encode()).hexdigest()} "
@@ -131,7 +135,7 @@ class Clock:
             self.timed += 1
             first = turn == 1
             return compare(self.a.model, self.result(plan)[1], self.a.inputs, goal=goal, most=20 if first else 30,
-                           seconds=10.0 if first else 15.0).to_row()
+                           seconds=10.0 if first else 15.0, burst=self.burst).to_row()
 
         timed = self.timed
         row = self.cache.get(self.setting, f"{self.prefix}widths {_widths(plan)} timing {turn}", measure,
@@ -139,10 +143,12 @@ class Clock:
         self.cache.save()
         return Comparison.from_row(row, self.setting), self.timed == timed
 
-    def recheck(self, plan: Plan) -> Comparison:
-        """A timing of ``plan``'s result against the original, never cached."""
+    def confirm(self, plan: Plan) -> Comparison:
+        """The timing reported for the chosen result: against the original, never cached, until its
+        interval is within ``PRECISE`` (or 10 s of timed calls have passed)."""
         self.timed += 1
-        return compare(self.a.model, self.result(plan)[1], self.a.inputs, seconds=5.0)
+        return compare(self.a.model, self.result(plan)[1], self.a.inputs, rounds=2 * FEWEST, most=60, seconds=10.0,
+                       precision=PRECISE, burst=self.burst)
 
     def drop(self) -> None:
         """Forget every cached comparison of this architecture."""
@@ -195,7 +201,7 @@ class Search:
         original_ms = self.original_ms = machine.original.median_ms
         self.goal = target.latency_ms / original_ms if target.latency_ms is not None else 1 / target.speedup
         self.aim = self.goal * (1 - MARGIN)
-        self.clock = Clock(a, setting, cache)
+        self.clock = Clock(a, setting, cache, machine.burst)
         self.model = costmodel.LatencyModel(a.graph, a.flops, a.gm, original_ms, setting, cache, chooser.rule.round_to)
         self.scores = chooser.scores(a.graph, a.gm, seed, cost=self.model)
         self.timed = 0  # candidates timed, over both passes
@@ -205,14 +211,16 @@ class Search:
             trials = self.search()
             met = [t for t in trials if t.comparison.meets(self.goal)]
             chosen = self.refuse(trials) if not met else self.closest(max(met, key=lambda t: t.ratio), trials)
-            c, cached = chosen.comparison, None
-            if not chosen.cached:
+            c, cached = chosen.comparison, chosen.comparison.speedup if chosen.cached else None
+            if chosen.comparison.rounds == 0:  # nothing removed: 1x by definition
                 break
-            c, cached = self.clock.recheck(chosen.plan), c.speedup  # a cached claim is checked, and the new timing reported
-            if c.ratio <= self.goal or fresh:
+            log.info("confirming the result against the original: its speed-up is what the report gives")
+            c = self.clock.confirm(chosen.plan)
+            log.info("  %s", c.describe())
+            if c.ratio <= self.goal or fresh or self.target.on_noise == "warn":
                 break
-            log.warning("the cached timing of this result (%s) did not hold when timed again (%s): timing afresh",
-                        chosen.comparison.describe(), c.describe())
+            log.warning("the %s timing of this result (%s) did not hold when timed again (%s): searching afresh",
+                        "cached" if chosen.cached else "first", chosen.comparison.describe(), c.describe())
             self.clock.drop()
         record = {"target": {"speedup": self.target.speedup, "latency_ms": self.target.latency_ms}, "goal_ms": self.goal * self.original_ms,
                   "before_ms": c.before.median_ms, "after_ms": c.after.median_ms, "speedup": c.speedup,

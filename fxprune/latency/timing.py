@@ -43,7 +43,8 @@ timings are cached."""
 
 BURST = 0.10
 """A round whose two timings of the original differ by more than this is discarded: a burst of other
-work hit it (such bursts last seconds, longer than a round), and its ratio says nothing about the models."""
+work hit it (such bursts last seconds, longer than a round), and its ratio says nothing about the models.
+A machine whose quiet A/A pairs already differ more than that gets a wider bound (``Machine.burst``)."""
 
 FEWEST = 6
 """Rounds a comparison takes before it may decide: the fewest whose 95% interval of the median is not
@@ -287,11 +288,12 @@ class Comparison:
 
 
 def compare(original: nn.Module, candidate: nn.Module, inputs: Sequence[Any], *, rounds: int = FEWEST, most: int = 40,
-            goal: float | None = None, seconds: float = 20.0, warmup: int = 2, min_ms: float = 5.0) -> Comparison:
+            goal: float | None = None, seconds: float = 20.0, precision: float = STABLE, burst: float = BURST,
+            warmup: int = 2, min_ms: float = 5.0) -> Comparison:
     """Time ``candidate`` against ``original`` in turns (see ``Comparison``), sequentially: once ``rounds``
     rounds are kept, stop as soon as the ratio's interval decides ``goal`` (without a goal: is within
-    ``STABLE``), else go on up to ``most`` rounds, or ``seconds`` of timed calls once ``rounds`` are kept.
-    A round whose A/A pair differs by more than ``BURST`` is dropped. ``candidate`` may be ``original``: an A/A pair."""
+    ``precision``), else go on up to ``most`` rounds, or ``seconds`` of timed calls once ``rounds`` are
+    kept. A round whose A/A pair differs by more than ``burst`` is dropped. ``candidate`` may be ``original``: an A/A pair."""
     inputs = tuple(inputs)
     setting = Setting.of(original, inputs)
     sync = _sync(setting.device)
@@ -302,12 +304,12 @@ def compare(original: nn.Module, candidate: nn.Module, inputs: Sequence[Any], *,
         while True:
             taken.append((time_calls(original, inputs, n_orig, sync), time_calls(candidate, inputs, n_cand, sync),
                           time_calls(original, inputs, n_orig, sync)))
-            kept = [r for r in taken if abs(r[2] / r[0] - 1) <= BURST]
+            kept = [r for r in taken if abs(r[2] / r[0] - 1) <= burst]
             spent = sum((a + b) * n_orig + c * n_cand for a, c, b in taken) / 1e3
             done = len(taken) >= most or (len(kept) >= rounds and spent > seconds)
             if len(kept) >= rounds or done:
                 result = _comparison(*zip(*(kept if len(kept) >= 2 else taken)), inputs, setting, len(taken) - len(kept))
-                decided = len(kept) >= rounds and (result.meets(goal) is not None if goal is not None else result.uncertainty <= STABLE)
+                decided = len(kept) >= rounds and (result.meets(goal) is not None if goal is not None else result.uncertainty <= precision)
                 if decided or done:
                     return result
 
