@@ -114,10 +114,10 @@ def main() -> int:
                 with Load(load, args.burners, args.seed):
                     busy, busy_text, busy_s = compiled(model, x, args.speedup, args.threads)
                 with threads(args.threads):
-                    quiet = compare(model, busy, (x,), rounds=args.rounds) if busy is not None else None
+                    quiet = compare(model, busy, (x,), rounds=args.rounds, burst=1.0) if busy is not None else None
                 again, again_text, again_s = compiled(model, x, args.speedup, args.threads)
                 with threads(args.threads):
-                    quiet_again = compare(model, again, (x,), rounds=args.rounds) if again is not None else None
+                    quiet_again = compare(model, again, (x,), rounds=args.rounds, burst=1.0) if again is not None else None
             if busy is None:
                 ok = busy_s <= 120
             else:

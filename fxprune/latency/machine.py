@@ -22,14 +22,16 @@ from torch import nn
 
 from ..core.fxutil import eval_mode
 from . import timing
-from .timing import BURST, FEWEST, Latency, Setting, _calls, _summary, _sync, median_interval, settle_malloc, threads
+from .timing import BURST, Latency, Setting, _calls, _summary, _sync, median_interval, settle_malloc, threads
 
 __all__ = ["Machine", "check", "SECONDS", "NOISY", "STALLED", "BURSTY"]
 
 SECONDS = 2.0
-"""How long ``check`` times the original (at least twice ``FEWEST`` rounds, at most ``MOST``)."""
+"""How long ``check`` times the original (at least ``LEAST`` rounds, at most ``MOST``)."""
 
-MOST = 30
+LEAST, MOST = 9, 30
+"""Rounds ``check`` takes at least (the fewest whose 95% interval of the median leaves out the extremes)
+and at most."""
 
 NOISY = 0.10
 """The A/A noise (relative half-width of its median's interval, over the rounds no burst hit, as a
@@ -98,7 +100,7 @@ def check(model: nn.Module, inputs: Sequence[Any], seconds: float = SECONDS) -> 
     second: list[float] = []
     with torch.no_grad(), eval_mode(model):
         (calls,) = _calls([model], inputs, 2, 5.0, sync)
-        while len(first) < MOST and (len(first) < 2 * FEWEST or sum(first + second + single) * calls / 1e3 < seconds):
+        while len(first) < MOST and (len(first) < LEAST or sum(first + second + single) * calls / 1e3 < seconds):
             first.append(timing.time_calls(model, inputs, calls, sync))
             second.append(timing.time_calls(model, inputs, calls, sync))
             if n > 1 and setting.device == "cpu":

@@ -145,9 +145,9 @@ class Clock:
 
     def confirm(self, plan: Plan) -> Comparison:
         """The timing reported for the chosen result: against the original, never cached, until its
-        interval is within ``PRECISE`` (or 10 s of timed calls have passed)."""
+        interval is within ``PRECISE`` (or 5 s of timed calls have passed)."""
         self.timed += 1
-        return compare(self.a.model, self.result(plan)[1], self.a.inputs, rounds=2 * FEWEST, most=60, seconds=10.0,
+        return compare(self.a.model, self.result(plan)[1], self.a.inputs, rounds=2 * FEWEST, most=60, seconds=5.0,
                        precision=PRECISE, burst=self.burst)
 
     def drop(self) -> None:
