@@ -64,8 +64,9 @@ class Load:
     """``n`` loading processes of one kind (``LOADS``) for the duration of a ``with`` block."""
 
     def __init__(self, kind: str, n: int, seed: int) -> None:
-        self.stop = mp.Event()
-        self.procs = [mp.Process(target=LOADS[kind], args=(seed + i, self.stop), daemon=True) for i in range(n)]
+        ctx = mp.get_context("spawn")  # a forked child of a process whose OpenMP pool is up hangs in its first matmul
+        self.stop = ctx.Event()
+        self.procs = [ctx.Process(target=LOADS[kind], args=(seed + i, self.stop), daemon=True) for i in range(n)]
 
     def __enter__(self) -> Load:
         for p in self.procs:

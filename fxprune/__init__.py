@@ -23,6 +23,7 @@ from .archive.record import plan_fingerprint
 from .report import Report
 from .selection.costaware import GflopsAware, LatencyAware, LatencyPerFlop
 from .selection.datadriven import APoZ, BNTaylor, MeanActivation, Taylor
+from .selection.knapsack import Knapsack, KnapsackBNTaylor
 from .selection.protocol import Selector
 from .selection.selectors import SELECTORS
 from .selection.weights import BNScale, L1, L2, Random, Uniform
@@ -37,7 +38,8 @@ __all__ = [
     "save", "load", "apply_plan", "plan_fingerprint", "Strategy",
     "measure_latency", "Latency",
     "DependencyGraph", "Group", "Member", "Plan", "Report", "Selector", "Uniform", "Random", "L1", "L2",
-    "BNScale", "BNTaylor", "GflopsAware", "LatencyAware", "LatencyPerFlop", "APoZ", "MeanActivation", "Taylor", "SELECTORS",
+    "BNScale", "BNTaylor", "GflopsAware", "LatencyAware", "LatencyPerFlop", "Knapsack", "KnapsackBNTaylor", "APoZ", "MeanActivation",
+    "Taylor", "SELECTORS",
     "FxPruneError", "ArgumentError", "TraceError", "ShapeError", "PlanError",
     "TargetUnreachableError", "MeasurementError", "VerificationError", "ArchiveError",
 ]

@@ -94,7 +94,7 @@ def test_a_pruned_decoder_is_its_class_with_a_true_config_generates_and_round_tr
     pruned = fxprune.compile(model, example_inputs=IDS, ratio=0.5)
     assert type(pruned) is type(model) and pruned.meta["fxprune"]["huggingface"]["returned"] == type(model).__name__
     c, layer = pruned.config, pruned.model.layers[1]
-    assert c.num_attention_heads < 4 and c.num_key_value_heads < 2 or c.intermediate_size < 128  # something was pruned
+    assert c.num_attention_heads < 4 and c.num_key_value_heads < 2 and c.intermediate_size < 128  # heads and MLP both pruned
     assert layer.self_attn.q_proj.weight.shape == (c.num_attention_heads * c.head_dim, c.hidden_size)
     assert layer.self_attn.k_proj.weight.shape == (c.num_key_value_heads * c.head_dim, c.hidden_size)
     assert layer.mlp.up_proj.weight.shape == (c.intermediate_size, c.hidden_size)

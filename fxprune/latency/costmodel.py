@@ -37,6 +37,8 @@ from __future__ import annotations
 import logging
 import math
 import operator
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -279,27 +281,30 @@ def _interpolate(grid: list[list[int]], values: torch.Tensor, kept: list[float])
 
 
 def _announce(graph: DependencyGraph, layers: dict[int, Layer], grids: dict[int, tuple[list[list[int]], list[list[int]]]],
-              total_ms: float | None, setting: Setting, cache: TimingCache) -> None:
+              total_ms: float | None, setting: Setting, cache: TimingCache) -> float:
     """Log how many layer timings the cache lacks and about how long they take (each about 12 calls of
-    at least 1 ms; a layer at full width about its share of the model's MACs of ``total_ms``)."""
+    at least 1 ms; a layer at full width about its share of the model's MACs of ``total_ms``); the seconds."""
     todo = [(i, [a[j] for a, j in zip(axes, index)]) for i, (axes, points) in grids.items() for index in points
             if not cache.has(setting, layers[i].key(tuple(a[j] for a, j in zip(axes, index))))]
     if not todo:
-        return
+        return 0.0
     macs = sum(graph.flop_terms[i].macs for i in layers) or 1
     ms = sum(12 * max(1.0, (total_ms or 0.0) * graph.flop_terms[i].macs / macs * math.prod(k / n for k, n in zip(kept, layers[i].sizes)))
              for i, kept in todo)
     log.info("timing %d layer widths of %d layers alone for the latency model (about %.0f s; kept for next time)",
              len(todo), len({i for i, _ in todo}), ms / 1e3)
+    return ms / 1e3
 
 
 class LatencyModel:
     """Milliseconds of the model as a function of the removed-atom mask (see the module docstring)."""
 
     def __init__(self, graph: DependencyGraph, flops: FlopModel, gm: torch.fx.GraphModule, total_ms: float | None,
-                 setting: Setting, cache: TimingCache, multiple: int) -> None:
+                 setting: Setting, cache: TimingCache, multiple: int, overdue: Callable[[], None] | None = None) -> None:
         """``total_ms``: the whole model's measured milliseconds, which fix the part pruning does not
-        change; None leaves it out (the layers alone, enough to compare removals)."""
+        change; None leaves it out (the layers alone, enough to compare removals). ``overdue`` is called
+        after each layer once the timings take more than twice their estimate and 5 s (other work may
+        have taken the cores: it may raise)."""
         self.flops = flops
         self.setting = setting
         layers, removable = measurable_layers(gm, graph), removable_atoms(graph)
@@ -309,13 +314,17 @@ class LatencyModel:
             axes = [[n] if fixed[d] else sorted({layer.snap((round(f * n),) * len(layer.sizes), multiple)[d] for f in GRID})
                     for d, n in enumerate(layer.sizes)]
             grids[i] = axes, torch.cartesian_prod(*[torch.arange(len(a)) for a in axes]).reshape(-1, len(axes)).tolist()
-        _announce(graph, layers, grids, total_ms, setting, cache)
+        allowed = 2 * _announce(graph, layers, grids, total_ms, setting, cache) + 5.0
+        due = time.perf_counter() + allowed
         self.grids: dict[int, tuple[list[list[int]], torch.Tensor]] = {}
         for i, (axes, points) in grids.items():
             values = torch.zeros([len(a) for a in axes], dtype=torch.float64)
             for index in points:
                 values[tuple(index)] = layers[i].time(tuple(a[j] for a, j in zip(axes, index)), setting, cache)
             self.grids[i] = (axes, values)
+            if overdue is not None and time.perf_counter() > due:
+                overdue()
+                due = time.perf_counter() + allowed
         self.traffic = Traffic(gm, graph)
         largest = self.traffic.largest
         per_element = element_ms(largest, setting, cache) if largest is not None and len(largest) == 4 else 0.0

@@ -202,7 +202,7 @@ class Search:
         self.goal = target.latency_ms / original_ms if target.latency_ms is not None else 1 / target.speedup
         self.aim = self.goal * (1 - MARGIN)
         self.clock = Clock(a, setting, cache, machine.burst)
-        self.model = costmodel.LatencyModel(a.graph, a.flops, a.gm, original_ms, setting, cache, chooser.rule.round_to)
+        self.model = costmodel.LatencyModel(a.graph, a.flops, a.gm, original_ms, setting, cache, chooser.rule.round_to, self.overdue)
         self.scores = chooser.scores(a.graph, a.gm, seed, cost=self.model)
         self.timed = 0  # candidates timed, over both passes
 
@@ -266,8 +266,19 @@ class Search:
         log.info("  %s%s: %s the %.3gx asked", c.describe(), " (cached)" if cached else "", verdict, 1 / self.goal)
         return Trial(plan, c, estimate, cached)
 
-    def drifted(self, c: Comparison) -> bool:
-        return not 1 / DRIFT <= c.before.median_ms / self.original_ms <= DRIFT
+    def overdue(self) -> None:
+        """The layer timings run late: ``MeasurementError`` when the machine is now too busy to decide."""
+        machine = check(self.a.model, self.a.inputs)
+        log.info("the layer timings take longer than estimated: the machine was checked again")
+        why = machine.refusal() or (f"the original now takes {machine.original.median_ms:.4g} ms against {self.original_ms:.4g} ms at "
+                                    "the start: other work took the cores" if self.drifted(machine) else None)
+        if why is not None:
+            raise_or_warn(self.target.on_noise, MeasurementError(f"{self.target.describe()} cannot be decided on {self.setting.device} "
+                                                                 f"now: {why}", noise=machine.noise))
+
+    def drifted(self, c: Comparison | Machine) -> bool:
+        ms = c.original.median_ms if isinstance(c, Machine) else c.before.median_ms
+        return not 1 / DRIFT <= ms / self.original_ms <= DRIFT
 
     def search(self) -> list[Trial]:
         budget, smallest, why = self.aim * self.model.total, False, "the latency model's plan for the target"
