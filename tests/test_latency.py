@@ -423,7 +423,7 @@ def test_stalled_threads_refuse_in_seconds_and_name_threads(monkeypatch: pytest.
     monkeypatch.setattr(timing, "time_calls", clock)
     timed = []
     monkeypatch.setattr(costmodel, "layer_ms", lambda layer, x: timed.append(layer) or layer_latency(layer, x))
-    with timing.threads(2), pytest.raises(fxprune.MeasurementError, match=r"2 threads stall .*threads=1 \(--threads 1\)"):
+    with timing.threads(2), pytest.raises(fxprune.MeasurementError, match=r"2 threads stall .*threads=1 \(--threads 1;"):
         fxprune.compile(Net().eval(), speedup=1.5, example_inputs=X, verify=False, cache=False, round_to=8)
     assert not timed
     with timing.threads(2):

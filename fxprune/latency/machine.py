@@ -83,8 +83,8 @@ class Machine:
         fix = ("close the other work (other PyTorch jobs included) and compile again, or prune to FLOPs (target_gflops= or "
                "ratio=), which needs no timing")
         if n > 1:
-            fix = (f"measure at the thread count you deploy with: threads=1 (--threads 1) holds up under contention, and "
-                   f"torch.set_num_threads(1) at deployment gives that speed; or {fix}")
+            fix = (f"measure at the thread count you deploy with: at threads=1 (--threads 1; torch.set_num_threads(1) at "
+                   f"deployment) no threads stall on each other, though other work still shares the cores; or {fix}")
         return f"{why} ({seen}). To decide a latency target, {fix}."
 
 
