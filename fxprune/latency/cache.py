@@ -61,6 +61,17 @@ class TimingCache:
     def has(self, setting: Setting, key: str) -> bool:
         return key in self.data.get(setting.key(), {})
 
+    def lookup(self, setting: Setting, key: str) -> Any:
+        """The value kept under ``key`` (None when there is none)."""
+        return self.data.get(setting.key(), {}).get(key)
+
+    def put(self, setting: Setting, key: str, value: Any) -> None:
+        """Keep ``value`` under ``key``, and write the file (nothing when caching is off or held)."""
+        if self.enabled:
+            self.data.setdefault(setting.key(), {})[key] = value
+            self.unsaved = True
+            self.save()
+
     def get(self, setting: Setting, key: str, measure: Callable[[], Any], keep: Callable[[Any], bool] = lambda value: True) -> Any:
         """The cached timing of ``key`` under ``setting``, measured on a miss and kept when ``keep`` says so."""
         table = self.data.setdefault(setting.key(), {})
