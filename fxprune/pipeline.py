@@ -7,6 +7,7 @@ and the torch.compile backend all go through these functions; none of them calls
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import logging
 from collections.abc import Iterable, Sequence
@@ -29,9 +30,10 @@ from .passes.capture import capture
 from .passes.classes import class_plan
 from .passes.couple import couple
 from .passes.rewrite import rewrite
-from .passes.select import CostModel, select
+from .passes.select import CostModel, Tie, select
 from .passes.shapes import propagate_shapes
 from .passes.transplant import transplant
+from .passes.hfconfig import config_ties, probe
 from .passes.hfmodel import hf_model
 from .passes.verify import verify as verify_pass
 from .passes.verify import verify_same, verify_tree
@@ -43,7 +45,7 @@ from .latency.cache import TimingCache
 from .latency.timing import Setting
 
 __all__ = ["DEFAULT_INPUT_SHAPE", "Inputs", "Model", "Analysis", "Target", "Job", "example_inputs", "check_model", "analyze",
-           "measure_round_to", "finer", "close", "reachable", "CLOSE", "fallback_note", "select_plan", "rewrite_verify_record",
+           "measure_round_to", "finer", "close", "reachable", "within", "CLOSE", "fallback_note", "select_plan", "rewrite_verify_record",
            "apply_checked_plan", "restrict_classes", "restrict_classes_first", "record_run", "NOISE_POLICIES"]
 
 log = logging.getLogger("fxprune")
@@ -90,11 +92,21 @@ class Analysis:
     graph: DependencyGraph
     flops: FlopModel
     inputs: tuple[Any, ...]
+    beyond_config: str = ""
+    """Why the last plan prunes past what a Hugging Face model's config can describe (empty if it does not)."""
 
     @property
     def tree(self) -> nn.Module | None:
         """The module tree whose one run ``gm`` records (an ops-run capture), else None."""
         return self.gm.meta.get(keys.TREE)
+
+    @functools.cached_property
+    def ties(self) -> list[Tie]:
+        """Groups whose widths a Hugging Face model's config describes only together (passes/hfconfig.py);
+        none for other models."""
+        hf = self.gm.meta.get(keys.HF)
+        p = probe(hf) if hf is not None else None
+        return [] if p is None else config_ties(p, self.graph)
 
     @property
     def model(self) -> nn.Module:
@@ -115,6 +127,7 @@ class Analysis:
         if hf is None:
             return pruned
         model, why = hf_model(hf, pruned)
+        why = self.beyond_config or why
         if model is not None:  # its own forward must give the pruned graph's outputs
             try:
                 verify_same(pruned, model, self.inputs)
@@ -284,6 +297,24 @@ def reachable(a: Analysis, chooser: Chooser, macs: float) -> Chooser:
     return options[-1]
 
 
+def within(a: Analysis, chooser: Chooser, macs: float, seed: int) -> tuple[Chooser, Plan]:
+    """The plan of a FLOPs budget of ``macs`` and the chooser that made it: ``chooser``'s own multiple when
+    its plan keeps within ``CLOSE`` of the budget, else the first of ``finer(chooser)`` that does (the last
+    if none). The scores are computed once, unless the selector reads the width rule."""
+    *options, last = finer(chooser)
+    scores = chooser.scores(a.graph, a.gm, seed, cost=a.flops)
+    rescore = getattr(chooser.selector, "uses_width_rule", False)
+    for used in options:
+        try:
+            plan = select_plan(a, used, macs, scores)
+        except TargetUnreachableError:
+            continue
+        if close(a, plan, macs):
+            return used, plan
+    scores = last.scores(a.graph, a.gm, seed, cost=a.flops) if rescore and options else scores
+    return last, select_plan(a, last, macs, scores)
+
+
 def fallback_note(tried: Chooser, used: Chooser, target: str) -> str | None:
     """The report's note when "auto" fell back from ``tried``'s multiple to ``used``'s."""
     if tried is used:
@@ -297,7 +328,16 @@ def fallback_note(tried: Chooser, used: Chooser, target: str) -> str | None:
 def select_plan(a: Analysis, chooser: Chooser, target: float, scores: dict[int, torch.Tensor], cost: CostModel | None = None) -> Plan:
     """The plan whose ``cost`` (default: ``a.flops``, in MACs) fits ``target`` given the selector's
     ``scores``; under torch.distributed, rank 0's plan, on every rank."""
-    plan = select(a.graph, cost or a.flops, target, scores, mode=chooser.mode, rule=chooser.rule, comparable=chooser.comparable)
+    ties = a.ties if chooser.rule.equal_widths else []
+    try:
+        plan = select(a.graph, cost or a.flops, target, scores, mode=chooser.mode, rule=chooser.rule, comparable=chooser.comparable, ties=ties)
+        a.beyond_config = ""
+    except TargetUnreachableError as exc:
+        if not ties:
+            raise
+        plan = select(a.graph, cost or a.flops, target, scores, mode=chooser.mode, rule=chooser.rule, comparable=chooser.comparable)
+        a.beyond_config = (f"the widths that {type(a.gm.meta[keys.HF]).__name__}'s config can describe (in proportion, whole heads) "
+                           f"do not reach the target ({str(exc).split(':')[0]}), so the plan prunes past them")
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         shared = [plan.to_json()]
         dist.broadcast_object_list(shared, src=0)

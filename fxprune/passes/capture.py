@@ -281,7 +281,10 @@ def capture(model: nn.Module | torch.export.ExportedProgram, example_inputs: Seq
     if not isinstance(model, nn.Module):
         raise TraceError(f"expected a torch.nn.Module or torch.export.ExportedProgram, got {type(model).__name__}")
     root = _without_cache(structural_copy(model))
-    if untraceable is None:
+    if untraceable is None and is_hf(model):  # transformers' forwards build masks and caches in Python that tracing cannot follow
+        first: BaseException = TraceError("a Hugging Face model")
+        reason = "a Hugging Face model, not symbolically traced"
+    elif untraceable is None:
         try:
             gm = _trace(root, set())
             gm.meta[keys.CAPTURE] = "torch.fx.symbolic_trace"

@@ -28,12 +28,19 @@ bisection as the smallest fraction whose cost fits the target; of the groups tha
 while more than 0.5% of the budget is unused, each group in turn may get one more step back (one atom,
 or a multiple's worth). The result never exceeds the target. With ``equal_widths`` (per_group mode
 only), the groups that repeat from layer to layer get atoms back together, so they keep equal widths.
+
+``ties`` (a Hugging Face model's config, passes/hfconfig.py) are sets of groups whose widths only move
+together: a tie of D steps (D divides every group's width) keeps s/D of every group's atoms, s from 1 to
+D, so the proportions between them hold; its widest group's count (by the schedule and the WidthRule)
+decides s. A tie of one step keeps all its atoms.
 """
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -42,7 +49,7 @@ from ..errors import ArgumentError, TargetUnreachableError
 from ..core.graph import DependencyGraph, Group, Plan
 from ..core.widths import WidthRule
 
-__all__ = ["select", "CostModel", "MODES", "atom_kinds", "repeated_groups"]
+__all__ = ["select", "CostModel", "MODES", "Tie", "atom_kinds", "repeated_groups"]
 
 MODES = ("per_group", "global")
 
@@ -59,6 +66,31 @@ class CostModel(Protocol):
     def reached(self, smallest: float) -> dict[str, Any]:
         """Keywords of ``TargetUnreachableError`` for the smallest reachable cost."""
         ...
+
+
+@dataclass(frozen=True)
+class Tie:
+    """Groups (ids) whose widths only move together, each keeping s/``steps`` of its atoms (one step: all)."""
+
+    groups: tuple[int, ...]
+    steps: int
+
+
+class _Tied:
+    """A tie over its groups: the counts that keep s of its ``steps`` parts of every group."""
+
+    def __init__(self, groups: list[Group], steps: int) -> None:
+        self.groups = sorted(groups, key=lambda g: -g.width)
+        self.steps = math.gcd(steps, *(g.width for g in groups))
+
+    def counts(self, s: int) -> dict[int, int]:
+        s = min(max(s, 1), self.steps)
+        return {g.id: g.width - s * g.width // self.steps for g in self.groups}
+
+    def kept_steps(self, counts: dict[int, int]) -> int:
+        """s for the widest group's count in ``counts`` (the nearest, at least one step)."""
+        lead = self.groups[0]
+        return round((lead.width - counts[lead.id]) * self.steps / lead.width)
 
 
 def _check_scores(groups: list[Group], scores: dict[int, torch.Tensor]) -> None:
@@ -104,9 +136,10 @@ def select(
     mode: str = "per_group",
     rule: WidthRule = WidthRule(),
     comparable: bool = False,
+    ties: Sequence[Tie] = (),
 ) -> Plan:
     """The plan whose cost fits ``target`` (see the module docstring); ``comparable``: the scores compare
-    across groups as they are (global mode does not normalize them)."""
+    across groups as they are (global mode does not normalize them); ``ties``: groups kept in proportion."""
     groups = graph.prunable_groups
     _check_scores(groups, scores)
     order = {g.id: torch.sort(scores[g.id], descending=True, stable=True).indices for g in groups}
@@ -114,9 +147,14 @@ def select(
     schedule = _per_group_schedule(groups) if mode == "per_group" else _global_schedule(groups, order, scores, comparable)
 
     kinds = atom_kinds(graph, groups)
+    by_id = {g.id: g for g in groups}
+    tied = [_Tied([by_id[i] for i in t.groups], t.steps) for t in ties]
 
     def counts_at(t: float) -> dict[int, int]:
-        return {g.id: g.width - rule.kept(g.width, n, *kinds[g.id]) for g, n in zip(groups, schedule(t))}
+        counts = {g.id: g.width - rule.kept(g.width, n, *kinds[g.id]) for g, n in zip(groups, schedule(t))}
+        for tie in tied:
+            counts.update(tie.counts(tie.kept_steps(counts)))
+        return counts
 
     fragile = _fragile_tensors(graph, groups, order)
 
@@ -153,7 +191,10 @@ def select(
     # Between fraction lo (over budget) and hi (within it) some groups lose more atoms; give the
     # first k of them (in group order; repeated groups together) their atoms back, with the largest k that fits.
     counts, over = counts_at(hi), counts_at(lo)
-    units = repeated_groups(groups) if rule.equal_widths else [[g] for g in groups]
+    in_ties = {g.id for tie in tied for g in tie.groups}
+    free = [g for g in groups if g.id not in in_ties]
+    units = [tie.groups for tie in tied] + (repeated_groups(free) if rule.equal_widths else [[g] for g in free])
+    tie_of = {id(tie.groups): tie for tie in tied}
     changed = [unit for unit in units if counts[unit[0].id] != over[unit[0].id]]
 
     def give_back(k: int) -> dict[int, int]:
@@ -174,13 +215,14 @@ def select(
             break
         n, w = counts[unit[0].id], unit[0].width
         if n:
-            fewer = w - rule.more(w, w - n, *kinds[unit[0].id])
-            atoms = torch.cat([g.atoms[order[g.id][w - n : w - fewer]] for g in unit])
+            tie = tie_of.get(id(unit))
+            fewer = tie.counts(tie.kept_steps(counts) + 1) if tie else {g.id: w - rule.more(w, w - n, *kinds[g.id]) for g in unit}
+            atoms = torch.cat([g.atoms[order[g.id][g.width - counts[g.id] : g.width - fewer[g.id]]] for g in unit])
             before = removed[atoms].clone()
             removed[atoms] = False
             cost = model.cost(removed)
             if cost <= target:
-                counts.update({g.id: fewer for g in unit})
+                counts.update(fewer)
                 current = cost
             else:
                 removed[atoms] = before

@@ -1,0 +1,242 @@
+"""hfconfig: which widths a Hugging Face config holds, which weight dims each one sizes, and the config of pruned weights.
+
+A *slot* is one number of the config that sizes weights: a width field (``hidden_size``, ``n_inner``), or
+one entry of a per-stage list (``hidden_sizes[1]``, ``num_heads[0]``, ``mlp_ratios[2]``). Which weight
+dims a slot sizes is found by building the class on the meta device with that number doubled; fields the
+config leaves unset (GPT-2's ``n_inner``) are first given the value the class uses for them. From that:
+
+* ``config_ties``: the prunable groups whose widths one config can describe only together. Groups sized
+  by a common slot are tied, and a tie keeps the same fraction of every group's atoms (so ratios such as
+  ``mlp_ratio`` and the head size ``hidden_size / num_attention_heads`` hold); a group sized by no slot, or
+  tied to a group that cannot prune (frozen, or one atom wide), keeps all its atoms.
+* ``truthful_config``: the config whose widths give exactly the pruned shapes. Each slot is solved from
+  the dims it alone sizes; a head count that sizes no weight (GPT-2, BERT, SegFormer derive the head size
+  from the hidden size) follows from its hidden size at the original head size.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core.graph import DependencyGraph
+from .select import Tie
+
+__all__ = ["WIDTH_FIELDS", "Probe", "probe", "config_ties", "truthful_config"]
+
+log = logging.getLogger("fxprune")
+
+WIDTH_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "n_embd", "n_inner", "n_head",
+                "d_model", "encoder_ffn_dim", "decoder_ffn_dim", "ffn_dim", "encoder_attention_heads", "decoder_attention_heads",
+                "hidden_sizes", "num_heads", "mlp_ratios", "mlp_ratio", "embed_dim", "decoder_hidden_size")
+"""Config fields that hold widths a pruned model may change: one number per model, or one per stage (a list)."""
+
+HEADS = {"num_attention_heads": ("hidden_size", "hidden_sizes"), "n_head": ("n_embd",), "encoder_attention_heads": ("d_model",),
+         "decoder_attention_heads": ("d_model",)}
+"""Head counts and the hidden sizes they divide into heads, where a class derives the head size from them."""
+
+Slot = tuple[str, int | None]
+Shapes = dict[str, tuple[int, ...]]
+Dims = frozenset[tuple[str, int]]
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A class, its config with every slot set, the parameter shapes they give, and the dims each slot sizes."""
+
+    cls: type
+    config: Any
+    shapes: Shapes
+    sizes: dict[Slot, Dims]
+
+
+def _shapes(cls: type, config: Any) -> Shapes | None:
+    """Parameter shapes of ``cls(config)``, built on the meta device; None if the class rejects the config."""
+    try:
+        with torch.device("meta"):
+            model = cls(config)
+    except Exception as exc:  # a config the class refuses: no such model
+        log.debug("hfconfig: %s(%s) cannot be built: %s", cls.__name__, type(config).__name__, exc)
+        return None
+    return {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _slots(config: Any) -> list[Slot]:
+    """The config's width slots, as it stores them (not the aliases of ``attribute_map``: GPT-2's hidden_size is its n_embd)."""
+    stored = vars(config)
+    out: list[Slot] = []
+    for f in WIDTH_FIELDS:
+        v = stored.get(f)
+        if _number(v):
+            out.append((f, None))
+        elif isinstance(v, (list, tuple)) and v and all(_number(x) for x in v):
+            out.extend((f, i) for i in range(len(v)))
+    return out
+
+
+def value(config: Any, slot: Slot) -> Any:
+    f, i = slot
+    v = getattr(config, f)
+    return v if i is None else v[i]
+
+
+def with_values(config: Any, values: dict[Slot, Any]) -> Any:
+    """A copy of ``config`` with the slots set to ``values`` (lists copied, keeping their type)."""
+    new = copy.deepcopy(config)
+    for (f, i), v in values.items():
+        if i is None:
+            setattr(new, f, v)
+        else:
+            items = list(getattr(new, f))
+            items[i] = v
+            setattr(new, f, type(getattr(config, f))(items))
+    return new
+
+
+def _changed(base: Shapes, other: Shapes | None) -> Dims:
+    if other is None:
+        return frozenset()
+    return frozenset((n, d) for n, shape in base.items() for d in range(len(shape)) if n in other and other[n][d] != shape[d])
+
+
+def _unset_widths(cls: type, config: Any, base: Shapes) -> dict[Slot, int]:
+    """Width fields left None whose value the class chooses (GPT-2's ``n_inner``: 4 * n_embd), found by
+    setting each to an odd marker and reading what the dims it sizes were."""
+    marker, found = 7919, {}
+    for f in WIDTH_FIELDS:
+        if f in vars(config) and vars(config)[f] is None:
+            dims = _changed(base, _shapes(cls, with_values(config, {(f, None): marker})))
+            used = {base[n][d] for n, d in dims}
+            if len(used) == 1:
+                found[(f, None)] = used.pop()
+    return found
+
+
+def probe(model: nn.Module) -> Probe | None:
+    """The slots of ``model``'s config and the dims each sizes; None when the class cannot be built from
+    its own config as ``model`` is (other parameter names or shapes)."""
+    cls, config = type(model), model.config
+    config = copy.deepcopy(config)
+    heads, hidden = (getattr(config, f, None) for f in ("num_attention_heads", "hidden_size"))
+    if getattr(config, "head_dim", None) is None and isinstance(heads, int) and isinstance(hidden, int) and heads:
+        config.head_dim = hidden // heads  # heads are counted, not resized (classes that derive it ignore it)
+    base = _shapes(cls, config)
+    if base is None or base != {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}:
+        return None
+    config = with_values(config, _unset_widths(cls, config, base))
+    sizes = {s: _changed(base, _shapes(cls, with_values(config, {s: 2 * value(config, s)}))) for s in _slots(config)}
+    return Probe(cls, config, base, sizes)
+
+
+def config_ties(p: Probe, graph: DependencyGraph) -> list[Tie]:
+    """Prunable groups that one config describes only together (see the module docstring), in as many
+    steps as every group's width and every head count a tied hidden size derives its head size from allow
+    (one step, all atoms, where a group is sized by no slot or a slot also sizes a group that cannot prune)."""
+    slots_of: dict[int, set[Slot]] = {}
+    for g in graph.groups:
+        dims = {(m.name, m.dim) for m in g.members}
+        slots_of[g.id] = {s for s, sized in p.sizes.items() if sized & dims}
+    fixed = {s for g in graph.groups if not g.prunable for s in slots_of[g.id]}
+    parent = {g.id: g.id for g in graph.prunable_groups}
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    owner: dict[Slot, int] = {}
+    for g in graph.prunable_groups:
+        for s in slots_of[g.id]:
+            if s in owner:
+                parent[root(g.id)] = root(owner[s])
+            else:
+                owner[s] = g.id
+    ties: dict[int, list[int]] = {}
+    for g in graph.prunable_groups:
+        ties.setdefault(root(g.id), []).append(g.id)
+    heads = {hidden: value(p.config, s) for s, hidden in _derived_heads(p).items()}
+    out = []
+    for ids in ties.values():
+        slots = set().union(*(slots_of[i] for i in ids))
+        whole = any(not slots_of[i] for i in ids) or bool(slots & fixed)
+        out.append(Tie(tuple(ids), 1 if whole else math.gcd(*(graph.groups[i].width for i in ids), *(heads[s] for s in slots & set(heads)))))
+    return out
+
+
+def _derived_heads(p: Probe) -> dict[Slot, Slot]:
+    """Head counts that size no weight (the class derives the head size from them), with their hidden size's slot."""
+    out = {}
+    for f, i in p.sizes:
+        hidden = next(((h, i) for h in HEADS.get(f, ()) if (h, i) in p.sizes), None)
+        if hidden is not None and not p.sizes[(f, i)]:
+            out[(f, i)] = hidden
+    return out
+
+
+def _heads(p: Probe, values: dict[Slot, Any]) -> dict[Slot, Any] | str:
+    """Head counts that size no weight, set from their solved hidden sizes at the original head size
+    (or why they cannot be)."""
+    out: dict[Slot, Any] = {}
+    for s, hidden in _derived_heads(p).items():
+        if hidden not in values:
+            continue
+        size = value(p.config, hidden) // value(p.config, s)
+        if values[hidden] % size:
+            return f"{_name(hidden)} {values[hidden]} is no whole number of heads of {size}"
+        out[s] = values[hidden] // size
+    return out
+
+
+def _name(slot: Slot) -> str:
+    return slot[0] if slot[1] is None else f"{slot[0]}[{slot[1]}]"
+
+
+def _rebuilt(config: Any) -> Any:
+    """``config`` built anew, so that widths its class derives in ``__init__`` (Swin's hidden_size from
+    embed_dim) follow the solved ones."""
+    params = inspect.signature(type(config).__init__).parameters
+    derived = {f for f in WIDTH_FIELDS if f in vars(config) and f not in params}
+    if not derived:
+        return config
+    return type(config).from_dict({k: v for k, v in config.to_dict().items() if k not in derived})
+
+
+def truthful_config(p: Probe, shapes: Shapes) -> tuple[Any, str]:
+    """A copy of the probed config whose widths give exactly ``shapes`` (name -> pruned shape), or None with the reason."""
+    name = p.cls.__name__
+    if set(p.shapes) != set(shapes):
+        return None, f"{name} built from its own config has other parameters than the pruned graph"
+    values: dict[Slot, Any] = {}
+    for s, sized in p.sizes.items():
+        alone = sized - set().union(*(d for t, d in p.sizes.items() if t != s))
+        found = {shapes[n][d] * value(p.config, s) / p.shapes[n][d] for n, d in alone}
+        if len(found) > 1:
+            return None, (f"the pruned weights need more than one {_name(s)} ({', '.join(f'{v:g}' for v in sorted(found))}): layers pruned "
+                          f"to different widths (equal_widths=False, or a plan given to apply_plan), where {name}'s config holds one")
+        if found:
+            v = found.pop()
+            if isinstance(value(p.config, s), int):
+                if v != int(v):
+                    return None, f"the pruned widths are no whole {_name(s)}"
+                v = int(v)
+            values[s] = v
+    heads = _heads(p, values)
+    if isinstance(heads, str):
+        return None, f"the pruned widths give {name} no head size it derives: {heads}"
+    new = _rebuilt(with_values(p.config, {**values, **heads}))
+    if _shapes(p.cls, new) != shapes:
+        return None, (f"no {type(p.config).__name__} describes the pruned weights: widths its config ties together "
+                      f"({', '.join(sorted({f for f, _ in p.sizes})) or 'none found'}) were pruned apart (a plan given to apply_plan)")
+    return new, ""

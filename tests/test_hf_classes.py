@@ -1,0 +1,92 @@
+"""Hugging Face models whose configs hold widths per stage or derive the head size come back as their class.
+
+Small configs with random weights, nothing downloaded. Outputs are compared in float32 within rtol=atol=1e-4
+(the class and the graph run the same ops in a different order of fusion).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fxprune
+from fxprune import pipeline
+from fxprune.core.graph import Plan
+from fxprune.passes.rewrite import rewrite
+
+T = pytest.importorskip("transformers")
+
+IDS = torch.randint(0, 100, (1, 8), generator=torch.Generator().manual_seed(0))
+IMAGE = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+TOL = {"rtol": 1e-4, "atol": 1e-4}
+
+
+def gpt2() -> torch.nn.Module:
+    return T.GPT2LMHeadModel(T.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=100, n_positions=64, bos_token_id=0, eos_token_id=0))
+
+
+def bert() -> torch.nn.Module:
+    return T.BertForSequenceClassification(T.BertConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, vocab_size=100,
+                                                        num_attention_heads=4, num_labels=3))
+
+
+def segformer() -> torch.nn.Module:
+    """Two heads in the first stage: a stage of one head keeps its width (the head size is hidden / heads)."""
+    return T.SegformerForSemanticSegmentation(T.SegformerConfig(
+        num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[16, 32], num_attention_heads=[2, 4], decoder_hidden_size=32,
+        num_labels=3, strides=[4, 2], patch_sizes=[7, 3], mlp_ratios=[2, 2]))
+
+
+def swin() -> torch.nn.Module:
+    return T.SwinForImageClassification(T.SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=4,
+                                                     num_labels=3))
+
+
+def convnextv2() -> torch.nn.Module:
+    return T.ConvNextV2ForImageClassification(T.ConvNextV2Config(num_stages=2, hidden_sizes=[16, 32], depths=[1, 1], num_labels=3))
+
+
+def _logits(out: object) -> torch.Tensor:
+    return out.logits if hasattr(out, "logits") else out[0]
+
+
+@pytest.mark.parametrize("make, x", [(gpt2, IDS), (bert, IDS), (segformer, IMAGE), (swin, IMAGE), (convnextv2, IMAGE)],
+                         ids=lambda v: getattr(v, "__name__", ""))
+def test_a_model_comes_back_as_its_class_matching_the_pruned_graph_and_round_trips(make, x: torch.Tensor, tmp_path) -> None:
+    model = make().eval()
+    pruned = fxprune.compile(model, example_inputs=x, ratio=0.5)
+    assert type(pruned) is type(model), pruned.meta["fxprune"]["huggingface"]
+    before, after = fxprune.report(pruned).flops
+    assert after <= 0.5 * before
+    a = pipeline.analyze(model, x, announce=False)
+    graph = rewrite(a.gm, a.graph, Plan({int(k): v for k, v in pruned.meta["fxprune"]["plan"].items()}))
+    pruned.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        out = _logits(pruned(x))
+        torch.testing.assert_close(out, _logits(graph(x)), **TOL)
+        torch.testing.assert_close(_logits(loaded(x)), out, **TOL)
+
+
+def test_a_pruned_gpt2_keeps_its_head_size_and_generates() -> None:
+    pruned = fxprune.compile(gpt2().eval(), example_inputs=IDS, ratio=0.5)
+    c = pruned.config
+    assert c.n_embd // c.n_head == 16 and c.n_head < 4
+    assert pruned.generate(IDS, max_new_tokens=6, do_sample=False).shape == (1, IDS.shape[1] + 6)
+
+
+def test_layers_pruned_to_different_widths_say_so_and_a_report_has_no_tracing_noise() -> None:
+    pruned = fxprune.compile(bert().eval(), example_inputs=IDS, ratio=0.5, equal_widths=False)
+    why = pruned.meta["fxprune"]["huggingface"].get("why", "")
+    assert isinstance(pruned, torch.fx.GraphModule) and "equal_widths=False" in why and "equal_widths=True" not in why
+    assert "co_varnames" not in str(fxprune.report(pruned))
+
+
+def test_a_target_beyond_the_configs_widths_gives_a_graph_with_that_reason() -> None:
+    """One head in SegFormer's first stage: its widths stay, and ratio=0.5 needs them pruned."""
+    model = T.SegformerForSemanticSegmentation(T.SegformerConfig(
+        num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[16, 32], num_attention_heads=[1, 2], decoder_hidden_size=32,
+        num_labels=3, strides=[4, 2], patch_sizes=[7, 3], mlp_ratios=[2, 2])).eval()
+    pruned = fxprune.compile(model, example_inputs=IMAGE, ratio=0.5)
+    assert isinstance(pruned, torch.fx.GraphModule)
+    assert "config can describe" in pruned.meta["fxprune"]["huggingface"]["why"]
