@@ -148,11 +148,10 @@ def _default_selector(strategy: Strategy | None, target: pipeline.Target, option
 
 def _reach(a: pipeline.Analysis, chooser: Chooser, target: pipeline.Target, seed: int, verify: bool) -> tuple[nn.Module, Chooser]:
     """The verified result of ``target`` and the chooser that reached it: ``chooser``, or under
-    ``round_to="auto"`` a finer multiple when its own does not reach the target (``pipeline.reachable``
+    ``round_to="auto"`` a finer multiple when its own does not reach the target (``pipeline.within``
     for a FLOPs target; a latency target, whose every try is timed, falls back to 1 at once)."""
     if not target.measured:
-        used = pipeline.reachable(a, chooser, target.macs(a.flops.total))
-        plan = pipeline.select_plan(a, used, target.macs(a.flops.total), used.scores(a.graph, a.gm, seed, cost=a.flops))
+        used, plan = pipeline.within(a, chooser, target.macs(a.flops.total), seed)
         return _finish(a, chooser, used, target, verify, plan, None, None), used
     finest = pipeline.finer(chooser)[-1]
     try:

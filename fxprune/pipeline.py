@@ -305,6 +305,7 @@ def within(a: Analysis, chooser: Chooser, macs: float, seed: int) -> tuple[Choos
     scores = chooser.scores(a.graph, a.gm, seed, cost=a.flops)
     rescore = getattr(chooser.selector, "uses_width_rule", False)
     for used in options:
+        scores = used.scores(a.graph, a.gm, seed, cost=a.flops) if rescore and used is not chooser else scores
         try:
             plan = select_plan(a, used, macs, scores)
         except TargetUnreachableError:
