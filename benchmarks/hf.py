@@ -41,7 +41,7 @@ ZOO: dict[str, tuple[str, str, dict]] = {
     "gpt2": ("GPT2LMHeadModel", "GPT2Config", {"n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 100, "bos_token_id": 0, "eos_token_id": 0}),
     "bert": ("BertForSequenceClassification", "BertConfig", {**TEXT, "num_attention_heads": 4, "num_labels": 3}),
     "segformer": ("SegformerForSemanticSegmentation", "SegformerConfig", {
-        "num_encoder_blocks": 2, "depths": [1, 1], "sr_ratios": [2, 1], "hidden_sizes": [16, 32], "num_attention_heads": [1, 2],
+        "num_encoder_blocks": 2, "depths": [1, 1], "sr_ratios": [2, 1], "hidden_sizes": [16, 32], "num_attention_heads": [2, 4],
         "decoder_hidden_size": 32, "num_labels": 3, "strides": [4, 2], "patch_sizes": [7, 3], "mlp_ratios": [2, 2]}),
     "convnextv2": ("ConvNextV2ForImageClassification", "ConvNextV2Config", {"num_stages": 2, "hidden_sizes": [16, 32], "depths": [1, 1], "num_labels": 3}),
     "vit": ("ViTForImageClassification", "ViTConfig", {**IMAGE, "patch_size": 16, "hidden_size": 64, "num_hidden_layers": 2,
