@@ -19,7 +19,7 @@ from .errors import (
 )
 from .iterate import History, StepRecord, prune_iteratively
 from .core.graph import DependencyGraph, Group, Member, Plan
-from .archive.record import plan_fingerprint
+from .core.provenance import plan_fingerprint
 from .report import Report
 from .selection.costaware import GflopsAware, LatencyAware, LatencyPerFlop
 from .selection.datadriven import APoZ, BNTaylor, MeanActivation, Taylor

@@ -15,15 +15,14 @@ from torch import nn
 
 from .core import metakeys as keys
 from . import pipeline
-from .latency import reach
-from .errors import ArgumentError, TargetUnreachableError
+from . import targets
+from .errors import ArgumentError
 from .core.flops import counter as flop_counter
 from .core.fxutil import eval_mode, structural_copy
 from .core.graph import DependencyGraph, Plan
 from .pipeline import DEFAULT_INPUT_SHAPE, Inputs, Model
 from .report import Report
-from .selection.strategy import Chooser, Strategy
-from .latency import timing
+from .selection.strategy import Strategy
 from .latency.cache import caching
 
 __all__ = ["compile", "analyze", "prune", "keep_only_classes", "report", "count_flops", "DEFAULT_INPUT_SHAPE"]
@@ -72,7 +71,7 @@ def compile(  # noqa: A001 - the product's verb
     noisy to decide the target, or whose threads stall on cores that other work holds, raises
     ``MeasurementError`` at once, saying what was measured and what to do. Then a latency cost model
     built from timings of the model's own layers picks the widths, and each candidate is timed in turns
-    with the original until the interval of its speed-up decides the target (see latency/reach.py). A
+    with the original until the interval of its speed-up decides the target (see targets/latency.py). A
     machine too noisy to decide raises ``MeasurementError`` (``on_noise="warn"``: the best result is
     returned with a warning that gives its interval). Stable timings are cached on disk (``$FXPRUNE_CACHE_DIR``, default ``~/.cache/fxprune``) per
     device, torch version, thread count and dtype, and a cached result is timed once more before it is
@@ -106,14 +105,13 @@ def compile(  # noqa: A001 - the product's verb
     The report then starts from ``model`` as given, all its classes included.
     Under ``torch.distributed`` every rank gets rank 0's plan.
     """
-    target = pipeline.Target.of(on_noise, target_gflops=target_gflops, ratio=ratio, speedup=speedup, target_latency_ms=target_latency_ms)
+    target = targets.Target.of(on_noise, target_gflops=target_gflops, ratio=ratio, speedup=speedup, target_latency_ms=target_latency_ms)
     _check_threads(threads, target)
     chosen = Strategy.of(strategy, **_default_selector(strategy, target, options)).for_model(model)
     with caching(cache):
         job = pipeline.restrict_classes_first(model, example_inputs, chosen, keep_classes, verify)
         a = pipeline.analyze(job.model, job.inputs, ignore, chosen.seed)
-        with timing.threads(threads):
-            pruned, job.chooser = _reach(a, pipeline.measure_round_to(a, job.chooser, target.measured), target, chosen.seed, verify)
+        pruned, job.chooser = targets.reach(a, job.chooser, target, chosen.seed, verify, threads)
     if not target.measured and target.macs(a.flops.total) >= a.flops.total and keep_classes is None:  # keeping classes is a reason too
         note = (f"the target ({target.describe()}) asks for no pruning: the model has {2 * a.flops.total / 1e9:.4g} GFLOPs; "
                 "nothing was removed")
@@ -122,7 +120,7 @@ def compile(  # noqa: A001 - the product's verb
     return pipeline.record_run(job, pruned, report(pruned))
 
 
-def _check_threads(threads: int | None, target: pipeline.Target) -> None:
+def _check_threads(threads: int | None, target: targets.Target) -> None:
     if threads is None:
         return
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
@@ -138,40 +136,12 @@ accurate at equal measured latency in docs/results.md, ahead of the knapsack sel
 the default stays uniform)."""
 
 
-def _default_selector(strategy: Strategy | None, target: pipeline.Target, options: dict[str, Any]) -> dict[str, Any]:
+def _default_selector(strategy: Strategy | None, target: targets.Target, options: dict[str, Any]) -> dict[str, Any]:
     """``options``, with ``LATENCY_WITH_DATA`` as the selector of a latency target that has data and names none."""
     data = options.get("calibration") is not None and options.get("loss_fn") is not None
     if strategy is None and "selector" not in options and target.measured and data:
         return {**options, "selector": LATENCY_WITH_DATA}
     return options
-
-
-def _reach(a: pipeline.Analysis, chooser: Chooser, target: pipeline.Target, seed: int, verify: bool) -> tuple[nn.Module, Chooser]:
-    """The verified result of ``target`` and the chooser that reached it: ``chooser``, or under
-    ``round_to="auto"`` a finer multiple when its own does not reach the target (``pipeline.within``
-    for a FLOPs target; a latency target, whose every try is timed, falls back to 1 at once)."""
-    if not target.measured:
-        used, plan = pipeline.within(a, chooser, target.macs(a.flops.total), seed)
-        return _finish(a, chooser, used, target, verify, plan, None, None), used
-    finest = pipeline.finer(chooser)[-1]
-    try:
-        return _finish(a, chooser, chooser, target, verify, *reach.reach(a, chooser, target, seed)), chooser
-    except TargetUnreachableError:
-        if finest is chooser:
-            raise
-    return _finish(a, chooser, finest, target, verify, *reach.reach(a, finest, target, seed)), finest
-
-
-def _finish(a: pipeline.Analysis, chooser: Chooser, used: Chooser, target: pipeline.Target, verify: bool, plan: Plan,
-            rewritten: torch.fx.GraphModule | None, measured: dict[str, Any] | None) -> nn.Module:
-    pruned = pipeline.rewrite_verify_record(a, plan, verify, rewritten)
-    record = pruned.meta[keys.RECORD]["report"]
-    note = pipeline.fallback_note(chooser, used, target.describe())
-    record["notes"].extend([note] if note else [])
-    if measured is not None:
-        record["notes"].extend(measured.pop("notes"))
-        record["latency"] = measured
-    return pruned
 
 
 def prune(model: Model, plan: Plan | dict[int, Sequence[int]], example_inputs: Inputs = None, *, verify: bool = True) -> nn.Module:

@@ -25,7 +25,7 @@ from torch import nn
 
 from . import api
 from .errors import ArgumentError
-from .pipeline import Target
+from .targets import Target
 from .selection.strategy import Strategy
 
 __all__ = ["fxprune_backend"]

@@ -32,7 +32,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from . import __version__, api, pipeline
+from . import __version__, api, pipeline, targets
 from .render import draw
 from .render import picture
 from .archive import serialize
@@ -176,7 +176,7 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compile", parents=[common], help="prune to a FLOPs or latency target and print the report",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     target = c.add_mutually_exclusive_group(required=True)
-    for keyword, f in pipeline.Target.keywords().items():
+    for keyword, f in targets.Target.keywords().items():
         target.add_argument("--" + keyword.replace("_", "-"), type=float, help=f.metadata["help"], metavar=f.metadata.get("metavar"))
     for f in fields(Strategy):
         if "cli" in f.metadata:
@@ -189,7 +189,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--no-cache", action="store_true", help="neither read nor write the timing cache (latency targets, round_to auto)")
     c.add_argument("--threads", type=int, metavar="N", help="latency targets: measure at N intra-op threads, the count you deploy "
                    f"with (default: torch's, here {torch.get_num_threads()}); 1 holds up when other work shares the cores")
-    c.add_argument("--on-noise", choices=pipeline.NOISE_POLICIES, default="raise",
+    c.add_argument("--on-noise", choices=targets.NOISE_POLICIES, default="raise",
                    help="latency targets on a machine too noisy to decide: raise (default, exit 1) or warn and return the best "
                         "result with its interval")
     c.add_argument("--markdown", action="store_true", help="print the report as a markdown table")
@@ -232,7 +232,7 @@ def _inspect(args: argparse.Namespace, model: nn.Module, x: torch.Tensor) -> Non
 
 def _compile(args: argparse.Namespace, model: nn.Module, x: torch.Tensor, strategy: Strategy) -> None:
     start = time.perf_counter()
-    pruned = api.compile(model, **{k: getattr(args, k) for k in pipeline.Target.keywords()}, example_inputs=x, strategy=strategy,
+    pruned = api.compile(model, **{k: getattr(args, k) for k in targets.Target.keywords()}, example_inputs=x, strategy=strategy,
                          ignore=args.ignore, verify=not args.no_verify, keep_classes=args.keep_classes, cache=not args.no_cache,
                          on_noise=args.on_noise, threads=args.threads)
     rep = api.report(pruned)
@@ -277,7 +277,7 @@ def _checked(args: argparse.Namespace) -> Strategy | None:
     """The compile command's target and strategy (calibration data included), checked before any model is built."""
     if args.command != "compile":
         return None
-    pipeline.Target.of(args.on_noise, **{k: getattr(args, k) for k in pipeline.Target.keywords()})
+    targets.Target.of(args.on_noise, **{k: getattr(args, k) for k in targets.Target.keywords()})
     if args.keep_classes is not None:
         args.keep_classes = sorted(set(args.keep_classes))
     data: dict[str, Any] = {}

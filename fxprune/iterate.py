@@ -28,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .core import metakeys as keys
-from . import pipeline
+from . import pipeline, targets
 from .api import report
 from .errors import ArgumentError
 from .core.flops import total_macs
@@ -126,12 +126,12 @@ def prune_iteratively(
     The result's ``meta["fxprune"]`` has the report of the whole procedure (its "before" is ``model`` as
     given), the last step's plan, and the history as a dict.
     """
-    latency = [k for k in options if k in pipeline.Target.keywords(measured=True)]
+    latency = [k for k in options if k in targets.Target.keywords(measured=True)]
     if latency:
         raise ArgumentError(f"{latency[0]}= is a latency target, which prune_iteratively does not take: it prunes in equal FLOPs steps "
-                            f"({' or '.join(f'{k}=' for k in pipeline.Target.keywords(measured=False))}); measure the result with "
+                            f"({' or '.join(f'{k}=' for k in targets.Target.keywords(measured=False))}); measure the result with "
                             f"fxprune.measure_latency, or reach a latency target in one step with fxprune.compile({latency[0]}=...)")
-    target = pipeline.Target.of(target_gflops=target_gflops, ratio=ratio)
+    target = targets.Target.of(target_gflops=target_gflops, ratio=ratio)
     if not isinstance(steps, int) or steps < 1:
         raise ArgumentError(f"steps must be a positive integer, got {steps!r}")
     if not callable(finetune):
@@ -144,9 +144,9 @@ def prune_iteratively(
     goal = target.macs(start)
     if goal > start:
         raise ArgumentError(f"target_gflops={target_gflops} is above the model's {2 * start / 1e9:.4g} GFLOPs")
-    measured = pipeline.measure_round_to(a, job.chooser, timed=False)
-    job.chooser = chooser = pipeline.reachable(a, measured, goal)
-    fallback = pipeline.fallback_note(measured, chooser, target.describe())
+    measured = targets.measure_round_to(a, job.chooser, timed=False)
+    job.chooser = chooser = targets.reachable(a, measured, goal)
+    fallback = targets.fallback_note(measured, chooser, target.describe())
     tapping = coarse and hasattr(chooser.selector, "tap")
     name = chooser.describe()["selector"]
     history = History([StepRecord(0, 2 * start / 1e9, _params(a.model), evaluate(a.model) if evaluate else None)], name, tapping)

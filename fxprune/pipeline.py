@@ -11,7 +11,7 @@ import functools
 import json
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import Field, dataclass, field, fields, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -19,7 +19,6 @@ import torch.distributed as dist
 import torch.fx
 from torch import nn
 
-from .latency import costmodel
 from .core import metakeys as keys
 from .errors import ArgumentError, PlanError, ShapeError, TargetUnreachableError, VerificationError
 from .core.flops import FlopModel, total_macs
@@ -37,16 +36,13 @@ from .passes.hfconfig import config_ties, probe
 from .passes.hfmodel import hf_model
 from .passes.verify import verify as verify_pass
 from .passes.verify import verify_same, verify_tree
-from .archive.record import provenance
+from .core.provenance import provenance
 from .report import Report
 from .selection.stats import ClassSubset
 from .selection.strategy import Chooser, Strategy
-from .latency.cache import TimingCache
-from .latency.timing import Setting
 
-__all__ = ["DEFAULT_INPUT_SHAPE", "Inputs", "Model", "Analysis", "Target", "Job", "example_inputs", "check_model", "analyze",
-           "measure_round_to", "finer", "close", "reachable", "within", "CLOSE", "fallback_note", "select_plan", "rewrite_verify_record",
-           "apply_checked_plan", "restrict_classes", "restrict_classes_first", "record_run", "NOISE_POLICIES"]
+__all__ = ["DEFAULT_INPUT_SHAPE", "Inputs", "Model", "Analysis", "Job", "example_inputs", "check_model", "analyze", "select_plan",
+           "rewrite_verify_record", "apply_checked_plan", "restrict_classes", "restrict_classes_first", "record_run"]
 
 log = logging.getLogger("fxprune")
 
@@ -185,145 +181,6 @@ def check_model(model: Any) -> None:
         hint = ""
     raise ArgumentError(f"fxprune prunes a torch.nn.Module (a torch.fx.GraphModule included) or a torch.export.ExportedProgram; "
                         f"got {type(model).__name__}.{hint}")
-
-
-NOISE_POLICIES = ("raise", "warn")
-"""What a latency target does when the machine is too noisy to decide: raise ``MeasurementError``, or
-return the best undecided result with a warning that gives its interval."""
-
-
-@dataclass(frozen=True)
-class Target:
-    """What the result must cost: exactly one of ``gflops`` (of the result), ``ratio`` (of FLOPs removed),
-    ``speedup`` (measured latency at most the original's divided by it) or ``latency_ms`` (measured)."""
-
-    gflops: float | None = field(default=None, metadata={"keyword": "target_gflops", "help": "GFLOPs of the result (FLOPs = 2 x MACs)"})
-    ratio: float | None = field(default=None, metadata={"keyword": "ratio", "help": "fraction of FLOPs to remove"})
-    speedup: float | None = field(default=None, metadata={"keyword": "speedup", "measured": True, "metavar": "S",
-                                                          "help": "measured latency at most the original's / S (on this machine)"})
-    latency_ms: float | None = field(default=None, metadata={"keyword": "target_latency_ms", "measured": True, "metavar": "T",
-                                                             "help": "measured latency at most T milliseconds"})
-    on_noise: str = "raise"
-
-    @classmethod
-    def keywords(cls, measured: bool | None = None) -> dict[str, Field[Any]]:
-        """The target keywords (``target_gflops``, ``ratio``, ``speedup``, ``target_latency_ms``) and their
-        fields: the one list that ``compile``, ``prune_iteratively``, the command line and the backend use;
-        ``measured``: only the latency targets (True) or only the FLOPs ones (False)."""
-        return {f.metadata["keyword"]: f for f in fields(cls) if "keyword" in f.metadata
-                and (measured is None or f.metadata.get("measured", False) == measured)}
-
-    @classmethod
-    def of(cls, on_noise: str = "raise", **keywords: float | None) -> Target:
-        """The target given by keyword (see ``keywords``)."""
-        return cls(**{f.name: keywords.get(k) for k, f in cls.keywords().items()}, on_noise=on_noise)
-
-    def __post_init__(self) -> None:
-        if self.on_noise not in NOISE_POLICIES:
-            raise ArgumentError(f"on_noise must be one of {', '.join(NOISE_POLICIES)}, got {self.on_noise!r}")
-        given = [v for f in self.keywords().values() if (v := getattr(self, f.name)) is not None]
-        if len(given) != 1:
-            raise ArgumentError("give exactly one of " + ", ".join(f"{k}= ({f.metadata['help']})" for k, f in self.keywords().items()))
-        if self.ratio is not None and not 0.0 <= self.ratio < 1.0:
-            raise ArgumentError(f"ratio must be in [0, 1), got {self.ratio}")
-        for name, value in (("target_gflops", self.gflops), ("target_latency_ms", self.latency_ms)):
-            if value is not None and not value > 0:
-                raise ArgumentError(f"{name} must be positive, got {value}")
-        if self.speedup is not None and not self.speedup >= 1.0:
-            raise ArgumentError(f"speedup must be at least 1 (the original's latency divided by the result's), got {self.speedup}")
-
-    @property
-    def measured(self) -> bool:
-        """A latency target: the result is measured until it holds."""
-        return any(getattr(self, f.name) is not None for f in self.keywords(measured=True).values())
-
-    def macs(self, total: int) -> float:
-        """The MACs budget for a model of ``total`` MACs (FLOPs = 2 x MACs)."""
-        return self.gflops * 1e9 / 2 if self.gflops is not None else (1.0 - self.ratio) * total
-
-    def describe(self) -> str:
-        """The target as the user gave it, e.g. ``ratio=0.5``."""
-        return next(f"{k}={getattr(self, f.name):g}" for k, f in self.keywords().items() if getattr(self, f.name) is not None)
-
-
-def measure_round_to(a: Analysis, chooser: Chooser, timed: bool) -> Chooser:
-    """``chooser`` with ``round_to="auto"`` made a number: for a latency target (``timed``) the multiple
-    measured fastest on ``a`` (``costmodel.fast_multiple``), for a FLOPs target the one decided without
-    the clock (``costmodel.steady_multiple``), so that a FLOPs target gives the same plan at any moment."""
-    if chooser.strategy.round_to != "auto":
-        return chooser
-    if timed:
-        multiple = costmodel.fast_multiple(a.gm, a.graph, Setting.of(a.gm, a.inputs), TimingCache())
-        log.info("round_to='auto': widths are multiples of %d, measured fastest on this device", multiple)
-    else:
-        multiple = costmodel.steady_multiple(a.gm, a.graph)
-    return replace(chooser, strategy=replace(chooser.strategy, round_to=multiple), measured=True)
-
-
-def finer(chooser: Chooser) -> list[Chooser]:
-    """``chooser`` and, when its multiple was measured (``round_to="auto"``), the same with every finer
-    multiple down to 1: what "auto" falls back to when its multiple leaves a target out of reach, so
-    that it never reaches less than ``round_to=1`` would."""
-    if not chooser.measured:
-        return [chooser]
-    out, r = [chooser], chooser.strategy.round_to
-    while r > 1:
-        r //= 2
-        out.append(replace(chooser, strategy=replace(chooser.strategy, round_to=r)))
-    return out
-
-
-CLOSE = 0.03
-"""Under ``round_to="auto"``, a FLOPs target whose plan lands further than this below its budget falls
-back to a finer multiple (at ``round_to=1`` plans land within it)."""
-
-
-def close(a: Analysis, plan: Plan, macs: float) -> bool:
-    """Whether ``plan`` keeps at least ``1 - CLOSE`` of the ``macs`` budget."""
-    return a.flops.macs(removed_mask(a.graph, plan)) >= (1 - CLOSE) * macs
-
-
-def reachable(a: Analysis, chooser: Chooser, macs: float) -> Chooser:
-    """The first of ``finer(chooser)`` whose width rule gets the model down to ``macs``, within ``CLOSE``
-    (the last if none does); the width rule, not the scores, decides that, so flat scores are used."""
-    options = finer(chooser)
-    flat = {g.id: torch.zeros(g.width) for g in a.graph.prunable_groups}
-    for used in options[:-1]:
-        try:
-            if close(a, select_plan(a, used, macs, flat), macs):
-                return used
-        except TargetUnreachableError:
-            continue
-    return options[-1]
-
-
-def within(a: Analysis, chooser: Chooser, macs: float, seed: int) -> tuple[Chooser, Plan]:
-    """The plan of a FLOPs budget of ``macs`` and the chooser that made it: ``chooser``'s own multiple when
-    its plan keeps within ``CLOSE`` of the budget, else the first of ``finer(chooser)`` that does (the last
-    if none). The scores are computed once, unless the selector reads the width rule."""
-    *options, last = finer(chooser)
-    scores = chooser.scores(a.graph, a.gm, seed, cost=a.flops)
-    rescore = getattr(chooser.selector, "uses_width_rule", False)
-    for used in options:
-        scores = used.scores(a.graph, a.gm, seed, cost=a.flops) if rescore and used is not chooser else scores
-        try:
-            plan = select_plan(a, used, macs, scores)
-        except TargetUnreachableError:
-            continue
-        if close(a, plan, macs):
-            return used, plan
-    scores = last.scores(a.graph, a.gm, seed, cost=a.flops) if rescore and options else scores
-    return last, select_plan(a, last, macs, scores)
-
-
-def fallback_note(tried: Chooser, used: Chooser, target: str) -> str | None:
-    """The report's note when "auto" fell back from ``tried``'s multiple to ``used``'s."""
-    if tried is used:
-        return None
-    note = (f"round_to='auto': multiples of {tried.strategy.round_to} (measured fastest here) do not reach {target} "
-            f"(a FLOPs target: within {CLOSE:.0%}); widths are multiples of {used.strategy.round_to} instead")
-    log.warning(note)
-    return note
 
 
 def select_plan(a: Analysis, chooser: Chooser, target: float, scores: dict[int, torch.Tensor], cost: CostModel | None = None) -> Plan:

@@ -249,7 +249,7 @@ def test_cli_backend_and_iterate_take_the_one_list_of_targets_and_options() -> N
 
     from fxprune.backend import _OPTIONS
     from fxprune.cli import _parser
-    from fxprune.pipeline import Target
+    from fxprune.targets import Target
 
     compile_cmd = _parser()._subparsers._group_actions[0].choices["compile"]
     flags = {a.dest for a in compile_cmd._actions}

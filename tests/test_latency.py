@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import fxprune
-from fxprune import pipeline
+from fxprune import pipeline, targets
 from fxprune.latency import costmodel, timing
 from conftest import X16, FlopClock, fake_measure, flop_ms, layer_latency, two_groups, width
 from fxprune.latency.cache import TimingCache
@@ -131,9 +131,9 @@ def test_round_to_auto_picks_the_fast_steps_for_a_latency_target(monkeypatch: py
     monkeypatch.setattr(costmodel.Layer, "time", stepped_time(step))
     a = pipeline.analyze(Net().eval(), X)
     chooser = fxprune.Strategy().chooser()
-    timed = pipeline.measure_round_to(a, chooser, timed=True)
+    timed = targets.measure_round_to(a, chooser, timed=True)
     assert timed.strategy.round_to == expected and timed.describe()["round_to_measured"] is True
-    assert pipeline.measure_round_to(a, chooser, timed=False).strategy.round_to == 8
+    assert targets.measure_round_to(a, chooser, timed=False).strategy.round_to == 8
 
 
 def test_a_flops_target_gives_the_same_plan_whatever_the_clock_says(monkeypatch: pytest.MonkeyPatch) -> None:

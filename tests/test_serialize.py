@@ -15,7 +15,7 @@ from torch import nn
 
 import fxprune
 from conftest import lively
-from fxprune.archive.record import provenance
+from fxprune.core.provenance import provenance
 
 X = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 

@@ -53,7 +53,7 @@ from ..pipeline import Inputs
 from ..errors import ArchiveError, ArgumentError, PlanError
 from ..passes.hfmodel import is_hf
 from ..core.graph import Plan
-from .record import input_specs, inputs_from_specs, plan_fingerprint
+from ..core.provenance import input_specs, inputs_from_specs, plan_fingerprint
 
 __all__ = ["FORMAT", "save", "load", "read_record", "apply_plan"]
 

@@ -1,4 +1,4 @@
-"""reach: a latency target (``speedup=``, ``target_latency_ms=``) met as measured, in seconds, never claimed on noise.
+"""latency: a latency target (``speedup=``, ``target_latency_ms=``) met as measured, in seconds, never claimed on noise.
 
 Both targets are a goal for the ratio of the result's time to the original's, timed in turns
 (``timing.compare``): 1 / speedup, or the target's milliseconds over the original's. First the machine
@@ -43,19 +43,20 @@ import torch
 import torch.fx
 from torch import nn
 
-from . import costmodel
-from .cache import TimingCache
-from .machine import SECONDS, Machine, check
-from .timing import CONFIDENCE, FEWEST, STABLE, Comparison, Setting, compare
+from ..latency import costmodel
+from ..latency.cache import TimingCache
+from ..latency.machine import SECONDS, Machine, check
+from ..latency.timing import CONFIDENCE, FEWEST, STABLE, Comparison, Setting, compare
 from ..core.dataflow import layers
 from ..core.graph import Plan
 from ..core.masks import removed_mask
 from ..errors import MeasurementError, TargetUnreachableError
 from ..passes.rewrite import rewrite
-from ..pipeline import Analysis, Target, select_plan
+from ..pipeline import Analysis, select_plan
 from ..selection.strategy import Chooser
+from .target import Target
 
-__all__ = ["reach", "ROUNDS", "MARGIN", "BAND", "OVERSHOOT", "DRIFT", "ORDER"]
+__all__ = ["measured", "ROUNDS", "MARGIN", "BAND", "OVERSHOOT", "DRIFT", "ORDER"]
 
 log = logging.getLogger("fxprune")
 
@@ -166,7 +167,7 @@ def _widths(plan: Plan) -> str:
     return json.dumps(dict(sorted(_kept(plan).items())), separators=(",", ":"))
 
 
-def reach(a: Analysis, chooser: Chooser, target: Target, seed: int) -> tuple[Plan, torch.fx.GraphModule, dict[str, Any]]:
+def measured(a: Analysis, chooser: Chooser, target: Target, seed: int) -> tuple[Plan, torch.fx.GraphModule, dict[str, Any]]:
     """The plan, rewritten model and measurement record of a latency target at torch's current thread
     count (see the module docstring); the selector scores with ``seed``, and one that ranks by cost gets
     the latency model."""

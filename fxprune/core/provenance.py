@@ -1,6 +1,6 @@
 """What a pruned model records about its origin, so that a saved plan can be checked and replayed.
 
-Kept apart from ``serialize.py`` (which imports ``api``) so that ``api`` can import it without a cycle.
+Below the pipeline, which records it on every result; ``archive/serialize.py`` checks it on load.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ..errors import ArgumentError
-from ..core.graph import DependencyGraph
+from .graph import DependencyGraph
 
 __all__ = ["plan_fingerprint", "input_specs", "inputs_from_specs", "provenance"]
 

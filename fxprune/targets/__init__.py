@@ -1,0 +1,59 @@
+"""Reaching a target: the one home of "make this model cost at most that".
+
+``reach`` serves every target ``compile`` takes: a FLOPs budget (``target_gflops=``, ``ratio=``),
+met by the selection pass with the width rule (``flops``), and a measured latency (``speedup=``,
+``target_latency_ms=``), met by timing candidates against the original (``latency``). It decides
+``round_to="auto"`` first, falls back to finer multiples when the chosen one cannot reach the target,
+and returns the rewritten, verified result with its report's notes and latency record.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.fx
+from torch import nn
+
+from ..core import metakeys as keys
+from ..core.graph import Plan
+from ..errors import TargetUnreachableError
+from ..latency.timing import threads as using_threads
+from ..pipeline import Analysis, rewrite_verify_record
+from ..selection.strategy import Chooser
+from . import latency
+from .flops import fallback_note, finer, measure_round_to, reachable, within
+from .target import NOISE_POLICIES, Target
+
+__all__ = ["reach", "Target", "NOISE_POLICIES", "measure_round_to", "reachable", "fallback_note"]
+
+
+def reach(a: Analysis, chooser: Chooser, target: Target, seed: int, verify: bool, threads: int | None = None) -> tuple[nn.Module, Chooser]:
+    """The verified result of ``target`` on ``a`` and the chooser that reached it: ``chooser`` with its
+    multiple decided, or under ``round_to="auto"`` a finer one when its own does not reach the target
+    (``flops.within`` for a FLOPs target; a latency target, whose every try is timed, falls back to 1
+    at once). A latency target is measured at ``threads`` threads (None: torch's count)."""
+    with using_threads(threads if target.measured else None):
+        decided = measure_round_to(a, chooser, timed=target.measured)
+        if not target.measured:
+            used, plan = within(a, decided, target.macs(a.flops.total), seed)
+            return _finish(a, decided, used, target, verify, plan, None, None), used
+        finest = finer(decided)[-1]
+        try:
+            return _finish(a, decided, decided, target, verify, *latency.measured(a, decided, target, seed)), decided
+        except TargetUnreachableError:
+            if finest is decided:
+                raise
+        return _finish(a, decided, finest, target, verify, *latency.measured(a, finest, target, seed)), finest
+
+
+def _finish(a: Analysis, chooser: Chooser, used: Chooser, target: Target, verify: bool, plan: Plan,
+            rewritten: torch.fx.GraphModule | None, measured: dict[str, Any] | None) -> nn.Module:
+    """The result of ``plan``, its report's notes (a fallback to a finer multiple, the latency search's) and latency record."""
+    pruned = rewrite_verify_record(a, plan, verify, rewritten)
+    record = pruned.meta[keys.RECORD]["report"]
+    note = fallback_note(chooser, used, target.describe())
+    record["notes"].extend([note] if note else [])
+    if measured is not None:
+        record["notes"].extend(measured.pop("notes"))
+        record["latency"] = measured
+    return pruned

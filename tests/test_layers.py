@@ -1,0 +1,77 @@
+"""The package's layers (docs/design.md): every relative import goes down a layer or stays within it,
+and every target that compile takes goes through one function, ``targets.reach``."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import fxprune
+from fxprune import targets
+from fxprune.latency import costmodel, timing
+from conftest import FlopClock, layer_latency
+
+ROOT = Path(fxprune.__file__).parent
+
+LAYERS = (
+    ("core", ("fxprune.core", "fxprune.errors", "fxprune.report")),
+    ("passes, selection, measurement", ("fxprune.passes", "fxprune.selection", "fxprune.latency")),
+    ("the pipeline", ("fxprune.pipeline",)),
+    ("reaching a target", ("fxprune.targets",)),
+    ("front doors", ("fxprune",)),
+)
+"""Bottom to top, as docs/design.md lists them; a module belongs to the layer of its longest prefix."""
+
+
+def layer(module: str) -> int:
+    found = [(len(p), i) for i, (_, prefixes) in enumerate(LAYERS) for p in prefixes if module == p or module.startswith(p + ".")]
+    return max(found)[1]
+
+
+def relative_imports(path: Path, source: str | None = None) -> list[tuple[str, str]]:
+    """(importing module, imported module) for each ``from .`` import in ``path`` (or in ``source``, read as that file)."""
+    parts = path.relative_to(ROOT.parent).with_suffix("").parts
+    module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+    package = module if parts[-1] == "__init__" else module.rpartition(".")[0]
+    out = []
+    for node in ast.walk(ast.parse(path.read_text() if source is None else source)):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1])
+            targets_ = [f"{base}.{node.module}"] if node.module else [f"{base}.{a.name}" for a in node.names]
+            out += [(module, t) for t in targets_]
+    return out
+
+
+def upward(path: Path, source: str | None = None) -> list[str]:
+    return [f"{m} ({LAYERS[layer(m)][0]}) imports {t} ({LAYERS[layer(t)][0]})"
+            for m, t in relative_imports(path, source) if layer(t) > layer(m)]
+
+
+def test_no_import_goes_up_a_layer() -> None:
+    found = [line for path in sorted(ROOT.rglob("*.py")) for line in upward(path)]
+    assert not found, "imports that go up a layer:\n" + "\n".join(found)
+
+
+def test_the_layer_check_sees_an_upward_import() -> None:
+    """A pass that imported the pipeline would be reported."""
+    path = ROOT / "passes" / "annotate.py"
+    found = upward(path, path.read_text() + "\nfrom ..pipeline import analyze\n")
+    assert found == ["fxprune.passes.annotate (passes, selection, measurement) imports fxprune.pipeline (the pipeline)"]
+
+
+@pytest.mark.parametrize("target", [{"ratio": 0.5}, {"target_gflops": 0.004}, {"speedup": 1.5}, {"target_latency_ms": 2.0}])
+def test_every_target_goes_through_one_function(monkeypatch: pytest.MonkeyPatch, target: dict) -> None:
+    monkeypatch.setattr(timing, "time_calls", FlopClock())
+    monkeypatch.setattr(costmodel, "layer_ms", layer_latency)
+    calls = []
+    reach = targets.reach
+    monkeypatch.setattr(targets, "reach", lambda *args, **kwargs: calls.append(args[2]) or reach(*args, **kwargs))
+    model = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10)).eval()
+    pruned = fxprune.compile(model, example_inputs=torch.randn(1, 3, 8, 8), verify=False, cache=False, **target)
+    assert len(calls) == 1 and calls[0].describe() == f"{next(iter(target))}={next(iter(target.values())):g}"
+    assert fxprune.report(pruned).macs[1] < fxprune.report(pruned).macs[0]
