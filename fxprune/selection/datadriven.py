@@ -1,6 +1,6 @@
 """Data-driven selectors: ranked by statistics of calibration data or of the user's own fine-tuning
-(``stats``: APoZ, mean activation, Taylor) or by the gradients of the norm layers' scales (``normgrad``:
-bn_taylor)."""
+(``stats``: APoZ, mean activation, Taylor), by the input RMS of the layers that read each atom times
+their weights (``stats``: wanda) or by the gradients of the norm layers' scales (``normgrad``: bn_taylor)."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ from typing import Any
 import torch
 import torch.fx
 
-from ..core.graph import DependencyGraph
+from ..core.graph import DependencyGraph, Role
 from ..errors import ArgumentError
 from . import normgrad
 from .protocol import Scores
-from .stats import CALIBRATION_FORMS, LossFn, Tapped, activation_scores, tap
+from .stats import CALIBRATION_FORMS, LossFn, Tapped, activation_scores, channel_scores, tap
 from .weights import BNScale, norm_weights
 
-__all__ = ["BNTaylor", "ActivationSelector", "APoZ", "MeanActivation", "Taylor"]
+__all__ = ["BNTaylor", "Calibrated", "ActivationSelector", "APoZ", "MeanActivation", "Taylor", "Wanda"]
 
 
 class BNTaylor:
@@ -51,9 +51,9 @@ class BNTaylor:
         return normgrad.GradTap(graph, gm, sorted(norm_weights(gm)))
 
 
-class ActivationSelector:
-    """Base of the data-driven selectors: scores atoms by a statistic of the activations on calibration
-    data (see ``selection.stats``). Subclasses define ``values`` and ``finish`` (``ChannelStatistic``)."""
+class Calibrated:
+    """Base of the selectors that read activations on ``calibration`` data (with ``loss_fn`` when
+    ``needs_grad``): checks that they are given what they read, and nothing else."""
 
     name = ""
     needs_grad = False
@@ -67,6 +67,11 @@ class ActivationSelector:
         if loss_fn is not None and not self.needs_grad:
             raise ArgumentError(f"loss_fn= is only used by selector 'taylor'; selector {self.name!r} does not take it")
         self.calibration, self.loss_fn = calibration, loss_fn
+
+
+class ActivationSelector(Calibrated):
+    """Base of the selectors that score atoms by a statistic of their own activations on calibration
+    data (see ``selection.stats``). Subclasses define ``values`` and ``finish`` (``ChannelStatistic``)."""
 
     def scores(self, graph: DependencyGraph, gm: torch.fx.GraphModule) -> Scores:
         per_atom = activation_scores(graph, gm, self.calibration, self, self.loss_fn)
@@ -117,3 +122,64 @@ class Taylor(ActivationSelector):
 
     def finish(self, mean: torch.Tensor) -> torch.Tensor:
         return mean.abs()
+
+
+class Wanda(Calibrated):
+    """Activation-aware magnitude (Wanda-sp): an atom's score is the sum, over every weight that reads its
+    channels (the linear and conv layers that consume them, ``DependencyGraph.consumers``), of ``|W|``
+    over the weight's column for each channel times the RMS of that channel at the layer's input on the
+    calibration data. A channel that is large but read by small weights, or read by large weights but
+    nearly zero, goes first: what magnitude alone (l1/l2, the producer's weights) cannot see. Atoms that
+    no weight reads (only attention's products do) score 0."""
+
+    name = "wanda"
+
+    def values(self, activation: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
+        return activation.square()
+
+    def finish(self, mean: torch.Tensor) -> torch.Tensor:
+        return mean.sqrt()
+
+    def scores(self, graph: DependencyGraph, gm: torch.fx.GraphModule) -> Scores:
+        reads = weight_reads(graph, gm)
+        rms = channel_scores(graph, gm, self.calibration, self, {src for src, _, _ in reads})
+        params = dict(gm.named_parameters())
+        total = torch.zeros(graph.num_atoms, dtype=torch.float64)
+        for src, weight, dim in reads:
+            if src in rms:
+                ids = graph.tensor_atoms[src][1]
+                per_channel = column_magnitudes(params[weight], dim, ids.numel()) * rms[src]
+                kept = ids >= 0
+                total.index_add_(0, ids[kept], per_channel[kept])
+        return {g.id: total[g.atoms] for g in graph.prunable_groups}
+
+
+def weight_reads(graph: DependencyGraph, gm: torch.fx.GraphModule) -> list[tuple[str, str, int]]:
+    """(input node, weight, the weight's input dim) for each layer that reads channels through a weight
+    parameter: the consumers whose input carries channels along the dim they contract."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    reads = []
+    for name, pos, dim in graph.consumers:
+        node = nodes[name]
+        src = node.args[pos] if isinstance(pos, int) and pos < len(node.args) else None
+        if not isinstance(src, torch.fx.Node) or graph.tensor_atoms.get(src.name, (None,))[0] != dim:
+            continue
+        reads += [(src.name, w, d) for w in _parameters_of(gm, node) for d in (0, 1)
+                  if (w, d) in graph.members and graph.members[(w, d)].role == Role.IN]
+    return reads
+
+
+def _parameters_of(gm: torch.fx.GraphModule, node: torch.fx.Node) -> list[str]:
+    """Qualified names of the parameters ``node`` reads: its module's own, or its ``get_attr`` inputs."""
+    if node.op == "call_module":
+        return [f"{node.target}.{p}" for p in gm.get_submodule(node.target)._parameters]
+    return [n.target for n in node.all_input_nodes if n.op == "get_attr"]
+
+
+def column_magnitudes(weight: torch.Tensor, dim: int, channels: int) -> torch.Tensor:
+    """Per input channel (``channels`` of them), the sum of ``|weight|`` over what reads it: its column
+    along ``dim`` (the input dim), in each group of a grouped conv, whose weight holds one group's inputs."""
+    w = weight.detach().to(torch.float64).abs().movedim(dim, 1)
+    groups = channels // w.shape[1]
+    per_group = w.reshape(groups, w.shape[0] // groups, w.shape[1], -1).sum((1, 3))
+    return per_group.flatten()

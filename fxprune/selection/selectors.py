@@ -11,7 +11,7 @@ for a latency target, the FLOP model otherwise), and one with a ``rank(graph, gm
 method turns per-atom importance (the statistics coarse ranking gathers) into its scores.
 
 ``gm`` is the captured GraphModule: it shares its tensors with the user's model, so a selector must not
-modify them. Data-driven selectors (``apoz``, ``mean_activation``, ``taylor``) run on calibration data
+modify them. Data-driven selectors (``apoz``, ``mean_activation``, ``taylor``, ``wanda``) run on calibration data
 through ``selection.stats``, which never touches them. The selectors themselves live in ``weights``
 (data-free), ``costaware`` (ranked by cost), ``knapsack`` (importance per cost) and ``datadriven``; ``SELECTORS`` names them all.
 """
@@ -22,7 +22,7 @@ from typing import Any
 
 from ..errors import ArgumentError
 from .costaware import GflopsAware, LatencyAware, LatencyPerFlop
-from .datadriven import APoZ, BNTaylor, MeanActivation, Taylor
+from .datadriven import APoZ, BNTaylor, MeanActivation, Taylor, Wanda
 from .knapsack import Knapsack, KnapsackBNTaylor
 from .protocol import Selector
 from .stats import LossFn
@@ -31,7 +31,7 @@ from .weights import BNScale, L1, L2, Random, Uniform
 __all__ = ["SELECTORS", "get_selector", "data_driven", "takes_loss", "selector_name"]
 
 SELECTORS: dict[str, type] = {cls.name: cls for cls in (Uniform, Random, L1, L2, BNScale, GflopsAware, LatencyAware, LatencyPerFlop,
-                                                         Knapsack, APoZ, MeanActivation, Taylor, BNTaylor, KnapsackBNTaylor)}
+                                                         Knapsack, APoZ, MeanActivation, Taylor, Wanda, BNTaylor, KnapsackBNTaylor)}
 """Every selector by its ``name`` (each class says its own): the one list that the docs, the command line
 and the errors read."""
 

@@ -10,6 +10,8 @@ that carry it count, or every probed node that carries it when no activation doe
 Per node, the statistic's per-element values are averaged per channel over the batch, every other
 position and all calibration batches, then ``finish`` turns the means into per-channel scores; an atom's
 score is the mean of the scores of the channels it owns (0 when no probed node carries it).
+``channel_scores`` runs the same pass at nodes the caller names and returns their per-channel scores
+(the wanda selector reads the inputs of the layers that consume each atom).
 
 Coarse ranking gathers the same statistics without a pass of its own: ``tap`` returns the graph with an
 identity module after every probed node, which feeds the accumulator during the user's training
@@ -19,7 +21,7 @@ forwards (grad enabled) and, for gradient statistics, from the backward pass.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import Any, Protocol
 
 import torch
@@ -31,7 +33,8 @@ from ..core.graph import DependencyGraph
 from ..core.optable import is_activation
 from ..core.fxutil import copy_graph, eval_mode, graph_module, structural_copy
 
-__all__ = ["ChannelStatistic", "CALIBRATION_FORMS", "calibration_batches", "ClassSubset", "activation_scores", "detached_copy",
+__all__ = ["ChannelStatistic", "CALIBRATION_FORMS", "calibration_batches", "ClassSubset", "activation_scores", "channel_scores",
+           "detached_copy",
            "Tapped", "tap"]
 
 LossFn = Callable[[Any, Any], torch.Tensor]
@@ -172,7 +175,7 @@ class _Probe(torch.fx.Interpreter):
     """Runs the graph; each probed node's floating-point output goes to the accumulator at once or,
     when the statistic needs gradients, is kept until the batch's loss is known."""
 
-    def __init__(self, gm: torch.fx.GraphModule, probed: dict[str, torch.Tensor], acc: _Accumulator) -> None:
+    def __init__(self, gm: torch.fx.GraphModule, probed: Collection[str], acc: _Accumulator) -> None:
         super().__init__(gm)
         self.probed, self.acc = probed, acc
         self.outputs: dict[str, torch.Tensor] = {}
@@ -219,9 +222,27 @@ def activation_scores(
     uses gradients; they are taken with ``torch.autograd.grad`` w.r.t. the probed outputs only.
     """
     used = _probed(graph, gm)
+    return _gather(graph, gm, data, statistic, used, loss_fn).atom_scores(used)
+
+
+def channel_scores(
+    graph: DependencyGraph, gm: torch.fx.GraphModule, data: Any, statistic: ChannelStatistic, nodes: Collection[str]
+) -> dict[str, torch.Tensor]:
+    """``finish`` of the per-channel means of ``statistic`` (float64) at each node of ``nodes`` whose output
+    has a channel dim in ``graph.tensor_atoms`` and is floating point, over the calibration ``data``:
+    for a selector that reads the inputs of given layers rather than the probed activations."""
+    if statistic.needs_grad:
+        raise FxPruneError("stats.channel_scores gathers forward statistics only; use activation_scores with loss_fn= for gradients")
+    acc = _gather(graph, gm, data, statistic, {n for n in nodes if n in graph.tensor_atoms})
+    return {name: statistic.finish(total / acc.counts[name]) for name, total in acc.sums.items()}
+
+
+def _gather(graph: DependencyGraph, gm: torch.fx.GraphModule, data: Any, statistic: ChannelStatistic, nodes: Collection[str],
+            loss_fn: LossFn | None = None) -> _Accumulator:
+    """One pass over ``data`` on a detached copy of ``gm``, accumulating ``statistic`` at ``nodes``."""
     acc = _Accumulator(statistic, graph)
     copy = detached_copy(gm, statistic.needs_grad)
-    probe = _Probe(copy, used, acc)
+    probe = _Probe(copy, nodes, acc)
     batches = 0
     with eval_mode(copy), torch.set_grad_enabled(statistic.needs_grad):
         for i, (inputs, target) in enumerate(calibration_batches(data)):
@@ -229,7 +250,7 @@ def activation_scores(
             batches += 1
     if not batches:
         raise ArgumentError(f"calibration= yielded no batches; it must be {CALIBRATION_FORMS}")
-    return acc.atom_scores(used)
+    return acc
 
 
 class _Tap(nn.Module):
