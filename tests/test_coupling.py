@@ -314,7 +314,7 @@ def test_a_failing_rule_is_a_bug_not_a_frozen_group(monkeypatch: pytest.MonkeyPa
     def broken(s, node, args, kwargs):
         return 1 / 0
 
-    monkeypatch.setitem(driver.TABLE, operator.add, broken)
+    monkeypatch.setitem(driver.RULES, operator.add, broken)
     with pytest.raises(RuleError, match="broken") as info:
         fxprune.analyze(Residual(), X)
     assert isinstance(info.value.__cause__, ZeroDivisionError)
@@ -324,7 +324,7 @@ def test_an_unsupported_use_freezes_with_its_reason(monkeypatch: pytest.MonkeyPa
     def refuse(s, node, args, kwargs):
         raise Unsupported(f"no adds here ({node.name})")
 
-    monkeypatch.setitem(driver.TABLE, operator.add, refuse)
+    monkeypatch.setitem(driver.RULES, operator.add, refuse)
     graph = fxprune.analyze(Residual(), X)
     stream = next(g for g in graph.groups if any(m.name == "stem.weight" and m.dim == 0 for m in g.members))
     assert not stream.prunable and stream.frozen == ("no adds here (add)",)
@@ -555,3 +555,46 @@ def test_an_rms_norm_written_out_averages_the_kept_channels_and_verifies() -> No
     assert [g.width for g in graph.prunable_groups] == [32] and any("averages over pruned channels" in n for n in graph.notes.values())
     pruned = fxprune.compile(model, example_inputs=x, ratio=0.4)  # verified against the masked mean
     assert pruned.get_submodule("fc1").out_features < 32
+
+
+@torch.fx.wrap
+def toy_gate(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """An op fxprune has no rule for: a leaf of the traced graph."""
+    return x * torch.sigmoid(scale * x)
+
+
+class ToyGated(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(toy_gate(self.a(x), 2.0))
+
+
+def test_a_rule_for_a_new_op_is_one_decorated_function(request: pytest.FixtureRequest) -> None:
+    """Without a rule the op's channels stay whole (the group is frozen, with the reason); one function
+    decorated with ``handles`` where it is written makes them prunable, and the result is verified."""
+    from fxprune.passes.couple import rules
+    from fxprune.passes.couple.state import RULES, family, handles
+    from fxprune.core.graph import Family
+
+    x = torch.randn(1, 3, 8, 8)
+
+    def outputs_of_a() -> fxprune.Group:
+        return next(g for g in fxprune.analyze(ToyGated().eval(), x).groups_of("a") if any(m.name == "a.weight" and m.dim == 0 for m in g.members))
+
+    frozen = outputs_of_a()
+    assert not frozen.prunable and "toy_gate" in frozen.frozen[0]
+
+    @handles(toy_gate)
+    @family(Family.ELEMENTWISE)
+    def gate(s, node, args, kwargs):
+        """Position by position on its tensor operand: the channels pass through."""
+        return rules.merge(s, node, list(args[:1]))
+
+    request.addfinalizer(lambda: RULES.pop(toy_gate))
+    group = outputs_of_a()
+    assert group.prunable
+    pruned = fxprune.prune(ToyGated().eval(), {group.id: list(range(8))}, x)  # verify=True checks it against the masked original
+    assert pruned.get_submodule("a").out_channels == 8 and pruned(x).shape == (1, 8, 8, 8)

@@ -17,10 +17,12 @@ import torch.fx
 from ...core import metakeys as keys
 from ...core.fxutil import arg
 from ...core.graph import Family, Patch, PatchKind
+from ...core.optable import SDPA
 from .labels import Labels
-from .state import State, family
+from .state import State, family, handles
 
 
+@handles(SDPA)
 @family(Family.CONTRACT)
 def scaled_dot_product_attention(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
     """``F.scaled_dot_product_attention(q, k, v, attn_mask, ...)``.

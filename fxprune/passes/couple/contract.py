@@ -14,14 +14,16 @@ from typing import Any
 import torch
 import torch.fx
 import torch.nn.functional as F
+from torch import nn
 
 from ...core.fxutil import arg
 from ...core.graph import Family, Patch, PatchKind, Role
-from ...core.optable import CONV_FUNCS, canonical
+from ...core.optable import CONV_FUNCS, MATMUL, canonical
 from .labels import Labels, Param
-from .state import State, Unsupported, family, owner, target_name
+from .state import State, Unsupported, family, handles, owner, target_name
 
 
+@handles(nn.modules.conv._ConvNd)
 @family(Family.CONTRACT)
 def conv_module(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
     """``nn.Conv*d`` and ``nn.ConvTranspose*d``."""
@@ -30,6 +32,7 @@ def conv_module(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: di
     return conv(s, node, Param(f"{node.target}.weight", mod.weight), bias, mod.groups, mod.transposed)
 
 
+@handles(CONV_FUNCS)
 @family(Family.CONTRACT)
 def conv_function(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
     """``F.conv*d`` and ``F.conv_transpose*d`` with a parameter as weight."""
@@ -40,6 +43,7 @@ def conv_function(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: 
     return conv(s, node, weight, bias, groups, CONV_FUNCS[canonical(node.target)])
 
 
+@handles(nn.Linear)
 @family(Family.CONTRACT)
 def linear_module(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
     mod = s.modules[node.target]
@@ -47,16 +51,19 @@ def linear_module(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: 
     return linear(s, node, Param(f"{node.target}.weight", mod.weight), bias)
 
 
+@handles(F.linear)
 @family(Family.CONTRACT)
 def linear_function(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
     """``F.linear`` with a parameter as weight."""
     return linear(s, node, *parameters(node, args, kwargs))
 
 
+@handles(nn.Embedding)
 def embedding_module(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
     return embedding(s, node, Param(f"{node.target}.weight", s.modules[node.target].weight))
 
 
+@handles(F.embedding, torch.embedding)
 def embedding_function(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
     """``F.embedding(input, weight)``, or ``torch.embedding(weight, input)`` (the aten op's order)."""
     return embedding(s, node, arg(args, kwargs, 1, "weight") if canonical(node.target) is F.embedding else args[0])
@@ -132,6 +139,7 @@ def conv(s: State, node: torch.fx.Node, w: Param, bias: str | None, groups: int,
     return Labels(s.shape(node), 1, out_ids)
 
 
+@handles(torch.addmm)
 @family(Family.CONTRACT)
 def addmm(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
     """``torch.addmm(bias, x, weight)`` with parameters: a linear whose weight is stored (in, out), as
@@ -172,6 +180,7 @@ def linear(s: State, node: torch.fx.Node, w: Param, bias: str | None, at: int = 
     return Labels(out_shape, len(out_shape) - 1, out_ids)
 
 
+@handles(MATMUL)
 @family(Family.CONTRACT)
 def matmul(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
     """matmul / bmm / mm of two tensors: the contracted dims are tied, one operand's labels may pass;
@@ -208,6 +217,7 @@ def matmul(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[st
     return Labels(out_shape, None, s.uf.fresh(1))
 
 
+@handles(torch.einsum)
 @family(Family.CONTRACT)
 def einsum(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
     """``torch.einsum`` of one or two operands, any equation without repeated subscripts in one operand.

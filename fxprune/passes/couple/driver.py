@@ -1,7 +1,8 @@
 """The coupling interpreter: runs a shape-annotated graph on channel labels instead of tensors.
 
-Every node's rule is looked up in ``TABLE`` (module types along their MRO, functions, Tensor method
-names; aten ops through ``optable.canonical``); a node nothing names gets ``rules.unknown``. A rule
+Every node's rule is looked up in ``RULES`` (module types along their MRO, functions, Tensor method
+names; aten ops through ``optable.canonical``), which each rule module fills where its rules are written
+(``state.handles``); a node nothing names gets ``rules.unknown``. A rule
 that meets a use of its op it does not handle raises ``Unsupported``, and the node's labels are
 frozen with the message as the reason. Any other exception is a bug and propagates as a
 ``RuleError`` naming the node and the rule.
@@ -9,123 +10,20 @@ frozen with the message as the reason. Any other exception is a bug and propagat
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 import torch.fx
-import torch.nn.functional as F
-from torch import nn
 
 from ...core import metakeys as keys
 from ...errors import ArgumentError
 from ...core.fxutil import module_stack
-from ...core.optable import (
-    CHANNEL_PARAM_MODULES,
-    CONV_FUNCS,
-    CONTEXT,
-    CREATE,
-    ELEMENTWISE_FUNCS,
-    ELEMENTWISE_METHODS,
-    ELEMENTWISE_MODULES,
-    FIRST_OPERAND_FUNCS,
-    FIRST_OPERAND_METHODS,
-    MATMUL,
-    REDUCTIONS,
-    RESHAPE_FUNCS,
-    RESHAPE_METHODS,
-    SHAPE_FUNCS,
-    SHAPE_METHODS,
-    SOFTMAX,
-    SPATIAL_FUNCS,
-    SPATIAL_MODULES,
-    SDPA,
-    SPLIT,
-    UNBIND,
-    UNPOOL_FUNCS,
-    UNPOOL_MODULES,
-    UNFLATTEN,
-    ATEN_INDEX,
-    ATEN_SLICE,
-    INDEX_PUT,
-    ROI_POOL,
-    canonical,
-)
-from ...core.traceable import shifted_window_attention
-from . import attention, contract, layout, literals, norms, rules, wrapped
-from .state import Rule, State, Unsupported
+from ...core.optable import canonical
+from . import attention, contract, layout, literals, norms, rules, wrapped  # noqa: F401 - each registers its rules
+from .state import BY_NAME, RULES, Rule, State, Unsupported
 
-__all__ = ["TABLE", "BY_NAME", "Coupler", "RuleError"]
-
-TABLE: dict[Any, Rule] = {
-    # modules
-    **dict.fromkeys(ELEMENTWISE_MODULES, rules.first_operand),
-    **dict.fromkeys(SPATIAL_MODULES, rules.spatial),
-    **dict.fromkeys(CHANNEL_PARAM_MODULES, rules.channel_params),
-    **dict.fromkeys(UNPOOL_MODULES, rules.elementwise),
-    nn.modules.conv._ConvNd: contract.conv_module,
-    nn.Linear: contract.linear_module,
-    nn.Embedding: contract.embedding_module,
-    nn.LayerNorm: norms.layer_norm_module,
-    nn.GroupNorm: norms.group_norm_module,
-    nn.Flatten: layout.shape_op,
-    nn.PixelShuffle: layout.shape_op,
-    nn.PixelUnshuffle: layout.shape_op,
-    nn.Softmax: rules.softmax,
-    nn.LogSoftmax: rules.softmax,
-    nn.ChannelShuffle: layout.channel_shuffle,
-    # functions and Tensor method names
-    **dict.fromkeys(ELEMENTWISE_FUNCS | ELEMENTWISE_METHODS, rules.elementwise),
-    **dict.fromkeys(FIRST_OPERAND_FUNCS | FIRST_OPERAND_METHODS, rules.first_operand),
-    **dict.fromkeys(SPATIAL_FUNCS, rules.spatial),
-    **dict.fromkeys(UNPOOL_FUNCS, rules.elementwise),
-    F.batch_norm: rules.batch_norm,
-    F.instance_norm: rules.batch_norm,
-    F.pad: rules.pad,
-    **dict.fromkeys(SOFTMAX, rules.softmax),
-    **dict.fromkeys(CREATE, rules.creates),
-    **dict.fromkeys(CONTEXT, rules.context),
-    **dict.fromkeys(REDUCTIONS, rules.reduction),
-    **dict.fromkeys(CONV_FUNCS, contract.conv_function),
-    F.linear: contract.linear_function,
-    F.embedding: contract.embedding_function,
-    torch.addmm: contract.addmm,
-    torch.linalg.vector_norm: rules.vector_norm,
-    torch.embedding: contract.embedding_function,
-    **dict.fromkeys(MATMUL, contract.matmul),
-    torch.einsum: contract.einsum,
-    **dict.fromkeys(SDPA, attention.scaled_dot_product_attention),
-    shifted_window_attention: wrapped.window_attention,
-    F.layer_norm: norms.layer_norm_function,
-    F.group_norm: norms.group_norm_function,
-    **dict.fromkeys(SHAPE_FUNCS | SHAPE_METHODS, layout.shape_op),
-    F.channel_shuffle: layout.channel_shuffle,
-    torch.channel_shuffle: layout.channel_shuffle,
-    torch.roll: layout.roll,
-    "roll": layout.roll,
-    **dict.fromkeys(RESHAPE_FUNCS | RESHAPE_METHODS, literals.reshape),
-    **dict.fromkeys(SPLIT, literals.split),
-    **dict.fromkeys(UNBIND, literals.unbind),
-    **dict.fromkeys(UNFLATTEN, literals.unflatten),
-    ATEN_SLICE: literals.aten_slice,
-    ATEN_INDEX: literals.aten_index,
-    INDEX_PUT: literals.index_put,
-    ROI_POOL: rules.spatial,
-    operator.getitem: literals.getitem,
-}
-"""Rule of each module type, function and Tensor method name."""
-
-BY_NAME: dict[str, Rule] = {
-    "stochastic_depth": rules.elementwise,
-    "_get_relative_position_bias": wrapped.relative_position_bias,
-    "_patch_merging_pad": wrapped.patch_merging_pad,
-    "_add_rel_pos": wrapped.add_rel_pos,
-    "_add_shortcut": rules.elementwise,
-    "_unsqueeze": layout.shape_op,
-    "_squeeze": layout.shape_op,
-}
-"""Rules of functions that libraries keep as leaves of a traced graph, by ``__name__``."""
+__all__ = ["RULES", "BY_NAME", "Coupler", "RuleError"]
 
 GRAPH: dict[str, Rule] = {"placeholder": rules.placeholder, "get_attr": rules.get_attr, "output": rules.output}
 CALLS = ("call_function", "call_method", "call_module")
@@ -178,10 +76,10 @@ class Coupler(torch.fx.Interpreter):
     def rule(self, n: torch.fx.Node) -> Rule:
         if n.op == "call_module":
             types = type(self.submodules[n.target]).__mro__
-            return next((TABLE[t] for t in types if t in TABLE), rules.unknown)
+            return next((RULES[t] for t in types if t in RULES), rules.unknown)
         if n.op in CALLS:
             t = canonical(n.target)
-            return TABLE.get(t) or BY_NAME.get(getattr(t, "__name__", ""), rules.unknown)
+            return RULES.get(t) or BY_NAME.get(getattr(t, "__name__", ""), rules.unknown)
         return GRAPH[n.op]
 
     def run_node(self, n: torch.fx.Node) -> Any:

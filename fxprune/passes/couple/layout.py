@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 from torch import nn
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import TensorMetadata
@@ -22,12 +23,14 @@ from torch.fx.passes.shape_prop import TensorMetadata
 from ...core import metakeys as keys
 from ...core.fxutil import arg
 from ...core.graph import Family
+from ...core.optable import SHAPE_FUNCS, SHAPE_METHODS
 from .labels import Labels, compress
-from .state import State, family, target_name
+from .state import State, family, handles, target_name
 
 Moved = tuple[int, torch.Tensor] | None  # (new dim, ids) of a tensor whose labels only moved, or None
 
 
+@handles(nn.Flatten, nn.PixelShuffle, nn.PixelUnshuffle, SHAPE_FUNCS, SHAPE_METHODS, by_name=("_unsqueeze", "_squeeze"))
 @family(Family.SHAPE)
 def shape_op(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Any op that only rearranges, repeats or joins positions."""
@@ -141,6 +144,7 @@ def cat(s: State, args: tuple[Any, ...], kwargs: dict[str, Any], out_shape: tupl
     return None
 
 
+@handles(nn.ChannelShuffle, F.channel_shuffle)  # torch.channel_shuffle is the same function
 @family(Family.SHAPE)
 def channel_shuffle(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
     """A view to (groups, C / groups), a transpose and a flatten: run exactly that."""
@@ -157,6 +161,7 @@ def channel_shuffle(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs
     return compress(s.uf, mid.full().transpose(1, 2).reshape(x.shape))
 
 
+@handles(torch.roll, "roll")
 @family(Family.SHAPE)
 def roll(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Rolling along the channel dim (or the flattened tensor) would move channels: frozen."""

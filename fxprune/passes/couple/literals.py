@@ -22,12 +22,26 @@ from torch.fx.node import map_aggregate
 from ...core import metakeys as keys
 from ...core.fxutil import arg
 from ...core.graph import Family, Patch, PatchKind
-from ...core.optable import ATTENTION_PRODUCTS, CREATE, PASS_THROUGH, RESHAPE_FUNCS, RESHAPE_METHODS, UNFLATTEN, canonical
+from ...core.optable import (
+    ATEN_INDEX,
+    ATEN_SLICE,
+    ATTENTION_PRODUCTS,
+    CREATE,
+    INDEX_PUT,
+    PASS_THROUGH,
+    RESHAPE_FUNCS,
+    RESHAPE_METHODS,
+    SPLIT,
+    UNBIND,
+    UNFLATTEN,
+    canonical,
+)
 from .labels import Labels, Param, compress
 from .layout import on_labels
-from .state import State, Unsupported, family, target_name
+from .state import State, Unsupported, family, handles, target_name
 
 
+@handles(RESHAPE_FUNCS, RESHAPE_METHODS)
 @family(Family.SHAPE)
 def reshape(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
     base, sizes = size_args(node)
@@ -150,6 +164,7 @@ def size_source(s: State, n: torch.fx.Node) -> tuple[torch.fx.Node | None, int |
     return whole(n), None
 
 
+@handles(SPLIT)
 @family(Family.SHAPE)
 def split(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     src, x = s.input_of(node)
@@ -159,6 +174,7 @@ def split(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str
     return out
 
 
+@handles(operator.getitem)
 @family(Family.SHAPE)
 def getitem(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     obj, index = args
@@ -177,6 +193,7 @@ def getitem(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[s
     return out
 
 
+@handles(UNBIND)
 @family(Family.SHAPE)
 def unbind(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """unbind / select: fine along other dims (q, k, v out of one projection); not along the channel dim."""
@@ -186,6 +203,7 @@ def unbind(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[st
     return on_labels(s, node, args, kwargs)
 
 
+@handles(UNFLATTEN)
 @family(Family.SHAPE)
 def unflatten(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
     """``unflatten(x, dim, sizes)``: a reshape of one dim; a literal size of the channel dim follows pruning."""
@@ -198,6 +216,7 @@ def unflatten(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict
     return out
 
 
+@handles(ATEN_SLICE)
 @family(Family.SHAPE)
 def aten_slice(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
     """``aten.slice(x, dim, start, end, step)`` (torch.export's form of ``x[a:b]``): only whole along channels."""
@@ -209,6 +228,7 @@ def aten_slice(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dic
     return on_labels(s, node, args, kwargs)
 
 
+@handles(ATEN_INDEX)
 @family(Family.SHAPE)
 def aten_index(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
     """``aten.index(x, [index tensors or None])`` (torch.export's form of ``x[idx]``): a gather, as in getitem."""
@@ -220,6 +240,7 @@ def aten_index(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dic
     return gather(s, node, x, tuple(slice(None) if v is None else v for v in index))
 
 
+@handles(INDEX_PUT)
 @family(Family.SHAPE)
 def index_put(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
     """``x[index] = values`` (``aten.index_put``) along dims other than the channel dim: the channels of

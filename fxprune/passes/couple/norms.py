@@ -12,19 +12,23 @@ from __future__ import annotations
 from typing import Any
 
 import torch.fx
+import torch.nn.functional as F
+from torch import nn
 
 from ...core.fxutil import arg
 from ...core.graph import Family, Patch, PatchKind, Role
 from .labels import Labels, Param
-from .state import State, Unsupported, family, owner
+from .state import State, Unsupported, family, handles, owner
 
 
+@handles(nn.LayerNorm)
 @family(Family.NORM)
 def layer_norm_module(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
     mod = s.modules[node.target]
     return layer_norm(s, node, len(mod.normalized_shape), [f"{node.target}.{n}" for n, _ in mod.named_parameters(recurse=False)])
 
 
+@handles(F.layer_norm)
 @family(Family.NORM)
 def layer_norm_function(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
     shape = arg(node.args, node.kwargs, 1, "normalized_shape")
@@ -33,12 +37,14 @@ def layer_norm_function(s: State, node: torch.fx.Node, args: tuple[Any, ...], kw
     return layer_norm(s, node, len(shape), affine(args, kwargs))
 
 
+@handles(nn.GroupNorm)
 @family(Family.NORM)
 def group_norm_module(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
     mod = s.modules[node.target]
     return group_norm(s, node, mod.num_groups, [f"{node.target}.{n}" for n, _ in mod.named_parameters(recurse=False)])
 
 
+@handles(F.group_norm)
 @family(Family.NORM)
 def group_norm_function(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
     groups = arg(node.args, node.kwargs, 1, "num_groups")

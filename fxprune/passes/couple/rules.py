@@ -17,16 +17,35 @@ from typing import Any
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from ...core import metakeys as keys
 from ...core.fxutil import arg
 from ...core.graph import Family, Patch, PatchKind, Role
-from ...core.optable import MEAN, canonical
+from ...core.optable import (
+    CHANNEL_PARAM_MODULES,
+    CONTEXT,
+    CREATE,
+    ELEMENTWISE_FUNCS,
+    ELEMENTWISE_METHODS,
+    ELEMENTWISE_MODULES,
+    FIRST_OPERAND_FUNCS,
+    FIRST_OPERAND_METHODS,
+    MEAN,
+    REDUCTIONS,
+    ROI_POOL,
+    SOFTMAX,
+    SPATIAL_FUNCS,
+    SPATIAL_MODULES,
+    UNPOOL_FUNCS,
+    UNPOOL_MODULES,
+    canonical,
+)
 from .labels import Labels, Param, compress
 from .literals import channel_sources
-from .state import State, Unsupported, family, owner, target_name
+from .state import State, Unsupported, family, handles, owner, target_name
 
 
 def placeholder(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -56,11 +75,13 @@ def unknown(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[s
     raise Unsupported(f"{kind} {target_name(node)} at node {node.name} is not understood")
 
 
+@handles(CONTEXT)
 def context(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Entering or leaving grad mode or autocast: no tensors pass."""
     return None
 
 
+@handles(CREATE)
 @family(Family.ELEMENTWISE)
 def creates(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
     """``torch.zeros(size)``, ``x.new_zeros(size)`` and the like: a constant; ``x`` only lends its dtype
@@ -71,6 +92,7 @@ def creates(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[s
     return Labels(s.shape(node), None, s.uf.fresh(1))
 
 
+@handles(UNPOOL_MODULES, ELEMENTWISE_FUNCS, ELEMENTWISE_METHODS, UNPOOL_FUNCS, by_name=("stochastic_depth", "_add_shortcut"))
 @family(Family.ELEMENTWISE)
 def elementwise(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
     """An op applied position by position to all its tensor operands (add, mul, where ...)."""
@@ -79,6 +101,7 @@ def elementwise(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: di
     return merge(s, node, [*args, *kwargs.values()])
 
 
+@handles(ELEMENTWISE_MODULES, FIRST_OPERAND_FUNCS, FIRST_OPERAND_METHODS)
 @family(Family.ELEMENTWISE)
 def first_operand(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
     """An op whose output follows its first operand only (activations, ``contiguous``, ``zeros_like``)."""
@@ -133,6 +156,7 @@ def merge(s: State, node: torch.fx.Node, operands: list[Any]) -> Labels:
     return Labels(out_shape, d, out.ids)
 
 
+@handles(SPATIAL_MODULES, SPATIAL_FUNCS, ROI_POOL)
 @family(Family.CHANNELWISE)
 def spatial(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
     """Pooling, interpolation and padding modules and pooling functions; a max pool that also returns
@@ -145,6 +169,7 @@ def spatial(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[s
     return per_channel(s, node, src, x, {})
 
 
+@handles(CHANNEL_PARAM_MODULES)
 @family(Family.CHANNELWISE)
 def channel_params(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
     """BatchNorm, InstanceNorm and PReLU modules: their parameters and buffers hold one entry per channel."""
@@ -154,6 +179,7 @@ def channel_params(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs:
     return per_channel(s, node, src, x, {f"{node.target}.{n}": t for n, t in tensors})
 
 
+@handles(F.batch_norm, F.instance_norm)
 @family(Family.CHANNELWISE)
 def batch_norm(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
     """``F.batch_norm`` and ``F.instance_norm``: the statistics and affine tensors passed in."""
@@ -163,6 +189,7 @@ def batch_norm(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dic
     return per_channel(s, node, src, x, {p.name: p.tensor for p in found if isinstance(p, Param)})
 
 
+@handles(F.pad)
 @family(Family.CHANNELWISE)
 def pad(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
     """``F.pad`` of the trailing dims; padding the channel dim by anything but zero is unsupported."""
@@ -201,6 +228,7 @@ def width_field(mod: nn.Module | None) -> str:
     return ""
 
 
+@handles(nn.Softmax, nn.LogSoftmax, SOFTMAX)
 @family(Family.ELEMENTWISE)
 def softmax(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
     """Softmax: position-wise along other dims; over the channel dim every output reads every channel."""
@@ -212,6 +240,7 @@ def softmax(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[s
     return x.with_shape(s.shape(node))
 
 
+@handles(REDUCTIONS)
 @family(Family.REDUCTION)
 def reduction(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
     """mean / sum / amax / amin: labels kept along the remaining dims, frozen when the channel dim goes,
@@ -221,6 +250,7 @@ def reduction(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict
     return reduce(s, node, x, arg(args, kwargs, 1, "dim"), bool(arg(args, kwargs, 2, "keepdim", False)))
 
 
+@handles(torch.linalg.vector_norm)
 @family(Family.REDUCTION)
 def vector_norm(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
     """``torch.linalg.vector_norm(x, ord, dim, keepdim)``: a reduction (GRN's norm over positions)."""

@@ -37,6 +37,30 @@ class Unsupported(Exception):
     """
 
 
+RULES: dict[Any, Rule] = {}
+"""The rule of each module type, function and Tensor method name, filled by ``handles`` where each rule is written."""
+
+BY_NAME: dict[str, Rule] = {}
+"""Rules of functions that libraries keep as leaves of a traced graph, by ``__name__``."""
+
+
+def handles(*ops: Any, by_name: tuple[str, ...] = ()) -> Callable[[Rule], Rule]:
+    """Register the decorated rule for ``ops`` (module types, functions, Tensor method names, or sets of
+    them, as ``core.optable`` holds them; aten ops reach it through ``optable.canonical``) and for the
+    library leaf functions named ``by_name``. An op with two rules is an error at import."""
+
+    def register(fn: Rule) -> Rule:
+        for op in ops:
+            for one in op if isinstance(op, (set, frozenset, tuple, dict)) else (op,):
+                if one in RULES:
+                    raise ValueError(f"{one!r} has two coupling rules: {RULES[one].__name__} and {fn.__name__}")
+                RULES[one] = fn
+        BY_NAME.update(dict.fromkeys(by_name, fn))
+        return fn
+
+    return register
+
+
 def family(kind: Family) -> Callable[[Rule], Rule]:
     """Decorate a rule so that the nodes it handles are recorded as op family ``kind``."""
 

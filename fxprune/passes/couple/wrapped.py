@@ -21,10 +21,12 @@ import torch.fx
 from ...core import metakeys as keys
 from ...core.fxutil import arg
 from ...core.graph import Family, Patch, PatchKind, Role
+from ...core.traceable import shifted_window_attention
 from .labels import Labels, Param
-from .state import State, Unsupported, family, owner
+from .state import State, Unsupported, family, handles, owner
 
 
+@handles(shifted_window_attention)
 @family(Family.CONTRACT)
 def window_attention(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
     """``traceable.shifted_window_attention(input, qkv_weight, proj_weight, relative_position_bias, ...)``."""
@@ -69,6 +71,7 @@ def window_attention(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwarg
     return Labels(s.shape(node), last, out_ids)
 
 
+@handles(by_name=("_get_relative_position_bias",))
 @family(Family.SHAPE)
 def relative_position_bias(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
     """torchvision's ``_get_relative_position_bias(table, index, window)``: (positions, heads) -> (1, heads, n, n)."""
@@ -78,6 +81,7 @@ def relative_position_bias(s: State, node: torch.fx.Node, args: tuple[Any, ...],
     return Labels(s.shape(node), None if table.dim is None else 1, table.ids)
 
 
+@handles(by_name=("_patch_merging_pad",))
 @family(Family.SHAPE)
 def patch_merging_pad(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
     """torchvision's ``_patch_merging_pad``: four strided slices of (..., H, W, C) joined on C."""
@@ -88,6 +92,7 @@ def patch_merging_pad(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwar
     return Labels(s.shape(node), x.dim, x.ids if x.dim is None else x.ids.repeat(4))
 
 
+@handles(by_name=("_add_rel_pos",))
 @family(Family.CONTRACT)
 def add_rel_pos(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
     """torchvision MViT's ``_add_rel_pos(attn, q, q_thw, k_thw, rel_pos_h, rel_pos_w, rel_pos_t)``.
