@@ -75,3 +75,12 @@ def test_every_target_goes_through_one_function(monkeypatch: pytest.MonkeyPatch,
     pruned = fxprune.compile(model, example_inputs=torch.randn(1, 3, 8, 8), verify=False, cache=False, **target)
     assert len(calls) == 1 and calls[0].describe() == f"{next(iter(target))}={next(iter(target.values())):g}"
     assert fxprune.report(pruned).macs[1] < fxprune.report(pruned).macs[0]
+
+
+def test_modules_are_short_and_named_once() -> None:
+    """At most 400 lines a module, and no two modules of the package share a file name."""
+    modules = [p for p in ROOT.rglob("*.py") if p.name not in ("__init__.py", "__main__.py")]
+    long = [f"{p.relative_to(ROOT)}: {n} lines" for p in modules if (n := len(p.read_text().splitlines())) > 400]
+    assert not long, long
+    names = [p.name for p in modules]
+    assert len(names) == len(set(names)), sorted({n for n in names if names.count(n) > 1})

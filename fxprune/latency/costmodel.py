@@ -1,6 +1,6 @@
-"""The latency cost model and the measured channel multiple (``round_to="auto"``).
+"""The latency cost model: milliseconds as a function of the channels removed.
 
-Both rest on timings of the model's own layers, rebuilt at other widths with random weights: every
+It rests on timings of the model's own layers, rebuilt at other widths with random weights: every
 conv (not transposed) and linear layer whose MACs the FLOP model tracks, called as a module or, in
 torch.export and ops-run graphs, as a function on its weight. A layer's time at a width is
 taken once per device, torch version, thread count and dtype and kept in the ``TimingCache``.
@@ -14,22 +14,6 @@ nodes (element-wise, normalization, pooling, reductions, concatenation) cost a m
 they read and write (``Traffic``): their tensors shrink with their kept channels, and at batch 1 on a
 CPU they are a large share of a thin model's time. What pruning does not change is the whole model's
 measured time minus all of that (the fixed part).
-
-``fast_multiple`` is the measured rule behind ``round_to="auto"``. For each of the two costliest dense
-layers and the costliest depthwise conv (by MACs; not dilated: a dilated conv runs another kernel, whose
-time hardly steps with the width) it times every output width ``w`` in the window of 32 widths that ends
-at a multiple of 32 near half the layer's width, with the input narrowed in proportion when it is pruned
-too (as in a pruned model). The fastest way to keep at least ``w`` channels costs
-``low(w) = min(t(v) for v >= w)``; a multiple ``r`` of 8 or 16 is as slow as ``t(w) / low(w)`` averaged
-over its multiples in the window below the top (a multiple of both) and over the layers. The rule picks 8
-unless its widths run more than 0.02 slower than 16's. Widths off the steps of the latency curve are what
-makes a pruned model slower than its FLOPs promise, and a few percent per layer is a few percent of the
-whole model. Finer multiples are no candidates: on whole models they ran slower than 8 wherever this was
-measured, even where the timed layers' curves were flat (the few layers timed do not speak for the rest):
-ResNet-50, ResNet-18 (1) and MobileNetV3-Large (4) 5-9%; five detectors that took 1 or 2, 0.54-0.66 of
-the original's latency at half the FLOPs against 0.51-0.63 at 8 or 16 (docs/benchmarks.md). Grouped
-convs, to whose per-group widths the width rule applies, save FLOPs but hardly any time below 8 channels
-per group. A model with no layer wide enough to time gets 1 (8 with grouped convs).
 """
 
 from __future__ import annotations
@@ -57,18 +41,14 @@ from ..core.widths import WidthRule
 from .cache import TimingCache
 from .timing import Latency, Setting, layer_ms
 
-__all__ = ["Layer", "Traffic", "LatencyModel", "fast_multiple", "steady_multiple", "MULTIPLES"]
+__all__ = ["Layer", "Traffic", "LatencyModel", "measurable_layers", "removable_atoms"]
 
 log = logging.getLogger("fxprune")
 
-MULTIPLES = (8, 16)
 GRID = (0.25, 0.5, 1.0)
 """Kept fractions each pruned dimension is timed at: a conv's or linear's time is close to bilinear in
 its input and output widths, which multilinear interpolation reproduces exactly, so a 3x3 grid costs
 half of a 4x4 one (3.1 against 6.3 full-layer timings) for the same estimates between the points."""
-WINDOW = 32
-TOLERANCE = 0.02
-GROUPED = 8  # for a model with grouped convs and no layer wide enough to time (module docstring)
 
 
 @dataclass(frozen=True)
@@ -376,50 +356,3 @@ class LatencyModel:
 
     def reached(self, smallest: float) -> dict[str, float]:
         return {"best_speedup": self.total / smallest}
-
-
-def _timed_layers(layers: dict[int, Layer], graph: DependencyGraph) -> list[int]:
-    """The layers ``fast_multiple`` times: the two costliest dense ones and the costliest depthwise conv
-    wide enough for its window, not dilated (module docstring)."""
-    ranked = [i for i in sorted(layers, key=lambda i: -graph.flop_terms[i].macs)
-              if layers[i].sizes[-1] >= 2 * WINDOW and not layers[i].dilated]
-    dense = [i for i in ranked if layers[i].groups == 1]
-    depthwise = [i for i in ranked if layers[i].multiplier == 1]
-    return list({layers[i].key(layers[i].sizes): i for i in dense[:2] + depthwise[:1]}.values())
-
-
-def _narrow_multiple(layers: dict[int, Layer]) -> int:
-    """The multiple of a model with no layer wide enough to time: 1, or 8 with grouped convs."""
-    return GROUPED if any(layer.grouped for layer in layers.values()) else 1
-
-
-def steady_multiple(gm: torch.fx.GraphModule, graph: DependencyGraph) -> int:
-    """``round_to="auto"`` without the clock, for FLOPs targets: 8, the multiple ``fast_multiple`` picks
-    unless 16's widths run faster, on every model wide enough to time; so the same model and target give
-    the same plan on any machine, at any load."""
-    layers = measurable_layers(gm, graph)
-    return MULTIPLES[0] if _timed_layers(layers, graph) else _narrow_multiple(layers)
-
-
-def fast_multiple(gm: torch.fx.GraphModule, graph: DependencyGraph, setting: Setting, cache: TimingCache) -> int:
-    """The channel multiple that ``round_to="auto"`` stands for on this model and device, for latency targets (module docstring)."""
-    layers, removable = measurable_layers(gm, graph), removable_atoms(graph)
-    chosen = _timed_layers(layers, graph)
-    if not chosen:
-        return _narrow_multiple(layers)
-    slowdown = dict.fromkeys(MULTIPLES, 0.0)
-    for i in chosen:
-        layer, c_in = layers[i], layers[i].sizes[0]
-        pruned_in = bool(removable[graph.flop_terms[i].factors[0]].any())
-        top = max(WINDOW, WINDOW * round(layer.sizes[-1] / 2 / WINDOW))
-        ms = {}
-        for w in range(top - WINDOW + 1, top + 1):
-            if pruned_in:  # a pruned model narrows a layer's inputs with its outputs
-                c_in = max(1, round(layer.sizes[0] * w / layer.sizes[-1]))
-            ms[w] = layer.time((w,) if layer.multiplier else (c_in, w), setting, cache)
-        low = {w: min(ms[v] for v in ms if v >= w) for w in ms}
-        for r in MULTIPLES:
-            on = [ms[w] / low[w] for w in ms if w % r == 0 and w < top]  # the top is on every step
-            slowdown[r] += sum(on) / len(on) / len(chosen)
-    cache.save()
-    return next(r for r in MULTIPLES if slowdown[r] <= min(slowdown.values()) + TOLERANCE)

@@ -1,7 +1,7 @@
 """Reaching a target: the one home of "make this model cost at most that".
 
 ``reach`` serves every target ``compile`` takes: a FLOPs budget (``target_gflops=``, ``ratio=``),
-met by the selection pass with the width rule (``flops``), and a measured latency (``speedup=``,
+met by the selection pass with the width rule (``multiples``), and a measured latency (``speedup=``,
 ``target_latency_ms=``), met by timing candidates against the original (``latency``). It decides
 ``round_to="auto"`` first, falls back to finer multiples when the chosen one cannot reach the target,
 and returns the rewritten, verified result with its report's notes and latency record.
@@ -21,7 +21,7 @@ from ..latency.timing import threads as using_threads
 from ..pipeline import Analysis, rewrite_verify_record
 from ..selection.strategy import Chooser
 from . import latency
-from .flops import fallback_note, finer, measure_round_to, reachable, within
+from .multiples import fallback_note, finer, measure_round_to, reachable, within
 from .target import NOISE_POLICIES, Target
 
 __all__ = ["reach", "Target", "NOISE_POLICIES", "measure_round_to", "reachable", "fallback_note"]
@@ -30,7 +30,7 @@ __all__ = ["reach", "Target", "NOISE_POLICIES", "measure_round_to", "reachable",
 def reach(a: Analysis, chooser: Chooser, target: Target, seed: int, verify: bool, threads: int | None = None) -> tuple[nn.Module, Chooser]:
     """The verified result of ``target`` on ``a`` and the chooser that reached it: ``chooser`` with its
     multiple decided, or under ``round_to="auto"`` a finer one when its own does not reach the target
-    (``flops.within`` for a FLOPs target; a latency target, whose every try is timed, falls back to 1
+    (``multiples.within`` for a FLOPs target; a latency target, whose every try is timed, falls back to 1
     at once). A latency target is measured at ``threads`` threads (None: torch's count)."""
     with using_threads(threads if target.measured else None):
         decided = measure_round_to(a, chooser, timed=target.measured)

@@ -31,32 +31,28 @@ of the model are dropped and the search runs afresh, once.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import math
 import warnings
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.fx
-from torch import nn
 
 from ..latency import costmodel
 from ..latency.cache import TimingCache
 from ..latency.machine import SECONDS, Machine, check
-from ..latency.timing import CONFIDENCE, FEWEST, STABLE, Comparison, Setting, compare
+from ..latency.timing import CONFIDENCE, STABLE, Comparison, Setting
 from ..core.dataflow import layers
 from ..core.graph import Plan
 from ..core.masks import removed_mask
 from ..errors import MeasurementError, TargetUnreachableError
-from ..passes.rewrite import rewrite
 from ..pipeline import Analysis, select_plan
 from ..selection.strategy import Chooser
 from .target import Target
+from .trials import Clock, Trial, contradict, widths
 
-__all__ = ["measured", "ROUNDS", "MARGIN", "BAND", "OVERSHOOT", "DRIFT", "ORDER"]
+__all__ = ["measured", "ROUNDS", "MARGIN", "BAND", "OVERSHOOT", "DRIFT", "NEAR"]
 
 log = logging.getLogger("fxprune")
 
@@ -72,10 +68,6 @@ BAND = 1.5
 OVERSHOOT = 1.3
 """A result more than this many times faster than asked is returned only when the widths force the step."""
 
-PRECISE = 0.025
-"""The reported speed-up is timed until its interval is within this (relative half-width), so that
-timing the result again gives the same figure to within a few percent."""
-
 NEAR = 0.02
 """The search stops once the closest results on either side of the aim are estimated this close: the
 latency model cannot order plans nearer than that (its layers are timed alone), so further candidates
@@ -85,87 +77,6 @@ DRIFT = 1.3
 """A comparison whose original ran this many times slower or faster than during the machine check was
 taken under another load (contention slows the original too, and a ratio taken while other work stalls
 our threads is biased towards 1): it is timed again, and a search whose load keeps changing refuses."""
-
-ORDER = 0.05
-"""How much faster than a narrower plan a wider one may time (beyond the noise) before the two timings
-are taken to contradict each other: kernels step with the width, so a few percent happen."""
-
-
-@dataclass(frozen=True)
-class Trial:
-    """One candidate: its plan, its comparison with the original, the latency model's estimated ratio,
-    and whether the comparison was read from the cache."""
-
-    plan: Plan
-    comparison: Comparison
-    estimate: float
-    cached: bool
-
-    @property
-    def ratio(self) -> float:
-        return self.comparison.ratio
-
-    def wider(self, other: Trial) -> bool:
-        """Every group keeps at least as many channels here as in ``other``, and some group more (a group
-        a plan does not name is kept whole)."""
-        mine, theirs = _kept(self.plan), _kept(other.plan)
-        return mine != theirs and all(mine.get(g, math.inf) >= theirs.get(g, math.inf) for g in {*mine, *theirs})
-
-
-class Clock:
-    """Comparisons of pruned candidates with the original, kept in the ``TimingCache`` under the captured
-    architecture and the candidate's widths when they are stable."""
-
-    def __init__(self, a: Analysis, setting: Setting, cache: TimingCache, burst: float) -> None:
-        self.a, self.setting, self.cache, self.burst = a, setting, cache, burst
-        parts = [a.gm.code, *(f"{n}{list(t.shape)}" for n, t in (*a.gm.named_parameters(), *a.gm.named_buffers())),
-                 *(f"{list(t.shape)} {t.dtype}" for t in a.inputs if isinstance(t, torch.Tensor))]
-        self.prefix = f"model {hashlib.sha1(chr(10).join(parts).encode()).hexdigest()} "
-        self.timed = 0
-        self.pruned: dict[str, tuple[torch.fx.GraphModule, nn.Module]] = {}  # widths -> (rewritten graph, result)
-
-    def result(self, plan: Plan) -> tuple[torch.fx.GraphModule, nn.Module]:
-        widths = _widths(plan)
-        if widths not in self.pruned:
-            pruned = rewrite(self.a.gm, self.a.graph, plan)
-            self.pruned[widths] = pruned, self.a.result(pruned)
-        return self.pruned[widths]
-
-    def compare(self, plan: Plan, goal: float, turn: int = 1) -> tuple[Comparison, bool]:
-        """``plan``'s result against the original (``turn``: the how-manieth timing of this pair; later
-        ones may take more rounds); whether it was read from the cache."""
-        def measure() -> list[Any]:
-            self.timed += 1
-            first = turn == 1
-            return compare(self.a.model, self.result(plan)[1], self.a.inputs, goal=goal, most=20 if first else 30,
-                           seconds=10.0 if first else 15.0, burst=self.burst).to_row()
-
-        timed = self.timed
-        row = self.cache.get(self.setting, f"{self.prefix}widths {_widths(plan)} timing {turn}", measure,
-                             lambda r: Comparison.from_row(r, self.setting).stable)
-        self.cache.save()
-        return Comparison.from_row(row, self.setting), self.timed == timed
-
-    def confirm(self, plan: Plan) -> Comparison:
-        """The timing reported for the chosen result: against the original, never cached, until its
-        interval is within ``PRECISE`` (or 5 s of timed calls have passed)."""
-        self.timed += 1
-        return compare(self.a.model, self.result(plan)[1], self.a.inputs, rounds=2 * FEWEST, most=60, seconds=5.0,
-                       precision=PRECISE, burst=self.burst)
-
-    def drop(self) -> None:
-        """Forget every cached comparison of this architecture."""
-        self.cache.drop(self.setting, self.prefix)
-        self.cache.save()
-
-
-def _kept(plan: Plan) -> dict[int, int]:
-    return {gid: len(kept) for gid, kept in plan.keep.items()}
-
-
-def _widths(plan: Plan) -> str:
-    return json.dumps(dict(sorted(_kept(plan).items())), separators=(",", ":"))
-
 
 def measured(a: Analysis, chooser: Chooser, target: Target, seed: int) -> tuple[Plan, torch.fx.GraphModule, dict[str, Any]]:
     """The plan, rewritten model and measurement record of a latency target at torch's current thread
@@ -234,7 +145,7 @@ class Search:
             self.clock.drop()
             chosen, confirmed = None, False
         if c.meets(self.goal) and chosen.comparison.rounds:
-            self.cache.put(self.setting, self.outcome, [self.budgets[_widths(chosen.plan)], _widths(chosen.plan), c.speedup])
+            self.cache.put(self.setting, self.outcome, [self.budgets[widths(chosen.plan)], widths(chosen.plan), c.speedup])
         record = {"target": {"speedup": self.target.speedup, "latency_ms": self.target.latency_ms}, "goal_ms": self.goal * self.original_ms,
                   "before_ms": c.before.median_ms, "after_ms": c.after.median_ms, "speedup": c.speedup,
                   "interval": [1 / c.high, 1 / c.low], "confidence": CONFIDENCE, "noise": max(c.noise, self.noise),
@@ -249,7 +160,7 @@ class Search:
 
     def plan(self, budget: float) -> Plan:
         plan = select_plan(self.a, self.chooser, budget, self.scores, self.model)
-        self.budgets.setdefault(_widths(plan), budget)
+        self.budgets.setdefault(widths(plan), budget)
         return plan
 
     def remembered(self) -> Trial | None:
@@ -258,9 +169,9 @@ class Search:
         kept = self.cache.lookup(self.setting, self.outcome)
         if kept is None:
             return None
-        budget, widths, self.claimed = kept
+        budget, chosen, self.claimed = kept
         plan = self.plan(budget)
-        if _widths(plan) != widths:
+        if widths(plan) != chosen:
             return None
         log.info("an earlier compile chose a result for this target here: confirming it against the original")
         c = self.clock.confirm(plan)
@@ -325,11 +236,11 @@ class Search:
                     break
                 budget, smallest, why = self.model.total / exc.best_speedup, True, "the smallest plan the widths allow"
                 plan = self.plan(budget)
-            widths = _widths(plan)
-            trial = seen.get(widths) or self.trial(plan, why)
-            if widths not in seen:
+            key = widths(plan)
+            trial = seen.get(key) or self.trial(plan, why)
+            if key not in seen:
                 trial = self.ordered(trial, list(seen.values()))
-            seen[widths] = trial
+            seen[key] = trial
             trials.append(trial)
             if trial.comparison.meets(self.goal) and trial.ratio >= 0.94 * self.aim:
                 break
@@ -344,12 +255,12 @@ class Search:
         ``MeasurementError`` when the two still contradict each other (the machine changed under the search)."""
         for other in earlier:
             wide, narrow = (trial, other) if trial.wider(other) else (other, trial) if other.wider(trial) else (None, None)
-            if wide is None or not _contradict(wide, narrow):
+            if wide is None or not contradict(wide, narrow):
                 continue
             log.info("  a plan with more channels timed faster than one with fewer (%.3gx against %.3gx): timing both again",
                      wide.comparison.speedup, narrow.comparison.speedup)
             wide2, narrow2 = (self.trial(t.plan, "timed again: the width order", turn=3) for t in (wide, narrow))
-            if _contradict(wide2, narrow2):
+            if contradict(wide2, narrow2):
                 c = wide2.comparison
                 raise MeasurementError(
                     f"the timings contradict the widths on {self.setting.device}: a result with more channels in every group measured "
@@ -384,7 +295,7 @@ class Search:
         goal while some stay undecided, the machine was too noisy to find a result near the target."""
         if not _far(chosen, self.goal):
             return chosen
-        wider = sorted({_widths(t.plan): t for t in trials if t.wider(chosen) and not t.comparison.meets(self.goal)}.values(),
+        wider = sorted({widths(t.plan): t for t in trials if t.wider(chosen) and not t.comparison.meets(self.goal)}.values(),
                        key=lambda t: t.estimate)
         undecided = []
         for t in wider[:2]:
@@ -395,7 +306,7 @@ class Search:
             undecided += [again] if again.comparison.meets(self.goal) is None else []
         if wider:
             plan = self.plan(self.model.total * (chosen.estimate + wider[0].estimate) / 2)
-            if _widths(plan) not in {_widths(t.plan) for t in trials}:
+            if widths(plan) not in {widths(t.plan) for t in trials}:
                 between = self.trial(plan, "between the result and the nearest wider plan")
                 trials.append(between)
                 if between.comparison.meets(self.goal):
@@ -409,12 +320,6 @@ class Search:
                    "prune to FLOPs (target_gflops= or ratio=); on_noise='warn' returns the faster result with a warning.")
         _too_noisy(message, undecided[0], self.target.on_noise == "warn")
         return chosen
-
-
-def _contradict(wide: Trial, narrow: Trial) -> bool:
-    """``wide`` (more channels) timed faster than ``narrow`` beyond both intervals, the noise and ``ORDER``."""
-    w, n = wide.comparison, narrow.comparison
-    return w.rounds > 0 and n.rounds > 0 and w.high * (1 + w.noise) < n.low * (1 - n.noise) * (1 - ORDER)
 
 
 def _next_budget(trials: list[Trial], aim: float, total: float) -> tuple[float, str] | None:

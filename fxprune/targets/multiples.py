@@ -1,4 +1,4 @@
-"""flops: a FLOPs target reached with the width rule, and ``round_to="auto"`` made a number.
+"""multiples: a FLOPs target reached with the width rule, and ``round_to="auto"`` made a number.
 
 A FLOPs budget is met exactly by the selection pass; what is left to decide here is the channel multiple.
 ``round_to="auto"`` reads no clock under a FLOPs target (the same plan on any machine, at any load) and is
@@ -15,7 +15,7 @@ import torch
 from ..core.graph import Plan
 from ..core.masks import removed_mask
 from ..errors import TargetUnreachableError
-from ..latency import costmodel
+from ..latency.multiple import fast_multiple, steady_multiple
 from ..latency.cache import TimingCache
 from ..latency.timing import Setting
 from ..pipeline import Analysis, select_plan
@@ -28,15 +28,15 @@ log = logging.getLogger("fxprune")
 
 def measure_round_to(a: Analysis, chooser: Chooser, timed: bool) -> Chooser:
     """``chooser`` with ``round_to="auto"`` made a number: for a latency target (``timed``) the multiple
-    measured fastest on ``a`` (``costmodel.fast_multiple``), for a FLOPs target the one decided without
-    the clock (``costmodel.steady_multiple``), so that a FLOPs target gives the same plan at any moment."""
+    measured fastest on ``a`` (``latency.multiple.fast_multiple``), for a FLOPs target the one decided without
+    the clock (``latency.multiple.steady_multiple``), so that a FLOPs target gives the same plan at any moment."""
     if chooser.strategy.round_to != "auto":
         return chooser
     if timed:
-        multiple = costmodel.fast_multiple(a.gm, a.graph, Setting.of(a.gm, a.inputs), TimingCache())
+        multiple = fast_multiple(a.gm, a.graph, Setting.of(a.gm, a.inputs), TimingCache())
         log.info("round_to='auto': widths are multiples of %d, measured fastest on this device", multiple)
     else:
-        multiple = costmodel.steady_multiple(a.gm, a.graph)
+        multiple = steady_multiple(a.gm, a.graph)
     return replace(chooser, strategy=replace(chooser.strategy, round_to=multiple), measured=True)
 
 

@@ -1,0 +1,117 @@
+"""trials: the candidates of a latency search, each a plan timed against the original (``Clock``).
+
+A ``Trial`` keeps its plan, its comparison and the latency model's estimate; ``Clock`` times plans
+against the original, keeps stable comparisons in the ``TimingCache`` under the captured architecture
+and the plan's widths, and confirms the chosen one; ``contradict`` says when two timings go against
+the width order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+from ..core.graph import Plan
+from ..latency.cache import TimingCache
+from ..latency.timing import FEWEST, Comparison, Setting, compare
+from ..passes.rewrite import rewrite
+from ..pipeline import Analysis
+
+__all__ = ["Trial", "Clock", "kept", "widths", "contradict", "PRECISE", "ORDER"]
+
+PRECISE = 0.025
+"""The reported speed-up is timed until its interval is within this (relative half-width), so that
+timing the result again gives the same figure to within a few percent."""
+
+ORDER = 0.05
+"""How much faster than a narrower plan a wider one may time (beyond the noise) before the two timings
+are taken to contradict each other: kernels step with the width, so a few percent happen."""
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One candidate: its plan, its comparison with the original, the latency model's estimated ratio,
+    and whether the comparison was read from the cache."""
+
+    plan: Plan
+    comparison: Comparison
+    estimate: float
+    cached: bool
+
+    @property
+    def ratio(self) -> float:
+        return self.comparison.ratio
+
+    def wider(self, other: Trial) -> bool:
+        """Every group keeps at least as many channels here as in ``other``, and some group more (a group
+        a plan does not name is kept whole)."""
+        mine, theirs = kept(self.plan), kept(other.plan)
+        return mine != theirs and all(mine.get(g, math.inf) >= theirs.get(g, math.inf) for g in {*mine, *theirs})
+
+
+class Clock:
+    """Comparisons of pruned candidates with the original, kept in the ``TimingCache`` under the captured
+    architecture and the candidate's widths when they are stable."""
+
+    def __init__(self, a: Analysis, setting: Setting, cache: TimingCache, burst: float) -> None:
+        self.a, self.setting, self.cache, self.burst = a, setting, cache, burst
+        parts = [a.gm.code, *(f"{n}{list(t.shape)}" for n, t in (*a.gm.named_parameters(), *a.gm.named_buffers())),
+                 *(f"{list(t.shape)} {t.dtype}" for t in a.inputs if isinstance(t, torch.Tensor))]
+        self.prefix = f"model {hashlib.sha1(chr(10).join(parts).encode()).hexdigest()} "
+        self.timed = 0
+        self.pruned: dict[str, tuple[torch.fx.GraphModule, nn.Module]] = {}  # widths -> (rewritten graph, result)
+
+    def result(self, plan: Plan) -> tuple[torch.fx.GraphModule, nn.Module]:
+        key = widths(plan)
+        if key not in self.pruned:
+            pruned = rewrite(self.a.gm, self.a.graph, plan)
+            self.pruned[key] = pruned, self.a.result(pruned)
+        return self.pruned[key]
+
+    def compare(self, plan: Plan, goal: float, turn: int = 1) -> tuple[Comparison, bool]:
+        """``plan``'s result against the original (``turn``: the how-manieth timing of this pair; later
+        ones may take more rounds); whether it was read from the cache."""
+        def measure() -> list[Any]:
+            self.timed += 1
+            first = turn == 1
+            return compare(self.a.model, self.result(plan)[1], self.a.inputs, goal=goal, most=20 if first else 30,
+                           seconds=10.0 if first else 15.0, burst=self.burst).to_row()
+
+        timed = self.timed
+        row = self.cache.get(self.setting, f"{self.prefix}widths {widths(plan)} timing {turn}", measure,
+                             lambda r: Comparison.from_row(r, self.setting).stable)
+        self.cache.save()
+        return Comparison.from_row(row, self.setting), self.timed == timed
+
+    def confirm(self, plan: Plan) -> Comparison:
+        """The timing reported for the chosen result: against the original, never cached, until its
+        interval is within ``PRECISE`` (or 5 s of timed calls have passed)."""
+        self.timed += 1
+        return compare(self.a.model, self.result(plan)[1], self.a.inputs, rounds=2 * FEWEST, most=60, seconds=5.0,
+                       precision=PRECISE, burst=self.burst)
+
+    def drop(self) -> None:
+        """Forget every cached comparison of this architecture."""
+        self.cache.drop(self.setting, self.prefix)
+        self.cache.save()
+
+
+def kept(plan: Plan) -> dict[int, int]:
+    return {gid: len(kept) for gid, kept in plan.keep.items()}
+
+
+def widths(plan: Plan) -> str:
+    return json.dumps(dict(sorted(kept(plan).items())), separators=(",", ":"))
+
+
+def contradict(wide: Trial, narrow: Trial) -> bool:
+    """``wide`` (more channels) timed faster than ``narrow`` beyond both intervals, the noise and ``ORDER``."""
+    w, n = wide.comparison, narrow.comparison
+    return w.rounds > 0 and n.rounds > 0 and w.high * (1 + w.noise) < n.low * (1 - n.noise) * (1 - ORDER)
