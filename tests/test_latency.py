@@ -96,7 +96,7 @@ def test_the_cache_is_used(fake_clock: FlopClock, tmp_path: Path, monkeypatch: p
 def test_unreachable_speedup_names_the_best_reached(fake_clock: FlopClock) -> None:
     with pytest.raises(fxprune.TargetUnreachableError, match=r"best speed-up measured \(\d+ results timed\) was") as info:
         fxprune.compile(Net().eval(), speedup=1e5, example_inputs=X, verify=False)
-    assert 1.0 < info.value.best_speedup < 1e5  # the fake clock charges 0.05 ms a call: at most ~2600x
+    assert 1.0 < info.value.best_speedup <= flop_ms(Net().eval(), (X,)) / 0.05  # the fake clock charges at least 0.05 ms a call
     assert f"{info.value.best_speedup:.3g}x" in str(info.value)
 
 
