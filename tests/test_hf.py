@@ -6,6 +6,8 @@ import pytest
 import torch
 
 import fxprune
+from fxprune import pipeline
+from fxprune.api import FLOPS_WITH_DATA
 
 T = pytest.importorskip("transformers")
 
@@ -108,6 +110,33 @@ def test_a_pruned_decoder_is_its_class_with_a_true_config_generates_and_round_tr
     loaded = type(model).from_pretrained(tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(IDS).logits, pruned(IDS).logits, rtol=1e-5, atol=1e-5)
+
+
+CALIBRATION = [torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+
+
+@pytest.mark.slow
+def test_wanda_scores_every_head_and_channel_of_a_decoder_which_comes_back_as_its_class() -> None:
+    model = llama().eval()
+    a = pipeline.analyze(model, IDS)
+    scores = fxprune.SELECTORS["wanda"](CALIBRATION).scores(a.graph, a.gm)
+    assert set(scores) == {g.id for g in a.graph.prunable_groups}
+    assert all(scores[g.id].shape == (g.width,) for g in a.graph.prunable_groups)
+    assert all(bool(torch.isfinite(v).all() and (v > 0).all()) for v in scores.values())  # every atom is read by some weight
+    pruned = fxprune.compile(model, example_inputs=IDS, ratio=0.3, selector="wanda", calibration=CALIBRATION)
+    assert type(pruned) is type(model) and pruned.config.intermediate_size < 128
+    assert pruned.meta["fxprune"]["strategy"]["selector"] == "wanda"
+
+
+def test_calibration_without_a_selector_takes_the_data_driven_default_under_a_flops_target() -> None:
+    model = llama().eval()
+    given = fxprune.compile(model, example_inputs=IDS, ratio=0.3, calibration=CALIBRATION)
+    assert given.meta["fxprune"]["strategy"]["selector"] == FLOPS_WITH_DATA
+    assert type(given) is type(model)
+    with pytest.warns(UserWarning, match="loss_fn= is not read by 'wanda'"):
+        with_loss = fxprune.compile(model, example_inputs=IDS, ratio=0.3, calibration=CALIBRATION, loss_fn=lambda out, target: out.logits.sum())
+    assert with_loss.meta["fxprune"]["strategy"]["selector"] == FLOPS_WITH_DATA
+    assert with_loss.meta["fxprune"]["plan"] == given.meta["fxprune"]["plan"]
 
 
 def test_layers_pruned_to_different_widths_come_back_as_a_graph_with_the_reason() -> None:

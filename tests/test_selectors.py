@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import fxprune
+from fxprune import pipeline
 from conftest import X16, same_state, state_copy, two_groups, width
 from fxprune.core.flops import FlopModel
 from fxprune.core.widths import WidthRule
@@ -262,6 +263,41 @@ def test_taylor_removes_channels_that_do_not_move_the_loss() -> None:
     frozen = activation_model().requires_grad_(False)  # works without gradients on the user's weights
     again = fxprune.compile(frozen, ratio=3 / 8, example_inputs=X, selector="taylor", calibration=data, loss_fn=mse)
     assert kept(again) == kept(pruned)
+
+
+def test_wanda_removes_channels_that_are_zero_or_that_no_weight_reads() -> None:
+    pruned = fxprune.compile(activation_model(), ratio=3 / 8, example_inputs=X, selector="wanda", calibration=CAL)
+    assert removed_channels(pruned) == {2, 3, 5}  # 2 is never positive, 3 is ~0, 5 is ignored by the next conv
+
+
+def test_wanda_scores_are_the_reading_weights_times_their_input_rms() -> None:
+    """Each hidden unit of a two-layer MLP scores sum_i |W2[i, j]| * rms(relu(h)_j) over the calibration data
+    (float32 activations summed in float64: relative tolerance 1e-5)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    data = [torch.randn(5, 6, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    a = pipeline.analyze(model, data[0][:1])
+    (group,) = a.graph.prunable_groups
+    scores = fxprune.SELECTORS["wanda"](data).scores(a.graph, a.gm)[group.id]
+    with torch.no_grad():
+        rms = torch.cat([model[1](model[0](x)) for x in data]).double().square().mean(0).sqrt()
+    expected = model[2].weight.detach().double().abs().sum(0) * rms
+    torch.testing.assert_close(scores, expected, rtol=1e-5, atol=0)
+
+
+def test_wanda_reads_every_group_of_a_grouped_conv_weight() -> None:
+    """A grouped conv holds one group's inputs per weight: each input channel's column is taken in its own
+    group, and an atom (channel j with channel j + 4, which the groups tie) sums its two channels."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1, groups=2)).eval()
+    a = pipeline.analyze(model, X)
+    (group,) = a.graph.prunable_groups
+    scores = fxprune.SELECTORS["wanda"](CAL).scores(a.graph, a.gm)[group.id]
+    with torch.no_grad():
+        rms = torch.cat([model[0](x) for x in CAL]).double().square().mean((0, 2, 3)).sqrt()
+    w = model[1].weight.detach().double().abs()  # (4, 4, 1, 1): outputs 0-1 read inputs 0-3, outputs 2-3 read 4-7
+    per_channel = torch.cat([w[:2].sum((0, 2, 3)), w[2:].sum((0, 2, 3))]) * rms
+    torch.testing.assert_close(scores, per_channel[:4] + per_channel[4:], rtol=1e-5, atol=0)
 
 
 def test_calibration_forms_agree() -> None:

@@ -1,0 +1,197 @@
+"""Is a pruned language model still a good language model? Held-out perplexity of a small trained decoder.
+
+A Llama-shaped decoder (``LlamaForCausalLM``: 4 layers, hidden 128, 8 query heads over 4 key/value
+heads, MLP 384, byte-level vocabulary of 256) is trained here on the Python source of the ``torch``
+package as installed (PyPI ``torch``: every ``.py`` file under ``torch/nn``, read from site-packages;
+every tenth file, in sorted order, is held out). Nothing is downloaded. The trained weights are cached
+on disk (``$FXPRUNE_CACHE_DIR``, default ``~/.cache/fxprune``, under ``benchmarks/``), keyed by the
+config, the training settings, the torch version and the corpus, so a rerun skips training.
+
+The decoder is then pruned with ``fxprune.compile`` to 20%, 35% and 50% fewer parameters in its decoder
+layers (a FLOPs ``ratio=`` found by bisection for each, once, with the uniform selector; per-group
+budgets with equal widths give every selector the same widths), with each selector of ``--selectors``;
+the data-driven ones get the same calibration windows of training text (taylor also the next-byte
+cross-entropy as ``loss_fn``). For each row: held-out bits per byte and byte-level perplexity
+(``2 ** bits``) without healing and after the same short healing (distillation: KL divergence to the
+dense model's next-byte distribution, the same batches and steps for every row), the decoder layers'
+parameters kept, and the class ``compile`` returned.
+
+    python benchmarks/llm.py --quick     # under 10 minutes on 2 CPU cores (docs/results.md)
+    python benchmarks/llm.py --quick --seed 1
+    python benchmarks/llm.py             # longer training and healing
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import pathlib
+import time
+
+import torch
+import torch.nn.functional as F
+from tabulate import tabulate
+
+import fxprune
+from fxprune.selection.selectors import data_driven, takes_loss
+
+CONFIG = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 4,
+          "vocab_size": 256, "max_position_embeddings": 256}
+SEQ = 128
+BATCH = 16
+SELECTORS = ("uniform", "random", "l2", "taylor", "wanda")
+FEWER_PARAMS = (0.2, 0.35, 0.5)
+SETTINGS = {True: {"train_steps": 800, "heal_steps": 40, "eval_windows": 256, "calibration_batches": 8},
+            False: {"train_steps": 3000, "heal_steps": 150, "eval_windows": 1024, "calibration_batches": 32}}
+
+
+def corpus() -> tuple[torch.Tensor, torch.Tensor]:
+    """The bytes of torch/nn's Python source: (training text, held-out text: every tenth file)."""
+    files = sorted((pathlib.Path(torch.__file__).parent / "nn").rglob("*.py"))
+    held = [f for i, f in enumerate(files) if i % 10 == 9]
+    train = [f for i, f in enumerate(files) if i % 10 != 9]
+
+    def text(fs: list[pathlib.Path]) -> torch.Tensor:
+        return torch.frombuffer(bytearray(b"".join(f.read_bytes() for f in fs)), dtype=torch.uint8).long()
+
+    return text(train), text(held)
+
+
+def windows(text: torch.Tensor, count: int, generator: torch.Generator | None) -> torch.Tensor:
+    """``count`` windows of SEQ + 1 bytes: at random offsets, or the first non-overlapping ones (``generator`` None)."""
+    if generator is None:
+        return text[: count * (SEQ + 1)].view(count, SEQ + 1)
+    starts = torch.randint(0, text.numel() - SEQ - 1, (count,), generator=generator)
+    return torch.stack([text[s : s + SEQ + 1] for s in starts.tolist()])
+
+
+def dense(train: torch.Tensor, steps: int, seed: int) -> torch.nn.Module:
+    """The trained decoder, from the cache when it holds these settings."""
+    import transformers
+
+    config = transformers.LlamaConfig(**CONFIG)
+    key = json.dumps({"config": CONFIG, "steps": steps, "seed": seed, "batch": BATCH, "seq": SEQ, "torch": torch.__version__,
+                      "corpus": hashlib.sha256(train.to(torch.uint8).numpy().tobytes()).hexdigest()}, sort_keys=True)
+    root = pathlib.Path(os.environ.get("FXPRUNE_CACHE_DIR", pathlib.Path.home() / ".cache" / "fxprune"))
+    path = root / "benchmarks" / f"llm-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(config)
+    if path.exists():
+        model.load_state_dict(torch.load(path))
+        print(f"trained weights from {path}")
+        return model.eval()
+    start = time.perf_counter()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.05)
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    for step in range(steps):
+        x = windows(train, BATCH, g)
+        loss = F.cross_entropy(model(x[:, :-1]).logits.flatten(0, 1), x[:, 1:].flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        if step % 200 == 0 or step == steps - 1:
+            print(f"  train step {step}: {loss.item() / math.log(2):.3f} bits/byte")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
+    print(f"trained {steps} steps in {time.perf_counter() - start:.0f} s; weights cached at {path}")
+    return model.eval()
+
+
+@torch.no_grad()
+def bits_per_byte(model: torch.nn.Module, held: torch.Tensor) -> float:
+    """Mean next-byte cross-entropy over the held-out windows, in bits."""
+    model.eval()
+    total = sum(F.cross_entropy(model(x[:, :-1]).logits.flatten(0, 1), x[:, 1:].flatten(), reduction="sum").item()
+                for x in held.split(64))
+    return total / (held.shape[0] * SEQ) / math.log(2)
+
+
+def heal(student: torch.nn.Module, teacher: torch.nn.Module, train: torch.Tensor, steps: int, seed: int) -> torch.nn.Module:
+    """``student`` after ``steps`` of distillation: KL(teacher || student) on next-byte distributions."""
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(seed + 1)
+    student.train()
+    for _ in range(steps):
+        x = windows(train, BATCH, g)[:, :-1]
+        with torch.no_grad():
+            target = F.log_softmax(teacher(x).logits, -1).flatten(0, 1)
+        log_p = F.log_softmax(student(x).logits, -1).flatten(0, 1)
+        F.kl_div(log_p, target, log_target=True, reduction="batchmean").backward()
+        opt.step()
+        opt.zero_grad()
+    return student.eval()
+
+
+def decoder_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.model.layers.parameters())
+
+
+def ratio_for(model: torch.nn.Module, ids: torch.Tensor, fewer: float) -> float:
+    """The FLOPs ``ratio=`` whose result has ``fewer`` (a fraction) fewer decoder-layer parameters, by
+    bisection with the uniform selector (widths are the same for every selector under per-group budgets)."""
+    lo, hi, full = 0.3 * fewer, fewer, decoder_params(model)
+    for _ in range(7):
+        mid = (lo + hi) / 2
+        kept = decoder_params(fxprune.compile(model, example_inputs=ids, ratio=mid, verify=False)) / full
+        lo, hi = (mid, hi) if 1 - kept < fewer else (lo, mid)
+    return (lo + hi) / 2
+
+
+def run(quick: bool, selectors: list[str], seed: int) -> None:
+    s = SETTINGS[quick]
+    train, held_text = corpus()
+    print(f"corpus: torch {torch.__version__} torch/nn/**/*.py, {train.numel() / 1e6:.2f} MB training, {held_text.numel() / 1e6:.2f} MB held out")
+    model = dense(train, s["train_steps"], seed)
+    held = windows(held_text, min(s["eval_windows"], held_text.numel() // (SEQ + 1)), None)
+    base = bits_per_byte(model, held)
+    print(f"dense: {base:.3f} bits/byte, perplexity {2 ** base:.2f}, {decoder_params(model)} decoder-layer parameters")
+    g = torch.Generator().manual_seed(seed + 2)
+    calibration = [(x[:, :-1], x[:, 1:]) for x in (windows(train, 8, g) for _ in range(s["calibration_batches"]))]
+    ids = calibration[0][0][:1]
+
+    def loss_fn(output: object, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(output.logits.flatten(0, 1), target.flatten())
+
+    rows = []
+    for fewer in FEWER_PARAMS:
+        ratio = ratio_for(model, ids, fewer)
+        for name in selectors:
+            data = {"calibration": calibration} if name in data_driven() else {}
+            data |= {"loss_fn": loss_fn} if takes_loss(name) else {}
+            start = time.perf_counter()
+            pruned = fxprune.compile(model, example_inputs=ids, ratio=ratio, selector=name, seed=seed, **data)
+            seconds = time.perf_counter() - start
+            bits = bits_per_byte(pruned, held)
+            healed = bits_per_byte(heal(pruned, model, train, s["heal_steps"], seed), held)
+            rows.append([f"{fewer:.0%}", name, f"{1 - decoder_params(pruned) / decoder_params(model):.1%}", f"{ratio:.3f}",
+                         f"{bits:.3f}", f"{2 ** bits:.2f}", f"{bits / base - 1:+.0%}", f"{healed:.3f}", f"{2 ** healed:.2f}",
+                         f"{healed / base - 1:+.1%}", type(pruned).__name__, f"{seconds:.1f}"])
+            print("  " + " | ".join(rows[-1]), flush=True)
+    print(f"\ndense: {base:.3f} bits/byte (perplexity {2 ** base:.2f}); healing: {s['heal_steps']} steps of distillation\n")
+    print(tabulate(rows, headers=["fewer params", "selector", "decoder params removed", "FLOPs ratio=", "bits/byte", "ppl", "vs dense",
+                                  "healed bits/byte", "healed ppl", "healed vs dense", "class", "compile s"], tablefmt="github"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="shorter training, healing and evaluation (under 10 minutes on 2 CPU cores)")
+    parser.add_argument("--selectors", default=",".join(SELECTORS), help="comma-separated selector names")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: two threads on two cores that "
+                        "other work shares ran training several times slower here)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    logging.getLogger("fxprune").setLevel(logging.ERROR)  # the ratio search's notes on finer multiples
+    run(args.quick, args.selectors.split(","), args.seed)
+
+
+if __name__ == "__main__":
+    main()
