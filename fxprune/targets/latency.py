@@ -17,9 +17,9 @@ far from the model's estimate (outside ``BAND``) is timed again before it is bel
 timings that contradict the width order (a plan with more channels in every group measured faster
 than one with fewer, beyond the noise): if they still do, the machine changed under the search, and it
 refuses. The slowest result that meets the goal wins; when it is more than ``OVERSHOOT`` times faster
-than asked, the nearest wider results are timed again, and a plan between the two is tried; a result
-that far past the target is returned only when the widths step from one to the other (the report says
-so), never when the noise left nearer ones undecided.
+than asked, the nearest wider results are timed again, and plans between are tried by bisection; a
+result that far past the target is returned only when the widths step from one to the other (the
+report says so), never when the noise left nearer ones undecided.
 
 The chosen result is timed once more against the original, never from the cache, until its interval
 is within ``PRECISE``: that timing is the one reported. The widths chosen for a model, target and
@@ -73,6 +73,9 @@ NEAR = 0.02
 latency model cannot order plans nearer than that (its layers are timed alone), so further candidates
 would be timed for nothing."""
 
+BISECT = 4
+"""Plans between a result far past the target and the nearest that misses it, tried at most."""
+
 DRIFT = 1.3
 """A comparison whose original ran this many times slower or faster than during the machine check was
 taken under another load (contention slows the original too, and a ratio taken while other work stalls
@@ -120,6 +123,7 @@ class Search:
         self.scores = chooser.scores(a.graph, a.gm, seed, cost=self.model)
         self.timed = 0  # candidates timed, over both passes
         self.budgets: dict[str, float] = {}  # widths -> the first estimated-ms budget that gave them
+        self.stepped = False  # the result is far past the target because the widths step there
         self.claimed: float | None = None  # the speed-up an earlier compile reported for the remembered result
         self.outcome = f"{self.clock.prefix}result {target.describe()} {json.dumps(chooser.describe(), sort_keys=True)}"
 
@@ -152,7 +156,7 @@ class Search:
                   "comparison_rounds": c.rounds, "estimated_speedup": 1 / chosen.estimate, "cached_speedup": cached,
                   "batch": c.before.batch, "device": self.setting.device, "device_name": self.setting.device_name,
                   "threads": self.setting.threads, "dtype": self.setting.dtype, "timings_taken": self.cache.measured,
-                  "rounds": self.timed, "results_timed": self.clock.timed, "notes": _overshoot(chosen, trials, self.goal)}
+                  "rounds": self.timed, "results_timed": self.clock.timed, "notes": _overshoot(chosen, trials, self.goal, self.stepped)}
         names = {n.name: name for n, (name, _) in layers(self.a.gm).items()}
         removed = removed_mask(self.a.graph, chosen.plan)
         record["layers_ms"] = {names.get(node, node): ms for node, ms in self.model.layers(removed).items()}
@@ -291,35 +295,45 @@ class Search:
 
     def closest(self, chosen: Trial, trials: list[Trial]) -> Trial:
         """``chosen``, unless it is more than ``OVERSHOOT`` times faster than asked: then the nearest wider
-        results are timed again (two at most) and a plan between is tried; if that finds none that meets the
-        goal while some stay undecided, the machine was too noisy to find a result near the target."""
+        results that missed are timed again (two at most), and plans between the fastest result that meets
+        the goal and the nearest that misses are tried by bisection (``BISECT`` at most) until one meets
+        within ``OVERSHOOT``, or the widths step from one to the other (``self.stepped``: the report says
+        so). A plan between that the noise leaves undecided means the machine was too noisy to find a
+        result near the target."""
         if not _far(chosen, self.goal):
             return chosen
-        wider = sorted({widths(t.plan): t for t in trials if t.wider(chosen) and not t.comparison.meets(self.goal)}.values(),
-                       key=lambda t: t.estimate)
+        missed = sorted({widths(t.plan): t for t in trials if t.wider(chosen) and not t.comparison.meets(self.goal)}.values(),
+                        key=lambda t: t.estimate)
         undecided = []
-        for t in wider[:2]:
+        for t in [t for t in missed if t.comparison.rounds][:2]:  # a plan that removes nothing needs no timing
             again = self.trial(t.plan, "timed again: the result is far past the target", turn=3)
             trials.append(again)
             if again.comparison.meets(self.goal):
-                return again
+                return self.closest(again, trials)
             undecided += [again] if again.comparison.meets(self.goal) is None else []
-        if wider:
-            plan = self.plan(self.model.total * (chosen.estimate + wider[0].estimate) / 2)
-            if widths(plan) not in {widths(t.plan) for t in trials}:
-                between = self.trial(plan, "between the result and the nearest wider plan")
-                trials.append(between)
-                if between.comparison.meets(self.goal):
-                    return self.closest(between, trials) if not _far(between, self.goal) else between
-                undecided += [between] if between.comparison.meets(self.goal) is None else []
+        fast, slow = chosen, missed[0] if missed else None
+        for _ in range(BISECT if slow is not None and not undecided else 0):
+            plan = self.plan(self.model.total * (fast.estimate + slow.estimate) / 2)
+            if widths(plan) in (widths(fast.plan), widths(slow.plan)):
+                self.stepped = True  # no plan lies between: the widths step from one to the other
+                break
+            between = self.trial(plan, "between the fastest result that meets the target and the nearest that misses")
+            trials.append(between)
+            verdict = between.comparison.meets(self.goal)
+            if verdict is None:
+                undecided.append(between)
+                break
+            fast, slow = (between, slow) if verdict else (fast, between)
+            if verdict and not _far(between, self.goal):
+                return between
         if not undecided:
-            return chosen
+            return fast
         message = (f"the machine was too noisy to find a result near {self.target.describe()}: the results that met it measured "
-                   f"{chosen.comparison.speedup:.3g}x and faster (more than {OVERSHOOT:g} times the target), and the one nearer it, "
+                   f"{fast.comparison.speedup:.3g}x and faster (more than {OVERSHOOT:g} times the target), and the one nearer it, "
                    f"{undecided[0].comparison.describe()}, could not be told from the target. Close other work and compile again, or "
                    "prune to FLOPs (target_gflops= or ratio=); on_noise='warn' returns the faster result with a warning.")
         _too_noisy(message, undecided[0], self.target.on_noise == "warn")
-        return chosen
+        return fast
 
 
 def _next_budget(trials: list[Trial], aim: float, total: float) -> tuple[float, str] | None:
@@ -354,14 +368,17 @@ def _too_noisy(message: str, undecided: Trial, warn: bool) -> Trial:
     return undecided
 
 
-def _overshoot(chosen: Trial, trials: list[Trial], goal: float) -> list[str]:
-    """A note when the result is more than ``OVERSHOOT`` times faster than asked for: the wider plans tried missed."""
+def _overshoot(chosen: Trial, trials: list[Trial], goal: float, stepped: bool) -> list[str]:
+    """A note when the result is more than ``OVERSHOOT`` times faster than asked for, and why (``stepped``:
+    no plan lies between it and the nearest wider one, which missed)."""
     if not _far(chosen, goal):
         return []
     wider = [t for t in trials if t.wider(chosen) and not t.comparison.meets(goal)]
-    why = (f"the nearest wider plan measured {min(wider, key=lambda t: t.estimate).comparison.speedup:.3g}x, short of the target, "
-           "and no plan lies between: the allowed widths step from one to the other" if wider
-           else "no wider plan was found within the candidates the search takes")
+    nearest = min(wider, key=lambda t: t.estimate).comparison.speedup if wider else None
+    why = (f"the nearest wider plan measured {nearest:.3g}x, short of the target, and no plan lies between: the allowed widths "
+           "step from one to the other" if stepped and wider else
+           f"the plans between it and the nearest wider one ({nearest:.3g}x) were not all tried within the candidates the search "
+           "takes" if wider else "no wider plan was found within the candidates the search takes")
     return [f"the result measured {chosen.comparison.speedup:.3g}x, more than {OVERSHOOT:g} times the {1 / goal:.3g}x asked for: {why}"]
 
 
