@@ -60,7 +60,7 @@ def compile(  # noqa: A001 - the product's verb
 ) -> nn.Module:
     """Prune ``model`` to a FLOPs or latency budget and return a new, smaller ``torch.fx.GraphModule`` (for a
     detector, a pruned copy of its module tree; for a Hugging Face model, a model of its class when a config
-    can describe the pruned widths, see passes/hfmodel.py).
+    can describe the pruned widths, see results/hfmodel.py).
 
     Give exactly one of ``target_gflops`` (GFLOPs of the result, FLOPs = 2 x MACs of conv, linear and
     matmul as counted by ``FlopCounterMode``), ``ratio`` (fraction of those FLOPs to remove), ``speedup``

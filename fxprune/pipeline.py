@@ -26,14 +26,14 @@ from .core.graph import DependencyGraph, Plan
 from .core.masks import removed_mask
 from .passes.annotate import annotate
 from .passes.capture import capture
-from .passes.classes import class_plan
+from .selection.classes import class_plan
 from .passes.couple import couple
 from .passes.rewrite import rewrite
 from .passes.select import CostModel, Tie, select
 from .passes.shapes import propagate_shapes
-from .passes.transplant import transplant
-from .passes.hfconfig import config_ties, probe
-from .passes.hfmodel import hf_model
+from .results.transplant import transplant
+from .results.hfconfig import config_ties, probe
+from .results.hfmodel import hf_model
 from .passes.verify import verify as verify_pass
 from .passes.verify import verify_same, verify_tree
 from .core.provenance import provenance
@@ -98,7 +98,7 @@ class Analysis:
 
     @functools.cached_property
     def ties(self) -> list[Tie]:
-        """Groups whose widths a Hugging Face model's config describes only together (passes/hfconfig.py);
+        """Groups whose widths a Hugging Face model's config describes only together (results/hfconfig.py);
         none for other models."""
         hf = self.gm.meta.get(keys.HF)
         p = probe(hf) if hf is not None else None

@@ -19,7 +19,7 @@ ROOT = Path(fxprune.__file__).parent
 
 LAYERS = (
     ("core", ("fxprune.core", "fxprune.errors", "fxprune.report")),
-    ("passes, selection, measurement", ("fxprune.passes", "fxprune.selection", "fxprune.latency")),
+    ("passes, selection, measurement", ("fxprune.passes", "fxprune.selection", "fxprune.latency", "fxprune.results")),
     ("the pipeline", ("fxprune.pipeline",)),
     ("reaching a target", ("fxprune.targets",)),
     ("front doors", ("fxprune",)),

@@ -44,6 +44,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from ..core.fxutil import is_hf
 from ..core import dynamic
 from ..core import metakeys as keys
 from .. import pipeline
@@ -51,7 +52,6 @@ from ..api import prune
 from ..core.codegen import DirectGraphModule
 from ..pipeline import Inputs
 from ..errors import ArchiveError, ArgumentError, PlanError
-from ..passes.hfmodel import is_hf
 from ..core.graph import Plan
 from ..core.provenance import input_specs, inputs_from_specs, plan_fingerprint
 

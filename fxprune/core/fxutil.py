@@ -6,7 +6,8 @@
 * ``eval_mode``: every submodule in eval mode for a while, each flag restored afterwards;
 * ``is_get_attr``: whether a node argument reads a parameter or buffer of the graph module;
 * ``arg``: a call's argument given by position or by keyword;
-* ``module_stack``: the (qualified name, class) of each module a node's work is inside, outermost first.
+* ``module_stack``: the (qualified name, class) of each module a node's work is inside, outermost first;
+* ``is_hf``: whether a model is a Hugging Face ``PreTrainedModel`` (transformers is never imported here).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 import torch.fx
 from torch import nn
 
-__all__ = ["structural_copy", "copy_graph", "copy_modes", "graph_module", "eval_mode", "is_get_attr", "arg", "module_stack"]
+__all__ = ["structural_copy", "copy_graph", "copy_modes", "graph_module", "eval_mode", "is_get_attr", "arg", "module_stack", "is_hf"]
 
 
 def structural_copy(module: nn.Module, memo: dict[int, nn.Module] | None = None) -> nn.Module:
@@ -103,3 +104,8 @@ def module_stack(node: torch.fx.Node) -> list[tuple[str, Any]]:
     """(qualified name, class or its dotted name) of each module whose forward ``node`` ran inside,
     outermost first, as tracing and torch.export record them; empty when none is recorded."""
     return [tuple(entry) for entry in (node.meta.get("nn_module_stack") or {}).values()]  # type: ignore[misc]
+
+
+def is_hf(model: Any) -> bool:
+    """True for a ``transformers.PreTrainedModel`` (without importing transformers when it is not loaded)."""
+    return any(c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers.") for c in type(model).__mro__)

@@ -31,4 +31,4 @@ are pruned copies of it."""
 
 HF = "fxprune_hf"
 """``GraphModule.meta``: the Hugging Face model the graph was captured from; results are models of its class
-when a config can describe their widths (``passes/hfmodel.py``)."""
+when a config can describe their widths (``results/hfmodel.py``)."""

@@ -17,7 +17,7 @@ done to the graph or to module attributes afterwards can reach the user's model.
    transforms, anchors, box decoding and NMS run in Python on the data, so no tracer captures them
    whole. The graph records that one run, sizes and branches included, so it serves the analysis only;
    ``gm.meta["fxprune_tree"]`` keeps the module tree it ran, and the result of pruning is a pruned
-   copy of that tree (``passes/transplant.py``). Python branches that the example inputs do not take
+   copy of that tree (``results/transplant.py``). Python branches that the example inputs do not take
    are not seen: the verification checks the result on the example inputs only, and a module with
    parameters that the run never used (in a branch not taken) is an error, since it may read channels
    that pruning removes.
@@ -44,9 +44,8 @@ from torch import nn
 from ..core import dynamic
 from ..core import metakeys as keys
 from ..errors import TraceError
-from ..core.fxutil import eval_mode, structural_copy
+from ..core.fxutil import eval_mode, is_hf, structural_copy
 from ..core.traceable import expand, library_functions
-from .hfmodel import is_hf
 
 log = logging.getLogger("fxprune")
 
@@ -308,7 +307,7 @@ def capture(model: nn.Module | torch.export.ExportedProgram, example_inputs: Seq
             ep, dims = dynamic.export(root, example_inputs, arithmetic=False)
             gm = _exported(ep, f"torch.export ({reason}); {dims}")
         if is_hf(model):
-            gm.meta[keys.HF] = model  # read only: results are built anew (passes/hfmodel.py)
+            gm.meta[keys.HF] = model  # read only: results are built anew (results/hfmodel.py)
         return gm
     except Exception as exc:
         export_error = exc

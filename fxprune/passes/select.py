@@ -29,7 +29,7 @@ while more than 0.5% of the budget is unused, each group in turn may get one mor
 or a multiple's worth). The result never exceeds the target. With ``equal_widths`` (per_group mode
 only), the groups that repeat from layer to layer get atoms back together, so they keep equal widths.
 
-``ties`` (a Hugging Face model's config, passes/hfconfig.py) are sets of groups whose widths only move
+``ties`` (a Hugging Face model's config, results/hfconfig.py) are sets of groups whose widths only move
 together: a tie of D steps (D divides every group's width) keeps s/D of every group's atoms, s from 1 to
 D, so the proportions between them hold; its widest group's count (by the schedule and the WidthRule)
 decides s. A tie of one step keeps all its atoms.

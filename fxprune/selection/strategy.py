@@ -14,10 +14,10 @@ from typing import Any, Literal
 
 import torch
 
+from ..core.fxutil import is_hf
 from ..errors import ArgumentError
 from ..core.graph import DependencyGraph
 from ..core.widths import WidthRule
-from ..passes.hfmodel import is_hf
 from ..passes.select import MODES, CostModel
 from .protocol import Selector
 from .selectors import SELECTORS, data_driven, get_selector, selector_name

@@ -1,7 +1,7 @@
 """hfmodel: a pruned graph of a Hugging Face model -> a pruned model of the same class, whose config tells the truth.
 
 The config's widths (one number per model, or one per stage) are solved from the pruned weights
-(passes/hfconfig.py), and selection keeps the widths that one config ties together in proportion, so
+(results/hfconfig.py), and selection keeps the widths that one config ties together in proportion, so
 that one exists. The model is then built from that config and takes the pruned tensors by name, strictly:
 every shape matching is the proof that the config is true, so ``generate()``, ``save_pretrained`` and
 ``from_pretrained`` work as for any model of the class. Layers pruned to different widths
@@ -12,7 +12,6 @@ pruned GraphModule, and its report says why.
 from __future__ import annotations
 
 import copy
-from typing import Any
 
 import torch
 import torch.fx
@@ -20,12 +19,7 @@ from torch import nn
 
 from .hfconfig import probe, truthful_config
 
-__all__ = ["is_hf", "hf_model"]
-
-
-def is_hf(model: Any) -> bool:
-    """True for a ``transformers.PreTrainedModel`` (without importing transformers when it is not loaded)."""
-    return any(c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers.") for c in type(model).__mro__)
+__all__ = ["hf_model"]
 
 
 def _by_every_name(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

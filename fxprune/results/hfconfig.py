@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..core.graph import DependencyGraph
-from .select import Tie
+from ..passes.select import Tie
 
 __all__ = ["WIDTH_FIELDS", "Probe", "probe", "config_ties", "truthful_config"]
 
