@@ -47,9 +47,9 @@ def qwen2() -> torch.nn.Module:
     return T.Qwen2ForCausalLM(T.Qwen2Config(**TEXT, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
 
 
-def segformer() -> torch.nn.Module:
+def segformer(heads: tuple[int, int] = (1, 2)) -> torch.nn.Module:
     return T.SegformerForSemanticSegmentation(T.SegformerConfig(
-        num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[16, 32], num_attention_heads=[1, 2], decoder_hidden_size=32,
+        num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[16, 32], num_attention_heads=list(heads), decoder_hidden_size=32,
         num_labels=3, strides=[4, 2], patch_sizes=[7, 3], mlp_ratios=[2, 2]))
 
 

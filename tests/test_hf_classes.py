@@ -16,34 +16,15 @@ from fxprune.passes.rewrite import rewrite
 
 T = pytest.importorskip("transformers")
 
-IDS = torch.randint(0, 100, (1, 8), generator=torch.Generator().manual_seed(0))
-IMAGE = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+import test_hf  # noqa: E402 - after the skip: it builds transformers' classes
+from test_hf import IDS, IMAGE, bert, convnextv2, gpt2, swin  # noqa: E402
+
 TOL = {"rtol": 1e-4, "atol": 1e-4}
-
-
-def gpt2() -> torch.nn.Module:
-    return T.GPT2LMHeadModel(T.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=100, n_positions=64, bos_token_id=0, eos_token_id=0))
-
-
-def bert() -> torch.nn.Module:
-    return T.BertForSequenceClassification(T.BertConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, vocab_size=100,
-                                                        num_attention_heads=4, num_labels=3))
 
 
 def segformer() -> torch.nn.Module:
     """Two heads in the first stage: a stage of one head keeps its width (the head size is hidden / heads)."""
-    return T.SegformerForSemanticSegmentation(T.SegformerConfig(
-        num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[16, 32], num_attention_heads=[2, 4], decoder_hidden_size=32,
-        num_labels=3, strides=[4, 2], patch_sizes=[7, 3], mlp_ratios=[2, 2]))
-
-
-def swin() -> torch.nn.Module:
-    return T.SwinForImageClassification(T.SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=4,
-                                                     num_labels=3))
-
-
-def convnextv2() -> torch.nn.Module:
-    return T.ConvNextV2ForImageClassification(T.ConvNextV2Config(num_stages=2, hidden_sizes=[16, 32], depths=[1, 1], num_labels=3))
+    return test_hf.segformer(heads=(2, 4))
 
 
 def _logits(out: object) -> torch.Tensor:
@@ -84,9 +65,7 @@ def test_layers_pruned_to_different_widths_say_so_and_a_report_has_no_tracing_no
 
 def test_a_target_beyond_the_configs_widths_gives_a_graph_with_that_reason() -> None:
     """One head in SegFormer's first stage: its widths stay, and ratio=0.5 needs them pruned."""
-    model = T.SegformerForSemanticSegmentation(T.SegformerConfig(
-        num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[16, 32], num_attention_heads=[1, 2], decoder_hidden_size=32,
-        num_labels=3, strides=[4, 2], patch_sizes=[7, 3], mlp_ratios=[2, 2])).eval()
+    model = test_hf.segformer(heads=(1, 2)).eval()
     pruned = fxprune.compile(model, example_inputs=IMAGE, ratio=0.5)
     assert isinstance(pruned, torch.fx.GraphModule)
     assert "config can describe" in pruned.meta["fxprune"]["huggingface"]["why"]
