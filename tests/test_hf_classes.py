@@ -69,3 +69,30 @@ def test_a_target_beyond_the_configs_widths_gives_a_graph_with_that_reason() -> 
     pruned = fxprune.compile(model, example_inputs=IMAGE, ratio=0.5)
     assert isinstance(pruned, torch.fx.GraphModule)
     assert "config can describe" in pruned.meta["fxprune"]["huggingface"]["why"]
+
+
+@pytest.mark.parametrize("make", [test_hf.llama, gpt2, bert], ids=lambda f: f.__name__)
+def test_a_pruned_language_model_takes_any_batch_length_and_padding(make) -> None:
+    """The result is its class: batch 3 at lengths 5 and 17 with an attention mask; a padded row's
+    outputs equal the row's alone (decoders padded on the left with their positions, BERT on the right)."""
+    model = make().eval()
+    pruned = fxprune.compile(model, example_inputs=IDS, ratio=0.5)
+    assert type(pruned) is type(model)
+    decoder = make is not bert
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for length in (5, 17):
+            ids = torch.randint(1, 100, (3, length), generator=gen)
+            mask = torch.ones(3, length, dtype=torch.long)
+            if decoder:
+                mask[0, :2] = 0
+                positions = (mask.cumsum(-1) - 1).clamp(min=0)
+                out = _logits(pruned(input_ids=ids, attention_mask=mask, position_ids=positions))
+                alone = _logits(pruned(input_ids=ids[:1, 2:]))
+                torch.testing.assert_close(out[0, -1], alone[0, -1], **TOL)
+            else:
+                mask[0, -2:] = 0
+                out = _logits(pruned(input_ids=ids, attention_mask=mask))
+                alone = _logits(pruned(input_ids=ids[:1, :-2]))
+                torch.testing.assert_close(out[0], alone[0], **TOL)
+            assert out.shape[0] == 3
