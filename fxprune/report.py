@@ -80,7 +80,7 @@ class Report:
     macs: tuple[int, int]
     other_flops: tuple[int, int]
     notes: list[str] = field(default_factory=list)
-    latency: dict[str, Any] | None = None  # what a latency target measured (reach.reach)
+    latency: dict[str, Any] | None = None  # what a latency target measured (targets/latency.py)
 
     @property
     def flops(self) -> tuple[int, int]:
