@@ -30,7 +30,7 @@ __all__ = ["compile", "analyze", "prune", "keep_only_classes", "report", "count_
 
 def analyze(model: Model, example_inputs: Inputs = None, *, ignore: Iterable[str] = ()) -> DependencyGraph:
     """Dependency groups of ``model``: which channels must be pruned together, which cannot and why."""
-    return pipeline.analyze(model, example_inputs, ignore).graph
+    return pipeline.analyze(model, example_inputs, ignore).deps
 
 
 def keep_only_classes(model: Model, keep_classes: Sequence[int], example_inputs: Inputs = None, *, verify: bool = True) -> torch.fx.GraphModule:

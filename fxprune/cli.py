@@ -224,10 +224,10 @@ def _cache(action: str) -> None:
 
 def _inspect(args: argparse.Namespace, model: nn.Module, x: torch.Tensor) -> None:
     a = pipeline.analyze(model, x)
-    print(a.graph)
+    print(a.deps)
     for fmt in ("dot", "svg", "png", "html"):
         if getattr(args, fmt):
-            log.info("wrote %s", draw.draw_groups(a.gm, a.graph, getattr(args, fmt), args.model))
+            log.info("wrote %s", draw.draw_groups(a.gm, a.deps, getattr(args, fmt), args.model))
 
 
 def _compile(args: argparse.Namespace, model: nn.Module, x: torch.Tensor, strategy: Strategy) -> None:
@@ -241,7 +241,7 @@ def _compile(args: argparse.Namespace, model: nn.Module, x: torch.Tensor, strate
     print(f"compiled in {time.perf_counter() - start:.2f} s, {verified}")
     if args.report_dir:
         a = pipeline.analyze(model, x, args.ignore, announce=False)  # the groups of the model as given, for the report's picture
-        drawing = picture.model_picture(a.gm, a.graph, rep, args.model)
+        drawing = picture.model_picture(a.gm, a.deps, rep, args.model)
         for path in draw.write_report_dir(rep, args.report_dir, drawing, args.model):
             log.info("wrote %s", path)
     if args.save:

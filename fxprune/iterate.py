@@ -157,8 +157,8 @@ def prune_iteratively(
         tapped = None
         if taps is not None:
             per_atom = taps.atom_scores()
-            tapped = {g.id: per_atom[g.atoms] for g in a.graph.prunable_groups}
-        scores = chooser.scores(a.graph, a.gm, seed + k, untapped=tapping, cost=a.flops, tapped=tapped)
+            tapped = {g.id: per_atom[g.atoms] for g in a.deps.prunable_groups}
+        scores = chooser.scores(a.deps, a.gm, seed + k, untapped=tapping, cost=a.flops, tapped=tapped)
         t1 = time.perf_counter()
         plan = pipeline.select_plan(a, chooser, start - k * (start - goal) / steps, scores)
         t2 = time.perf_counter()
@@ -168,7 +168,7 @@ def prune_iteratively(
         model = a.model
         model.meta = {**getattr(model, "meta", {}), keys.RECORD: pruned.meta[keys.RECORD]}
         t3 = time.perf_counter()
-        taps = chooser.selector.tap(a.graph, a.gm) if tapping and k < steps else None
+        taps = chooser.selector.tap(a.deps, a.gm) if tapping and k < steps else None
         finetune(model if taps is None else taps.module)
         t4 = time.perf_counter() - (taps.seconds if taps is not None else 0.0)
         metric = evaluate(model) if evaluate else None

@@ -85,7 +85,7 @@ class Analysis:
     """A captured, shape-annotated graph with its dependency groups and FLOP model."""
 
     gm: torch.fx.GraphModule
-    graph: DependencyGraph
+    deps: DependencyGraph
     flops: FlopModel
     inputs: tuple[Any, ...]
     beyond_config: str = ""
@@ -102,7 +102,7 @@ class Analysis:
         none for other models."""
         hf = self.gm.meta.get(keys.HF)
         p = probe(hf) if hf is not None else None
-        return [] if p is None else config_ties(p, self.graph)
+        return [] if p is None else config_ties(p, self.deps)
 
     @property
     def model(self) -> nn.Module:
@@ -188,12 +188,12 @@ def select_plan(a: Analysis, chooser: Chooser, target: float, scores: dict[int, 
     ``scores``; under torch.distributed, rank 0's plan, on every rank."""
     ties = a.ties if chooser.rule.equal_widths else []
     try:
-        plan = select(a.graph, cost or a.flops, target, scores, mode=chooser.mode, rule=chooser.rule, comparable=chooser.comparable, ties=ties)
+        plan = select(a.deps, cost or a.flops, target, scores, mode=chooser.mode, rule=chooser.rule, comparable=chooser.comparable, ties=ties)
         a.beyond_config = ""
     except TargetUnreachableError as exc:
         if not ties:
             raise
-        plan = select(a.graph, cost or a.flops, target, scores, mode=chooser.mode, rule=chooser.rule, comparable=chooser.comparable)
+        plan = select(a.deps, cost or a.flops, target, scores, mode=chooser.mode, rule=chooser.rule, comparable=chooser.comparable)
         a.beyond_config = (f"the widths that {type(a.gm.meta[keys.HF]).__name__}'s config can describe (in proportion, whole heads) "
                            f"do not reach the target ({str(exc).split(':')[0]}), so the plan prunes past them")
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -206,21 +206,21 @@ def select_plan(a: Analysis, chooser: Chooser, target: float, scores: dict[int, 
 def rewrite_verify_record(a: Analysis, plan: Plan, verify: bool, pruned: torch.fx.GraphModule | None = None) -> nn.Module:
     """Rewrite ``a`` as ``plan`` says (unless ``pruned`` is that rewrite already), verify the result
     (when asked) and record the report, plan and provenance in its ``meta``."""
-    pruned = rewrite(a.gm, a.graph, plan) if pruned is None else pruned
+    pruned = rewrite(a.gm, a.deps, plan) if pruned is None else pruned
     result = a.result(pruned)
-    removed = removed_mask(a.graph, plan)
+    removed = removed_mask(a.deps, plan)
     record = pruned.meta[keys.RECORD]
-    log.info("rewrote the graph: %d of %d channel atoms removed", int(removed.sum()), a.graph.num_atoms)
+    log.info("rewrote the graph: %d of %d channel atoms removed", int(removed.sum()), a.deps.num_atoms)
     if verify:
         if a.tree is None:
-            check = verify_pass(a.gm, pruned, a.graph, removed, a.inputs)  # a Hugging Face result was checked against it
+            check = verify_pass(a.gm, pruned, a.deps, removed, a.inputs)  # a Hugging Face result was checked against it
         else:
-            check = verify_tree(a.gm, result, a.graph, removed, a.inputs)
+            check = verify_tree(a.gm, result, a.deps, removed, a.inputs)
         record["verified"] = {"max_abs_error": check.max_abs_error, "tolerance": check.tolerance}
         log.info("verified: max error %.3g (tolerance %.3g)", check.max_abs_error, check.tolerance)
-    record["report"] = annotate(a.gm, pruned, a.graph, removed, a.flops).to_dict()
+    record["report"] = annotate(a.gm, pruned, a.deps, removed, a.flops).to_dict()
     record["plan"] = json.loads(plan.to_json())
-    record.update(provenance(a.graph, a.inputs))
+    record.update(provenance(a.deps, a.inputs))
     result.meta[keys.RECORD] = record
     return result
 
@@ -229,9 +229,9 @@ def apply_checked_plan(a: Analysis, plan: Plan | dict[int, Sequence[int]], verif
     """``rewrite_verify_record`` by an explicit plan (``prune``, ``apply_plan``), once each group's kept positions are checked."""
     plan = plan if isinstance(plan, Plan) else Plan({int(k): list(v) for k, v in plan.items()})
     for gid, keep in plan.keep.items():
-        if not 0 <= gid < len(a.graph.groups):
-            raise PlanError(f"plan names group {gid}, but the model has groups 0..{len(a.graph.groups) - 1}")
-        g = a.graph.groups[gid]
+        if not 0 <= gid < len(a.deps.groups):
+            raise PlanError(f"plan names group {gid}, but the model has groups 0..{len(a.deps.groups) - 1}")
+        g = a.deps.groups[gid]
         keep = list(keep)
         if g.frozen and len(keep) != g.width:
             raise PlanError(f"group {gid} is frozen ({g.frozen[0]}); it must keep all {g.width} channels")
@@ -243,7 +243,7 @@ def apply_checked_plan(a: Analysis, plan: Plan | dict[int, Sequence[int]], verif
 def restrict_classes(model: Model, given: Inputs, keep_classes: Sequence[int], verify: bool) -> tuple[torch.fx.GraphModule, tuple[Any, ...]]:
     """``model`` with only the outputs ``keep_classes``, and the example inputs it was checked on."""
     a = analyze(model, given, free_output=True)
-    pruned = rewrite_verify_record(a, class_plan(a.gm, a.graph, keep_classes), verify)
+    pruned = rewrite_verify_record(a, class_plan(a.gm, a.deps, keep_classes), verify)
     pruned.meta[keys.RECORD]["classes"] = [int(c) for c in keep_classes]
     return pruned, a.inputs
 

@@ -38,7 +38,7 @@ def main(out: Path) -> None:
             opt.step()
 
     a = analyze(net, x[:1])
-    own = fxprune.Taylor(data[:2], F.cross_entropy).scores(a.graph, a.gm)
+    own = fxprune.Taylor(data[:2], F.cross_entropy).scores(a.deps, a.gm)
     pruned, history = fxprune.prune_iteratively(
         net, ratio=0.5, steps=2, finetune=finetune, selector="taylor", calibration=data[:2], loss_fn=F.cross_entropy,
         example_inputs=x[:1], progress=False,

@@ -104,7 +104,7 @@ def test_a_pruned_decoder_is_its_class_with_a_true_config_generates_and_round_tr
     assert layer.mlp.up_proj.weight.shape == (c.intermediate_size, c.hidden_size)
     assert c.num_attention_heads % c.num_key_value_heads == 0 and model.config.num_attention_heads == 4  # the user's config is untouched
     assert (pruned.lm_head.weight is pruned.model.embed_tokens.weight) == bool(model.config.tie_word_embeddings)
-    out = pruned.generate(IDS, max_new_tokens=8, do_sample=False)
+    out = pruned.generate(IDS, max_new_tokens=8, min_new_tokens=8, do_sample=False)
     assert out.shape == (1, IDS.shape[1] + 8)
     pruned.save_pretrained(tmp_path)
     loaded = type(model).from_pretrained(tmp_path).eval()
@@ -119,9 +119,9 @@ CALIBRATION = [torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_
 def test_wanda_scores_every_head_and_channel_of_a_decoder_which_comes_back_as_its_class() -> None:
     model = llama().eval()
     a = pipeline.analyze(model, IDS)
-    scores = fxprune.SELECTORS["wanda"](CALIBRATION).scores(a.graph, a.gm)
-    assert set(scores) == {g.id for g in a.graph.prunable_groups}
-    assert all(scores[g.id].shape == (g.width,) for g in a.graph.prunable_groups)
+    scores = fxprune.SELECTORS["wanda"](CALIBRATION).scores(a.deps, a.gm)
+    assert set(scores) == {g.id for g in a.deps.prunable_groups}
+    assert all(scores[g.id].shape == (g.width,) for g in a.deps.prunable_groups)
     assert all(bool(torch.isfinite(v).all() and (v > 0).all()) for v in scores.values())  # every atom is read by some weight
     pruned = fxprune.compile(model, example_inputs=IDS, ratio=0.3, selector="wanda", calibration=CALIBRATION)
     assert type(pruned) is type(model) and pruned.config.intermediate_size < 128
@@ -196,7 +196,7 @@ def test_gradual_pruning_fine_tunes_the_decoder_as_its_class() -> None:
 
     pruned, _ = fxprune.prune_iteratively(llama().eval(), finetune=finetune, example_inputs=IDS, ratio=0.5, steps=2)
     assert classes == ["LlamaForCausalLM", "LlamaForCausalLM"] and type(pruned).__name__ == "LlamaForCausalLM"
-    assert pruned.generate(IDS, max_new_tokens=4).shape == (1, 12)
+    assert pruned.generate(IDS, max_new_tokens=4, min_new_tokens=4).shape == (1, 12)
     tuned, second = after[0], before[1]  # step 2 starts from step 1's fine-tuned weights (columns may go)
     assert not torch.equal(tuned, before[0]) and second.shape[1] <= tuned.shape[1]
     assert all(any(torch.equal(col, c) for c in tuned.T) for col in second.T)
@@ -212,4 +212,4 @@ def test_per_head_norms_over_head_dim_keep_heads_prunable() -> None:
     frozen = {r.split(" at node ")[0].split(" reads ")[-1] for g in graph.groups for r in g.frozen}
     assert frozen <= {"model input input_ids", "model output", "a table of parameters or buffers along positions that are not channels"}, frozen
     pruned = fxprune.compile(model, example_inputs=IDS, ratio=0.5)
-    assert type(pruned) is type(model) and pruned.generate(IDS, max_new_tokens=4).shape == (1, 12)
+    assert type(pruned) is type(model) and pruned.generate(IDS, max_new_tokens=4, min_new_tokens=4).shape == (1, 12)

@@ -40,7 +40,7 @@ def test_a_model_comes_back_as_its_class_matching_the_pruned_graph_and_round_tri
     before, after = fxprune.report(pruned).flops
     assert after <= 0.5 * before
     a = pipeline.analyze(model, x, announce=False)
-    graph = rewrite(a.gm, a.graph, Plan({int(k): v for k, v in pruned.meta["fxprune"]["plan"].items()}))
+    graph = rewrite(a.gm, a.deps, Plan({int(k): v for k, v in pruned.meta["fxprune"]["plan"].items()}))
     pruned.save_pretrained(tmp_path)
     loaded = type(model).from_pretrained(tmp_path).eval()
     with torch.no_grad():
@@ -53,7 +53,7 @@ def test_a_pruned_gpt2_keeps_its_head_size_and_generates() -> None:
     pruned = fxprune.compile(gpt2().eval(), example_inputs=IDS, ratio=0.5)
     c = pruned.config
     assert c.n_embd // c.n_head == 16 and c.n_head < 4
-    assert pruned.generate(IDS, max_new_tokens=6, do_sample=False).shape == (1, IDS.shape[1] + 6)
+    assert pruned.generate(IDS, max_new_tokens=6, min_new_tokens=6, do_sample=False).shape == (1, IDS.shape[1] + 6)
 
 
 def test_layers_pruned_to_different_widths_say_so_and_a_report_has_no_tracing_noise() -> None:

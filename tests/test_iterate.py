@@ -282,7 +282,7 @@ def test_bn_taylor_tap_is_the_mean_gamma_times_gradient():
     a = pipeline.analyze(trained_net(), EXAMPLE)
     weights = ["stem.1.weight", "res.1.weight", "res.4.weight"]
     gm = a.gm.train()
-    tapped = normgrad.GradTap(a.graph, gm, weights)
+    tapped = normgrad.GradTap(a.deps, gm, weights)
     expected = {w: torch.zeros(gm.get_parameter(w).numel(), dtype=torch.float64) for w in weights}
     for xb, yb in TRAIN[:3]:
         gm.zero_grad()
@@ -290,7 +290,7 @@ def test_bn_taylor_tap_is_the_mean_gamma_times_gradient():
         for w in weights:
             p = gm.get_parameter(w)
             expected[w] += (p.detach() * p.grad).abs().double() / 3
-    torch.testing.assert_close(tapped.atom_scores(), normgrad.atom_sums(a.graph, expected))
+    torch.testing.assert_close(tapped.atom_scores(), normgrad.atom_sums(a.deps, expected))
     assert tapped.seconds >= 0 and all(not gm.get_parameter(w)._post_accumulate_grad_hooks for w in weights)
 
 

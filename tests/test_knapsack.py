@@ -37,33 +37,33 @@ class PerChannelMs:
 def two_group_analysis() -> tuple[pipeline.Analysis, int, int]:
     """two_groups() analyzed, and the ids of its groups A (conv0's outputs) and B (conv2's outputs)."""
     a = pipeline.analyze(two_groups(), X16)
-    first = {g.members[0].name.split(".")[0]: g.id for g in a.graph.prunable_groups}
+    first = {g.members[0].name.split(".")[0]: g.id for g in a.deps.prunable_groups}
     return a, first["0"], first["2"]
 
 
 def test_the_same_milliseconds_keep_the_more_important_channel() -> None:
     a, ga, gb = two_group_analysis()
-    cost = PerChannelMs(a.graph, {ga: 1.0, gb: 1.0})
+    cost = PerChannelMs(a.deps, {ga: 1.0, gb: 1.0})
     # after each group's normalization, A's first 15 channels weigh 1/sqrt(24) and B's all 1/sqrt(16)
     importance = {ga: torch.tensor([1.0] * 15 + [3.0]), gb: torch.ones(16)}
-    scores = Knapsack().rank(a.graph, a.gm, importance, cost=cost)
+    scores = Knapsack().rank(a.deps, a.gm, importance, cost=cost)
     assert float(scores[ga][:12].max()) < float(scores[gb].min())  # A's ones go first, down to a quarter of A
-    plan = select(a.graph, cost, cost.cost(torch.zeros(a.graph.num_atoms, dtype=torch.bool)) - 4, scores, mode="global", comparable=True)
+    plan = select(a.deps, cost, cost.cost(torch.zeros(a.deps.num_atoms, dtype=torch.bool)) - 4, scores, mode="global", comparable=True)
     assert len(plan.keep[ga]) == 12 and gb not in plan.keep and 15 in plan.keep[ga]
 
 
 def test_the_same_importance_keeps_the_cheaper_channel() -> None:
     a, ga, gb = two_group_analysis()
-    cost = PerChannelMs(a.graph, {ga: 2.0, gb: 1.0})
-    scores = Knapsack().rank(a.graph, a.gm, {ga: torch.ones(16), gb: torch.ones(16)}, cost=cost)
+    cost = PerChannelMs(a.deps, {ga: 2.0, gb: 1.0})
+    scores = Knapsack().rank(a.deps, a.gm, {ga: torch.ones(16), gb: torch.ones(16)}, cost=cost)
     assert float(scores[ga].min()) < float(scores[gb].min())
-    plan = select(a.graph, cost, cost.cost(torch.zeros(a.graph.num_atoms, dtype=torch.bool)) - 4, scores, mode="global", comparable=True)
+    plan = select(a.deps, cost, cost.cost(torch.zeros(a.deps.num_atoms, dtype=torch.bool)) - 4, scores, mode="global", comparable=True)
     assert len(plan.keep[ga]) == 14 and gb not in plan.keep  # two of A's 2 ms channels, not four of B's 1 ms ones
 
 
 def test_without_a_cost_model_a_mac_is_the_cost() -> None:
     a, ga, gb = two_group_analysis()  # A costs 23296 MACs a channel, B 5120
-    scores = Knapsack().rank(a.graph, a.gm, {ga: torch.ones(16), gb: torch.ones(16)})
+    scores = Knapsack().rank(a.deps, a.gm, {ga: torch.ones(16), gb: torch.ones(16)})
     assert float(scores[ga].min()) < float(scores[gb].min())
 
 
@@ -112,8 +112,8 @@ def test_knapsack_bn_taylor_reads_calibration_and_coarse_ranking_takes_its_taps(
 def test_the_width_rule_sets_the_step() -> None:
     """At round_to=8 every greedy step of a 16-wide group is 8 channels: removals come in blocks of 8."""
     a, ga, gb = two_group_analysis()
-    cost = PerChannelMs(a.graph, {ga: 1.0, gb: 1.0})
-    scores = Knapsack().rank(a.graph, a.gm, {ga: torch.ones(16), gb: torch.ones(16)}, rule=WidthRule(round_to=8), cost=cost)
+    cost = PerChannelMs(a.deps, {ga: 1.0, gb: 1.0})
+    scores = Knapsack().rank(a.deps, a.gm, {ga: torch.ones(16), gb: torch.ones(16)}, rule=WidthRule(round_to=8), cost=cost)
     first = torch.sort(scores[ga]).values
     assert int(first[:8].floor().unique().numel()) == 1  # the first 8 of A went in one round
 

@@ -109,9 +109,9 @@ def test_latency_target_arguments_are_checked(kwargs: dict) -> None:
 def test_latency_model_answers_like_the_flop_model(fake_clock: FlopClock) -> None:
     """With times proportional to FLOPs, estimated milliseconds of a removal track its MACs."""
     a = pipeline.analyze(Net().eval(), X)
-    model = costmodel.LatencyModel(a.graph, a.flops, a.gm, None, Setting.of(a.gm, a.inputs), TimingCache(), 1)
-    none = torch.zeros(a.graph.num_atoms, dtype=torch.bool)
-    for g in a.graph.prunable_groups:
+    model = costmodel.LatencyModel(a.deps, a.flops, a.gm, None, Setting.of(a.gm, a.inputs), TimingCache(), 1)
+    none = torch.zeros(a.deps.num_atoms, dtype=torch.bool)
+    for g in a.deps.prunable_groups:
         half = none.clone()
         half[g.atoms[g.width // 2:]] = True
         saved_ms = model.cost(none) - model.cost(half)
@@ -154,7 +154,7 @@ def test_round_to_auto_on_this_machines_clock() -> None:
     """On the real clock, whatever this machine's steps: the measured multiple is one "auto" offers, and
     a FLOPs target is reached at multiples of 8."""
     a = pipeline.analyze(Net().eval(), X)
-    assert multiple.fast_multiple(a.gm, a.graph, Setting.of(a.gm, a.inputs), TimingCache()) in multiple.MULTIPLES
+    assert multiple.fast_multiple(a.gm, a.deps, Setting.of(a.gm, a.inputs), TimingCache()) in multiple.MULTIPLES
     pruned = fxprune.compile(Net().eval(), ratio=0.5, example_inputs=X)
     flops = fxprune.report(pruned).flops
     assert 0.47 <= 1 - flops[1] / flops[0] and flops[1] <= flops[0] / 2
@@ -166,7 +166,7 @@ def test_round_to_auto_wants_the_fast_steps_even_a_few_percent_off(monkeypatch: 
     model, so "auto" takes 8 (within 2% of the best), not the finest multiple within 5%."""
     monkeypatch.setattr(costmodel.Layer, "time", lambda self, kept, setting, cache: 1.0 if kept[-1] % 8 == 0 else 1.05)
     a = pipeline.analyze(Net().eval(), X)
-    assert multiple.fast_multiple(a.gm, a.graph, Setting.of(a.gm, a.inputs), TimingCache()) == 8
+    assert multiple.fast_multiple(a.gm, a.deps, Setting.of(a.gm, a.inputs), TimingCache()) == 8
 
 
 def test_round_to_auto_narrows_a_pruned_input_with_the_output(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -179,7 +179,7 @@ def test_round_to_auto_narrows_a_pruned_input_with_the_output(monkeypatch: pytes
 
     monkeypatch.setattr(costmodel.Layer, "time", time)
     a = pipeline.analyze(Net().eval(), X)
-    multiple.fast_multiple(a.gm, a.graph, Setting.of(a.gm, a.inputs), TimingCache())
+    multiple.fast_multiple(a.gm, a.deps, Setting.of(a.gm, a.inputs), TimingCache())
     assert {sizes for sizes, _ in timed} == {(64, 96), (96, 64)}  # b and c, the costliest; their inputs are pruned
     assert all(kept[0] == round(sizes[0] * kept[1] / sizes[1]) for sizes, kept in timed)
 
@@ -197,7 +197,7 @@ def test_round_to_auto_does_not_time_a_dilated_conv(monkeypatch: pytest.MonkeyPa
     model = Net().eval()
     model.b = nn.Conv2d(64, 96, 3, padding=2, dilation=2)
     a = pipeline.analyze(model, X)
-    multiple.fast_multiple(a.gm, a.graph, Setting.of(a.gm, a.inputs), TimingCache())
+    multiple.fast_multiple(a.gm, a.deps, Setting.of(a.gm, a.inputs), TimingCache())
     assert set(timed) == {(96, 64), (3, 64)}  # c and a: b, the costliest, is dilated
 
 

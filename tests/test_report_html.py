@@ -78,8 +78,8 @@ def test_remote_references_are_found() -> None:
 def test_picture_boxes_never_overlap_and_follow_the_data(name: str) -> None:
     model = getattr(torchvision.models, name)(weights=None).eval()
     a = pipeline.analyze(model, torch.randn(1, 3, 64, 64))
-    blocks = dataflow.blocks(a.gm, a.graph)
-    pic = picture.picture(blocks, a.graph)
+    blocks = dataflow.blocks(a.gm, a.deps)
+    pic = picture.picture(blocks, a.deps)
     for i, s in enumerate(pic.shapes):
         assert 0 <= s.x and s.x + s.w <= pic.width and 0 <= s.y and s.y + s.h <= pic.height
         for t in pic.shapes[i + 1:]:
@@ -91,7 +91,7 @@ def test_picture_boxes_never_overlap_and_follow_the_data(name: str) -> None:
                 assert layers[blocks[p].name].y < layers[b.name].y
     frozen = [s for s in pic.shapes if s.hatched]
     assert frozen and all(s.fill == picture.FROZEN[0] for s in frozen)
-    coloured = [s for s in pic.shapes if s.group is not None and not a.graph.groups[s.group].frozen]
+    coloured = [s for s in pic.shapes if s.group is not None and not a.deps.groups[s.group].frozen]
     assert coloured and all(s.fill != picture.FROZEN[0] for s in coloured)
     fills = {}
     for s in coloured:  # one colour per group: the legend chip and every box of the group agree

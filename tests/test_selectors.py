@@ -277,8 +277,8 @@ def test_wanda_scores_are_the_reading_weights_times_their_input_rms() -> None:
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
     data = [torch.randn(5, 6, generator=torch.Generator().manual_seed(i)) for i in range(3)]
     a = pipeline.analyze(model, data[0][:1])
-    (group,) = a.graph.prunable_groups
-    scores = fxprune.SELECTORS["wanda"](data).scores(a.graph, a.gm)[group.id]
+    (group,) = a.deps.prunable_groups
+    scores = fxprune.SELECTORS["wanda"](data).scores(a.deps, a.gm)[group.id]
     with torch.no_grad():
         rms = torch.cat([model[1](model[0](x)) for x in data]).double().square().mean(0).sqrt()
     expected = model[2].weight.detach().double().abs().sum(0) * rms
@@ -291,8 +291,8 @@ def test_wanda_reads_every_group_of_a_grouped_conv_weight() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1, groups=2)).eval()
     a = pipeline.analyze(model, X)
-    (group,) = a.graph.prunable_groups
-    scores = fxprune.SELECTORS["wanda"](CAL).scores(a.graph, a.gm)[group.id]
+    (group,) = a.deps.prunable_groups
+    scores = fxprune.SELECTORS["wanda"](CAL).scores(a.deps, a.gm)[group.id]
     with torch.no_grad():
         rms = torch.cat([model[0](x) for x in CAL]).double().square().mean((0, 2, 3)).sqrt()
     w = model[1].weight.detach().double().abs()  # (4, 4, 1, 1): outputs 0-1 read inputs 0-3, outputs 2-3 read 4-7

@@ -387,7 +387,7 @@ def _from_record(model: nn.Module, record: dict[str, Any], example_inputs: Input
     """``prune`` by a saved record's plan, once ``model``'s fingerprint matches the record's."""
     a = pipeline.analyze(model, inputs_from_specs(record["inputs"]) if example_inputs is None else example_inputs)
     fingerprint = record.get("fingerprint")
-    mismatch = None if fingerprint is None else _fingerprint_mismatch(fingerprint, plan_fingerprint(a.graph))
+    mismatch = None if fingerprint is None else _fingerprint_mismatch(fingerprint, plan_fingerprint(a.deps))
     if mismatch:
         raise PlanError(f"the plan from {source} was made for another architecture than {type(model).__name__}: "
                         f"{mismatch}; apply it to a model built like the one it came from")

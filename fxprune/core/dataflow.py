@@ -81,9 +81,9 @@ def layers(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, tuple[str, str]]:
     return found
 
 
-def channel_count(node: torch.fx.Node, graph: DependencyGraph) -> int | None:
+def channel_count(node: torch.fx.Node, deps: DependencyGraph) -> int | None:
     """Channels of ``node``'s output along the dim the coupling pass tracks (None when it tracks none)."""
-    entry = graph.tensor_atoms.get(node.name)
+    entry = deps.tensor_atoms.get(node.name)
     if entry is not None:
         return int(entry[1].numel())
     meta = node.meta.get(keys.TENSOR_META)
@@ -105,20 +105,20 @@ class Block:
     preds: tuple[int, ...]  # indices of the blocks that feed it, through any number of other ops
 
 
-def _groups(node: torch.fx.Node, graph: DependencyGraph) -> tuple[int, ...]:
+def _groups(node: torch.fx.Node, deps: DependencyGraph) -> tuple[int, ...]:
     """Groups of ``node``'s output channels, the most channels first; a model input's from its frozen reason."""
-    entry = graph.tensor_atoms.get(node.name)
+    entry = deps.tensor_atoms.get(node.name)
     if entry is None:
         mark = f"model input {node.name}"  # an input is one frozen label, so it has no tensor atoms
-        return tuple(g.id for g in graph.groups if mark in g.frozen) if node.op == "placeholder" else ()
+        return tuple(g.id for g in deps.groups if mark in g.frozen) if node.op == "placeholder" else ()
     atoms = entry[1][entry[1] >= 0]
     if not atoms.numel():
         return ()
-    ids, counts = torch.unique(graph.atom_group[atoms], return_counts=True)
+    ids, counts = torch.unique(deps.atom_group[atoms], return_counts=True)
     return tuple(int(ids[i]) for i in torch.argsort(counts, descending=True, stable=True))
 
 
-def blocks(gm: torch.fx.GraphModule, graph: DependencyGraph) -> list[Block]:
+def blocks(gm: torch.fx.GraphModule, deps: DependencyGraph) -> list[Block]:
     """The inputs, layers and joins of ``gm`` in topological order, each with the blocks that feed it."""
     named = layers(gm)
     out: list[Block] = []
@@ -136,5 +136,5 @@ def blocks(gm: torch.fx.GraphModule, graph: DependencyGraph) -> list[Block]:
             reach[node] = preds
             continue
         reach[node] = frozenset({len(out)})
-        out.append(Block(name, kind, op, channel_count(node, graph), _groups(node, graph), tuple(sorted(preds))))
+        out.append(Block(name, kind, op, channel_count(node, deps), _groups(node, deps), tuple(sorted(preds))))
     return out

@@ -58,10 +58,10 @@ def total_macs(gm: torch.fx.GraphModule) -> int:
 class FlopModel:
     """MACs as a function of the removed-atom mask, vectorized for the target search."""
 
-    def __init__(self, graph: DependencyGraph, total: int) -> None:
-        self.graph = graph
+    def __init__(self, deps: DependencyGraph, total: int) -> None:
+        self.deps = deps
         self.total = total
-        self.terms = graph.flop_terms
+        self.terms = deps.flop_terms
         self.constant = total - sum(t.macs for t in self.terms)
         factors = [(i, f) for i, t in enumerate(self.terms) for f in t.factors]
         self.sizes = torch.tensor([f.numel() for _, f in factors], dtype=torch.float64)
@@ -71,7 +71,7 @@ class FlopModel:
         rows = torch.cat([torch.full((f.numel(),), k) for k, (_, f) in enumerate(factors)]) if factors else torch.empty(0, dtype=torch.long)
         cols = torch.cat([f for _, f in factors]) if factors else torch.empty(0, dtype=torch.long)
         keep = cols != NEVER_REMOVED
-        width = max(graph.num_atoms, 1)
+        width = max(deps.num_atoms, 1)
         key, counts = torch.unique(rows[keep] * width + cols[keep], return_counts=True)
         self.rows, self.cols, self.counts = key // width, key % width, counts.to(torch.float64)
 
@@ -101,8 +101,8 @@ class FlopModel:
         Only the terms an atom appears in change: each loses ``1 - prod_f (1 - count_f / size_f)`` of
         its MACs over the factors ``f`` that hold the atom.
         """
-        width = max(self.graph.num_atoms, 1)
-        saved = torch.zeros(self.graph.num_atoms, dtype=torch.float64)
+        width = max(self.deps.num_atoms, 1)
+        saved = torch.zeros(self.deps.num_atoms, dtype=torch.float64)
         if not self.terms:
             return saved
         key, inverse = torch.unique(self.term_of[self.rows] * width + self.cols, return_inverse=True)

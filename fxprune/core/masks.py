@@ -9,11 +9,11 @@ from .graph import NEVER_REMOVED, DependencyGraph, Plan
 __all__ = ["removed_mask", "kept_mask"]
 
 
-def removed_mask(graph: DependencyGraph, plan: Plan) -> torch.Tensor:
+def removed_mask(deps: DependencyGraph, plan: Plan) -> torch.Tensor:
     """Boolean mask over atoms: True where the plan drops the atom."""
-    removed = torch.zeros(graph.num_atoms, dtype=torch.bool)
+    removed = torch.zeros(deps.num_atoms, dtype=torch.bool)
     for gid, keep in plan.keep.items():
-        atoms = graph.groups[gid].atoms
+        atoms = deps.groups[gid].atoms
         drop = torch.ones(atoms.numel(), dtype=torch.bool)
         drop[list(keep)] = False
         removed[atoms[drop]] = True

@@ -16,13 +16,13 @@ from .graph import DependencyGraph
 __all__ = ["plan_fingerprint", "input_specs", "inputs_from_specs", "provenance"]
 
 
-def plan_fingerprint(graph: DependencyGraph) -> list[dict[str, Any]]:
+def plan_fingerprint(deps: DependencyGraph) -> list[dict[str, Any]]:
     """Per group, in id order: its width and sorted member names (``"conv.weight[0]"``).
 
     Group ids and positions mean the same thing in two models exactly when this matches, so a plan
     saved with it can be refused, rather than misapplied, on another architecture.
     """
-    return [{"width": g.width, "members": sorted(str(m) for m in g.members)} for g in graph.groups]
+    return [{"width": g.width, "members": sorted(str(m) for m in g.members)} for g in deps.groups]
 
 
 def _spec(x: Any) -> dict[str, Any] | None:
@@ -58,11 +58,11 @@ def inputs_from_specs(specs: Sequence[dict[str, Any]], seed: int = 0) -> tuple[A
     return tuple(build(spec) for spec in specs)
 
 
-def provenance(graph: DependencyGraph, inputs: Sequence[Any]) -> dict[str, Any]:
-    """The fields ``gm.meta["fxprune"]`` gains at compile time: the graph's fingerprint and, when every
+def provenance(deps: DependencyGraph, inputs: Sequence[Any]) -> dict[str, Any]:
+    """The fields ``gm.meta["fxprune"]`` gains at compile time: the dependency groups' fingerprint and, when every
     example input is a tensor or a list of tensors, their specs (which ``save`` then needs no
     ``example_inputs=`` for)."""
-    record: dict[str, Any] = {"fingerprint": plan_fingerprint(graph)}
+    record: dict[str, Any] = {"fingerprint": plan_fingerprint(deps)}
     specs = [_spec(x) for x in inputs]
     if None not in specs:
         record["inputs"] = specs

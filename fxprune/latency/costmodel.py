@@ -168,12 +168,12 @@ def _spec(node: torch.fx.Node, gm: torch.fx.GraphModule, modules: dict[str, nn.M
                          "dilation": per_dim(arg(args, kwargs, 5, "dilation"), 1), "padding_mode": "zeros", "bias": bias}
 
 
-def measurable_layers(gm: torch.fx.GraphModule, graph: DependencyGraph) -> dict[int, Layer]:
+def measurable_layers(gm: torch.fx.GraphModule, deps: DependencyGraph) -> dict[int, Layer]:
     """Index of each FlopTerm that ``Layer`` can rebuild, and its recipe."""
     nodes = {n.name: n for n in gm.graph.nodes}
     modules = dict(gm.named_modules())
     found = {}
-    for i, term in enumerate(graph.flop_terms):
+    for i, term in enumerate(deps.flop_terms):
         node = nodes.get(term.node)
         spec = _spec(node, gm, modules) if node is not None else None
         layer = Layer.of(node, spec, term) if spec is not None else None
@@ -182,11 +182,11 @@ def measurable_layers(gm: torch.fx.GraphModule, graph: DependencyGraph) -> dict[
     return found
 
 
-def removable_atoms(graph: DependencyGraph) -> torch.Tensor:
+def removable_atoms(deps: DependencyGraph) -> torch.Tensor:
     """Whether some plan may remove each atom (those of prunable groups), indexable by a FlopTerm factor:
     its last entry, at ``NEVER_REMOVED``, is False."""
-    out = torch.zeros(graph.num_atoms + 1, dtype=torch.bool)
-    for g in graph.prunable_groups:
+    out = torch.zeros(deps.num_atoms + 1, dtype=torch.bool)
+    for g in deps.prunable_groups:
         out[g.atoms] = True
     return out
 
@@ -201,10 +201,10 @@ class Traffic:
 
     FAMILIES = (Family.ELEMENTWISE, Family.CHANNELWISE, Family.NORM, Family.REDUCTION)
 
-    def __init__(self, gm: torch.fx.GraphModule, graph: DependencyGraph) -> None:
+    def __init__(self, gm: torch.fx.GraphModule, deps: DependencyGraph) -> None:
         uses: dict[str, int] = {}
         for n in gm.graph.nodes:
-            if graph.families.get(n.name) in self.FAMILIES or (n.op == "call_function" and canonical(n.target) is torch.cat):
+            if deps.families.get(n.name) in self.FAMILIES or (n.op == "call_function" and canonical(n.target) is torch.cat):
                 for t in (n, *n.all_input_nodes):
                     if isinstance(t.meta.get(keys.TENSOR_META), TensorMetadata):
                         uses[t.name] = uses.get(t.name, 0) + 1
@@ -213,7 +213,7 @@ class Traffic:
         shapes = {n.name: n.meta[keys.TENSOR_META].shape for n in gm.graph.nodes if n.name in uses}
         for name, count in uses.items():
             elements = math.prod(shapes[name]) * count
-            atoms = graph.tensor_atoms.get(name, (0, torch.empty(0, dtype=torch.long)))[1]
+            atoms = deps.tensor_atoms.get(name, (0, torch.empty(0, dtype=torch.long)))[1]
             atoms = atoms[atoms != NEVER_REMOVED]
             if atoms.numel() == 0:
                 self.constant += elements
@@ -221,7 +221,7 @@ class Traffic:
             rows.append(torch.full((atoms.numel(),), len(weights)))
             cols.append(atoms)
             weights.append(float(elements))
-            sizes.append(float(graph.tensor_atoms[name][1].numel()))
+            sizes.append(float(deps.tensor_atoms[name][1].numel()))
         self.weights = torch.tensor(weights, dtype=torch.float64)
         self.sizes = torch.tensor(sizes, dtype=torch.float64)
         self.rows = torch.cat(rows) if rows else torch.empty(0, dtype=torch.long)
@@ -260,7 +260,7 @@ def _interpolate(grid: list[list[int]], values: torch.Tensor, kept: list[float])
     return float(v)
 
 
-def _announce(graph: DependencyGraph, layers: dict[int, Layer], grids: dict[int, tuple[list[list[int]], list[list[int]]]],
+def _announce(deps: DependencyGraph, layers: dict[int, Layer], grids: dict[int, tuple[list[list[int]], list[list[int]]]],
               total_ms: float | None, setting: Setting, cache: TimingCache) -> float:
     """Log how many layer timings the cache lacks and about how long they take (each about 12 calls of
     at least 1 ms; a layer at full width about its share of the model's MACs of ``total_ms``); the seconds."""
@@ -268,8 +268,8 @@ def _announce(graph: DependencyGraph, layers: dict[int, Layer], grids: dict[int,
             if not cache.has(setting, layers[i].key(tuple(a[j] for a, j in zip(axes, index))))]
     if not todo:
         return 0.0
-    macs = sum(graph.flop_terms[i].macs for i in layers) or 1
-    ms = sum(12 * max(1.0, (total_ms or 0.0) * graph.flop_terms[i].macs / macs * math.prod(k / n for k, n in zip(kept, layers[i].sizes)))
+    macs = sum(deps.flop_terms[i].macs for i in layers) or 1
+    ms = sum(12 * max(1.0, (total_ms or 0.0) * deps.flop_terms[i].macs / macs * math.prod(k / n for k, n in zip(kept, layers[i].sizes)))
              for i, kept in todo)
     log.info("timing %d layer widths of %d layers alone for the latency model (about %.0f s; kept for next time)",
              len(todo), len({i for i, _ in todo}), ms / 1e3)
@@ -279,7 +279,7 @@ def _announce(graph: DependencyGraph, layers: dict[int, Layer], grids: dict[int,
 class LatencyModel:
     """Milliseconds of the model as a function of the removed-atom mask (see the module docstring)."""
 
-    def __init__(self, graph: DependencyGraph, flops: FlopModel, gm: torch.fx.GraphModule, total_ms: float | None,
+    def __init__(self, deps: DependencyGraph, flops: FlopModel, gm: torch.fx.GraphModule, total_ms: float | None,
                  setting: Setting, cache: TimingCache, multiple: int, overdue: Callable[[], None] | None = None) -> None:
         """``total_ms``: the whole model's measured milliseconds, which fix the part pruning does not
         change; None leaves it out (the layers alone, enough to compare removals). ``overdue`` is called
@@ -287,14 +287,14 @@ class LatencyModel:
         have taken the cores: it may raise)."""
         self.flops = flops
         self.setting = setting
-        layers, removable = measurable_layers(gm, graph), removable_atoms(graph)
+        layers, removable = measurable_layers(gm, deps), removable_atoms(deps)
         grids = {}  # each layer's widths along each factor, and the grid's points
         for i, layer in layers.items():
-            fixed = [not bool(removable[f].any()) for f in graph.flop_terms[i].factors]  # an image's channels, say
+            fixed = [not bool(removable[f].any()) for f in deps.flop_terms[i].factors]  # an image's channels, say
             axes = [[n] if fixed[d] else sorted({layer.snap((round(f * n),) * len(layer.sizes), multiple)[d] for f in GRID})
                     for d, n in enumerate(layer.sizes)]
             grids[i] = axes, torch.cartesian_prod(*[torch.arange(len(a)) for a in axes]).reshape(-1, len(axes)).tolist()
-        allowed = 2 * _announce(graph, layers, grids, total_ms, setting, cache) + 5.0
+        allowed = 2 * _announce(deps, layers, grids, total_ms, setting, cache) + 5.0
         due = time.perf_counter() + allowed
         self.grids: dict[int, tuple[list[list[int]], torch.Tensor]] = {}
         for i, (axes, points) in grids.items():
@@ -305,16 +305,16 @@ class LatencyModel:
             if overdue is not None and time.perf_counter() > due:
                 overdue()
                 due = time.perf_counter() + allowed
-        self.traffic = Traffic(gm, graph)
+        self.traffic = Traffic(gm, deps)
         largest = self.traffic.largest
         per_element = element_ms(largest, setting, cache) if largest is not None and len(largest) == 4 else 0.0
         cache.save()
-        terms = graph.flop_terms
+        terms = deps.flop_terms
         layer_ms = sum(float(v.flatten()[-1]) for _, v in self.grids.values())
         layer_macs = sum(terms[i].macs for i in self.grids)
         self.rate = layer_ms / layer_macs if layer_macs else 0.0  # ms per MAC, for terms that cannot be rebuilt
         other = sum(t.macs for i, t in enumerate(terms) if i not in self.grids) * self.rate
-        memory = per_element * self.traffic.elements(torch.zeros(graph.num_atoms, dtype=torch.bool))
+        memory = per_element * self.traffic.elements(torch.zeros(deps.num_atoms, dtype=torch.bool))
         if total_ms is None:
             total_ms = layer_ms + other + memory
         self.total = total_ms

@@ -37,10 +37,10 @@ TOLERANCE = 0.02
 GROUPED = 8  # for a model with grouped convs and no layer wide enough to time (module docstring)
 
 
-def _timed_layers(layers: dict[int, Layer], graph: DependencyGraph) -> list[int]:
+def _timed_layers(layers: dict[int, Layer], deps: DependencyGraph) -> list[int]:
     """The layers ``fast_multiple`` times: the two costliest dense ones and the costliest depthwise conv
     wide enough for its window, not dilated (module docstring)."""
-    ranked = [i for i in sorted(layers, key=lambda i: -graph.flop_terms[i].macs)
+    ranked = [i for i in sorted(layers, key=lambda i: -deps.flop_terms[i].macs)
               if layers[i].sizes[-1] >= 2 * WINDOW and not layers[i].dilated]
     dense = [i for i in ranked if layers[i].groups == 1]
     depthwise = [i for i in ranked if layers[i].multiplier == 1]
@@ -52,24 +52,24 @@ def _narrow_multiple(layers: dict[int, Layer]) -> int:
     return GROUPED if any(layer.grouped for layer in layers.values()) else 1
 
 
-def steady_multiple(gm: torch.fx.GraphModule, graph: DependencyGraph) -> int:
+def steady_multiple(gm: torch.fx.GraphModule, deps: DependencyGraph) -> int:
     """``round_to="auto"`` without the clock, for FLOPs targets: 8, the multiple ``fast_multiple`` picks
     unless 16's widths run faster, on every model wide enough to time; so the same model and target give
     the same plan on any machine, at any load."""
-    layers = measurable_layers(gm, graph)
-    return MULTIPLES[0] if _timed_layers(layers, graph) else _narrow_multiple(layers)
+    layers = measurable_layers(gm, deps)
+    return MULTIPLES[0] if _timed_layers(layers, deps) else _narrow_multiple(layers)
 
 
-def fast_multiple(gm: torch.fx.GraphModule, graph: DependencyGraph, setting: Setting, cache: TimingCache) -> int:
+def fast_multiple(gm: torch.fx.GraphModule, deps: DependencyGraph, setting: Setting, cache: TimingCache) -> int:
     """The channel multiple that ``round_to="auto"`` stands for on this model and device, for latency targets (module docstring)."""
-    layers, removable = measurable_layers(gm, graph), removable_atoms(graph)
-    chosen = _timed_layers(layers, graph)
+    layers, removable = measurable_layers(gm, deps), removable_atoms(deps)
+    chosen = _timed_layers(layers, deps)
     if not chosen:
         return _narrow_multiple(layers)
     slowdown = dict.fromkeys(MULTIPLES, 0.0)
     for i in chosen:
         layer, c_in = layers[i], layers[i].sizes[0]
-        pruned_in = bool(removable[graph.flop_terms[i].factors[0]].any())
+        pruned_in = bool(removable[deps.flop_terms[i].factors[0]].any())
         top = max(WINDOW, WINDOW * round(layer.sizes[-1] / 2 / WINDOW))
         ms = {}
         for w in range(top - WINDOW + 1, top + 1):

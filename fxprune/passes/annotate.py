@@ -31,24 +31,24 @@ def _numel(mod: nn.Module) -> int:
     return sum(p.numel() for p in mod.parameters())
 
 
-def _kept(node: torch.fx.Node, graph: DependencyGraph, removed: torch.Tensor) -> tuple[int | None, int | None]:
+def _kept(node: torch.fx.Node, deps: DependencyGraph, removed: torch.Tensor) -> tuple[int | None, int | None]:
     """(channels before, after) of ``node``'s output along its tracked channel dim (None when untracked)."""
-    before = channel_count(node, graph)
-    entry = graph.tensor_atoms.get(node.name)
+    before = channel_count(node, deps)
+    entry = deps.tensor_atoms.get(node.name)
     return before, (before if entry is None else int(kept_mask(removed, entry[1]).sum()))
 
 
-def _function_channels(node: torch.fx.Node, graph: DependencyGraph, removed: torch.Tensor) -> list[tuple[int | None, int | None]]:
+def _function_channels(node: torch.fx.Node, deps: DependencyGraph, removed: torch.Tensor) -> list[tuple[int | None, int | None]]:
     """In and out channels of a function layer (a ``torch.export`` graph's conv, a functional linear),
     read off the tensors it takes and gives."""
     src = next((n for n in node.all_input_nodes if n.op != "get_attr"), None)
-    return [_kept(src, graph, removed) if src is not None else (None, None), _kept(node, graph, removed)]
+    return [_kept(src, deps, removed) if src is not None else (None, None), _kept(node, deps, removed)]
 
 
 def annotate(
     gm: torch.fx.GraphModule,
     pruned: torch.fx.GraphModule,
-    graph: DependencyGraph,
+    deps: DependencyGraph,
     removed: torch.Tensor,
     flop_model: FlopModel,
 ) -> Report:
@@ -66,9 +66,9 @@ def annotate(
         if node.name in pruned_nodes:
             pruned_nodes[node.name].meta[keys.MACS] = macs1
         shape = getattr(node.meta.get(keys.TENSOR_META), "shape", None)  # None for tuple outputs
-        if graph.families.get(node.name) in _OTHER_FAMILIES and shape is not None:
+        if deps.families.get(node.name) in _OTHER_FAMILIES and shape is not None:
             n0 = math.prod(shape)
-            entry = graph.tensor_atoms.get(node.name)
+            entry = deps.tensor_atoms.get(node.name)
             frac = float(kept_mask(removed, entry[1]).double().mean()) if entry is not None else 1.0
             other[0] += n0
             other[1] += round(n0 * frac)
@@ -81,18 +81,18 @@ def annotate(
         else:
             p0 = sum(before_params[p].numel() for p in read_params(node, before_params))
             p1 = sum(after_params[p].numel() for p in read_params(pruned_nodes[node.name], after_params)) if node.name in pruned_nodes else p0
-            rows.append(LayerRow(*named[node], *_function_channels(node, graph, removed), (p0, p1), (macs0, macs1)))
+            rows.append(LayerRow(*named[node], *_function_channels(node, deps, removed), (p0, p1), (macs0, macs1)))
     notes = []
-    frozen = [g for g in graph.groups if g.frozen and g.width > 1]  # one atom is kept whatever froze it
+    frozen = [g for g in deps.groups if g.frozen and g.width > 1]  # one atom is kept whatever froze it
     if frozen:
         reasons = Counter(r for g in frozen for r in g.frozen[:1])
         top = "; ".join(f"{r} ({n} groups)" if n > 1 else r for r, n in reasons.most_common(5))
-        notes.append(f"{len(frozen)} of {len(graph.groups)} groups frozen: {top}")
+        notes.append(f"{len(frozen)} of {len(deps.groups)} groups frozen: {top}")
     if capture_note and capture_note != "torch.fx.symbolic_trace":
         notes.append(f"captured with {capture_note}")
-    if graph.opaque:
-        notes.append("kept opaque (could not be traced): " + ", ".join(graph.opaque))
-    notes.extend(graph.notes.values())
+    if deps.opaque:
+        notes.append("kept opaque (could not be traced): " + ", ".join(deps.opaque))
+    notes.extend(deps.notes.values())
     return Report(
         rows=rows,
         params=(_numel(gm), _numel(pruned)),

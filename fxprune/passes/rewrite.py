@@ -44,20 +44,20 @@ def _get_in(node: torch.fx.Node, path: tuple[Any, ...]) -> Any:
 
 
 class _Rewriter:
-    def __init__(self, gm: torch.fx.GraphModule, graph: DependencyGraph, plan: Plan) -> None:
+    def __init__(self, gm: torch.fx.GraphModule, deps: DependencyGraph, plan: Plan) -> None:
         self.gm = gm
-        self.graph = graph
-        self.removed = removed_mask(graph, plan)
+        self.deps = deps
+        self.removed = removed_mask(deps, plan)
         self.nodes = {n.name: n for n in gm.graph.nodes}
         self.kept = {}
-        for key, atoms in graph.member_atoms.items():
+        for key, atoms in deps.member_atoms.items():
             mask = kept_mask(self.removed, atoms)
             if not bool(mask.all()):
                 self.kept[key] = mask.nonzero().flatten()
 
     def tensor_kept(self, name: str, dim: int) -> torch.Tensor:
         """Kept-position mask of node ``name``'s output along ``dim``."""
-        entry = self.graph.tensor_atoms.get(name)
+        entry = self.deps.tensor_atoms.get(name)
         if entry is not None and entry[0] == dim:
             return kept_mask(self.removed, entry[1])
         return torch.ones(self.nodes[name].meta[keys.TENSOR_META].shape[dim], dtype=torch.bool)
@@ -89,7 +89,7 @@ class _Rewriter:
 
     def patch_graph(self, val_map: dict[torch.fx.Node, torch.fx.Node]) -> None:
         new_nodes = {old.name: new for old, new in val_map.items()}
-        for p in self.graph.patches:
+        for p in self.deps.patches:
             node = new_nodes.get(p.target)
             if p.kind == PatchKind.ARG:
                 self.set_arg(node, p.path, self.size(p))
@@ -157,7 +157,7 @@ class _Rewriter:
                     owner._buffers[field] = t
                 else:
                     setattr(owner, field, t)
-        for p in self.graph.patches:
+        for p in self.deps.patches:
             if p.kind == PatchKind.ATTR:
                 setattr(new.get_submodule(p.target), p.field, self.size(p))
         new.recompile()
@@ -178,7 +178,7 @@ class _Rewriter:
             mod, entry = self.gm.get_submodule(n.target), {}
             src = n.args[0] if n.args and isinstance(n.args[0], torch.fx.Node) else None
             for key, tensor, fields in (("in", src, IN_FIELDS), ("out", n, OUT_FIELDS)):
-                atoms = self.graph.tensor_atoms.get(tensor.name) if tensor is not None else None
+                atoms = self.deps.tensor_atoms.get(tensor.name) if tensor is not None else None
                 if atoms is not None:
                     entry[key] = kept_mask(self.removed, atoms[1]).nonzero().flatten().tolist()
                 elif (width := module_channels(mod, fields)) is not None:
@@ -187,6 +187,6 @@ class _Rewriter:
         return {"parameters": params, "modules": modules}
 
 
-def rewrite(gm: torch.fx.GraphModule, graph: DependencyGraph, plan: Plan) -> torch.fx.GraphModule:
+def rewrite(gm: torch.fx.GraphModule, deps: DependencyGraph, plan: Plan) -> torch.fx.GraphModule:
     """A new GraphModule that keeps only the atoms ``plan`` keeps; ``gm`` is left as it was."""
-    return _Rewriter(gm, graph, plan).run()
+    return _Rewriter(gm, deps, plan).run()

@@ -128,7 +128,7 @@ def _global_schedule(groups: list[Group], order: dict[int, torch.Tensor], scores
 
 
 def select(
-    graph: DependencyGraph,
+    deps: DependencyGraph,
     model: CostModel,
     target: float,
     scores: dict[int, torch.Tensor],
@@ -140,13 +140,13 @@ def select(
 ) -> Plan:
     """The plan whose cost fits ``target`` (see the module docstring); ``comparable``: the scores compare
     across groups as they are (global mode does not normalize them); ``ties``: groups kept in proportion."""
-    groups = graph.prunable_groups
+    groups = deps.prunable_groups
     _check_scores(groups, scores)
     order = {g.id: torch.sort(scores[g.id], descending=True, stable=True).indices for g in groups}
     widths = {g.id: g.width for g in groups}
     schedule = _per_group_schedule(groups) if mode == "per_group" else _global_schedule(groups, order, scores, comparable)
 
-    kinds = atom_kinds(graph, groups)
+    kinds = atom_kinds(deps, groups)
     by_id = {g.id: g for g in groups}
     tied = [_Tied([by_id[i] for i in t.groups], t.steps) for t in ties]
 
@@ -156,10 +156,10 @@ def select(
             counts.update(tie.counts(tie.kept_steps(counts)))
         return counts
 
-    fragile = _fragile_tensors(graph, groups, order)
+    fragile = _fragile_tensors(deps, groups, order)
 
     def removed_for(counts: dict[int, int]) -> torch.Tensor:
-        removed = torch.zeros(graph.num_atoms, dtype=torch.bool)
+        removed = torch.zeros(deps.num_atoms, dtype=torch.bool)
         for g in groups:
             n = counts[g.id]
             if n:
@@ -240,15 +240,15 @@ def repeated_groups(groups: list[Group]) -> list[list[Group]]:
     return list(found.values())
 
 
-def atom_kinds(graph: DependencyGraph, groups: list[Group]) -> dict[int, tuple[int, bool]]:
+def atom_kinds(deps: DependencyGraph, groups: list[Group]) -> dict[int, tuple[int, bool]]:
     """For each group, how many output channels its atom stands for (1, or the most indices per atom in a
     member's dim 0: the output dim of weights, the only dim of biases and norm parameters) and whether
     it repeats: in some member more than once, and nowhere at two neighbouring indices (a position in
     every group of a grouped conv, not a head's block of channels)."""
-    n = max(graph.num_atoms, 1)
+    n = max(deps.num_atoms, 1)
     per_atom = torch.ones(n, dtype=torch.long)
     block = torch.zeros(n, dtype=torch.bool)
-    for (_, dim), atoms in graph.member_atoms.items():
+    for (_, dim), atoms in deps.member_atoms.items():
         at = (atoms >= 0).nonzero().flatten()
         if dim != 0 or at.numel() == 0:
             continue
@@ -256,27 +256,27 @@ def atom_kinds(graph: DependencyGraph, groups: list[Group]) -> dict[int, tuple[i
         keys, counts = torch.unique(ids, return_counts=True)
         per_atom = per_atom.scatter_reduce(0, keys, counts, "amax")
         block[ids[1:][(at[1:] == at[:-1] + 1) & (ids[1:] == ids[:-1])]] = True
-    repeats = ((per_atom > 1) & ~block)[: graph.num_atoms].long()
-    per_group = torch.ones(len(graph.groups), dtype=torch.long).scatter_reduce(0, graph.atom_group, per_atom[: graph.num_atoms], "amax")
-    repeated = torch.zeros(len(graph.groups), dtype=torch.long).scatter_reduce(0, graph.atom_group, repeats, "amax")
+    repeats = ((per_atom > 1) & ~block)[: deps.num_atoms].long()
+    per_group = torch.ones(len(deps.groups), dtype=torch.long).scatter_reduce(0, deps.atom_group, per_atom[: deps.num_atoms], "amax")
+    repeated = torch.zeros(len(deps.groups), dtype=torch.long).scatter_reduce(0, deps.atom_group, repeats, "amax")
     return {g.id: (int(per_group[g.id]), bool(repeated[g.id])) for g in groups}
 
 
-def _fragile_tensors(graph: DependencyGraph, groups: list[Group], order: dict[int, torch.Tensor]) -> list[torch.Tensor]:
+def _fragile_tensors(deps: DependencyGraph, groups: list[Group], order: dict[int, torch.Tensor]) -> list[torch.Tensor]:
     """Atoms of each tensor that could lose all its channels: one that holds only part of every group it
     touches (a split piece, a slice), all prunable. Each comes best atom first (the selectors' order)."""
-    width = torch.zeros(len(graph.groups), dtype=torch.long)
-    rank = torch.zeros(graph.num_atoms, dtype=torch.long)
+    width = torch.zeros(len(deps.groups), dtype=torch.long)
+    rank = torch.zeros(deps.num_atoms, dtype=torch.long)
     for g in groups:
         width[g.id] = g.width
         rank[g.atoms[order[g.id]]] = torch.arange(g.width)
     found: dict[tuple[int, ...], torch.Tensor] = {}
-    for _, atoms in graph.tensor_atoms.values():
+    for _, atoms in deps.tensor_atoms.values():
         a = torch.unique(atoms)
         if a.numel() == 0 or int(a[0]) < 0:
             continue
-        owner = graph.atom_group[a]
-        held = torch.bincount(owner, minlength=len(graph.groups))[owner]
+        owner = deps.atom_group[a]
+        held = torch.bincount(owner, minlength=len(deps.groups))[owner]
         if bool((width[owner] > held).all()):  # no group whole here; width 0 marks non-prunable groups
             found.setdefault(tuple(a.tolist()), a[torch.argsort(rank[a], stable=True)])
     return list(found.values())

@@ -84,13 +84,13 @@ def _with_arg(args: tuple[Any, ...], pos: int | tuple[int, int], value: Any) -> 
 
 
 class _OracleBuilder:
-    def __init__(self, gm: torch.fx.GraphModule, graph: DependencyGraph, removed: torch.Tensor) -> None:
-        self.gm, self.graph, self.removed = gm, graph, removed
+    def __init__(self, gm: torch.fx.GraphModule, deps: DependencyGraph, removed: torch.Tensor) -> None:
+        self.gm, self.deps, self.removed = gm, deps, removed
         self.masks: dict[str, torch.Tensor] = {}
         self.modules = dict(gm.named_modules())
 
     def mask_for(self, node: torch.fx.Node, dim: int) -> torch.Tensor | None:
-        keep = _kept_along(self.graph, self.removed, node, dim)
+        keep = _kept_along(self.deps, self.removed, node, dim)
         if keep is None:
             return None
         shape = [1] * len(node.meta[keys.TENSOR_META].shape)
@@ -107,7 +107,7 @@ class _OracleBuilder:
         old = {n.name: n for n in self.gm.graph.nodes}
         with g.inserting_before(out):
             out.args = (map_arg(out.args[0], lambda n: self.kept_output(g, n)),)
-        for name, pos, dim in self.graph.consumers:
+        for name, pos, dim in self.deps.consumers:
             new = val_map[old[name]]
             src = _arg_at(old[name].args, pos)
             mask = self.mask_for(src, dim)
@@ -115,13 +115,13 @@ class _OracleBuilder:
                 with g.inserting_before(new):
                     masked = g.call_function(torch.mul, (val_map[src], self.mask_node(g, mask)))
                 new.args = _with_arg(new.args, pos, masked)
-        for name in self.graph.masked_norms:
+        for name in self.deps.masked_norms:
             self.replace_norm(g, old[name], val_map[old[name]])
         return graph_module(self.gm, g, self.masks)
 
     def kept_output(self, g: torch.fx.Graph, node: torch.fx.Node) -> torch.fx.Node:
         """``node``, an output, without its removed channels (only a plan that drops classes removes any)."""
-        entry = self.graph.tensor_atoms.get(node.name)
+        entry = self.deps.tensor_atoms.get(node.name)
         if entry is None:
             return node
         keep = kept_mask(self.removed, entry[1])
@@ -131,7 +131,7 @@ class _OracleBuilder:
 
     def replace_norm(self, g: torch.fx.Graph, old: torch.fx.Node, new: torch.fx.Node) -> None:
         src = old.args[0]
-        entry = self.graph.tensor_atoms.get(src.name)
+        entry = self.deps.tensor_atoms.get(src.name)
         if entry is None:
             return
         dim = entry[0]
@@ -160,9 +160,9 @@ class _OracleBuilder:
         return g.call_function(masked_layer_norm, (new.args[0], m, w, b, eps))
 
 
-def build_oracle(gm: torch.fx.GraphModule, graph: DependencyGraph, removed: torch.Tensor) -> torch.fx.GraphModule:
+def build_oracle(gm: torch.fx.GraphModule, deps: DependencyGraph, removed: torch.Tensor) -> torch.fx.GraphModule:
     """The original graph with removed channels zeroed at every contraction that reads them."""
-    return _OracleBuilder(gm, graph, removed).build()
+    return _OracleBuilder(gm, deps, removed).build()
 
 
 @dataclass(frozen=True)
@@ -212,7 +212,7 @@ def compare(want: list[torch.Tensor], got: list[torch.Tensor], rtol: float) -> V
 def verify(
     gm: torch.fx.GraphModule,
     pruned: torch.fx.GraphModule,
-    graph: DependencyGraph,
+    deps: DependencyGraph,
     removed: torch.Tensor,
     example_inputs: Sequence[Any],
     rtol: float = 1e-4,
@@ -223,7 +223,7 @@ def verify(
     are checked as strictly as large ones (float32 rounding of reordered sums stays far below it; a
     wrong channel gives errors of the order of the outputs themselves).
     """
-    oracle = build_oracle(gm, graph, removed)
+    oracle = build_oracle(gm, deps, removed)
     with torch.no_grad(), eval_mode(oracle), eval_mode(pruned):
         want = _leaves(oracle(*example_inputs))
         got = _run_pruned(pruned, example_inputs)
@@ -252,16 +252,16 @@ def _input_mask(w: torch.Tensor, keep: torch.Tensor, groups: int, transposed: bo
     return keep.reshape(groups, 1, per_group).expand(groups, out // groups, per_group).reshape(out, per_group, *k)
 
 
-def masked_tree(gm: torch.fx.GraphModule, graph: DependencyGraph, removed: torch.Tensor) -> nn.Module:
+def masked_tree(gm: torch.fx.GraphModule, deps: DependencyGraph, removed: torch.Tensor) -> nn.Module:
     """The oracle of an ops-run capture: a copy of the module tree it recorded in which every conv and
     linear weight that reads a removed channel has that input column zeroed, and every norm of
-    ``graph.masked_norms`` computes its statistics over the kept channels."""
+    ``deps.masked_norms`` computes its statistics over the kept channels."""
     oracle = structural_copy(gm.meta[keys.TREE])
     modules = dict(oracle.named_modules())
     nodes = {n.name: n for n in gm.graph.nodes}
-    for name, pos, dim in graph.consumers:
+    for name, pos, dim in deps.consumers:
         node = nodes[name]
-        keep = _kept_along(graph, removed, _arg_at(node.args, pos), dim)
+        keep = _kept_along(deps, removed, _arg_at(node.args, pos), dim)
         if keep is None:
             continue
         weight = arg(node.args, node.kwargs, 1, "weight")
@@ -275,10 +275,10 @@ def masked_tree(gm: torch.fx.GraphModule, graph: DependencyGraph, removed: torch
         groups = arg(node.args, node.kwargs, 6, "groups", 1)
         mask = _input_mask(w, keep.to(w.dtype), groups if t in CONV_FUNCS else 1, CONV_FUNCS.get(t, False))
         mod._parameters[field] = nn.Parameter(w.detach() * mask, requires_grad=False)
-    for name in graph.masked_norms:
+    for name in deps.masked_norms:
         node = nodes[name]
         weight = node.args[2] if len(node.args) > 2 else None
-        keep = _kept_along(graph, removed, node.args[0], None)
+        keep = _kept_along(deps, removed, node.args[0], None)
         if keep is None:
             continue
         mod = modules.get(weight.target.rpartition(".")[0]) if is_get_attr(weight) else None
@@ -298,9 +298,9 @@ def _masked_norm_hook(keep: torch.Tensor) -> Any:
     return hook
 
 
-def _kept_along(graph: DependencyGraph, removed: torch.Tensor, node: Any, dim: int | None) -> torch.Tensor | None:
+def _kept_along(deps: DependencyGraph, removed: torch.Tensor, node: Any, dim: int | None) -> torch.Tensor | None:
     """Kept mask of ``node``'s channels along ``dim`` (None: its channel dim), or None when all are kept."""
-    entry = graph.tensor_atoms.get(node.name) if isinstance(node, torch.fx.Node) else None
+    entry = deps.tensor_atoms.get(node.name) if isinstance(node, torch.fx.Node) else None
     if entry is None or (dim is not None and entry[0] != dim):
         return None
     keep = kept_mask(removed, entry[1])
@@ -310,7 +310,7 @@ def _kept_along(graph: DependencyGraph, removed: torch.Tensor, node: Any, dim: i
 def verify_tree(
     gm: torch.fx.GraphModule,
     result: nn.Module,
-    graph: DependencyGraph,
+    deps: DependencyGraph,
     removed: torch.Tensor,
     example_inputs: Sequence[Any],
     rtol: float = 1e-4,
@@ -318,7 +318,7 @@ def verify_tree(
     """``verify`` for an ops-run capture (a detector): the masked module tree (``masked_tree``) against
     the pruned copy, the second run taking the first run's decisions (``decisions.Decisions``) so that
     a near-tie in top-k or NMS, decided the other way by float rounding, cannot make them differ."""
-    oracle = masked_tree(gm, graph, removed)
+    oracle = masked_tree(gm, deps, removed)
     decisions = Decisions()
     with torch.no_grad(), eval_mode(oracle), eval_mode(result):
         with decisions.record():

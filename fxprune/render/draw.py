@@ -35,20 +35,20 @@ def _pyplot() -> Any:
     return plt
 
 
-def draw_groups(gm: torch.fx.GraphModule, graph: DependencyGraph, path: str | Path, title: str = "") -> Path:
+def draw_groups(gm: torch.fx.GraphModule, deps: DependencyGraph, path: str | Path, title: str = "") -> Path:
     """Write the dependency groups of captured ``gm`` to ``path``: ``.dot`` text (groups and their members),
     or the data-flow picture as ``.svg``, ``.html``, ``.png`` or ``.pdf``."""
     path = Path(path)
     if path.suffix not in _FORMATS:
         raise ArgumentError(f"cannot draw to {path}: use a .dot, .svg, .html, .png or .pdf file name")
     if path.suffix == ".dot":
-        path.write_text(graph.to_dot())
+        path.write_text(deps.to_dot())
         return path
-    pic = model_picture(gm, graph, title=title)
+    pic = model_picture(gm, deps, title=title)
     if path.suffix == ".svg":
         path.write_text(picture_svg(pic) + "\n", encoding="utf-8")
     elif path.suffix == ".html":
-        path.write_text(groups_page(graph, pic, title), encoding="utf-8")
+        path.write_text(groups_page(deps, pic, title), encoding="utf-8")
     else:
         draw_picture(pic, path)
     return path

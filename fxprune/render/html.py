@@ -114,17 +114,17 @@ def report_page(report: Report, picture: Picture | None, title: str = "") -> str
     return _page(heading, "\n".join(sections))
 
 
-def groups_page(graph: DependencyGraph, picture: Picture, title: str = "") -> str:
+def groups_page(deps: DependencyGraph, picture: Picture, title: str = "") -> str:
     """The dependency groups of an unpruned model as one HTML page: the picture and a sortable group table."""
     heading = f"fxprune groups{': ' + title if title else ''}"
     headers = [("group", "group", True), ("channels", "channels", True), ("members", "members", True),
                ("status", "status", False), ("members (first six)", "first", False)]
     rows = []
-    for g in graph.groups:
+    for g in deps.groups:
         first = ", ".join(str(m) for m in g.members[:6]) + (" ..." if len(g.members) > 6 else "")
-        channels = graph.channels(g)
+        channels = deps.channels(g)
         rows.append([(f"g{g.id}", g.id), (str(channels), channels), (str(len(g.members)), len(g.members)), (g.status, g.status), (first, first)])
-    body = (f"<h1>{escape(heading)}</h1><p>{len(graph.groups)} channel groups, {len(graph.prunable_groups)} prunable.</p>"
+    body = (f"<h1>{escape(heading)}</h1><p>{len(deps.groups)} channel groups, {len(deps.prunable_groups)} prunable.</p>"
             f'<h2>Picture</h2><p class="hint">{_PICTURE_HINT}</p><div class="scroll">{picture_svg(picture)}</div>'
             f"<h2>Groups</h2>{_table(headers, rows)}")
     return _page(heading, body)

@@ -100,11 +100,11 @@ def _tint(colour: str) -> tuple[str, str]:
     return _mix(colour, 0.55), _mix(colour, -0.25)
 
 
-def _colours(blocks: list[Block], graph: DependencyGraph) -> dict[int, str]:
+def _colours(blocks: list[Block], deps: DependencyGraph) -> dict[int, str]:
     """A palette colour per group, the least recently used one for each group met in data-flow order, so
     that groups near each other differ."""
-    order = [gid for b in blocks for gid in b.groups] + [g.id for g in graph.groups]
-    order = [gid for gid in order if not graph.groups[gid].frozen]  # frozen groups are grey
+    order = [gid for b in blocks for gid in b.groups] + [g.id for g in deps.groups]
+    order = [gid for gid in order if not deps.groups[gid].frozen]  # frozen groups are grey
     used: dict[str, int] = {c: -1 for c in PALETTE}
     out: dict[int, str] = {}
     for step, gid in enumerate(order):
@@ -161,21 +161,21 @@ def _tracks(blocks: list[Block], rank: list[int], col: list[int]) -> dict[tuple[
     return out
 
 
-def picture(blocks: list[Block], graph: DependencyGraph, after: dict[str, int] | None = None, title: str = "") -> Picture:
+def picture(blocks: list[Block], deps: DependencyGraph, after: dict[str, int] | None = None, title: str = "") -> Picture:
     """Place ``blocks`` (widths after pruning from ``after``, by layer name; None for an unpruned model)."""
-    colours = _colours(blocks, graph)
+    colours = _colours(blocks, deps)
     rank, col = _rows_and_columns(blocks)
     tracks = _tracks(blocks, rank, col)
     lanes = 1 + max((k for kind, k in tracks.values() if kind == "lane"), default=-1)
-    labels = [_label(b, graph, after) for b in blocks]
+    labels = [_label(b, deps, after) for b in blocks]
     box_w = _CHAR * max([len(t) + 2 + len(n) for t, n in labels if t] + [24]) + 12
     pic = Picture(0.0, 0.0)
-    top = _legend(pic, blocks, graph, colours, after, title)
+    top = _legend(pic, blocks, deps, colours, after, title)
     left = _MARGIN + lanes * _LANE + (8 if lanes else 0)
     x = [left + c * (box_w + _COL_GAP) for c in col]
     y = [top + r * _ROW for r in rank]
     for i, b in enumerate(blocks):
-        pic.shapes.append(_shape(b, labels[i], x[i], y[i], box_w, graph, colours, after))
+        pic.shapes.append(_shape(b, labels[i], x[i], y[i], box_w, deps, colours, after))
     for t, b in enumerate(blocks):
         for s in b.preds:
             sx, sy, tx, ty = x[s] + box_w / 2, y[s] + _BOX_H, x[t] + box_w / 2, y[t]
@@ -192,50 +192,50 @@ def picture(blocks: list[Block], graph: DependencyGraph, after: dict[str, int] |
     return pic
 
 
-def model_picture(gm: torch.fx.GraphModule, graph: DependencyGraph, report: Report | None = None, title: str = "") -> Picture:
+def model_picture(gm: torch.fx.GraphModule, deps: DependencyGraph, report: Report | None = None, title: str = "") -> Picture:
     """The picture of a captured, coupled model; widths after pruning from ``report``'s rows (by layer name)."""
     after = {r.name: r.out_channels[1] for r in report.rows if r.out_channels[1] is not None} if report else None
-    return picture(dataflow_blocks(gm, graph), graph, after, title)
+    return picture(dataflow_blocks(gm, deps), deps, after, title)
 
 
-def _label(b: Block, graph: DependencyGraph, after: dict[str, int] | None) -> tuple[str, str]:
+def _label(b: Block, deps: DependencyGraph, after: dict[str, int] | None) -> tuple[str, str]:
     """A layer's or input's name, and its width, group and frozen reason (a join is a symbol instead: empty)."""
     if b.kind == "join":
         return "", ""
     note = _widths(b.width, (after or {}).get(b.name)) + (f"{_SP}g{b.groups[0]}" if b.groups else "")
-    frozen = graph.groups[b.groups[0]].frozen if b.groups else ()
+    frozen = deps.groups[b.groups[0]].frozen if b.groups else ()
     return _fit(b.name, 40), _fit(note + (f"{_SP}frozen: {frozen[0]}" if frozen else ""), 44)
 
 
-def _tip(b: Block, graph: DependencyGraph, after: dict[str, int] | None) -> str:
+def _tip(b: Block, deps: DependencyGraph, after: dict[str, int] | None) -> str:
     """Hover text: the block's name, op, width and every group it belongs to with its state."""
     lines = [f"{b.name} ({b.op})"]
     if b.width is not None:
         lines.append(f"width {_widths(b.width, (after or {}).get(b.name))} channels")
-    lines += [_about(graph.groups[gid], graph) for gid in b.groups]
+    lines += [_about(deps.groups[gid], deps) for gid in b.groups]
     return "\n".join(lines)
 
 
-def _about(g: Group, graph: DependencyGraph) -> str:
+def _about(g: Group, deps: DependencyGraph) -> str:
     """One line on a group: id, channels, members, prunable or why frozen."""
-    return f"group g{g.id}: {graph.channels(g)} channels, {len(g.members)} members, {g.status}"
+    return f"group g{g.id}: {deps.channels(g)} channels, {len(g.members)} members, {g.status}"
 
 
-def _style(gid: int | None, graph: DependencyGraph, colours: dict[int, str]) -> tuple[str, str, bool]:
+def _style(gid: int | None, deps: DependencyGraph, colours: dict[int, str]) -> tuple[str, str, bool]:
     """Fill, outline and hatching of a box of group ``gid`` (None: of several groups, drawn white)."""
     if gid is None:
         return "#ffffff", "#555555", False
-    if graph.groups[gid].frozen:
+    if deps.groups[gid].frozen:
         return *FROZEN, True
     return *_tint(colours[gid]), False
 
 
-def _shape(b: Block, label: tuple[str, str], x: float, y: float, box_w: float, graph: DependencyGraph, colours: dict[int, str],
+def _shape(b: Block, label: tuple[str, str], x: float, y: float, box_w: float, deps: DependencyGraph, colours: dict[int, str],
            after: dict[str, int] | None) -> Shape:
     """The box of ``b`` in the column slot at (x, y): a layer fills the slot, a join is a pill in its middle."""
     gid = b.groups[0] if len(b.groups) == 1 or (b.groups and b.kind != "join") else None
-    fill, stroke, frozen = _style(gid, graph, colours)
-    tip = _tip(b, graph, after)
+    fill, stroke, frozen = _style(gid, deps, colours)
+    tip = _tip(b, deps, after)
     if b.kind == "join":
         sym = _JOIN.get(b.op, b.op)
         w = max(_BOX_H, _CHAR * len(sym) + 10)
@@ -243,7 +243,7 @@ def _shape(b: Block, label: tuple[str, str], x: float, y: float, box_w: float, g
     return Shape(x, y, box_w, _BOX_H, label[0], fill, stroke, label[1], frozen, 3.0, False, gid, tip)
 
 
-def _legend(pic: Picture, blocks: list[Block], graph: DependencyGraph, colours: dict[int, str],
+def _legend(pic: Picture, blocks: list[Block], deps: DependencyGraph, colours: dict[int, str],
             after: dict[str, int] | None, title: str) -> float:
     """Title, a key and one chip per group in its colour, at the top of ``pic``; returns where boxes start."""
     y = _MARGIN
@@ -264,15 +264,15 @@ def _legend(pic: Picture, blocks: list[Block], graph: DependencyGraph, colours: 
         if b.kind == "layer" and len(b.groups) == 1 and after and b.name in after:
             widths.setdefault(b.groups[0], after[b.name])
     x, y, right = _MARGIN, y + 6, _MARGIN + 760
-    for g in graph.groups:
-        text = f"g{g.id}{_SP}{_widths(graph.channels(g), widths.get(g.id))} ch" + (f"{_SP}frozen: {g.frozen[0]}" if g.frozen else "")
+    for g in deps.groups:
+        text = f"g{g.id}{_SP}{_widths(deps.channels(g), widths.get(g.id))} ch" + (f"{_SP}frozen: {g.frozen[0]}" if g.frozen else "")
         w = _CHAR * len(_fit(text, 40)) + 12
         if x + w > right and x > _MARGIN:
             x, y = _MARGIN, y + _BOX_H + 4
-        fill, stroke, frozen = _style(g.id, graph, colours)
+        fill, stroke, frozen = _style(g.id, deps, colours)
         members = ", ".join(str(m) for m in g.members[:6]) + (" ..." if len(g.members) > 6 else "")
         pic.shapes.append(Shape(x, y, w, _BOX_H, _fit(text, 40), fill, stroke, "", frozen, 3.0, False, g.id,
-                                f"{_about(g, graph)}\nmembers: {members}"))
+                                f"{_about(g, deps)}\nmembers: {members}"))
         x += w + 6
     return y + _BOX_H + 22
 

@@ -139,16 +139,16 @@ def probe(model: nn.Module) -> Probe | None:
     return Probe(cls, config, base, sizes)
 
 
-def config_ties(p: Probe, graph: DependencyGraph) -> list[Tie]:
+def config_ties(p: Probe, deps: DependencyGraph) -> list[Tie]:
     """Prunable groups that one config describes only together (see the module docstring), in as many
     steps as every group's width and every head count a tied hidden size derives its head size from allow
     (one step, all atoms, where a group is sized by no slot or a slot also sizes a group that cannot prune)."""
     slots_of: dict[int, set[Slot]] = {}
-    for g in graph.groups:
+    for g in deps.groups:
         dims = {(m.name, m.dim) for m in g.members}
         slots_of[g.id] = {s for s, sized in p.sizes.items() if sized & dims}
-    fixed = {s for g in graph.groups if not g.prunable for s in slots_of[g.id]}
-    parent = {g.id: g.id for g in graph.prunable_groups}
+    fixed = {s for g in deps.groups if not g.prunable for s in slots_of[g.id]}
+    parent = {g.id: g.id for g in deps.prunable_groups}
 
     def root(i: int) -> int:
         while parent[i] != i:
@@ -157,21 +157,21 @@ def config_ties(p: Probe, graph: DependencyGraph) -> list[Tie]:
         return i
 
     owner: dict[Slot, int] = {}
-    for g in graph.prunable_groups:
+    for g in deps.prunable_groups:
         for s in slots_of[g.id]:
             if s in owner:
                 parent[root(g.id)] = root(owner[s])
             else:
                 owner[s] = g.id
     ties: dict[int, list[int]] = {}
-    for g in graph.prunable_groups:
+    for g in deps.prunable_groups:
         ties.setdefault(root(g.id), []).append(g.id)
     heads = {hidden: value(p.config, s) for s, hidden in _derived_heads(p).items()}
     out = []
     for ids in ties.values():
         slots = set().union(*(slots_of[i] for i in ids))
         whole = any(not slots_of[i] for i in ids) or bool(slots & fixed)
-        out.append(Tie(tuple(ids), 1 if whole else math.gcd(*(graph.groups[i].width for i in ids), *(heads[s] for s in slots & set(heads)))))
+        out.append(Tie(tuple(ids), 1 if whole else math.gcd(*(deps.groups[i].width for i in ids), *(heads[s] for s in slots & set(heads)))))
     return out
 
 

@@ -19,10 +19,10 @@ from ..core.graph import DependencyGraph, Plan
 __all__ = ["class_plan"]
 
 
-def class_plan(gm: torch.fx.GraphModule, graph: DependencyGraph, keep_classes: Sequence[int]) -> Plan:
+def class_plan(gm: torch.fx.GraphModule, deps: DependencyGraph, keep_classes: Sequence[int]) -> Plan:
     """Plan that keeps the output channels ``keep_classes`` (in that order on the output) and all else."""
     out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
-    entry = graph.tensor_atoms.get(out.name) if isinstance(out, torch.fx.Node) else None
+    entry = deps.tensor_atoms.get(out.name) if isinstance(out, torch.fx.Node) else None
     if entry is None or entry[0] != 1:
         raise ArgumentError("keep_classes= needs a model that returns one tensor with the classes along dim 1 (logits)")
     ids = entry[1]
@@ -37,8 +37,8 @@ def class_plan(gm: torch.fx.GraphModule, graph: DependencyGraph, keep_classes: S
     dropped = torch.ones(classes, dtype=torch.bool)
     dropped[keep] = False
     plan: dict[int, list[int]] = {}
-    for gid in graph.atom_group[ids[dropped]].unique().tolist():
-        g = graph.groups[gid]
+    for gid in deps.atom_group[ids[dropped]].unique().tolist():
+        g = deps.groups[gid]
         if g.frozen:
             raise ArgumentError(f"the output {out.name}'s classes cannot be dropped: their channels are frozen ({g.frozen[0]})")
         plan[gid] = (~torch.isin(g.atoms, ids[dropped])).nonzero().flatten().tolist()

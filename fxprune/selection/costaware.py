@@ -28,7 +28,7 @@ RATE_CAP = 2.0
 """How much faster than the average group the costliest group may shrink (and the cheapest slower)."""
 
 
-def shrink_order(graph: DependencyGraph, saving: dict[int, float]) -> Scores:
+def shrink_order(deps: DependencyGraph, saving: dict[int, float]) -> Scores:
     """Ranking-free scores, comparable across groups, from each group's saving per removed atom.
 
     Every group shrinks as if it decayed at a rate proportional to its saving per atom (relative to the
@@ -36,7 +36,7 @@ def shrink_order(graph: DependencyGraph, saving: dict[int, float]) -> Scores:
     position) goes at time ``-ln(1 - k / width) / rate``. So the groups that save the most per atom shrink
     first and fastest, every group shrinks more slowly as it thins, and a group's first atom goes last of
     all: no group empties while the others still have atoms to give. The score is that time (later: kept longer)."""
-    groups = graph.prunable_groups
+    groups = deps.prunable_groups
     if not groups:
         return {}
     mean = sum(max(saving[g.id], 0.0) for g in groups) / len(groups)
@@ -56,18 +56,18 @@ class GflopsAware:
     name = "gflops_aware"
     comparable_across_groups = True
 
-    def scores(self, graph: DependencyGraph, gm: torch.fx.GraphModule) -> Scores:
-        saved = FlopModel(graph, total_macs(gm)).saved_per_atom()
-        return shrink_order(graph, {g.id: float(saved[g.atoms].mean()) for g in graph.prunable_groups})
+    def scores(self, deps: DependencyGraph, gm: torch.fx.GraphModule) -> Scores:
+        saved = FlopModel(deps, total_macs(gm)).saved_per_atom()
+        return shrink_order(deps, {g.id: float(saved[g.atoms].mean()) for g in deps.prunable_groups})
 
 
-def _latency_model(graph: DependencyGraph, gm: torch.fx.GraphModule, flops: FlopModel, rule: WidthRule | None) -> LatencyModel:
+def _latency_model(deps: DependencyGraph, gm: torch.fx.GraphModule, flops: FlopModel, rule: WidthRule | None) -> LatencyModel:
     """The latency model of ``gm``'s own layers (timed once per device, cached), without the fixed part,
     on widths that ``rule`` allows: off its multiple a layer can run far slower (a depthwise conv of 54
     channels took 1.8x the time of 56 here), and no plan keeps such a width."""
     inputs = tuple(torch.randn(n.meta[keys.TENSOR_META].shape, dtype=n.meta[keys.TENSOR_META].dtype)
                    for n in gm.graph.nodes if n.op == "placeholder")
-    return LatencyModel(graph, flops, gm, None, Setting.of(gm, inputs), TimingCache(), rule.round_to if rule else 1)
+    return LatencyModel(deps, flops, gm, None, Setting.of(gm, inputs), TimingCache(), rule.round_to if rule else 1)
 
 
 class LatencyAware:
@@ -80,16 +80,16 @@ class LatencyAware:
     comparable_across_groups = True
     uses_width_rule = True
 
-    def scores(self, graph: DependencyGraph, gm: torch.fx.GraphModule, rule: WidthRule | None = None) -> Scores:
-        model = _latency_model(graph, gm, FlopModel(graph, total_macs(gm)), rule)
-        none = torch.zeros(graph.num_atoms, dtype=torch.bool)
+    def scores(self, deps: DependencyGraph, gm: torch.fx.GraphModule, rule: WidthRule | None = None) -> Scores:
+        model = _latency_model(deps, gm, FlopModel(deps, total_macs(gm)), rule)
+        none = torch.zeros(deps.num_atoms, dtype=torch.bool)
         full, saving = model.cost(none), {}
-        for g in graph.prunable_groups:
+        for g in deps.prunable_groups:
             n = max(1, g.width // 4)
             quarter = none.clone()
             quarter[g.atoms[g.width - n:]] = True
             saving[g.id] = (full - model.cost(quarter)) / n
-        return shrink_order(graph, saving)
+        return shrink_order(deps, saving)
 
 
 class LatencyPerFlop:
@@ -110,10 +110,10 @@ class LatencyPerFlop:
     STEPS = 8
     FLOOR = 0.25
 
-    def scores(self, graph: DependencyGraph, gm: torch.fx.GraphModule, rule: WidthRule | None = None) -> Scores:
-        flops = FlopModel(graph, total_macs(gm))
-        model = _latency_model(graph, gm, flops, rule)
-        groups = graph.prunable_groups
+    def scores(self, deps: DependencyGraph, gm: torch.fx.GraphModule, rule: WidthRule | None = None) -> Scores:
+        flops = FlopModel(deps, total_macs(gm))
+        model = _latency_model(deps, gm, flops, rule)
+        groups = deps.prunable_groups
         order = {g.id: torch.arange(g.width - 1, -1, -1) for g in groups}
         size = {g.id: max(1, g.width // self.STEPS) for g in groups}
         floor = {g.id: max(1, math.ceil(self.FLOOR * g.width)) for g in groups}
@@ -123,14 +123,14 @@ class LatencyPerFlop:
             macs = now[1] - cost[1]
             return ((now[0] - cost[0]) / macs if macs > 0 else 0.0), cost
 
-        none = torch.zeros(graph.num_atoms, dtype=torch.bool)
-        return greedy_scores(graph, flops, order, size, floor, worth, (model.cost(none), flops.cost(none)))
+        none = torch.zeros(deps.num_atoms, dtype=torch.bool)
+        return greedy_scores(deps, flops, order, size, floor, worth, (model.cost(none), flops.cost(none)))
 
 
 Worth = Callable[[torch.Tensor, torch.Tensor, Any], tuple[float, Any]]
 
 
-def greedy_scores(graph: DependencyGraph, flops: FlopModel, order: dict[int, torch.Tensor], size: dict[int, int],
+def greedy_scores(deps: DependencyGraph, flops: FlopModel, order: dict[int, torch.Tensor], size: dict[int, int],
                   floor: dict[int, int], worth: Worth, start: Any) -> Scores:
     """Scores, comparable across groups, of a greedy removal order.
 
@@ -141,9 +141,9 @@ def greedy_scores(graph: DependencyGraph, flops: FlopModel, order: dict[int, tor
     of the FLOP terms its atoms are in, so after each round only the groups that share such a term with it
     are valued again. Atoms go in the order of the rounds; what no round removed follows, every group in
     its order at the same pace."""
-    groups = {g.id: g for g in graph.prunable_groups}
+    groups = {g.id: g for g in deps.prunable_groups}
     gone = dict.fromkeys(groups, 0)
-    removed, now = torch.zeros(graph.num_atoms, dtype=torch.bool), start
+    removed, now = torch.zeros(deps.num_atoms, dtype=torch.bool), start
 
     def step(gid: int) -> tuple[float, torch.Tensor, Any]:
         """(value, atoms, cost after) of ``gid``'s next step; value 0 when it has none."""
@@ -156,7 +156,7 @@ def greedy_scores(graph: DependencyGraph, flops: FlopModel, order: dict[int, tor
         worth_it, cost = worth(atoms, after, now)
         return worth_it, atoms, cost
 
-    neighbours = _sharing_terms(graph, flops)
+    neighbours = _sharing_terms(deps, flops)
     value = {gid: step(gid)[0] for gid in groups}
     heap = [(-v, gid) for gid, v in value.items() if v > 0]
     heapq.heapify(heap)
@@ -182,13 +182,13 @@ def greedy_scores(graph: DependencyGraph, flops: FlopModel, order: dict[int, tor
     return out
 
 
-def _sharing_terms(graph: DependencyGraph, flops: FlopModel) -> dict[int, set[int]]:
+def _sharing_terms(deps: DependencyGraph, flops: FlopModel) -> dict[int, set[int]]:
     """For each prunable group, the prunable groups that appear in a FLOP term with it (itself included)."""
     in_term: dict[int, set[int]] = {}
-    owners = graph.atom_group[flops.cols].tolist()
+    owners = deps.atom_group[flops.cols].tolist()
     for term, group in zip(flops.term_of[flops.rows].tolist(), owners):
         in_term.setdefault(term, set()).add(group)
-    out: dict[int, set[int]] = {g.id: {g.id} for g in graph.prunable_groups}
+    out: dict[int, set[int]] = {g.id: {g.id} for g in deps.prunable_groups}
     for members in in_term.values():
         for gid in members & out.keys():
             out[gid] |= members & out.keys()

@@ -36,19 +36,19 @@ class BNTaylor:
                                 "neither (prune_iteratively(coarse=True) reads the gradients of your fine-tuning)")
         self.calibration, self.loss_fn = calibration, loss_fn
 
-    def scores(self, graph: DependencyGraph, gm: torch.fx.GraphModule) -> Scores:
+    def scores(self, deps: DependencyGraph, gm: torch.fx.GraphModule) -> Scores:
         if self.calibration is None:
             raise ArgumentError("selector 'bn_taylor' needs calibration= and loss_fn= here (a pass over that data); "
                                 "prune_iteratively(coarse=True) needs neither")
-        per_atom = normgrad.atom_sums(graph, normgrad.pass_sums(gm, sorted(norm_weights(gm)), self.calibration, self.loss_fn))
-        return {g.id: per_atom[g.atoms] for g in graph.prunable_groups}
+        per_atom = normgrad.atom_sums(deps, normgrad.pass_sums(gm, sorted(norm_weights(gm)), self.calibration, self.loss_fn))
+        return {g.id: per_atom[g.atoms] for g in deps.prunable_groups}
 
-    def untapped_scores(self, graph: DependencyGraph, gm: torch.fx.GraphModule) -> Scores:
+    def untapped_scores(self, deps: DependencyGraph, gm: torch.fx.GraphModule) -> Scores:
         """Scores before any fine-tuning was tapped: the pass when there is data, else |gamma|."""
-        return self.scores(graph, gm) if self.calibration is not None else BNScale().scores(graph, gm)
+        return self.scores(deps, gm) if self.calibration is not None else BNScale().scores(deps, gm)
 
-    def tap(self, graph: DependencyGraph, gm: torch.fx.GraphModule) -> normgrad.GradTap:
-        return normgrad.GradTap(graph, gm, sorted(norm_weights(gm)))
+    def tap(self, deps: DependencyGraph, gm: torch.fx.GraphModule) -> normgrad.GradTap:
+        return normgrad.GradTap(deps, gm, sorted(norm_weights(gm)))
 
 
 class Calibrated:
@@ -73,15 +73,15 @@ class ActivationSelector(Calibrated):
     """Base of the selectors that score atoms by a statistic of their own activations on calibration
     data (see ``selection.stats``). Subclasses define ``values`` and ``finish`` (``ChannelStatistic``)."""
 
-    def scores(self, graph: DependencyGraph, gm: torch.fx.GraphModule) -> Scores:
-        per_atom = activation_scores(graph, gm, self.calibration, self, self.loss_fn)
-        return {g.id: per_atom[g.atoms] for g in graph.prunable_groups}
+    def scores(self, deps: DependencyGraph, gm: torch.fx.GraphModule) -> Scores:
+        per_atom = activation_scores(deps, gm, self.calibration, self, self.loss_fn)
+        return {g.id: per_atom[g.atoms] for g in deps.prunable_groups}
 
     untapped_scores = scores
 
-    def tap(self, graph: DependencyGraph, gm: torch.fx.GraphModule) -> Tapped:
+    def tap(self, deps: DependencyGraph, gm: torch.fx.GraphModule) -> Tapped:
         """``gm`` with taps that gather this statistic during the user's training forwards (``stats.tap``)."""
-        return tap(graph, gm, self)
+        return tap(deps, gm, self)
 
 
 class APoZ(ActivationSelector):
@@ -140,32 +140,32 @@ class Wanda(Calibrated):
     def finish(self, mean: torch.Tensor) -> torch.Tensor:
         return mean.sqrt()
 
-    def scores(self, graph: DependencyGraph, gm: torch.fx.GraphModule) -> Scores:
-        reads = weight_reads(graph, gm)
-        rms = channel_scores(graph, gm, self.calibration, self, {src for src, _, _ in reads})
+    def scores(self, deps: DependencyGraph, gm: torch.fx.GraphModule) -> Scores:
+        reads = weight_reads(deps, gm)
+        rms = channel_scores(deps, gm, self.calibration, self, {src for src, _, _ in reads})
         params = dict(gm.named_parameters())
-        total = torch.zeros(graph.num_atoms, dtype=torch.float64)
+        total = torch.zeros(deps.num_atoms, dtype=torch.float64)
         for src, weight, dim in reads:
             if src in rms:
-                ids = graph.tensor_atoms[src][1]
+                ids = deps.tensor_atoms[src][1]
                 per_channel = column_magnitudes(params[weight], dim, ids.numel()) * rms[src]
                 kept = ids >= 0
                 total.index_add_(0, ids[kept], per_channel[kept])
-        return {g.id: total[g.atoms] for g in graph.prunable_groups}
+        return {g.id: total[g.atoms] for g in deps.prunable_groups}
 
 
-def weight_reads(graph: DependencyGraph, gm: torch.fx.GraphModule) -> list[tuple[str, str, int]]:
+def weight_reads(deps: DependencyGraph, gm: torch.fx.GraphModule) -> list[tuple[str, str, int]]:
     """(input node, weight, the weight's input dim) for each layer that reads channels through a weight
     parameter: the consumers whose input carries channels along the dim they contract."""
     nodes = {n.name: n for n in gm.graph.nodes}
     reads = []
-    for name, pos, dim in graph.consumers:
+    for name, pos, dim in deps.consumers:
         node = nodes[name]
         src = node.args[pos] if isinstance(pos, int) and pos < len(node.args) else None
-        if not isinstance(src, torch.fx.Node) or graph.tensor_atoms.get(src.name, (None,))[0] != dim:
+        if not isinstance(src, torch.fx.Node) or deps.tensor_atoms.get(src.name, (None,))[0] != dim:
             continue
         reads += [(src.name, w, d) for w in _parameters_of(gm, node) for d in (0, 1)
-                  if (w, d) in graph.members and graph.members[(w, d)].role == Role.IN]
+                  if (w, d) in deps.members and deps.members[(w, d)].role == Role.IN]
     return reads
 
 

@@ -34,11 +34,11 @@ from .weights import L1
 __all__ = ["Knapsack", "KnapsackBNTaylor", "normalized"]
 
 
-def normalized(graph: DependencyGraph, importance: Scores) -> Scores:
+def normalized(deps: DependencyGraph, importance: Scores) -> Scores:
     """``importance`` divided by each group's L2 norm (a group scored all zeros: every atom 1 / sqrt(width)).
     Scores below zero (a selector's "higher = keep" may be negative) are first shifted to start at zero."""
     out = {}
-    for g in graph.prunable_groups:
+    for g in deps.prunable_groups:
         s = importance[g.id].to(torch.float64)
         s = s - min(float(s.min()), 0.0)
         norm = float(s.norm())
@@ -60,25 +60,25 @@ class Knapsack:
     def __init__(self, importance: Selector | None = None) -> None:
         self.importance = importance if importance is not None else L1()
 
-    def scores(self, graph: DependencyGraph, gm: torch.fx.GraphModule, rule: WidthRule | None = None, cost: CostModel | None = None) -> Scores:
-        return self.rank(graph, gm, self.importance.scores(graph, gm), rule, cost)
+    def scores(self, deps: DependencyGraph, gm: torch.fx.GraphModule, rule: WidthRule | None = None, cost: CostModel | None = None) -> Scores:
+        return self.rank(deps, gm, self.importance.scores(deps, gm), rule, cost)
 
-    def rank(self, graph: DependencyGraph, gm: torch.fx.GraphModule, importance: Scores, rule: WidthRule | None = None,
+    def rank(self, deps: DependencyGraph, gm: torch.fx.GraphModule, importance: Scores, rule: WidthRule | None = None,
              cost: CostModel | None = None) -> Scores:
         """The knapsack's scores for per-atom ``importance`` (higher = keep) in ``cost`` (default: MACs)."""
-        flops = FlopModel(graph, total_macs(gm))
+        flops = FlopModel(deps, total_macs(gm))
         cost = cost if cost is not None else flops
         rule = rule or WidthRule()
-        groups = graph.prunable_groups
-        value = normalized(graph, importance)
-        kinds = atom_kinds(graph, groups)
+        groups = deps.prunable_groups
+        value = normalized(deps, importance)
+        kinds = atom_kinds(deps, groups)
         order = {g.id: torch.sort(value[g.id], stable=True).indices for g in groups}
         size = {}
         for g in groups:
             step = rule.step(g.width, *kinds[g.id])
             size[g.id] = step * max(1, math.ceil(g.width / self.STEPS / step))
         floor = {g.id: max(rule.min_width, math.ceil(self.FLOOR * g.width)) for g in groups}
-        per_atom = torch.zeros(graph.num_atoms, dtype=torch.float64)
+        per_atom = torch.zeros(deps.num_atoms, dtype=torch.float64)
         for g in groups:
             per_atom[g.atoms] = value[g.id]
 
@@ -88,7 +88,7 @@ class Knapsack:
             lost = float(per_atom[atoms].sum())
             return (saved / max(lost, 1e-12) if saved > 0 else 0.0), after_cost
 
-        return greedy_scores(graph, flops, order, size, floor, worth, cost.cost(torch.zeros(graph.num_atoms, dtype=torch.bool)))
+        return greedy_scores(deps, flops, order, size, floor, worth, cost.cost(torch.zeros(deps.num_atoms, dtype=torch.bool)))
 
 
 class KnapsackBNTaylor(Knapsack):
@@ -102,8 +102,8 @@ class KnapsackBNTaylor(Knapsack):
     def __init__(self, calibration: Any = None, loss_fn: LossFn | None = None) -> None:
         super().__init__(BNTaylor(calibration, loss_fn))
 
-    def untapped_scores(self, graph: DependencyGraph, gm: torch.fx.GraphModule, rule: WidthRule | None = None, cost: CostModel | None = None) -> Scores:
-        return self.rank(graph, gm, self.importance.untapped_scores(graph, gm), rule, cost)
+    def untapped_scores(self, deps: DependencyGraph, gm: torch.fx.GraphModule, rule: WidthRule | None = None, cost: CostModel | None = None) -> Scores:
+        return self.rank(deps, gm, self.importance.untapped_scores(deps, gm), rule, cost)
 
-    def tap(self, graph: DependencyGraph, gm: torch.fx.GraphModule) -> Any:
-        return self.importance.tap(graph, gm)
+    def tap(self, deps: DependencyGraph, gm: torch.fx.GraphModule) -> Any:
+        return self.importance.tap(deps, gm)

@@ -31,11 +31,11 @@ from ..core.fxutil import eval_mode
 __all__ = ["atom_sums", "pass_sums", "GradTap"]
 
 
-def atom_sums(graph: DependencyGraph, per_weight: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Per atom of ``graph`` (float64): the sum over the scales bound to it of their per-channel values."""
-    total = torch.zeros(graph.num_atoms, dtype=torch.float64)
+def atom_sums(deps: DependencyGraph, per_weight: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per atom of ``deps`` (float64): the sum over the scales bound to it of their per-channel values."""
+    total = torch.zeros(deps.num_atoms, dtype=torch.float64)
     for name, values in per_weight.items():
-        atoms = graph.member_atoms.get((name, 0))
+        atoms = deps.member_atoms.get((name, 0))
         if atoms is not None:
             total.index_add_(0, atoms, values.to(torch.float64))
     return total
@@ -67,8 +67,8 @@ class GradTap:
     """``gm`` itself (``module``), with a hook on each scale in ``weights`` that adds ``|gamma * grad|``
     after every backward pass; ``atom_scores()`` reads the means and removes the hooks."""
 
-    def __init__(self, graph: DependencyGraph, gm: torch.fx.GraphModule, weights: list[str]) -> None:
-        self.graph, self.module, self.seconds = graph, gm, 0.0
+    def __init__(self, deps: DependencyGraph, gm: torch.fx.GraphModule, weights: list[str]) -> None:
+        self.deps, self.module, self.seconds = deps, gm, 0.0
         params = dict(gm.named_parameters())
         self.sums = {w: torch.zeros_like(params[w], memory_format=torch.contiguous_format).detach() for w in weights}
         self.counts = dict.fromkeys(weights, 0)
@@ -92,4 +92,4 @@ class GradTap:
                 "coarse ranking saw no backward pass: finetune(model) must train the model it is given "
                 "(its loss.backward() feeds the ranking), or pass coarse=False with calibration= and loss_fn="
             )
-        return atom_sums(self.graph, {w: s.flatten().to(torch.float64).cpu() / max(self.counts[w], 1) for w, s in self.sums.items()})
+        return atom_sums(self.deps, {w: s.flatten().to(torch.float64).cpu() / max(self.counts[w], 1) for w, s in self.sums.items()})

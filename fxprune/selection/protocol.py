@@ -17,6 +17,6 @@ Scores = dict[int, torch.Tensor]
 
 @runtime_checkable
 class Selector(Protocol):
-    def scores(self, graph: DependencyGraph, gm: torch.fx.GraphModule) -> Scores:
+    def scores(self, deps: DependencyGraph, gm: torch.fx.GraphModule) -> Scores:
         """Map each prunable group id to one score per atom (length ``group.width``)."""
         ...

@@ -108,27 +108,27 @@ def detached_copy(gm: torch.fx.GraphModule, requires_grad: bool) -> torch.fx.Gra
     return copy
 
 
-def _probed(graph: DependencyGraph, gm: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
+def _probed(deps: DependencyGraph, gm: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
     """Probed node -> mask over its channels: the ones whose statistics count (see the module docstring)."""
-    prunable = torch.zeros(graph.num_atoms, dtype=torch.bool)
-    for g in graph.prunable_groups:
+    prunable = torch.zeros(deps.num_atoms, dtype=torch.bool)
+    for g in deps.prunable_groups:
         prunable[g.atoms] = True
     nodes = {n.name: n for n in gm.graph.nodes if n.op in ("call_module", "call_function", "call_method")}
     modules = dict(gm.named_modules())
     carried = {}
-    for name, (_, ids) in graph.tensor_atoms.items():
+    for name, (_, ids) in deps.tensor_atoms.items():
         mask = (ids >= 0) & prunable[ids.clamp(min=0)]
         if name in nodes and bool(mask.any()):
             carried[name] = mask
     activation = {name: is_activation(nodes[name], modules) for name in carried}
-    has_activation = torch.zeros(graph.num_atoms, dtype=torch.bool)
+    has_activation = torch.zeros(deps.num_atoms, dtype=torch.bool)
     for name, mask in carried.items():
         if activation[name]:
-            has_activation[graph.tensor_atoms[name][1][mask]] = True
+            has_activation[deps.tensor_atoms[name][1][mask]] = True
     used = {}
     for name, mask in carried.items():
         if not activation[name]:
-            mask = mask & ~has_activation[graph.tensor_atoms[name][1].clamp(min=0)]
+            mask = mask & ~has_activation[deps.tensor_atoms[name][1].clamp(min=0)]
         if bool(mask.any()):
             used[name] = mask
     return used
@@ -137,14 +137,14 @@ def _probed(graph: DependencyGraph, gm: torch.fx.GraphModule) -> dict[str, torch
 class _Accumulator:
     """Per-channel sums and per-channel element counts of a statistic's values, per probed node."""
 
-    def __init__(self, statistic: ChannelStatistic, graph: DependencyGraph) -> None:
-        self.statistic, self.graph = statistic, graph
+    def __init__(self, statistic: ChannelStatistic, deps: DependencyGraph) -> None:
+        self.statistic, self.deps = statistic, deps
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
         self.seconds = 0.0  # time taps spent gathering (coarse ranking's whole cost)
 
     def add(self, name: str, activation: torch.Tensor, grad: torch.Tensor | None) -> None:
-        dim, ids = self.graph.tensor_atoms[name]
+        dim, ids = self.deps.tensor_atoms[name]
         if activation.dim() <= dim or activation.shape[dim] != ids.numel():
             raise ArgumentError(
                 f"node {name}: a calibration batch gives it shape {tuple(activation.shape)}, but it has {ids.numel()} "
@@ -160,11 +160,11 @@ class _Accumulator:
 
     def atom_scores(self, used: dict[str, torch.Tensor]) -> torch.Tensor:
         """Mean over each atom's used channels of ``finish(per-channel mean)``; 0 for unseen atoms."""
-        total = torch.zeros(self.graph.num_atoms, dtype=torch.float64)
-        count = torch.zeros(self.graph.num_atoms, dtype=torch.float64)
+        total = torch.zeros(self.deps.num_atoms, dtype=torch.float64)
+        count = torch.zeros(self.deps.num_atoms, dtype=torch.float64)
         for name, mask in used.items():
             if name in self.sums:
-                ids = self.graph.tensor_atoms[name][1][mask]
+                ids = self.deps.tensor_atoms[name][1][mask]
                 score = self.statistic.finish(self.sums[name] / self.counts[name])[mask]
                 total.index_add_(0, ids, score)
                 count.index_add_(0, ids, torch.ones_like(score))
@@ -214,33 +214,33 @@ class _Probe(torch.fx.Interpreter):
 
 
 def activation_scores(
-    graph: DependencyGraph, gm: torch.fx.GraphModule, data: Any, statistic: ChannelStatistic, loss_fn: LossFn | None = None
+    deps: DependencyGraph, gm: torch.fx.GraphModule, data: Any, statistic: ChannelStatistic, loss_fn: LossFn | None = None
 ) -> torch.Tensor:
-    """Score of every atom of ``graph`` (float64) under ``statistic`` over the calibration ``data``.
+    """Score of every atom of ``deps`` (float64) under ``statistic`` over the calibration ``data``.
 
     ``loss_fn(output, target)`` (target None for batches without one) is needed when the statistic
     uses gradients; they are taken with ``torch.autograd.grad`` w.r.t. the probed outputs only.
     """
-    used = _probed(graph, gm)
-    return _gather(graph, gm, data, statistic, used, loss_fn).atom_scores(used)
+    used = _probed(deps, gm)
+    return _gather(deps, gm, data, statistic, used, loss_fn).atom_scores(used)
 
 
 def channel_scores(
-    graph: DependencyGraph, gm: torch.fx.GraphModule, data: Any, statistic: ChannelStatistic, nodes: Collection[str]
+    deps: DependencyGraph, gm: torch.fx.GraphModule, data: Any, statistic: ChannelStatistic, nodes: Collection[str]
 ) -> dict[str, torch.Tensor]:
     """``finish`` of the per-channel means of ``statistic`` (float64) at each node of ``nodes`` whose output
-    has a channel dim in ``graph.tensor_atoms`` and is floating point, over the calibration ``data``:
+    has a channel dim in ``deps.tensor_atoms`` and is floating point, over the calibration ``data``:
     for a selector that reads the inputs of given layers rather than the probed activations."""
     if statistic.needs_grad:
         raise FxPruneError("stats.channel_scores gathers forward statistics only; use activation_scores with loss_fn= for gradients")
-    acc = _gather(graph, gm, data, statistic, {n for n in nodes if n in graph.tensor_atoms})
+    acc = _gather(deps, gm, data, statistic, {n for n in nodes if n in deps.tensor_atoms})
     return {name: statistic.finish(total / acc.counts[name]) for name, total in acc.sums.items()}
 
 
-def _gather(graph: DependencyGraph, gm: torch.fx.GraphModule, data: Any, statistic: ChannelStatistic, nodes: Collection[str],
+def _gather(deps: DependencyGraph, gm: torch.fx.GraphModule, data: Any, statistic: ChannelStatistic, nodes: Collection[str],
             loss_fn: LossFn | None = None) -> _Accumulator:
     """One pass over ``data`` on a detached copy of ``gm``, accumulating ``statistic`` at ``nodes``."""
-    acc = _Accumulator(statistic, graph)
+    acc = _Accumulator(statistic, deps)
     copy = detached_copy(gm, statistic.needs_grad)
     probe = _Probe(copy, nodes, acc)
     batches = 0
@@ -281,9 +281,9 @@ class Tapped:
     """A GraphModule with taps (``module``), the statistics they gathered (``atom_scores()``) and the
     seconds that took (``seconds``)."""
 
-    def __init__(self, graph: DependencyGraph, gm: torch.fx.GraphModule, statistic: ChannelStatistic) -> None:
-        self.used = _probed(graph, gm)
-        self.acc = _Accumulator(statistic, graph)
+    def __init__(self, deps: DependencyGraph, gm: torch.fx.GraphModule, statistic: ChannelStatistic) -> None:
+        self.used = _probed(deps, gm)
+        self.acc = _Accumulator(statistic, deps)
         g, _, _ = copy_graph(gm.graph)
         taps: dict[str, nn.Module] = {}
         for node in list(g.nodes):
@@ -307,6 +307,6 @@ class Tapped:
         return self.acc.seconds
 
 
-def tap(graph: DependencyGraph, gm: torch.fx.GraphModule, statistic: ChannelStatistic) -> Tapped:
+def tap(deps: DependencyGraph, gm: torch.fx.GraphModule, statistic: ChannelStatistic) -> Tapped:
     """``gm`` with a tap after every probed node; its modules and tensors are ``gm``'s own (shared)."""
-    return Tapped(graph, gm, statistic)
+    return Tapped(deps, gm, statistic)

@@ -128,7 +128,7 @@ class Chooser:
     def rule(self) -> WidthRule:
         return self.strategy.rule
 
-    def scores(self, graph: DependencyGraph, gm: torch.fx.GraphModule, seed: int, untapped: bool = False,
+    def scores(self, deps: DependencyGraph, gm: torch.fx.GraphModule, seed: int, untapped: bool = False,
                cost: CostModel | None = None, tapped: dict[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
         """The selector's scores, with torch's global RNG seeded by ``seed`` and restored afterwards;
         ``untapped``: the first step of coarse ranking, before any fine-tuning was tapped; ``tapped``: the
@@ -141,8 +141,8 @@ class Chooser:
             torch.manual_seed(seed)
             if tapped is not None:
                 rank = getattr(self.selector, "rank", None)
-                return rank(graph, gm, tapped, **extra) if rank is not None else tapped
-            return (self.selector.untapped_scores if untapped else self.selector.scores)(graph, gm, **extra)
+                return rank(deps, gm, tapped, **extra) if rank is not None else tapped
+            return (self.selector.untapped_scores if untapped else self.selector.scores)(deps, gm, **extra)
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready record of the strategy, kept in ``meta["fxprune"]["strategy"]``."""

@@ -23,8 +23,8 @@ class Uniform:
 
     name = "uniform"
 
-    def scores(self, graph: DependencyGraph, gm: torch.fx.GraphModule) -> Scores:
-        return {g.id: -torch.arange(g.width, dtype=torch.float64) for g in graph.prunable_groups}
+    def scores(self, deps: DependencyGraph, gm: torch.fx.GraphModule) -> Scores:
+        return {g.id: -torch.arange(g.width, dtype=torch.float64) for g in deps.prunable_groups}
 
 
 class Random:
@@ -32,20 +32,20 @@ class Random:
 
     name = "random"
 
-    def scores(self, graph: DependencyGraph, gm: torch.fx.GraphModule) -> Scores:
-        return {g.id: torch.rand(g.width, dtype=torch.float64) for g in graph.prunable_groups}
+    def scores(self, deps: DependencyGraph, gm: torch.fx.GraphModule) -> Scores:
+        return {g.id: torch.rand(g.width, dtype=torch.float64) for g in deps.prunable_groups}
 
 
 def _state(gm: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
     return {**dict(gm.named_parameters()), **dict(gm.named_buffers())}
 
 
-def _lp_sums(graph: DependencyGraph, state: dict[str, torch.Tensor], members: list[Member], p: float) -> torch.Tensor:
-    """Per atom (all atoms of ``graph``): the sum of ``|w|^p`` over the slices of ``members`` it owns."""
-    total = torch.zeros(graph.num_atoms, dtype=torch.float64)
+def _lp_sums(deps: DependencyGraph, state: dict[str, torch.Tensor], members: list[Member], p: float) -> torch.Tensor:
+    """Per atom (all atoms of ``deps``): the sum of ``|w|^p`` over the slices of ``members`` it owns."""
+    total = torch.zeros(deps.num_atoms, dtype=torch.float64)
     for m in members:
         t = state[m.name].detach().to(torch.float64).abs() ** p
-        total.index_add_(0, graph.member_atoms[(m.name, m.dim)], t.movedim(m.dim, 0).reshape(t.shape[m.dim], -1).sum(1))
+        total.index_add_(0, deps.member_atoms[(m.name, m.dim)], t.movedim(m.dim, 0).reshape(t.shape[m.dim], -1).sum(1))
     return total
 
 
@@ -60,11 +60,11 @@ class LpNorm:
         self.p = p
         self.name = f"l{p:g}"
 
-    def scores(self, graph: DependencyGraph, gm: torch.fx.GraphModule) -> Scores:
+    def scores(self, deps: DependencyGraph, gm: torch.fx.GraphModule) -> Scores:
         state, out = _state(gm), {}
-        for g in graph.prunable_groups:
+        for g in deps.prunable_groups:
             members = [m for m in g.members if m.role == "out"] or list(g.members)
-            out[g.id] = _lp_sums(graph, state, members, self.p)[g.atoms] ** (1 / self.p)
+            out[g.id] = _lp_sums(deps, state, members, self.p)[g.atoms] ** (1 / self.p)
         return out
 
 
@@ -124,10 +124,10 @@ class BNScale:
 
     name = "bn_scale"
 
-    def scores(self, graph: DependencyGraph, gm: torch.fx.GraphModule) -> Scores:
+    def scores(self, deps: DependencyGraph, gm: torch.fx.GraphModule) -> Scores:
         weights = norm_weights(gm)
-        state, fallback, out = _state(gm), L1().scores(graph, gm), {}
-        for g in graph.prunable_groups:
+        state, fallback, out = _state(gm), L1().scores(deps, gm), {}
+        for g in deps.prunable_groups:
             gammas = [m for m in g.members if m.role == "param" and m.name in weights]
-            out[g.id] = _lp_sums(graph, state, gammas, 1)[g.atoms] if gammas else fallback[g.id]
+            out[g.id] = _lp_sums(deps, state, gammas, 1)[g.atoms] if gammas else fallback[g.id]
         return out

@@ -86,7 +86,7 @@ def measured(a: Analysis, chooser: Chooser, target: Target, seed: int) -> tuple[
     count (see the module docstring); the selector scores with ``seed``, and one that ranks by cost gets
     the latency model."""
     setting, cache = Setting.of(a.gm, a.inputs), TimingCache()
-    if not a.graph.prunable_groups:
+    if not a.deps.prunable_groups:
         raise TargetUnreachableError(f"the latency target {target.describe()} is out of reach: no channel group of the model can be "
                                      "pruned (see analyze() for why each is frozen), so the best speed-up was 1x", best_speedup=1.0)
     log.info("checking the machine: timing the original at %d threads%s for about %.0f s", setting.threads,
@@ -119,8 +119,8 @@ class Search:
         self.goal = target.latency_ms / original_ms if target.latency_ms is not None else 1 / target.speedup
         self.aim = self.goal * (1 - MARGIN)
         self.clock = Clock(a, setting, cache, machine.burst)
-        self.model = costmodel.LatencyModel(a.graph, a.flops, a.gm, original_ms, setting, cache, chooser.rule.round_to, self.overdue)
-        self.scores = chooser.scores(a.graph, a.gm, seed, cost=self.model)
+        self.model = costmodel.LatencyModel(a.deps, a.flops, a.gm, original_ms, setting, cache, chooser.rule.round_to, self.overdue)
+        self.scores = chooser.scores(a.deps, a.gm, seed, cost=self.model)
         self.timed = 0  # candidates timed, over both passes
         self.budgets: dict[str, float] = {}  # widths -> the first estimated-ms budget that gave them
         self.stepped = False  # the result is far past the target because the widths step there
@@ -158,7 +158,7 @@ class Search:
                   "threads": self.setting.threads, "dtype": self.setting.dtype, "timings_taken": self.cache.measured,
                   "rounds": self.timed, "results_timed": self.clock.timed, "notes": _overshoot(chosen, trials, self.goal, self.stepped)}
         names = {n.name: name for n, (name, _) in layers(self.a.gm).items()}
-        removed = removed_mask(self.a.graph, chosen.plan)
+        removed = removed_mask(self.a.deps, chosen.plan)
         record["layers_ms"] = {names.get(node, node): ms for node, ms in self.model.layers(removed).items()}
         return chosen.plan, self.clock.result(chosen.plan)[0], record
 
@@ -183,11 +183,11 @@ class Search:
         if not c.meets(self.goal):
             log.info("  it does not meet the target now: searching")
             return None
-        return Trial(plan, c, self.model.cost(removed_mask(self.a.graph, plan)) / self.model.total, False)
+        return Trial(plan, c, self.model.cost(removed_mask(self.a.deps, plan)) / self.model.total, False)
 
     def trial(self, plan: Plan, why: str, turn: int = 1) -> Trial:
         """``plan`` timed against the original (again when far from the model's estimate), with a line that says why."""
-        removed = removed_mask(self.a.graph, plan)
+        removed = removed_mask(self.a.deps, plan)
         estimate = self.model.cost(removed) / self.model.total
         if not bool(removed.any()):
             return Trial(plan, Comparison.identical(self.original), 1.0, False)

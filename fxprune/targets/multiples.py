@@ -33,10 +33,10 @@ def measure_round_to(a: Analysis, chooser: Chooser, timed: bool) -> Chooser:
     if chooser.strategy.round_to != "auto":
         return chooser
     if timed:
-        multiple = fast_multiple(a.gm, a.graph, Setting.of(a.gm, a.inputs), TimingCache())
+        multiple = fast_multiple(a.gm, a.deps, Setting.of(a.gm, a.inputs), TimingCache())
         log.info("round_to='auto': widths are multiples of %d, measured fastest on this device", multiple)
     else:
-        multiple = steady_multiple(a.gm, a.graph)
+        multiple = steady_multiple(a.gm, a.deps)
     return replace(chooser, strategy=replace(chooser.strategy, round_to=multiple), measured=True)
 
 
@@ -60,14 +60,14 @@ back to a finer multiple (at ``round_to=1`` plans land within it)."""
 
 def close(a: Analysis, plan: Plan, macs: float) -> bool:
     """Whether ``plan`` keeps at least ``1 - CLOSE`` of the ``macs`` budget."""
-    return a.flops.macs(removed_mask(a.graph, plan)) >= (1 - CLOSE) * macs
+    return a.flops.macs(removed_mask(a.deps, plan)) >= (1 - CLOSE) * macs
 
 
 def reachable(a: Analysis, chooser: Chooser, macs: float) -> Chooser:
     """The first of ``finer(chooser)`` whose width rule gets the model down to ``macs``, within ``CLOSE``
     (the last if none does); the width rule, not the scores, decides that, so flat scores are used."""
     options = finer(chooser)
-    flat = {g.id: torch.zeros(g.width) for g in a.graph.prunable_groups}
+    flat = {g.id: torch.zeros(g.width) for g in a.deps.prunable_groups}
     for used in options[:-1]:
         try:
             if close(a, select_plan(a, used, macs, flat), macs):
@@ -82,17 +82,17 @@ def within(a: Analysis, chooser: Chooser, macs: float, seed: int) -> tuple[Choos
     its plan keeps within ``CLOSE`` of the budget, else the first of ``finer(chooser)`` that does (the last
     if none). The scores are computed once, unless the selector reads the width rule."""
     *options, last = finer(chooser)
-    scores = chooser.scores(a.graph, a.gm, seed, cost=a.flops)
+    scores = chooser.scores(a.deps, a.gm, seed, cost=a.flops)
     rescore = getattr(chooser.selector, "uses_width_rule", False)
     for used in options:
-        scores = used.scores(a.graph, a.gm, seed, cost=a.flops) if rescore and used is not chooser else scores
+        scores = used.scores(a.deps, a.gm, seed, cost=a.flops) if rescore and used is not chooser else scores
         try:
             plan = select_plan(a, used, macs, scores)
         except TargetUnreachableError:
             continue
         if close(a, plan, macs):
             return used, plan
-    scores = last.scores(a.graph, a.gm, seed, cost=a.flops) if rescore and options else scores
+    scores = last.scores(a.deps, a.gm, seed, cost=a.flops) if rescore and options else scores
     return last, select_plan(a, last, macs, scores)
 
 

@@ -71,7 +71,7 @@ class Clock:
     def result(self, plan: Plan) -> tuple[torch.fx.GraphModule, nn.Module]:
         key = widths(plan)
         if key not in self.pruned:
-            pruned = rewrite(self.a.gm, self.a.graph, plan)
+            pruned = rewrite(self.a.gm, self.a.deps, plan)
             self.pruned[key] = pruned, self.a.result(pruned)
         return self.pruned[key]
 
