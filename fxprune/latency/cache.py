@@ -58,9 +58,6 @@ class TimingCache:
             with contextlib.suppress(OSError, ValueError):
                 self.data = json.loads(self.path.read_text())
 
-    def has(self, setting: Setting, key: str) -> bool:
-        return key in self.data.get(setting.key(), {})
-
     def lookup(self, setting: Setting, key: str) -> Any:
         """The value kept under ``key`` (None when there is none)."""
         return self.data.get(setting.key(), {}).get(key)

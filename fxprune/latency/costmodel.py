@@ -265,7 +265,7 @@ def _announce(deps: DependencyGraph, layers: dict[int, Layer], grids: dict[int, 
     """Log how many layer timings the cache lacks and about how long they take (each about 12 calls of
     at least 1 ms; a layer at full width about its share of the model's MACs of ``total_ms``); the seconds."""
     todo = [(i, [a[j] for a, j in zip(axes, index)]) for i, (axes, points) in grids.items() for index in points
-            if not cache.has(setting, layers[i].key(tuple(a[j] for a, j in zip(axes, index))))]
+            if cache.lookup(setting, layers[i].key(tuple(a[j] for a, j in zip(axes, index)))) is None]
     if not todo:
         return 0.0
     macs = sum(deps.flop_terms[i].macs for i in layers) or 1

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..core.fxutil import eval_mode
 from . import timing
-from .timing import BURST, Latency, Setting, _calls, _summary, _sync, median_interval, settle_malloc, threads
+from .timing import BURST, Latency, Setting, aa_noise, settle_malloc, summarize, synchronizer, threads, warm_calls
 
 __all__ = ["Machine", "check", "SECONDS", "NOISY", "STALLED", "BURSTY"]
 
@@ -92,14 +92,14 @@ def check(model: nn.Module, inputs: Sequence[Any], seconds: float = SECONDS) -> 
     """Time ``model`` in rounds (twice at the chosen thread count, once at one thread) for about ``seconds``."""
     inputs = tuple(inputs)
     setting = Setting.of(model, inputs)
-    sync = _sync(setting.device)
+    sync = synchronizer(setting.device)
     n = torch.get_num_threads()
     settle_malloc(setting.device)
     first: list[float] = []
     single: list[float] = []
     second: list[float] = []
     with torch.no_grad(), eval_mode(model):
-        (calls,) = _calls([model], inputs, 2, 5.0, sync)
+        (calls,) = warm_calls([model], inputs, 2, 5.0, sync)
         while len(first) < MOST and (len(first) < LEAST or sum(first + second + single) * calls / 1e3 < seconds):
             first.append(timing.time_calls(model, inputs, calls, sync))
             second.append(timing.time_calls(model, inputs, calls, sync))
@@ -109,9 +109,8 @@ def check(model: nn.Module, inputs: Sequence[Any], seconds: float = SECONDS) -> 
     aa = [b / a for a, b in zip(first, second)]
     burst = max(BURST, 3 * statistics.median(abs(r - 1) for r in aa))
     steady = [r for r in aa if abs(r - 1) <= burst]  # as a comparison keeps them
-    low, high = median_interval(steady if len(steady) >= 2 else aa)
     mean = [(a + b) / 2 for a, b in zip(first, second)]
-    return Machine(_summary(first + second, inputs, setting), _summary(single, inputs, replace(setting, threads=1)) if single else None,
-                   (high - low) / 2 / statistics.median(steady if len(steady) >= 2 else aa), 1 - len(steady) / len(aa),
+    return Machine(summarize(first + second, inputs, setting), summarize(single, inputs, replace(setting, threads=1)) if single else None,
+                   aa_noise(steady if len(steady) >= 2 else aa), 1 - len(steady) / len(aa),
                    statistics.median(m / s for m, s in zip(mean, single)) if single else 1.0, sum(first + second + single) * calls / 1e3,
                    burst)

@@ -29,7 +29,8 @@ from torch import nn
 from ..core.fxutil import eval_mode
 
 __all__ = ["Latency", "Comparison", "measure_latency", "measure_in_turns", "compare", "median_interval", "time_calls", "layer_ms",
-           "Setting", "threads", "STABLE", "CONFIDENCE", "BURST", "FEWEST"]
+           "Setting", "threads", "settle_malloc", "warm_calls", "summarize", "synchronizer", "aa_noise", "STABLE", "CONFIDENCE",
+           "BURST", "FEWEST"]
 
 METHOD = 4
 """How timings are taken and kept; part of every cache key, so timings taken another way are taken again."""
@@ -156,7 +157,7 @@ def settle_malloc(device: str, nbytes: int = _MMAP_MAX) -> None:
         torch.empty(min(nbytes, _MMAP_MAX - (1 << 20)), dtype=torch.uint8)
 
 
-def _sync(device: str) -> Callable[[], None]:
+def synchronizer(device: str) -> Callable[[], None]:
     return torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
 
@@ -178,7 +179,7 @@ def median_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> 
     return (xs[0], xs[-1]) if k == 0 else (xs[k - 1], xs[n - k])
 
 
-def _summary(ms: list[float], inputs: Sequence[Any], setting: Setting) -> Latency:
+def summarize(ms: list[float], inputs: Sequence[Any], setting: Setting) -> Latency:
     q = statistics.quantiles(ms, n=4) if len(ms) > 1 else [ms[0]] * 3
     return Latency(statistics.median(ms), q[0], q[2], len(ms), _batch(inputs), setting, *median_interval(ms))
 
@@ -193,7 +194,7 @@ def time_calls(model: Callable[..., Any], inputs: Sequence[Any], calls: int, syn
     return (time.perf_counter() - t) * 1e3 / calls
 
 
-def _calls(models: Sequence[nn.Module], inputs: Sequence[Any], warmup: int, min_ms: float, sync: Callable[[], None]) -> list[int]:
+def warm_calls(models: Sequence[nn.Module], inputs: Sequence[Any], warmup: int, min_ms: float, sync: Callable[[], None]) -> list[int]:
     """After ``warmup`` calls of each model, how many calls make one timing of it last about ``min_ms``."""
     out = []
     for m in models:
@@ -208,14 +209,14 @@ def measure_in_turns(models: Sequence[nn.Module], inputs: Sequence[Any], *, repe
     round, ``repeat`` rounds after ``warmup``). A timing runs enough calls to last about ``min_ms``."""
     inputs = tuple(inputs)
     setting = Setting.of(models[0], inputs)
-    sync = _sync(setting.device)
+    sync = synchronizer(setting.device)
     samples: list[list[float]] = [[] for _ in models]
     with torch.no_grad(), eval_mode(*models):
-        calls = _calls(models, inputs, warmup, min_ms, sync)
+        calls = warm_calls(models, inputs, warmup, min_ms, sync)
         for _ in range(repeat):
             for i, m in enumerate(models):
                 samples[i].append(time_calls(m, inputs, calls[i], sync))
-    return [_summary(s, inputs, setting) for s in samples]
+    return [summarize(s, inputs, setting) for s in samples]
 
 
 @dataclass(frozen=True)
@@ -296,11 +297,11 @@ def compare(original: nn.Module, candidate: nn.Module, inputs: Sequence[Any], *,
     kept. A round whose A/A pair differs by more than ``burst`` is dropped. ``candidate`` may be ``original``: an A/A pair."""
     inputs = tuple(inputs)
     setting = Setting.of(original, inputs)
-    sync = _sync(setting.device)
+    sync = synchronizer(setting.device)
     taken: list[tuple[float, float, float]] = []  # (original, candidate, original) per round
     settle_malloc(setting.device)
     with torch.no_grad(), eval_mode(original, candidate):
-        n_orig, n_cand = _calls([original, candidate], inputs, warmup, min_ms, sync)
+        n_orig, n_cand = warm_calls([original, candidate], inputs, warmup, min_ms, sync)
         while True:
             taken.append((time_calls(original, inputs, n_orig, sync), time_calls(candidate, inputs, n_cand, sync),
                           time_calls(original, inputs, n_orig, sync)))
@@ -314,14 +315,18 @@ def compare(original: nn.Module, candidate: nn.Module, inputs: Sequence[Any], *,
                     return result
 
 
+def aa_noise(aa: Sequence[float]) -> float:
+    """The noise of A/A ratios (a model timed against itself): the relative half-width of their median's interval."""
+    low, high = median_interval(aa)
+    return (high - low) / 2 / statistics.median(aa)
+
+
 def _comparison(first: Sequence[float], cand: Sequence[float], second: Sequence[float], inputs: Sequence[Any], setting: Setting,
                 dropped: int = 0) -> Comparison:
     ratios = [c / ((a + b) / 2) for a, b, c in zip(first, second, cand)]
-    aa = [b / a for a, b in zip(first, second)]
     low, high = median_interval(ratios)
-    aa_low, aa_high = median_interval(aa)
-    return Comparison(statistics.median(ratios), low, high, (aa_high - aa_low) / 2 / statistics.median(aa), len(ratios),
-                      _summary([*first, *second], inputs, setting), _summary(list(cand), inputs, setting), dropped)
+    return Comparison(statistics.median(ratios), low, high, aa_noise([b / a for a, b in zip(first, second)]), len(ratios),
+                      summarize([*first, *second], inputs, setting), summarize(list(cand), inputs, setting), dropped)
 
 
 def layer_ms(layer: nn.Module, x: torch.Tensor) -> Latency:

@@ -92,14 +92,11 @@ def measured(a: Analysis, chooser: Chooser, target: Target, seed: int) -> tuple[
     log.info("checking the machine: timing the original at %d threads%s for about %.0f s", setting.threads,
              " and at 1 thread" if setting.threads > 1 and setting.device == "cpu" else "", SECONDS)
     machine = check(a.model, a.inputs)
-    if machine.refusal() is not None:  # a burst may pass: one more look before refusing
-        log.info("the machine looked busy (%s): checking again", machine.refusal().split(" (")[0])
-        machine = check(a.model, a.inputs)
     why = machine.refusal()
-    if why is not None:
-        message = f"{target.describe()} cannot be decided on {setting.device} now: {why} Searching anyway (on_noise='warn')."
-        raise_or_warn(target.on_noise, MeasurementError(message.removesuffix(" Searching anyway (on_noise='warn')."), noise=machine.noise),
-                      message)
+    if why is not None:  # a burst may pass: one more look before refusing
+        log.info("the machine looked busy (%s): checking again", why.split(" (")[0])
+        machine = check(a.model, a.inputs)
+    _undecidable(machine.refusal(), machine.noise, target, setting.device)
     log.info("the original takes %.4g ms at %d threads; its A/A pairs varied by %.1f%%", machine.original.median_ms,
              setting.threads, 100 * machine.noise)
     if machine.noise > STABLE:  # layer timings taken now may sit in a burst; use them, keep none
@@ -199,11 +196,11 @@ class Search:
         if turn == 1 and not 1 / BAND <= c.ratio / estimate <= BAND:
             log.info("  measured %.3gx against %.3gx estimated: timing it again before believing it", c.speedup, 1 / estimate)
             c, cached = self.clock.compare(plan, self.goal, turn=2)
-        if not cached and self.drifted(c):
+        if not cached and self.drifted(c.before.median_ms):
             log.info("  the original took %.4g ms here against %.4g ms when the machine was checked: the load changed; timing it again",
                      c.before.median_ms, self.original_ms)
             c, cached = self.clock.compare(plan, self.goal, turn=turn + 3)
-            if self.drifted(c):
+            if self.drifted(c.before.median_ms):
                 raise_or_warn(self.target.on_noise, MeasurementError(
                     f"the machine's load changed during the search on {self.setting.device}: the original took {c.before.median_ms:.4g} ms "
                     f"while a candidate was timed, against {self.original_ms:.4g} ms when the machine was checked, twice. Ratios "
@@ -218,15 +215,14 @@ class Search:
         """The layer timings run late: ``MeasurementError`` when the machine is now too busy to decide."""
         machine = check(self.a.model, self.a.inputs)
         log.info("the layer timings take longer than estimated: the machine was checked again")
-        why = machine.refusal() or (f"the original now takes {machine.original.median_ms:.4g} ms against {self.original_ms:.4g} ms at "
-                                    "the start: other work took the cores" if self.drifted(machine) else None)
-        if why is not None:
-            raise_or_warn(self.target.on_noise, MeasurementError(f"{self.target.describe()} cannot be decided on {self.setting.device} "
-                                                                 f"now: {why}", noise=machine.noise))
+        ms = machine.original.median_ms
+        why = machine.refusal() or (f"the original now takes {ms:.4g} ms against {self.original_ms:.4g} ms at the start: other work "
+                                    "took the cores" if self.drifted(ms) else None)
+        _undecidable(why, machine.noise, self.target, self.setting.device)
 
-    def drifted(self, c: Comparison | Machine) -> bool:
-        ms = c.original.median_ms if isinstance(c, Machine) else c.before.median_ms
-        return not 1 / DRIFT <= ms / self.original_ms <= DRIFT
+    def drifted(self, original_ms: float) -> bool:
+        """Whether the original ran ``DRIFT`` times off the milliseconds the machine check measured."""
+        return not 1 / DRIFT <= original_ms / self.original_ms <= DRIFT
 
     def search(self) -> list[Trial]:
         budget, smallest, why = self.aim * self.model.total, False, "the latency model's plan for the target"
@@ -380,6 +376,14 @@ def _overshoot(chosen: Trial, trials: list[Trial], goal: float, stepped: bool) -
            f"the plans between it and the nearest wider one ({nearest:.3g}x) were not all tried within the candidates the search "
            "takes" if wider else "no wider plan was found within the candidates the search takes")
     return [f"the result measured {chosen.comparison.speedup:.3g}x, more than {OVERSHOOT:g} times the {1 / goal:.3g}x asked for: {why}"]
+
+
+def _undecidable(why: str | None, noise: float, target: Target, device: str) -> None:
+    """When ``why`` says the machine cannot decide ``target`` now: ``MeasurementError``, or with
+    ``on_noise="warn"`` a warning, and the search goes on."""
+    if why is not None:
+        message = f"{target.describe()} cannot be decided on {device} now: {why}"
+        raise_or_warn(target.on_noise, MeasurementError(message, noise=noise), f"{message} Searching anyway (on_noise='warn').")
 
 
 def raise_or_warn(on_noise: str, error: MeasurementError, warning: str | None = None) -> None:
