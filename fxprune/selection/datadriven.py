@@ -9,6 +9,7 @@ from typing import Any
 import torch
 import torch.fx
 
+from ..core.dataflow import read_params
 from ..core.graph import DependencyGraph, Role
 from ..errors import ArgumentError
 from . import normgrad
@@ -158,22 +159,23 @@ def weight_reads(deps: DependencyGraph, gm: torch.fx.GraphModule) -> list[tuple[
     """(input node, weight, the weight's input dim) for each layer that reads channels through a weight
     parameter: the consumers whose input carries channels along the dim they contract."""
     nodes = {n.name: n for n in gm.graph.nodes}
+    params = dict(gm.named_parameters())
     reads = []
     for name, pos, dim in deps.consumers:
         node = nodes[name]
         src = node.args[pos] if isinstance(pos, int) and pos < len(node.args) else None
         if not isinstance(src, torch.fx.Node) or deps.tensor_atoms.get(src.name, (None,))[0] != dim:
             continue
-        reads += [(src.name, w, d) for w in _parameters_of(gm, node) for d in (0, 1)
+        reads += [(src.name, w, d) for w in _parameters_of(gm, node, params) for d in (0, 1)
                   if (w, d) in deps.members and deps.members[(w, d)].role == Role.IN]
     return reads
 
 
-def _parameters_of(gm: torch.fx.GraphModule, node: torch.fx.Node) -> list[str]:
-    """Qualified names of the parameters ``node`` reads: its module's own, or its ``get_attr`` inputs."""
+def _parameters_of(gm: torch.fx.GraphModule, node: torch.fx.Node, params: dict[str, torch.nn.Parameter]) -> list[str]:
+    """Qualified names of the parameters ``node`` reads: its module's own, or the ones it reads directly."""
     if node.op == "call_module":
         return [f"{node.target}.{p}" for p in gm.get_submodule(node.target)._parameters]
-    return [n.target for n in node.all_input_nodes if n.op == "get_attr"]
+    return read_params(node, params)
 
 
 def column_magnitudes(weight: torch.Tensor, dim: int, channels: int) -> torch.Tensor:
