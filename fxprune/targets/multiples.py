@@ -81,26 +81,29 @@ def within(a: Analysis, chooser: Chooser, macs: float, seed: int) -> tuple[Choos
     """The plan of a FLOPs budget of ``macs`` and the chooser that made it: ``chooser``'s own multiple when
     its plan keeps within ``CLOSE`` of the budget, else the first of ``finer(chooser)`` that does (the last
     if none). The scores are computed once, unless the selector reads the width rule."""
+    def scored(used: Chooser, scores: dict[int, torch.Tensor] | None) -> dict[int, torch.Tensor]:
+        if scores is not None and not getattr(used.selector, "uses_width_rule", False):
+            return scores
+        return used.scores(a.deps, a.gm, seed, cost=a.flops)
+
     *options, last = finer(chooser)
-    scores = chooser.scores(a.deps, a.gm, seed, cost=a.flops)
-    rescore = getattr(chooser.selector, "uses_width_rule", False)
+    scores = None
     for used in options:
-        scores = used.scores(a.deps, a.gm, seed, cost=a.flops) if rescore and used is not chooser else scores
+        scores = scored(used, scores)
         try:
             plan = select_plan(a, used, macs, scores)
         except TargetUnreachableError:
             continue
         if close(a, plan, macs):
             return used, plan
-    scores = last.scores(a.deps, a.gm, seed, cost=a.flops) if rescore and options else scores
-    return last, select_plan(a, last, macs, scores)
+    return last, select_plan(a, last, macs, scored(last, scores))
 
 
 def fallback_note(tried: Chooser, used: Chooser, target: str) -> str | None:
     """The report's note when "auto" fell back from ``tried``'s multiple to ``used``'s."""
     if tried is used:
         return None
-    note = (f"round_to='auto': multiples of {tried.strategy.round_to} (measured fastest here) do not reach {target} "
+    note = (f"round_to='auto': multiples of {tried.strategy.round_to} (its multiple for this model and target) do not reach {target} "
             f"(a FLOPs target: within {CLOSE:.0%}); widths are multiples of {used.strategy.round_to} instead")
     log.warning(note)
     return note
