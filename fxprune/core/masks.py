@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from collections.abc import Hashable, Mapping
+
 from .graph import NEVER_REMOVED, DependencyGraph, Plan
 
-__all__ = ["removed_mask", "kept_mask"]
+__all__ = ["removed_mask", "kept_mask", "kept_masks"]
 
 
 def removed_mask(deps: DependencyGraph, plan: Plan) -> torch.Tensor:
@@ -24,3 +26,12 @@ def kept_mask(removed: torch.Tensor, atoms: torch.Tensor) -> torch.Tensor:
     """For positions whose atoms are ``atoms``: True where the position stays (``NEVER_REMOVED`` always does)."""
     never = atoms == NEVER_REMOVED
     return never | ~removed[atoms.masked_fill(never, 0)]
+
+
+def kept_masks(removed: torch.Tensor, atoms: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+    """``kept_mask`` of every entry of ``atoms`` (1-D atom tensors), computed at once: a graph has hundreds."""
+    keys = list(atoms)
+    if not keys:
+        return {}
+    kept = kept_mask(removed, torch.cat([atoms[k] for k in keys]))
+    return dict(zip(keys, torch.split(kept, [atoms[k].numel() for k in keys])))

@@ -132,11 +132,11 @@ _TORCHVISION_AS = {"roi_align": ROI_POOL, "roi_pool": ROI_POOL}
 FLOPLESS_FUNCS = ELEMENTWISE_FUNCS | FIRST_OPERAND_FUNCS | SHAPE_FUNCS | RESHAPE_FUNCS | SPATIAL_FUNCS | UNPOOL_FUNCS | {
     operator.getitem, torch.split, torch.chunk, torch.unbind, torch.select, torch.unflatten, F.batch_norm, F.layer_norm, F.group_norm, F.pad,
     getattr, torch.mean, torch.sum,
-}
+} | {f for f in SOFTMAX if not isinstance(f, str)}
 FLOPLESS_METHODS = ELEMENTWISE_METHODS | FIRST_OPERAND_METHODS | SHAPE_METHODS | RESHAPE_METHODS | {
     "split", "chunk", "unbind", "select", "unflatten", "size", "dim", "mean", "sum", "numel", ATEN_SLICE, ATEN_INDEX,
     INDEX_PUT, ROI_POOL,
-}
+} | {f for f in SOFTMAX if isinstance(f, str)}
 FLOPLESS_MODULES = ELEMENTWISE_MODULES + SPATIAL_MODULES + CHANNEL_PARAM_MODULES + UNPOOL_MODULES + (
     nn.LayerNorm, nn.GroupNorm, nn.Flatten, nn.Softmax, nn.ChannelShuffle,
 )

@@ -18,7 +18,7 @@ from ..core import metakeys as keys
 from ..core.dataflow import channel_count, layers, read_params
 from ..core.flops import FlopModel, total_macs
 from ..core.graph import DependencyGraph, Family
-from ..core.masks import kept_mask
+from ..core.masks import kept_masks
 from ..core.optable import IN_FIELDS, OUT_FIELDS, module_channels
 from ..report import LayerRow, Report
 
@@ -31,18 +31,18 @@ def _numel(mod: nn.Module) -> int:
     return sum(p.numel() for p in mod.parameters())
 
 
-def _kept(node: torch.fx.Node, deps: DependencyGraph, removed: torch.Tensor) -> tuple[int | None, int | None]:
-    """(channels before, after) of ``node``'s output along its tracked channel dim (None when untracked)."""
+def _kept(node: torch.fx.Node, deps: DependencyGraph, kept: dict[str, torch.Tensor]) -> tuple[int | None, int | None]:
+    """(channels before, after) of ``node``'s output along its tracked channel dim (None when untracked),
+    given the ``kept`` mask of every tracked tensor."""
     before = channel_count(node, deps)
-    entry = deps.tensor_atoms.get(node.name)
-    return before, (before if entry is None else int(kept_mask(removed, entry[1]).sum()))
+    return before, (int(kept[node.name].sum()) if node.name in kept else before)
 
 
-def _function_channels(node: torch.fx.Node, deps: DependencyGraph, removed: torch.Tensor) -> list[tuple[int | None, int | None]]:
+def _function_channels(node: torch.fx.Node, deps: DependencyGraph, kept: dict[str, torch.Tensor]) -> list[tuple[int | None, int | None]]:
     """In and out channels of a function layer (a ``torch.export`` graph's conv, a functional linear),
     read off the tensors it takes and gives."""
     src = next((n for n in node.all_input_nodes if n.op != "get_attr"), None)
-    return [_kept(src, deps, removed) if src is not None else (None, None), _kept(node, deps, removed)]
+    return [_kept(src, deps, kept) if src is not None else (None, None), _kept(node, deps, kept)]
 
 
 def annotate(
@@ -58,6 +58,7 @@ def annotate(
     before_params, after_params = dict(gm.named_parameters()), dict(pruned.named_parameters())
     named = layers(gm)
     pruned_nodes = {n.name: n for n in pruned.graph.nodes}
+    kept = kept_masks(removed, {name: atoms for name, (_, atoms) in deps.tensor_atoms.items()})
     rows: list[LayerRow] = []
     other = [0, 0]
     for node in gm.graph.nodes:
@@ -68,8 +69,7 @@ def annotate(
         shape = getattr(node.meta.get(keys.TENSOR_META), "shape", None)  # None for tuple outputs
         if deps.families.get(node.name) in _OTHER_FAMILIES and shape is not None:
             n0 = math.prod(shape)
-            entry = deps.tensor_atoms.get(node.name)
-            frac = float(kept_mask(removed, entry[1]).double().mean()) if entry is not None else 1.0
+            frac = float(kept[node.name].double().mean()) if node.name in kept else 1.0
             other[0] += n0
             other[1] += round(n0 * frac)
         if node not in named:
@@ -81,7 +81,7 @@ def annotate(
         else:
             p0 = sum(before_params[p].numel() for p in read_params(node, before_params))
             p1 = sum(after_params[p].numel() for p in read_params(pruned_nodes[node.name], after_params)) if node.name in pruned_nodes else p0
-            rows.append(LayerRow(*named[node], *_function_channels(node, deps, removed), (p0, p1), (macs0, macs1)))
+            rows.append(LayerRow(*named[node], *_function_channels(node, deps, kept), (p0, p1), (macs0, macs1)))
     notes = []
     frozen = [g for g in deps.groups if g.frozen and g.width > 1]  # one atom is kept whatever froze it
     if frozen:

@@ -19,7 +19,7 @@ from ..core import metakeys as keys
 from ..core.codegen import DirectGraphModule
 from ..core.fxutil import copy_graph, copy_modes
 from ..core.graph import DependencyGraph, Patch, PatchKind, Plan
-from ..core.masks import kept_mask, removed_mask
+from ..core.masks import kept_masks, removed_mask
 from ..core.optable import IN_FIELDS, OUT_FIELDS, module_channels
 
 __all__ = ["rewrite"]
@@ -49,17 +49,14 @@ class _Rewriter:
         self.deps = deps
         self.removed = removed_mask(deps, plan)
         self.nodes = {n.name: n for n in gm.graph.nodes}
-        self.kept = {}
-        for key, atoms in deps.member_atoms.items():
-            mask = kept_mask(self.removed, atoms)
-            if not bool(mask.all()):
-                self.kept[key] = mask.nonzero().flatten()
+        self.kept = {key: mask.nonzero().flatten() for key, mask in kept_masks(self.removed, deps.member_atoms).items() if not bool(mask.all())}
+        self.tensor_kept_masks = kept_masks(self.removed, {name: atoms for name, (_, atoms) in deps.tensor_atoms.items()})
 
     def tensor_kept(self, name: str, dim: int) -> torch.Tensor:
         """Kept-position mask of node ``name``'s output along ``dim``."""
         entry = self.deps.tensor_atoms.get(name)
         if entry is not None and entry[0] == dim:
-            return kept_mask(self.removed, entry[1])
+            return self.tensor_kept_masks[name]
         return torch.ones(self.nodes[name].meta[keys.TENSOR_META].shape[dim], dtype=torch.bool)
 
     def size(self, p: Patch) -> Any:
@@ -160,7 +157,6 @@ class _Rewriter:
         for p in self.deps.patches:
             if p.kind == PatchKind.ATTR:
                 setattr(new.get_submodule(p.target), p.field, self.size(p))
-        new.recompile()
         new.training = gm.training
         new.meta[keys.RECORD] = {"kept": self.kept_record()}
         return new
@@ -180,7 +176,7 @@ class _Rewriter:
             for key, tensor, fields in (("in", src, IN_FIELDS), ("out", n, OUT_FIELDS)):
                 atoms = self.deps.tensor_atoms.get(tensor.name) if tensor is not None else None
                 if atoms is not None:
-                    entry[key] = kept_mask(self.removed, atoms[1]).nonzero().flatten().tolist()
+                    entry[key] = self.tensor_kept_masks[tensor.name].nonzero().flatten().tolist()
                 elif (width := module_channels(mod, fields)) is not None:
                     entry[key] = list(range(width))
             modules[n.target] = entry

@@ -248,14 +248,16 @@ def atom_kinds(deps: DependencyGraph, groups: list[Group]) -> dict[int, tuple[in
     n = max(deps.num_atoms, 1)
     per_atom = torch.ones(n, dtype=torch.long)
     block = torch.zeros(n, dtype=torch.bool)
-    for (_, dim), atoms in deps.member_atoms.items():
-        at = (atoms >= 0).nonzero().flatten()
-        if dim != 0 or at.numel() == 0:
-            continue
-        ids = atoms[at]
-        keys, counts = torch.unique(ids, return_counts=True)
-        per_atom = per_atom.scatter_reduce(0, keys, counts, "amax")
-        block[ids[1:][(at[1:] == at[:-1] + 1) & (ids[1:] == ids[:-1])]] = True
+    firsts = [atoms for (_, dim), atoms in deps.member_atoms.items() if dim == 0]  # all members at once
+    if firsts:
+        ids = torch.cat(firsts)
+        owner = torch.repeat_interleave(torch.arange(len(firsts)), torch.tensor([a.numel() for a in firsts]))
+        at = torch.cat([torch.arange(a.numel()) for a in firsts])
+        real = ids >= 0
+        ids, owner, at = ids[real], owner[real], at[real]
+        pairs, counts = torch.unique(owner * n + ids, return_counts=True)
+        per_atom = per_atom.scatter_reduce(0, pairs % n, counts, "amax")
+        block[ids[1:][(owner[1:] == owner[:-1]) & (at[1:] == at[:-1] + 1) & (ids[1:] == ids[:-1])]] = True
     repeats = ((per_atom > 1) & ~block)[: deps.num_atoms].long()
     per_group = torch.ones(len(deps.groups), dtype=torch.long).scatter_reduce(0, deps.atom_group, per_atom[: deps.num_atoms], "amax")
     repeated = torch.zeros(len(deps.groups), dtype=torch.long).scatter_reduce(0, deps.atom_group, repeats, "amax")
@@ -270,13 +272,19 @@ def _fragile_tensors(deps: DependencyGraph, groups: list[Group], order: dict[int
     for g in groups:
         width[g.id] = g.width
         rank[g.atoms[order[g.id]]] = torch.arange(g.width)
+    entries = [atoms for _, atoms in deps.tensor_atoms.values() if atoms.numel()]
+    if not entries:
+        return []
+    n, num_groups = max(deps.num_atoms, 1), len(deps.groups)
+    owner = torch.repeat_interleave(torch.arange(len(entries)), torch.tensor([a.numel() for a in entries]))
+    atoms = torch.cat(entries)
+    untracked = torch.zeros(len(entries), dtype=torch.bool).index_fill_(0, owner[atoms < 0], True)
+    pairs = torch.unique((owner * n + atoms.clamp(min=0))[~untracked[owner]])  # each atom once per tensor
+    entry, atom = pairs // n, pairs % n
+    cells, held = torch.unique(entry * num_groups + deps.atom_group[atom], return_counts=True)  # atoms per (tensor, group)
+    whole = torch.zeros(len(entries), dtype=torch.bool).index_fill_(0, cells[width[cells % num_groups] <= held] // num_groups, True)
     found: dict[tuple[int, ...], torch.Tensor] = {}
-    for _, atoms in deps.tensor_atoms.values():
-        a = torch.unique(atoms)
-        if a.numel() == 0 or int(a[0]) < 0:
-            continue
-        owner = deps.atom_group[a]
-        held = torch.bincount(owner, minlength=len(deps.groups))[owner]
-        if bool((width[owner] > held).all()):  # no group whole here; width 0 marks non-prunable groups
-            found.setdefault(tuple(a.tolist()), a[torch.argsort(rank[a], stable=True)])
+    for e in (~untracked & ~whole).nonzero().flatten().tolist():  # no group whole here; width 0 marks non-prunable groups
+        a = atom[entry == e]
+        found.setdefault(tuple(a.tolist()), a[torch.argsort(rank[a], stable=True)])
     return list(found.values())

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -43,11 +44,9 @@ class _ShapeFlopProp(ShapeProp):
         if flopless(n, self.modules):
             result = super().run_node(n)
             n.meta[keys.FLOPS] = 0
-        elif isinstance(mod, nn.modules.conv._ConvNd) and len(n.args[0].meta[keys.TENSOR_META].shape) == mod.weight.dim():
-            # FlopCounterMode's own formula, without the cost of dispatching through the mode.
+        elif (flops := _formula(n, mod)) is not None:
             result = super().run_node(n)
-            x = list(n.args[0].meta[keys.TENSOR_META].shape)
-            n.meta[keys.FLOPS] = conv_flop_count(x, list(mod.weight.shape), list(result.shape), mod.transposed)
+            n.meta[keys.FLOPS] = flops(result)
         else:
             with flop_counter() as counter:
                 result = super().run_node(n)
@@ -55,6 +54,19 @@ class _ShapeFlopProp(ShapeProp):
         if keys.TENSOR_META not in n.meta:
             n.meta[keys.VALUE] = result
         return result
+
+
+def _formula(n: torch.fx.Node, mod: nn.Module | None) -> Callable[[torch.Tensor], int] | None:
+    """FlopCounterMode's own count for a conv or linear module, as a function of its output, without the
+    cost of dispatching through the mode; None for any other node."""
+    x = n.args[0].meta.get(keys.TENSOR_META) if n.args and isinstance(n.args[0], torch.fx.Node) else None
+    if x is None:
+        return None
+    if isinstance(mod, nn.modules.conv._ConvNd) and len(x.shape) == mod.weight.dim():
+        return lambda out: conv_flop_count(list(x.shape), list(mod.weight.shape), list(out.shape), mod.transposed)
+    if isinstance(mod, nn.Linear) and len(x.shape) >= 1:
+        return lambda out: 2 * math.prod(x.shape) * mod.out_features
+    return None
 
 
 def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Any:

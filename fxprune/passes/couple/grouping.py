@@ -33,7 +33,7 @@ def finalize(s: State, opaque: tuple[str, ...]) -> DependencyGraph:
         for ids in bound[1:]:
             uf.union_pairs(bound[0], ids)
     root = uf.root_table()
-    channels = torch.zeros(len(uf.parent), dtype=torch.bool)
+    channels = torch.zeros(uf.size, dtype=torch.bool)
     for bound in s.slots.values():
         channels[root[bound[0]]] = True
     for name, dim, ids in s.buffer_slots:  # a buffer holds channels where its labels meet a parameter's
@@ -43,7 +43,7 @@ def finalize(s: State, opaque: tuple[str, ...]) -> DependencyGraph:
     # Atoms are the roots that own slots, numbered in order of first appearance.
     slot_roots = torch.cat([root[s.slots[k][0]] for k in keys]) if keys else torch.empty(0, dtype=torch.long)
     ids = first_appearance_ids(slot_roots)
-    atom_of = torch.full((len(uf.parent),), NEVER_REMOVED, dtype=torch.long)
+    atom_of = torch.full((uf.size,), NEVER_REMOVED, dtype=torch.long)
     atom_of[slot_roots] = ids
     num_atoms = int(ids.max()) + 1 if ids.numel() else 0
 
@@ -88,7 +88,7 @@ def freeze_reasons(s: State, to_atoms: Callable[[torch.Tensor], torch.Tensor]) -
     """Why each frozen atom is frozen (its first three reasons; a label's first reason only)."""
     reasons: dict[int, list[str]] = defaultdict(list)
     by_reason: dict[str, list[torch.Tensor]] = defaultdict(list)
-    seen = torch.zeros(len(s.uf.parent), dtype=torch.bool)
+    seen = torch.zeros(s.uf.size, dtype=torch.bool)
     for ids, why in s.frozen:
         fresh = ids[~seen[ids]]
         seen[fresh] = True

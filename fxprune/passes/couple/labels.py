@@ -16,48 +16,48 @@ __all__ = ["Labels", "Param", "UnionFind", "compress"]
 
 
 class UnionFind:
-    """Union-find over integer labels; the smaller label is always the root, so results are stable."""
+    """Union-find over integer labels, held in a tensor so that whole label tensors merge at once.
+
+    Every label points straight at its root (the tree is flattened after each merge), so a root lookup
+    is one gather; the smallest label of a class is its root, whatever the order of merges.
+    """
 
     def __init__(self) -> None:
-        self.parent: list[int] = []
+        self._parent = torch.arange(1024)
+        self.size = 0
 
     def fresh(self, n: int) -> torch.Tensor:
-        start = len(self.parent)
-        self.parent.extend(range(start, start + n))
-        return torch.arange(start, start + n)
+        start, self.size = self.size, self.size + n
+        if self.size > self._parent.numel():
+            grown = torch.arange(max(self.size, 2 * self._parent.numel()))
+            grown[:start] = self._parent[:start]
+            self._parent = grown
+        return torch.arange(start, self.size)
 
-    def find(self, x: int) -> int:
-        parent = self.parent
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
+    def roots(self, t: torch.Tensor) -> torch.Tensor:
+        """The root of every label in ``t`` (same shape)."""
+        return self._parent[t]
 
     def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
+        self.union_pairs(torch.tensor([a]), torch.tensor([b]))
 
     def union_pairs(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """Merge ``a[i]`` with ``b[i]`` for every i (both flattened, same length)."""
         a, b = a.reshape(-1), b.reshape(-1)
-        differ = a != b
-        n = len(self.parent)
-        for key in torch.unique(a[differ] * n + b[differ]).tolist():
-            self.union(key // n, key % n)
+        parent = self._parent[: self.size]
+        while True:
+            ra, rb = parent[a], parent[b]
+            differ = ra != rb
+            if not bool(differ.any()):
+                return
+            a, b = ra[differ], rb[differ]
+            parent.scatter_reduce_(0, torch.maximum(a, b), torch.minimum(a, b), "amin")
+            while not torch.equal(up := parent[parent], parent):
+                parent.copy_(up)
 
     def root_table(self) -> torch.Tensor:
-        """Root of every label, all at once (pointer jumping on a tensor copy of the parents)."""
-        p = torch.tensor(self.parent, dtype=torch.long)
-        while True:
-            q = p[p]
-            if torch.equal(q, p):
-                return p
-            p = q
-
-    def roots(self, t: torch.Tensor) -> torch.Tensor:
-        uniq, inverse = torch.unique(t, return_inverse=True)
-        return torch.tensor([self.find(x) for x in uniq.tolist()], dtype=torch.long)[inverse]
+        """The root of every label, ``0 .. size - 1``."""
+        return self._parent[: self.size].clone()
 
 
 @dataclass(frozen=True)
