@@ -6,13 +6,17 @@ Small configs with random weights, nothing downloaded. Outputs are compared in f
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
 import fxprune
 from fxprune import pipeline
 from fxprune.core.graph import Plan
+from fxprune.core.masks import removed_mask
 from fxprune.passes.rewrite import rewrite
+from fxprune.passes.verify import build_oracle
 
 T = pytest.importorskip("transformers")
 
@@ -96,3 +100,41 @@ def test_a_pruned_language_model_takes_any_batch_length_and_padding(make) -> Non
                 alone = _logits(pruned(input_ids=ids[:1, :-2]))
                 torch.testing.assert_close(out[0], alone[0], **TOL)
             assert out.shape[0] == 3
+
+
+def _padded(ids: torch.Tensor, decoder: bool) -> dict[str, torch.Tensor]:
+    """Keyword inputs of a batch whose first row has two pad tokens: on the left with its positions (a decoder), else on the right."""
+    mask = torch.ones_like(ids)
+    if not decoder:
+        mask[0, -2:] = 0
+        return {"input_ids": ids, "attention_mask": mask}
+    mask[0, :2] = 0
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+
+
+@pytest.mark.parametrize("make", [test_hf.llama, gpt2, bert], ids=lambda f: f.__name__)
+def test_a_pruned_language_model_at_other_shapes_matches_its_masked_original(make) -> None:
+    """Compiled at (1, 8), the result run at batch 3, lengths 5 and 17, with an attention mask equals within TOL the
+    original with the removed channels zeroed (verify.py's oracle, captured at that shape). The plan applied at that
+    shape by ``apply_plan(verify=True)`` passes its check, finds the same groups (fingerprint) and gives the same outputs.
+    The inputs are given positionally in the order of the class's forward (GPT-2's cache slot is None)."""
+    torch.manual_seed(0)
+    model = make().eval()
+    pruned = fxprune.compile(model, example_inputs=IDS, ratio=0.5)
+    record = pruned.meta["fxprune"]
+    plan = Plan({int(k): v for k, v in record["plan"].items()})
+    names = list(inspect.signature(type(model).forward).parameters)[1:]
+    gen = torch.Generator().manual_seed(1)
+    for length in (5, 17):
+        given = _padded(torch.randint(1, 100, (3, length), generator=gen), decoder=make is not bert)
+        inputs = tuple(given.get(n) for n in names[:max(map(names.index, given)) + 1])
+        again = fxprune.apply_plan(model, record["plan"], example_inputs=inputs, verify=True)
+        assert type(again) is type(model) and "verified" in again.meta["fxprune"]
+        assert again.meta["fxprune"]["fingerprint"] == record["fingerprint"]
+        a = pipeline.analyze(model, inputs, announce=False)
+        oracle = build_oracle(a.gm, a.deps, removed_mask(a.deps, plan))
+        with torch.no_grad():
+            out = _logits(pruned(**given))
+            assert out.shape[0] == 3
+            torch.testing.assert_close(out, _logits(oracle(*inputs)), **TOL)
+            torch.testing.assert_close(out, _logits(again(**given)), **TOL)
