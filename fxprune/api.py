@@ -82,7 +82,8 @@ def compile(  # noqa: A001 - the product's verb
     ``model`` may also be a ``torch.export.ExportedProgram`` (its example inputs are the default then).
 
     How channels are chosen is a ``Strategy``: pass one as ``strategy=``, or its fields as keywords
-    (``selector=``, ``mode=``, ``min_width=``, ``round_to=``, ``equal_widths=``, ``seed=``, ``calibration=``, ``loss_fn=``),
+    (``selector=``, ``mode=``, ``min_width=``, ``round_to=``, ``equal_widths=``, ``seed=``, ``calibration=``, ``loss_fn=``,
+    ``compensate=``),
     which replace the given strategy's. ``selector``: a name in ``fxprune.SELECTORS`` or an object with
     a ``scores(graph, gm)`` method; by default uniform; given ``calibration``, wanda for a FLOPs target
     (the most accurate before healing on the decoder of docs/results.md) and, with ``loss_fn`` too, bn_taylor
@@ -100,6 +101,11 @@ def compile(  # noqa: A001 - the product's verb
     back to finer multiples when its own leaves the target out of reach, saying so in the report. ``equal_widths``: layers that repeat (the same
     parameters but for the layer index) keep equal widths; by default true for Hugging Face models under
     per-group budgets (their configs hold one size per model), else false. See passes/select.py for the exact rules.
+
+    ``compensate=True`` (with ``calibration``) folds the mean of each removed channel over the calibration data
+    into the bias of the linear layer that alone reads it (attention's output projection, an MLP's down
+    projection: FLAP's bias compensation, results/compensate.py); a Hugging Face result turns on the config
+    flags that give its class those biases (``attention_bias``, ``mlp_bias``) or comes back as the graph.
 
     ``keep_classes``: sorted class indices; the result outputs only those (see ``keep_only_classes``,
     applied first) and calibration uses only their samples (targets renumbered to match the outputs).

@@ -31,6 +31,7 @@ from .passes.couple import couple
 from .passes.rewrite import rewrite
 from .passes.select import CostModel, Tie, select
 from .passes.shapes import propagate_shapes
+from .results.compensate import compensate
 from .results.transplant import transplant
 from .results.hfconfig import config_ties, probe
 from .results.hfmodel import hf_model
@@ -203,26 +204,36 @@ def select_plan(a: Analysis, chooser: Chooser, target: float, scores: dict[int, 
     return plan
 
 
-def rewrite_verify_record(a: Analysis, plan: Plan, verify: bool, pruned: torch.fx.GraphModule | None = None) -> nn.Module:
-    """Rewrite ``a`` as ``plan`` says (unless ``pruned`` is that rewrite already), verify the result
-    (when asked) and record the report, plan and provenance in its ``meta``."""
+def rewrite_verify_record(a: Analysis, plan: Plan, verify: bool, pruned: torch.fx.GraphModule | None = None,
+                          compensation: Any = None) -> nn.Module:
+    """Rewrite ``a`` as ``plan`` says (unless ``pruned`` is that rewrite already), verify the result (when
+    asked), fold the means of the removed channels over the ``compensation`` data into the biases that
+    read them (results/compensate.py; None: not) and record the report, plan and provenance in its ``meta``."""
     pruned = rewrite(a.gm, a.deps, plan) if pruned is None else pruned
-    result = a.result(pruned)
     removed = removed_mask(a.deps, plan)
     record = pruned.meta[keys.RECORD]
     log.info("rewrote the graph: %d of %d channel atoms removed", int(removed.sum()), a.deps.num_atoms)
-    if verify:
-        if a.tree is None:
-            check = verify_pass(a.gm, pruned, a.deps, removed, a.inputs)  # a Hugging Face result was checked against it
-        else:
-            check = verify_tree(a.gm, result, a.deps, removed, a.inputs)
-        record["verified"] = {"max_abs_error": check.max_abs_error, "tolerance": check.tolerance}
-        log.info("verified: max error %.3g (tolerance %.3g)", check.max_abs_error, check.tolerance)
+    if verify and a.tree is None:  # a Hugging Face result is checked against the pruned graph in a.result
+        _verified(record, verify_pass(a.gm, pruned, a.deps, removed, a.inputs))
+    if compensation is not None:
+        if a.tree is not None:
+            raise ArgumentError(f"compensate=True: {type(a.tree).__name__} was captured by running its ops (its report says so), "
+                                "and such a result keeps its modules' own biases; pass compensate=False")
+        record["compensated"] = compensate(a.gm, a.deps, removed, pruned, compensation)
+        log.info("compensated the removed channels' means in the biases of %d layers", len(record["compensated"]))
+    result = a.result(pruned)
+    if verify and a.tree is not None:
+        _verified(record, verify_tree(a.gm, result, a.deps, removed, a.inputs))
     record["report"] = annotate(a.gm, pruned, a.deps, removed, a.flops).to_dict()
     record["plan"] = json.loads(plan.to_json())
     record.update(provenance(a.deps, a.inputs))
     result.meta[keys.RECORD] = record
     return result
+
+
+def _verified(record: dict[str, Any], check: Any) -> None:
+    record["verified"] = {"max_abs_error": check.max_abs_error, "tolerance": check.tolerance}
+    log.info("verified: max error %.3g (tolerance %.3g)", check.max_abs_error, check.tolerance)
 
 
 def apply_checked_plan(a: Analysis, plan: Plan | dict[int, Sequence[int]], verify: bool) -> nn.Module:

@@ -17,6 +17,7 @@ config leaves unset (GPT-2's ``n_inner``) are first given the value the class us
 from __future__ import annotations
 
 import copy
+import itertools
 import inspect
 import logging
 import math
@@ -167,12 +168,29 @@ def config_ties(p: Probe, deps: DependencyGraph) -> list[Tie]:
     for g in deps.prunable_groups:
         ties.setdefault(root(g.id), []).append(g.id)
     heads = {hidden: value(p.config, s) for s, hidden in _derived_heads(p).items()}
+    multiple = _hidden_multiple(p)
     out = []
     for ids in ties.values():
         slots = set().union(*(slots_of[i] for i in ids))
         whole = any(not slots_of[i] for i in ids) or bool(slots & fixed)
-        out.append(Tie(tuple(ids), 1 if whole else math.gcd(*(deps.groups[i].width for i in ids), *(heads[s] for s in slots & set(heads)))))
+        steps = math.gcd(*(deps.groups[i].width for i in ids), *(heads[s] for s in slots & set(heads)))
+        if ("hidden_size", None) in slots and multiple:  # each step a multiple of the head count
+            steps = math.gcd(steps, *(deps.groups[i].width // multiple for i in ids))
+        out.append(Tie(tuple(ids), 1 if whole else max(steps, 1)))
     return out
+
+
+def _hidden_multiple(p: Probe) -> int | None:
+    """The head count that the config's own validation asks ``hidden_size`` to be a multiple of (Llama's
+    ``validate_architecture``, although its head size is ``head_dim``), else None."""
+    heads, hidden = (vars(p.config).get(f) for f in ("num_attention_heads", "hidden_size"))
+    if not (_number(heads) and _number(hidden)) or heads < 2:
+        return None
+    try:
+        type(p.config).from_dict({**p.config.to_dict(), "hidden_size": hidden + 1 if (hidden + 1) % heads else hidden + 2})
+    except Exception:  # noqa: BLE001 - the config's validation refuses a hidden size that is no multiple of the heads
+        return int(heads)
+    return None
 
 
 def _derived_heads(p: Probe) -> dict[Slot, Slot]:
@@ -236,7 +254,31 @@ def truthful_config(p: Probe, shapes: Shapes) -> tuple[Any, str]:
     if isinstance(heads, str):
         return None, f"the pruned widths give {name} no head size it derives: {heads}"
     new = _rebuilt(with_values(p.config, {**values, **heads}))
+    try:  # what from_pretrained will check
+        type(new).from_dict(new.to_dict())
+    except Exception as exc:  # noqa: BLE001 - any refusal of the config's own validation
+        return None, f"{type(new).__name__} refuses the pruned widths ({str(exc).strip().splitlines()[-1].strip()})"
     if _shapes(p.cls, new) != shapes:
         return None, (f"no {type(p.config).__name__} describes the pruned weights: widths its config ties together "
                       f"({', '.join(sorted({f for f, _ in p.sizes})) or 'none found'}) were pruned apart (a plan given to apply_plan)")
     return new, ""
+
+
+BIAS_FLAGS = ("attention_bias", "mlp_bias")
+"""Config flags that give a class's projections biases (Llama-family configs: attention's q/k/v/o, the MLP's
+gate/up/down), turned on for a result that gained biases (``compensate=True``)."""
+
+
+def with_biases(cls: type, config: Any, names: set[str]) -> tuple[Any, str]:
+    """``config`` with the fewest ``BIAS_FLAGS`` turned on whose class has a parameter of each of ``names``
+    (biases a result gained), or None with the reason."""
+    flags = [f for f in BIAS_FLAGS if getattr(config, f, None) is False]
+    for k in range(1, len(flags) + 1):
+        for chosen in itertools.combinations(flags, k):
+            new = copy.deepcopy(config)
+            for f in chosen:
+                setattr(new, f, True)
+            if names <= set(_shapes(cls, new) or ()):
+                return new, ""
+    return None, (f"{type(config).__name__} has no flag that gives {cls.__name__} the biases that compensate=True added "
+                  f"({', '.join(sorted(names)[:3])}{', ...' if len(names) > 3 else ''})")

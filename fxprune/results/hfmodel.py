@@ -17,7 +17,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from .hfconfig import probe, truthful_config
+from .hfconfig import probe, truthful_config, with_biases
 
 __all__ = ["hf_model"]
 
@@ -48,6 +48,9 @@ def hf_model(model: nn.Module, pruned: torch.fx.GraphModule) -> tuple[nn.Module 
     if p is None:
         return None, f"{type(model).__name__} built from its own config has other parameters than the model"
     config, why = truthful_config(p, shapes)
+    gained = set(tensors) - set(ref) - set(dict(model.named_buffers()))  # biases that compensation added
+    if config is not None and gained:
+        config, why = with_biases(type(model), config, gained)
     if config is None:
         return None, why
     from transformers.initialization import no_init_weights  # noqa: PLC0415 - a Hugging Face model: transformers is there
@@ -56,7 +59,9 @@ def hf_model(model: nn.Module, pruned: torch.fx.GraphModule) -> tuple[nn.Module 
         new = type(model)(config)
     new = new.to(device=next(model.parameters()).device, dtype=model.dtype)
     state = {**model.state_dict(), **tensors}
-    new.load_state_dict({k: state[k].detach() for k in new.state_dict()}, strict=True)
+    zero = {k: torch.zeros_like(v, device=next(model.parameters()).device) for k, v in new.state_dict().items()
+            if k not in state and gained and k.endswith(".bias")}  # the other biases a flag turned on
+    new.load_state_dict({k: state[k].detach() if k in state else zero[k] for k in new.state_dict()}, strict=True)
     new.tie_weights()  # as the config says (tied input and output embeddings)
     if getattr(model, "generation_config", None) is not None:
         new.generation_config = copy.deepcopy(model.generation_config)

@@ -21,7 +21,7 @@ from ..core.widths import WidthRule
 from ..passes.select import MODES, CostModel
 from .protocol import Selector
 from .selectors import SELECTORS, data_driven, get_selector, selector_name
-from .stats import LossFn
+from .stats import CALIBRATION_FORMS, LossFn
 
 __all__ = ["Strategy", "Chooser"]
 
@@ -62,6 +62,8 @@ class Strategy:
     seed: int = field(default=0, metadata=_cli("seed of random selection and of the default example input", type=int))
     calibration: Any = None
     loss_fn: LossFn | None = None
+    compensate: bool = field(default=False, metadata=_cli(
+        "fold each removed channel's mean over the calibration data into the bias of the linear layers that read it", action="store_true"))
 
     def __post_init__(self) -> None:
         if self.mode is not None and self.mode not in MODES:
@@ -69,6 +71,9 @@ class Strategy:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ArgumentError(f"seed must be an integer, got {self.seed!r}")
         WidthRule(self.min_width, 1 if self.round_to == "auto" else self.round_to)  # validates both
+        if self.compensate and self.calibration is None:
+            raise ArgumentError("compensate=True folds the removed channels' means over calibration data into the next layers' biases: "
+                                f"pass calibration= too, {CALIBRATION_FORMS}")
         if self.equal_widths and self.mode == "global":
             raise ArgumentError("equal_widths=True keeps repeated layers at equal widths, which needs mode='per_group'")
 
@@ -149,4 +154,5 @@ class Chooser:
         s = self.strategy
         out = {"selector": selector_name(self.selector), "mode": self.mode, "min_width": s.min_width,
                "round_to": s.round_to, "equal_widths": bool(s.equal_widths), "seed": s.seed}
+        out |= {"compensate": True} if s.compensate else {}
         return {**out, "round_to_measured": True} if self.measured else out

@@ -49,7 +49,8 @@ def reach(a: Analysis, chooser: Chooser, target: Target, seed: int, verify: bool
 def _finish(a: Analysis, chooser: Chooser, used: Chooser, target: Target, verify: bool, plan: Plan,
             rewritten: torch.fx.GraphModule | None, measured: dict[str, Any] | None) -> nn.Module:
     """The result of ``plan``, its report's notes (a fallback to a finer multiple, the latency search's) and latency record."""
-    pruned = rewrite_verify_record(a, plan, verify, rewritten)
+    s = used.strategy
+    pruned = rewrite_verify_record(a, plan, verify, rewritten, s.calibration if s.compensate else None)
     record = pruned.meta[keys.RECORD]["report"]
     note = fallback_note(chooser, used, target.describe())
     record["notes"].extend([note] if note else [])
