@@ -9,8 +9,9 @@ config, the training settings, the torch version and the corpus, so a rerun skip
 
 The decoder is then pruned with ``fxprune.compile`` to 20%, 35% and 50% fewer parameters in its decoder
 layers (a FLOPs ``ratio=`` found by bisection for each, once, with the uniform selector; per-group
-budgets with equal widths give every selector the same widths), with each selector of ``--selectors``;
-the data-driven ones get the same calibration windows of training text (taylor also the next-byte
+budgets with equal widths give every selector the same widths), with each selector of ``--selectors``
+(``wanda+comp``: wanda with ``compensate=True``, the removed channels' calibration means folded into the
+biases of the output projections); the data-driven ones get the same calibration windows of training text (taylor also the next-byte
 cross-entropy as ``loss_fn``). For each row: held-out bits per byte and byte-level perplexity
 (``2 ** bits``) without healing and after the same short healing (distillation: KL divergence to the
 dense model's next-byte distribution, the same batches and steps for every row), the decoder layers'
@@ -43,7 +44,8 @@ CONFIG = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4, 
           "vocab_size": 256, "max_position_embeddings": 256}
 SEQ = 128
 BATCH = 16
-SELECTORS = ("uniform", "random", "l2", "taylor", "wanda")
+SELECTORS = ("uniform", "random", "l2", "taylor", "wanda", "wanda+comp")
+"""``NAME+comp``: selector NAME with ``compensate=True`` (the removed channels' means folded into the biases)."""
 FEWER_PARAMS = (0.2, 0.35, 0.5)
 SETTINGS = {True: {"train_steps": 800, "heal_steps": 40, "eval_windows": 256, "calibration_batches": 8},
             False: {"train_steps": 3000, "heal_steps": 150, "eval_windows": 1024, "calibration_batches": 32}}
@@ -164,10 +166,11 @@ def run(quick: bool, selectors: list[str], seed: int) -> None:
     for fewer in FEWER_PARAMS:
         ratio = ratio_for(model, ids, fewer)
         for name in selectors:
-            data = {"calibration": calibration} if name in data_driven() else {}
-            data |= {"loss_fn": loss_fn} if takes_loss(name) else {}
+            selector, comp = name.removesuffix("+comp"), name.endswith("+comp")
+            data = {"calibration": calibration} if selector in data_driven() or comp else {}
+            data |= {"loss_fn": loss_fn} if takes_loss(selector) else {}
             start = time.perf_counter()
-            pruned = fxprune.compile(model, example_inputs=ids, ratio=ratio, selector=name, seed=seed, **data)
+            pruned = fxprune.compile(model, example_inputs=ids, ratio=ratio, selector=selector, seed=seed, compensate=comp, **data)
             seconds = time.perf_counter() - start
             bits = bits_per_byte(pruned, held)
             healed = bits_per_byte(heal(pruned, model, train, s["heal_steps"], seed), held)

@@ -17,29 +17,25 @@ from .errors import (
     TraceError,
     VerificationError,
 )
-from .iterate import History, StepRecord, prune_iteratively
-from .core.graph import DependencyGraph, Group, Member, Plan
+from .iterate import History, Step, prune_iteratively
+from .core.groups import DependencyGraph, Group, Member, Plan
 from .core.provenance import plan_fingerprint
 from .report import Report
-from .selection.costaware import GflopsAware, LatencyAware, LatencyPerFlop
-from .selection.datadriven import APoZ, BNTaylor, MeanActivation, Taylor
-from .selection.knapsack import Knapsack, KnapsackBNTaylor
 from .selection.protocol import Selector
 from .selection.selectors import SELECTORS
-from .selection.weights import BNScale, L1, L2, Random, Uniform
 from .archive.serialize import apply_plan, load, save
 from .selection.strategy import Strategy
 from .latency.timing import Latency, measure_latency
 
 __version__ = "0.1.0"
 
+globals().update({cls.__name__: cls for cls in SELECTORS.values()})  # every selector class, from the one list
+
 __all__ = [
-    "compile", "analyze", "prune", "keep_only_classes", "prune_iteratively", "History", "StepRecord", "report", "count_flops", "DEFAULT_INPUT_SHAPE",
+    "compile", "analyze", "prune", "keep_only_classes", "prune_iteratively", "History", "Step", "report", "count_flops", "DEFAULT_INPUT_SHAPE",
     "save", "load", "apply_plan", "plan_fingerprint", "Strategy",
     "measure_latency", "Latency",
-    "DependencyGraph", "Group", "Member", "Plan", "Report", "Selector", "Uniform", "Random", "L1", "L2",
-    "BNScale", "BNTaylor", "GflopsAware", "LatencyAware", "LatencyPerFlop", "Knapsack", "KnapsackBNTaylor", "APoZ", "MeanActivation",
-    "Taylor", "SELECTORS",
+    "DependencyGraph", "Group", "Member", "Plan", "Report", "Selector", "SELECTORS", *(cls.__name__ for cls in SELECTORS.values()),
     "FxPruneError", "ArgumentError", "TraceError", "ShapeError", "PlanError",
     "TargetUnreachableError", "MeasurementError", "VerificationError", "ArchiveError",
 ]

@@ -19,7 +19,7 @@ from . import targets
 from .errors import ArgumentError
 from .core.flops import counter as flop_counter
 from .core.fxutil import eval_mode, structural_copy
-from .core.graph import DependencyGraph, Plan
+from .core.groups import DependencyGraph, Plan
 from .pipeline import DEFAULT_INPUT_SHAPE, Inputs, Model
 from .report import Report
 from .selection.strategy import Strategy
@@ -100,7 +100,7 @@ def compile(  # noqa: A001 - the product's verb
     target, the multiple of 8 or 16 measured fastest on this device (see latency/costmodel.py); it falls
     back to finer multiples when its own leaves the target out of reach, saying so in the report. ``equal_widths``: layers that repeat (the same
     parameters but for the layer index) keep equal widths; by default true for Hugging Face models under
-    per-group budgets (their configs hold one size per model), else false. See passes/select.py for the exact rules.
+    per-group budgets (their configs hold one size per model), else false. See selection/budget.py for the exact rules.
 
     ``compensate=True`` (with ``calibration``) folds the mean of each removed channel over the calibration data
     into the bias of the linear layer that alone reads it (attention's output projection, an MLP's down
@@ -124,7 +124,7 @@ def compile(  # noqa: A001 - the product's verb
                 "nothing was removed")
         warnings.warn(f"fxprune.compile: {note}", stacklevel=2)
         pruned.meta[keys.RECORD]["report"]["notes"].append(note)
-    return pipeline.record_run(job, pruned, report(pruned))
+    return pipeline.fill_record(job, pruned, report(pruned))
 
 
 def _check_threads(threads: int | None, target: targets.Target) -> None:

@@ -35,11 +35,11 @@ from .core.flops import total_macs
 from .pipeline import Inputs, Model
 from .selection.strategy import Strategy
 
-__all__ = ["prune_iteratively", "History", "StepRecord"]
+__all__ = ["prune_iteratively", "History", "Step"]
 
 
 @dataclass
-class StepRecord:
+class Step:
     """One row of a History; step 0 is the starting model (no time spent)."""
 
     step: int
@@ -56,7 +56,7 @@ class StepRecord:
 class History:
     """What ``prune_iteratively`` did, step by step; prints as a table, saves as a plot."""
 
-    steps: list[StepRecord] = field(default_factory=list)
+    steps: list[Step] = field(default_factory=list)
     selector: str = ""
     coarse: bool = False
 
@@ -145,11 +145,11 @@ def prune_iteratively(
     if goal > start:
         raise ArgumentError(f"target_gflops={target_gflops} is above the model's {2 * start / 1e9:.4g} GFLOPs")
     measured = targets.measure_round_to(a, job.chooser, timed=False)
-    job.chooser = chooser = targets.reachable(a, measured, goal)
+    job.chooser = chooser = targets.multiple_reaching(a, measured, goal)
     fallback = targets.fallback_note(measured, chooser, target.describe())
     tapping = coarse and hasattr(chooser.selector, "tap")
     name = chooser.describe()["selector"]
-    history = History([StepRecord(0, 2 * start / 1e9, _params(a.model), evaluate(a.model) if evaluate else None)], name, tapping)
+    history = History([Step(0, 2 * start / 1e9, _params(a.model), evaluate(a.model) if evaluate else None)], name, tapping)
     taps, done = None, None  # done: the report of every step so far
     bar = tqdm(range(1, steps + 1), desc=f"fxprune {name}", unit="step", disable=not progress)
     for k in bar:
@@ -162,7 +162,7 @@ def prune_iteratively(
         t1 = time.perf_counter()
         plan = pipeline.select_plan(a, chooser, start - k * (start - goal) / steps, scores)
         t2 = time.perf_counter()
-        pruned = pipeline.rewrite_verify_record(a, plan, verify)
+        pruned = pipeline.build_result(a, plan, verify)
         done = report(pruned) if done is None else done.then(report(pruned))
         a = pipeline.analyze(pruned, a.inputs, ignore, seed)
         model = a.model
@@ -172,8 +172,8 @@ def prune_iteratively(
         finetune(model if taps is None else taps.module)
         t4 = time.perf_counter() - (taps.seconds if taps is not None else 0.0)
         metric = evaluate(model) if evaluate else None
-        history.steps.append(StepRecord(k, 2 * total_macs(a.gm) / 1e9, _params(model), metric, t1 - t0, t2 - t1, t3 - t2, t4 - t3))
+        history.steps.append(Step(k, 2 * total_macs(a.gm) / 1e9, _params(model), metric, t1 - t0, t2 - t1, t3 - t2, t4 - t3))
         bar.set_postfix(gflops=f"{history.steps[-1].gflops:.3g}", metric="-" if metric is None else f"{metric:.4g}")
     a.model.meta[keys.RECORD]["history"] = history.to_dict()
     done.notes.extend([fallback] if fallback else [])
-    return pipeline.record_run(job, a.model, done, {"steps": steps, "coarse": tapping}), history
+    return pipeline.fill_record(job, a.model, done, {"steps": steps, "coarse": tapping}), history

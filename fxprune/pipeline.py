@@ -22,14 +22,14 @@ from torch import nn
 from .core import metakeys as keys
 from .errors import ArgumentError, PlanError, ShapeError, TargetUnreachableError, VerificationError
 from .core.flops import FlopModel, total_macs
-from .core.graph import DependencyGraph, Plan
+from .core.groups import DependencyGraph, Plan
 from .core.masks import removed_mask
 from .passes.annotate import annotate
 from .passes.capture import capture
 from .selection.classes import class_plan
 from .passes.couple import couple
 from .passes.rewrite import rewrite
-from .passes.select import CostModel, Tie, select
+from .selection.budget import CostModel, Tie, select
 from .passes.shapes import propagate_shapes
 from .results.compensate import compensate
 from .results.transplant import transplant
@@ -43,7 +43,7 @@ from .selection.stats import ClassSubset
 from .selection.strategy import Chooser, Strategy
 
 __all__ = ["DEFAULT_INPUT_SHAPE", "Inputs", "Model", "Analysis", "Job", "example_inputs", "check_model", "analyze", "select_plan",
-           "rewrite_verify_record", "apply_checked_plan", "restrict_classes", "restrict_classes_first", "record_run"]
+           "build_result", "apply_checked_plan", "restrict_classes", "restrict_classes_first", "fill_record"]
 
 log = logging.getLogger("fxprune")
 
@@ -204,7 +204,7 @@ def select_plan(a: Analysis, chooser: Chooser, target: float, scores: dict[int, 
     return plan
 
 
-def rewrite_verify_record(a: Analysis, plan: Plan, verify: bool, pruned: torch.fx.GraphModule | None = None,
+def build_result(a: Analysis, plan: Plan, verify: bool, pruned: torch.fx.GraphModule | None = None,
                           compensation: Any = None) -> nn.Module:
     """Rewrite ``a`` as ``plan`` says (unless ``pruned`` is that rewrite already), verify the result (when
     asked), fold the means of the removed channels over the ``compensation`` data into the biases that
@@ -237,7 +237,7 @@ def _verified(record: dict[str, Any], check: Any) -> None:
 
 
 def apply_checked_plan(a: Analysis, plan: Plan | dict[int, Sequence[int]], verify: bool) -> nn.Module:
-    """``rewrite_verify_record`` by an explicit plan (``prune``, ``apply_plan``), once each group's kept positions are checked."""
+    """``build_result`` by an explicit plan (``prune``, ``apply_plan``), once each group's kept positions are checked."""
     plan = plan if isinstance(plan, Plan) else Plan({int(k): list(v) for k, v in plan.items()})
     for gid, keep in plan.keep.items():
         if not 0 <= gid < len(a.deps.groups):
@@ -248,13 +248,13 @@ def apply_checked_plan(a: Analysis, plan: Plan | dict[int, Sequence[int]], verif
             raise PlanError(f"group {gid} is frozen ({g.frozen[0]}); it must keep all {g.width} channels")
         if not keep or len(set(keep)) != len(keep) or min(keep) < 0 or max(keep) >= g.width:
             raise PlanError(f"group {gid} (width {g.width}, first member {g.members[0]}): keep must be distinct positions in 0..{g.width - 1}, at least one")
-    return rewrite_verify_record(a, plan, verify)
+    return build_result(a, plan, verify)
 
 
 def restrict_classes(model: Model, given: Inputs, keep_classes: Sequence[int], verify: bool) -> tuple[torch.fx.GraphModule, tuple[Any, ...]]:
     """``model`` with only the outputs ``keep_classes``, and the example inputs it was checked on."""
     a = analyze(model, given, free_output=True)
-    pruned = rewrite_verify_record(a, class_plan(a.gm, a.deps, keep_classes), verify)
+    pruned = build_result(a, class_plan(a.gm, a.deps, keep_classes), verify)
     pruned.meta[keys.RECORD]["classes"] = [int(c) for c in keep_classes]
     return pruned, a.inputs
 
@@ -281,7 +281,7 @@ def restrict_classes_first(model: Model, given: Inputs, strategy: Strategy, keep
     return Job(model, given, strategy.chooser(), [int(c) for c in keep_classes], Report.from_dict(model.meta[keys.RECORD]["report"]))
 
 
-def record_run(job: Job, result: torch.fx.GraphModule, report: Report, extra: dict[str, Any] | None = None) -> torch.fx.GraphModule:
+def fill_record(job: Job, result: torch.fx.GraphModule, report: Report, extra: dict[str, Any] | None = None) -> torch.fx.GraphModule:
     """Record on ``result`` the report from the model as given (``report`` joined after the class
     restriction's), the strategy and the kept classes."""
     record = result.meta[keys.RECORD]

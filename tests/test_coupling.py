@@ -577,7 +577,7 @@ def test_a_rule_for_a_new_op_is_one_decorated_function(request: pytest.FixtureRe
     decorated with ``handles`` where it is written makes them prunable, and the result is verified."""
     from fxprune.passes.couple import rules
     from fxprune.passes.couple.state import RULES, family, handles
-    from fxprune.core.graph import Family
+    from fxprune.core.groups import Family
 
     x = torch.randn(1, 3, 8, 8)
 

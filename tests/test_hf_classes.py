@@ -13,7 +13,7 @@ import torch
 
 import fxprune
 from fxprune import pipeline
-from fxprune.core.graph import Plan
+from fxprune.core.groups import Plan
 from fxprune.core.masks import removed_mask
 from fxprune.passes.rewrite import rewrite
 from fxprune.passes.verify import build_oracle

@@ -12,7 +12,7 @@ import fxprune
 from conftest import X16, FlopClock, quadrant_data, two_groups, width
 from fxprune import pipeline
 from fxprune.core.widths import WidthRule
-from fxprune.passes.select import select
+from fxprune.selection.budget import select
 from fxprune.selection.knapsack import Knapsack
 
 X32 = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))

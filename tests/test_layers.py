@@ -84,3 +84,10 @@ def test_modules_are_short_and_named_once() -> None:
     assert not long, long
     names = [p.name for p in modules]
     assert len(names) == len(set(names)), sorted({n for n in names if names.count(n) > 1})
+
+
+def test_every_selector_is_exported_from_the_one_list() -> None:
+    """``SELECTORS`` builds the package's selector exports: each class under its own name, in ``__all__``."""
+    for cls in fxprune.SELECTORS.values():
+        assert getattr(fxprune, cls.__name__) is cls and cls.__name__ in fxprune.__all__
+    assert all(hasattr(fxprune, name) for name in fxprune.__all__)

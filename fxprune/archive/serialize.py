@@ -52,7 +52,7 @@ from ..api import prune
 from ..core.codegen import DirectGraphModule
 from ..pipeline import Inputs
 from ..errors import ArchiveError, ArgumentError, PlanError
-from ..core.graph import Plan
+from ..core.groups import Plan
 from ..core.provenance import input_specs, inputs_from_specs, plan_fingerprint
 
 __all__ = ["FORMAT", "save", "load", "read_record", "apply_plan"]

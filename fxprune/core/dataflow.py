@@ -20,7 +20,7 @@ import torch.fx
 
 from . import metakeys as keys
 from .fxutil import module_stack
-from .graph import DependencyGraph
+from .groups import DependencyGraph
 from .optable import canonical
 
 __all__ = ["Block", "layers", "function_name", "read_params", "channel_count", "blocks"]

@@ -19,7 +19,7 @@ import torch.fx
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import metakeys as keys
-from .graph import NEVER_REMOVED, DependencyGraph
+from .groups import NEVER_REMOVED, DependencyGraph
 from .masks import kept_mask
 
 __all__ = ["FlopModel", "total_macs", "counter"]

@@ -6,7 +6,7 @@ import torch
 
 from collections.abc import Hashable, Mapping
 
-from .graph import NEVER_REMOVED, DependencyGraph, Plan
+from .groups import NEVER_REMOVED, DependencyGraph, Plan
 
 __all__ = ["removed_mask", "kept_mask", "kept_masks"]
 

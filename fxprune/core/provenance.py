@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ..errors import ArgumentError
-from .graph import DependencyGraph
+from .groups import DependencyGraph
 
 __all__ = ["plan_fingerprint", "input_specs", "inputs_from_specs", "provenance"]
 

@@ -1,4 +1,4 @@
-"""The width rule: how many channel atoms a pruned group may keep (see passes/select.py for how the budget
+"""The width rule: how many channel atoms a pruned group may keep (see selection/budget.py for how the budget
 logic applies it)."""
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 from ..core import metakeys as keys
 from ..core.flops import FlopModel
 from ..core.fxutil import arg, is_get_attr
-from ..core.graph import NEVER_REMOVED, DependencyGraph, Family, FlopTerm
+from ..core.groups import NEVER_REMOVED, DependencyGraph, Family, FlopTerm
 from ..core.optable import canonical
 from ..core.widths import WidthRule
 from .cache import TimingCache

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch.fx
 
-from ..core.graph import DependencyGraph
+from ..core.groups import DependencyGraph
 from .cache import TimingCache
 from .costmodel import Layer, measurable_layers, removable_atoms
 from .timing import Setting

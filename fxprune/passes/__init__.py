@@ -1,1 +1,1 @@
-"""fxprune passes: capture, shapes, couple, select, rewrite, annotate, verify."""
+"""fxprune passes: capture, shapes, couple, rewrite, annotate, verify (the budget that selects is selection/budget.py)."""

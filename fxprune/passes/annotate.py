@@ -17,7 +17,7 @@ from torch import nn
 from ..core import metakeys as keys
 from ..core.dataflow import channel_count, layers, read_params
 from ..core.flops import FlopModel, total_macs
-from ..core.graph import DependencyGraph, Family
+from ..core.groups import DependencyGraph, Family
 from ..core.masks import kept_masks
 from ..core.optable import IN_FIELDS, OUT_FIELDS, module_channels
 from ..report import LayerRow, Report

@@ -18,7 +18,7 @@ from torch import nn
 from ..core import metakeys as keys
 from ..core.codegen import DirectGraphModule
 from ..core.fxutil import copy_graph, copy_modes
-from ..core.graph import DependencyGraph, Patch, PatchKind, Plan
+from ..core.groups import DependencyGraph, Patch, PatchKind, Plan
 from ..core.masks import kept_masks, removed_mask
 from ..core.optable import IN_FIELDS, OUT_FIELDS, module_channels
 

@@ -28,7 +28,7 @@ from ..core import metakeys as keys
 from ..core.decisions import Decisions
 from ..errors import VerificationError
 from ..core.fxutil import arg, copy_graph, eval_mode, graph_module, is_get_attr, structural_copy
-from ..core.graph import DependencyGraph
+from ..core.groups import DependencyGraph
 from ..core.masks import kept_mask
 from ..core.optable import CONV_FUNCS, MEAN, canonical
 

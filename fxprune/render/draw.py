@@ -13,7 +13,7 @@ from typing import Any
 import torch.fx
 
 from ..errors import ArgumentError
-from ..core.graph import DependencyGraph
+from ..core.groups import DependencyGraph
 from .html import groups_page, report_page
 from .picture import FONT, FONT_NAME, Picture, model_picture
 from ..report import Report

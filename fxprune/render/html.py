@@ -13,7 +13,7 @@ from html import escape
 from importlib.resources import files
 from typing import Any
 
-from ..core.graph import DependencyGraph
+from ..core.groups import DependencyGraph
 from .picture import Picture
 from ..report import Report, si
 from .svg import picture_svg, widths_svg

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch.fx
 
 from ..core.dataflow import Block, blocks as dataflow_blocks
-from ..core.graph import DependencyGraph, Group
+from ..core.groups import DependencyGraph, Group
 from ..report import Report
 
 __all__ = ["Shape", "Text", "Edge", "Picture", "picture", "model_picture", "FONT", "FONT_NAME", "PALETTE", "FROZEN"]

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..core import metakeys as keys
 from ..core.fxutil import arg, is_get_attr
-from ..core.graph import DependencyGraph, Role
+from ..core.groups import DependencyGraph, Role
 from ..core.masks import kept_masks
 from ..core.optable import canonical
 from ..errors import ArgumentError

@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.graph import DependencyGraph
-from ..passes.select import Tie
+from ..core.groups import DependencyGraph
+from ..selection.budget import Tie
 
 __all__ = ["WIDTH_FIELDS", "Probe", "probe", "config_ties", "truthful_config"]
 

@@ -14,7 +14,7 @@ import torch
 import torch.fx
 
 from ..errors import ArgumentError
-from ..core.graph import DependencyGraph, Plan
+from ..core.groups import DependencyGraph, Plan
 
 __all__ = ["class_plan"]
 

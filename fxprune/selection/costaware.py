@@ -14,7 +14,7 @@ import torch.fx
 
 from ..core import metakeys as keys
 from ..core.flops import FlopModel, total_macs
-from ..core.graph import DependencyGraph
+from ..core.groups import DependencyGraph
 from ..core.widths import WidthRule
 from ..latency.costmodel import LatencyModel
 from ..latency.cache import TimingCache

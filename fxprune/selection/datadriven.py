@@ -10,7 +10,7 @@ import torch
 import torch.fx
 
 from ..core.dataflow import read_params
-from ..core.graph import DependencyGraph, Role
+from ..core.groups import DependencyGraph, Role
 from ..errors import ArgumentError
 from . import normgrad
 from .protocol import Scores

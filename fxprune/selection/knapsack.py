@@ -22,9 +22,9 @@ import torch
 import torch.fx
 
 from ..core.flops import FlopModel, total_macs
-from ..core.graph import DependencyGraph
+from ..core.groups import DependencyGraph
 from ..core.widths import WidthRule
-from ..passes.select import CostModel, atom_kinds
+from .budget import CostModel, atom_kinds
 from .costaware import greedy_scores
 from .datadriven import BNTaylor
 from .protocol import Scores, Selector

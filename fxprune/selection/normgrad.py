@@ -24,7 +24,7 @@ import torch
 import torch.fx
 
 from ..errors import ArgumentError
-from ..core.graph import DependencyGraph
+from ..core.groups import DependencyGraph
 from .stats import CALIBRATION_FORMS, LossFn, calibration_batches, detached_copy
 from ..core.fxutil import eval_mode
 

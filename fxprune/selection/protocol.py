@@ -8,7 +8,7 @@ from typing import Protocol, runtime_checkable
 import torch
 import torch.fx
 
-from ..core.graph import DependencyGraph
+from ..core.groups import DependencyGraph
 
 __all__ = ["Selector", "Scores"]
 

@@ -1,7 +1,7 @@
 """Selectors: which atoms of each group matter most.
 
 A selector has one job: score every atom of every prunable group (higher = keep). How many atoms each
-group loses is decided once, by the budget logic in ``passes/select.py``, never by a selector. Any object
+group loses is decided once, by the budget logic in ``selection/budget.py``, never by a selector. Any object
 with a ``scores(graph, gm)`` method of the same signature can be passed as ``selector=``; one whose scores
 are comparable across groups as they are (not only within a group) sets ``comparable_across_groups =
 True``, and is then ranked globally without normalization. One that sets ``uses_width_rule = True`` is

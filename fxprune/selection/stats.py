@@ -29,7 +29,7 @@ import torch.fx
 from torch import nn
 
 from ..errors import ArgumentError, FxPruneError
-from ..core.graph import DependencyGraph
+from ..core.groups import DependencyGraph
 from ..core.optable import is_activation
 from ..core.fxutil import copy_graph, eval_mode, graph_module, structural_copy
 

@@ -16,9 +16,9 @@ import torch
 
 from ..core.fxutil import is_hf
 from ..errors import ArgumentError
-from ..core.graph import DependencyGraph
+from ..core.groups import DependencyGraph
 from ..core.widths import WidthRule
-from ..passes.select import MODES, CostModel
+from .budget import MODES, CostModel
 from .protocol import Selector
 from .selectors import SELECTORS, data_driven, get_selector, selector_name
 from .stats import CALIBRATION_FORMS, LossFn
@@ -120,8 +120,10 @@ class Strategy:
 
 @dataclass(frozen=True)
 class Chooser:
-    """A strategy made concrete: the selector object and the budget mode it runs under; ``measured``:
-    ``round_to`` was "auto" and now holds the measured multiple."""
+    """Not a third concept but a ``Strategy`` resolved for one compile (``Strategy.chooser``): its selector
+    name made the ``Selector`` object that scores atoms, its mode decided, and ``round_to="auto"`` made a
+    number (``measured``). Users give a Strategy; a Selector only scores; the budget
+    (``selection/budget.py``) turns scores into a plan."""
 
     strategy: Strategy
     selector: Selector

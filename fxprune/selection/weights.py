@@ -10,7 +10,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.graph import DependencyGraph, Member
+from ..core.groups import DependencyGraph, Member
 from ..core.optable import canonical
 from ..errors import ArgumentError
 from .protocol import Scores

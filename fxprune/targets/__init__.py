@@ -15,16 +15,16 @@ import torch.fx
 from torch import nn
 
 from ..core import metakeys as keys
-from ..core.graph import Plan
+from ..core.groups import Plan
 from ..errors import TargetUnreachableError
 from ..latency.timing import threads as using_threads
-from ..pipeline import Analysis, rewrite_verify_record
+from ..pipeline import Analysis, build_result
 from ..selection.strategy import Chooser
 from . import latency
-from .multiples import fallback_note, finer, measure_round_to, reachable, within
+from .multiples import fallback_note, finer, measure_round_to, multiple_reaching, within
 from .target import NOISE_POLICIES, Target
 
-__all__ = ["reach", "Target", "NOISE_POLICIES", "measure_round_to", "reachable", "fallback_note"]
+__all__ = ["reach", "Target", "NOISE_POLICIES", "measure_round_to", "multiple_reaching", "fallback_note"]
 
 
 def reach(a: Analysis, chooser: Chooser, target: Target, seed: int, verify: bool, threads: int | None = None) -> tuple[nn.Module, Chooser]:
@@ -50,7 +50,7 @@ def _finish(a: Analysis, chooser: Chooser, used: Chooser, target: Target, verify
             rewritten: torch.fx.GraphModule | None, measured: dict[str, Any] | None) -> nn.Module:
     """The result of ``plan``, its report's notes (a fallback to a finer multiple, the latency search's) and latency record."""
     s = used.strategy
-    pruned = rewrite_verify_record(a, plan, verify, rewritten, s.calibration if s.compensate else None)
+    pruned = build_result(a, plan, verify, rewritten, s.calibration if s.compensate else None)
     record = pruned.meta[keys.RECORD]["report"]
     note = fallback_note(chooser, used, target.describe())
     record["notes"].extend([note] if note else [])

@@ -44,7 +44,7 @@ from ..latency.cache import TimingCache
 from ..latency.machine import SECONDS, Machine, check
 from ..latency.timing import CONFIDENCE, STABLE, Comparison, Setting
 from ..core.dataflow import layers
-from ..core.graph import Plan
+from ..core.groups import Plan
 from ..core.masks import removed_mask
 from ..errors import MeasurementError, TargetUnreachableError
 from ..pipeline import Analysis, select_plan

@@ -12,7 +12,7 @@ from dataclasses import replace
 
 import torch
 
-from ..core.graph import Plan
+from ..core.groups import Plan
 from ..core.masks import removed_mask
 from ..errors import TargetUnreachableError
 from ..latency.multiple import fast_multiple, steady_multiple
@@ -21,7 +21,7 @@ from ..latency.timing import Setting
 from ..pipeline import Analysis, select_plan
 from ..selection.strategy import Chooser
 
-__all__ = ["measure_round_to", "finer", "close", "reachable", "within", "fallback_note", "CLOSE"]
+__all__ = ["measure_round_to", "finer", "close", "multiple_reaching", "within", "fallback_note", "CLOSE"]
 
 log = logging.getLogger("fxprune")
 
@@ -63,7 +63,7 @@ def close(a: Analysis, plan: Plan, macs: float) -> bool:
     return a.flops.macs(removed_mask(a.deps, plan)) >= (1 - CLOSE) * macs
 
 
-def reachable(a: Analysis, chooser: Chooser, macs: float) -> Chooser:
+def multiple_reaching(a: Analysis, chooser: Chooser, macs: float) -> Chooser:
     """The first of ``finer(chooser)`` whose width rule gets the model down to ``macs``, within ``CLOSE``
     (the last if none does); the width rule, not the scores, decides that, so flat scores are used."""
     options = finer(chooser)

@@ -18,7 +18,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from ..core.graph import Plan
+from ..core.groups import Plan
 from ..latency.cache import TimingCache
 from ..latency.timing import FEWEST, Comparison, Setting, compare
 from ..passes.rewrite import rewrite

@@ -21,7 +21,7 @@ import torch
 import torch.fx
 
 from ...core import metakeys as keys
-from ...core.graph import DependencyGraph
+from ...core.groups import DependencyGraph
 from .driver import Coupler, RuleError
 from .grouping import finalize
 from .state import State, Unsupported

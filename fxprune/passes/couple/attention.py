@@ -16,7 +16,7 @@ import torch.fx
 
 from ...core import metakeys as keys
 from ...core.fxutil import arg
-from ...core.graph import Family, Patch, PatchKind
+from ...core.groups import Family, Patch, PatchKind
 from ...core.optable import SDPA
 from .labels import Labels
 from .state import State, family, handles

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...core.fxutil import arg
-from ...core.graph import Family, Patch, PatchKind, Role
+from ...core.groups import Family, Patch, PatchKind, Role
 from ...core.optable import CONV_FUNCS, MATMUL, canonical
 from .labels import Labels, Param
 from .state import State, Unsupported, family, handles, owner, target_name

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from ...core.graph import NEVER_REMOVED, DependencyGraph, FlopTerm, Group, Member, Role
+from ...core.groups import NEVER_REMOVED, DependencyGraph, FlopTerm, Group, Member, Role
 from .labels import Labels, Param
 from .state import State
 

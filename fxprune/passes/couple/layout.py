@@ -22,7 +22,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 
 from ...core import metakeys as keys
 from ...core.fxutil import arg
-from ...core.graph import Family
+from ...core.groups import Family
 from ...core.optable import SHAPE_FUNCS, SHAPE_METHODS
 from .labels import Labels, compress
 from .state import State, family, handles, target_name

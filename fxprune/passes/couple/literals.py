@@ -21,7 +21,7 @@ from torch.fx.node import map_aggregate
 
 from ...core import metakeys as keys
 from ...core.fxutil import arg
-from ...core.graph import Family, Patch, PatchKind
+from ...core.groups import Family, Patch, PatchKind
 from ...core.optable import (
     ATEN_INDEX,
     ATEN_SLICE,

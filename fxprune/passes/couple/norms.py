@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...core.fxutil import arg
-from ...core.graph import Family, Patch, PatchKind, Role
+from ...core.groups import Family, Patch, PatchKind, Role
 from .labels import Labels, Param
 from .state import State, Unsupported, family, handles, owner
 

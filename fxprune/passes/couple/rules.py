@@ -23,7 +23,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 
 from ...core import metakeys as keys
 from ...core.fxutil import arg
-from ...core.graph import Family, Patch, PatchKind, Role
+from ...core.groups import Family, Patch, PatchKind, Role
 from ...core.optable import (
     CHANNEL_PARAM_MODULES,
     CONTEXT,

@@ -20,7 +20,7 @@ from torch.fx.node import map_aggregate, map_arg
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from ...core import metakeys as keys
-from ...core.graph import Family, Member, Patch, Role
+from ...core.groups import Family, Member, Patch, Role
 from ...core.optable import canonical
 from .labels import Labels, Param, UnionFind
 

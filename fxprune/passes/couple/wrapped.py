@@ -20,7 +20,7 @@ import torch.fx
 
 from ...core import metakeys as keys
 from ...core.fxutil import arg
-from ...core.graph import Family, Patch, PatchKind, Role
+from ...core.groups import Family, Patch, PatchKind, Role
 from ...core.traceable import shifted_window_attention
 from .labels import Labels, Param
 from .state import State, Unsupported, family, handles, owner

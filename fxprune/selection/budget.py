@@ -1,4 +1,4 @@
-"""select: DependencyGraph + cost target + selector scores -> Plan.
+"""budget: DependencyGraph + cost target + selector scores -> Plan (how many atoms each group loses, and which).
 
 The budget logic lives here, once, over a *cost model*: anything with ``cost(removed) -> float`` (the
 FLOP model's MACs, the latency model's milliseconds), ``describe(value)`` and ``reached(smallest)``.
@@ -46,7 +46,7 @@ from typing import Any, Protocol
 import torch
 
 from ..errors import ArgumentError, TargetUnreachableError
-from ..core.graph import DependencyGraph, Group, Plan
+from ..core.groups import DependencyGraph, Group, Plan
 from ..core.widths import WidthRule
 
 __all__ = ["select", "CostModel", "MODES", "Tie", "atom_kinds", "repeated_groups"]
