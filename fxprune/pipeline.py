@@ -33,7 +33,7 @@ from .selection.budget import CostModel, Tie, select
 from .passes.shapes import propagate_shapes
 from .results.compensate import compensate
 from .results.transplant import transplant
-from .results.hfconfig import config_ties, probe
+from .results.hfconfig import Probe, config_ties, probe, valid_hidden
 from .results.hfmodel import hf_model
 from .passes.verify import verify as verify_pass
 from .passes.verify import verify_same, verify_tree
@@ -98,12 +98,16 @@ class Analysis:
         return self.gm.meta.get(keys.TREE)
 
     @functools.cached_property
+    def probe(self) -> Probe | None:
+        """What a Hugging Face model's config sizes (results/hfconfig.py); None for other models."""
+        hf = self.gm.meta.get(keys.HF)
+        return probe(hf) if hf is not None else None
+
+    @functools.cached_property
     def ties(self) -> list[Tie]:
         """Groups whose widths a Hugging Face model's config describes only together (results/hfconfig.py);
         none for other models."""
-        hf = self.gm.meta.get(keys.HF)
-        p = probe(hf) if hf is not None else None
-        return [] if p is None else config_ties(p, self.deps)
+        return [] if self.probe is None else config_ties(self.probe, self.deps)
 
     @property
     def model(self) -> nn.Module:
@@ -190,6 +194,7 @@ def select_plan(a: Analysis, chooser: Chooser, target: float, scores: dict[int, 
     ties = a.ties if chooser.rule.equal_widths else []
     try:
         plan = select(a.deps, cost or a.flops, target, scores, mode=chooser.mode, rule=chooser.rule, comparable=chooser.comparable, ties=ties)
+        plan = valid_hidden(a.probe, a.deps, plan, scores, chooser.rule.round_to) if ties else plan
         a.beyond_config = ""
     except TargetUnreachableError as exc:
         if not ties:

@@ -138,3 +138,21 @@ def test_a_pruned_language_model_at_other_shapes_matches_its_masked_original(mak
             assert out.shape[0] == 3
             torch.testing.assert_close(out, _logits(oracle(*inputs)), **TOL)
             torch.testing.assert_close(out, _logits(again(**given)), **TOL)
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.45])
+def test_a_decoder_keeps_a_hidden_size_its_config_accepts_for_the_heads_it_keeps(ratio: float, tmp_path) -> None:
+    """LlamaConfig validates hidden_size % num_attention_heads == 0 (although its head size is head_dim):
+    when 6 of 8 heads stay, the hidden size is lowered to a multiple of 6, so the result is its class and
+    from_pretrained takes what save_pretrained wrote."""
+    torch.manual_seed(0)
+    model = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                             num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=64)).eval()
+    pruned = fxprune.compile(model, example_inputs=IDS, ratio=ratio)
+    assert type(pruned) is T.LlamaForCausalLM, pruned.meta["fxprune"]["huggingface"]
+    c = pruned.config
+    assert c.num_attention_heads < 8 and c.hidden_size % c.num_attention_heads == 0
+    pruned.save_pretrained(tmp_path)
+    again = T.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(IDS).logits, pruned(IDS).logits, **TOL)

@@ -27,7 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.groups import DependencyGraph
+from ..core.groups import DependencyGraph, Plan
+from ..core.masks import kept_mask, removed_mask
 from ..selection.budget import Tie
 
 __all__ = ["WIDTH_FIELDS", "Probe", "probe", "config_ties", "truthful_config"]
@@ -168,15 +169,11 @@ def config_ties(p: Probe, deps: DependencyGraph) -> list[Tie]:
     for g in deps.prunable_groups:
         ties.setdefault(root(g.id), []).append(g.id)
     heads = {hidden: value(p.config, s) for s, hidden in _derived_heads(p).items()}
-    multiple = _hidden_multiple(p)
     out = []
     for ids in ties.values():
         slots = set().union(*(slots_of[i] for i in ids))
         whole = any(not slots_of[i] for i in ids) or bool(slots & fixed)
-        steps = math.gcd(*(deps.groups[i].width for i in ids), *(heads[s] for s in slots & set(heads)))
-        if ("hidden_size", None) in slots and multiple:  # each step a multiple of the head count
-            steps = math.gcd(steps, *(deps.groups[i].width // multiple for i in ids))
-        out.append(Tie(tuple(ids), 1 if whole else max(steps, 1)))
+        out.append(Tie(tuple(ids), 1 if whole else math.gcd(*(deps.groups[i].width for i in ids), *(heads[s] for s in slots & set(heads)))))
     return out
 
 
@@ -282,3 +279,33 @@ def with_biases(cls: type, config: Any, names: set[str]) -> tuple[Any, str]:
                 return new, ""
     return None, (f"{type(config).__name__} has no flag that gives {cls.__name__} the biases that compensate=True added "
                   f"({', '.join(sorted(names)[:3])}{', ...' if len(names) > 3 else ''})")
+
+
+def valid_hidden(p: Probe, deps: DependencyGraph, plan: Plan, scores: dict[int, torch.Tensor], round_to: int) -> Plan:
+    """``plan`` with its hidden size lowered, where needed, to a multiple of the head count it keeps (and of
+    ``round_to``) when the config's validation asks for one (``_hidden_multiple``): the lowest-scored kept
+    channels of the groups the hidden size sizes go. Heads and hidden size are separate ties, so
+    selection alone can keep 6 heads over a hidden size of 104."""
+    heads_slot, hidden_slot = ("num_attention_heads", None), ("hidden_size", None)
+    if _hidden_multiple(p) is None or not p.sizes.get(heads_slot) or not p.sizes.get(hidden_slot):
+        return plan
+    removed = removed_mask(deps, plan)
+
+    def kept(slot: Slot) -> int:
+        name, dim = min(p.sizes[slot])
+        if (name, dim) not in deps.member_atoms:
+            return value(p.config, slot)
+        return int(kept_mask(removed, deps.member_atoms[(name, dim)]).sum()) * value(p.config, slot) // p.shapes[name][dim]
+
+    heads, hidden = kept(heads_slot), kept(hidden_slot)
+    step = math.lcm(heads, round_to)
+    if heads < 1 or hidden % heads == 0 or hidden < step:
+        return plan
+    drop = hidden - hidden // step * step
+    keep = dict(plan.keep)
+    for g in deps.prunable_groups:
+        if {(m.name, m.dim) for m in g.members} & p.sizes[hidden_slot]:
+            kept_atoms = torch.tensor(keep.get(g.id, range(g.width)), dtype=torch.long)
+            order = torch.sort(scores[g.id][kept_atoms], stable=True).indices  # lowest score first
+            keep[g.id] = sorted(kept_atoms[order[drop:]].tolist())
+    return Plan(keep)
