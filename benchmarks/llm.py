@@ -15,9 +15,10 @@ biases of the output projections); the data-driven ones get the same calibration
 cross-entropy as ``loss_fn``). For each row: held-out bits per byte and byte-level perplexity
 (``2 ** bits``) without healing and after the same short healing (distillation: KL divergence to the
 dense model's next-byte distribution, the same batches and steps for every row), the decoder layers'
-parameters kept, and the class ``compile`` returned.
+parameters kept, decode tokens/s in ``generate()`` (greedy, with the KV cache) and prefill latency, each
+against the original in turns, and the class ``compile`` returned.
 
-    python benchmarks/llm.py --quick     # under 10 minutes on 2 CPU cores (docs/results.md)
+    python benchmarks/llm.py --quick --plot docs/llm_perplexity.png   # docs/results.md
     python benchmarks/llm.py --quick --seed 1
     python benchmarks/llm.py             # longer training and healing
 """
@@ -31,6 +32,7 @@ import logging
 import math
 import os
 import pathlib
+import statistics
 import time
 
 import torch
@@ -44,8 +46,11 @@ CONFIG = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4, 
           "vocab_size": 256, "max_position_embeddings": 256}
 SEQ = 128
 BATCH = 16
-SELECTORS = ("uniform", "random", "l2", "taylor", "wanda", "wanda+comp")
-"""``NAME+comp``: selector NAME with ``compensate=True`` (the removed channels' means folded into the biases)."""
+SELECTORS = ("uniform", "random", "l2", "taylor", "wanda", "wanda+comp", "wanda+global", "depth1", "depth2")
+"""``NAME+comp``: selector NAME with ``compensate=True`` (the removed channels' means folded into the biases);
+``NAME+global``: ``mode="global"`` (widths allocated across layers by the scores, so layers differ);
+``depthN``: ``fxprune.drop_layers(model, N, calibration)`` (the N least influential layers removed)."""
+PROMPT, NEW_TOKENS, ROUNDS = SEQ, 32, 5  # the prompt has the example's length: a graph result takes no other
 FEWER_PARAMS = (0.2, 0.35, 0.5)
 SETTINGS = {True: {"train_steps": 800, "heal_steps": 40, "eval_windows": 256, "calibration_batches": 8},
             False: {"train_steps": 3000, "heal_steps": 150, "eval_windows": 1024, "calibration_batches": 32}}
@@ -132,6 +137,35 @@ def heal(student: torch.nn.Module, teacher: torch.nn.Module, train: torch.Tensor
     return student.eval()
 
 
+@torch.no_grad()
+def speed(model: torch.nn.Module, original: torch.nn.Module, prompt: torch.Tensor) -> tuple[float | None, float]:
+    """(decode tokens/s, prefill latency) of ``model`` over ``original``'s, as ratios of medians of ROUNDS
+    runs taken in turns after one warm-up: ``generate()`` of NEW_TOKENS greedy tokens with the KV cache
+    after ``prompt`` (None for a result without ``generate``), and one forward over ``prompt``."""
+    def decode(m: torch.nn.Module) -> float:
+        start = time.perf_counter()
+        m.generate(prompt, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+        return NEW_TOKENS / (time.perf_counter() - start)
+
+    def prefill(m: torch.nn.Module) -> float:
+        start = time.perf_counter()
+        m(prompt)
+        return time.perf_counter() - start
+
+    model.eval()
+    can_decode = hasattr(model, "generate")
+    runs: dict[str, list[float]] = {"d0": [], "d1": [], "p0": [], "p1": []}
+    for r in range(ROUNDS + 1):
+        for key, fn, m in (("d0", decode, original), ("d1", decode, model), ("p0", prefill, original), ("p1", prefill, model)):
+            if key.startswith("d") and not can_decode:
+                continue
+            value = fn(m)
+            if r:  # the first round warms up
+                runs[key].append(value)
+    med = {k: statistics.median(v) for k, v in runs.items() if v}
+    return (med["d1"] / med["d0"] if can_decode else None), med["p0"] / med["p1"]
+
+
 def decoder_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.model.layers.parameters())
 
@@ -147,7 +181,7 @@ def ratio_for(model: torch.nn.Module, ids: torch.Tensor, fewer: float) -> float:
     return (lo + hi) / 2
 
 
-def run(quick: bool, selectors: list[str], seed: int) -> None:
+def run(quick: bool, selectors: list[str], seed: int, plot: str | None) -> None:
     s = SETTINGS[quick]
     train, held_text = corpus()
     print(f"corpus: torch {torch.__version__} torch/nn/**/*.py, {train.numel() / 1e6:.2f} MB training, {held_text.numel() / 1e6:.2f} MB held out")
@@ -162,25 +196,66 @@ def run(quick: bool, selectors: list[str], seed: int) -> None:
     def loss_fn(output: object, target: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(output.logits.flatten(0, 1), target.flatten())
 
-    rows = []
+    prompt = held[:1, :PROMPT]
+    rows, found = [], []
+
+    def row(fewer: float, name: str, ratio: str, pruned: torch.nn.Module, seconds: float) -> None:
+        decode, prefill = speed(pruned, model, prompt)
+        bits = bits_per_byte(pruned, held)
+        healed = bits_per_byte(heal(pruned, model, train, s["heal_steps"], seed), held)
+        found.append((fewer, name, bits, healed))
+        rows.append([f"{fewer:.0%}", name, f"{1 - decoder_params(pruned) / decoder_params(model):.1%}", ratio,
+                     f"{bits:.3f}", f"{2 ** bits:.2f}", f"{bits / base - 1:+.0%}", f"{healed:.3f}", f"{2 ** healed:.2f}",
+                     f"{healed / base - 1:+.1%}", "-" if decode is None else f"{decode:.2f}x", f"{prefill:.2f}x",
+                     type(pruned).__name__, f"{seconds:.1f}"])
+        print("  " + " | ".join(rows[-1]), flush=True)
+
     for fewer in FEWER_PARAMS:
         ratio = ratio_for(model, ids, fewer)
         for name in selectors:
-            selector, comp = name.removesuffix("+comp"), name.endswith("+comp")
-            data = {"calibration": calibration} if selector in data_driven() or comp else {}
+            if name.startswith("depth"):
+                continue
+            selector, options = name.split("+")[0], set(name.split("+")[1:])
+            data = {"calibration": calibration} if selector in data_driven() or "comp" in options else {}
             data |= {"loss_fn": loss_fn} if takes_loss(selector) else {}
+            data |= {"mode": "global"} if "global" in options else {}
             start = time.perf_counter()
-            pruned = fxprune.compile(model, example_inputs=ids, ratio=ratio, selector=selector, seed=seed, compensate=comp, **data)
-            seconds = time.perf_counter() - start
-            bits = bits_per_byte(pruned, held)
-            healed = bits_per_byte(heal(pruned, model, train, s["heal_steps"], seed), held)
-            rows.append([f"{fewer:.0%}", name, f"{1 - decoder_params(pruned) / decoder_params(model):.1%}", f"{ratio:.3f}",
-                         f"{bits:.3f}", f"{2 ** bits:.2f}", f"{bits / base - 1:+.0%}", f"{healed:.3f}", f"{2 ** healed:.2f}",
-                         f"{healed / base - 1:+.1%}", type(pruned).__name__, f"{seconds:.1f}"])
-            print("  " + " | ".join(rows[-1]), flush=True)
-    print(f"\ndense: {base:.3f} bits/byte (perplexity {2 ** base:.2f}); healing: {s['heal_steps']} steps of distillation\n")
+            pruned = fxprune.compile(model, example_inputs=ids, ratio=ratio, selector=selector, seed=seed, compensate="comp" in options, **data)
+            row(fewer, name, f"{ratio:.3f}", pruned, time.perf_counter() - start)
+    layers = CONFIG["num_hidden_layers"]
+    for n in sorted({int(name.removeprefix("depth")) for name in selectors if name.startswith("depth")}):
+        start = time.perf_counter()
+        pruned = fxprune.drop_layers(model, n, calibration)
+        row(n / layers, f"depth{n}", "-", pruned, time.perf_counter() - start)
+    print(f"\ndense: {base:.3f} bits/byte (perplexity {2 ** base:.2f}); healing: {s['heal_steps']} steps of distillation; "
+          f"decode: {NEW_TOKENS} greedy tokens after {PROMPT} bytes, prefill: one forward over them, each against the original "
+          f"in turns (medians of {ROUNDS}), {torch.get_num_threads()} thread(s)\n")
     print(tabulate(rows, headers=["fewer params", "selector", "decoder params removed", "FLOPs ratio=", "bits/byte", "ppl", "vs dense",
-                                  "healed bits/byte", "healed ppl", "healed vs dense", "class", "compile s"], tablefmt="github"))
+                                  "healed bits/byte", "healed ppl", "healed vs dense", "decode tok/s", "prefill speed-up", "class",
+                                  "compile s"], tablefmt="github"))
+    if plot:
+        draw(found, base, plot)
+
+
+def draw(found: list[tuple[float, str, float, float]], base: float, path: str) -> None:
+    """Held-out bits per byte against the share of parameters removed, per selector, before and after healing."""
+    import matplotlib  # noqa: PLC0415 - only for --plot
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=False)
+    for ax, k, title in ((axes[0], 2, "before healing"), (axes[1], 3, "after healing (distillation)")):
+        for name in dict.fromkeys(f[1] for f in found):
+            points = [(f[0], f[k]) for f in found if f[1] == name]
+            ax.plot([100 * x for x, _ in points], [y for _, y in points], marker="o", label=name)
+        ax.axhline(base, color="black", linestyle=":", label="dense")
+        ax.set(title=title, xlabel="decoder-layer parameters removed (%)", ylabel="held-out bits per byte")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"plot: {path}")
 
 
 def main() -> None:
@@ -190,10 +265,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: two threads on two cores that "
                         "other work shares ran training several times slower here)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--plot", metavar="PNG", help="draw bits per byte against parameters removed, per selector")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.getLogger("fxprune").setLevel(logging.ERROR)  # the ratio search's notes on finer multiples
-    run(args.quick, args.selectors.split(","), args.seed)
+    run(args.quick, args.selectors.split(","), args.seed, args.plot)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
     print(fxprune.report(small))
 """
 
-from .api import DEFAULT_INPUT_SHAPE, analyze, compile, count_flops, keep_only_classes, prune, report
+from .api import DEFAULT_INPUT_SHAPE, analyze, compile, count_flops, drop_layers, keep_only_classes, prune, report
 from .errors import (
     ArchiveError,
     ArgumentError,
@@ -32,7 +32,7 @@ __version__ = "0.1.0"
 globals().update({cls.__name__: cls for cls in SELECTORS.values()})  # every selector class, from the one list
 
 __all__ = [
-    "compile", "analyze", "prune", "keep_only_classes", "prune_iteratively", "History", "Step", "report", "count_flops", "DEFAULT_INPUT_SHAPE",
+    "compile", "analyze", "prune", "drop_layers", "keep_only_classes", "prune_iteratively", "History", "Step", "report", "count_flops", "DEFAULT_INPUT_SHAPE",
     "save", "load", "apply_plan", "plan_fingerprint", "Strategy",
     "measure_latency", "Latency",
     "DependencyGraph", "Group", "Member", "Plan", "Report", "Selector", "SELECTORS", *(cls.__name__ for cls in SELECTORS.values()),

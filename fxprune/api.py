@@ -24,6 +24,7 @@ from .pipeline import DEFAULT_INPUT_SHAPE, Inputs, Model
 from .report import Report
 from .selection.strategy import Strategy
 from .latency.cache import caching
+from .results.depth import layer_influence, without_layers
 
 __all__ = ["compile", "analyze", "prune", "keep_only_classes", "report", "count_flops", "DEFAULT_INPUT_SHAPE"]
 
@@ -166,6 +167,21 @@ def _default_selector(strategy: Strategy | None, target: targets.Target, options
                       "calibration= (the most accurate before healing in docs/results.md); pass selector='taylor' to rank by the loss",
                       stacklevel=3)
     return {**options, "selector": FLOPS_WITH_DATA, "loss_fn": None}
+
+
+def drop_layers(model: nn.Module, n: int, calibration: Any) -> nn.Module:
+    """A Hugging Face decoder of ``model``'s class without its ``n`` layers of least influence on the
+    ``calibration`` batches (1 - the cosine similarity of a layer's output hidden states to its input;
+    results/depth.py): depth pruning, which saves a whole layer's per-token cost in ``generate()``.
+    ``meta["fxprune"]["depth"]`` records every layer's influence and the layers dropped. ``model`` is left as
+    it was; combine with ``compile`` (widths) in either order, and heal afterwards as after ``compile``."""
+    influence = layer_influence(model, calibration)
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 < n < len(influence):
+        raise ArgumentError(f"drop_layers: n must be a whole number of layers from 1 to {len(influence) - 1}, got {n!r}")
+    dropped = sorted(torch.argsort(influence, stable=True)[:n].tolist())
+    result = without_layers(model, dropped)
+    result.meta = {keys.RECORD: {"depth": {"influence": [round(float(v), 6) for v in influence], "dropped": dropped}}}
+    return result
 
 
 def prune(model: Model, plan: Plan | dict[int, Sequence[int]], example_inputs: Inputs = None, *, verify: bool = True) -> nn.Module:
