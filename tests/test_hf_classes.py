@@ -156,3 +156,21 @@ def test_a_decoder_keeps_a_hidden_size_its_config_accepts_for_the_heads_it_keeps
     again = T.LlamaForCausalLM.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(again(IDS).logits, pruned(IDS).logits, **TOL)
+
+
+def test_a_pruned_bart_comes_back_as_its_class_and_generates(tmp_path) -> None:
+    """An encoder-decoder whose heads derive their size from d_model: its class returns, generates, and round-trips."""
+    torch.manual_seed(0)
+    model = T.BartForConditionalGeneration(T.BartConfig(
+        vocab_size=64, d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
+        encoder_ffn_dim=256, decoder_ffn_dim=256, max_position_embeddings=64)).eval()
+    ids = torch.randint(3, 64, (1, 8), generator=torch.Generator().manual_seed(0))
+    pruned = fxprune.compile(model, example_inputs=ids, ratio=0.5)
+    assert type(pruned) is T.BartForConditionalGeneration, pruned.meta["fxprune"]["huggingface"]
+    assert pruned.config.encoder_ffn_dim < 256
+    with torch.no_grad():
+        assert pruned.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False).shape[0] == 1
+    pruned.save_pretrained(tmp_path)
+    again = T.BartForConditionalGeneration.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, pruned(ids).logits, **TOL)

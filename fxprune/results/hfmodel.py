@@ -17,6 +17,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from ..core import metakeys as keys
 from .hfconfig import probe, truthful_config, with_biases
 
 __all__ = ["hf_model"]
@@ -48,7 +49,8 @@ def hf_model(model: nn.Module, pruned: torch.fx.GraphModule) -> tuple[nn.Module 
     if p is None:
         return None, f"{type(model).__name__} built from its own config has other parameters than the model"
     config, why = truthful_config(p, shapes)
-    gained = set(tensors) - set(ref) - set(dict(model.named_buffers()))  # biases that compensation added
+    compensated = pruned.meta.get(keys.RECORD, {}).get("compensated", [])
+    gained = {w.rpartition(".")[0] + ".bias" for w in compensated} - set(ref)  # biases that compensation added
     if config is not None and gained:
         config, why = with_biases(type(model), config, gained)
     if config is None:
