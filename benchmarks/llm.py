@@ -122,19 +122,9 @@ def bits_per_byte(model: torch.nn.Module, held: torch.Tensor) -> float:
 
 
 def heal(student: torch.nn.Module, teacher: torch.nn.Module, train: torch.Tensor, steps: int, seed: int) -> torch.nn.Module:
-    """``student`` after ``steps`` of distillation: KL(teacher || student) on next-byte distributions."""
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    """``student`` after ``steps`` of ``fxprune.distillation`` (KL to the teacher's next-byte distributions)."""
     g = torch.Generator().manual_seed(seed + 1)
-    student.train()
-    for _ in range(steps):
-        x = windows(train, BATCH, g)[:, :-1]
-        with torch.no_grad():
-            target = F.log_softmax(teacher(x).logits, -1).flatten(0, 1)
-        log_p = F.log_softmax(student(x).logits, -1).flatten(0, 1)
-        F.kl_div(log_p, target, log_target=True, reduction="batchmean").backward()
-        opt.step()
-        opt.zero_grad()
-    return student.eval()
+    return fxprune.distillation(teacher, [windows(train, BATCH, g)[:, :-1] for _ in range(steps)])(student).eval()
 
 
 @torch.no_grad()
