@@ -33,7 +33,8 @@ __version__ = "0.1.0"
 globals().update({cls.__name__: cls for cls in SELECTORS.values()})  # every selector class, from the one list
 
 __all__ = [
-    "compile", "analyze", "prune", "drop_layers", "distillation", "keep_only_classes", "prune_iteratively", "History", "Step", "report", "count_flops", "DEFAULT_INPUT_SHAPE",
+    "compile", "analyze", "prune", "drop_layers", "distillation", "keep_only_classes", "prune_iteratively", "History", "Step", "report",
+    "count_flops", "DEFAULT_INPUT_SHAPE",
     "save", "load", "apply_plan", "plan_fingerprint", "Strategy",
     "measure_latency", "Latency",
     "DependencyGraph", "Group", "Member", "Plan", "Report", "Selector", "SELECTORS", *(cls.__name__ for cls in SELECTORS.values()),
