@@ -46,10 +46,11 @@ CONFIG = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4, 
           "vocab_size": 256, "max_position_embeddings": 256}
 SEQ = 128
 BATCH = 16
-SELECTORS = ("uniform", "random", "l2", "taylor", "wanda", "wanda+comp", "wanda+global", "depth1", "depth2")
+SELECTORS = ("uniform", "random", "l2", "taylor", "wanda", "wanda+comp", "wanda+global", "depth1", "depth2", "decode1.3")
 """``NAME+comp``: selector NAME with ``compensate=True`` (the removed channels' means folded into the biases);
 ``NAME+global``: ``mode="global"`` (widths allocated across layers by the scores, so layers differ);
-``depthN``: ``fxprune.drop_layers(model, N, calibration)`` (the N least influential layers removed)."""
+``depthN``: ``fxprune.drop_layers(model, N, calibration)`` (the N least influential layers removed);
+``decodeX``: ``fxprune.drop_layers(..., speedup=X)``, the fewest layers for X times the decode tokens/s."""
 PROMPT, NEW_TOKENS, ROUNDS = SEQ, 32, 5  # the prompt has the example's length: a graph result takes no other
 FEWER_PARAMS = (0.2, 0.35, 0.5)
 SETTINGS = {True: {"train_steps": 800, "heal_steps": 40, "eval_windows": 256, "calibration_batches": 8},
@@ -200,11 +201,10 @@ def run(quick: bool, selectors: list[str], seed: int, plot: str | None) -> None:
                      type(pruned).__name__, f"{seconds:.1f}"])
         print("  " + " | ".join(rows[-1]), flush=True)
 
-    for fewer in FEWER_PARAMS:
+    widths = [n for n in selectors if not n.startswith(("depth", "decode"))]
+    for fewer in FEWER_PARAMS if widths else ():
         ratio = ratio_for(model, ids, fewer)
-        for name in selectors:
-            if name.startswith("depth"):
-                continue
+        for name in widths:
             selector, options = name.split("+")[0], set(name.split("+")[1:])
             data = {"calibration": calibration} if selector in data_driven() or "comp" in options else {}
             data |= {"loss_fn": loss_fn} if takes_loss(selector) else {}
@@ -213,10 +213,17 @@ def run(quick: bool, selectors: list[str], seed: int, plot: str | None) -> None:
             pruned = fxprune.compile(model, example_inputs=ids, ratio=ratio, selector=selector, seed=seed, compensate="comp" in options, **data)
             row(fewer, name, f"{ratio:.3f}", pruned, time.perf_counter() - start)
     layers = CONFIG["num_hidden_layers"]
-    for n in sorted({int(name.removeprefix("depth")) for name in selectors if name.startswith("depth")}):
+    for name in [n for n in selectors if n.startswith(("depth", "decode"))]:
         start = time.perf_counter()
-        pruned = fxprune.drop_layers(model, n, calibration)
-        row(n / layers, f"depth{n}", "-", pruned, time.perf_counter() - start)
+        if name.startswith("depth"):
+            pruned = fxprune.drop_layers(model, int(name.removeprefix("depth")), calibration)
+        else:
+            pruned = fxprune.drop_layers(model, calibration=calibration, speedup=float(name.removeprefix("decode")), example_inputs=prompt,
+                                         new_tokens=NEW_TOKENS)
+            claimed = pruned.meta["fxprune"]["depth"]["decode"]
+            print(f"  {name}: {len(pruned.meta['fxprune']['depth']['dropped'])} layers dropped, decode {claimed['speedup']:.3g}x claimed "
+                  f"({claimed['interval'][0]:.3g}-{claimed['interval'][1]:.3g}x); re-measured in the row below")
+        row(1 - pruned.config.num_hidden_layers / layers, name, "-", pruned, time.perf_counter() - start)
     print(f"\ndense: {base:.3f} bits/byte (perplexity {2 ** base:.2f}); healing: {s['heal_steps']} steps of distillation; "
           f"decode: {NEW_TOKENS} greedy tokens after {PROMPT} bytes, prefill: one forward over them, each against the original "
           f"in turns (medians of {ROUNDS}), {torch.get_num_threads()} thread(s)\n")

@@ -5,6 +5,7 @@ Each is a few calls into ``pipeline``; nothing here touches a graph.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -16,7 +17,7 @@ from torch import nn
 from .core import metakeys as keys
 from . import pipeline
 from . import targets
-from .errors import ArgumentError
+from .errors import ArgumentError, MeasurementError, TargetUnreachableError
 from .core.flops import counter as flop_counter
 from .core.fxutil import eval_mode, structural_copy
 from .core.groups import DependencyGraph, Plan
@@ -24,9 +25,11 @@ from .pipeline import DEFAULT_INPUT_SHAPE, Inputs, Model
 from .report import Report
 from .selection.strategy import Strategy
 from .latency.cache import caching
-from .results.depth import layer_influence, without_layers
+from .results.depth import decode_comparison, layer_influence, without_layers
 
-__all__ = ["compile", "analyze", "prune", "keep_only_classes", "report", "count_flops", "DEFAULT_INPUT_SHAPE"]
+log = logging.getLogger("fxprune")
+
+__all__ = ["compile", "analyze", "prune", "drop_layers", "keep_only_classes", "report", "count_flops", "DEFAULT_INPUT_SHAPE"]
 
 
 def analyze(model: Model, example_inputs: Inputs = None, *, ignore: Iterable[str] = ()) -> DependencyGraph:
@@ -169,19 +172,60 @@ def _default_selector(strategy: Strategy | None, target: targets.Target, options
     return {**options, "selector": FLOPS_WITH_DATA, "loss_fn": None}
 
 
-def drop_layers(model: nn.Module, n: int, calibration: Any) -> nn.Module:
-    """A Hugging Face decoder of ``model``'s class without its ``n`` layers of least influence on the
+def drop_layers(model: nn.Module, n: int | None = None, calibration: Any = None, *, speedup: float | None = None,
+                example_inputs: torch.Tensor | None = None, new_tokens: int = 32) -> nn.Module:
+    """A Hugging Face decoder of ``model``'s class without its layers of least influence on the
     ``calibration`` batches (1 - the cosine similarity of a layer's output hidden states to its input;
     results/depth.py): depth pruning, which saves a whole layer's per-token cost in ``generate()``.
-    ``meta["fxprune"]["depth"]`` records every layer's influence and the layers dropped. ``model`` is left as
-    it was; combine with ``compile`` (widths) in either order, and heal afterwards as after ``compile``."""
+
+    Give ``n`` (how many layers go) or ``speedup``: the fewest layers whose removal makes ``generate()`` of
+    ``new_tokens`` greedy tokens after the ``example_inputs`` prompt (token ids) that much faster than the
+    original, timed in turns with it on this machine until the interval decides (``MeasurementError``
+    when the machine is too noisy to; ``TargetUnreachableError`` when keeping one layer is not enough).
+    ``meta["fxprune"]["depth"]`` records every layer's influence, the layers dropped and, for ``speedup``,
+    the measured decode speed-up. ``model`` is left as it was; combine with ``compile`` (widths) in either
+    order, and heal afterwards as after ``compile`` (``distillation``)."""
+    if (n is None) == (speedup is None):
+        raise ArgumentError("drop_layers takes n= (how many layers to drop) or speedup= (decode tokens/s over the original's), one of them")
+    if calibration is None:
+        raise ArgumentError("drop_layers scores layers on calibration= data (batches of token ids, e.g. a DataLoader)")
     influence = layer_influence(model, calibration)
-    if isinstance(n, bool) or not isinstance(n, int) or not 0 < n < len(influence):
-        raise ArgumentError(f"drop_layers: n must be a whole number of layers from 1 to {len(influence) - 1}, got {n!r}")
-    dropped = sorted(torch.argsort(influence, stable=True)[:n].tolist())
-    result = without_layers(model, dropped)
-    result.meta = {keys.RECORD: {"depth": {"influence": [round(float(v), 6) for v in influence], "dropped": dropped}}}
+    order = torch.argsort(influence, stable=True).tolist()
+    record: dict[str, Any] = {"influence": [round(float(v), 6) for v in influence]}
+    if speedup is None:
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 < n < len(influence):
+            raise ArgumentError(f"drop_layers: n must be a whole number of layers from 1 to {len(influence) - 1}, got {n!r}")
+        result = without_layers(model, sorted(order[:n]))
+    else:
+        result = _decode_target(model, order, speedup, example_inputs, new_tokens, record)
+    record["dropped"] = sorted(order[: len(influence) - result.config.num_hidden_layers])
+    result.meta = {keys.RECORD: {"depth": record}}
     return result
+
+
+def _decode_target(model: nn.Module, order: list[int], speedup: float, prompt: torch.Tensor | None, new_tokens: int,
+                   record: dict[str, Any]) -> nn.Module:
+    """The model without the fewest of ``order``'s first layers whose decode speed-up meets ``speedup``."""
+    if not isinstance(prompt, torch.Tensor) or prompt.dtype not in (torch.long, torch.int):
+        raise ArgumentError("drop_layers(speedup=...) times generate() after a prompt: pass example_inputs= token ids, e.g. a (1, 64) tensor")
+    if not speedup > 1:
+        raise ArgumentError(f"drop_layers: speedup must be above 1, got {speedup!r}")
+    best = None
+    for k in range(1, len(order)):
+        small = without_layers(model, sorted(order[:k]))
+        c = decode_comparison(model, small, prompt, new_tokens, 1 / speedup)
+        log.info("without %d of %d layers: decode %s", k, len(order), c.describe())
+        verdict = c.meets(1 / speedup)
+        if verdict is None:
+            raise MeasurementError(f"drop_layers: the machine was too noisy to tell whether dropping {k} layers meets {speedup}x decode tokens/s "
+                                   f"({c.describe()}); run again on a quieter machine, or give n=", interval=(1 / c.high, 1 / c.low), noise=c.noise)
+        if verdict:
+            record["decode"] = {"speedup": c.speedup, "interval": [1 / c.high, 1 / c.low], "noise": c.noise, "new_tokens": new_tokens,
+                                "prompt": list(prompt.shape)}
+            return small
+        best = max(best or 0.0, c.speedup)
+    raise TargetUnreachableError(f"drop_layers: {speedup}x decode tokens/s is out of reach: keeping one layer of {len(order)} measured "
+                                 f"{best:.3g}x", best_speedup=best)
 
 
 def prune(model: Model, plan: Plan | dict[int, Sequence[int]], example_inputs: Inputs = None, *, verify: bool = True) -> nn.Module:

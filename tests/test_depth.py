@@ -71,3 +71,44 @@ def test_drop_layers_checks_what_it_is_given() -> None:
         fxprune.drop_layers(_decoder(), 4, _calibration())
     with pytest.raises(ArgumentError, match="Hugging Face decoder"):
         fxprune.drop_layers(nn.Sequential(nn.Linear(2, 2)), 1, [torch.randn(1, 2)])
+
+
+class _Timed:
+    """A decode comparison as the clock would give it: a speed-up and its interval."""
+
+    def __init__(self, speedup: float, low: float, high: float) -> None:
+        self.speedup, self.low, self.high, self.noise = speedup, 1 / high, 1 / low, 0.01
+
+    def meets(self, goal: float) -> bool | None:
+        return True if self.high <= goal else False if self.low > goal else None
+
+    def describe(self) -> str:
+        return f"{self.speedup}x"
+
+
+@pytest.mark.parametrize(("timings", "dropped", "error"), [
+    ({1: (1.2, 1.15, 1.25), 2: (1.5, 1.4, 1.6)}, 2, None),     # one layer is too few, two meet 1.3x
+    ({1: (1.35, 1.32, 1.38)}, 1, None),                          # one layer meets it
+    ({1: (1.3, 1.2, 1.4)}, None, fxprune.MeasurementError),      # the interval holds the target: undecided
+    ({1: (1.1, 1.05, 1.15), 2: (1.2, 1.15, 1.25), 3: (1.25, 1.2, 1.28)}, None, fxprune.TargetUnreachableError),
+])
+def test_a_decode_speedup_drops_the_fewest_layers_whose_timing_meets_it(monkeypatch, timings, dropped, error) -> None:
+    """The clock faked (one decode comparison per layer count), the rule as shipped: the fewest layers whose
+    whole interval clears the target; an undecided interval refuses; a target beyond every count is unreachable."""
+    model = _decoder()
+    calls = []
+
+    def fake(original, small, prompt, new_tokens, goal):
+        k = 4 - small.config.num_hidden_layers
+        calls.append(k)
+        return _Timed(*timings[k])
+
+    monkeypatch.setattr(fxprune.api, "decode_comparison", fake)
+    if error is not None:
+        with pytest.raises(error):
+            fxprune.drop_layers(model, calibration=_calibration(), speedup=1.3, example_inputs=IDS)
+        return
+    small = fxprune.drop_layers(model, calibration=_calibration(), speedup=1.3, example_inputs=IDS)
+    assert small.config.num_hidden_layers == 4 - dropped and calls == list(range(1, dropped + 1))
+    record = small.meta["fxprune"]["depth"]
+    assert len(record["dropped"]) == dropped and record["decode"]["speedup"] == timings[dropped][0]

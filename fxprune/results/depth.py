@@ -19,9 +19,10 @@ from torch import nn
 
 from ..core.fxutil import is_hf
 from ..errors import ArgumentError
+from ..latency.timing import Comparison, compare
 from ..selection.stats import CALIBRATION_FORMS, calibration_batches
 
-__all__ = ["layer_influence", "without_layers", "layer_stack"]
+__all__ = ["layer_influence", "without_layers", "layer_stack", "decode_comparison"]
 
 
 def layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -104,3 +105,21 @@ def without_layers(model: nn.Module, drop: list[int]) -> nn.Module:
         new.generation_config = copy.deepcopy(model.generation_config)
     new.train(model.training)
     return new
+
+
+class _Decoding(nn.Module):
+    """``generate()`` of ``new_tokens`` greedy tokens after the prompt it is called on: what a decode
+    speed target times."""
+
+    def __init__(self, model: nn.Module, new_tokens: int) -> None:
+        super().__init__()
+        self.model, self.new_tokens = model, new_tokens
+
+    def forward(self, prompt: torch.Tensor) -> torch.Tensor:
+        return self.model.generate(prompt, max_new_tokens=self.new_tokens, min_new_tokens=self.new_tokens, do_sample=False)
+
+
+def decode_comparison(model: nn.Module, small: nn.Module, prompt: torch.Tensor, new_tokens: int, goal: float) -> Comparison:
+    """``small``'s ``generate()`` timed against ``model``'s in turns until the interval of their time ratio
+    decides ``goal`` (``timing.compare``): its ``speedup`` is the ratio of decode tokens per second."""
+    return compare(_Decoding(model, new_tokens), _Decoding(small, new_tokens), (prompt,), goal=goal)
