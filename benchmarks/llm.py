@@ -194,8 +194,9 @@ def run(quick: bool, selectors: list[str], seed: int, plot: str | None) -> None:
         decode, prefill = speed(pruned, model, prompt)
         bits = bits_per_byte(pruned, held)
         healed = bits_per_byte(heal(pruned, model, train, s["heal_steps"], seed), held)
-        found.append((fewer, name, bits, healed))
-        rows.append([f"{fewer:.0%}", name, f"{1 - decoder_params(pruned) / decoder_params(model):.1%}", ratio,
+        removed = 1 - decoder_params(pruned) / decoder_params(model)
+        found.append((removed, name, bits, healed))
+        rows.append([f"{fewer:.0%}", name, f"{removed:.1%}", ratio,
                      f"{bits:.3f}", f"{2 ** bits:.2f}", f"{bits / base - 1:+.0%}", f"{healed:.3f}", f"{2 ** healed:.2f}",
                      f"{healed / base - 1:+.1%}", "-" if decode is None else f"{decode:.2f}x", f"{prefill:.2f}x",
                      type(pruned).__name__, f"{seconds:.1f}"])
