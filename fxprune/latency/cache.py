@@ -8,6 +8,7 @@ neither reads nor writes the file.
 from __future__ import annotations
 
 import contextlib
+import copy
 import contextvars
 import json
 import os
@@ -51,6 +52,7 @@ class TimingCache:
     def __init__(self, path: str | Path | None = None) -> None:
         self.path = Path(path) if path is not None else cache_path()
         self.enabled = _CACHING.get()
+        self.held: dict[str, dict[str, Any]] | None = None  # what the file may hold once timings are held
         self.measured = 0
         self.unsaved = False
         self.data: dict[str, dict[str, Any]] = {}
@@ -62,10 +64,13 @@ class TimingCache:
         """The value kept under ``key`` (None when there is none)."""
         return self.data.get(setting.key(), {}).get(key)
 
-    def put(self, setting: Setting, key: str, value: Any) -> None:
-        """Keep ``value`` under ``key``, and write the file (nothing when caching is off or held)."""
+    def put(self, setting: Setting, key: str, value: Any, claim: bool = False) -> None:
+        """Keep ``value`` under ``key``, and write the file (nothing when caching is off, nor when held unless
+        ``value`` is a ``claim``: a result that is timed again before it is used)."""
         if self.enabled:
             self.data.setdefault(setting.key(), {})[key] = value
+            if self.held is not None and claim:
+                self.held.setdefault(setting.key(), {})[key] = value
             self.unsaved = True
             self.save()
 
@@ -95,16 +100,17 @@ class TimingCache:
         return self.get(setting, key, steadiest, lambda row: Latency.from_row(row, setting).uncertainty <= tolerance)[0]
 
     def hold(self) -> None:
-        """Keep nothing more on disk from this instance: its timings were taken on a machine found too
-        noisy (bursts of other work inflate a short timing without widening its interval)."""
-        self.enabled = False
+        """Keep no more timings on disk from this instance: they were taken on a machine found too noisy
+        (bursts of other work inflate a short timing without widening its interval). Claims still are."""
+        if self.held is None:
+            self.held = copy.deepcopy(self.data)
 
     def drop(self, setting: Setting, prefix: str) -> int:
         """Forget the timings whose key starts with ``prefix``; how many there were."""
-        table = self.data.get(setting.key(), {})
-        gone = [k for k in table if k.startswith(prefix)]
-        for k in gone:
-            del table[k]
+        gone = [k for k in self.data.get(setting.key(), {}) if k.startswith(prefix)]
+        for data in (self.data, self.held or {}):
+            for k in gone:
+                data.get(setting.key(), {}).pop(k, None)
         self.unsaved = self.unsaved or bool(gone)
         return len(gone)
 
@@ -117,7 +123,7 @@ class TimingCache:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(self.data, indent=0, sort_keys=True))
+            tmp.write_text(json.dumps(self.data if self.held is None else self.held, indent=0, sort_keys=True))
             tmp.replace(self.path)
         except OSError:
             pass

@@ -12,7 +12,7 @@ burst are dropped). A result meets the goal when its whole interval, widened by 
 Until one result meets the aim (``MARGIN`` below the goal) and one misses it, the next budget is the last
 estimate scaled by aim / measured (at most 2x either way); then it moves between the closest pair by
 linear interpolation. It stops at a result that meets the goal within 6% of the aim, or when the
-closest pair is estimated within ``NEAR`` of each other. A measured ratio
+closest pair is estimated within ``trials.NEAR`` of each other. A measured ratio
 far from the model's estimate (outside ``BAND``) is timed again before it is believed, and so are two
 timings that contradict the width order (a plan with more channels in every group measured faster
 than one with fewer, beyond the noise): if they still do, the machine changed under the search, and it
@@ -31,6 +31,7 @@ of the model are dropped and the search runs afresh, once.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import warnings
@@ -50,9 +51,9 @@ from ..errors import MeasurementError, TargetUnreachableError
 from ..pipeline import Analysis, select_plan
 from ..selection.strategy import Chooser
 from .target import Target
-from .trials import Clock, Trial, contradict, widths
+from .trials import Clock, Trial, contradict, fingerprint, next_budget, widths
 
-__all__ = ["measured", "ROUNDS", "MARGIN", "BAND", "OVERSHOOT", "DRIFT", "NEAR"]
+__all__ = ["measured", "ROUNDS", "MARGIN", "BAND", "OVERSHOOT", "DRIFT"]
 
 log = logging.getLogger("fxprune")
 
@@ -67,11 +68,6 @@ BAND = 1.5
 
 OVERSHOOT = 1.3
 """A result more than this many times faster than asked is returned only when the widths force the step."""
-
-NEAR = 0.02
-"""The search stops once the closest results on either side of the aim are estimated this close: the
-latency model cannot order plans nearer than that (its layers are timed alone), so further candidates
-would be timed for nothing."""
 
 BISECT = 4
 """Plans between a result far past the target and the nearest that misses it, tried at most."""
@@ -116,13 +112,25 @@ class Search:
         self.goal = target.latency_ms / original_ms if target.latency_ms is not None else 1 / target.speedup
         self.aim = self.goal * (1 - MARGIN)
         self.clock = Clock(a, setting, cache, machine.burst)
-        self.model = costmodel.LatencyModel(a.deps, a.flops, a.gm, original_ms, setting, cache, chooser.rule.round_to, self.overdue)
-        self.scores = chooser.scores(a.deps, a.gm, seed, cost=self.model)
+        self.seed = seed
         self.timed = 0  # candidates timed, over both passes
         self.budgets: dict[str, float] = {}  # widths -> the first estimated-ms budget that gave them
         self.stepped = False  # the result is far past the target because the widths step there
         self.claimed: float | None = None  # the speed-up an earlier compile reported for the remembered result
         self.outcome = f"{self.clock.prefix}result {target.describe()} {json.dumps(chooser.describe(), sort_keys=True)}"
+
+    @functools.cached_property
+    def model(self) -> costmodel.LatencyModel:
+        """The latency model (timings of the model's own layers): built when a search needs it, not for a
+        remembered result."""
+        return costmodel.LatencyModel(self.a.deps, self.a.flops, self.a.gm, self.original_ms, self.setting, self.cache,
+                                      self.chooser.rule.round_to, self.overdue)
+
+    @functools.cached_property
+    def scores(self) -> dict[int, torch.Tensor]:
+        """The selector's scores; one that ranks by cost gets the latency model."""
+        cost = self.model if getattr(self.chooser.selector, "uses_cost", False) else None
+        return self.chooser.scores(self.a.deps, self.a.gm, self.seed, cost=cost)
 
     def run(self) -> tuple[Plan, torch.fx.GraphModule, dict[str, Any]]:
         chosen, trials = self.remembered(), []
@@ -145,8 +153,9 @@ class Search:
                         "cached" if chosen.cached else "first", chosen.comparison.describe(), c.describe())
             self.clock.drop()
             chosen, confirmed = None, False
-        if c.meets(self.goal) and chosen.comparison.rounds:
-            self.cache.put(self.setting, self.outcome, [self.budgets[widths(chosen.plan)], widths(chosen.plan), c.speedup])
+        if c.meets(self.goal) and chosen.comparison.rounds and widths(chosen.plan) in self.budgets:
+            self.cache.put(self.setting, self.outcome, [self.budgets[widths(chosen.plan)], widths(chosen.plan), c.speedup,
+                                                        fingerprint(self.scores), chosen.plan.to_json(), chosen.estimate], claim=True)
         record = {"target": {"speedup": self.target.speedup, "latency_ms": self.target.latency_ms}, "goal_ms": self.goal * self.original_ms,
                   "before_ms": c.before.median_ms, "after_ms": c.after.median_ms, "speedup": c.speedup,
                   "interval": [1 / c.high, 1 / c.low], "confidence": CONFIDENCE, "noise": max(c.noise, self.noise),
@@ -154,9 +163,10 @@ class Search:
                   "batch": c.before.batch, "device": self.setting.device, "device_name": self.setting.device_name,
                   "threads": self.setting.threads, "dtype": self.setting.dtype, "timings_taken": self.cache.measured,
                   "rounds": self.timed, "results_timed": self.clock.timed, "notes": _overshoot(chosen, trials, self.goal, self.stepped)}
-        names = {n.name: name for n, (name, _) in layers(self.a.gm).items()}
-        removed = removed_mask(self.a.deps, chosen.plan)
-        record["layers_ms"] = {names.get(node, node): ms for node, ms in self.model.layers(removed).items()}
+        if "model" in self.__dict__:  # a remembered result builds no latency model
+            names = {n.name: name for n, (name, _) in layers(self.a.gm).items()}
+            removed = removed_mask(self.a.deps, chosen.plan)
+            record["layers_ms"] = {names.get(node, node): ms for node, ms in self.model.layers(removed).items()}
         return chosen.plan, self.clock.result(chosen.plan)[0], record
 
     def plan(self, budget: float) -> Plan:
@@ -168,19 +178,20 @@ class Search:
         """The result an earlier compile chose for this model, target and strategy here, when timed now
         (the confirming timing) it still meets the goal: a warm compile then times one result, not a search."""
         kept = self.cache.lookup(self.setting, self.outcome)
-        if kept is None:
+        if kept is None or len(kept) != 6:
             return None
-        budget, chosen, self.claimed = kept
-        plan = self.plan(budget)
-        if widths(plan) != chosen:
+        budget, chosen, self.claimed, scored, plan_json, estimate = kept
+        if scored != fingerprint(self.scores):  # other weights or data: the kept positions are not this model's choice
             return None
+        plan = Plan.from_json(plan_json)
+        self.budgets.setdefault(chosen, budget)
         log.info("an earlier compile chose a result for this target here: confirming it against the original")
         c = self.clock.confirm(plan)
         log.info("  %s", c.describe())
         if not c.meets(self.goal):
             log.info("  it does not meet the target now: searching")
             return None
-        return Trial(plan, c, self.model.cost(removed_mask(self.a.deps, plan)) / self.model.total, False)
+        return Trial(plan, c, estimate, False)
 
     def trial(self, plan: Plan, why: str, turn: int = 1) -> Trial:
         """``plan`` timed against the original (again when far from the model's estimate), with a line that says why."""
@@ -244,7 +255,7 @@ class Search:
             trials.append(trial)
             if trial.comparison.meets(self.goal) and trial.ratio >= 0.94 * self.aim:
                 break
-            proposal = _next_budget(trials, self.aim, self.model.total)
+            proposal = next_budget(trials, self.aim, self.model.total)
             if proposal is None:
                 break
             budget, why = proposal
@@ -330,26 +341,6 @@ class Search:
                    "prune to FLOPs (target_gflops= or ratio=); on_noise='warn' returns the faster result with a warning.")
         _too_noisy(message, undecided[0], self.target.on_noise == "warn")
         return fast
-
-
-def _next_budget(trials: list[Trial], aim: float, total: float) -> tuple[float, str] | None:
-    """The next estimated-ms budget and why: the last estimate corrected by aim / measured (at most 2x
-    either way), or, once results lie on both sides of the aim, linear interpolation between the closest
-    pair; None once that pair's estimates are within ``NEAR`` of each other."""
-    fast = [(t.estimate, t.ratio) for t in trials if t.ratio <= aim]
-    slow = [(t.estimate, t.ratio) for t in trials if t.ratio > aim]
-    last = trials[-1]
-    if not fast or not slow:
-        side = "slower" if last.ratio > aim else "faster"
-        return (total * last.estimate * min(2.0, max(0.5, aim / last.ratio)),
-                f"the last one timed {side} than aimed at, {last.comparison.speedup:.3g}x against {1 / aim:.3g}x")
-    (e0, m0), (e1, m1) = max(fast), min(slow)
-    if abs(e1 - e0) < NEAR * e1:  # the model cannot order plans this close: no more candidates
-        return None
-    if e1 <= e0:  # a costlier estimate measured faster: look just above the best fast one
-        return total * e0 * 1.02, "just wider than the slowest that met the aim"
-    w = min(0.9, max(0.1, (aim - m0) / (m1 - m0)))
-    return total * (e0 + w * (e1 - e0)), f"between the closest pair, {1 / m0:.3g}x and {1 / m1:.3g}x"
 
 
 def _far(trial: Trial, goal: float) -> bool:

@@ -24,7 +24,7 @@ from ..latency.timing import FEWEST, Comparison, Setting, compare
 from ..passes.rewrite import rewrite
 from ..pipeline import Analysis
 
-__all__ = ["Trial", "Clock", "kept", "widths", "contradict", "PRECISE", "ORDER"]
+__all__ = ["Trial", "Clock", "kept", "widths", "contradict", "fingerprint", "next_budget", "PRECISE", "ORDER", "NEAR"]
 
 PRECISE = 0.025
 """The reported speed-up is timed until its interval is within this (relative half-width), so that
@@ -33,6 +33,12 @@ timing the result again gives the same figure to within a few percent."""
 ORDER = 0.05
 """How much faster than a narrower plan a wider one may time (beyond the noise) before the two timings
 are taken to contradict each other: kernels step with the width, so a few percent happen."""
+
+NEAR = 0.02
+"""The search stops once the closest results on either side of the aim are estimated this close: the
+latency model cannot order plans nearer than that (its layers are timed alone), so further candidates
+would be timed for nothing."""
+
 
 
 @dataclass(frozen=True)
@@ -115,3 +121,32 @@ def contradict(wide: Trial, narrow: Trial) -> bool:
     """``wide`` (more channels) timed faster than ``narrow`` beyond both intervals, the noise and ``ORDER``."""
     w, n = wide.comparison, narrow.comparison
     return w.rounds > 0 and n.rounds > 0 and w.high * (1 + w.noise) < n.low * (1 - n.noise) * (1 - ORDER)
+
+
+def fingerprint(scores: dict[int, torch.Tensor]) -> str:
+    """A digest of the selector's scores: a remembered result's positions hold for the model that scored them so."""
+    digest = hashlib.sha1()
+    for gid in sorted(scores):
+        digest.update(f"{gid}:".encode())
+        digest.update(scores[gid].detach().to(torch.float64).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def next_budget(trials: list[Trial], aim: float, total: float) -> tuple[float, str] | None:
+    """The next estimated-ms budget and why: the last estimate corrected by aim / measured (at most 2x
+    either way), or, once results lie on both sides of the aim, linear interpolation between the closest
+    pair; None once that pair's estimates are within ``NEAR`` of each other."""
+    fast = [(t.estimate, t.ratio) for t in trials if t.ratio <= aim]
+    slow = [(t.estimate, t.ratio) for t in trials if t.ratio > aim]
+    last = trials[-1]
+    if not fast or not slow:
+        side = "slower" if last.ratio > aim else "faster"
+        return (total * last.estimate * min(2.0, max(0.5, aim / last.ratio)),
+                f"the last one timed {side} than aimed at, {last.comparison.speedup:.3g}x against {1 / aim:.3g}x")
+    (e0, m0), (e1, m1) = max(fast), min(slow)
+    if abs(e1 - e0) < NEAR * e1:  # the model cannot order plans this close: no more candidates
+        return None
+    if e1 <= e0:  # a costlier estimate measured faster: look just above the best fast one
+        return total * e0 * 1.02, "just wider than the slowest that met the aim"
+    w = min(0.9, max(0.1, (aim - m0) / (m1 - m0)))
+    return total * (e0 + w * (e1 - e0)), f"between the closest pair, {1 / m0:.3g}x and {1 / m1:.3g}x"
