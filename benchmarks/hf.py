@@ -40,6 +40,9 @@ ZOO: dict[str, tuple[str, str, dict]] = {
     "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", {**TEXT, "num_attention_heads": 4, "num_key_value_heads": 2}),
     "gpt2": ("GPT2LMHeadModel", "GPT2Config", {"n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 100, "bos_token_id": 0, "eos_token_id": 0}),
     "bert": ("BertForSequenceClassification", "BertConfig", {**TEXT, "num_attention_heads": 4, "num_labels": 3}),
+    "bart": ("BartForConditionalGeneration", "BartConfig", {"vocab_size": 100, "d_model": 64, "encoder_layers": 1, "decoder_layers": 1,
+                                                            "encoder_attention_heads": 4, "decoder_attention_heads": 4, "encoder_ffn_dim": 256,
+                                                            "decoder_ffn_dim": 256, "max_position_embeddings": 64}),
     "segformer": ("SegformerForSemanticSegmentation", "SegformerConfig", {
         "num_encoder_blocks": 2, "depths": [1, 1], "sr_ratios": [2, 1], "hidden_sizes": [16, 32], "num_attention_heads": [2, 4],
         "decoder_hidden_size": 32, "num_labels": 3, "strides": [4, 2], "patch_sizes": [7, 3], "mlp_ratios": [2, 2]}),

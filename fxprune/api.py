@@ -149,12 +149,10 @@ the default stays uniform)."""
 FLOPS_WITH_DATA = "wanda"
 """The selector of a FLOPs target given ``calibration=`` and no selector. On benchmarks/llm.py (a 4-layer
 Llama-shaped decoder trained on torch's source, docs/results.md), held-out bits per byte before healing
-at 20% / 35% / 50% fewer decoder parameters (dense 2.163): wanda 2.317 / 2.833 / 3.317, taylor 2.455 /
-2.748 / 3.456, l2 2.408 / 3.312 / 4.087, random 2.474 / 3.201 / 3.853, uniform 2.695 / 3.785 / 4.174
-(seed 0); on seed 1 wanda was the lowest at all three. The only one ahead of l2 and random at every
-ratio; after the same short healing the gaps shrink to a few percent and wanda is lowest only at 50%
-(within 0.5% of the lowest elsewhere). It reads no
-loss: a ``loss_fn=`` given with it is left unread, with a warning (``selector="taylor"`` ranks by it)."""
+at 20% / 32% / 50% fewer decoder parameters (dense 2.163, seed 0): wanda 2.317 / 2.726 / 3.246, taylor
+2.455 / 2.733 / 3.276, l2 2.408 / 3.117 / 4.019, random 2.474 / 3.266 / 3.796, uniform 2.695 / 3.793 /
+4.108: ahead of l2 and random at every ratio, and of taylor, which also needs a loss. It reads no loss:
+a ``loss_fn=`` given with it is left unread, with a warning (``selector="taylor"`` ranks by it)."""
 
 
 def _default_selector(strategy: Strategy | None, target: targets.Target, options: dict[str, Any]) -> dict[str, Any]:
