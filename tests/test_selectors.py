@@ -400,3 +400,24 @@ def test_equal_widths_keeps_repeated_layers_at_one_width() -> None:
     assert len(set(equal)) == 1 and equal[0] < 40
     with pytest.raises(fxprune.ArgumentError, match="per_group"):
         fxprune.compile(model, example_inputs=x, ratio=0.2, equal_widths=True, mode="global")
+
+
+def test_weight_taylor_sums_weight_times_gradient_over_each_atoms_parameters() -> None:
+    """Linear(4, 6) -> ReLU -> Linear(6, 2): a hidden channel's score is the mean over batches of
+    |w * dL/dw| summed over its row and bias entry in the first layer and its column in the second."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)).eval()
+    gen = torch.Generator().manual_seed(1)
+    data = [(torch.randn(5, 4, generator=gen), torch.randint(0, 2, (5,), generator=gen)) for _ in range(3)]
+    a = pipeline.analyze(model, data[0][0][:1])
+    (group,) = a.deps.prunable_groups
+    scores = fxprune.SELECTORS["weight_taylor"](data, F.cross_entropy).scores(a.deps, a.gm)[group.id]
+    expected = torch.zeros(6, dtype=torch.float64)
+    for x, y in data:
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        first, second = model[0], model[2]
+        expected += ((first.weight * first.weight.grad).abs().sum(1) + (first.bias * first.bias.grad).abs()
+                     + (second.weight * second.weight.grad).abs().sum(0)).double()
+    torch.testing.assert_close(scores, expected / len(data), rtol=1e-5, atol=1e-9)
+    model.zero_grad()

@@ -1,6 +1,7 @@
 """Data-driven selectors: ranked by statistics of calibration data or of the user's own fine-tuning
 (``stats``: APoZ, mean activation, Taylor), by the input RMS of the layers that read each atom times
-their weights (``stats``: wanda) or by the gradients of the norm layers' scales (``normgrad``: bn_taylor)."""
+their weights (``stats``: wanda), by |weight x gradient| over the atom's parameters (weight_taylor) or by
+the gradients of the norm layers' scales (``normgrad``: bn_taylor)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from .protocol import Scores
 from .stats import CALIBRATION_FORMS, LossFn, Tapped, activation_scores, channel_scores, tap
 from .weights import BNScale, norm_weights
 
-__all__ = ["BNTaylor", "Calibrated", "ActivationSelector", "APoZ", "MeanActivation", "Taylor", "Wanda"]
+__all__ = ["BNTaylor", "Calibrated", "ActivationSelector", "APoZ", "MeanActivation", "Taylor", "Wanda", "WeightTaylor"]
 
 
 class BNTaylor:
@@ -152,6 +153,32 @@ class Wanda(Calibrated):
                 per_channel = column_magnitudes(params[weight], dim, ids.numel()) * rms[src]
                 kept = ids >= 0
                 total.index_add_(0, ids[kept], per_channel[kept])
+        return {g.id: total[g.atoms] for g in deps.prunable_groups}
+
+
+class WeightTaylor(Calibrated):
+    """First-order Taylor estimate on the weights (LLM-Pruner's element-wise importance): an atom's score is
+    the sum of ``|w * dL/dw|`` over every parameter element its removal deletes (its rows of the layers that
+    produce it, its columns of the layers that read it, its norm and bias entries), each the mean over the
+    calibration batches of one pass with ``loss_fn``. Where ``taylor`` reads one node's activation, this
+    reads every parameter of the atom."""
+
+    name = "weight_taylor"
+    needs_grad = True
+    takes_loss = True
+
+    def scores(self, deps: DependencyGraph, gm: torch.fx.GraphModule) -> Scores:
+        params = dict(gm.named_parameters())
+        names = sorted({name for name, _ in deps.member_atoms if name in params and params[name].requires_grad})
+        sums = normgrad.pass_sums(gm, names, self.calibration, self.loss_fn)
+        total = torch.zeros(deps.num_atoms, dtype=torch.float64)
+        for (name, dim), atoms in deps.member_atoms.items():
+            shape = params[name].shape if name in sums else None
+            if shape is None or atoms.numel() != shape[dim]:  # a buffer, or a grouped conv's input dim (a group's channels)
+                continue
+            per_position = sums[name].view(shape).movedim(dim, 0).reshape(shape[dim], -1).sum(1)
+            kept = atoms >= 0
+            total.index_add_(0, atoms[kept], per_position[kept])
         return {g.id: total[g.atoms] for g in deps.prunable_groups}
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from ..errors import ArgumentError
 from .costaware import GflopsAware, LatencyAware, LatencyPerFlop
-from .datadriven import APoZ, BNTaylor, MeanActivation, Taylor, Wanda
+from .datadriven import APoZ, BNTaylor, MeanActivation, Taylor, Wanda, WeightTaylor
 from .knapsack import Knapsack, KnapsackBNTaylor
 from .protocol import Selector
 from .stats import LossFn
@@ -31,7 +31,7 @@ from .weights import BNScale, L1, L2, Random, Uniform
 __all__ = ["SELECTORS", "get_selector", "data_driven", "takes_loss", "selector_name"]
 
 SELECTORS: dict[str, type] = {cls.name: cls for cls in (Uniform, Random, L1, L2, BNScale, GflopsAware, LatencyAware, LatencyPerFlop,
-                                                         Knapsack, APoZ, MeanActivation, Taylor, Wanda, BNTaylor, KnapsackBNTaylor)}
+                                                         Knapsack, APoZ, MeanActivation, Taylor, WeightTaylor, Wanda, BNTaylor, KnapsackBNTaylor)}
 """Every selector by its ``name`` (each class says its own): the one list that the docs, the command line
 and the errors read."""
 
