@@ -64,6 +64,7 @@ def test_layers_pruned_to_different_widths_say_so_and_a_report_has_no_tracing_no
     pruned = fxprune.compile(bert().eval(), example_inputs=IDS, ratio=0.5, equal_widths=False)
     why = pruned.meta["fxprune"]["huggingface"].get("why", "")
     assert isinstance(pruned, torch.fx.GraphModule) and "equal_widths=False" in why and "equal_widths=True" not in why
+    assert any("static: the sequence length of token input 0" in n for n in pruned.meta["fxprune"]["report"]["notes"])  # and why
     assert "co_varnames" not in str(fxprune.report(pruned))
 
 

@@ -55,14 +55,17 @@ def _why(exc: BaseException) -> str:
     return "; ".join(said[:2] or lines[:1])[:300]
 
 
-def describe(dims: dict[tuple[int, int], str], dynamic: set[tuple[int, int]], why: str) -> str:
+def describe(dims: dict[tuple[int, int], str], dynamic: set[tuple[int, int]], why: str, inputs: Sequence[Any] = ()) -> str:
     """``"dynamic dims: batch of input 1; static (...): batch of input 0 (why)"``."""
     name = {k: f"{v} of input {k[0]}" for k, v in dims.items()}
     kept = [name[k] for k in dims if k in dynamic]
     pinned = [name[k] for k in dims if k not in dynamic]
     text = f"dynamic dims: {', '.join(kept) or 'none'}"
-    return text + (f"; static (the model fixes them, so inputs must have the example's size there): {', '.join(pinned)} ({why})"
-                   if pinned else "")
+    text += (f"; static (the model fixes them, so inputs must have the example's size there): {', '.join(pinned)} ({why})"
+             if pinned else "")
+    tokens = [str(i) for i, x in enumerate(inputs) if isinstance(x, torch.Tensor) and x.dim() >= 2 and not x.is_floating_point()]
+    return text + (f"; static: the sequence length of token input {', '.join(tokens)} (a symbolic length would make the coupling "
+                   "pass read a rotary position table sliced to it as channels and freeze the attention heads)" if tokens else "")
 
 
 def _widened(inputs: Sequence[Any], dims: dict[tuple[int, int], str]) -> tuple[Any, ...]:
@@ -120,7 +123,7 @@ def export(module: torch.nn.Module, inputs: Sequence[Any], strict: bool = False,
                        "cannot patch yet")
                 break
             if kept == free.keys():
-                return ep, describe(dims, kept, why)
+                return ep, describe(dims, kept, why, inputs)
             why = why or _guards(ep)
             trying = [{k: v for k, v in free.items() if k in kept}] if kept else []
-    return torch.export.export(module, tuple(inputs), strict=strict), describe(dims, set(), why or "no tensor inputs")
+    return torch.export.export(module, tuple(inputs), strict=strict), describe(dims, set(), why or "no tensor inputs", inputs)
