@@ -57,9 +57,9 @@ def finalize(s: State, opaque: tuple[str, ...]) -> DependencyGraph:
     for a, g in enumerate(atom_group.tolist()):
         group_atoms[g].append(a)
     group_members: list[list[Member]] = [[] for _ in group_atoms]
-    for key in keys:
-        for g in torch.unique(atom_group[member_atoms[key]]).tolist():
-            group_members[g].append(s.members[key])
+    which, where = _pairs([atom_group[member_atoms[key]] for key in keys], len(group_atoms))
+    for k, g in zip(which.tolist(), where.tolist()):  # each key's groups, keys in order
+        group_members[g].append(s.members[keys[k]])
     groups = [
         Group(gid, torch.tensor(atoms, dtype=torch.long), tuple(group_members[gid]), tuple(reasons.get(atoms[0], ())))
         for gid, atoms in enumerate(group_atoms)
@@ -108,10 +108,20 @@ def group_ids(member_atoms: dict[tuple[str, int], torch.Tensor], reasons: dict[i
     """
     codes = torch.randint(0, 2**62, (len(member_atoms),), generator=torch.Generator().manual_seed(0))
     signature = torch.zeros(num_atoms, dtype=torch.long)
-    for k, atoms in enumerate(member_atoms.values()):
-        present = torch.unique(atoms)
-        signature.index_add_(0, present, codes[k].expand(present.numel()).contiguous())
+    which, atoms = _pairs(list(member_atoms.values()), num_atoms)
+    signature.index_add_(0, atoms, codes[which])
     if reasons:  # one vectorized add: tens of thousands of atoms can be frozen (attention tables)
         frozen = torch.tensor(list(reasons), dtype=torch.long)
         signature.index_add_(0, frozen, torch.tensor([hash(tuple(r)) % 2**62 for r in reasons.values()], dtype=torch.long))
     return first_appearance_ids(signature)
+
+
+def _pairs(values: list[torch.Tensor], size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(k, v) for each distinct value v of ``values[k]`` (all in ``0 .. size - 1``), sorted by k then v, as
+    two tensors: one ``torch.unique`` for what would be one per tensor."""
+    if not values:
+        return torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
+    size = max(size, 1)
+    owner = torch.repeat_interleave(torch.arange(len(values)), torch.tensor([v.numel() for v in values]))
+    keys = torch.unique(owner * size + torch.cat(values))
+    return keys // size, keys % size
