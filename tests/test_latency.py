@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import random
 from pathlib import Path
@@ -377,7 +378,7 @@ def test_contention_in_long_bursts_never_over_prunes(monkeypatch: pytest.MonkeyP
         try:
             pruned = fxprune.compile(net, speedup=1.5, example_inputs=X, verify=False, cache=False, round_to=1)
         except fxprune.MeasurementError as exc:
-            assert length > 80 and "load changed" in str(exc)
+            assert length > 80 and ("load changed" in str(exc) or "stall" in str(exc))  # or the machine checked again refused
             return
     assert 1.5 <= full / flop_ms(pruned, (X,)) <= 1.3 * 1.5
 
@@ -573,3 +574,20 @@ def test_a_held_cache_keeps_its_claims_and_a_remembered_result_needs_no_layer_ti
     record = second.meta["fxprune"]["report"]["latency"]
     assert record["timings_taken"] == 0 and record["results_timed"] == 1 and "layers_ms" not in record
     assert second.meta["fxprune"]["plan"] == first.meta["fxprune"]["plan"]
+
+
+def test_a_machine_that_changes_speed_for_good_is_checked_again_and_searched_afresh(monkeypatch: pytest.MonkeyPatch,
+                                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """Every call runs twice as fast from some point after the machine check to the end (a virtual machine
+    moving to a faster regime, or load that went away): the candidates' originals drift 2x off the checked
+    speed, the machine is checked again once, and the search afresh returns a result that meets the target
+    (it used to refuse with "the load changed")."""
+    monkeypatch.setattr(costmodel, "layer_ms", layer_latency)
+    net = Net().eval()
+    full = flop_ms(net, (X,))
+    clock = Contention([])
+    monkeypatch.setattr(timing, "time_calls", lambda model, inputs, calls, sync: clock(model, inputs, calls, sync) * (0.5 if clock.now > 25 * full else 1.0))
+    with caplog.at_level(logging.INFO, logger="fxprune"):
+        pruned = fxprune.compile(net, speedup=1.5, example_inputs=X, verify=False, cache=False, round_to=1)
+    assert "checking it again and searching afresh" in caplog.text
+    assert 1.5 <= full / flop_ms(pruned, (X,)) <= 1.3 * 1.5

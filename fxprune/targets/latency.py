@@ -34,7 +34,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import warnings
 from typing import Any
 
 import torch
@@ -51,7 +50,7 @@ from ..errors import MeasurementError, TargetUnreachableError
 from ..pipeline import Analysis, select_plan
 from ..selection.strategy import Chooser
 from .target import Target
-from .trials import Clock, Trial, contradict, fingerprint, next_budget, widths
+from .trials import Clock, Trial, contradict, fingerprint, next_budget, raise_or_warn, too_noisy, undecidable, widths
 
 __all__ = ["measured", "ROUNDS", "MARGIN", "BAND", "OVERSHOOT", "DRIFT"]
 
@@ -92,7 +91,7 @@ def measured(a: Analysis, chooser: Chooser, target: Target, seed: int) -> tuple[
     if why is not None:  # a burst may pass: one more look before refusing
         log.info("the machine looked busy (%s): checking again", why.split(" (")[0])
         machine = check(a.model, a.inputs)
-    _undecidable(machine.refusal(), machine.noise, target, setting.device)
+    undecidable(machine.refusal(), machine.noise, target, setting.device)
     log.info("the original takes %.4g ms at %d threads; its A/A pairs varied by %.1f%%", machine.original.median_ms,
              setting.threads, 100 * machine.noise)
     if machine.noise > STABLE:  # layer timings taken now may sit in a burst; use them, keep none
@@ -117,6 +116,7 @@ class Search:
         self.budgets: dict[str, float] = {}  # widths -> the first estimated-ms budget that gave them
         self.stepped = False  # the result is far past the target because the widths step there
         self.claimed: float | None = None  # the speed-up an earlier compile reported for the remembered result
+        self.searching = self.rechecked = False  # in the search; the machine checked again after its speed moved
         self.outcome = f"{self.clock.prefix}result {target.describe()} {json.dumps(chooser.describe(), sort_keys=True)}"
 
     @functools.cached_property
@@ -137,7 +137,7 @@ class Search:
         confirmed = chosen is not None  # and its comparison is the confirming timing
         for fresh in (False, True):
             if chosen is None:
-                trials = self.search()
+                trials = self.searched()
                 met = [t for t in trials if t.comparison.meets(self.goal)]
                 chosen = self.refuse(trials) if not met else self.closest(max(met, key=lambda t: t.ratio), trials)
             c, cached = chosen.comparison, self.claimed if confirmed else chosen.comparison.speedup if chosen.cached else None
@@ -211,6 +211,8 @@ class Search:
             log.info("  the original took %.4g ms here against %.4g ms when the machine was checked: the load changed; timing it again",
                      c.before.median_ms, self.original_ms)
             c, cached = self.clock.compare(plan, self.goal, turn=turn + 3)
+            if self.drifted(c.before.median_ms) and self.searching and not self.rechecked:
+                raise _Moved(c.before.median_ms)
             if self.drifted(c.before.median_ms):
                 raise_or_warn(self.target.on_noise, MeasurementError(
                     f"the machine's load changed during the search on {self.setting.device}: the original took {c.before.median_ms:.4g} ms "
@@ -229,11 +231,32 @@ class Search:
         ms = machine.original.median_ms
         why = machine.refusal() or (f"the original now takes {ms:.4g} ms against {self.original_ms:.4g} ms at the start: other work "
                                     "took the cores" if self.drifted(ms) else None)
-        _undecidable(why, machine.noise, self.target, self.setting.device)
+        undecidable(why, machine.noise, self.target, self.setting.device)
 
     def drifted(self, original_ms: float) -> bool:
         """Whether the original ran ``DRIFT`` times off the milliseconds the machine check measured."""
         return not 1 / DRIFT <= original_ms / self.original_ms <= DRIFT
+
+    def searched(self) -> list[Trial]:
+        """The search; once, when the original's speed moved for good during it (the machine changed speed,
+        or its load did and stayed), the machine checked again and the search run afresh at the new speed."""
+        self.searching = True
+        try:
+            return self.search()
+        except _Moved as moved:
+            self.rechecked = True
+            log.info("the original took %.4g ms, twice, against %.4g ms when the machine was checked: checking it again and "
+                     "searching afresh at its new speed", moved.ms, self.original_ms)
+            machine = check(self.a.model, self.a.inputs)
+            undecidable(machine.refusal(), machine.noise, self.target, self.setting.device)
+            self.original, self.noise, self.original_ms = machine.original, machine.noise, machine.original.median_ms
+            if self.target.latency_ms is not None:
+                self.goal = self.target.latency_ms / self.original_ms
+                self.aim = self.goal * (1 - MARGIN)
+            self.clock.drop()
+            return self.search()
+        finally:
+            self.searching = False
 
     def search(self) -> list[Trial]:
         budget, smallest, why = self.aim * self.model.total, False, "the latency model's plan for the target"
@@ -292,7 +315,7 @@ class Search:
                        f"measured {c.describe()}. Close other work on the machine and compile again, ask for a target the noise "
                        "cannot hide (a smaller speed-up), or prune to FLOPs (target_gflops= or ratio=), which needs no timing; "
                        "on_noise='warn' returns that result with a warning.")
-            return _too_noisy(message, best, self.target.on_noise == "warn" and c.ratio <= self.goal)
+            return too_noisy(message, best, self.target.on_noise == "warn" and c.ratio <= self.goal)
         raise TargetUnreachableError(
             f"the latency target {asked} is out of reach on {self.setting.device}: the best speed-up measured ({len(trials)} results "
             f"timed) was {c.speedup:.3g}x ({c.after.median_ms:.4g} ms, {self.chooser.rule}; {CONFIDENCE:.0%} interval "
@@ -339,20 +362,13 @@ class Search:
                    f"{fast.comparison.speedup:.3g}x and faster (more than {OVERSHOOT:g} times the target), and the one nearer it, "
                    f"{undecided[0].comparison.describe()}, could not be told from the target. Close other work and compile again, or "
                    "prune to FLOPs (target_gflops= or ratio=); on_noise='warn' returns the faster result with a warning.")
-        _too_noisy(message, undecided[0], self.target.on_noise == "warn")
+        too_noisy(message, undecided[0], self.target.on_noise == "warn")
         return fast
 
 
 def _far(trial: Trial, goal: float) -> bool:
     """Whether ``trial`` is more than ``OVERSHOOT`` times faster than the goal asks."""
     return trial.ratio * OVERSHOOT < goal
-
-
-def _too_noisy(message: str, undecided: Trial, warn: bool) -> Trial:
-    """``undecided`` with a warning that says ``message`` when ``warn``, else ``MeasurementError`` with its interval."""
-    c = undecided.comparison
-    raise_or_warn("warn" if warn else "raise", MeasurementError(message, interval=(1 / c.high, 1 / c.low), noise=c.noise))
-    return undecided
 
 
 def _overshoot(chosen: Trial, trials: list[Trial], goal: float, stepped: bool) -> list[str]:
@@ -369,16 +385,9 @@ def _overshoot(chosen: Trial, trials: list[Trial], goal: float, stepped: bool) -
     return [f"the result measured {chosen.comparison.speedup:.3g}x, more than {OVERSHOOT:g} times the {1 / goal:.3g}x asked for: {why}"]
 
 
-def _undecidable(why: str | None, noise: float, target: Target, device: str) -> None:
-    """When ``why`` says the machine cannot decide ``target`` now: ``MeasurementError``, or with
-    ``on_noise="warn"`` a warning, and the search goes on."""
-    if why is not None:
-        message = f"{target.describe()} cannot be decided on {device} now: {why}"
-        raise_or_warn(target.on_noise, MeasurementError(message, noise=noise), f"{message} Searching anyway (on_noise='warn').")
+class _Moved(Exception):
+    """The original ran ``DRIFT`` times off its checked speed twice in a row (``ms`` the last time)."""
 
-
-def raise_or_warn(on_noise: str, error: MeasurementError, warning: str | None = None) -> None:
-    """``error`` raised, or with ``on_noise="warn"`` a warning that says it (or ``warning``); the search goes on."""
-    if on_noise != "warn":
-        raise error
-    warnings.warn(f"fxprune.compile: {warning or error}", stacklevel=6)
+    def __init__(self, ms: float) -> None:
+        super().__init__(ms)
+        self.ms = ms

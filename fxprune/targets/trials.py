@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,12 +20,15 @@ import torch.fx
 from torch import nn
 
 from ..core.groups import Plan
+from ..errors import MeasurementError
 from ..latency.cache import TimingCache
 from ..latency.timing import FEWEST, Comparison, Setting, compare
 from ..passes.rewrite import rewrite
 from ..pipeline import Analysis
+from .target import Target
 
-__all__ = ["Trial", "Clock", "kept", "widths", "contradict", "fingerprint", "next_budget", "PRECISE", "ORDER", "NEAR"]
+__all__ = ["Trial", "Clock", "kept", "widths", "contradict", "fingerprint", "next_budget", "too_noisy", "undecidable", "raise_or_warn",
+           "PRECISE", "ORDER", "NEAR"]
 
 PRECISE = 0.025
 """The reported speed-up is timed until its interval is within this (relative half-width), so that
@@ -150,3 +154,25 @@ def next_budget(trials: list[Trial], aim: float, total: float) -> tuple[float, s
         return total * e0 * 1.02, "just wider than the slowest that met the aim"
     w = min(0.9, max(0.1, (aim - m0) / (m1 - m0)))
     return total * (e0 + w * (e1 - e0)), f"between the closest pair, {1 / m0:.3g}x and {1 / m1:.3g}x"
+
+
+def too_noisy(message: str, undecided: Trial, warn: bool) -> Trial:
+    """``undecided`` with a warning that says ``message`` when ``warn``, else ``MeasurementError`` with its interval."""
+    c = undecided.comparison
+    raise_or_warn("warn" if warn else "raise", MeasurementError(message, interval=(1 / c.high, 1 / c.low), noise=c.noise))
+    return undecided
+
+
+def undecidable(why: str | None, noise: float, target: Target, device: str) -> None:
+    """When ``why`` says the machine cannot decide ``target`` now: ``MeasurementError``, or with
+    ``on_noise="warn"`` a warning, and the search goes on."""
+    if why is not None:
+        message = f"{target.describe()} cannot be decided on {device} now: {why}"
+        raise_or_warn(target.on_noise, MeasurementError(message, noise=noise), f"{message} Searching anyway (on_noise='warn').")
+
+
+def raise_or_warn(on_noise: str, error: MeasurementError, warning: str | None = None) -> None:
+    """``error`` raised, or with ``on_noise="warn"`` a warning that says it (or ``warning``); the search goes on."""
+    if on_noise != "warn":
+        raise error
+    warnings.warn(f"fxprune.compile: {warning or error}", stacklevel=6)
