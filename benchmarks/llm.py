@@ -41,6 +41,7 @@ from tabulate import tabulate
 
 import fxprune
 from fxprune.selection.selectors import data_driven, takes_loss
+from hf import tokens_per_second
 
 CONFIG = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 4,
           "vocab_size": 256, "max_position_embeddings": 256}
@@ -133,27 +134,25 @@ def speed(model: torch.nn.Module, original: torch.nn.Module, prompt: torch.Tenso
     """(decode tokens/s, prefill latency) of ``model`` over ``original``'s, as ratios of medians of ROUNDS
     runs taken in turns after one warm-up: ``generate()`` of NEW_TOKENS greedy tokens with the KV cache
     after ``prompt`` (None for a result without ``generate``), and one forward over ``prompt``."""
-    def decode(m: torch.nn.Module) -> float:
-        start = time.perf_counter()
-        m.generate(prompt, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
-        return NEW_TOKENS / (time.perf_counter() - start)
-
     def prefill(m: torch.nn.Module) -> float:
         start = time.perf_counter()
         m(prompt)
         return time.perf_counter() - start
 
+    def decode(m: torch.nn.Module) -> float:
+        return tokens_per_second(m, prompt, NEW_TOKENS)
+
     model.eval()
     can_decode = hasattr(model, "generate")
-    runs: dict[str, list[float]] = {"d0": [], "d1": [], "p0": [], "p1": []}
+    timed = [("d0", decode, original), ("d1", decode, model)] if can_decode else []
+    timed += [("p0", prefill, original), ("p1", prefill, model)]
+    runs: dict[str, list[float]] = {key: [] for key, _, _ in timed}
     for r in range(ROUNDS + 1):
-        for key, fn, m in (("d0", decode, original), ("d1", decode, model), ("p0", prefill, original), ("p1", prefill, model)):
-            if key.startswith("d") and not can_decode:
-                continue
+        for key, fn, m in timed:
             value = fn(m)
             if r:  # the first round warms up
                 runs[key].append(value)
-    med = {k: statistics.median(v) for k, v in runs.items() if v}
+    med = {k: statistics.median(v) for k, v in runs.items()}
     return (med["d1"] / med["d0"] if can_decode else None), med["p0"] / med["p1"]
 
 

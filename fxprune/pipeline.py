@@ -210,7 +210,7 @@ def select_plan(a: Analysis, chooser: Chooser, target: float, scores: dict[int, 
 
 
 def build_result(a: Analysis, plan: Plan, verify: bool, pruned: torch.fx.GraphModule | None = None,
-                          compensation: Any = None) -> nn.Module:
+                 compensation: Any = None) -> nn.Module:
     """Rewrite ``a`` as ``plan`` says (unless ``pruned`` is that rewrite already), verify the result (when
     asked), fold the means of the removed channels over the ``compensation`` data into the biases that
     read them (results/compensate.py; None: not) and record the report, plan and provenance in its ``meta``."""

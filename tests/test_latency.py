@@ -559,8 +559,7 @@ def test_a_held_cache_keeps_its_claims_and_a_remembered_result_needs_no_layer_ti
     setting = Setting.of(nn.Linear(2, 2), (torch.randn(1, 2),))
     held.hold()
     held.get(setting, "a timing", lambda: [1.0])
-    held.put(setting, "a claim", [2.0], claim=True)
-    held.put(setting, "another timing", [3.0])
+    held.put(setting, "a claim", [2.0])
     held.save()
     assert json.loads((tmp_path / "held.json").read_text()) == {setting.key(): {"a claim": [2.0]}}
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Hashable, Mapping, Sequence
 
-from collections.abc import Hashable, Mapping
+import torch
 
 from .groups import NEVER_REMOVED, DependencyGraph, Plan
 
-__all__ = ["removed_mask", "kept_mask", "kept_masks"]
+__all__ = ["removed_mask", "kept_mask", "kept_masks", "owned_cat"]
 
 
 def removed_mask(deps: DependencyGraph, plan: Plan) -> torch.Tensor:
@@ -35,3 +35,10 @@ def kept_masks(removed: torch.Tensor, atoms: Mapping[Hashable, torch.Tensor]) ->
         return {}
     kept = kept_mask(removed, torch.cat([atoms[k] for k in keys]))
     return dict(zip(keys, torch.split(kept, [atoms[k].numel() for k in keys])))
+
+
+def owned_cat(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.cat`` of 1-D ``tensors`` and, for each element, the index of the tensor it came from: how the
+    passes work over every member or tensor of a graph at once."""
+    owner = torch.repeat_interleave(torch.arange(len(tensors)), torch.tensor([t.numel() for t in tensors], dtype=torch.long))
+    return owner, torch.cat(list(tensors))

@@ -64,13 +64,12 @@ class TimingCache:
         """The value kept under ``key`` (None when there is none)."""
         return self.data.get(setting.key(), {}).get(key)
 
-    def put(self, setting: Setting, key: str, value: Any, claim: bool = False) -> None:
-        """Keep ``value`` under ``key``, and write the file (nothing when caching is off, nor when held unless
-        ``value`` is a ``claim``: a result that is timed again before it is used)."""
+    def put(self, setting: Setting, key: str, value: Any) -> None:
+        """Keep the claim ``value`` under ``key`` (a result, timed again before it is used), and write the file:
+        even when the timings are held, not when caching is off."""
         if self.enabled:
-            self.data.setdefault(setting.key(), {})[key] = value
-            if self.held is not None and claim:
-                self.held.setdefault(setting.key(), {})[key] = value
+            for data in self._tables():
+                data.setdefault(setting.key(), {})[key] = value
             self.unsaved = True
             self.save()
 
@@ -99,6 +98,10 @@ class TimingCache:
 
         return self.get(setting, key, steadiest, lambda row: Latency.from_row(row, setting).uncertainty <= tolerance)[0]
 
+    def _tables(self) -> list[dict[str, dict[str, Any]]]:
+        """The timings in memory, and what the file may hold once they are held."""
+        return [self.data] if self.held is None else [self.data, self.held]
+
     def hold(self) -> None:
         """Keep no more timings on disk from this instance: they were taken on a machine found too noisy
         (bursts of other work inflate a short timing without widening its interval). Claims still are."""
@@ -108,7 +111,7 @@ class TimingCache:
     def drop(self, setting: Setting, prefix: str) -> int:
         """Forget the timings whose key starts with ``prefix``; how many there were."""
         gone = [k for k in self.data.get(setting.key(), {}) if k.startswith(prefix)]
-        for data in (self.data, self.held or {}):
+        for data in self._tables():
             for k in gone:
                 data.get(setting.key(), {}).pop(k, None)
         self.unsaved = self.unsaved or bool(gone)

@@ -64,7 +64,7 @@ def _formula(n: torch.fx.Node, mod: nn.Module | None) -> Callable[[torch.Tensor]
         return None
     if isinstance(mod, nn.modules.conv._ConvNd) and len(x.shape) == mod.weight.dim():
         return lambda out: conv_flop_count(list(x.shape), list(mod.weight.shape), list(out.shape), mod.transposed)
-    if isinstance(mod, nn.Linear) and len(x.shape) >= 1:
+    if isinstance(mod, nn.Linear):
         return lambda out: 2 * math.prod(x.shape) * mod.out_features
     return None
 

@@ -57,6 +57,9 @@ class Probe:
     config: Any
     shapes: Shapes
     sizes: dict[Slot, Dims]
+    hidden_per_head: bool
+    """The config's own validation asks ``hidden_size`` to be a multiple of ``num_attention_heads`` (Llama's
+    ``validate_architecture``, although its head size is ``head_dim``)."""
 
 
 def _shapes(cls: type, config: Any) -> Shapes | None:
@@ -138,7 +141,7 @@ def probe(model: nn.Module) -> Probe | None:
         return None
     config = with_values(config, _unset_widths(cls, config, base))
     sizes = {s: _changed(base, _shapes(cls, with_values(config, {s: 2 * value(config, s)}))) for s in _slots(config)}
-    return Probe(cls, config, base, sizes)
+    return Probe(cls, config, base, sizes, _hidden_per_head(config))
 
 
 def config_ties(p: Probe, deps: DependencyGraph) -> list[Tie]:
@@ -177,17 +180,16 @@ def config_ties(p: Probe, deps: DependencyGraph) -> list[Tie]:
     return out
 
 
-def _hidden_multiple(p: Probe) -> int | None:
-    """The head count that the config's own validation asks ``hidden_size`` to be a multiple of (Llama's
-    ``validate_architecture``, although its head size is ``head_dim``), else None."""
-    heads, hidden = (vars(p.config).get(f) for f in ("num_attention_heads", "hidden_size"))
+def _hidden_per_head(config: Any) -> bool:
+    """Whether ``config``'s own validation refuses a ``hidden_size`` that is no multiple of ``num_attention_heads``."""
+    heads, hidden = (vars(config).get(f) for f in ("num_attention_heads", "hidden_size"))
     if not (_number(heads) and _number(hidden)) or heads < 2:
-        return None
+        return False
     try:
-        type(p.config).from_dict({**p.config.to_dict(), "hidden_size": hidden + 1 if (hidden + 1) % heads else hidden + 2})
+        type(config).from_dict({**config.to_dict(), "hidden_size": hidden + 1 if (hidden + 1) % heads else hidden + 2})
     except Exception:  # noqa: BLE001 - the config's validation refuses a hidden size that is no multiple of the heads
-        return int(heads)
-    return None
+        return True
+    return False
 
 
 def _derived_heads(p: Probe) -> dict[Slot, Slot]:
@@ -283,11 +285,11 @@ def with_biases(cls: type, config: Any, names: set[str]) -> tuple[Any, str]:
 
 def valid_hidden(p: Probe, deps: DependencyGraph, plan: Plan, scores: dict[int, torch.Tensor], round_to: int) -> Plan:
     """``plan`` with its hidden size lowered, where needed, to a multiple of the head count it keeps (and of
-    ``round_to``) when the config's validation asks for one (``_hidden_multiple``): the lowest-scored kept
+    ``round_to``) when the config's validation asks for one (``Probe.hidden_per_head``): the lowest-scored kept
     channels of the groups the hidden size sizes go. Heads and hidden size are separate ties, so
     selection alone can keep 6 heads over a hidden size of 104."""
     heads_slot, hidden_slot = ("num_attention_heads", None), ("hidden_size", None)
-    if _hidden_multiple(p) is None or not p.sizes.get(heads_slot) or not p.sizes.get(hidden_slot):
+    if not p.hidden_per_head or not p.sizes.get(heads_slot) or not p.sizes.get(hidden_slot):
         return plan
     removed = removed_mask(deps, plan)
 

@@ -61,9 +61,9 @@ def hf_model(model: nn.Module, pruned: torch.fx.GraphModule) -> tuple[nn.Module 
         new = type(model)(config)
     new = new.to(device=next(model.parameters()).device, dtype=model.dtype)
     state = {**model.state_dict(), **tensors}
-    zero = {k: torch.zeros_like(v, device=next(model.parameters()).device) for k, v in new.state_dict().items()
-            if k not in state and gained and k.endswith(".bias")}  # the other biases a flag turned on
-    new.load_state_dict({k: state[k].detach() if k in state else zero[k] for k in new.state_dict()}, strict=True)
+    if gained:  # the other biases the flags turned on start at zero
+        state |= {k: torch.zeros_like(v) for k, v in new.state_dict().items() if k not in state and k.endswith(".bias")}
+    new.load_state_dict({k: state[k].detach() for k in new.state_dict()}, strict=True)
     new.tie_weights()  # as the config says (tied input and output embeddings)
     if getattr(model, "generation_config", None) is not None:
         new.generation_config = copy.deepcopy(model.generation_config)

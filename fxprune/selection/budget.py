@@ -47,6 +47,7 @@ import torch
 
 from ..errors import ArgumentError, TargetUnreachableError
 from ..core.groups import DependencyGraph, Group, Plan
+from ..core.masks import owned_cat
 from ..core.widths import WidthRule
 
 __all__ = ["select", "CostModel", "MODES", "Tie", "atom_kinds", "repeated_groups"]
@@ -250,8 +251,7 @@ def atom_kinds(deps: DependencyGraph, groups: list[Group]) -> dict[int, tuple[in
     block = torch.zeros(n, dtype=torch.bool)
     firsts = [atoms for (_, dim), atoms in deps.member_atoms.items() if dim == 0]  # all members at once
     if firsts:
-        ids = torch.cat(firsts)
-        owner = torch.repeat_interleave(torch.arange(len(firsts)), torch.tensor([a.numel() for a in firsts]))
+        owner, ids = owned_cat(firsts)
         at = torch.cat([torch.arange(a.numel()) for a in firsts])
         real = ids >= 0
         ids, owner, at = ids[real], owner[real], at[real]
@@ -276,8 +276,7 @@ def _fragile_tensors(deps: DependencyGraph, groups: list[Group], order: dict[int
     if not entries:
         return []
     n, num_groups = max(deps.num_atoms, 1), len(deps.groups)
-    owner = torch.repeat_interleave(torch.arange(len(entries)), torch.tensor([a.numel() for a in entries]))
-    atoms = torch.cat(entries)
+    owner, atoms = owned_cat(entries)
     untracked = torch.zeros(len(entries), dtype=torch.bool).index_fill_(0, owner[atoms < 0], True)
     pairs = torch.unique((owner * n + atoms.clamp(min=0))[~untracked[owner]])  # each atom once per tensor
     entry, atom = pairs // n, pairs % n

@@ -153,9 +153,9 @@ class Search:
                         "cached" if chosen.cached else "first", chosen.comparison.describe(), c.describe())
             self.clock.drop()
             chosen, confirmed = None, False
-        if c.meets(self.goal) and chosen.comparison.rounds and widths(chosen.plan) in self.budgets:
+        if c.meets(self.goal) and chosen.comparison.rounds:
             self.cache.put(self.setting, self.outcome, [self.budgets[widths(chosen.plan)], widths(chosen.plan), c.speedup,
-                                                        fingerprint(self.scores), chosen.plan.to_json(), chosen.estimate], claim=True)
+                                                        fingerprint(self.scores), chosen.plan.to_json(), chosen.estimate])
         record = {"target": {"speedup": self.target.speedup, "latency_ms": self.target.latency_ms}, "goal_ms": self.goal * self.original_ms,
                   "before_ms": c.before.median_ms, "after_ms": c.after.median_ms, "speedup": c.speedup,
                   "interval": [1 / c.high, 1 / c.low], "confidence": CONFIDENCE, "noise": max(c.noise, self.noise),
@@ -211,9 +211,9 @@ class Search:
             log.info("  the original took %.4g ms here against %.4g ms when the machine was checked: the load changed; timing it again",
                      c.before.median_ms, self.original_ms)
             c, cached = self.clock.compare(plan, self.goal, turn=turn + 3)
-            if self.drifted(c.before.median_ms) and self.searching and not self.rechecked:
-                raise _Moved(c.before.median_ms)
             if self.drifted(c.before.median_ms):
+                if self.searching and not self.rechecked:
+                    raise _Moved(c.before.median_ms)
                 raise_or_warn(self.target.on_noise, MeasurementError(
                     f"the machine's load changed during the search on {self.setting.device}: the original took {c.before.median_ms:.4g} ms "
                     f"while a candidate was timed, against {self.original_ms:.4g} ms when the machine was checked, twice. Ratios "

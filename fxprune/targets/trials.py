@@ -44,7 +44,6 @@ latency model cannot order plans nearer than that (its layers are timed alone), 
 would be timed for nothing."""
 
 
-
 @dataclass(frozen=True)
 class Trial:
     """One candidate: its plan, its comparison with the original, the latency model's estimated ratio,

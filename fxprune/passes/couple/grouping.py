@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 
 from ...core.groups import NEVER_REMOVED, DependencyGraph, FlopTerm, Group, Member, Role
+from ...core.masks import owned_cat
 from .labels import Labels, Param
 from .state import State
 
@@ -122,6 +123,6 @@ def _pairs(values: list[torch.Tensor], size: int) -> tuple[torch.Tensor, torch.T
     if not values:
         return torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
     size = max(size, 1)
-    owner = torch.repeat_interleave(torch.arange(len(values)), torch.tensor([v.numel() for v in values]))
-    keys = torch.unique(owner * size + torch.cat(values))
+    owner, flat = owned_cat(values)
+    keys = torch.unique(owner * size + flat)
     return keys // size, keys % size
