@@ -587,6 +587,6 @@ def test_a_machine_that_changes_speed_for_good_is_checked_again_and_searched_afr
     clock = Contention([])
     monkeypatch.setattr(timing, "time_calls", lambda model, inputs, calls, sync: clock(model, inputs, calls, sync) * (0.5 if clock.now > 25 * full else 1.0))
     with caplog.at_level(logging.INFO, logger="fxprune"):
-        pruned = fxprune.compile(net, speedup=1.5, example_inputs=X, verify=False, cache=False, round_to=1)
+        pruned = fxprune.compile(net, speedup=1.5, example_inputs=X)
     assert "checking it again and searching afresh" in caplog.text
     assert 1.5 <= full / flop_ms(pruned, (X,)) <= 1.3 * 1.5
