@@ -26,6 +26,7 @@ against the original in turns, and the class ``compile`` returned.
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import logging
@@ -33,6 +34,8 @@ import math
 import os
 import pathlib
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -47,11 +50,12 @@ CONFIG = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4, 
           "vocab_size": 256, "max_position_embeddings": 256}
 SEQ = 128
 BATCH = 16
-SELECTORS = ("uniform", "random", "l2", "taylor", "wanda", "wanda+comp", "wanda+global", "depth1", "depth2", "decode1.3")
+SELECTORS = ("uniform", "random", "l2", "taylor", "wanda", "wanda+comp", "wanda+global", "depth1", "depth2", "decode1.3", "peer")
 """``NAME+comp``: selector NAME with ``compensate=True`` (the removed channels' means folded into the biases);
 ``NAME+global``: ``mode="global"`` (widths allocated across layers by the scores, so layers differ);
 ``depthN``: ``fxprune.drop_layers(model, N, calibration)`` (the N least influential layers removed);
-``decodeX``: ``fxprune.drop_layers(..., speedup=X)``, the fewest layers for X times the decode tokens/s."""
+``decodeX``: ``fxprune.drop_layers(..., speedup=X)``, the fewest layers for X times the decode tokens/s;
+``peer``: torch-pruning's LLM recipe (``peer``), bounded by ``--peer-timeout``."""
 PROMPT, NEW_TOKENS, ROUNDS = SEQ, 32, 5  # the prompt has the example's length: a graph result takes no other
 FEWER_PARAMS = (0.2, 0.35, 0.5)
 SETTINGS = {True: {"train_steps": 800, "heal_steps": 40, "eval_windows": 256, "calibration_batches": 8},
@@ -130,10 +134,10 @@ def heal(student: torch.nn.Module, teacher: torch.nn.Module, train: torch.Tensor
 
 
 @torch.no_grad()
-def speed(model: torch.nn.Module, original: torch.nn.Module, prompt: torch.Tensor) -> tuple[float | None, float]:
-    """(decode tokens/s, prefill latency) of ``model`` over ``original``'s, as ratios of medians of ROUNDS
-    runs taken in turns after one warm-up: ``generate()`` of NEW_TOKENS greedy tokens with the KV cache
-    after ``prompt`` (None for a result without ``generate``), and one forward over ``prompt``."""
+def speed(model: torch.nn.Module, decoder: torch.nn.Module, original: torch.nn.Module, prompt: torch.Tensor) -> tuple[float, float]:
+    """(decode tokens/s, prefill latency) over ``original``'s, as ratios of medians of ROUNDS runs taken in
+    turns after one warm-up: ``generate()`` of NEW_TOKENS greedy tokens with the KV cache after ``prompt``
+    by ``decoder`` (``model``, or its stand-in with ``generate``), and one forward of ``model`` over ``prompt``."""
     def prefill(m: torch.nn.Module) -> float:
         start = time.perf_counter()
         m(prompt)
@@ -143,9 +147,7 @@ def speed(model: torch.nn.Module, original: torch.nn.Module, prompt: torch.Tenso
         return tokens_per_second(m, prompt, NEW_TOKENS)
 
     model.eval()
-    can_decode = hasattr(model, "generate")
-    timed = [("d0", decode, original), ("d1", decode, model)] if can_decode else []
-    timed += [("p0", prefill, original), ("p1", prefill, model)]
+    timed = [("d0", decode, original), ("d1", decode, decoder), ("p0", prefill, original), ("p1", prefill, model)]
     runs: dict[str, list[float]] = {key: [] for key, _, _ in timed}
     for r in range(ROUNDS + 1):
         for key, fn, m in timed:
@@ -153,25 +155,82 @@ def speed(model: torch.nn.Module, original: torch.nn.Module, prompt: torch.Tenso
             if r:  # the first round warms up
                 runs[key].append(value)
     med = {k: statistics.median(v) for k, v in runs.items()}
-    return (med["d1"] / med["d0"] if can_decode else None), med["p0"] / med["p1"]
+    return med["d1"] / med["d0"], med["p0"] / med["p1"]
 
 
 def decoder_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.model.layers.parameters())
 
 
-def ratio_for(model: torch.nn.Module, ids: torch.Tensor, fewer: float) -> float:
-    """The FLOPs ``ratio=`` whose result has ``fewer`` (a fraction) fewer decoder-layer parameters, by
-    bisection with the uniform selector (widths are the same for every selector under per-group budgets)."""
-    lo, hi, full = 0.3 * fewer, fewer, decoder_params(model)
-    for _ in range(7):
+def ratio_for(model: torch.nn.Module, ids: torch.Tensor, fewer: float, **options) -> tuple[float, float]:
+    """(FLOPs ``ratio=``, share removed): of the ratios tried by bisection, the one whose result (compiled with
+    ``options``) removes the share of decoder-layer parameters nearest ``fewer``; widths move in steps, so
+    the nearest may lie on either side."""
+    lo, hi, full, tried = 0.3 * fewer, fewer, decoder_params(model), {}
+    for _ in range(8):
         mid = (lo + hi) / 2
-        kept = decoder_params(fxprune.compile(model, example_inputs=ids, ratio=mid, verify=False)) / full
-        lo, hi = (mid, hi) if 1 - kept < fewer else (lo, mid)
-    return (lo + hi) / 2
+        tried[mid] = 1 - decoder_params(fxprune.compile(model, example_inputs=ids, ratio=mid, verify=False, **options)) / full
+        lo, hi = (mid, hi) if tried[mid] < fewer else (lo, mid)
+    best = min(tried, key=lambda r: abs(tried[r] - fewer))
+    return best, tried[best]
 
 
-def run(quick: bool, selectors: list[str], seed: int, plot: str | None) -> None:
+def uneven_twin(model: torch.nn.Module, pruned: torch.fx.GraphModule, prompt: torch.Tensor) -> torch.nn.Module:
+    """A copy of ``model``'s class holding ``pruned``'s tensors, each module at its own width: a stand-in
+    that has ``generate()`` for a graph result whose layers differ in width (a ``LlamaConfig`` states one
+    width for all layers, so ``compile`` returns the graph). Checked against the graph on ``prompt``."""
+    twin = copy.deepcopy(model)
+    for name, tensor in pruned.named_parameters():
+        owner, _, leaf = name.rpartition(".")
+        module = twin.get_submodule(owner)
+        setattr(module, leaf, torch.nn.Parameter(tensor.detach().clone()))
+        if isinstance(module, torch.nn.Linear):
+            module.out_features, module.in_features = module.weight.shape
+    for layer in twin.model.layers:
+        attention = layer.self_attn
+        attention.num_key_value_groups = attention.q_proj.out_features // attention.k_proj.out_features
+    with torch.no_grad():
+        torch.testing.assert_close(twin(prompt).logits, pruned(prompt).logits, rtol=1e-4, atol=1e-4)
+    return twin.eval()
+
+
+def peer(quick: bool, seed: int, fewer: float, timeout: int) -> dict:
+    """Torch-pruning's LLM recipe as its example states it (L2 magnitude, ``fewer`` for channels and heads
+    alike, every layer the same, no calibration or healing), run in a subprocess stopped after ``timeout``
+    seconds: its held-out bits per byte, or what happened."""
+    command = [sys.executable, __file__, "--peer-worker", str(fewer), "--seed", str(seed)] + ["--quick"] * quick
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return {"error": f"no result in {timeout} s (building its dependency graph)", "seconds": time.perf_counter() - start}
+    lines = done.stdout.strip().splitlines()
+    if done.returncode or not lines:
+        return {"error": (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1][:80], "seconds": time.perf_counter() - start}
+    return json.loads(lines[-1]) | {"seconds": time.perf_counter() - start}
+
+
+def peer_worker(quick: bool, seed: int, fewer: float) -> None:
+    """The subprocess of ``peer``: prune in place, print one JSON line."""
+    import torch_pruning as tp  # noqa: PLC0415 - the peer, only here
+
+    s = SETTINGS[quick]
+    train, held_text = corpus()
+    model = dense(train, s["train_steps"], seed)
+    full = decoder_params(model)
+    heads = {}
+    for layer in model.model.layers:
+        a = layer.self_attn
+        heads |= {a.q_proj: CONFIG["num_attention_heads"], a.k_proj: CONFIG["num_key_value_heads"], a.v_proj: CONFIG["num_key_value_heads"]}
+    pruner = tp.pruner.MetaPruner(model, torch.zeros(1, SEQ, dtype=torch.long), importance=tp.importance.GroupMagnitudeImportance(p=2),
+                                  pruning_ratio=fewer, ignored_layers=[model.lm_head], num_heads=heads, prune_num_heads=True,
+                                  prune_head_dims=False, head_pruning_ratio=fewer, output_transform=lambda out: out.logits)
+    pruner.step()
+    held = windows(held_text, min(s["eval_windows"], held_text.numel() // (SEQ + 1)), None)
+    print(json.dumps({"bits": bits_per_byte(model, held), "removed": 1 - decoder_params(model) / full}))
+
+
+def run(quick: bool, selectors: list[str], seed: int, plot: str | None, peer_timeout: int) -> None:
     s = SETTINGS[quick]
     train, held_text = corpus()
     print(f"corpus: torch {torch.__version__} torch/nn/**/*.py, {train.numel() / 1e6:.2f} MB training, {held_text.numel() / 1e6:.2f} MB held out")
@@ -190,28 +249,33 @@ def run(quick: bool, selectors: list[str], seed: int, plot: str | None) -> None:
     rows, found = [], []
 
     def row(fewer: float, name: str, ratio: str, pruned: torch.nn.Module, seconds: float) -> None:
-        decode, prefill = speed(pruned, model, prompt)
+        decoder = pruned if hasattr(pruned, "generate") else uneven_twin(model, pruned, prompt)
+        decode, prefill = speed(pruned, decoder, model, prompt)
         bits = bits_per_byte(pruned, held)
         healed = bits_per_byte(heal(pruned, model, train, s["heal_steps"], seed), held)
         removed = 1 - decoder_params(pruned) / decoder_params(model)
         found.append((removed, name, bits, healed))
         rows.append([f"{fewer:.0%}", name, f"{removed:.1%}", ratio,
                      f"{bits:.3f}", f"{2 ** bits:.2f}", f"{bits / base - 1:+.0%}", f"{healed:.3f}", f"{2 ** healed:.2f}",
-                     f"{healed / base - 1:+.1%}", "-" if decode is None else f"{decode:.2f}x", f"{prefill:.2f}x",
+                     f"{healed / base - 1:+.1%}", f"{decode:.2f}x" + ("" if decoder is pruned else "*"), f"{prefill:.2f}x",
                      type(pruned).__name__, f"{seconds:.1f}"])
         print("  " + " | ".join(rows[-1]), flush=True)
 
-    widths = [n for n in selectors if not n.startswith(("depth", "decode"))]
+    widths = [n for n in selectors if not n.startswith(("depth", "decode", "peer"))]
     for fewer in FEWER_PARAMS if widths else ():
-        ratio = ratio_for(model, ids, fewer)
+        ratios = {}
         for name in widths:
             selector, options = name.split("+")[0], set(name.split("+")[1:])
             data = {"calibration": calibration} if selector in data_driven() or "comp" in options else {}
             data |= {"loss_fn": loss_fn} if takes_loss(selector) else {}
             data |= {"mode": "global"} if "global" in options else {}
+            allocation = {"mode": "global", "selector": selector, "calibration": calibration} if "global" in options else {}
+            key = f"global {selector}" if allocation else "equal"
+            if key not in ratios:  # equal widths: one ratio for every selector; global: its own
+                ratios[key] = ratio_for(model, ids, fewer, **allocation)[0]
             start = time.perf_counter()
-            pruned = fxprune.compile(model, example_inputs=ids, ratio=ratio, selector=selector, seed=seed, compensate="comp" in options, **data)
-            row(fewer, name, f"{ratio:.3f}", pruned, time.perf_counter() - start)
+            pruned = fxprune.compile(model, example_inputs=ids, ratio=ratios[key], selector=selector, seed=seed, compensate="comp" in options, **data)
+            row(fewer, name, f"{ratios[key]:.3f}", pruned, time.perf_counter() - start)
     layers = CONFIG["num_hidden_layers"]
     for name in [n for n in selectors if n.startswith(("depth", "decode"))]:
         start = time.perf_counter()
@@ -224,6 +288,15 @@ def run(quick: bool, selectors: list[str], seed: int, plot: str | None) -> None:
             print(f"  {name}: {len(pruned.meta['fxprune']['depth']['dropped'])} layers dropped, decode {claimed['speedup']:.3g}x claimed "
                   f"({claimed['interval'][0]:.3g}-{claimed['interval'][1]:.3g}x); re-measured in the row below")
         row(1 - pruned.config.num_hidden_layers / layers, name, "-", pruned, time.perf_counter() - start)
+    for fewer in FEWER_PARAMS if "peer" in selectors else ():
+        out = peer(quick, seed, fewer, peer_timeout)
+        if "error" in out:  # the same dependency graph at every ratio
+            rows.append([f"{fewer:.0%}", "peer", *["-"] * 10, out["error"], f"{out['seconds']:.0f}"])
+            print("  " + " | ".join(rows[-1]), flush=True)
+            break
+        rows.append([f"{fewer:.0%}", "peer", f"{out['removed']:.1%}", "-", f"{out['bits']:.3f}", f"{2 ** out['bits']:.2f}",
+                     f"{out['bits'] / base - 1:+.0%}", *["-"] * 5, "LlamaForCausalLM", f"{out['seconds']:.0f}"])
+        print("  " + " | ".join(rows[-1]), flush=True)
     print(f"\ndense: {base:.3f} bits/byte (perplexity {2 ** base:.2f}); healing: {s['heal_steps']} steps of distillation; "
           f"decode: {NEW_TOKENS} greedy tokens after {PROMPT} bytes, prefill: one forward over them, each against the original "
           f"in turns (medians of {ROUNDS}), {torch.get_num_threads()} thread(s)\n")
@@ -263,10 +336,15 @@ def main() -> None:
                         "other work shares ran training several times slower here)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plot", metavar="PNG", help="draw bits per byte against parameters removed, per selector")
+    parser.add_argument("--peer-timeout", type=int, default=60, help="seconds before the peer's run is stopped (default 60)")
+    parser.add_argument("--peer-worker", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.getLogger("fxprune").setLevel(logging.ERROR)  # the ratio search's notes on finer multiples
-    run(args.quick, args.selectors.split(","), args.seed, args.plot)
+    if args.peer_worker is not None:
+        peer_worker(args.quick, args.seed, args.peer_worker)
+    else:
+        run(args.quick, args.selectors.split(","), args.seed, args.plot, args.peer_timeout)
 
 
 if __name__ == "__main__":
