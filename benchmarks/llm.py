@@ -202,8 +202,10 @@ def peer(quick: bool, seed: int, fewer: float, timeout: int) -> dict:
     start = time.perf_counter()
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired:
-        return {"error": f"no result in {timeout} s (building its dependency graph)", "seconds": time.perf_counter() - start}
+    except subprocess.TimeoutExpired as stopped:
+        out = stopped.stdout.decode() if isinstance(stopped.stdout, bytes) else stopped.stdout or ""
+        stage = [line.removeprefix("stage: ") for line in out.splitlines() if line.startswith("stage: ")]
+        return {"error": f"no result in {timeout} s ({stage[-1] if stage else 'starting'})", "seconds": time.perf_counter() - start}
     lines = done.stdout.strip().splitlines()
     if done.returncode or not lines:
         return {"error": (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1][:80], "seconds": time.perf_counter() - start}
@@ -222,10 +224,13 @@ def peer_worker(quick: bool, seed: int, fewer: float) -> None:
     for layer in model.model.layers:
         a = layer.self_attn
         heads |= {a.q_proj: CONFIG["num_attention_heads"], a.k_proj: CONFIG["num_key_value_heads"], a.v_proj: CONFIG["num_key_value_heads"]}
+    print("stage: building its dependency graph", flush=True)
     pruner = tp.pruner.MetaPruner(model, torch.zeros(1, SEQ, dtype=torch.long), importance=tp.importance.GroupMagnitudeImportance(p=2),
                                   pruning_ratio=fewer, ignored_layers=[model.lm_head], num_heads=heads, prune_num_heads=True,
                                   prune_head_dims=False, head_pruning_ratio=fewer, output_transform=lambda out: out.logits)
+    print("stage: pruning", flush=True)
     pruner.step()
+    print("stage: evaluating", flush=True)
     held = windows(held_text, min(s["eval_windows"], held_text.numel() // (SEQ + 1)), None)
     print(json.dumps({"bits": bits_per_byte(model, held), "removed": 1 - decoder_params(model) / full}))
 
