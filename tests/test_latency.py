@@ -322,8 +322,9 @@ def test_bursts_that_slow_the_original_never_make_a_false_claim(monkeypatch: pyt
 
 
 def test_a_machine_too_noisy_to_decide_raises_or_warns(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every other timing, at random, takes 10x as long: the machine check refuses before any search,
-    saying what it measured; with on_noise="warn" the search runs anyway and its result says how sure it is."""
+    """Every other timing, at random, takes 10x as long: the machine check refuses before anything else is
+    timed (round_to="auto"'s layer timings included, which a later compile would otherwise reuse), saying
+    what it measured; with on_noise="warn" the search runs anyway and its result says how sure it is."""
     def noisy_clock() -> None:
         rng = random.Random(0)
         monkeypatch.setattr(timing, "time_calls", FlopClock(lambda model: rng.choice((1.0, 10.0))))
@@ -333,8 +334,8 @@ def test_a_machine_too_noisy_to_decide_raises_or_warns(monkeypatch: pytest.Monke
     monkeypatch.setattr(costmodel, "layer_ms", lambda layer, x: timed.append(layer) or layer_latency(layer, x))
     noisy_clock()
     with pytest.raises(fxprune.MeasurementError, match=r"cannot be decided .*too noisy .*A/A pairs varied by \d\d+\.\d%") as info:
-        fxprune.compile(Net().eval(), speedup=1.5, example_inputs=X, verify=False, cache=False, round_to=8)
-    assert not timed  # refused before the search timed anything
+        fxprune.compile(Net().eval(), speedup=1.5, example_inputs=X, verify=False, cache=False)
+    assert not timed  # refused before any layer was timed
     assert info.value.noise > 0.10
     noisy_clock()
     with pytest.warns(UserWarning, match=r"cannot be decided .* Searching anyway"):
@@ -554,7 +555,8 @@ def test_a_held_cache_keeps_its_claims_and_a_remembered_result_needs_no_layer_ti
                                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """A compile on a machine found noisy holds its timings (none reach the disk) but still keeps its result,
     a claim that is timed again before use. A warm compile that finds only that result on disk (no layer or
-    candidate timings) takes no timing besides the one confirming it, and returns the same plan."""
+    candidate timings) times round_to="auto"'s layers again and nothing else besides the result, once, and
+    returns the same plan."""
     held = TimingCache(tmp_path / "held.json")
     setting = Setting.of(nn.Linear(2, 2), (torch.randn(1, 2),))
     held.hold()
@@ -571,7 +573,10 @@ def test_a_held_cache_keeps_its_claims_and_a_remembered_result_needs_no_layer_ti
     path.write_text(json.dumps({key: {k: v for k, v in table.items() if " result " in k}}))  # the result alone
     second = fxprune.compile(net, speedup=1.5, example_inputs=X, verify=False)
     record = second.meta["fxprune"]["report"]["latency"]
-    assert record["timings_taken"] == 0 and record["results_timed"] == 1 and "layers_ms" not in record
+    multiple_only = TimingCache(tmp_path / "multiple.json")
+    targets.measure_round_to(pipeline.analyze(net, X), fxprune.Strategy().chooser(), timed=True, cache=multiple_only)
+    assert record["timings_taken"] == multiple_only.measured > 0
+    assert record["results_timed"] == 1 and "layers_ms" not in record
     assert second.meta["fxprune"]["plan"] == first.meta["fxprune"]["plan"]
 
 

@@ -32,18 +32,20 @@ def reach(a: Analysis, chooser: Chooser, target: Target, seed: int, verify: bool
     multiple decided, or under ``round_to="auto"`` a finer one when its own does not reach the target
     (``multiples.within`` for a FLOPs target; a latency target, whose every try is timed, falls back to 1
     at once). A latency target is measured at ``threads`` threads (None: torch's count)."""
-    with using_threads(threads if target.measured else None):
-        decided = measure_round_to(a, chooser, timed=target.measured)
-        if not target.measured:
-            used, plan = within(a, decided, target.macs(a.flops.total), seed)
-            return _finish(a, decided, used, target, verify, plan, None, None), used
+    if not target.measured:
+        decided = measure_round_to(a, chooser, timed=False)
+        used, plan = within(a, decided, target.macs(a.flops.total), seed)
+        return _finish(a, decided, used, target, verify, plan, None, None), used
+    with using_threads(threads):
+        checked = latency.check_machine(a, target)  # before any timing: none is kept from a machine found noisy
+        decided = measure_round_to(a, chooser, timed=True, cache=checked[1])
         finest = finer(decided)[-1]
         try:
-            return _finish(a, decided, decided, target, verify, *latency.measured(a, decided, target, seed)), decided
+            return _finish(a, decided, decided, target, verify, *latency.measured(a, decided, target, seed, checked)), decided
         except TargetUnreachableError:
             if finest is decided:
                 raise
-        return _finish(a, decided, finest, target, verify, *latency.measured(a, finest, target, seed)), finest
+        return _finish(a, decided, finest, target, verify, *latency.measured(a, finest, target, seed, checked)), finest
 
 
 def _finish(a: Analysis, chooser: Chooser, used: Chooser, target: Target, verify: bool, plan: Plan,

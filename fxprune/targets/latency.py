@@ -52,7 +52,7 @@ from ..selection.strategy import Chooser
 from .target import Target
 from .trials import Clock, Trial, contradict, fingerprint, next_budget, raise_or_warn, too_noisy, undecidable, widths
 
-__all__ = ["measured", "ROUNDS", "MARGIN", "BAND", "OVERSHOOT", "DRIFT"]
+__all__ = ["check_machine", "measured", "Checked", "ROUNDS", "MARGIN", "BAND", "OVERSHOOT", "DRIFT"]
 
 log = logging.getLogger("fxprune")
 
@@ -76,10 +76,12 @@ DRIFT = 1.3
 taken under another load (contention slows the original too, and a ratio taken while other work stalls
 our threads is biased towards 1): it is timed again, and a search whose load keeps changing refuses."""
 
-def measured(a: Analysis, chooser: Chooser, target: Target, seed: int) -> tuple[Plan, torch.fx.GraphModule, dict[str, Any]]:
-    """The plan, rewritten model and measurement record of a latency target at torch's current thread
-    count (see the module docstring); the selector scores with ``seed``, and one that ranks by cost gets
-    the latency model."""
+Checked = tuple[Setting, TimingCache, Machine]  # where a target is timed, the cache its timings go to, the machine check
+
+
+def check_machine(a: Analysis, target: Target) -> Checked:
+    """The machine checked before anything of a latency target is timed (module docstring): ``MeasurementError``
+    when its noise could not decide ``target``; on a noisy machine that can, a cache that keeps no timing."""
     setting, cache = Setting.of(a.gm, a.inputs), TimingCache()
     if not a.deps.prunable_groups:
         raise TargetUnreachableError(f"the latency target {target.describe()} is out of reach: no channel group of the model can be "
@@ -94,10 +96,15 @@ def measured(a: Analysis, chooser: Chooser, target: Target, seed: int) -> tuple[
     undecidable(machine.refusal(), machine.noise, target, setting.device)
     log.info("the original takes %.4g ms at %d threads; its A/A pairs varied by %.1f%%", machine.original.median_ms,
              setting.threads, 100 * machine.noise)
-    if machine.noise > STABLE:  # layer timings taken now may sit in a burst; use them, keep none
+    if machine.noise > STABLE:  # timings taken now may sit in a burst; use them, keep none
         log.info("the machine is noisy: this compile's timings are not cached")
         cache.hold()
-    return Search(a, chooser, target, seed, setting, cache, machine).run()
+    return setting, cache, machine
+
+
+def measured(a: Analysis, chooser: Chooser, target: Target, seed: int, checked: Checked) -> tuple[Plan, torch.fx.GraphModule, dict[str, Any]]:
+    """The plan, rewritten model and measurement record of ``target`` on the ``checked`` machine (module docstring)."""
+    return Search(a, chooser, target, seed, *checked).run()
 
 
 class Search:
