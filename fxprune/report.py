@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import copy
+from dataclasses import dataclass, field
 from typing import Any
 
 from tabulate import tabulate
@@ -162,7 +163,10 @@ class Report:
         return Report(rows, *_spans(self, later, ("params", "macs", "other_flops")), list(dict.fromkeys(self.notes + later.notes)), later.latency)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The report as plain data (what ``dataclasses.asdict`` gives, without its per-value deep copies:
+        rows hold tuples of numbers only)."""
+        return {"rows": [dict(vars(r)) for r in self.rows], "params": self.params, "macs": self.macs,
+                "other_flops": self.other_flops, "notes": list(self.notes), "latency": copy.deepcopy(self.latency)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Report:

@@ -18,8 +18,9 @@ __all__ = ["Labels", "Param", "UnionFind", "compress"]
 class UnionFind:
     """Union-find over integer labels, held in a tensor so that whole label tensors merge at once.
 
-    Every label points straight at its root (the tree is flattened after each merge), so a root lookup
-    is one gather; the smallest label of a class is its root, whatever the order of merges.
+    A merge links roots only; a lookup follows parents a few gathers deep and points the labels it looked
+    up straight at their roots, so no merge rewrites the whole table. The smallest label of a class is
+    its root, whatever the order of merges.
     """
 
     def __init__(self) -> None:
@@ -35,8 +36,13 @@ class UnionFind:
         return torch.arange(start, self.size)
 
     def roots(self, t: torch.Tensor) -> torch.Tensor:
-        """The root of every label in ``t`` (same shape)."""
-        return self._parent[t]
+        """The root of every label in ``t`` (same shape); ``t``'s labels then point at them directly."""
+        parent = self._parent
+        r = parent[t]
+        while not torch.equal(up := parent[r], r):
+            r = up
+        parent[t] = r
+        return r
 
     def union(self, a: int, b: int) -> None:
         self.union_pairs(torch.tensor([a]), torch.tensor([b]))
@@ -44,20 +50,17 @@ class UnionFind:
     def union_pairs(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """Merge ``a[i]`` with ``b[i]`` for every i (both flattened, same length)."""
         a, b = a.reshape(-1), b.reshape(-1)
-        parent = self._parent[: self.size]
         while True:
-            ra, rb = parent[a], parent[b]
+            ra, rb = self.roots(a), self.roots(b)
             differ = ra != rb
             if not bool(differ.any()):
                 return
             a, b = ra[differ], rb[differ]
-            parent.scatter_reduce_(0, torch.maximum(a, b), torch.minimum(a, b), "amin")
-            while not torch.equal(up := parent[parent], parent):
-                parent.copy_(up)
+            self._parent.scatter_reduce_(0, torch.maximum(a, b), torch.minimum(a, b), "amin")
 
     def root_table(self) -> torch.Tensor:
         """The root of every label, ``0 .. size - 1``."""
-        return self._parent[: self.size].clone()
+        return self.roots(torch.arange(self.size))
 
 
 @dataclass(frozen=True)
