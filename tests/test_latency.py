@@ -595,3 +595,24 @@ def test_a_machine_that_changes_speed_for_good_is_checked_again_and_searched_afr
         pruned = fxprune.compile(net, speedup=1.5, example_inputs=X)
     assert "checking it again and searching afresh" in caplog.text
     assert 1.5 <= full / flop_ms(pruned, (X,)) <= 1.3 * 1.5
+
+
+def test_a_remembered_result_that_misses_now_starts_a_fresh_search_from_its_timing(fake_clock: FlopClock, tmp_path: Path,
+                                                                                   monkeypatch: pytest.MonkeyPatch,
+                                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """The machine changed between two compiles: every call now costs a fixed 40 ms more (a third of the
+    original), which brings every ratio nearer 1, so the remembered result misses the target. The warm compile drops the cached
+    comparisons (taken on the other machine), starts the search from the remembered result's new timing
+    instead of timing it again, searches once, and returns a result that meets the target on the new clock."""
+    monkeypatch.setenv("FXPRUNE_CACHE_DIR", str(tmp_path))
+    net = Net().eval()
+    first = fxprune.compile(net, speedup=1.5, example_inputs=X, verify=False)
+    monkeypatch.setattr(timing, "time_calls", lambda model, inputs, calls, sync: fake_clock.true_ms(model, inputs) + 40.0)
+    with caplog.at_level(logging.INFO, logger="fxprune"):
+        second = fxprune.compile(net, speedup=1.5, example_inputs=X, verify=False)
+    log = caplog.text
+    assert "searching afresh from it" in log and "did not hold when timed again" not in log
+    assert log.count("confirming it against the original") == 1  # the remembered result is timed once
+    record = second.meta["fxprune"]["report"]["latency"]
+    assert record["speedup"] >= 1.5 and second.meta["fxprune"]["plan"] != first.meta["fxprune"]["plan"]
+    assert (fake_clock.true_ms(net, (X,)) + 40.0) / (fake_clock.true_ms(second, (X,)) + 40.0) >= 1.5

@@ -24,7 +24,8 @@ report says so), never when the noise left nearer ones undecided.
 The chosen result is timed once more against the original, never from the cache, until its interval
 is within ``PRECISE``: that timing is the one reported. The widths chosen for a model, target and
 strategy are kept, so a warm compile confirms that result first and searches only when it no longer
-meets the goal. Comparisons are cached (``TimingCache``) under the captured architecture and the
+meets the goal: then afresh (the machine runs otherwise than when its comparisons were cached), from
+that result's new timing. Comparisons are cached (``TimingCache``) under the captured architecture and the
 result's widths, only when stable; when the confirming timing misses the goal, the cached comparisons
 of the model are dropped and the search runs afresh, once.
 """
@@ -50,7 +51,7 @@ from ..errors import MeasurementError, TargetUnreachableError
 from ..pipeline import Analysis, select_plan
 from ..selection.strategy import Chooser
 from .target import Target
-from .trials import Clock, Trial, contradict, fingerprint, next_budget, raise_or_warn, too_noisy, undecidable, widths
+from .trials import OVERSHOOT, Clock, Trial, contradict, far, fingerprint, next_budget, overshoot, raise_or_warn, too_noisy, undecidable, widths
 
 __all__ = ["check_machine", "measured", "Checked", "ROUNDS", "MARGIN", "BAND", "OVERSHOOT", "DRIFT"]
 
@@ -64,9 +65,6 @@ MARGIN = 0.06
 
 BAND = 1.5
 """A measured speed-up more than this factor away from the latency model's estimate is timed again."""
-
-OVERSHOOT = 1.3
-"""A result more than this many times faster than asked is returned only when the widths force the step."""
 
 BISECT = 4
 """Plans between a result far past the target and the nearest that misses it, tried at most."""
@@ -124,6 +122,7 @@ class Search:
         self.stepped = False  # the result is far past the target because the widths step there
         self.claimed: float | None = None  # the speed-up an earlier compile reported for the remembered result
         self.searching = self.rechecked = False  # in the search; the machine checked again after its speed moved
+        self.first: Trial | None = None  # the remembered result, when it missed as timed now: the search starts from it
         self.outcome = f"{self.clock.prefix}result {target.describe()} {json.dumps(chooser.describe(), sort_keys=True)}"
 
     @functools.cached_property
@@ -142,7 +141,7 @@ class Search:
     def run(self) -> tuple[Plan, torch.fx.GraphModule, dict[str, Any]]:
         chosen, trials = self.remembered(), []
         confirmed = chosen is not None  # and its comparison is the confirming timing
-        for fresh in (False, True):
+        for fresh in (True,) if self.first else (False, True):
             if chosen is None:
                 trials = self.searched()
                 met = [t for t in trials if t.comparison.meets(self.goal)]
@@ -169,7 +168,7 @@ class Search:
                   "comparison_rounds": c.rounds, "estimated_speedup": 1 / chosen.estimate, "cached_speedup": cached,
                   "batch": c.before.batch, "device": self.setting.device, "device_name": self.setting.device_name,
                   "threads": self.setting.threads, "dtype": self.setting.dtype, "timings_taken": self.cache.measured,
-                  "rounds": self.timed, "results_timed": self.clock.timed, "notes": _overshoot(chosen, trials, self.goal, self.stepped)}
+                  "rounds": self.timed, "results_timed": self.clock.timed, "notes": overshoot(chosen, trials, self.goal, self.stepped)}
         if "model" in self.__dict__:  # a remembered result builds no latency model
             names = {n.name: name for n, (name, _) in layers(self.a.gm).items()}
             removed = removed_mask(self.a.deps, chosen.plan)
@@ -195,8 +194,10 @@ class Search:
         log.info("an earlier compile chose a result for this target here: confirming it against the original")
         c = self.clock.confirm(plan)
         log.info("  %s", c.describe())
-        if not c.meets(self.goal):
-            log.info("  it does not meet the target now: searching")
+        if not c.meets(self.goal):  # the machine runs otherwise than when it was chosen: so did the cached comparisons
+            log.info("  it does not meet the target now: searching afresh from it, without the cached comparisons")
+            self.clock.drop()
+            self.first = Trial(plan, c, estimate, False)
             return None
         return Trial(plan, c, estimate, False)
 
@@ -269,6 +270,11 @@ class Search:
         budget, smallest, why = self.aim * self.model.total, False, "the latency model's plan for the target"
         trials: list[Trial] = []
         seen: dict[str, Trial] = {}
+        if self.first is not None:  # estimated again by this latency model
+            first, self.first = self.first, None
+            trials.append(Trial(first.plan, first.comparison, self.model.cost(removed_mask(self.a.deps, first.plan)) / self.model.total, False))
+            seen[widths(first.plan)] = trials[0]
+            budget, why = next_budget(trials, self.aim, self.model.total) or (budget, why)
         while len(seen) < ROUNDS and len(trials) < 2 * ROUNDS:
             try:
                 plan = self.plan(budget)
@@ -337,7 +343,7 @@ class Search:
         within ``OVERSHOOT``, or the widths step from one to the other (``self.stepped``: the report says
         so). A plan between that the noise leaves undecided means the machine was too noisy to find a
         result near the target."""
-        if not _far(chosen, self.goal):
+        if not far(chosen, self.goal):
             return chosen
         missed = sorted({widths(t.plan): t for t in trials if t.wider(chosen) and not t.comparison.meets(self.goal)}.values(),
                         key=lambda t: t.estimate)
@@ -361,7 +367,7 @@ class Search:
                 undecided.append(between)
                 break
             fast, slow = (between, slow) if verdict else (fast, between)
-            if verdict and not _far(between, self.goal):
+            if verdict and not far(between, self.goal):
                 return between
         if not undecided:
             return fast
@@ -371,25 +377,6 @@ class Search:
                    "prune to FLOPs (target_gflops= or ratio=); on_noise='warn' returns the faster result with a warning.")
         too_noisy(message, undecided[0], self.target.on_noise == "warn")
         return fast
-
-
-def _far(trial: Trial, goal: float) -> bool:
-    """Whether ``trial`` is more than ``OVERSHOOT`` times faster than the goal asks."""
-    return trial.ratio * OVERSHOOT < goal
-
-
-def _overshoot(chosen: Trial, trials: list[Trial], goal: float, stepped: bool) -> list[str]:
-    """A note when the result is more than ``OVERSHOOT`` times faster than asked for, and why (``stepped``:
-    no plan lies between it and the nearest wider one, which missed)."""
-    if not _far(chosen, goal):
-        return []
-    wider = [t for t in trials if t.wider(chosen) and not t.comparison.meets(goal)]
-    nearest = min(wider, key=lambda t: t.estimate).comparison.speedup if wider else None
-    why = (f"the nearest wider plan measured {nearest:.3g}x, short of the target, and no plan lies between: the allowed widths "
-           "step from one to the other" if stepped and wider else
-           f"the plans between it and the nearest wider one ({nearest:.3g}x) were not all tried within the candidates the search "
-           "takes" if wider else "no wider plan was found within the candidates the search takes")
-    return [f"the result measured {chosen.comparison.speedup:.3g}x, more than {OVERSHOOT:g} times the {1 / goal:.3g}x asked for: {why}"]
 
 
 class _Moved(Exception):

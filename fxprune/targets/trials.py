@@ -3,7 +3,7 @@
 A ``Trial`` keeps its plan, its comparison and the latency model's estimate; ``Clock`` times plans
 against the original, keeps stable comparisons in the ``TimingCache`` under the captured architecture
 and the plan's widths, and confirms the chosen one; ``contradict`` says when two timings go against
-the width order.
+the width order; ``far`` and ``overshoot`` say when, and why, a result lies far past its target.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from ..pipeline import Analysis
 from .target import Target
 
 __all__ = ["Trial", "Clock", "kept", "widths", "contradict", "fingerprint", "next_budget", "too_noisy", "undecidable", "raise_or_warn",
-           "PRECISE", "ORDER", "NEAR"]
+           "far", "overshoot", "PRECISE", "ORDER", "OVERSHOOT", "NEAR"]
 
 PRECISE = 0.025
 """The reported speed-up is timed until its interval is within this (relative half-width), so that
@@ -37,6 +37,9 @@ timing the result again gives the same figure to within a few percent."""
 ORDER = 0.05
 """How much faster than a narrower plan a wider one may time (beyond the noise) before the two timings
 are taken to contradict each other: kernels step with the width, so a few percent happen."""
+
+OVERSHOOT = 1.3
+"""A result more than this many times faster than asked is returned only when the widths force the step."""
 
 NEAR = 0.02
 """The search stops once the closest results on either side of the aim are estimated this close: the
@@ -175,3 +178,22 @@ def raise_or_warn(on_noise: str, error: MeasurementError, warning: str | None = 
     if on_noise != "warn":
         raise error
     warnings.warn(f"fxprune.compile: {warning or error}", stacklevel=6)
+
+
+def far(trial: Trial, goal: float) -> bool:
+    """Whether ``trial`` is more than ``OVERSHOOT`` times faster than the goal asks."""
+    return trial.ratio * OVERSHOOT < goal
+
+
+def overshoot(chosen: Trial, trials: list[Trial], goal: float, stepped: bool) -> list[str]:
+    """A note when the result is more than ``OVERSHOOT`` times faster than asked for, and why (``stepped``:
+    no plan lies between it and the nearest wider one, which missed)."""
+    if not far(chosen, goal):
+        return []
+    wider = [t for t in trials if t.wider(chosen) and not t.comparison.meets(goal)]
+    nearest = min(wider, key=lambda t: t.estimate).comparison.speedup if wider else None
+    why = (f"the nearest wider plan measured {nearest:.3g}x, short of the target, and no plan lies between: the allowed widths "
+           "step from one to the other" if stepped and wider else
+           f"the plans between it and the nearest wider one ({nearest:.3g}x) were not all tried within the candidates the search "
+           "takes" if wider else "no wider plan was found within the candidates the search takes")
+    return [f"the result measured {chosen.comparison.speedup:.3g}x, more than {OVERSHOOT:g} times the {1 / goal:.3g}x asked for: {why}"]
