@@ -54,6 +54,7 @@ def main() -> int:
                 rows.append([name, f"{batch}x{size}", f"{speedup:g}", cache, f"{time.perf_counter() - start:.1f}", "-", "-", "-", "-",
                              f"{type(exc).__name__}: {str(exc)[:80]}", "NO"])
                 print(tabulate(rows[-1:], tablefmt="plain"), file=sys.stderr, flush=True)
+                print(f"  {name} {cache}: {exc}", file=sys.stderr, flush=True)  # the whole message: its figures say why
                 continue
             seconds = time.perf_counter() - start
             lat = fxprune.report(pruned).latency

@@ -88,8 +88,18 @@ class Machine:
         return f"{why} ({seen}). To decide a latency target, {fix}."
 
 
+def _aa(first: Sequence[float], second: Sequence[float]) -> tuple[float, float, float]:
+    """(A/A noise over the rounds no burst hit, share of rounds a burst hit, the disagreement that counts as one)."""
+    aa = [b / a for a, b in zip(first, second)]
+    burst = max(BURST, 3 * statistics.median(abs(r - 1) for r in aa))
+    steady = [r for r in aa if abs(r - 1) <= burst]  # as a comparison keeps them
+    return aa_noise(steady if len(steady) >= 2 else aa), 1 - len(steady) / len(aa), burst
+
+
 def check(model: nn.Module, inputs: Sequence[Any], seconds: float = SECONDS) -> Machine:
-    """Time ``model`` in rounds (twice at the chosen thread count, once at one thread) for about ``seconds``."""
+    """Time ``model`` in rounds (twice at the chosen thread count, once at one thread) for about ``seconds``;
+    up to three times as long while the A/A noise is above ``NOISY``, since its interval narrows with the
+    rounds (a model slow enough for few rounds in ``seconds`` looks noisier than it is)."""
     inputs = tuple(inputs)
     setting = Setting.of(model, inputs)
     sync = synchronizer(setting.device)
@@ -100,17 +110,18 @@ def check(model: nn.Module, inputs: Sequence[Any], seconds: float = SECONDS) -> 
     second: list[float] = []
     with torch.no_grad(), eval_mode(model):
         (calls,) = warm_calls([model], inputs, 2, 5.0, sync)
-        while len(first) < MOST and (len(first) < LEAST or sum(first + second + single) * calls / 1e3 < seconds):
+        def more() -> bool:
+            spent = sum(first + second + single) * calls / 1e3
+            return len(first) < LEAST or spent < seconds or (spent < 3 * seconds and _aa(first, second)[0] > NOISY)
+
+        while len(first) < MOST and more():
             first.append(timing.time_calls(model, inputs, calls, sync))
             second.append(timing.time_calls(model, inputs, calls, sync))
             if n > 1 and setting.device == "cpu":
                 with threads(1):
                     single.append(timing.time_calls(model, inputs, calls, sync))
-    aa = [b / a for a, b in zip(first, second)]
-    burst = max(BURST, 3 * statistics.median(abs(r - 1) for r in aa))
-    steady = [r for r in aa if abs(r - 1) <= burst]  # as a comparison keeps them
+    noise, bursts, burst = _aa(first, second)
     mean = [(a + b) / 2 for a, b in zip(first, second)]
     return Machine(summarize(first + second, inputs, setting), summarize(single, inputs, replace(setting, threads=1)) if single else None,
-                   aa_noise(steady if len(steady) >= 2 else aa), 1 - len(steady) / len(aa),
-                   statistics.median(m / s for m, s in zip(mean, single)) if single else 1.0, sum(first + second + single) * calls / 1e3,
-                   burst)
+                   noise, bursts, statistics.median(m / s for m, s in zip(mean, single)) if single else 1.0,
+                   sum(first + second + single) * calls / 1e3, burst)

@@ -185,15 +185,13 @@ def far(trial: Trial, goal: float) -> bool:
     return trial.ratio * OVERSHOOT < goal
 
 
-def overshoot(chosen: Trial, trials: list[Trial], goal: float, stepped: bool) -> list[str]:
-    """A note when the result is more than ``OVERSHOOT`` times faster than asked for, and why (``stepped``:
-    no plan lies between it and the nearest wider one, which missed)."""
+def overshoot(chosen: Trial, trials: list[Trial], goal: float, step: str | None) -> list[str]:
+    """A note when the result is more than ``OVERSHOOT`` times faster than asked for, and why (``step``: why
+    no nearer plan was left to try)."""
     if not far(chosen, goal):
         return []
     wider = [t for t in trials if t.wider(chosen) and not t.comparison.meets(goal)]
     nearest = min(wider, key=lambda t: t.estimate).comparison.speedup if wider else None
-    why = (f"the nearest wider plan measured {nearest:.3g}x, short of the target, and no plan lies between: the allowed widths "
-           "step from one to the other" if stepped and wider else
-           f"the plans between it and the nearest wider one ({nearest:.3g}x) were not all tried within the candidates the search "
-           "takes" if wider else "no wider plan was found within the candidates the search takes")
+    why = step or (f"the plans between it and the nearest wider one ({nearest:.3g}x) were not all tried within the candidates the "
+                   "search takes" if wider else "no wider plan was found within the candidates the search takes")
     return [f"the result measured {chosen.comparison.speedup:.3g}x, more than {OVERSHOOT:g} times the {1 / goal:.3g}x asked for: {why}"]
