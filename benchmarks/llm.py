@@ -8,15 +8,17 @@ on disk (``$FXPRUNE_CACHE_DIR``, default ``~/.cache/fxprune``, under ``benchmark
 config, the training settings, the torch version and the corpus, so a rerun skips training.
 
 The decoder is then pruned with ``fxprune.compile`` to 20%, 35% and 50% fewer parameters in its decoder
-layers (a FLOPs ``ratio=`` found by bisection for each, once, with the uniform selector; per-group
-budgets with equal widths give every selector the same widths), with each selector of ``--selectors``
+layers (the FLOPs ``ratio=`` whose result comes nearest, of those a bisection tries: once for the
+equal-width rows, where per-group budgets give every selector the same widths, and once for the global
+ones), with each selector of ``--selectors``
 (``wanda+comp``: wanda with ``compensate=True``, the removed channels' calibration means folded into the
 biases of the output projections); the data-driven ones get the same calibration windows of training text (taylor also the next-byte
 cross-entropy as ``loss_fn``). For each row: held-out bits per byte and byte-level perplexity
 (``2 ** bits``) without healing and after the same short healing (distillation: KL divergence to the
 dense model's next-byte distribution, the same batches and steps for every row), the decoder layers'
-parameters kept, decode tokens/s in ``generate()`` (greedy, with the KV cache) and prefill latency, each
-against the original in turns, and the class ``compile`` returned.
+parameters kept, decode tokens/s in ``generate()`` (greedy, with the KV cache; for a graph result, whose
+layers differ in width, on a stand-in of the class holding its tensors, marked ``*``) and prefill
+latency, each against the original in turns, and the class ``compile`` returned.
 
     python benchmarks/llm.py --quick --plot docs/llm_perplexity.png   # docs/results.md
     python benchmarks/llm.py --quick --seed 1
