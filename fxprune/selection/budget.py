@@ -170,7 +170,16 @@ def select(
                 removed[atoms[0]] = False
         return removed
 
-    smallest = model.cost(removed_for(counts_at(1.0)))
+    costs: dict[tuple[int, ...], float] = {}
+
+    def cost_of(counts: dict[int, int]) -> float:
+        """The cost of removing ``counts`` atoms per group; many fractions of the search give the same counts."""
+        key = tuple(counts.values())
+        if key not in costs:
+            costs[key] = model.cost(removed_for(counts))
+        return costs[key]
+
+    smallest = cost_of(counts_at(1.0))
     if smallest > target:
         raise TargetUnreachableError(
             f"the target {model.describe(target)} is out of reach: with every prunable group at its smallest "
@@ -179,13 +188,13 @@ def select(
             **model.reached(smallest),
         )
     lo, hi = 0.0, 1.0
-    if model.cost(removed_for(counts_at(0.0))) <= target:
+    if cost_of(counts_at(0.0)) <= target:
         hi = 0.0
     for _ in range(40):
         if hi - lo < 1e-6:
             break
         mid = (lo + hi) / 2
-        if model.cost(removed_for(counts_at(mid))) <= target:
+        if cost_of(counts_at(mid)) <= target:
             hi = mid
         else:
             lo = mid
@@ -204,7 +213,7 @@ def select(
     a, b = 0, len(changed)
     while a < b:
         k = (a + b + 1) // 2
-        if model.cost(removed_for(give_back(k))) <= target:
+        if cost_of(give_back(k)) <= target:
             a = k
         else:
             b = k - 1
