@@ -294,7 +294,10 @@ def compare(original: nn.Module, candidate: nn.Module, inputs: Sequence[Any], *,
     """Time ``candidate`` against ``original`` in turns (see ``Comparison``), sequentially: once ``rounds``
     rounds are kept, stop as soon as the ratio's interval decides ``goal`` (without a goal: is within
     ``precision``), else go on up to ``most`` rounds, or ``seconds`` of timed calls once ``rounds`` are
-    kept. A round whose A/A pair differs by more than ``burst`` is dropped. ``candidate`` may be ``original``: an A/A pair."""
+    kept. A round whose A/A pair differs by more than ``burst``, and by more than three times the rounds'
+    median A/A difference, is dropped: a burst stands out from the machine's usual noise (a machine whose
+    every pair differs by 15% for a while would otherwise keep only the few rounds that agree by chance).
+    ``candidate`` may be ``original``: an A/A pair."""
     inputs = tuple(inputs)
     setting = Setting.of(original, inputs)
     sync = synchronizer(setting.device)
@@ -305,7 +308,8 @@ def compare(original: nn.Module, candidate: nn.Module, inputs: Sequence[Any], *,
         while True:
             taken.append((time_calls(original, inputs, n_orig, sync), time_calls(candidate, inputs, n_cand, sync),
                           time_calls(original, inputs, n_orig, sync)))
-            kept = [r for r in taken if abs(r[2] / r[0] - 1) <= burst]
+            limit = max(burst, 3 * statistics.median(abs(r[2] / r[0] - 1) for r in taken))
+            kept = [r for r in taken if abs(r[2] / r[0] - 1) <= limit]
             spent = sum((a + b) * n_orig + c * n_cand for a, c, b in taken) / 1e3
             done = len(taken) >= most or (len(kept) >= rounds and spent > seconds)
             if len(kept) >= rounds or done:
