@@ -32,6 +32,7 @@ of the model are dropped and the search runs afresh, once.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -131,8 +132,7 @@ class Search:
 
     @functools.cached_property
     def model(self) -> costmodel.LatencyModel:
-        """The latency model (timings of the model's own layers): built when a search needs it, not for a
-        remembered result."""
+        """The latency model (timings of the model's own layers), built when a search needs it."""
         return costmodel.LatencyModel(self.a.deps, self.a.flops, self.a.gm, self.original_ms, self.setting, self.cache,
                                       self.chooser.rule.round_to, self.overdue)
 
@@ -185,8 +185,7 @@ class Search:
         return plan
 
     def remembered(self) -> Trial | None:
-        """The result an earlier compile chose for this model, target and strategy here, when timed now
-        (the confirming timing) it still meets the goal: a warm compile then times one result, not a search."""
+        """The result an earlier compile chose for this model, target and strategy, when it still meets the goal as timed now."""
         kept = self.cache.lookup(self.setting, self.outcome)
         if kept is None or len(kept) != 6:
             return None
@@ -276,7 +275,7 @@ class Search:
         seen: dict[str, Trial] = {}
         if self.first is not None:  # estimated again by this latency model
             first, self.first = self.first, None
-            trials.append(Trial(first.plan, first.comparison, self.model.cost(removed_mask(self.a.deps, first.plan)) / self.model.total, False))
+            trials.append(dataclasses.replace(first, estimate=self.model.cost(removed_mask(self.a.deps, first.plan)) / self.model.total))
             seen[widths(first.plan)] = trials[0]
             budget, why = next_budget(trials, self.aim, self.model.total) or (budget, why)
         while len(seen) < ROUNDS and len(trials) < 2 * ROUNDS:
@@ -351,9 +350,10 @@ class Search:
         noise leaves undecided means the machine was too noisy to find a result near the target."""
         if not far(chosen, self.goal):
             return chosen
-        lighter = max((t for t in trials if self.removed(t.plan) < self.removed(chosen.plan)), key=lambda t: self.removed(t.plan), default=None)
-        if lighter is not None and lighter.comparison.meets(self.goal) is False and self.removed(chosen.plan) - self.removed(lighter.plan) <= STEP:
-            self.step = (f"a plan that removed fewer FLOPs ({self.removed(lighter.plan):.0%} against {self.removed(chosen.plan):.0%}) measured "
+        gone = {id(t): self.removed(t.plan) for t in [*trials, chosen]}  # the share of the FLOPs each plan removes
+        lighter = max((t for t in trials if gone[id(t)] < gone[id(chosen)]), key=lambda t: gone[id(t)], default=None)
+        if lighter is not None and lighter.comparison.meets(self.goal) is False and gone[id(chosen)] - gone[id(lighter)] <= STEP:
+            self.step = (f"a plan that removed fewer FLOPs ({gone[id(lighter)]:.0%} against {gone[id(chosen)]:.0%}) measured "
                          f"{lighter.comparison.speedup:.3g}x, short of the target: the speed steps with the layers' widths (the kernels "
                          "they run) more than with the FLOPs there")
             return chosen
