@@ -21,6 +21,7 @@ from ..core.fxutil import is_hf
 from ..errors import ArgumentError
 from ..latency.timing import Comparison, compare
 from ..selection.stats import CALIBRATION_FORMS, calibration_batches
+from .hfmodel import of_class
 
 __all__ = ["layer_influence", "without_layers", "layer_stack", "decode_comparison"]
 
@@ -85,11 +86,6 @@ def without_layers(model: nn.Module, drop: list[int]) -> nn.Module:
         if isinstance(value, list) and len(value) == count and name != "architectures":
             setattr(config, name, [value[i] for i in kept])
     config.num_hidden_layers = len(kept)
-    from transformers.initialization import no_init_weights  # noqa: PLC0415 - a Hugging Face model: transformers is there
-
-    with no_init_weights():  # every parameter is loaded below
-        new = type(model)(config)
-    new = new.to(device=next(model.parameters()).device, dtype=model.dtype)
     renumber = {f"{path}.{old}.": f"{path}.{i}." for i, old in enumerate(kept)}
     state = {}
     for key, value in model.state_dict().items():
@@ -99,12 +95,7 @@ def without_layers(model: nn.Module, drop: list[int]) -> nn.Module:
                 continue
             key = renumber[head] + key[len(head):]
         state[key] = value
-    new.load_state_dict(state, strict=True)
-    new.tie_weights()
-    if getattr(model, "generation_config", None) is not None:
-        new.generation_config = copy.deepcopy(model.generation_config)
-    new.train(model.training)
-    return new
+    return of_class(model, config, lambda own: state)
 
 
 class _Decoding(nn.Module):

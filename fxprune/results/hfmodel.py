@@ -12,6 +12,8 @@ pruned GraphModule, and its report says why.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.fx
@@ -20,7 +22,7 @@ from torch import nn
 from ..core import metakeys as keys
 from .hfconfig import probe, truthful_config, with_biases
 
-__all__ = ["hf_model"]
+__all__ = ["hf_model", "of_class"]
 
 
 def _by_every_name(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -55,17 +57,26 @@ def hf_model(model: nn.Module, pruned: torch.fx.GraphModule) -> tuple[nn.Module 
         config, why = with_biases(type(model), config, gained)
     if config is None:
         return None, why
+    state = {**model.state_dict(), **tensors}
+
+    def loaded(own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        zeros = {k: torch.zeros_like(v) for k, v in own.items() if k not in state and k.endswith(".bias")} if gained else {}
+        return {k: (state[k] if k in state else zeros[k]).detach() for k in own}  # the other biases the flags turned on: zero
+
+    return of_class(model, config, loaded), ""
+
+
+def of_class(model: nn.Module, config: Any, state: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]) -> nn.Module:
+    """A new model of ``model``'s class built from ``config``, holding ``state(its own state dict)`` (loaded
+    strictly), with ``model``'s device, dtype, generation config and training mode."""
     from transformers.initialization import no_init_weights  # noqa: PLC0415 - a Hugging Face model: transformers is there
 
     with no_init_weights():  # every parameter is loaded below: random initialization would only cost time
         new = type(model)(config)
     new = new.to(device=next(model.parameters()).device, dtype=model.dtype)
-    state = {**model.state_dict(), **tensors}
-    if gained:  # the other biases the flags turned on start at zero
-        state |= {k: torch.zeros_like(v) for k, v in new.state_dict().items() if k not in state and k.endswith(".bias")}
-    new.load_state_dict({k: state[k].detach() for k in new.state_dict()}, strict=True)
+    new.load_state_dict(state(new.state_dict()), strict=True)
     new.tie_weights()  # as the config says (tied input and output embeddings)
     if getattr(model, "generation_config", None) is not None:
         new.generation_config = copy.deepcopy(model.generation_config)
     new.train(model.training)
-    return new, ""
+    return new
