@@ -7,7 +7,6 @@ same freeze reasons) form a group.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable
 
 import torch
 
@@ -17,48 +16,64 @@ from .labels import Labels, Param
 from .state import State
 
 
-def first_appearance_ids(values: torch.Tensor) -> torch.Tensor:
-    """Dense ids for the distinct values, numbered in order of first appearance."""
-    uniq, inverse = torch.unique(values, return_inverse=True)
+def first_appearance_ids(values: torch.Tensor, bound: int | None = None) -> torch.Tensor:
+    """Dense ids for the distinct values, numbered in order of first appearance; ``bound``: every value
+    is in ``0 .. bound - 1`` (a table of that size replaces sorting all the values)."""
+    if bound is None:
+        uniq, inverse = torch.unique(values, return_inverse=True)
+    else:
+        uniq, inverse = torch.zeros(bound, dtype=torch.bool), values
     first = torch.full((uniq.numel(),), values.numel(), dtype=torch.long)
     first.scatter_reduce_(0, inverse, torch.arange(values.numel()), "amin")
+    if bound is not None:  # only the values present get ids
+        present = first < values.numel()
+        rank = torch.full_like(first, -1)
+        rank[present.nonzero().flatten()[torch.argsort(first[present])]] = torch.arange(int(present.sum()))
+        return rank[inverse]
     rank = torch.empty_like(first)
     rank[torch.argsort(first)] = torch.arange(first.numel())
     return rank[inverse]
 
 
+def mapped(table: torch.Tensor, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``table[t]`` for each of ``tensors`` (flattened), with one gather for all of them."""
+    if not tensors:
+        return []
+    return list(torch.split(table[torch.cat([t.reshape(-1) for t in tensors])], [t.numel() for t in tensors]))
+
+
 def finalize(s: State, opaque: tuple[str, ...]) -> DependencyGraph:
     uf = s.uf
     # A parameter index bound to several labels ties them together.
-    for bound in s.slots.values():
-        for ids in bound[1:]:
-            uf.union_pairs(bound[0], ids)
+    tied = [(bound[0].reshape(-1), ids.reshape(-1)) for bound in s.slots.values() for ids in bound[1:]]
+    if tied:
+        uf.union_pairs(torch.cat([a for a, _ in tied]), torch.cat([b for _, b in tied]))
     root = uf.root_table()
     channels = torch.zeros(uf.size, dtype=torch.bool)
-    for bound in s.slots.values():
-        channels[root[bound[0]]] = True
-    for name, dim, ids in s.buffer_slots:  # a buffer holds channels where its labels meet a parameter's
-        if channels[root[ids]].any():
+    if s.slots:
+        channels[root[torch.cat([bound[0].reshape(-1) for bound in s.slots.values()])]] = True
+    if s.buffer_slots:  # a buffer holds channels where its labels meet a parameter's
+        owner, flat = owned_cat([ids.reshape(-1) for _, _, ids in s.buffer_slots])
+        for k in torch.unique(owner[channels[root[flat]]]).tolist():
+            name, dim, ids = s.buffer_slots[k]
             s.bind(name, dim, ids, name.rpartition(".")[0] or name, Role.PARAM)
     keys = list(s.slots)
     # Atoms are the roots that own slots, numbered in order of first appearance.
-    slot_roots = torch.cat([root[s.slots[k][0]] for k in keys]) if keys else torch.empty(0, dtype=torch.long)
-    ids = first_appearance_ids(slot_roots)
+    owner, firsts = owned_cat([s.slots[k][0].reshape(-1) for k in keys]) if keys else (torch.empty(0, dtype=torch.long),) * 2
+    ids = first_appearance_ids(root[firsts], uf.size)
     atom_of = torch.full((uf.size,), NEVER_REMOVED, dtype=torch.long)
-    atom_of[slot_roots] = ids
+    atom_of[root[firsts]] = ids
+    atom_of = atom_of[root]  # label -> atom
     num_atoms = int(ids.max()) + 1 if ids.numel() else 0
 
-    def to_atoms(ids: torch.Tensor) -> torch.Tensor:
-        return atom_of[root[ids]]
-
-    member_atoms = {k: to_atoms(s.slots[k][0]) for k in keys}
-    reasons = freeze_reasons(s, to_atoms)
-    atom_group = group_ids(member_atoms, reasons, num_atoms)
+    member_atoms = dict(zip(keys, torch.split(ids, [s.slots[k][0].numel() for k in keys])))
+    reasons = freeze_reasons(s, atom_of)
+    atom_group = group_ids(owner, ids, len(keys), reasons, num_atoms)
     group_atoms: list[list[int]] = [[] for _ in range(int(atom_group.max()) + 1 if num_atoms else 0)]
     for a, g in enumerate(atom_group.tolist()):
         group_atoms[g].append(a)
     group_members: list[list[Member]] = [[] for _ in group_atoms]
-    which, where = _pairs([atom_group[member_atoms[key]] for key in keys], len(group_atoms))
+    which, where = _pairs(owner, atom_group[ids], len(group_atoms))
     for k, g in zip(which.tolist(), where.tolist()):  # each key's groups, keys in order
         group_members[g].append(s.members[keys[k]])
     groups = [
@@ -67,14 +82,17 @@ def finalize(s: State, opaque: tuple[str, ...]) -> DependencyGraph:
     ]
 
     values = {node: s.param_labels.get(v.name, v) if isinstance(v, Param) else v for node, v in s.env.items()}
-    tensor_atoms = {node.name: (v.dim, to_atoms(v.ids)) for node, v in values.items() if isinstance(v, Labels) and v.dim is not None}
+    labelled = [(node.name, v) for node, v in values.items() if isinstance(v, Labels) and v.dim is not None]
+    factors = [f for _, _, fs in s.flop_terms for f in fs]
+    atoms = iter(mapped(atom_of, [v.ids for _, v in labelled] + factors))
+    tensor_atoms = {name: (v.dim, next(atoms)) for name, v in labelled}
     return DependencyGraph(
         groups=groups,
         member_atoms=member_atoms,
         members=dict(s.members),
         tensor_atoms=tensor_atoms,
         patches=s.patches,
-        flop_terms=[FlopTerm(name, macs, tuple(to_atoms(f) for f in fs)) for name, macs, fs in s.flop_terms],
+        flop_terms=[FlopTerm(name, macs, tuple(next(atoms) for _ in fs)) for name, macs, fs in s.flop_terms],
         consumers=s.consumers,
         notes=s.notes,
         families=s.families,
@@ -85,31 +103,36 @@ def finalize(s: State, opaque: tuple[str, ...]) -> DependencyGraph:
     )
 
 
-def freeze_reasons(s: State, to_atoms: Callable[[torch.Tensor], torch.Tensor]) -> dict[int, list[str]]:
-    """Why each frozen atom is frozen (its first three reasons; a label's first reason only)."""
+def freeze_reasons(s: State, atom_of: torch.Tensor) -> dict[int, list[str]]:
+    """Why each frozen atom is frozen (its first three reasons; a label's first reason only);
+    ``atom_of``: the atom of every label."""
     reasons: dict[int, list[str]] = defaultdict(list)
-    by_reason: dict[str, list[torch.Tensor]] = defaultdict(list)
-    seen = torch.zeros(s.uf.size, dtype=torch.bool)
-    for ids, why in s.frozen:
-        fresh = ids[~seen[ids]]
-        seen[fresh] = True
-        if fresh.numel():
-            by_reason[why].append(fresh)
-    for why, labs in by_reason.items():
-        for a in torch.unique(to_atoms(torch.cat(labs))).tolist():
+    if not s.frozen:
+        return reasons
+    owner, flat = owned_cat([ids for ids, _ in s.frozen])
+    first = torch.full((s.uf.size,), len(s.frozen), dtype=torch.long).scatter_reduce_(0, flat, owner, "amin")
+    labels = (first < len(s.frozen)).nonzero().flatten()
+    winner = first[labels]  # the first entry that froze each label
+    code: dict[str, int] = {}
+    for k in torch.unique(winner).tolist():  # reasons in the order they first froze a label
+        code.setdefault(s.frozen[k][1], len(code))
+    of_entry = torch.tensor([code.get(why, -1) for _, why in s.frozen], dtype=torch.long)[winner]
+    for why, c in code.items():
+        for a in torch.unique(atom_of[labels[of_entry == c]]).tolist():
             if a != NEVER_REMOVED and len(reasons[a]) < 3:
                 reasons[a].append(why)
     return reasons
 
 
-def group_ids(member_atoms: dict[tuple[str, int], torch.Tensor], reasons: dict[int, list[str]], num_atoms: int) -> torch.Tensor:
-    """Group id of every atom: atoms with the same members and freeze reasons share one.
+def group_ids(owner: torch.Tensor, atoms: torch.Tensor, members: int, reasons: dict[int, list[str]], num_atoms: int) -> torch.Tensor:
+    """Group id of every atom: atoms with the same members and freeze reasons share one; ``atoms[i]`` is
+    an atom of member ``owner[i]``.
 
     Members are compared through a sum of random 62-bit codes, one per member.
     """
-    codes = torch.randint(0, 2**62, (len(member_atoms),), generator=torch.Generator().manual_seed(0))
+    codes = torch.randint(0, 2**62, (members,), generator=torch.Generator().manual_seed(0))
     signature = torch.zeros(num_atoms, dtype=torch.long)
-    which, atoms = _pairs(list(member_atoms.values()), num_atoms)
+    which, atoms = _pairs(owner, atoms, num_atoms)
     signature.index_add_(0, atoms, codes[which])
     if reasons:  # one vectorized add: tens of thousands of atoms can be frozen (attention tables)
         frozen = torch.tensor(list(reasons), dtype=torch.long)
@@ -117,12 +140,9 @@ def group_ids(member_atoms: dict[tuple[str, int], torch.Tensor], reasons: dict[i
     return first_appearance_ids(signature)
 
 
-def _pairs(values: list[torch.Tensor], size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(k, v) for each distinct value v of ``values[k]`` (all in ``0 .. size - 1``), sorted by k then v, as
-    two tensors: one ``torch.unique`` for what would be one per tensor."""
-    if not values:
-        return torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
+def _pairs(owner: torch.Tensor, values: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(k, v) for each distinct pair of ``owner[i] = k``, ``values[i] = v`` (v in ``0 .. size - 1``), sorted
+    by k then v, as two tensors: one ``torch.unique`` for what would be one per owner."""
     size = max(size, 1)
-    owner, flat = owned_cat(values)
-    keys = torch.unique(owner * size + flat)
+    keys = torch.unique(owner * size + values)
     return keys // size, keys % size

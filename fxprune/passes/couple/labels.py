@@ -91,8 +91,12 @@ class Param:
     tensor: torch.Tensor
 
 
-def compress(uf: UnionFind, t: torch.Tensor, force: frozenset[int] = frozenset(), heads: bool = False) -> Labels:
+def compress(uf: UnionFind, t: torch.Tensor, force: frozenset[int] = frozenset(), heads: bool = False,
+             shape: tuple[int, ...] | None = None) -> Labels:
     """Turn a full label tensor (of root labels) back into ``Labels``.
+
+    ``shape``: the tensor's shape when ``t`` holds only the dims its labels may vary along, size 1
+    elsewhere (it broadcasts to ``shape``); ``t``'s own shape by default.
 
     Where labels vary along more than one dim, the labels inside each slice of one dim are merged:
     removing channels then removes whole slices of that dim, which is what a later reshape of the
@@ -103,14 +107,14 @@ def compress(uf: UnionFind, t: torch.Tensor, force: frozenset[int] = frozenset()
     whole heads become atoms, q, k and v of a head together (a single head is one atom). Otherwise the dim
     with the fewest distinct labels per slice is used.
     """
-    shape = tuple(t.shape)
+    shape = tuple(t.shape) if shape is None else shape
     if t.numel() == 0:
         return Labels(shape, None, uf.fresh(1))
     varying = [
         d for d in range(t.dim()) if shape[d] > 1 and not torch.equal(t, t.narrow(d, 0, 1).expand_as(t))
     ]
     if force and any(d not in force for d in varying):
-        return _merge_slices(uf, t, max(force, key=lambda d: shape[d]))
+        return _merge_slices(uf, t, max(force, key=lambda d: shape[d]), shape)
     if not varying:
         return Labels(shape, None, t.reshape(-1)[:1].clone())
     if len(varying) > 1 and heads and shape[-2] == 1:  # a single head: one atom
@@ -118,18 +122,18 @@ def compress(uf: UnionFind, t: torch.Tensor, force: frozenset[int] = frozenset()
         uf.union_pairs(flat[:1].expand_as(flat), flat)
         return Labels(shape, None, flat[:1].clone())
     if len(varying) > 1 and heads and t.dim() - 2 in varying:
-        return _merge_slices(uf, t, t.dim() - 2)
+        return _merge_slices(uf, t, t.dim() - 2, shape)
     if len(varying) > 1:
-        return _merge_slices(uf, t, min(varying, key=lambda d: (_distinct_per_slice(t, d), -shape[d])))
+        return _merge_slices(uf, t, min(varying, key=lambda d: (_distinct_per_slice(t, d), -shape[d])), shape)
     d = varying[0]
     return Labels(shape, d, t.movedim(d, 0).reshape(shape[d], -1)[:, 0].clone())
 
 
-def _merge_slices(uf: UnionFind, t: torch.Tensor, d: int) -> Labels:
+def _merge_slices(uf: UnionFind, t: torch.Tensor, d: int, shape: tuple[int, ...]) -> Labels:
     """Merge all labels inside each slice of dim ``d``; the result varies along ``d`` only."""
     rows = t.movedim(d, 0).reshape(t.shape[d], -1)
     uf.union_pairs(rows[:, :1].expand_as(rows), rows)
-    return Labels(tuple(t.shape), d, rows[:, 0].clone())
+    return Labels(shape, d, rows[:, 0].expand(shape[d]).clone())
 
 
 def _distinct_per_slice(t: torch.Tensor, d: int) -> float:

@@ -40,7 +40,7 @@ def shape_op(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[
 def on_labels(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any],
               force: frozenset[int] = frozenset(), heads: bool = False) -> Any:
     """``node``'s op run on the labels of its arguments; ``force`` and ``heads`` as in ``compress``."""
-    fast = moved(s, node, args, kwargs)
+    fast = moved(s, node, args, kwargs) or reshaped(s, node, args, force, heads)
     if fast is not None:
         return fast
 
@@ -84,6 +84,31 @@ def moved(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str
     if found is None or out_shape[found[0]] != found[1].numel():
         return None
     return Labels(out_shape, *found)
+
+
+def reshaped(s: State, node: torch.fx.Node, args: tuple[Any, ...], force: frozenset[int], heads: bool) -> Labels | None:
+    """The labels of a view or reshape of a tensor whose labels vary along one dim, built only over the
+    output dims its channel index depends on (size 1 elsewhere): a window partition of a 56x56 map
+    would otherwise materialize and compress every position. None: materialize instead."""
+    meta = node.meta.get(keys.TENSOR_META)
+    x = s.as_labels(args[0]) if args else None
+    if target_name(node) not in ("view", "reshape") or not isinstance(meta, TensorMetadata) or not isinstance(x, Labels) or x.dim is None:
+        return None
+    out = tuple(meta.shape)
+    if math.prod(out) != math.prod(x.shape) or math.prod(out) == 0:
+        return None
+    post, c, n = math.prod(x.shape[x.dim + 1:]), x.shape[x.dim], len(out)
+    # Channel of flat position f: (f // post) % c. Trailing dims whose sizes multiply to a divisor of
+    # post, and leading dims whose stride is a multiple of post * c, leave it unchanged.
+    b = n
+    while b > 0 and post % math.prod(out[b - 1:]) == 0:
+        b -= 1
+    a = 0
+    while a < b and math.prod(out[a + 1:]) % (post * c) == 0:
+        a += 1
+    flat = torch.arange(math.prod(out[a:b])) * math.prod(out[b:])
+    small = s.uf.roots(x.ids)[(flat // post) % c].view([1] * a + list(out[a:b]) + [1] * (n - b))
+    return compress(s.uf, small, force, heads, out)
 
 
 def permute(x: Labels, rest: tuple[Any, ...], kwargs: dict[str, Any]) -> Moved:
