@@ -1,5 +1,6 @@
 """Module and graph helpers that several passes share; nothing here knows about channels.
 
+* ``module_copy``: a shallow copy of one module with its own parameter, buffer, submodule and hook tables;
 * ``structural_copy``: a new module tree sharing the user's tensors, so attribute edits never reach them;
 * ``copy_graph``: a copy of a graph that keeps its codegen (an exported graph's input/output structure);
 * ``graph_module``: a GraphModule over a new graph, borrowing the modules and tensors of another;
@@ -22,7 +23,25 @@ import torch
 import torch.fx
 from torch import nn
 
-__all__ = ["structural_copy", "copy_graph", "copy_modes", "graph_module", "eval_mode", "is_get_attr", "arg", "module_stack", "is_hf"]
+__all__ = ["module_copy", "structural_copy", "copy_graph", "copy_modes", "graph_module", "eval_mode", "is_get_attr", "arg", "module_stack", "is_hf"]
+
+
+def module_copy(module: nn.Module) -> nn.Module:
+    """A shallow copy of ``module`` (same class, same attribute values) with tables of its own: parameters,
+    buffers, submodules and hooks, so that registering or replacing one never reaches ``module``."""
+    cls = type(module)
+    if hasattr(cls, "__copy__") or cls.__reduce_ex__ is not object.__reduce_ex__ or cls.__reduce__ is not object.__reduce__:
+        new = copy.copy(module)  # a class with its own copy (a GraphModule builds its code anew)
+    else:
+        new = cls.__new__(cls)  # what copy.copy does, without its generic protocol
+        new.__dict__.update(module.__dict__)
+    for name, value in module.__dict__.items():
+        if isinstance(value, dict) and (name in _TABLES or "hook" in name):
+            new.__dict__[name] = type(value)(value)
+    return new
+
+
+_TABLES = ("_parameters", "_buffers", "_modules")
 
 
 def structural_copy(module: nn.Module, memo: dict[int, nn.Module] | None = None) -> nn.Module:
@@ -33,14 +52,8 @@ def structural_copy(module: nn.Module, memo: dict[int, nn.Module] | None = None)
     memo = {} if memo is None else memo
     if id(module) in memo:
         return memo[id(module)]
-    new = copy.copy(module)
-    memo[id(module)] = new
-    new._parameters = dict(module._parameters)
-    new._buffers = dict(module._buffers)
-    for name, value in module.__dict__.items():  # hooks registered on the copy stay on the copy
-        if name.endswith("hooks") and isinstance(value, dict):
-            setattr(new, name, type(value)(value))
-    new._modules = {
+    new = memo[id(module)] = module_copy(module)
+    new.__dict__["_modules"] = {
         name: None if child is None else structural_copy(child, memo)
         for name, child in module._modules.items()
     }

@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Hashable, Mapping, Sequence
 
 import torch
 
 from .groups import NEVER_REMOVED, DependencyGraph, Plan
 
-__all__ = ["removed_mask", "kept_mask", "kept_masks", "owned_cat"]
+__all__ = ["removed_mask", "kept_mask", "Kept", "kept_masks", "owned_cat"]
 
 
 def removed_mask(deps: DependencyGraph, plan: Plan) -> torch.Tensor:
     """Boolean mask over atoms: True where the plan drops the atom."""
     removed = torch.zeros(deps.num_atoms, dtype=torch.bool)
-    for gid, keep in plan.keep.items():
-        atoms = deps.groups[gid].atoms
-        drop = torch.ones(atoms.numel(), dtype=torch.bool)
-        drop[list(keep)] = False
-        removed[atoms[drop]] = True
+    if not plan.keep:
+        return removed
+    atoms = [deps.groups[gid].atoms for gid in plan.keep]
+    starts = itertools.accumulate((a.numel() for a in atoms[:-1]), initial=0)
+    kept = [start + i for start, keep in zip(starts, plan.keep.values()) for i in keep]
+    atoms = torch.cat(atoms)
+    removed[atoms] = True
+    removed[atoms[torch.tensor(kept, dtype=torch.long)]] = False
     return removed
 
 
@@ -28,13 +32,44 @@ def kept_mask(removed: torch.Tensor, atoms: torch.Tensor) -> torch.Tensor:
     return never | ~removed[atoms.masked_fill(never, 0)]
 
 
-def kept_masks(removed: torch.Tensor, atoms: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
-    """``kept_mask`` of every entry of ``atoms`` (1-D atom tensors), computed at once: a graph has hundreds."""
-    keys = list(atoms)
-    if not keys:
-        return {}
-    kept = kept_mask(removed, torch.cat([atoms[k] for k in keys]))
-    return dict(zip(keys, torch.split(kept, [atoms[k].numel() for k in keys])))
+class Kept:
+    """What a plan keeps of many atom vectors (a graph has hundreds), computed at once: for each key, the
+    kept mask, the kept positions, how many and of how many. Slices of one tensor, cut only when asked
+    for: a tensor op costs microseconds, whatever its size."""
+
+    def __init__(self, removed: torch.Tensor, atoms: Mapping[Hashable, torch.Tensor]) -> None:
+        keys = list(atoms)
+        sizes = [atoms[k].numel() for k in keys]
+        owner, flat = owned_cat([atoms[k] for k in keys]) if keys else (torch.empty(0, dtype=torch.long),) * 2
+        self._mask = kept_mask(removed, flat)
+        starts = list(itertools.accumulate(sizes, initial=0))
+        counts = torch.bincount(owner[self._mask], minlength=len(keys)).tolist()
+        self._positions = (torch.arange(flat.numel()) - torch.tensor(starts[:-1], dtype=torch.long)[owner])[self._mask]
+        self.size: dict[Hashable, int] = dict(zip(keys, sizes))
+        self.count: dict[Hashable, int] = dict(zip(keys, counts))
+        self._at = dict(zip(keys, zip(starts, itertools.accumulate(counts, initial=0))))
+
+    def mask(self, key: Hashable) -> torch.Tensor:
+        start, _ = self._at[key]
+        return self._mask[start:start + self.size[key]]
+
+    def positions(self, key: Hashable) -> torch.Tensor:
+        _, start = self._at[key]
+        return self._positions[start:start + self.count[key]]
+
+    def lists(self, keys: list[Hashable]) -> list[list[int]]:
+        """The kept positions of each of ``keys`` as lists, with one conversion for all."""
+        flat = self._positions.tolist()
+        return [flat[self._at[k][1]:self._at[k][1] + self.count[k]] for k in keys]
+
+    def pruned(self) -> list[Hashable]:
+        """The keys that lose some positions."""
+        return [k for k, n in self.count.items() if n < self.size[k]]
+
+
+def kept_masks(removed: torch.Tensor, atoms: Mapping[Hashable, torch.Tensor]) -> Kept:
+    """``kept_mask`` of every entry of ``atoms`` (1-D atom tensors), with positions and counts."""
+    return Kept(removed, atoms)
 
 
 def owned_cat(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

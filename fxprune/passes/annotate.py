@@ -18,7 +18,7 @@ from ..core import metakeys as keys
 from ..core.dataflow import channel_count, layers, read_params
 from ..core.flops import FlopModel, total_macs
 from ..core.groups import DependencyGraph, Family
-from ..core.masks import kept_masks
+from ..core.masks import Kept, kept_masks
 from ..core.optable import IN_FIELDS, OUT_FIELDS, module_channels
 from ..report import LayerRow, Report
 
@@ -31,14 +31,14 @@ def _numel(mod: nn.Module) -> int:
     return sum(p.numel() for p in mod.parameters())
 
 
-def _kept(node: torch.fx.Node, deps: DependencyGraph, kept: dict[str, torch.Tensor]) -> tuple[int | None, int | None]:
+def _kept(node: torch.fx.Node, deps: DependencyGraph, kept: Kept) -> tuple[int | None, int | None]:
     """(channels before, after) of ``node``'s output along its tracked channel dim (None when untracked),
     given the ``kept`` mask of every tracked tensor."""
     before = channel_count(node, deps)
-    return before, (int(kept[node.name].sum()) if node.name in kept else before)
+    return before, kept.count.get(node.name, before)
 
 
-def _function_channels(node: torch.fx.Node, deps: DependencyGraph, kept: dict[str, torch.Tensor]) -> list[tuple[int | None, int | None]]:
+def _function_channels(node: torch.fx.Node, deps: DependencyGraph, kept: Kept) -> list[tuple[int | None, int | None]]:
     """In and out channels of a function layer (a ``torch.export`` graph's conv, a functional linear),
     read off the tensors it takes and gives."""
     src = next((n for n in node.all_input_nodes if n.op != "get_attr"), None)
@@ -69,7 +69,7 @@ def annotate(
         shape = getattr(node.meta.get(keys.TENSOR_META), "shape", None)  # None for tuple outputs
         if deps.families.get(node.name) in _OTHER_FAMILIES and shape is not None:
             n0 = math.prod(shape)
-            frac = float(kept[node.name].double().mean()) if node.name in kept else 1.0
+            frac = kept.count[node.name] / kept.size[node.name] if kept.size.get(node.name) else 1.0
             other[0] += n0
             other[1] += round(n0 * frac)
         if node not in named:

@@ -8,7 +8,7 @@ channel dim, ``normalized_shape``) follow the pruned sizes, as listed by the cou
 
 from __future__ import annotations
 
-import copy
+from operator import attrgetter
 from typing import Any
 
 import torch
@@ -17,7 +17,7 @@ from torch import nn
 
 from ..core import metakeys as keys
 from ..core.codegen import DirectGraphModule
-from ..core.fxutil import copy_graph, copy_modes
+from ..core.fxutil import copy_graph, copy_modes, module_copy
 from ..core.groups import DependencyGraph, Patch, PatchKind, Plan
 from ..core.masks import kept_masks, removed_mask
 from ..core.optable import IN_FIELDS, OUT_FIELDS, module_channels
@@ -49,23 +49,27 @@ class _Rewriter:
         self.deps = deps
         self.removed = removed_mask(deps, plan)
         self.nodes = {n.name: n for n in gm.graph.nodes}
-        self.kept = {key: mask.nonzero().flatten() for key, mask in kept_masks(self.removed, deps.member_atoms).items() if not bool(mask.all())}
-        self.tensor_kept_masks = kept_masks(self.removed, {name: atoms for name, (_, atoms) in deps.tensor_atoms.items()})
+        self.members = kept_masks(self.removed, deps.member_atoms)
+        self.by_name: dict[str, dict[int, torch.Tensor]] = {}
+        for name, dim in self.members.pruned():
+            self.by_name.setdefault(name, {})[dim] = self.members.positions((name, dim))
+        self.tensors = kept_masks(self.removed, {name: atoms for name, (_, atoms) in deps.tensor_atoms.items()})
 
     def tensor_kept(self, name: str, dim: int) -> torch.Tensor:
         """Kept-position mask of node ``name``'s output along ``dim``."""
         entry = self.deps.tensor_atoms.get(name)
         if entry is not None and entry[0] == dim:
-            return self.tensor_kept_masks[name]
+            return self.tensors.mask(name)
         return torch.ones(self.nodes[name].meta[keys.TENSOR_META].shape[dim], dtype=torch.bool)
 
     def size(self, p: Patch) -> Any:
-        n = int(self.tensor_kept(p.node, p.dim).sum())
+        entry = self.deps.tensor_atoms.get(p.node)
+        n = self.tensors.count[p.node] if entry is not None and entry[0] == p.dim else self.nodes[p.node].meta[keys.TENSOR_META].shape[p.dim]
         return (n,) if p.as_tuple else n
 
     def new_tensor(self, name: str, t: torch.Tensor) -> torch.Tensor:
         data = t.detach()
-        pruned = {d: self.kept[(name, d)] for d in range(data.dim()) if (name, d) in self.kept}
+        pruned = self.by_name.get(name)
         if not pruned:
             data = data.clone()
         elif set(pruned) == {0, 1}:  # one gather instead of two copies: the usual conv/linear weight
@@ -78,10 +82,11 @@ class _Rewriter:
         return data
 
     def copy_module(self, mod: nn.Module, prefix: str) -> nn.Module:
-        new = copy.copy(mod)
-        new._parameters = {k: None if v is None else self.new_tensor(f"{prefix}{k}", v) for k, v in mod._parameters.items()}
-        new._buffers = {k: None if v is None else self.new_tensor(f"{prefix}{k}", v) for k, v in mod._buffers.items()}
-        new._modules = {k: None if v is None else self.copy_module(v, f"{prefix}{k}.") for k, v in mod._modules.items()}
+        new = module_copy(mod)
+        new.__dict__.update(
+            _parameters={k: None if v is None else self.new_tensor(f"{prefix}{k}", v) for k, v in mod._parameters.items()},
+            _buffers={k: None if v is None else self.new_tensor(f"{prefix}{k}", v) for k, v in mod._buffers.items()},
+            _modules={k: None if v is None else self.copy_module(v, f"{prefix}{k}.") for k, v in mod._modules.items()})
         return new
 
     def patch_graph(self, val_map: dict[torch.fx.Node, torch.fx.Node]) -> None:
@@ -126,6 +131,29 @@ class _Rewriter:
         node.args = (x, sizes)
         node.kwargs = {"dim": p.dim}
 
+    def attributes(self, graph: torch.fx.Graph) -> dict[str, Any]:
+        """What each ``call_module`` and ``get_attr`` target of ``graph`` is in the result: copies of the
+        modules with their tensors sliced, sliced or cloned tensors, other values as they are."""
+        modules = dict(self.gm.named_modules())
+        attrs: dict[str, Any] = {}
+        for n in graph.nodes:
+            if n.op == "call_module" and n.target not in attrs:
+                attrs[n.target] = self.copy_module(modules[n.target], n.target + ".")
+        for n in graph.nodes:
+            if n.op != "get_attr" or n.target in attrs:
+                continue
+            owner_name, _, field = n.target.rpartition(".")
+            inside = max((m for m in attrs if owner_name == m or owner_name.startswith(m + ".")), key=len, default=None)
+            if inside is not None:  # a tensor of a module the graph also calls: the copy's own
+                attrs[n.target] = attrgetter(n.target[len(inside) + 1:])(attrs[inside])
+                continue
+            value = getattr(modules[owner_name], field)
+            attrs[n.target] = self.new_tensor(n.target, value) if isinstance(value, torch.Tensor) else value
+        for p in self.deps.patches:
+            if p.kind == PatchKind.ATTR and p.target in attrs:
+                setattr(attrs[p.target], p.field, self.size(p))
+        return attrs
+
     def run(self) -> torch.fx.GraphModule:
         gm = self.gm
         new_graph, val_map, _ = copy_graph(gm.graph)
@@ -133,29 +161,11 @@ class _Rewriter:
         for n in new_graph.nodes:
             for k in (keys.TENSOR_META, keys.VALUE, keys.FLOPS):
                 n.meta.pop(k, None)
-        new = DirectGraphModule(gm, new_graph, gm.__class__.__name__)
+        attrs = self.attributes(new_graph)
+        new = DirectGraphModule(attrs, new_graph, gm.__class__.__name__)
         copy_modes(gm, new)
-        done: set[str] = set()
-        for name in sorted({n.target for n in new_graph.nodes if n.op == "call_module"}):
-            parent, _, field = name.rpartition(".")
-            setattr(new.get_submodule(parent), field, self.copy_module(gm.get_submodule(name), name + "."))
-            done.add(name)
-        for n in new_graph.nodes:
-            if n.op != "get_attr" or any(n.target.startswith(d + ".") for d in done):
-                continue
-            owner_name, _, field = n.target.rpartition(".")
-            owner = new.get_submodule(owner_name)
-            value = getattr(owner, field)
-            if isinstance(value, torch.Tensor):
-                t = self.new_tensor(n.target, value)
-                if field in owner._parameters:
-                    owner._parameters[field] = t
-                elif field in owner._buffers:
-                    owner._buffers[field] = t
-                else:
-                    setattr(owner, field, t)
         for p in self.deps.patches:
-            if p.kind == PatchKind.ATTR:
+            if p.kind == PatchKind.ATTR and p.target not in attrs:
                 setattr(new.get_submodule(p.target), p.field, self.size(p))
         new.training = gm.training
         new.meta[keys.RECORD] = {"kept": self.kept_record()}
@@ -164,19 +174,21 @@ class _Rewriter:
     def kept_record(self) -> dict[str, Any]:
         """JSON-ready record of kept indices, for every parameter/buffer (by dim; ``{}``: nothing removed)
         and every called module (its input and output channels)."""
-        params: dict[str, dict[str, list[int]]] = {name: {} for name, _ in self.gm.state_dict().items()}
-        for (name, dim), idx in self.kept.items():
-            params.setdefault(name, {})[str(dim)] = idx.tolist()
+        params: dict[str, dict[str, list[int]]] = {name: {} for name in self.gm.state_dict()}
+        pruned = self.members.pruned()
+        for (name, dim), idx in zip(pruned, self.members.lists(pruned)):
+            params.setdefault(name, {})[str(dim)] = idx
+        tensors = dict(zip(self.tensors.count, self.tensors.lists(list(self.tensors.count))))
         modules: dict[str, dict[str, list[int]]] = {}
+        named = dict(self.gm.named_modules())
         for n in self.gm.graph.nodes:
             if n.op != "call_module":
                 continue
-            mod, entry = self.gm.get_submodule(n.target), {}
+            mod, entry = named[n.target], {}
             src = n.args[0] if n.args and isinstance(n.args[0], torch.fx.Node) else None
             for key, tensor, fields in (("in", src, IN_FIELDS), ("out", n, OUT_FIELDS)):
-                atoms = self.deps.tensor_atoms.get(tensor.name) if tensor is not None else None
-                if atoms is not None:
-                    entry[key] = self.tensor_kept_masks[tensor.name].nonzero().flatten().tolist()
+                if tensor is not None and tensor.name in tensors:
+                    entry[key] = list(tensors[tensor.name])
                 elif (width := module_channels(mod, fields)) is not None:
                     entry[key] = list(range(width))
             modules[n.target] = entry

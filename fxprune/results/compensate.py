@@ -59,12 +59,12 @@ def compensate(gm: torch.fx.GraphModule, deps: DependencyGraph, removed: torch.T
     linear = _linear_weights(gm)
     reads = [(src, w) for src, w, dim in weight_reads(deps, gm) if dim == 1 and w in linear]
     kept = kept_masks(removed, {src: deps.tensor_atoms[src][1] for src, _ in reads})
-    losing = [(src, w) for src, w in reads if not bool(kept[src].all()) and _only_reader(deps, src, kept[src], w)]
+    losing = [(src, w) for src, w in reads if kept.count[src] < kept.size[src] and _only_reader(deps, src, kept.mask(src), w)]
     means = channel_scores(deps, gm, calibration, _Mean(), {src for src, _ in losing})
     params = dict(gm.named_parameters())
     rows = pruned.meta[keys.RECORD]["kept"]["parameters"]
     for src, w in losing:
-        gone = ~kept[src]
+        gone = ~kept.mask(src)
         delta = params[w].detach().double()[:, gone] @ means[src][gone]
         if "0" in rows.get(w, {}):
             delta = delta[rows[w]["0"]]

@@ -69,16 +69,16 @@ def finalize(s: State, opaque: tuple[str, ...]) -> DependencyGraph:
     member_atoms = dict(zip(keys, torch.split(ids, [s.slots[k][0].numel() for k in keys])))
     reasons = freeze_reasons(s, atom_of)
     atom_group = group_ids(owner, ids, len(keys), reasons, num_atoms)
-    group_atoms: list[list[int]] = [[] for _ in range(int(atom_group.max()) + 1 if num_atoms else 0)]
-    for a, g in enumerate(atom_group.tolist()):
-        group_atoms[g].append(a)
+    counts = torch.bincount(atom_group, minlength=int(atom_group.max()) + 1).tolist() if num_atoms else []
+    group_atoms = torch.split(torch.argsort(atom_group, stable=True), counts)  # each group's atoms, ascending
     group_members: list[list[Member]] = [[] for _ in group_atoms]
     which, where = _pairs(owner, atom_group[ids], len(group_atoms))
     for k, g in zip(which.tolist(), where.tolist()):  # each key's groups, keys in order
         group_members[g].append(s.members[keys[k]])
+    firsts = [int(atoms[0]) for atoms in group_atoms] if reasons else [0] * len(group_atoms)
     groups = [
-        Group(gid, torch.tensor(atoms, dtype=torch.long), tuple(group_members[gid]), tuple(reasons.get(atoms[0], ())))
-        for gid, atoms in enumerate(group_atoms)
+        Group(gid, atoms, tuple(group_members[gid]), tuple(reasons.get(first, ())))
+        for gid, (atoms, first) in enumerate(zip(group_atoms, firsts))
     ]
 
     values = {node: s.param_labels.get(v.name, v) if isinstance(v, Param) else v for node, v in s.env.items()}

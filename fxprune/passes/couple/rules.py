@@ -174,7 +174,7 @@ def spatial(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[s
 def channel_params(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
     """BatchNorm, InstanceNorm and PReLU modules: their parameters and buffers hold one entry per channel."""
     mod = s.modules[node.target]
-    tensors = [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)]
+    tensors = [(n, t) for n, t in (*mod._parameters.items(), *mod._buffers.items()) if t is not None]  # named_*() walk the tree
     src, x = s.input_of(node)
     return per_channel(s, node, src, x, {f"{node.target}.{n}": t for n, t in tensors})
 
