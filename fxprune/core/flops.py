@@ -20,7 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from . import metakeys as keys
 from .groups import NEVER_REMOVED, DependencyGraph
-from .masks import kept_mask
+from .masks import Kept
 
 __all__ = ["FlopModel", "total_macs", "counter"]
 
@@ -112,12 +112,14 @@ class FlopModel:
 
     def per_node(self, removed: torch.Tensor) -> dict[str, int]:
         """Exact integer MACs of every FlopTerm node (the sum of its terms) after removing ``removed``."""
-        out = {}
-        for t in self.terms:
-            num = math.prod(int(kept_mask(removed, f).sum()) for f in t.factors)
+        kept = Kept(removed, {(i, k): f for i, t in enumerate(self.terms) for k, f in enumerate(t.factors)})
+        out: dict[str, int] = {}
+        for i, t in enumerate(self.terms):
+            num = math.prod(kept.count[(i, k)] for k in range(len(t.factors)))
             den = math.prod(f.numel() for f in t.factors)
             out[t.node] = out.get(t.node, 0) + t.macs * num // den
         return out
 
-    def exact(self, removed: torch.Tensor) -> int:
-        return self.constant + sum(self.per_node(removed).values())
+    def exact(self, per_node: dict[str, int]) -> int:
+        """Exact integer MACs of the whole model, given ``per_node``'s figures for a removed mask."""
+        return self.constant + sum(per_node.values())

@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 import torch.fx
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import ShapeProp, _extract_tensor_metadata
 from torch import nn
 from torch.utils.flop_counter import conv_flop_count
 
@@ -31,7 +32,11 @@ __all__ = ["propagate_shapes"]
 
 
 class _ShapeFlopProp(ShapeProp):
-    """ShapeProp that also records non-tensor results and per-node FLOPs."""
+    """ShapeProp that also records non-tensor results and per-node FLOPs.
+
+    Each node gets ShapeProp's ``tensor_meta`` and ``type`` without its memory-format probe (three
+    ``is_contiguous`` queries through symbolic-shape guards, about 10 us a tensor; no pass here reads it).
+    """
 
     def __init__(self, gm: torch.fx.GraphModule) -> None:
         super().__init__(gm)
@@ -42,17 +47,30 @@ class _ShapeFlopProp(ShapeProp):
         self.at = n
         mod = self.modules.get(n.target) if n.op == "call_module" else None
         if flopless(n, self.modules):
-            result = super().run_node(n)
+            result = torch.fx.Interpreter.run_node(self, n)
             n.meta[keys.FLOPS] = 0
         elif (flops := _formula(n, mod)) is not None:
-            result = super().run_node(n)
+            result = torch.fx.Interpreter.run_node(self, n)
             n.meta[keys.FLOPS] = flops(result)
         else:
             with flop_counter() as counter:
-                result = super().run_node(n)
+                result = torch.fx.Interpreter.run_node(self, n)
             n.meta[keys.FLOPS] = counter.get_total_flops()
-        if keys.TENSOR_META not in n.meta:
+        found = False
+
+        def tensor_meta(obj: Any) -> Any:
+            nonlocal found
+            if isinstance(obj, torch.Tensor):
+                found = True
+                return _extract_tensor_metadata(obj, include_contiguity=False)
+            return obj
+
+        meta = map_aggregate(result, tensor_meta)
+        if found:
+            n.meta[keys.TENSOR_META] = meta
+        else:
             n.meta[keys.VALUE] = result
+        n.meta["type"] = type(result)
         return result
 
 

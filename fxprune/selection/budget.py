@@ -37,6 +37,7 @@ decides s. A tie of one step keeps all its atoms.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -144,7 +145,6 @@ def select(
     groups = deps.prunable_groups
     _check_scores(groups, scores)
     order = {g.id: torch.sort(scores[g.id], descending=True, stable=True).indices for g in groups}
-    widths = {g.id: g.width for g in groups}
     schedule = _per_group_schedule(groups) if mode == "per_group" else _global_schedule(groups, order, scores, comparable)
 
     kinds = atom_kinds(deps, groups)
@@ -158,16 +158,20 @@ def select(
         return counts
 
     fragile = _fragile_tensors(deps, groups, order)
+    # Every group's atoms, worst first, one after another: removing n of a group removes its first n.
+    owner, worst = owned_cat([g.atoms[order[g.id].flip(0)] for g in groups]) if groups else (torch.empty(0, dtype=torch.long),) * 2
+    rank = torch.arange(worst.numel()) - torch.tensor(list(itertools.accumulate((g.width for g in groups[:-1]), initial=0)), dtype=torch.long)[owner]
+    in_fragile, fragile_atoms = owned_cat(fragile) if fragile else (torch.empty(0, dtype=torch.long),) * 2
+    fragile_sizes = torch.tensor([len(a) for a in fragile], dtype=torch.long)
 
     def removed_for(counts: dict[int, int]) -> torch.Tensor:
         removed = torch.zeros(deps.num_atoms, dtype=torch.bool)
-        for g in groups:
-            n = counts[g.id]
-            if n:
-                removed[g.atoms[order[g.id][widths[g.id] - n:]]] = True
-        for atoms in fragile:  # never empty a tensor: keep its best atom
-            if bool(removed[atoms].all()):
-                removed[atoms[0]] = False
+        removed[worst[rank < torch.tensor([counts[g.id] for g in groups], dtype=torch.long)[owner]]] = True
+        if fragile:  # never empty a tensor: keep its best atom
+            emptied = torch.bincount(in_fragile, weights=removed[fragile_atoms].double(), minlength=len(fragile)) == fragile_sizes
+            for k in emptied.nonzero().flatten().tolist():  # in turn: keeping one atom can keep another tensor non-empty
+                if bool(removed[fragile[k]].all()):
+                    removed[fragile[k][0]] = False
         return removed
 
     costs: dict[tuple[int, ...], float] = {}
