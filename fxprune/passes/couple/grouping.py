@@ -35,11 +35,29 @@ def first_appearance_ids(values: torch.Tensor, bound: int | None = None) -> torc
     return rank[inverse]
 
 
+def distinct(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[int]]:
+    """The distinct tensor objects among ``tensors`` (flattened) and, for each of ``tensors``, the index
+    of its own: rules bind one label vector to many parameters (a conv's output channels to its weight,
+    its bias and the next norm's four tensors), so the work per vector need not be done per parameter."""
+    index: dict[int, int] = {}
+    found: list[torch.Tensor] = []
+    which = []
+    for t in tensors:
+        k = index.setdefault(id(t), len(found))  # every tensor is alive for the call: ids are unique
+        if k == len(found):
+            found.append(t.reshape(-1))
+        which.append(k)
+    return found, which
+
+
 def mapped(table: torch.Tensor, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """``table[t]`` for each of ``tensors`` (flattened), with one gather for all of them."""
+    """``table[t]`` for each of ``tensors`` (flattened), with one gather for all of them; the same tensor
+    object given twice gives the same result object."""
     if not tensors:
         return []
-    return list(torch.split(table[torch.cat([t.reshape(-1) for t in tensors])], [t.numel() for t in tensors]))
+    found, which = distinct(tensors)
+    out = torch.split(table[torch.cat(found)], [t.numel() for t in found])
+    return [out[k] for k in which]
 
 
 def finalize(s: State, opaque: tuple[str, ...]) -> DependencyGraph:
@@ -50,31 +68,37 @@ def finalize(s: State, opaque: tuple[str, ...]) -> DependencyGraph:
         uf.union_pairs(torch.cat([a for a, _ in tied]), torch.cat([b for _, b in tied]))
     root = uf.root_table()
     channels = torch.zeros(uf.size, dtype=torch.bool)
-    if s.slots:
-        channels[root[torch.cat([bound[0].reshape(-1) for bound in s.slots.values()])]] = True
+    vectors, _ = distinct([bound[0] for bound in s.slots.values()])
+    if vectors:
+        channels[root[torch.cat(vectors)]] = True
     if s.buffer_slots:  # a buffer holds channels where its labels meet a parameter's
         owner, flat = owned_cat([ids.reshape(-1) for _, _, ids in s.buffer_slots])
         for k in torch.unique(owner[channels[root[flat]]]).tolist():
             name, dim, ids = s.buffer_slots[k]
             s.bind(name, dim, ids, name.rpartition(".")[0] or name, Role.PARAM)
     keys = list(s.slots)
+    vectors, vector_of = distinct([s.slots[k][0] for k in keys])
     # Atoms are the roots that own slots, numbered in order of first appearance.
-    owner, firsts = owned_cat([s.slots[k][0].reshape(-1) for k in keys]) if keys else (torch.empty(0, dtype=torch.long),) * 2
+    owner, firsts = owned_cat(vectors) if vectors else (torch.empty(0, dtype=torch.long),) * 2
     ids = first_appearance_ids(root[firsts], uf.size)
     atom_of = torch.full((uf.size,), NEVER_REMOVED, dtype=torch.long)
     atom_of[root[firsts]] = ids
     atom_of = atom_of[root]  # label -> atom
     num_atoms = int(ids.max()) + 1 if ids.numel() else 0
 
-    member_atoms = dict(zip(keys, torch.split(ids, [s.slots[k][0].numel() for k in keys])))
+    per_vector = torch.split(ids, [v.numel() for v in vectors])
+    member_atoms = {k: per_vector[v] for k, v in zip(keys, vector_of)}
     reasons = freeze_reasons(s, atom_of)
-    atom_group = group_ids(owner, ids, len(keys), reasons, num_atoms)
+    atom_group = group_ids(owner, ids, vector_of, reasons, num_atoms)
     counts = torch.bincount(atom_group, minlength=int(atom_group.max()) + 1).tolist() if num_atoms else []
     group_atoms = torch.split(torch.argsort(atom_group, stable=True), counts)  # each group's atoms, ascending
     group_members: list[list[Member]] = [[] for _ in group_atoms]
-    which, where = _pairs(owner, atom_group[ids], len(group_atoms))
-    for k, g in zip(which.tolist(), where.tolist()):  # each key's groups, keys in order
-        group_members[g].append(s.members[keys[k]])
+    vector_groups: list[list[int]] = [[] for _ in vectors]
+    for v, g in zip(*(t.tolist() for t in _pairs(owner, atom_group[ids], len(group_atoms)))):
+        vector_groups[v].append(g)
+    for k, v in zip(keys, vector_of):  # each key's groups, keys in order
+        for g in vector_groups[v]:
+            group_members[g].append(s.members[k])
     firsts = [int(atoms[0]) for atoms in group_atoms] if reasons else [0] * len(group_atoms)
     groups = [
         Group(gid, atoms, tuple(group_members[gid]), tuple(reasons.get(first, ())))
@@ -124,16 +148,18 @@ def freeze_reasons(s: State, atom_of: torch.Tensor) -> dict[int, list[str]]:
     return reasons
 
 
-def group_ids(owner: torch.Tensor, atoms: torch.Tensor, members: int, reasons: dict[int, list[str]], num_atoms: int) -> torch.Tensor:
+def group_ids(owner: torch.Tensor, atoms: torch.Tensor, vector_of: list[int], reasons: dict[int, list[str]], num_atoms: int) -> torch.Tensor:
     """Group id of every atom: atoms with the same members and freeze reasons share one; ``atoms[i]`` is
-    an atom of member ``owner[i]``.
+    an atom of label vector ``owner[i]``, and member k has vector ``vector_of[k]``.
 
     Members are compared through a sum of random 62-bit codes, one per member.
     """
-    codes = torch.randint(0, 2**62, (members,), generator=torch.Generator().manual_seed(0))
+    codes = torch.randint(0, 2**62, (len(vector_of),), generator=torch.Generator().manual_seed(0))
+    vector_codes = torch.zeros(max(vector_of, default=-1) + 1, dtype=torch.long)
+    vector_codes.index_add_(0, torch.tensor(vector_of, dtype=torch.long), codes)  # a vector's members, summed
     signature = torch.zeros(num_atoms, dtype=torch.long)
     which, atoms = _pairs(owner, atoms, num_atoms)
-    signature.index_add_(0, atoms, codes[which])
+    signature.index_add_(0, atoms, vector_codes[which])
     if reasons:  # one vectorized add: tens of thousands of atoms can be frozen (attention tables)
         frozen = torch.tensor(list(reasons), dtype=torch.long)
         signature.index_add_(0, frozen, torch.tensor([hash(tuple(r)) % 2**62 for r in reasons.values()], dtype=torch.long))
