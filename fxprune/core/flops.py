@@ -20,7 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from . import metakeys as keys
 from .groups import NEVER_REMOVED, DependencyGraph
-from .masks import Kept
+from .masks import Kept, distinct, owned_cat
 
 __all__ = ["FlopModel", "total_macs", "counter"]
 
@@ -67,9 +67,12 @@ class FlopModel:
         self.sizes = torch.tensor([f.numel() for _, f in factors], dtype=torch.float64)
         self.term_of = torch.tensor([i for i, _ in factors], dtype=torch.long)
         self.macs_vec = torch.tensor([t.macs for t in self.terms], dtype=torch.float64)
-        # (factor, atom, count) entries: how many indices of each factor belong to each atom.
-        rows = torch.cat([torch.full((f.numel(),), k) for k, (_, f) in enumerate(factors)]) if factors else torch.empty(0, dtype=torch.long)
-        cols = torch.cat([f for _, f in factors]) if factors else torch.empty(0, dtype=torch.long)
+        # (vector, atom, count) entries: how many indices of each distinct atom vector belong to each atom;
+        # factors share vectors (a conv's output channels are the next one's input channels).
+        vectors, vector_of = distinct([f for _, f in factors])
+        self.vector_of = torch.tensor(vector_of, dtype=torch.long)
+        self.vector_sizes = torch.tensor([v.numel() for v in vectors], dtype=torch.float64)
+        rows, cols = owned_cat(vectors) if vectors else (torch.empty(0, dtype=torch.long),) * 2
         keep = cols != NEVER_REMOVED
         width = max(deps.num_atoms, 1)
         key, counts = torch.unique(rows[keep] * width + cols[keep], return_counts=True)
@@ -77,7 +80,7 @@ class FlopModel:
 
     def kept_per_factor(self, removed: torch.Tensor) -> torch.Tensor:
         """How many indices of each factor of each term stay after removing ``removed`` (float64)."""
-        return self.sizes.index_add(0, self.rows, self.counts * removed[self.cols], alpha=-1)
+        return self.vector_sizes.index_add(0, self.rows, self.counts * removed[self.cols], alpha=-1)[self.vector_of]
 
     def macs(self, removed: torch.Tensor) -> float:
         """MACs (float64) after removing ``removed``, for the target search."""
@@ -105,8 +108,13 @@ class FlopModel:
         saved = torch.zeros(self.deps.num_atoms, dtype=torch.float64)
         if not self.terms:
             return saved
-        key, inverse = torch.unique(self.term_of[self.rows] * width + self.cols, return_inverse=True)
-        left = 1 - self.counts / self.sizes[self.rows]
+        # Each factor's (atom, count) entries: its vector's, which are contiguous in rows.
+        per_vector = torch.bincount(self.rows, minlength=len(self.vector_sizes))
+        n = per_vector[self.vector_of]
+        factor = torch.repeat_interleave(torch.arange(len(self.vector_of)), n)
+        entry = ((torch.cumsum(per_vector, 0) - per_vector)[self.vector_of] - (torch.cumsum(n, 0) - n))[factor] + torch.arange(factor.numel())
+        key, inverse = torch.unique(self.term_of[factor] * width + self.cols[entry], return_inverse=True)
+        left = 1 - self.counts[entry] / self.sizes[factor]
         kept = torch.ones(key.numel(), dtype=torch.float64).scatter_reduce(0, inverse, left, "prod")
         return saved.index_add(0, key % width, self.macs_vec[key // width] * (1 - kept))
 

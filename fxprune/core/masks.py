@@ -9,7 +9,7 @@ import torch
 
 from .groups import NEVER_REMOVED, DependencyGraph, Plan
 
-__all__ = ["removed_mask", "kept_mask", "Kept", "kept_masks", "owned_cat"]
+__all__ = ["removed_mask", "kept_mask", "Kept", "kept_masks", "owned_cat", "distinct"]
 
 
 def removed_mask(deps: DependencyGraph, plan: Plan) -> torch.Tensor:
@@ -39,15 +39,17 @@ class Kept:
 
     def __init__(self, removed: torch.Tensor, atoms: Mapping[Hashable, torch.Tensor]) -> None:
         keys = list(atoms)
-        sizes = [atoms[k].numel() for k in keys]
-        owner, flat = owned_cat([atoms[k] for k in keys]) if keys else (torch.empty(0, dtype=torch.long),) * 2
+        vectors, vector_of = distinct([atoms[k] for k in keys])
+        sizes = [v.numel() for v in vectors]
+        owner, flat = owned_cat(vectors) if vectors else (torch.empty(0, dtype=torch.long),) * 2
         self._mask = kept_mask(removed, flat)
         starts = list(itertools.accumulate(sizes, initial=0))
-        counts = torch.bincount(owner[self._mask], minlength=len(keys)).tolist()
+        counts = torch.bincount(owner[self._mask], minlength=len(vectors)).tolist()
         self._positions = (torch.arange(flat.numel()) - torch.tensor(starts[:-1], dtype=torch.long)[owner])[self._mask]
-        self.size: dict[Hashable, int] = dict(zip(keys, sizes))
-        self.count: dict[Hashable, int] = dict(zip(keys, counts))
-        self._at = dict(zip(keys, zip(starts, itertools.accumulate(counts, initial=0))))
+        at = list(zip(starts, itertools.accumulate(counts, initial=0)))
+        self.size: dict[Hashable, int] = {k: sizes[v] for k, v in zip(keys, vector_of)}
+        self.count: dict[Hashable, int] = {k: counts[v] for k, v in zip(keys, vector_of)}
+        self._at = {k: at[v] for k, v in zip(keys, vector_of)}
 
     def mask(self, key: Hashable) -> torch.Tensor:
         start, _ = self._at[key]
@@ -77,3 +79,19 @@ def owned_cat(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tens
     passes work over every member or tensor of a graph at once."""
     owner = torch.repeat_interleave(torch.arange(len(tensors)), torch.tensor([t.numel() for t in tensors], dtype=torch.long))
     return owner, torch.cat(list(tensors))
+
+
+def distinct(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[int]]:
+    """The distinct tensor objects among ``tensors`` (flattened) and, for each of ``tensors``, the index
+    of its own: the coupling pass gives one atom vector to many parameters and tensors (a conv's output
+    channels to its weight, its bias, the next norm's four tensors and the activations between), so the
+    work per vector need not be done per parameter."""
+    index: dict[int, int] = {}
+    found: list[torch.Tensor] = []
+    which = []
+    for t in tensors:
+        k = index.setdefault(id(t), len(found))  # every tensor is alive for the call: ids are unique
+        if k == len(found):
+            found.append(t.reshape(-1))
+        which.append(k)
+    return found, which

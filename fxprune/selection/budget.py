@@ -48,7 +48,7 @@ import torch
 
 from ..errors import ArgumentError, TargetUnreachableError
 from ..core.groups import DependencyGraph, Group, Plan
-from ..core.masks import owned_cat
+from ..core.masks import distinct, owned_cat
 from ..core.widths import WidthRule
 
 __all__ = ["select", "CostModel", "MODES", "Tie", "atom_kinds", "repeated_groups"]
@@ -262,7 +262,7 @@ def atom_kinds(deps: DependencyGraph, groups: list[Group]) -> dict[int, tuple[in
     n = max(deps.num_atoms, 1)
     per_atom = torch.ones(n, dtype=torch.long)
     block = torch.zeros(n, dtype=torch.bool)
-    firsts = [atoms for (_, dim), atoms in deps.member_atoms.items() if dim == 0]  # all members at once
+    firsts, _ = distinct([atoms for (_, dim), atoms in deps.member_atoms.items() if dim == 0])  # all members at once
     if firsts:
         owner, ids = owned_cat(firsts)
         at = torch.cat([torch.arange(a.numel()) for a in firsts])
@@ -285,7 +285,7 @@ def _fragile_tensors(deps: DependencyGraph, groups: list[Group], order: dict[int
     for g in groups:
         width[g.id] = g.width
         rank[g.atoms[order[g.id]]] = torch.arange(g.width)
-    entries = [atoms for _, atoms in deps.tensor_atoms.values() if atoms.numel()]
+    entries, _ = distinct([atoms for _, atoms in deps.tensor_atoms.values() if atoms.numel()])
     if not entries:
         return []
     n, num_groups = max(deps.num_atoms, 1), len(deps.groups)

@@ -11,7 +11,7 @@ from collections import defaultdict
 import torch
 
 from ...core.groups import NEVER_REMOVED, DependencyGraph, FlopTerm, Group, Member, Role
-from ...core.masks import owned_cat
+from ...core.masks import distinct, owned_cat
 from .labels import Labels, Param
 from .state import State
 
@@ -33,21 +33,6 @@ def first_appearance_ids(values: torch.Tensor, bound: int | None = None) -> torc
     rank = torch.empty_like(first)
     rank[torch.argsort(first)] = torch.arange(first.numel())
     return rank[inverse]
-
-
-def distinct(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[int]]:
-    """The distinct tensor objects among ``tensors`` (flattened) and, for each of ``tensors``, the index
-    of its own: rules bind one label vector to many parameters (a conv's output channels to its weight,
-    its bias and the next norm's four tensors), so the work per vector need not be done per parameter."""
-    index: dict[int, int] = {}
-    found: list[torch.Tensor] = []
-    which = []
-    for t in tensors:
-        k = index.setdefault(id(t), len(found))  # every tensor is alive for the call: ids are unique
-        if k == len(found):
-            found.append(t.reshape(-1))
-        which.append(k)
-    return found, which
 
 
 def mapped(table: torch.Tensor, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
