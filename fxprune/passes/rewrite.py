@@ -72,11 +72,8 @@ class _Rewriter:
         pruned = self.by_name.get(name)
         if not pruned:
             data = data.clone()
-        elif set(pruned) == {0, 1}:  # one gather instead of two copies: the usual conv/linear weight
-            data = data[pruned[0][:, None], pruned[1]]
-        else:
-            for d, idx in pruned.items():
-                data = data.index_select(d, idx)
+        for d, idx in (pruned or {}).items():  # one index_select per dim: faster than one advanced-index gather
+            data = data.index_select(d, idx)
         if isinstance(t, nn.Parameter):
             return nn.Parameter(data, requires_grad=t.requires_grad)
         return data
