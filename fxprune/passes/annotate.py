@@ -27,16 +27,16 @@ __all__ = ["annotate"]
 _OTHER_FAMILIES = (Family.ELEMENTWISE, Family.CHANNELWISE, Family.NORM, Family.REDUCTION)
 
 
-def _numels(module: nn.Module) -> dict[str, int]:
-    """Parameter count of every submodule of ``module`` (by qualified name; ``""``: the whole model, shared
-    parameters once), from one walk over its parameters rather than one per module."""
-    counts: dict[str, int] = {name: 0 for name, _ in module.named_modules(remove_duplicate=False)}
-    for name, p in module.named_parameters(remove_duplicate=False):
-        while "." in name:
-            name = name.rpartition(".")[0]
-            counts[name] += p.numel()
-    counts[""] = sum(p.numel() for p in module.parameters())
-    return counts
+def _numel(module: nn.Module) -> int:
+    """``sum(p.numel() for p in module.parameters())``, walking the tables directly: ``parameters()``
+    builds a generator chain per module, and the report asks for every layer of both models."""
+    found: dict[int, int] = {}
+    stack = [module]
+    while stack:
+        m = stack.pop()
+        found.update((id(p), p.numel()) for p in m._parameters.values() if p is not None)
+        stack.extend(c for c in m._modules.values() if c is not None)
+    return sum(found.values())
 
 
 def _kept(node: torch.fx.Node, deps: DependencyGraph, kept: Kept) -> tuple[int | None, int | None]:
@@ -61,7 +61,6 @@ def annotate(
     flop_model: FlopModel,
 ) -> Report:
     after = flop_model.per_node(removed)
-    numel0, numel1 = _numels(gm), _numels(pruned)
     capture_note = gm.meta.get(keys.CAPTURE)
     before_mods, after_mods = dict(gm.named_modules()), dict(pruned.named_modules())
     before_params, after_params = dict(gm.named_parameters()), dict(pruned.named_parameters())
@@ -87,7 +86,7 @@ def annotate(
             m0, m1 = before_mods[node.target], after_mods[node.target]
             rows.append(LayerRow(*named[node], (module_channels(m0, IN_FIELDS), module_channels(m1, IN_FIELDS)),
                                  (module_channels(m0, OUT_FIELDS), module_channels(m1, OUT_FIELDS)),
-                                 (numel0[node.target], numel1[node.target]), (macs0, macs1)))
+                                 (_numel(m0), _numel(m1)), (macs0, macs1)))
         else:
             p0 = sum(before_params[p].numel() for p in read_params(node, before_params))
             p1 = sum(after_params[p].numel() for p in read_params(pruned_nodes[node.name], after_params)) if node.name in pruned_nodes else p0
@@ -105,7 +104,7 @@ def annotate(
     notes.extend(deps.notes.values())
     return Report(
         rows=rows,
-        params=(numel0[""], numel1[""]),
+        params=(_numel(gm), _numel(pruned)),
         macs=(total_macs(gm), flop_model.exact(after)),
         other_flops=(other[0], other[1]),
         notes=notes,
