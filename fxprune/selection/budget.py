@@ -151,11 +151,17 @@ def select(
     by_id = {g.id: g for g in groups}
     tied = [_Tied([by_id[i] for i in t.groups], t.steps) for t in ties]
 
+    at_schedule: dict[tuple[int, ...], dict[int, int]] = {}
+
     def counts_at(t: float) -> dict[int, int]:
-        counts = {g.id: g.width - rule.kept(g.width, n, *kinds[g.id]) for g, n in zip(groups, schedule(t))}
-        for tie in tied:
-            counts.update(tie.counts(tie.kept_steps(counts)))
-        return counts
+        """Atoms removed per group at fraction ``t``; the bisection's last steps repeat a schedule's counts."""
+        key = tuple(schedule(t))
+        if key not in at_schedule:
+            counts = {g.id: g.width - rule.kept(g.width, n, *kinds[g.id]) for g, n in zip(groups, key)}
+            for tie in tied:
+                counts.update(tie.counts(tie.kept_steps(counts)))
+            at_schedule[key] = counts
+        return dict(at_schedule[key])
 
     fragile = _fragile_tensors(deps, groups, order)
     # Every group's atoms, worst first, one after another: removing n of a group removes its first n.
@@ -265,9 +271,10 @@ def atom_kinds(deps: DependencyGraph, groups: list[Group]) -> dict[int, tuple[in
     firsts, _ = distinct([atoms for (_, dim), atoms in deps.member_atoms.items() if dim == 0])  # all members at once
     if firsts:
         owner, ids = owned_cat(firsts)
-        at = torch.cat([torch.arange(a.numel()) for a in firsts])
+        at = torch.arange(ids.numel()) - torch.tensor(list(itertools.accumulate((a.numel() for a in firsts[:-1]), initial=0)), dtype=torch.long)[owner]
         real = ids >= 0
-        ids, owner, at = ids[real], owner[real], at[real]
+        if not bool(real.all()):
+            ids, owner, at = ids[real], owner[real], at[real]
         pairs, counts = torch.unique(owner * n + ids, return_counts=True)
         per_atom = per_atom.scatter_reduce(0, pairs % n, counts, "amax")
         block[ids[1:][(owner[1:] == owner[:-1]) & (at[1:] == at[:-1] + 1) & (ids[1:] == ids[:-1])]] = True
