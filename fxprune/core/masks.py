@@ -9,7 +9,7 @@ import torch
 
 from .groups import NEVER_REMOVED, DependencyGraph, Plan
 
-__all__ = ["removed_mask", "kept_mask", "Kept", "kept_masks", "owned_cat", "distinct"]
+__all__ = ["removed_mask", "kept_mask", "Kept", "owned_cat", "distinct"]
 
 
 def removed_mask(deps: DependencyGraph, plan: Plan) -> torch.Tensor:
@@ -33,8 +33,8 @@ def kept_mask(removed: torch.Tensor, atoms: torch.Tensor) -> torch.Tensor:
 
 
 class Kept:
-    """What a plan keeps of many atom vectors (a graph has hundreds), computed at once: for each key, the
-    kept mask, the kept positions, how many and of how many. Slices of one tensor, cut only when asked
+    """What a plan keeps of many atom vectors (a graph has hundreds), computed at once: for each key of
+    ``atoms`` (1-D atom tensors), the kept mask (``kept_mask``), the kept positions, how many and of how many. Slices of one tensor, cut only when asked
     for: a tensor op costs microseconds, whatever its size."""
 
     def __init__(self, removed: torch.Tensor, atoms: Mapping[Hashable, torch.Tensor]) -> None:
@@ -67,11 +67,6 @@ class Kept:
     def pruned(self) -> list[Hashable]:
         """The keys that lose some positions."""
         return [k for k, n in self.count.items() if n < self.size[k]]
-
-
-def kept_masks(removed: torch.Tensor, atoms: Mapping[Hashable, torch.Tensor]) -> Kept:
-    """``kept_mask`` of every entry of ``atoms`` (1-D atom tensors), with positions and counts."""
-    return Kept(removed, atoms)
 
 
 def owned_cat(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

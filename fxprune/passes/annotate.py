@@ -18,7 +18,7 @@ from ..core import metakeys as keys
 from ..core.dataflow import channel_count, layers, read_params
 from ..core.flops import FlopModel, total_macs
 from ..core.groups import DependencyGraph, Family
-from ..core.masks import Kept, kept_masks
+from ..core.masks import Kept
 from ..core.optable import IN_FIELDS, OUT_FIELDS, module_channels
 from ..report import LayerRow, Report
 
@@ -66,7 +66,7 @@ def annotate(
     before_params, after_params = dict(gm.named_parameters()), dict(pruned.named_parameters())
     named = layers(gm)
     pruned_nodes = {n.name: n for n in pruned.graph.nodes}
-    kept = kept_masks(removed, {name: atoms for name, (_, atoms) in deps.tensor_atoms.items()})
+    kept = Kept(removed, {name: atoms for name, (_, atoms) in deps.tensor_atoms.items()})
     rows: list[LayerRow] = []
     other = [0, 0]
     for node in gm.graph.nodes:

@@ -19,7 +19,7 @@ from ..core import metakeys as keys
 from ..core.codegen import DirectGraphModule
 from ..core.fxutil import copy_graph, copy_modes, module_copy
 from ..core.groups import DependencyGraph, Patch, PatchKind, Plan
-from ..core.masks import kept_masks, removed_mask
+from ..core.masks import Kept, removed_mask
 from ..core.optable import IN_FIELDS, OUT_FIELDS, module_channels
 
 __all__ = ["rewrite"]
@@ -55,11 +55,11 @@ class _Rewriter:
         self.deps = deps
         self.removed = removed_mask(deps, plan)
         self.nodes = {n.name: n for n in gm.graph.nodes}
-        self.members = kept_masks(self.removed, deps.member_atoms)
+        self.members = Kept(self.removed, deps.member_atoms)
         self.by_name: dict[str, dict[int, torch.Tensor]] = {}
         for name, dim in self.members.pruned():
             self.by_name.setdefault(name, {})[dim] = self.members.positions((name, dim))
-        self.tensors = kept_masks(self.removed, {name: atoms for name, (_, atoms) in deps.tensor_atoms.items()})
+        self.tensors = Kept(self.removed, {name: atoms for name, (_, atoms) in deps.tensor_atoms.items()})
 
     def tensor_kept(self, name: str, dim: int) -> torch.Tensor:
         """Kept-position mask of node ``name``'s output along ``dim``."""
@@ -145,12 +145,15 @@ class _Rewriter:
         for n in graph.nodes:
             if n.op == "call_module" and n.target not in attrs:
                 attrs[n.target] = self.copy_module(modules[n.target], n.target + ".")
+        called = set(attrs)
         for n in graph.nodes:
             if n.op != "get_attr" or n.target in attrs:
                 continue
             owner_name, _, field = n.target.rpartition(".")
-            inside = max((m for m in attrs if owner_name == m or owner_name.startswith(m + ".")), key=len, default=None)
-            if inside is not None:  # a tensor of a module the graph also calls: the copy's own
+            inside = owner_name
+            while inside and inside not in called:  # the innermost module the graph also calls, if any
+                inside = inside.rpartition(".")[0]
+            if inside in called:  # a tensor of a called module: the copy's own
                 attrs[n.target] = attrgetter(n.target[len(inside) + 1:])(attrs[inside])
                 continue
             value = getattr(modules[owner_name], field)

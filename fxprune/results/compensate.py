@@ -20,7 +20,7 @@ from torch import nn
 from ..core import metakeys as keys
 from ..core.fxutil import arg, is_get_attr
 from ..core.groups import DependencyGraph, Role
-from ..core.masks import kept_masks
+from ..core.masks import Kept
 from ..core.optable import canonical
 from ..errors import ArgumentError
 from ..selection.datadriven import weight_reads
@@ -58,7 +58,7 @@ def compensate(gm: torch.fx.GraphModule, deps: DependencyGraph, removed: torch.T
     bias in ``pruned`` (``gm`` rewritten), in place; the names of the weights whose layers changed."""
     linear = _linear_weights(gm)
     reads = [(src, w) for src, w, dim in weight_reads(deps, gm) if dim == 1 and w in linear]
-    kept = kept_masks(removed, {src: deps.tensor_atoms[src][1] for src, _ in reads})
+    kept = Kept(removed, {src: deps.tensor_atoms[src][1] for src, _ in reads})
     losing = [(src, w) for src, w in reads if kept.count[src] < kept.size[src] and _only_reader(deps, src, kept.mask(src), w)]
     means = channel_scores(deps, gm, calibration, _Mean(), {src for src, _ in losing})
     params = dict(gm.named_parameters())

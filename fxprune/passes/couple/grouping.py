@@ -21,17 +21,14 @@ def first_appearance_ids(values: torch.Tensor, bound: int | None = None) -> torc
     is in ``0 .. bound - 1`` (a table of that size replaces sorting all the values)."""
     if bound is None:
         uniq, inverse = torch.unique(values, return_inverse=True)
+        bound = uniq.numel()
     else:
-        uniq, inverse = torch.zeros(bound, dtype=torch.bool), values
-    first = torch.full((uniq.numel(),), values.numel(), dtype=torch.long)
+        inverse = values
+    first = torch.full((bound,), values.numel(), dtype=torch.long)
     first.scatter_reduce_(0, inverse, torch.arange(values.numel()), "amin")
-    if bound is not None:  # only the values present get ids
-        present = first < values.numel()
-        rank = torch.full_like(first, -1)
-        rank[present.nonzero().flatten()[torch.argsort(first[present])]] = torch.arange(int(present.sum()))
-        return rank[inverse]
-    rank = torch.empty_like(first)
-    rank[torch.argsort(first)] = torch.arange(first.numel())
+    present = (first < values.numel()).nonzero().flatten()
+    rank = torch.full_like(first, -1)
+    rank[present[torch.argsort(first[present])]] = torch.arange(present.numel())
     return rank[inverse]
 
 
