@@ -46,15 +46,17 @@ class _ShapeFlopProp(ShapeProp):
     def run_node(self, n: torch.fx.Node) -> Any:
         self.at = n
         mod = self.modules.get(n.target) if n.op == "call_module" else None
+        # Fake inputs (a torch.compile backend's) take ShapeProp's own path, which runs a fake copy of the module.
+        execute = ShapeProp.run_node if self.fake_mode is not None else torch.fx.Interpreter.run_node
         if flopless(n, self.modules):
-            result = torch.fx.Interpreter.run_node(self, n)
+            result = execute(self, n)
             n.meta[keys.FLOPS] = 0
         elif (flops := _formula(n, mod)) is not None:
-            result = torch.fx.Interpreter.run_node(self, n)
+            result = execute(self, n)
             n.meta[keys.FLOPS] = flops(result)
         else:
             with flop_counter() as counter:
-                result = torch.fx.Interpreter.run_node(self, n)
+                result = execute(self, n)
             n.meta[keys.FLOPS] = counter.get_total_flops()
         found = False
 
