@@ -58,7 +58,7 @@ class _ShapeFlopProp(ShapeProp):
             with flop_counter() as counter:
                 result = execute(self, n)
             n.meta[keys.FLOPS] = counter.get_total_flops()
-        found = False
+        found = isinstance(result, torch.Tensor)
 
         def tensor_meta(obj: Any) -> Any:
             nonlocal found
@@ -67,7 +67,7 @@ class _ShapeFlopProp(ShapeProp):
                 return _extract_tensor_metadata(obj, include_contiguity=False)
             return obj
 
-        meta = map_aggregate(result, tensor_meta)
+        meta = _extract_tensor_metadata(result, include_contiguity=False) if found else map_aggregate(result, tensor_meta)
         if found:
             n.meta[keys.TENSOR_META] = meta
         else:
