@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 import torchvision
@@ -9,6 +11,7 @@ from torch import nn
 
 import fxprune
 from conftest import lively
+from fxprune.core.fxutil import gc_paused
 
 X = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
@@ -131,3 +134,33 @@ def test_regions_that_export_wraps_in_grad_mode_or_autocast_are_inlined_and_keep
     assert pruned.get_parameter("a.weight").shape[0] < 16
     pruned(x).sum().backward()  # the no_grad region still cuts a's weights off from the loss
     assert pruned.get_parameter("a.weight").grad is None and pruned.get_parameter("b.weight").grad is not None
+
+
+def test_a_hook_on_a_pruned_module_stays_on_it() -> None:
+    """The rewrite copies modules with their own hook tables: a hook registered on the result reaches
+    neither the user's model nor a second result."""
+    model = lively(torchvision.models.resnet18(weights=None).eval())
+    first, second = (fxprune.compile(model, ratio=0.5, example_inputs=X) for _ in range(2))
+    seen = []
+    first.get_submodule("layer1.0.conv1").register_forward_hook(lambda m, i, o: seen.append(o.shape[1]))
+    with torch.no_grad():
+        model(X), second(X)
+    assert seen == [] and not model.layer1[0].conv1._forward_hooks
+    with torch.no_grad():
+        first(X)
+    assert seen == [first.get_submodule("layer1.0.conv1").out_channels]
+
+
+def test_gc_paused_restores_collection_even_when_the_pass_fails() -> None:
+    assert gc.isenabled()
+    with pytest.raises(ValueError), gc_paused():
+        assert not gc.isenabled()
+        raise ValueError
+    assert gc.isenabled()
+    gc.disable()  # a caller that has collection off keeps it off
+    try:
+        with gc_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

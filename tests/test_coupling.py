@@ -16,7 +16,7 @@ from torch import nn
 
 import fxprune
 from conftest import lively
-from fxprune.passes.couple import RuleError, Unsupported, driver
+from fxprune.passes.couple import RuleError, Unsupported, driver, layout
 
 X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
 
@@ -598,3 +598,31 @@ def test_a_rule_for_a_new_op_is_one_decorated_function(request: pytest.FixtureRe
     assert group.prunable
     pruned = fxprune.prune(ToyGated().eval(), {group.id: list(range(8))}, x)  # verify=True checks it against the masked original
     assert pruned.get_submodule("a").out_channels == 8 and pruned(x).shape == (1, 8, 8, 8)
+
+
+class Reshaped(nn.Module):
+    """A conv's channels through a reshape and back, then another conv."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.a, self.b, self.shape = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1), shape
+
+    def forward(self, x):
+        y = self.a(x)
+        return self.b(y.reshape(self.shape).reshape(y.shape))
+
+
+def _structure(deps) -> tuple:
+    return ([(g.atoms.tolist(), [(m.name, m.dim) for m in g.members], g.frozen) for g in deps.groups],
+            {k: (d, a.tolist()) for k, (d, a) in deps.tensor_atoms.items()}, deps.patches)
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 4, 8, 8), (2, 8, 64), (2, 512), (2, 32, 16), (4, 4, 8, 8), (2, 8, 8, 8, 1), (16, 64), None])
+def test_a_reshape_on_compact_labels_couples_as_the_materialized_labels_do(shape: tuple[int, ...] | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compact path (only the output dims the channel index depends on) against materializing every
+    position; None: a channel shuffle written as view, transpose and view, its sizes computed from the width."""
+    build = (lambda: Shuffle(False)) if shape is None else (lambda: Reshaped(shape))
+    fast = _structure(fxprune.analyze(build(), X))
+    monkeypatch.setattr(layout, "reshaped", lambda *args: None)
+    assert _structure(fxprune.analyze(build(), X)) == fast
+    compile_ok(build())
