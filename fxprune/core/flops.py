@@ -72,7 +72,7 @@ class FlopModel:
         vectors, vector_of = distinct([f for _, f in factors])
         self.vector_of = torch.tensor(vector_of, dtype=torch.long)
         self.vector_sizes = torch.tensor([v.numel() for v in vectors], dtype=torch.float64)
-        rows, cols = owned_cat(vectors) if vectors else (torch.empty(0, dtype=torch.long),) * 2
+        rows, cols = owned_cat(vectors)
         keep = cols != NEVER_REMOVED
         width = max(deps.num_atoms, 1)
         key, counts = torch.unique(rows[keep] * width + cols[keep], return_counts=True)
@@ -108,11 +108,9 @@ class FlopModel:
         saved = torch.zeros(self.deps.num_atoms, dtype=torch.float64)
         if not self.terms:
             return saved
-        # Each factor's (atom, count) entries: its vector's, which are contiguous in rows.
-        per_vector = torch.bincount(self.rows, minlength=len(self.vector_sizes))
-        n = per_vector[self.vector_of]
-        factor = torch.repeat_interleave(torch.arange(len(self.vector_of)), n)
-        entry = ((torch.cumsum(per_vector, 0) - per_vector)[self.vector_of] - (torch.cumsum(n, 0) - n))[factor] + torch.arange(factor.numel())
+        # Each factor's (atom, count) entries are its vector's, which are contiguous in rows.
+        spans = torch.split(torch.arange(self.rows.numel()), torch.bincount(self.rows, minlength=len(self.vector_sizes)).tolist())
+        factor, entry = owned_cat([spans[v] for v in self.vector_of.tolist()])
         key, inverse = torch.unique(self.term_of[factor] * width + self.cols[entry], return_inverse=True)
         left = 1 - self.counts[entry] / self.sizes[factor]
         kept = torch.ones(key.numel(), dtype=torch.float64).scatter_reduce(0, inverse, left, "prod")

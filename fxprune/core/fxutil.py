@@ -29,6 +29,9 @@ __all__ = ["module_copy", "structural_copy", "copy_graph", "copy_modes", "graph_
            "module_stack", "is_hf"]
 
 
+_TABLES = ("_parameters", "_buffers", "_modules")
+
+
 def module_copy(module: nn.Module) -> nn.Module:
     """A shallow copy of ``module`` (same class, same attribute values) with tables of its own: parameters,
     buffers, submodules and hooks, so that registering or replacing one never reaches ``module``."""
@@ -42,9 +45,6 @@ def module_copy(module: nn.Module) -> nn.Module:
         if isinstance(value, dict) and (name in _TABLES or "hook" in name):
             new.__dict__[name] = type(value)(value)
     return new
-
-
-_TABLES = ("_parameters", "_buffers", "_modules")
 
 
 def structural_copy(module: nn.Module, memo: dict[int, nn.Module] | None = None) -> nn.Module:

@@ -9,7 +9,7 @@ import torch
 
 from .groups import NEVER_REMOVED, DependencyGraph, Plan
 
-__all__ = ["removed_mask", "kept_mask", "Kept", "owned_cat", "distinct"]
+__all__ = ["removed_mask", "kept_mask", "Kept", "owned_cat", "index_within", "distinct"]
 
 
 def removed_mask(deps: DependencyGraph, plan: Plan) -> torch.Tensor:
@@ -34,19 +34,18 @@ def kept_mask(removed: torch.Tensor, atoms: torch.Tensor) -> torch.Tensor:
 
 class Kept:
     """What a plan keeps of many atom vectors (a graph has hundreds), computed at once: for each key of
-    ``atoms`` (1-D atom tensors), the kept mask (``kept_mask``), the kept positions, how many and of how many. Slices of one tensor, cut only when asked
-    for: a tensor op costs microseconds, whatever its size."""
+    ``atoms`` (1-D atom tensors), the kept mask (``kept_mask``), the kept positions, how many and of how
+    many. Slices of one tensor, cut only when asked for: a tensor op costs microseconds, whatever its size."""
 
     def __init__(self, removed: torch.Tensor, atoms: Mapping[Hashable, torch.Tensor]) -> None:
         keys = list(atoms)
         vectors, vector_of = distinct([atoms[k] for k in keys])
         sizes = [v.numel() for v in vectors]
-        owner, flat = owned_cat(vectors) if vectors else (torch.empty(0, dtype=torch.long),) * 2
+        owner, flat = owned_cat(vectors)
         self._mask = kept_mask(removed, flat)
-        starts = list(itertools.accumulate(sizes, initial=0))
         counts = torch.bincount(owner[self._mask], minlength=len(vectors)).tolist()
-        self._positions = (torch.arange(flat.numel()) - torch.tensor(starts[:-1], dtype=torch.long)[owner])[self._mask]
-        at = list(zip(starts, itertools.accumulate(counts, initial=0)))
+        self._positions = index_within(owner, sizes)[self._mask]
+        at = list(zip(itertools.accumulate(sizes, initial=0), itertools.accumulate(counts, initial=0)))
         self.size: dict[Hashable, int] = {k: sizes[v] for k, v in zip(keys, vector_of)}
         self.count: dict[Hashable, int] = {k: counts[v] for k, v in zip(keys, vector_of)}
         self._at = {k: at[v] for k, v in zip(keys, vector_of)}
@@ -70,10 +69,18 @@ class Kept:
 
 
 def owned_cat(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``torch.cat`` of 1-D ``tensors`` and, for each element, the index of the tensor it came from: how the
-    passes work over every member or tensor of a graph at once."""
+    """``torch.cat`` of 1-D ``tensors`` (of ids: none gives an empty long tensor) and, for each element, the
+    index of the tensor it came from: how the passes work over every member or tensor of a graph at once."""
+    if not tensors:
+        return torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
     owner = torch.repeat_interleave(torch.arange(len(tensors)), torch.tensor([t.numel() for t in tensors], dtype=torch.long))
     return owner, torch.cat(list(tensors))
+
+
+def index_within(owner: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+    """For each element of an ``owned_cat`` (its ``owner``, the tensors' ``sizes``), its index in its own tensor."""
+    starts = torch.tensor(list(itertools.accumulate(sizes[:-1], initial=0)), dtype=torch.long)
+    return torch.arange(owner.numel()) - starts[owner]
 
 
 def distinct(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[int]]:

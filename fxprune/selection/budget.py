@@ -37,7 +37,6 @@ decides s. A tie of one step keeps all its atoms.
 
 from __future__ import annotations
 
-import itertools
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -48,7 +47,7 @@ import torch
 
 from ..errors import ArgumentError, TargetUnreachableError
 from ..core.groups import DependencyGraph, Group, Plan
-from ..core.masks import distinct, owned_cat
+from ..core.masks import distinct, index_within, owned_cat
 from ..core.widths import WidthRule
 
 __all__ = ["select", "CostModel", "MODES", "Tie", "atom_kinds", "repeated_groups"]
@@ -165,9 +164,9 @@ def select(
 
     fragile = _fragile_tensors(deps, groups, order)
     # Every group's atoms, worst first, one after another: removing n of a group removes its first n.
-    owner, worst = owned_cat([g.atoms[order[g.id].flip(0)] for g in groups]) if groups else (torch.empty(0, dtype=torch.long),) * 2
-    rank = torch.arange(worst.numel()) - torch.tensor(list(itertools.accumulate((g.width for g in groups[:-1]), initial=0)), dtype=torch.long)[owner]
-    in_fragile, fragile_atoms = owned_cat(fragile) if fragile else (torch.empty(0, dtype=torch.long),) * 2
+    owner, worst = owned_cat([g.atoms[order[g.id].flip(0)] for g in groups])
+    rank = index_within(owner, [g.width for g in groups])
+    in_fragile, fragile_atoms = owned_cat(fragile)
     fragile_sizes = torch.tensor([len(a) for a in fragile], dtype=torch.long)
 
     def removed_for(counts: dict[int, int]) -> torch.Tensor:
@@ -271,7 +270,7 @@ def atom_kinds(deps: DependencyGraph, groups: list[Group]) -> dict[int, tuple[in
     firsts, _ = distinct([atoms for (_, dim), atoms in deps.member_atoms.items() if dim == 0])  # all members at once
     if firsts:
         owner, ids = owned_cat(firsts)
-        at = torch.arange(ids.numel()) - torch.tensor(list(itertools.accumulate((a.numel() for a in firsts[:-1]), initial=0)), dtype=torch.long)[owner]
+        at = index_within(owner, [a.numel() for a in firsts])
         real = ids >= 0
         if not bool(real.all()):
             ids, owner, at = ids[real], owner[real], at[real]

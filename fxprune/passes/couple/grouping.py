@@ -61,7 +61,7 @@ def finalize(s: State, opaque: tuple[str, ...]) -> DependencyGraph:
     keys = list(s.slots)
     vectors, vector_of = distinct([s.slots[k][0] for k in keys])
     # Atoms are the roots that own slots, numbered in order of first appearance.
-    owner, firsts = owned_cat(vectors) if vectors else (torch.empty(0, dtype=torch.long),) * 2
+    owner, firsts = owned_cat(vectors)
     ids = first_appearance_ids(root[firsts], uf.size)
     atom_of = torch.full((uf.size,), NEVER_REMOVED, dtype=torch.long)
     atom_of[root[firsts]] = ids
@@ -81,10 +81,10 @@ def finalize(s: State, opaque: tuple[str, ...]) -> DependencyGraph:
     for k, v in zip(keys, vector_of):  # each key's groups, keys in order
         for g in vector_groups[v]:
             group_members[g].append(s.members[k])
-    firsts = [int(atoms[0]) for atoms in group_atoms] if reasons else [0] * len(group_atoms)
+    leading = [int(atoms[0]) for atoms in group_atoms] if reasons else [0] * len(group_atoms)  # a group's reasons are its first atom's
     groups = [
         Group(gid, atoms, tuple(group_members[gid]), tuple(reasons.get(first, ())))
-        for gid, (atoms, first) in enumerate(zip(group_atoms, firsts))
+        for gid, (atoms, first) in enumerate(zip(group_atoms, leading))
     ]
 
     values = {node: s.param_labels.get(v.name, v) if isinstance(v, Param) else v for node, v in s.env.items()}
