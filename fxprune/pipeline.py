@@ -23,7 +23,6 @@ from .core import metakeys as keys
 from .errors import ArgumentError, PlanError, ShapeError, TargetUnreachableError, VerificationError
 from .core.flops import FlopModel, total_macs
 from .core.groups import DependencyGraph, Plan
-from .core.fxutil import gc_paused
 from .core.masks import removed_mask
 from .passes.annotate import annotate
 from .passes.capture import capture
@@ -146,7 +145,6 @@ class Analysis:
         return model
 
 
-@gc_paused()
 def analyze(model: Model, given: Inputs = None, ignore: Iterable[str] = (), seed: int = 0, free_output: bool = False,
             announce: bool = True) -> Analysis:
     """Capture ``model``, annotate shapes and FLOPs, and couple its channels; ``announce``: log what was
@@ -190,7 +188,6 @@ def check_model(model: Any) -> None:
                         f"got {type(model).__name__}.{hint}")
 
 
-@gc_paused()
 def select_plan(a: Analysis, chooser: Chooser, target: float, scores: dict[int, torch.Tensor], cost: CostModel | None = None) -> Plan:
     """The plan whose ``cost`` (default: ``a.flops``, in MACs) fits ``target`` given the selector's
     ``scores``; under torch.distributed, rank 0's plan, on every rank."""
@@ -212,7 +209,6 @@ def select_plan(a: Analysis, chooser: Chooser, target: float, scores: dict[int, 
     return plan
 
 
-@gc_paused()
 def build_result(a: Analysis, plan: Plan, verify: bool, pruned: torch.fx.GraphModule | None = None,
                  compensation: Any = None) -> nn.Module:
     """Rewrite ``a`` as ``plan`` says (unless ``pruned`` is that rewrite already), verify the result (when

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import gc
-
 import pytest
 import torch
 import torchvision
@@ -11,7 +9,6 @@ from torch import nn
 
 import fxprune
 from conftest import lively
-from fxprune.core.fxutil import gc_paused
 
 X = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
@@ -150,17 +147,3 @@ def test_a_hook_on_a_pruned_module_stays_on_it() -> None:
         first(X)
     assert seen == [first.get_submodule("layer1.0.conv1").out_channels]
 
-
-def test_gc_paused_restores_collection_even_when_the_pass_fails() -> None:
-    assert gc.isenabled()
-    with pytest.raises(ValueError), gc_paused():
-        assert not gc.isenabled()
-        raise ValueError
-    assert gc.isenabled()
-    gc.disable()  # a caller that has collection off keeps it off
-    try:
-        with gc_paused():
-            pass
-        assert not gc.isenabled()
-    finally:
-        gc.enable()

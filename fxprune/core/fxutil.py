@@ -4,7 +4,6 @@
 * ``structural_copy``: a new module tree sharing the user's tensors, so attribute edits never reach them;
 * ``copy_graph``: a copy of a graph that keeps its codegen (an exported graph's input/output structure);
 * ``graph_module``: a GraphModule over a new graph, borrowing the modules and tensors of another;
-* ``gc_paused``: no cyclic garbage collection while a pass allocates, one young collection after;
 * ``eval_mode``: every submodule in eval mode for a while, each flag restored afterwards;
 * ``is_get_attr``: whether a node argument reads a parameter or buffer of the graph module;
 * ``arg``: a call's argument given by position or by keyword;
@@ -16,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import gc
 import operator
 from collections.abc import Iterator
 from typing import Any
@@ -25,7 +23,7 @@ import torch
 import torch.fx
 from torch import nn
 
-__all__ = ["module_copy", "structural_copy", "copy_graph", "copy_modes", "graph_module", "gc_paused", "eval_mode", "is_get_attr", "arg",
+__all__ = ["module_copy", "structural_copy", "copy_graph", "copy_modes", "graph_module", "eval_mode", "is_get_attr", "arg",
            "module_stack", "is_hf"]
 
 
@@ -91,25 +89,6 @@ def copy_modes(source: nn.Module, target: nn.Module) -> None:
     flags = {n: m.training for n, m in source.named_modules()}
     for n, m in target.named_modules():
         m.training = flags.get(n, source.training)
-
-
-@contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
-    """No cyclic garbage collection for the duration, then one collection of the young objects.
-
-    A pass over a graph allocates tens of thousands of small objects (nodes, argument tuples, meta
-    dicts); each 700 allocations trigger a young collection, and every few compiles a full one walks the
-    whole process (150 ms with 400k objects alive). One young collection at the end does the same
-    young-object work once. The pattern of torch.distributed.checkpoint's state dicts.
-    """
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-            gc.collect(0)
 
 
 @contextlib.contextmanager
