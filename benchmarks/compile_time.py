@@ -15,13 +15,19 @@ time in eager forward passes of the same model on the same input (``torch.no_gra
 with the compiles (compile, capture alone, forward, compile ...; medians of each), in all and beyond
 the capture (compile minus capture, over one forward).
 
+--stages adds fxprune's time in each pass of its compiles (medians, ms); --load runs everything while two
+processes load the CPU (``noisy_latency.py``'s loads: ``torch``, 2-thread matmuls in random bursts).
+
     python benchmarks/compile_time.py
     python benchmarks/compile_time.py --models resnet50,swin_t --repeat 3 --tp-timeout 60
+    python benchmarks/compile_time.py --no-tp --repeat 5 --models mobilenet_v2 --stages --load torch
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import copy
 import signal
 import statistics
@@ -34,8 +40,9 @@ import torchvision
 from tabulate import tabulate
 
 import fxprune
-from fxprune.core.fxutil import gc_paused
+import fxprune.pipeline
 from fxprune.passes.capture import capture
+from noisy_latency import LOADS, Load
 from zoo import build_model, short_error, tp_prune
 
 DEFAULT_MODELS = "resnet50,densenet201,mobilenet_v2,efficientnet_b0,swin_t,maxvit_t,convnext_tiny,regnet_y_400mf"
@@ -47,6 +54,35 @@ class Timeout(BaseException):  # not Exception, so library code cannot swallow i
 
 def _alarm(signum, frame):
     raise Timeout
+
+
+STAGES = {"capture": "capture", "propagate_shapes": "shapes", "couple": "couple", "select": "select", "rewrite": "rewrite",
+          "annotate": "report"}
+"""The passes ``fxprune.pipeline`` calls during a compile, and their columns in --stages."""
+
+stage_seconds: dict[str, float] = collections.defaultdict(float)  # of the compile running now
+
+
+@contextlib.contextmanager
+def timing_stages():
+    """Each pass in ``STAGES`` adds its seconds to ``stage_seconds`` while the block runs."""
+    def timed(name, fn):
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                stage_seconds[name] += time.perf_counter() - start
+        return run
+
+    originals = {name: getattr(fxprune.pipeline, name) for name in STAGES}
+    for name, fn in originals.items():
+        setattr(fxprune.pipeline, name, timed(name, fn))
+    try:
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(fxprune.pipeline, name, fn)
 
 
 def fx_seconds(model, x) -> float:
@@ -63,22 +99,30 @@ def forward_seconds(model, x) -> float:
 
 
 def capture_seconds(model, x) -> float:
-    """The capture alone, under the same garbage-collection regime as inside ``compile`` (paused during the
-    passes, one young collection after), so that compile minus capture counts no collection twice or never."""
     start = time.perf_counter()
-    with gc_paused():
-        capture(model, (x,))
+    capture(model, (x,))
     return time.perf_counter() - start
 
 
-def fx_and_forward(model, x, repeat: int) -> tuple[float, float, float] | str:
-    """Medians of fxprune compiles, captures alone and eager forwards, taking turns, after one warm-up of each."""
+def fx_and_forward(model, x, repeat: int) -> tuple[tuple[float, float, float], dict[str, float]] | str:
+    """Medians of fxprune compiles, captures alone and eager forwards, taking turns, after one warm-up of
+    each; and the median seconds of each pass of the compiles."""
+    stages = collections.defaultdict(list)
+
+    def compile_seconds() -> float:
+        stage_seconds.clear()
+        with timing_stages():
+            seconds = fx_seconds(model, x)
+        for name in STAGES:
+            stages[name].append(stage_seconds[name])
+        return seconds
+
     try:
         fx_seconds(model, x), capture_seconds(model, x), forward_seconds(model, x)
-        runs = [(fx_seconds(model, x), capture_seconds(model, x), forward_seconds(model, x)) for _ in range(repeat)]
+        runs = [(compile_seconds(), capture_seconds(model, x), forward_seconds(model, x)) for _ in range(repeat)]
     except Exception as exc:
         return short_error(exc, 40)
-    return tuple(statistics.median(r[k] for r in runs) for k in range(3))
+    return tuple(statistics.median(r[k] for r in runs) for k in range(3)), {k: statistics.median(v) for k, v in stages.items()}
 
 
 def tp_seconds(model, x, timeout: int) -> float:
@@ -116,7 +160,14 @@ def main() -> None:
     parser.add_argument("--no-tp", action="store_true", help="skip torch-pruning")
     parser.add_argument("--repeat", type=int, default=5, help="timed runs per tool (default 5)")
     parser.add_argument("--tp-timeout", type=int, default=120, help="seconds per torch-pruning call (default 120)")
+    parser.add_argument("--stages", action="store_true", help="add fxprune's milliseconds in each pass")
+    parser.add_argument("--load", choices=sorted(LOADS), default=None, help="run while two processes load the CPU")
     args = parser.parse_args()
+    with Load(args.load, 2, 0) if args.load else contextlib.nullcontext():
+        table(args)
+
+
+def table(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(2)
     signal.signal(signal.SIGALRM, _alarm)
@@ -128,7 +179,7 @@ def main() -> None:
         x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
         nodes = graph_nodes(model)
         timed = fx_and_forward(model, x, args.repeat)
-        fx, cap, fwd = timed if isinstance(timed, tuple) else (timed, None, None)
+        (fx, cap, fwd), stages = timed if isinstance(timed, tuple) else ((timed, None, None), {})
         tp = "skipped" if args.no_tp else median_seconds(lambda: tp_seconds(model, x, args.tp_timeout), args.repeat)
         if tp == "timeout":
             tp = f"timeout >{args.tp_timeout}s"
@@ -141,12 +192,15 @@ def main() -> None:
             f"{(fx - cap) / fwd:.1f}" if fx_ok else "-",
             f"{tp:.2f}" if tp_ok else tp,
             f"{tp / fx:.1f}x" if fx_ok and tp_ok else "-",
+            *([f"{1000 * stages[k]:.1f}" if stages else "-" for k in STAGES] if args.stages else []),
         ])
         print(f"[{i}/{len(names)}, {time.perf_counter() - start:.0f} s] {name}: fxprune {rows[-1][2]} s, "
               f"{rows[-1][4]} forward passes, {rows[-1][5]} beyond capture", file=sys.stderr, flush=True)
     headers = ["model", "fx nodes", "fxprune s", "fxprune s / 1k nodes", "forward passes", "beyond capture", "torch-pruning s", "tp / fxprune"]
+    headers += [f"{column} ms" for column in STAGES.values()] if args.stages else []
     print(tabulate(rows, headers=headers, disable_numparse=True))
-    print(f"median of {args.repeat} runs after one warm-up; torch.get_num_threads() = {torch.get_num_threads()}")
+    load = f"; under the {args.load} load (2 processes)" if args.load else ""
+    print(f"median of {args.repeat} runs after one warm-up; torch.get_num_threads() = {torch.get_num_threads()}{load}")
 
 
 if __name__ == "__main__":
