@@ -1,6 +1,8 @@
-"""shapes: run the captured graph once and record what later passes need in ``node.meta``.
+"""shapes: record each node's output shape, dtype and FLOPs in ``node.meta``, for the later passes.
 
-Reuses ``torch.fx.passes.shape_prop.ShapeProp`` (``meta["tensor_meta"]``) and adds, per node:
+A graph whose every op has a shape rule (``core/shaperules.py``: convolutions, norms, activations, pools,
+linear layers, elementwise arithmetic, the shape ops) is annotated from the rules, without running it.
+Any other graph runs once: ``torch.fx.passes.shape_prop.ShapeProp`` (``meta["tensor_meta"]``), adding per node:
 ``meta["fxprune_value"]`` for non-tensor results (sizes, ints) so the coupling pass can replay shape
 arithmetic, and ``meta["fxprune_flops"]``: the FLOPs that ``torch.utils.flop_counter.FlopCounterMode``
 counts while that node runs. The graph runs in eval mode under ``torch.no_grad`` so BatchNorm running
@@ -18,7 +20,7 @@ from typing import Any
 import torch
 import torch.fx
 from torch.fx.node import map_aggregate
-from torch.fx.passes.shape_prop import ShapeProp, _extract_tensor_metadata
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata, _extract_tensor_metadata
 from torch import nn
 from torch.utils.flop_counter import conv_flop_count
 
@@ -27,6 +29,7 @@ from ..errors import ShapeError
 from ..core.flops import counter as flop_counter
 from ..core.fxutil import eval_mode
 from ..core.optable import flopless
+from ..core.shaperules import infer
 
 __all__ = ["propagate_shapes"]
 
@@ -89,15 +92,30 @@ def _formula(n: torch.fx.Node, mod: nn.Module | None) -> Callable[[torch.Tensor]
     return None
 
 
-def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Any:
-    """Annotate ``gm`` in place and return its output on ``example_inputs``."""
+def _annotate(gm: torch.fx.GraphModule, outputs: dict[torch.fx.Node, Any]) -> None:
+    """Write what ``infer`` found as ``_ShapeFlopProp`` writes what it runs."""
+    modules = dict(gm.named_modules())
+    for n, out in outputs.items():
+        found = isinstance(out, TensorMetadata) or (isinstance(out, (tuple, list)) and any(isinstance(v, TensorMetadata) for v in out))
+        n.meta[keys.TENSOR_META if found else keys.VALUE] = out
+        n.meta["type"] = torch.Tensor if isinstance(out, TensorMetadata) else type(out)
+        flops = _formula(n, modules.get(n.target) if n.op == "call_module" else None)
+        n.meta[keys.FLOPS] = flops(out) if flops is not None else 0  # the rules' other ops count nothing
+
+
+def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> None:
+    """Annotate ``gm`` in place for ``example_inputs``: from the shape rules, or by running it."""
     for node in gm.graph.nodes:
         node.meta.pop(keys.TENSOR_META, None)
         node.meta.pop(keys.VALUE, None)
+    inferred = infer(gm, example_inputs)
+    if inferred is not None:
+        _annotate(gm, inferred)
+        return
     prop = _ShapeFlopProp(gm)
     try:
         with torch.no_grad(), eval_mode(gm), contextlib.redirect_stderr(io.StringIO()):
-            return prop.propagate(*example_inputs)
+            prop.propagate(*example_inputs)
     except RuntimeError as exc:
         cause = str(exc.__cause__ or exc).strip().splitlines()[0]
         given = ", ".join(f"{list(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__ for t in example_inputs)

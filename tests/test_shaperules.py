@@ -1,0 +1,96 @@
+"""Shape rules: a graph they cover gets the very annotations that running it gives; anything else runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torch.fx.passes.shape_prop import TensorMetadata
+
+import fxprune
+from fxprune.core import metakeys as keys
+from fxprune.core import shaperules
+from fxprune.passes import shapes
+from fxprune.passes.capture import capture
+
+
+def _plain(v):
+    if isinstance(v, TensorMetadata):
+        return tuple(v.shape), v.dtype
+    if isinstance(v, (tuple, list)):
+        return tuple(_plain(x) for x in v)
+    return v
+
+
+def _annotations(gm: torch.fx.GraphModule) -> dict[str, tuple]:
+    return {n.name: tuple(_plain(n.meta.get(k)) for k in (keys.TENSOR_META, keys.VALUE, keys.FLOPS)) for n in gm.graph.nodes}
+
+
+def _both(model: nn.Module, x: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> tuple[dict, dict]:
+    gm = capture(model, (x,))
+    assert shaperules.infer(gm, (x,)) is not None, "the rules should cover this graph"
+    shapes.propagate_shapes(gm, (x,))
+    inferred = _annotations(gm)
+    with monkeypatch.context() as m:
+        m.setattr(shapes, "infer", lambda *a: None)
+        shapes.propagate_shapes(gm, (x,))
+    return inferred, _annotations(gm)
+
+
+class Ops(nn.Module):
+    """The rules' ops in forms the zoo's models do not all use: pools with ceil_mode and padding, 1-d and
+    3-d layers, chunk with a short last piece, size arithmetic, views with -1, mean, layer norm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 10, 3, stride=2, padding=2, dilation=2)
+        self.pool = nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True)
+        self.avg = nn.AvgPool2d(2, ceil_mode=True)
+        self.conv1d = nn.Conv1d(10, 6, 3)
+        self.bn1d = nn.BatchNorm1d(6)
+        self.conv3d = nn.Conv3d(1, 2, (1, 3, 3), padding=(0, 1, 1))
+        self.norm = nn.LayerNorm(6)
+        self.head = nn.Linear(6, 5)
+        self.adaptive = nn.AdaptiveAvgPool2d((None, 3))
+
+    def forward(self, x):
+        y = self.avg(self.pool(torch.relu(self.conv(x))))
+        a, b, c, d = y.chunk(4, dim=1)  # 10 channels: 3, 3, 3, 1
+        y = torch.cat([a, b, c, d * 2.0], 1)
+        n, ch = y.size(0), y.size()[1]
+        z = self.bn1d(self.conv1d(y.view(n, ch, -1)))
+        w = self.conv3d(y.reshape(n, 1, ch, y.shape[2], -1)).flatten(1, 2)
+        pooled = self.adaptive(w) + 1
+        t = self.norm(z.transpose(1, 2)).mean(1)
+        return self.head(t), torch.flatten(pooled, 1).mean(dim=(1,), keepdim=True), y.permute(0, 2, 3, 1).contiguous()
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "shufflenet_v2_x0_5", "convnext_tiny", "densenet121", "googlenet"])
+def test_rules_annotate_a_zoo_graph_as_running_it_does(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = torchvision.models.get_model(name, weights=None).eval()
+    inferred, run = _both(model, torch.randn(2, 3, 64, 64), monkeypatch)
+    assert inferred == run
+
+
+def test_rules_annotate_every_op_they_cover_as_running_it_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    inferred, run = _both(Ops().eval(), torch.randn(2, 3, 23, 29), monkeypatch)
+    assert inferred == run
+
+
+@pytest.mark.parametrize("name, x", [("resnet18", torch.randn(1, 5, 32, 32)), ("resnet18", torch.randn(1, 3, 32, 32, dtype=torch.float64)),
+                                     ("alexnet", torch.randn(1, 3, 16, 16))], ids=["channels", "dtype", "too small"])
+def test_an_input_the_model_rejects_runs_the_graph_and_says_where(name: str, x: torch.Tensor) -> None:
+    model = torchvision.models.get_model(name, weights=None).eval()
+    assert shaperules.infer(capture(model, (x,)), (x,)) is None
+    with pytest.raises(fxprune.ShapeError, match="at node"):
+        fxprune.analyze(model, x)
+
+
+def test_an_op_without_a_rule_runs_the_graph() -> None:
+    model = torchvision.models.vit_b_32(weights=None).eval()  # scaled dot-product attention has no rule
+    x = torch.randn(1, 3, 224, 224)
+    gm = capture(model, (x,))
+    assert shaperules.infer(gm, (x,)) is None
+    shapes.propagate_shapes(gm, (x,))
+    assert all(keys.TENSOR_META in n.meta or keys.VALUE in n.meta for n in gm.graph.nodes if n.op != "output")
