@@ -5,9 +5,12 @@ through the interpreter, costs 1.1-1.9 forward passes: most of a FLOPs-target co
 output shape is a function of their inputs' shapes and their module's attributes alone (convolutions,
 norms, activations, pools, linear layers, elementwise arithmetic, concatenation, the shape ops and the
 size arithmetic around them), these rules give it in microseconds, checking what the op itself would
-reject (a channel count, a dtype). ``infer`` covers a whole graph or none of it: one node without a rule,
-or a rule that finds the op would fail, and the graph runs as before. Of the ops here, only the
-convolution and linear modules do work that ``FlopCounterMode`` counts.
+reject (a channel count, a dtype). A function or method without a rule of its own (attention, einsum,
+indexing, softmax ...) runs on meta tensors of its inputs' shapes under ``FlopCounterMode``: the shape,
+dtype and FLOPs torch itself gives, with no data read (an op whose output shape depends on data fails
+there). ``infer`` covers a whole graph or none of it: a module without a rule, or an op that would fail,
+and the graph runs as before. Of the ops with rules, only the convolution and linear modules do work
+that ``FlopCounterMode`` counts.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
+
+from .flops import counter
 
 __all__ = ["infer"]
 
@@ -113,7 +118,7 @@ def layer_norm(args: tuple[Any, ...], kwargs: dict[str, Any], mod: Any) -> Tenso
 
 
 @rule(nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU,
-      nn.Mish, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, F.relu, F.relu6, F.gelu, F.silu, F.hardswish,
+      nn.Mish, nn.Softmax, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, F.relu, F.relu6, F.gelu, F.silu, F.hardswish,
       F.hardsigmoid, F.dropout, torch.relu, torch.sigmoid, torch.tanh, "contiguous", "relu", "sigmoid")
 def same(args: tuple[Any, ...], kwargs: dict[str, Any], mod: Any) -> TensorMetadata:
     return _t(_arg(args, kwargs, 0, "input"))
@@ -151,21 +156,6 @@ def max_pool(args: tuple[Any, ...], kwargs: dict[str, Any], mod: Any) -> TensorM
 def avg_pool(args: tuple[Any, ...], kwargs: dict[str, Any], mod: Any) -> TensorMetadata:
     k = int(type(mod).__name__[-2])
     return _pool(_t(args[0]), k, mod.kernel_size, mod.stride, mod.padding, 1, mod.ceil_mode)
-
-
-@rule(F.max_pool2d)
-def max_pool2d(args: tuple[Any, ...], kwargs: dict[str, Any], mod: Any) -> TensorMetadata:
-    a = [_arg(args, kwargs, i, k, d) for i, (k, d) in enumerate(
-        [("input", None), ("kernel_size", None), ("stride", None), ("padding", 0), ("dilation", 1), ("ceil_mode", False), ("return_indices", False)])]
-    _check(not a[6])
-    return _pool(_t(a[0]), 2, *a[1:6])
-
-
-@rule(F.avg_pool2d)
-def avg_pool2d(args: tuple[Any, ...], kwargs: dict[str, Any], mod: Any) -> TensorMetadata:
-    a = [_arg(args, kwargs, i, k, d) for i, (k, d) in enumerate(
-        [("input", None), ("kernel_size", None), ("stride", None), ("padding", 0), ("ceil_mode", False)])]
-    return _pool(_t(a[0]), 2, a[1], a[2], a[3], 1, a[4])
 
 
 def _adaptive(x: TensorMetadata, k: int, size: Any) -> TensorMetadata:
@@ -299,11 +289,6 @@ def size(args: tuple[Any, ...], kwargs: dict[str, Any], mod: Any) -> Any:
     return x.shape if d is None else x.shape[_dim(d, len(x.shape))]
 
 
-@rule("dim")
-def ndim(args: tuple[Any, ...], kwargs: dict[str, Any], mod: Any) -> int:
-    return len(_t(args[0]).shape)
-
-
 @rule(getattr)
 def attribute(args: tuple[Any, ...], kwargs: dict[str, Any], mod: Any) -> Any:
     x, name = _t(args[0]), args[1]
@@ -321,45 +306,62 @@ def value_op(args: tuple[Any, ...], kwargs: dict[str, Any], mod: Any) -> Any:
     raise _Unknown
 
 
-def _stochastic_depth() -> Any:
-    try:
-        from torchvision.ops import stochastic_depth
-    except ImportError:
-        return None
-    return stochastic_depth
-
-
-if (_sd := _stochastic_depth()) is not None:
-    rule(_sd)(same)
-
-
 def _plain(v: Any) -> bool:
     return not isinstance(v, (TensorMetadata, torch.Tensor)) and not (isinstance(v, (tuple, list)) and not all(map(_plain, v)))
 
 
-def _value(n: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any], modules: dict[str, nn.Module], root: nn.Module) -> Any:
+def _leaves(v: Any, fn: Callable[[Any], Any]) -> Any:
+    """``fn`` of every leaf of ``v`` (tuples, lists and dicts are walked; a ``TensorMetadata`` is a leaf)."""
+    if isinstance(v, (tuple, list)) and not isinstance(v, TensorMetadata):
+        return type(v)(_leaves(x, fn) for x in v) if not hasattr(v, "_fields") else type(v)(*(_leaves(x, fn) for x in v))
+    if isinstance(v, dict):
+        return {k: _leaves(x, fn) for k, x in v.items()}
+    return fn(v)
+
+
+def _on_meta(n: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, int]:
+    """``n``'s function or method run on meta tensors shaped as its inputs, under FlopCounterMode."""
+    def meta(v: Any) -> Any:
+        return torch.empty_strided(v.shape, v.stride, dtype=v.dtype, device="meta") if isinstance(v, TensorMetadata) else v
+
+    margs, mkwargs = _leaves(args, meta), _leaves(kwargs, meta)
+    try:
+        with counter() as flops:
+            out = n.target(*margs, **mkwargs) if n.op == "call_function" else getattr(margs[0], n.target)(*margs[1:], **mkwargs)
+    except Exception:  # an op that reads data (nonzero, item ...) or would fail: the graph runs instead
+        raise _Unknown from None
+    return _leaves(out, lambda v: _extract_tensor_metadata(v, include_contiguity=False) if isinstance(v, torch.Tensor) else v), flops.get_total_flops()
+
+
+def _value(n: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any], modules: dict[str, nn.Module], root: nn.Module) -> tuple[Any, int | None]:
+    """``n``'s output and, where it ran on meta tensors, its FLOPs."""
     if n.op == "get_attr":
         owner, _, name = n.target.rpartition(".")
         v = getattr(root.get_submodule(owner), name)
-        return _extract_tensor_metadata(v, include_contiguity=False) if isinstance(v, torch.Tensor) else v
+        return (_extract_tensor_metadata(v, include_contiguity=False) if isinstance(v, torch.Tensor) else v), None
     if n.op == "output":
-        return args[0]
+        return args[0], None
     if n.op == "call_module":
         mod = modules[n.target]
         fn = _RULES.get(type(mod))
-    else:
-        mod, fn = None, _RULES.get(n.target)
-    if fn is None:
-        raise _Unknown
+        if fn is None:
+            raise _Unknown
+        return fn(args, kwargs, mod), None
     if n.op == "call_function" and n.target in _VALUE_OPS and all(map(_plain, args)) and all(map(_plain, kwargs.values())):
-        return n.target(*args, **kwargs)  # arithmetic on sizes
-    return fn(args, kwargs, mod)
+        return n.target(*args, **kwargs), None  # arithmetic on sizes
+    fn = _RULES.get(n.target)
+    if fn is not None:
+        try:
+            return fn(args, kwargs, None), None
+        except _Unknown:
+            pass
+    return _on_meta(n, args, kwargs)
 
 
-def infer(gm: torch.fx.GraphModule, inputs: Sequence[Any]) -> dict[torch.fx.Node, Any] | None:
+def infer(gm: torch.fx.GraphModule, inputs: Sequence[Any]) -> tuple[dict[torch.fx.Node, Any], dict[torch.fx.Node, int]] | None:
     """Each node's output as ``TensorMetadata`` (tuples of them for a chunk) or its plain value (a size),
-    from the rules alone; None when some node has no rule, a rule finds that its op would fail, or the
-    graph's tensors are on more than one device."""
+    and the FLOPs of the nodes that ran on meta tensors; None when a module has no rule, an op would fail,
+    or the graph's tensors are on more than one device."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
     devices = {t.device for t in (*tensors, *gm.parameters(), *gm.buffers())}
@@ -368,6 +370,7 @@ def infer(gm: torch.fx.GraphModule, inputs: Sequence[Any]) -> dict[torch.fx.Node
     given = iter(inputs)
     modules = dict(gm.named_modules())
     env: dict[torch.fx.Node, Any] = {}
+    flops: dict[torch.fx.Node, int] = {}
     lookup = env.__getitem__
     try:
         for n in gm.graph.nodes:
@@ -377,7 +380,9 @@ def infer(gm: torch.fx.GraphModule, inputs: Sequence[Any]) -> dict[torch.fx.Node
                 continue
             args = map_aggregate(n.args, lambda a: lookup(a) if isinstance(a, torch.fx.Node) else a)
             kwargs = map_aggregate(n.kwargs, lambda a: lookup(a) if isinstance(a, torch.fx.Node) else a)
-            env[n] = _value(n, args, kwargs, modules, gm)
+            env[n], counted = _value(n, args, kwargs, modules, gm)
+            if counted is not None:
+                flops[n] = counted
     except (_Unknown, TypeError, IndexError, AttributeError):
         return None
-    return env
+    return env, flops

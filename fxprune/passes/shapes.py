@@ -92,7 +92,7 @@ def _formula(n: torch.fx.Node, mod: nn.Module | None) -> Callable[[torch.Tensor]
     return None
 
 
-def _annotate(gm: torch.fx.GraphModule, outputs: dict[torch.fx.Node, Any]) -> None:
+def _annotate(gm: torch.fx.GraphModule, outputs: dict[torch.fx.Node, Any], counted: dict[torch.fx.Node, int]) -> None:
     """Write what ``infer`` found as ``_ShapeFlopProp`` writes what it runs."""
     modules = dict(gm.named_modules())
     for n, out in outputs.items():
@@ -100,7 +100,7 @@ def _annotate(gm: torch.fx.GraphModule, outputs: dict[torch.fx.Node, Any]) -> No
         n.meta[keys.TENSOR_META if found else keys.VALUE] = out
         n.meta["type"] = torch.Tensor if isinstance(out, TensorMetadata) else type(out)
         flops = _formula(n, modules.get(n.target) if n.op == "call_module" else None)
-        n.meta[keys.FLOPS] = flops(out) if flops is not None else 0  # the rules' other ops count nothing
+        n.meta[keys.FLOPS] = counted[n] if n in counted else flops(out) if flops is not None else 0  # the rules' other ops count nothing
 
 
 def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> None:
@@ -110,7 +110,7 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) ->
         node.meta.pop(keys.VALUE, None)
     inferred = infer(gm, example_inputs)
     if inferred is not None:
-        _annotate(gm, inferred)
+        _annotate(gm, *inferred)
         return
     prop = _ShapeFlopProp(gm)
     try:
