@@ -115,3 +115,17 @@ def test_a_graph_the_rules_cannot_cover_runs(model: nn.Module) -> None:
     assert shaperules.infer(gm, (x,)) is None
     shapes.propagate_shapes(gm, (x,))
     assert all(keys.TENSOR_META in n.meta or keys.VALUE in n.meta for n in gm.graph.nodes)
+
+
+def test_module_and_tensor_tables_walk_as_torch_does() -> None:
+    """``fxutil.modules_of`` / ``tensors_of`` (the passes' lookups) give ``named_modules`` / ``named_parameters``
+    / ``named_buffers`` in the same order, a module or parameter shared under two names listed once."""
+    from fxprune.core.fxutil import modules_of, tensors_of
+
+    shared = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    shared.add_module("again", shared[0])
+    shared.add_module("empty", None)
+    for root in (nn.Sequential(shared, nn.Sequential(shared[0], nn.ReLU())), torch.fx.symbolic_trace(torchvision.models.resnet18(weights=None))):
+        assert list(modules_of(root).items()) == list(root.named_modules())
+        assert list(tensors_of(root).items()) == list(root.named_parameters())
+        assert list(tensors_of(root, "_buffers").items()) == list(root.named_buffers())

@@ -19,7 +19,7 @@ import torch
 import torch.fx
 
 from . import metakeys as keys
-from .fxutil import module_stack
+from .fxutil import module_stack, modules_of, tensors_of
 from .groups import DependencyGraph
 from .optable import canonical
 
@@ -61,9 +61,21 @@ def read_params(node: torch.fx.Node, params: dict[str, torch.nn.Parameter]) -> l
     return [n.target for n in node.all_input_nodes if n.op == "get_attr" and n.target in params]  # type: ignore[misc]
 
 
+def _has_parameters(module: torch.nn.Module) -> bool:
+    """Whether ``module`` or a submodule holds a parameter, walking the tables (``parameters()`` builds a
+    generator chain per call, and this is asked of every module a graph calls)."""
+    stack = [module]
+    while stack:
+        m = stack.pop()
+        if any(p is not None for p in m._parameters.values()):
+            return True
+        stack.extend(c for c in m._modules.values() if c is not None)
+    return False
+
+
 def _is_layer(node: torch.fx.Node, modules: dict[str, torch.nn.Module], params: dict[str, torch.nn.Parameter]) -> bool:
     if node.op == "call_module":
-        return next(modules[node.target].parameters(), None) is not None or bool(node.meta.get(keys.FLOPS))
+        return _has_parameters(modules[node.target]) or bool(node.meta.get(keys.FLOPS))
     if node.op in ("call_function", "call_method"):
         return bool(node.meta.get(keys.FLOPS)) or bool(read_params(node, params))
     return False
@@ -71,7 +83,7 @@ def _is_layer(node: torch.fx.Node, modules: dict[str, torch.nn.Module], params: 
 
 def layers(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, tuple[str, str]]:
     """Every layer node of ``gm``, in graph order, with its (name, op)."""
-    modules, params = dict(gm.named_modules()), dict(gm.named_parameters())
+    modules, params = modules_of(gm), tensors_of(gm)
     found = {n: _name_and_op(n, modules) for n in gm.graph.nodes if _is_layer(n, modules, params)}
     uses = Counter(name for name, _ in found.values())
     called = {name for n, (name, _) in found.items() if n.op == "call_module"}

@@ -13,6 +13,7 @@ kernel and ``nn.MultiheadAttention``'s inference fast path), as the matmuls they
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.fx
@@ -77,10 +78,17 @@ class FlopModel:
         width = max(deps.num_atoms, 1)
         key, counts = torch.unique(rows[keep] * width + cols[keep], return_counts=True)
         self.rows, self.cols, self.counts = key // width, key % width, counts.to(torch.float64)
+        # The same entries as a sparse (vector x atom) matrix, rows in order: one product counts the removed
+        # indices of every vector (a fifth of the time of an index_add over the entries).
+        ends = torch.bincount(self.rows, minlength=len(vectors)).cumsum(0)
+        with warnings.catch_warnings():  # torch says CSR support is in beta; a matrix-vector product is all this needs
+            warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
+            self.matrix = torch.sparse_csr_tensor(torch.cat([torch.zeros(1, dtype=torch.long), ends]), self.cols, self.counts,
+                                                  (len(vectors), width), check_invariants=True)
 
     def kept_per_factor(self, removed: torch.Tensor) -> torch.Tensor:
         """How many indices of each factor of each term stay after removing ``removed`` (float64)."""
-        return self.vector_sizes.index_add(0, self.rows, self.counts * removed[self.cols], alpha=-1)[self.vector_of]
+        return (self.vector_sizes - torch.mv(self.matrix, removed.to(torch.float64)))[self.vector_of]
 
     def macs(self, removed: torch.Tensor) -> float:
         """MACs (float64) after removing ``removed``, for the target search."""

@@ -1,5 +1,6 @@
 """Module and graph helpers that several passes share; nothing here knows about channels.
 
+* ``modules_of`` / ``tensors_of``: ``dict(named_modules())`` / ``dict(named_parameters())`` without generator chains;
 * ``module_copy``: a shallow copy of one module with its own parameter, buffer, submodule and hook tables;
 * ``structural_copy``: a new module tree sharing the user's tensors, so attribute edits never reach them;
 * ``copy_graph``: a copy of a graph that keeps its codegen (an exported graph's input/output structure);
@@ -23,11 +24,39 @@ import torch
 import torch.fx
 from torch import nn
 
-__all__ = ["module_copy", "structural_copy", "copy_graph", "copy_modes", "graph_module", "eval_mode", "is_get_attr", "arg",
+__all__ = ["modules_of", "tensors_of", "module_copy", "structural_copy", "copy_graph", "copy_modes", "graph_module", "eval_mode", "is_get_attr", "arg",
            "module_stack", "is_hf"]
 
 
 _TABLES = ("_parameters", "_buffers", "_modules")
+
+
+def modules_of(root: nn.Module) -> dict[str, nn.Module]:
+    """``dict(root.named_modules())``, walking the ``_modules`` tables: ``named_modules`` nests a generator
+    per level (a few microseconds a module), and the passes ask for every module of a graph many times."""
+    out: dict[str, nn.Module] = {}
+    seen: set[int] = set()
+    stack = [("", root)]
+    while stack:
+        name, m = stack.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        out[name] = m
+        stack.extend((f"{name}.{k}" if name else k, c) for k, c in reversed(m._modules.items()) if c is not None)
+    return out
+
+
+def tensors_of(root: nn.Module, table: str = "_parameters") -> dict[str, torch.Tensor]:
+    """``dict(root.named_parameters())`` (``table="_buffers"``: ``named_buffers``), the same way."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for prefix, m in modules_of(root).items():
+        for k, t in getattr(m, table).items():
+            if t is not None and id(t) not in seen:
+                seen.add(id(t))
+                out[f"{prefix}.{k}" if prefix else k] = t
+    return out
 
 
 def module_copy(module: nn.Module) -> nn.Module:
@@ -86,8 +115,8 @@ def copy_modes(source: nn.Module, target: nn.Module) -> None:
     """Give every submodule of ``target`` the training flag of ``source``'s submodule of the same name
     (``source``'s own where it has none): FX builds a GraphModule's root and containers anew, in
     training mode, whatever mode the modules it copies are in."""
-    flags = {n: m.training for n, m in source.named_modules()}
-    for n, m in target.named_modules():
+    flags = {n: m.training for n, m in modules_of(source).items()}
+    for n, m in modules_of(target).items():
         m.training = flags.get(n, source.training)
 
 

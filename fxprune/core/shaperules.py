@@ -28,6 +28,7 @@ from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from .flops import counter
+from .fxutil import modules_of, tensors_of
 
 __all__ = ["infer"]
 
@@ -364,11 +365,11 @@ def infer(gm: torch.fx.GraphModule, inputs: Sequence[Any]) -> tuple[dict[torch.f
     or the graph's tensors are on more than one device."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
-    devices = {t.device for t in (*tensors, *gm.parameters(), *gm.buffers())}
+    devices = {t.device for t in (*tensors, *tensors_of(gm).values(), *tensors_of(gm, "_buffers").values())}
     if len(placeholders) != len(inputs) or len(devices) > 1:
         return None
     given = iter(inputs)
-    modules = dict(gm.named_modules())
+    modules = modules_of(gm)
     env: dict[torch.fx.Node, Any] = {}
     flops: dict[torch.fx.Node, int] = {}
     lookup = env.__getitem__

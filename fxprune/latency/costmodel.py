@@ -34,7 +34,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 
 from ..core import metakeys as keys
 from ..core.flops import FlopModel
-from ..core.fxutil import arg, is_get_attr
+from ..core.fxutil import arg, is_get_attr, modules_of
 from ..core.groups import NEVER_REMOVED, DependencyGraph, Family, FlopTerm
 from ..core.optable import canonical
 from ..core.widths import WidthRule
@@ -171,7 +171,7 @@ def _spec(node: torch.fx.Node, gm: torch.fx.GraphModule, modules: dict[str, nn.M
 def measurable_layers(gm: torch.fx.GraphModule, deps: DependencyGraph) -> dict[int, Layer]:
     """Index of each FlopTerm that ``Layer`` can rebuild, and its recipe."""
     nodes = {n.name: n for n in gm.graph.nodes}
-    modules = dict(gm.named_modules())
+    modules = modules_of(gm)
     found = {}
     for i, term in enumerate(deps.flop_terms):
         node = nodes.get(term.node)

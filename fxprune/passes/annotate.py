@@ -17,6 +17,7 @@ from torch import nn
 from ..core import metakeys as keys
 from ..core.dataflow import channel_count, layers, read_params
 from ..core.flops import FlopModel, total_macs
+from ..core.fxutil import modules_of, tensors_of
 from ..core.groups import DependencyGraph, Family
 from ..core.masks import Kept
 from ..core.optable import IN_FIELDS, OUT_FIELDS, module_channels
@@ -62,8 +63,8 @@ def annotate(
 ) -> Report:
     after = flop_model.per_node(removed)
     capture_note = gm.meta.get(keys.CAPTURE)
-    before_mods, after_mods = dict(gm.named_modules()), dict(pruned.named_modules())
-    before_params, after_params = dict(gm.named_parameters()), dict(pruned.named_parameters())
+    before_mods, after_mods = modules_of(gm), modules_of(pruned)
+    before_params, after_params = tensors_of(gm), tensors_of(pruned)
     named = layers(gm)
     pruned_nodes = {n.name: n for n in pruned.graph.nodes}
     kept = Kept(removed, {name: atoms for name, (_, atoms) in deps.tensor_atoms.items()})

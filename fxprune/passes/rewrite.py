@@ -17,7 +17,7 @@ from torch import nn
 
 from ..core import metakeys as keys
 from ..core.codegen import DirectGraphModule
-from ..core.fxutil import copy_graph, copy_modes, module_copy
+from ..core.fxutil import copy_graph, copy_modes, module_copy, modules_of
 from ..core.groups import DependencyGraph, Patch, PatchKind, Plan
 from ..core.masks import Kept, removed_mask
 from ..core.optable import IN_FIELDS, OUT_FIELDS, module_channels
@@ -140,7 +140,7 @@ class _Rewriter:
     def attributes(self, graph: torch.fx.Graph) -> dict[str, Any]:
         """What each ``call_module`` and ``get_attr`` target of ``graph`` is in the result: copies of the
         modules with their tensors sliced, sliced or cloned tensors, other values as they are."""
-        modules = dict(self.gm.named_modules())
+        modules = modules_of(self.gm)
         attrs: dict[str, Any] = {}
         for n in graph.nodes:
             if n.op == "call_module" and n.target not in attrs:
@@ -189,7 +189,7 @@ class _Rewriter:
             params.setdefault(name, {})[str(dim)] = idx
         tensors = dict(zip(self.tensors.count, self.tensors.lists(list(self.tensors.count))))
         modules: dict[str, dict[str, list[int]]] = {}
-        named = dict(self.gm.named_modules())
+        named = modules_of(self.gm)
         for n in self.gm.graph.nodes:
             if n.op != "call_module":
                 continue

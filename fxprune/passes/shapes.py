@@ -27,7 +27,7 @@ from torch.utils.flop_counter import conv_flop_count
 from ..core import metakeys as keys
 from ..errors import ShapeError
 from ..core.flops import counter as flop_counter
-from ..core.fxutil import eval_mode
+from ..core.fxutil import eval_mode, modules_of
 from ..core.optable import flopless
 from ..core.shaperules import infer
 
@@ -94,7 +94,7 @@ def _formula(n: torch.fx.Node, mod: nn.Module | None) -> Callable[[torch.Tensor]
 
 def _annotate(gm: torch.fx.GraphModule, outputs: dict[torch.fx.Node, Any], counted: dict[torch.fx.Node, int]) -> None:
     """Write what ``infer`` found as ``_ShapeFlopProp`` writes what it runs."""
-    modules = dict(gm.named_modules())
+    modules = modules_of(gm)
     for n, out in outputs.items():
         found = isinstance(out, TensorMetadata) or (isinstance(out, (tuple, list)) and any(isinstance(v, TensorMetadata) for v in out))
         n.meta[keys.TENSOR_META if found else keys.VALUE] = out

@@ -20,6 +20,7 @@ from torch.fx.node import map_aggregate, map_arg
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from ...core import metakeys as keys
+from ...core.fxutil import modules_of
 from ...core.groups import Family, Member, Patch, Role
 from ...core.optable import canonical
 from .labels import Labels, Param, UnionFind
@@ -91,7 +92,7 @@ class State:
     def __init__(self, gm: torch.fx.GraphModule, free_output: bool) -> None:
         self.gm = gm
         self.free_output = free_output
-        self.modules = dict(gm.named_modules())
+        self.modules = modules_of(gm)
         self.uf = UnionFind()
         self.env: dict[torch.fx.Node, Any] = {}  # the interpreter's: node -> Labels / Param / value
         self.slots: dict[tuple[str, int], list[torch.Tensor]] = defaultdict(list)
