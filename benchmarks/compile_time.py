@@ -29,6 +29,7 @@ import argparse
 import collections
 import contextlib
 import copy
+import gc
 import signal
 import statistics
 import sys
@@ -178,6 +179,7 @@ def table(args: argparse.Namespace) -> None:
         model = build_model(name)
         x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
         nodes = graph_nodes(model)
+        gc.collect()  # the models before left their results as reference cycles: free them before these timings, not in them
         timed = fx_and_forward(model, x, args.repeat)
         (fx, cap, fwd), stages = timed if isinstance(timed, tuple) else ((timed, None, None), {})
         tp = "skipped" if args.no_tp else median_seconds(lambda: tp_seconds(model, x, args.tp_timeout), args.repeat)
