@@ -40,7 +40,8 @@ def _both(model: nn.Module, x: torch.Tensor, monkeypatch: pytest.MonkeyPatch) ->
 
 class Ops(nn.Module):
     """The rules' ops in forms the zoo's models do not all use: pools with ceil_mode and padding, 1-d and
-    3-d layers, chunk with a short last piece, size arithmetic, views with -1, mean, layer norm."""
+    3-d layers, chunk with a short last piece, size arithmetic, views with -1, mean, layer norm; and ops
+    without a rule (a tensor made on the input's device, softmax), which run on meta tensors."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -58,6 +59,7 @@ class Ops(nn.Module):
         y = self.avg(self.pool(torch.relu(self.conv(x))))
         a, b, c, d = y.chunk(4, dim=1)  # 10 channels: 3, 3, 3, 1
         y = torch.cat([a, b, c, d * 2.0], 1)
+        y = y + torch.arange(y.shape[1], device=y.device).view(1, -1, 1, 1).float().softmax(1)
         n, ch = y.size(0), y.size()[1]
         z = self.bn1d(self.conv1d(y.view(n, ch, -1)))
         w = self.conv3d(y.reshape(n, 1, ch, y.shape[2], -1)).flatten(1, 2)

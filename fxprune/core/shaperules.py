@@ -5,12 +5,14 @@ through the interpreter, costs 1.1-1.9 forward passes: most of a FLOPs-target co
 output shape is a function of their inputs' shapes and their module's attributes alone (convolutions,
 norms, activations, pools, linear layers, elementwise arithmetic, concatenation, the shape ops and the
 size arithmetic around them), these rules give it in microseconds, checking what the op itself would
-reject (a channel count, a dtype). A function or method without a rule of its own (attention, einsum,
-indexing, softmax ...) runs on meta tensors of its inputs' shapes under ``FlopCounterMode``: the shape,
-dtype and FLOPs torch itself gives, with no data read (an op whose output shape depends on data fails
-there). ``infer`` covers a whole graph or none of it: a module without a rule, or an op that would fail,
-and the graph runs as before. Of the ops with rules, only the convolution and linear modules do work
-that ``FlopCounterMode`` counts.
+reject (a channel count, a dtype); strides are a contiguous tensor's or the input's (no pass reads
+them). A function or method without a rule of its own (attention, einsum, indexing, softmax ...) runs
+on meta tensors of its inputs' shapes under ``FlopCounterMode``: the shape, dtype and FLOPs torch itself
+gives, with no data read (an op whose output shape depends on data fails there; a dtype that only a
+device's kernel rejects does not, and fails where the model runs, as ``verify=True`` does). ``infer``
+covers a whole graph or none of it: a module without a rule, or an op that would fail, and the graph
+runs as before. Of the ops with rules, only the convolution and linear modules do work that
+``FlopCounterMode`` counts.
 """
 
 from __future__ import annotations
@@ -320,10 +322,16 @@ def _leaves(v: Any, fn: Callable[[Any], Any]) -> Any:
     return fn(v)
 
 
-def _on_meta(n: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, int]:
-    """``n``'s function or method run on meta tensors shaped as its inputs, under FlopCounterMode."""
+def _on_meta(n: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any], device: torch.device) -> tuple[Any, int]:
+    """``n``'s function or method run on meta tensors shaped as its inputs, under FlopCounterMode; a device
+    it gives (``x.device``) is the graph's own ``device``, as running it would give."""
     def meta(v: Any) -> Any:
         return torch.empty_strided(v.shape, v.stride, dtype=v.dtype, device="meta") if isinstance(v, TensorMetadata) else v
+
+    def back(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return _extract_tensor_metadata(v, include_contiguity=False)
+        return device if isinstance(v, torch.device) and v.type == "meta" else v
 
     margs, mkwargs = _leaves(args, meta), _leaves(kwargs, meta)
     try:
@@ -331,10 +339,11 @@ def _on_meta(n: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
             out = n.target(*margs, **mkwargs) if n.op == "call_function" else getattr(margs[0], n.target)(*margs[1:], **mkwargs)
     except Exception:  # an op that reads data (nonzero, item ...) or would fail: the graph runs instead
         raise _Unknown from None
-    return _leaves(out, lambda v: _extract_tensor_metadata(v, include_contiguity=False) if isinstance(v, torch.Tensor) else v), flops.get_total_flops()
+    return _leaves(out, back), flops.get_total_flops()
 
 
-def _value(n: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any], modules: dict[str, nn.Module], root: nn.Module) -> tuple[Any, int | None]:
+def _value(n: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any], modules: dict[str, nn.Module], root: nn.Module,
+           device: torch.device) -> tuple[Any, int | None]:
     """``n``'s output and, where it ran on meta tensors, its FLOPs."""
     if n.op == "get_attr":
         owner, _, name = n.target.rpartition(".")
@@ -356,7 +365,7 @@ def _value(n: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any], modu
             return fn(args, kwargs, None), None
         except _Unknown:
             pass
-    return _on_meta(n, args, kwargs)
+    return _on_meta(n, args, kwargs, device)
 
 
 def infer(gm: torch.fx.GraphModule, inputs: Sequence[Any]) -> tuple[dict[torch.fx.Node, Any], dict[torch.fx.Node, int]] | None:
@@ -368,6 +377,7 @@ def infer(gm: torch.fx.GraphModule, inputs: Sequence[Any]) -> tuple[dict[torch.f
     devices = {t.device for t in (*tensors, *tensors_of(gm).values(), *tensors_of(gm, "_buffers").values())}
     if len(placeholders) != len(inputs) or len(devices) > 1:
         return None
+    device = next(iter(devices), torch.device("cpu"))
     given = iter(inputs)
     modules = modules_of(gm)
     env: dict[torch.fx.Node, Any] = {}
@@ -381,7 +391,7 @@ def infer(gm: torch.fx.GraphModule, inputs: Sequence[Any]) -> tuple[dict[torch.f
                 continue
             args = map_aggregate(n.args, lambda a: lookup(a) if isinstance(a, torch.fx.Node) else a)
             kwargs = map_aggregate(n.kwargs, lambda a: lookup(a) if isinstance(a, torch.fx.Node) else a)
-            env[n], counted = _value(n, args, kwargs, modules, gm)
+            env[n], counted = _value(n, args, kwargs, modules, gm, device)
             if counted is not None:
                 flops[n] = counted
     except (_Unknown, TypeError, IndexError, AttributeError):
