@@ -61,21 +61,9 @@ def read_params(node: torch.fx.Node, params: dict[str, torch.nn.Parameter]) -> l
     return [n.target for n in node.all_input_nodes if n.op == "get_attr" and n.target in params]  # type: ignore[misc]
 
 
-def _has_parameters(module: torch.nn.Module) -> bool:
-    """Whether ``module`` or a submodule holds a parameter, walking the tables (``parameters()`` builds a
-    generator chain per call, and this is asked of every module a graph calls)."""
-    stack = [module]
-    while stack:
-        m = stack.pop()
-        if any(p is not None for p in m._parameters.values()):
-            return True
-        stack.extend(c for c in m._modules.values() if c is not None)
-    return False
-
-
 def _is_layer(node: torch.fx.Node, modules: dict[str, torch.nn.Module], params: dict[str, torch.nn.Parameter]) -> bool:
     if node.op == "call_module":
-        return _has_parameters(modules[node.target]) or bool(node.meta.get(keys.FLOPS))
+        return bool(tensors_of(modules[node.target])) or bool(node.meta.get(keys.FLOPS))
     if node.op in ("call_function", "call_method"):
         return bool(node.meta.get(keys.FLOPS)) or bool(read_params(node, params))
     return False

@@ -30,7 +30,7 @@ from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from .flops import counter
-from .fxutil import modules_of, tensors_of
+from .fxutil import modules_of
 
 __all__ = ["infer"]
 
@@ -202,11 +202,12 @@ def flatten(args: tuple[Any, ...], kwargs: dict[str, Any], mod: Any) -> TensorMe
     return _flatten(_t(args[0]), _arg(args, kwargs, 1, "start_dim", 0), _arg(args, kwargs, 2, "end_dim", -1))
 
 
-_VALUE_OPS = (operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.mod, operator.neg,
-              operator.getitem, operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge)
+_ARITHMETIC = (operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv)
+_VALUE_OPS = (*_ARITHMETIC, operator.mod, operator.neg, operator.getitem, operator.eq, operator.ne, operator.lt, operator.le,
+              operator.gt, operator.ge)  # evaluated as they are when no argument is a tensor
 
 
-@rule(*_VALUE_OPS[:5], torch.add, torch.mul, "add", "mul")
+@rule(*_ARITHMETIC, torch.add, torch.mul, "add", "mul")
 def arithmetic(args: tuple[Any, ...], kwargs: dict[str, Any], mod: Any) -> TensorMetadata:
     tensors = [v for v in (*args[:2], kwargs.get("other")) if isinstance(v, TensorMetadata)]
     others = [v for v in (*args[:2], kwargs.get("other")) if v is not None and not isinstance(v, TensorMetadata)]
@@ -299,9 +300,9 @@ def attribute(args: tuple[Any, ...], kwargs: dict[str, Any], mod: Any) -> Any:
     return {"shape": x.shape, "dtype": x.dtype, "ndim": len(x.shape)}[name]
 
 
-@rule(*_VALUE_OPS[5:])
-def value_op(args: tuple[Any, ...], kwargs: dict[str, Any], mod: Any) -> Any:
-    """An operator on sizes and other plain values, or the getitem of one of a tuple of tensors."""
+@rule(operator.getitem)
+def getitem(args: tuple[Any, ...], kwargs: dict[str, Any], mod: Any) -> Any:
+    """One of a tuple of tensors (a chunk's); indexing a tensor runs on meta tensors."""
     container = args[0]
     if isinstance(container, (tuple, list)) and any(isinstance(v, TensorMetadata) for v in container):
         _check(len(args) == 2 and isinstance(args[1], int) and -len(container) <= args[1] < len(container))
@@ -373,13 +374,13 @@ def infer(gm: torch.fx.GraphModule, inputs: Sequence[Any]) -> tuple[dict[torch.f
     and the FLOPs of the nodes that ran on meta tensors; None when a module has no rule, an op would fail,
     or the graph's tensors are on more than one device."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
-    devices = {t.device for t in (*tensors, *tensors_of(gm).values(), *tensors_of(gm, "_buffers").values())}
+    modules = modules_of(gm)
+    devices = {t.device for t in inputs if isinstance(t, torch.Tensor)}
+    devices |= {t.device for m in modules.values() for t in (*m._parameters.values(), *m._buffers.values()) if t is not None}
     if len(placeholders) != len(inputs) or len(devices) > 1:
         return None
     device = next(iter(devices), torch.device("cpu"))
     given = iter(inputs)
-    modules = modules_of(gm)
     env: dict[torch.fx.Node, Any] = {}
     flops: dict[torch.fx.Node, int] = {}
     lookup = env.__getitem__

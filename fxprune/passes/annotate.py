@@ -29,15 +29,9 @@ _OTHER_FAMILIES = (Family.ELEMENTWISE, Family.CHANNELWISE, Family.NORM, Family.R
 
 
 def _numel(module: nn.Module) -> int:
-    """``sum(p.numel() for p in module.parameters())``, walking the tables directly: ``parameters()``
-    builds a generator chain per module, and the report asks for every layer of both models."""
-    found: dict[int, int] = {}
-    stack = [module]
-    while stack:
-        m = stack.pop()
-        found.update((id(p), p.numel()) for p in m._parameters.values() if p is not None)
-        stack.extend(c for c in m._modules.values() if c is not None)
-    return sum(found.values())
+    """``sum(p.numel() for p in module.parameters())``, without ``parameters()``'s generator chain per
+    module: the report asks for every layer of both models."""
+    return sum(p.numel() for p in tensors_of(module).values())
 
 
 def _kept(node: torch.fx.Node, deps: DependencyGraph, kept: Kept) -> tuple[int | None, int | None]:
@@ -105,7 +99,7 @@ def annotate(
     notes.extend(deps.notes.values())
     return Report(
         rows=rows,
-        params=(_numel(gm), _numel(pruned)),
+        params=(sum(p.numel() for p in before_params.values()), sum(p.numel() for p in after_params.values())),
         macs=(total_macs(gm), flop_model.exact(after)),
         other_flops=(other[0], other[1]),
         notes=notes,

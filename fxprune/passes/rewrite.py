@@ -55,6 +55,7 @@ class _Rewriter:
         self.deps = deps
         self.removed = removed_mask(deps, plan)
         self.nodes = {n.name: n for n in gm.graph.nodes}
+        self.modules = modules_of(gm)
         self.members = Kept(self.removed, deps.member_atoms)
         self.by_name: dict[str, dict[int, torch.Tensor]] = {}
         for name, dim in self.members.pruned():
@@ -140,11 +141,10 @@ class _Rewriter:
     def attributes(self, graph: torch.fx.Graph) -> dict[str, Any]:
         """What each ``call_module`` and ``get_attr`` target of ``graph`` is in the result: copies of the
         modules with their tensors sliced, sliced or cloned tensors, other values as they are."""
-        modules = modules_of(self.gm)
         attrs: dict[str, Any] = {}
         for n in graph.nodes:
             if n.op == "call_module" and n.target not in attrs:
-                attrs[n.target] = self.copy_module(modules[n.target], n.target + ".")
+                attrs[n.target] = self.copy_module(self.modules[n.target], n.target + ".")
         called = set(attrs)
         for n in graph.nodes:
             if n.op != "get_attr" or n.target in attrs:
@@ -156,7 +156,7 @@ class _Rewriter:
             if inside in called:  # a tensor of a called module: the copy's own
                 attrs[n.target] = attrgetter(n.target[len(inside) + 1:])(attrs[inside])
                 continue
-            value = getattr(modules[owner_name], field)
+            value = getattr(self.modules[owner_name], field)
             attrs[n.target] = self.new_tensor(n.target, value) if isinstance(value, torch.Tensor) else value
         for p in self.deps.patches:
             if p.kind == PatchKind.ATTR and p.target in attrs:
@@ -189,11 +189,10 @@ class _Rewriter:
             params.setdefault(name, {})[str(dim)] = idx
         tensors = dict(zip(self.tensors.count, self.tensors.lists(list(self.tensors.count))))
         modules: dict[str, dict[str, list[int]]] = {}
-        named = modules_of(self.gm)
         for n in self.gm.graph.nodes:
             if n.op != "call_module":
                 continue
-            mod, entry = named[n.target], {}
+            mod, entry = self.modules[n.target], {}
             src = n.args[0] if n.args and isinstance(n.args[0], torch.fx.Node) else None
             for key, tensor, fields in (("in", src, IN_FIELDS), ("out", n, OUT_FIELDS)):
                 if tensor is not None and tensor.name in tensors:
