@@ -12,8 +12,9 @@ warm-up run of each, the median of --repeat runs of
 It also prints the number of torch.fx graph nodes and fxprune's time per 1000 nodes, to judge whether
 fxprune scales linearly with graph size, the torch-pruning / fxprune time ratio, and fxprune's compile
 time in eager forward passes of the same model on the same input (``torch.no_grad``), timed interleaved
-with the compiles (compile, capture alone, forward, compile ...; medians of each), in all and beyond
-the capture (compile minus capture, over one forward).
+with the compiles (compile, capture alone, forward, compile ...; medians of each; a full garbage collection,
+untimed, after each, so that no step frees what the one before discarded), in all and beyond the capture
+(compile minus capture, over one forward).
 
 --stages adds fxprune's time in each pass of its compiles (medians, ms); --load runs everything while two
 processes load the CPU (``noisy_latency.py``'s loads: ``torch``, 2-thread matmuls in random bursts).
@@ -118,9 +119,14 @@ def fx_and_forward(model, x, repeat: int) -> tuple[tuple[float, float, float], d
             stages[name].append(stage_seconds[name])
         return seconds
 
+    def collected(seconds: float) -> float:
+        gc.collect()  # what the step discarded is freed here, untimed, not inside the next step's timing
+        return seconds
+
     try:
         fx_seconds(model, x), capture_seconds(model, x), forward_seconds(model, x)
-        runs = [(compile_seconds(), capture_seconds(model, x), forward_seconds(model, x)) for _ in range(repeat)]
+        runs = [(collected(compile_seconds()), collected(capture_seconds(model, x)), collected(forward_seconds(model, x)))
+                for _ in range(repeat)]
     except Exception as exc:
         return short_error(exc, 40)
     return tuple(statistics.median(r[k] for r in runs) for k in range(3)), {k: statistics.median(v) for k, v in stages.items()}

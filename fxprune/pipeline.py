@@ -24,6 +24,7 @@ from .errors import ArgumentError, PlanError, ShapeError, TargetUnreachableError
 from .core.flops import FlopModel, total_macs
 from .core.groups import DependencyGraph, Plan
 from .core.masks import removed_mask
+from .core.collector import paused
 from .passes.annotate import annotate
 from .passes.capture import capture
 from .selection.classes import class_plan
@@ -145,6 +146,7 @@ class Analysis:
         return model
 
 
+@paused()
 def analyze(model: Model, given: Inputs = None, ignore: Iterable[str] = (), seed: int = 0, free_output: bool = False,
             announce: bool = True) -> Analysis:
     """Capture ``model``, annotate shapes and FLOPs, and couple its channels; ``announce``: log what was
@@ -209,6 +211,7 @@ def select_plan(a: Analysis, chooser: Chooser, target: float, scores: dict[int, 
     return plan
 
 
+@paused()
 def build_result(a: Analysis, plan: Plan, verify: bool, pruned: torch.fx.GraphModule | None = None,
                  compensation: Any = None) -> nn.Module:
     """Rewrite ``a`` as ``plan`` says (unless ``pruned`` is that rewrite already), verify the result (when
