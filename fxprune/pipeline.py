@@ -25,6 +25,7 @@ from .core.flops import FlopModel, total_macs
 from .core.groups import DependencyGraph, Plan
 from .core.masks import removed_mask
 from .core.collector import paused
+from .core.fxutil import modules_of
 from .passes.annotate import annotate
 from .passes.capture import capture
 from .selection.classes import class_plan
@@ -70,16 +71,18 @@ def example_inputs(given: Inputs, seed: int = 0) -> tuple[Any, ...]:
 def _check_ignore(model: Model, ignore: Iterable[str]) -> tuple[str, ...]:
     if isinstance(ignore, str):
         ignore = (ignore,)
+    ignore = tuple(ignore)
+    if not ignore:
+        return ignore
     if isinstance(model, torch.export.ExportedProgram):
         model = model.module()
-    names = {n for n, _ in model.named_modules()}
-    out = tuple(ignore)
-    for name in out:
+    names = set(modules_of(model))
+    for name in ignore:
         if name not in names:
             close = difflib.get_close_matches(name, sorted(names), n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise ArgumentError(f"ignore= names module {name!r}, which {type(model).__name__} does not have{hint}")
-    return out
+    return ignore
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from enum import Enum
 from typing import Any
 
@@ -75,8 +76,8 @@ class Group:
     members: tuple[Member, ...]
     frozen: tuple[str, ...] = ()  # reasons; empty means prunable
 
-    @property
-    def width(self) -> int:
+    @cached_property
+    def width(self) -> int:  # read thousands of times a compile by the selection pass; atoms never change
         return int(self.atoms.numel())
 
     @property
