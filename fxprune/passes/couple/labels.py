@@ -39,8 +39,10 @@ class UnionFind:
         """The root of every label in ``t`` (same shape); ``t``'s labels then point at them directly."""
         parent = self._parent
         r = parent[t]
-        while not torch.equal(up := parent[r], r):
-            r = up
+        if torch.equal(up := parent[r], r):  # most lookups: ``t``'s labels point at their roots already
+            return r
+        while not torch.equal(up, r):
+            r, up = up, parent[up]
         parent[t] = r
         return r
 
