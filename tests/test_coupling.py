@@ -626,3 +626,27 @@ def test_a_reshape_on_compact_labels_couples_as_the_materialized_labels_do(shape
     monkeypatch.setattr(layout, "reshaped", lambda *args: None)
     assert _structure(fxprune.analyze(build(), X)) == fast
     compile_ok(build())
+
+
+class Pieces(nn.Module):
+    """A conv's channels cut by chunk, split and tensor_split, along the channel dim and across it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 16, 1), nn.Conv2d(8, 8, 1), nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        p, q = y.chunk(2, dim=1)
+        r, t = torch.split(y, [5, 11], 1)
+        u = torch.tensor_split(y, 3, dim=2)
+        one, rest = y.split([1, 15], dim=1)
+        z = torch.cat([self.b(p), q], 1) + r.mean() + t.mean() + u[0].mean() + one * rest.mean()
+        return self.c(z)
+
+
+def test_pieces_cut_from_compact_labels_couple_as_the_materialized_labels_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    fast = _structure(fxprune.analyze(Pieces(), X))
+    monkeypatch.setattr(layout, "pieces", lambda *args: None)
+    assert _structure(fxprune.analyze(Pieces(), X)) == fast
+    compile_ok(Pieces())

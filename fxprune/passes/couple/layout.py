@@ -40,7 +40,7 @@ def shape_op(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[
 def on_labels(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any],
               force: frozenset[int] = frozenset(), heads: bool = False) -> Any:
     """``node``'s op run on the labels of its arguments; ``force`` and ``heads`` as in ``compress``."""
-    fast = moved(s, node, args, kwargs) or reshaped(s, node, args, force, heads)
+    fast = moved(s, node, args, kwargs) or reshaped(s, node, args, force, heads) or (None if force or heads else pieces(s, node, args, kwargs))
     if fast is not None:
         return fast
 
@@ -109,6 +109,27 @@ def reshaped(s: State, node: torch.fx.Node, args: tuple[Any, ...], force: frozen
     flat = torch.arange(math.prod(out[a:b])) * math.prod(out[b:])
     small = s.uf.roots(x.ids)[(flat // post) % c].view([1] * a + list(out[a:b]) + [1] * (n - b))
     return compress(s.uf, small, force, heads, out)
+
+
+def pieces(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Labels, ...] | None:
+    """The labels of a split, chunk or tensor_split: consecutive pieces of one dim, cut from the compact
+    labels, as ``compress`` makes them from the materialized pieces (a channel shuffle block splits maps
+    of 100k positions). None: materialize instead."""
+    metas = node.meta.get(keys.TENSOR_META)
+    x = s.as_labels(args[0]) if args else None
+    if (target_name(node) not in ("split", "chunk", "tensor_split") or not isinstance(metas, (tuple, list)) or not isinstance(x, Labels)
+            or not all(isinstance(m, TensorMetadata) and len(m.shape) == len(x.shape) and m.shape.numel() for m in metas)):
+        return None
+    d = arg(args, kwargs, 2, "dim", 0) % len(x.shape)
+    if sum(m.shape[d] for m in metas) != x.shape[d] or any(m.shape[:d] + m.shape[d + 1:] != x.shape[:d] + x.shape[d + 1:] for m in metas):
+        return None
+    ids, start, out = s.uf.roots(x.ids), 0, []
+    for m in metas:
+        piece = ids[start:start + m.shape[d]] if x.dim == d else ids
+        start += m.shape[d]
+        varies = x.dim is not None and m.shape[x.dim] > 1 and not bool((piece == piece[0]).all())
+        out.append(Labels(tuple(m.shape), x.dim, piece.clone()) if varies else Labels(tuple(m.shape), None, piece[:1].clone()))
+    return tuple(out)
 
 
 def permute(x: Labels, rest: tuple[Any, ...], kwargs: dict[str, Any]) -> Moved:
