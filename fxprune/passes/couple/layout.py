@@ -3,8 +3,9 @@
 ``on_labels`` materializes the labels of every tensor argument (``Labels.full``), calls the very op
 on them and compresses the result back (``labels.compress``), so view, permute, cat, stack, flip,
 pixel_shuffle, tile ... need no rule of their own. Ops that only move, merge or join dims (permute,
-transpose, unsqueeze, flatten, cat) are done on the compact labels when they can be: the same
-result without building the label tensor. Channel shuffle and roll add their own checks.
+transpose, unsqueeze, flatten, cat), reshape one (view, reshape) or cut one into pieces (split, chunk,
+tensor_split) are done on the compact labels when they can be: the same result without building the
+label tensor. Channel shuffle and roll add their own checks.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ def shape_op(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[
 def on_labels(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any],
               force: frozenset[int] = frozenset(), heads: bool = False) -> Any:
     """``node``'s op run on the labels of its arguments; ``force`` and ``heads`` as in ``compress``."""
-    fast = moved(s, node, args, kwargs) or reshaped(s, node, args, force, heads) or (None if force or heads else pieces(s, node, args, kwargs))
+    fast = (moved(s, node, args, kwargs) or reshaped(s, node, args, force, heads)
+            or (None if force or heads else pieces(s, node, args, kwargs)))
     if fast is not None:
         return fast
 
