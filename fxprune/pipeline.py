@@ -24,7 +24,6 @@ from .errors import ArgumentError, PlanError, ShapeError, TargetUnreachableError
 from .core.flops import FlopModel, total_macs
 from .core.groups import DependencyGraph, Plan
 from .core.masks import removed_mask
-from .core.collector import paused
 from .core.fxutil import modules_of
 from .passes.annotate import annotate
 from .passes.capture import capture
@@ -69,9 +68,7 @@ def example_inputs(given: Inputs, seed: int = 0) -> tuple[Any, ...]:
 
 
 def _check_ignore(model: Model, ignore: Iterable[str]) -> tuple[str, ...]:
-    if isinstance(ignore, str):
-        ignore = (ignore,)
-    ignore = tuple(ignore)
+    ignore = (ignore,) if isinstance(ignore, str) else tuple(ignore)
     if not ignore:
         return ignore
     if isinstance(model, torch.export.ExportedProgram):
@@ -149,7 +146,6 @@ class Analysis:
         return model
 
 
-@paused()
 def analyze(model: Model, given: Inputs = None, ignore: Iterable[str] = (), seed: int = 0, free_output: bool = False,
             announce: bool = True) -> Analysis:
     """Capture ``model``, annotate shapes and FLOPs, and couple its channels; ``announce``: log what was
@@ -214,7 +210,6 @@ def select_plan(a: Analysis, chooser: Chooser, target: float, scores: dict[int, 
     return plan
 
 
-@paused()
 def build_result(a: Analysis, plan: Plan, verify: bool, pruned: torch.fx.GraphModule | None = None,
                  compensation: Any = None) -> nn.Module:
     """Rewrite ``a`` as ``plan`` says (unless ``pruned`` is that rewrite already), verify the result (when
