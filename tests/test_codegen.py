@@ -123,3 +123,45 @@ def test_an_exported_graph_keeps_its_input_and_output_structure() -> None:
     assert isinstance(got, tuple) and len(got) == 2
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
+class Heads(nn.Module):
+    """A reshape whose literal follows the pruned width: the rewrite edits that node."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.out = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x).reshape(x.shape[0], 16, -1)
+        return self.out(y.reshape(x.shape[0], 16, 8, 8))
+
+
+def test_a_rewrite_that_edits_no_node_keeps_the_captured_code_and_an_edit_recompiles_its_own() -> None:
+    model = torchvision.models.resnet18(weights=None).eval()
+    x = torch.randn(2, 3, 64, 64)
+    a = fxprune.pipeline.analyze(model, x)
+    first, second = (fxprune.passes.rewrite.rewrite(a.gm, a.deps, fxprune.Plan({1: list(range(k))})) for k in (8, 16))
+    assert type(first).forward is type(a.gm).forward is type(second).forward  # compiled once, at capture
+    assert first.code == first.graph.python_code("self").src == a.gm.code
+    with torch.no_grad():
+        expected = first(x)
+        out = next(n for n in first.graph.nodes if n.op == "output")
+        with first.graph.inserting_before(out):
+            out.args = (first.graph.call_function(torch.mul, (out.args[0], 2.0)),)
+        first.recompile()
+        torch.testing.assert_close(first(x), 2 * expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a.gm(x), model(x), rtol=1e-5, atol=1e-6)  # the captured module and the other result
+        assert "torch.mul" not in second.code and type(second).forward is type(a.gm).forward
+
+
+def test_a_rewrite_that_edits_a_node_compiles_its_own_code() -> None:
+    x = torch.randn(1, 3, 8, 8)
+    a = fxprune.pipeline.analyze(Heads().eval(), x)
+    assert {p.kind for p in a.deps.patches} & {fxprune.core.groups.PatchKind.ARG}
+    gid = next(g.id for g in a.deps.prunable_groups if g.width == 16)
+    pruned = fxprune.passes.rewrite.rewrite(a.gm, a.deps, fxprune.Plan({gid: list(range(8))}))
+    assert type(pruned).forward is not type(a.gm).forward
+    assert pruned.code == pruned.graph.python_code("self").src != a.gm.code
+    assert pruned(x).shape == (1, 4, 8, 8)

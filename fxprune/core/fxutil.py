@@ -95,7 +95,7 @@ def copy_graph(graph: torch.fx.Graph) -> tuple[torch.fx.Graph, dict[torch.fx.Nod
     new = torch.fx.Graph()
     new._codegen = graph._codegen
     val_map: dict[torch.fx.Node, torch.fx.Node] = {}
-    out = new.output(new.graph_copy(graph, val_map))
+    out = new.output(new.graph_copy(graph, val_map), type_expr=graph.output_node().type)
     return new, val_map, out
 
 

@@ -41,6 +41,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from ..core.codegen import DirectGraphModule
 from ..core import dynamic
 from ..core import metakeys as keys
 from ..errors import TraceError
@@ -99,7 +100,7 @@ def _trace(root: nn.Module, opaque: set[str]) -> torch.fx.GraphModule:
     for node in graph.nodes:
         if node.op == "call_function" and node.target in replacements:
             node.target = replacements[node.target]
-    gm = torch.fx.GraphModule(tracer.root, graph, root.__class__.__name__)
+    gm = DirectGraphModule(tracer.root, graph, root.__class__.__name__)  # the code a result that edits no node keeps
     gm.meta[keys.OPAQUE] = sorted(opaque)
     return gm
 

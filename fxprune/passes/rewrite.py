@@ -33,6 +33,9 @@ alone (a classifier's or an MLP's input features) is gathered above it too: ``in
 writes fresh memory at half the speed (MobileNetV2's 1000x1280 classifier to 1000x640: 2.1 ms -> 1.1 ms
 in its compile; 2048x8192 to 2048x4096: 20 ms -> 11 ms)."""
 
+_NODE_PATCHES = (PatchKind.ARG, PatchKind.SLICE, PatchKind.SPLIT, PatchKind.VALUE)
+"""The patches that edit graph nodes; without them the result's code is the captured module's."""
+
 
 def _set_in(container: Any, path: tuple[Any, ...], value: Any) -> Any:
     if not path:
@@ -176,7 +179,9 @@ class _Rewriter:
             for k in (keys.TENSOR_META, keys.VALUE, keys.FLOPS):
                 n.meta.pop(k, None)
         attrs = self.attributes(new_graph)
-        new = DirectGraphModule(attrs, new_graph, gm.__class__.__name__)
+        edited = any(p.kind in _NODE_PATCHES for p in self.deps.patches)
+        new = DirectGraphModule(attrs, new_graph, gm.__class__.__name__,
+                                code_of=gm if isinstance(gm, DirectGraphModule) and not edited else None)
         copy_modes(gm, new)
         for p in self.deps.patches:
             if p.kind == PatchKind.ATTR and p.target not in attrs:
