@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from functools import cached_property
 
 import torch
 import torch.fx
@@ -21,7 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from . import metakeys as keys
 from .groups import NEVER_REMOVED, DependencyGraph
-from .masks import Kept, distinct, owned_cat
+from .masks import Kept, Layout, distinct, owned_cat
 
 __all__ = ["FlopModel", "total_macs", "counter"]
 
@@ -124,9 +125,14 @@ class FlopModel:
         kept = torch.ones(key.numel(), dtype=torch.float64).scatter_reduce(0, inverse, left, "prod")
         return saved.index_add(0, key % width, self.macs_vec[key // width] * (1 - kept))
 
+    @cached_property
+    def factor_layout(self) -> Layout:
+        """The ``Layout`` of every term's factors, by (term, factor)."""
+        return Layout({(i, k): f for i, t in enumerate(self.terms) for k, f in enumerate(t.factors)})
+
     def per_node(self, removed: torch.Tensor) -> dict[str, int]:
         """Exact integer MACs of every FlopTerm node (the sum of its terms) after removing ``removed``."""
-        kept = Kept(removed, {(i, k): f for i, t in enumerate(self.terms) for k, f in enumerate(t.factors)})
+        kept = Kept(removed, self.factor_layout)
         out: dict[str, int] = {}
         for i, t in enumerate(self.terms):
             num = math.prod(kept.count[(i, k)] for k in range(len(t.factors)))

@@ -12,11 +12,14 @@ import json
 from dataclasses import dataclass, field
 from functools import cached_property
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import networkx as nx
 import torch
 from tabulate import tabulate
+
+if TYPE_CHECKING:
+    from .masks import Layout
 
 __all__ = ["Member", "Group", "Patch", "FlopTerm", "DependencyGraph", "Plan", "Role", "PatchKind", "Family", "NEVER_REMOVED"]
 
@@ -145,6 +148,20 @@ class DependencyGraph:
     # Norm nodes (LayerNorm, GroupNorm) whose statistics span pruned channels: verification recomputes
     # their statistics over the kept channels only.
     masked_norms: tuple[str, ...] = ()
+
+    @cached_property
+    def member_layout(self) -> Layout:
+        """``masks.Layout`` of ``member_atoms``."""
+        from .masks import Layout  # masks reads this module's types
+
+        return Layout(self.member_atoms)
+
+    @cached_property
+    def tensor_layout(self) -> Layout:
+        """``masks.Layout`` of the atoms of ``tensor_atoms`` (by node name)."""
+        from .masks import Layout
+
+        return Layout({name: atoms for name, (_, atoms) in self.tensor_atoms.items()})
 
     def groups_of(self, module: str) -> list[Group]:
         """Groups that touch any parameter of ``module`` (a qualified module name)."""

@@ -9,7 +9,7 @@ import torch
 
 from .groups import NEVER_REMOVED, DependencyGraph, Plan
 
-__all__ = ["removed_mask", "kept_mask", "Kept", "owned_cat", "index_within", "distinct"]
+__all__ = ["removed_mask", "kept_mask", "Layout", "Kept", "owned_cat", "index_within", "distinct"]
 
 
 def removed_mask(deps: DependencyGraph, plan: Plan) -> torch.Tensor:
@@ -32,23 +32,37 @@ def kept_mask(removed: torch.Tensor, atoms: torch.Tensor) -> torch.Tensor:
     return never | ~removed[atoms.masked_fill(never, 0)]
 
 
-class Kept:
-    """What a plan keeps of many atom vectors (a graph has hundreds), computed at once: for each key of
-    ``atoms`` (1-D atom tensors), the kept mask (``kept_mask``), the kept positions, how many and of how
-    many. Slices of one tensor, cut only when asked for: a tensor op costs microseconds, whatever its size."""
+class Layout:
+    """Where the atom vectors of a mapping (key -> 1-D atoms; a graph has hundreds) sit in one
+    concatenation: the half of ``Kept`` that no plan changes, made once per graph (``DependencyGraph``'s
+    layouts) and shared by its rewrites, reports and the candidates of a latency search."""
 
-    def __init__(self, removed: torch.Tensor, atoms: Mapping[Hashable, torch.Tensor]) -> None:
-        keys = list(atoms)
-        vectors, vector_of = distinct([atoms[k] for k in keys])
-        sizes = [v.numel() for v in vectors]
-        owner, flat = owned_cat(vectors)
-        self._mask = kept_mask(removed, flat)
-        counts = torch.bincount(owner[self._mask], minlength=len(vectors)).tolist()
-        self._positions = index_within(owner, sizes)[self._mask]
-        at = list(zip(itertools.accumulate(sizes, initial=0), itertools.accumulate(counts, initial=0)))
-        self.size: dict[Hashable, int] = {k: sizes[v] for k, v in zip(keys, vector_of)}
-        self.count: dict[Hashable, int] = {k: counts[v] for k, v in zip(keys, vector_of)}
-        self._at = {k: at[v] for k, v in zip(keys, vector_of)}
+    def __init__(self, atoms: Mapping[Hashable, torch.Tensor]) -> None:
+        self.keys = list(atoms)
+        vectors, self.vector_of = distinct([atoms[k] for k in self.keys])
+        self.sizes = [v.numel() for v in vectors]
+        self.owner, flat = owned_cat(vectors)
+        self.never = flat == NEVER_REMOVED
+        self.flat = flat.masked_fill(self.never, 0)
+        self.within = index_within(self.owner, self.sizes)
+        self.size: dict[Hashable, int] = {k: self.sizes[v] for k, v in zip(self.keys, self.vector_of)}
+        self.start = list(itertools.accumulate(self.sizes, initial=0))
+
+
+class Kept:
+    """What a plan keeps of many atom vectors, computed at once: for each key of ``atoms`` (a mapping of
+    1-D atom tensors, or its ``Layout``), the kept mask (``kept_mask``), the kept positions, how many and
+    of how many. Slices of one tensor, cut only when asked for: a tensor op costs microseconds, whatever its size."""
+
+    def __init__(self, removed: torch.Tensor, atoms: Mapping[Hashable, torch.Tensor] | Layout) -> None:
+        layout = atoms if isinstance(atoms, Layout) else Layout(atoms)
+        self._mask = layout.never | ~removed[layout.flat]
+        counts = torch.bincount(layout.owner[self._mask], minlength=len(layout.sizes)).tolist()
+        self._positions = layout.within[self._mask]
+        at = list(zip(layout.start, itertools.accumulate(counts, initial=0)))
+        self.size = layout.size
+        self.count: dict[Hashable, int] = {k: counts[v] for k, v in zip(layout.keys, layout.vector_of)}
+        self._at = {k: at[v] for k, v in zip(layout.keys, layout.vector_of)}
 
     def mask(self, key: Hashable) -> torch.Tensor:
         start, _ = self._at[key]

@@ -61,7 +61,7 @@ def annotate(
     before_params, after_params = tensors_of(gm), tensors_of(pruned)
     named = layers(gm)
     pruned_nodes = {n.name: n for n in pruned.graph.nodes}
-    kept = Kept(removed, {name: atoms for name, (_, atoms) in deps.tensor_atoms.items()})
+    kept = Kept(removed, deps.tensor_layout)
     rows: list[LayerRow] = []
     other = [0, 0]
     for node in gm.graph.nodes:

@@ -62,11 +62,11 @@ class _Rewriter:
         self.removed = removed_mask(deps, plan)
         self.nodes = {n.name: n for n in gm.graph.nodes}
         self.modules = modules_of(gm)
-        self.members = Kept(self.removed, deps.member_atoms)
+        self.members = Kept(self.removed, deps.member_layout)
         self.by_name: dict[str, dict[int, torch.Tensor]] = {}
         for name, dim in self.members.pruned():
             self.by_name.setdefault(name, {})[dim] = self.members.positions((name, dim))
-        self.tensors = Kept(self.removed, {name: atoms for name, (_, atoms) in deps.tensor_atoms.items()})
+        self.tensors = Kept(self.removed, deps.tensor_layout)
 
     def tensor_kept(self, name: str, dim: int) -> torch.Tensor:
         """Kept-position mask of node ``name``'s output along ``dim``."""
