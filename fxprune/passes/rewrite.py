@@ -193,7 +193,7 @@ class _Rewriter:
     def kept_record(self) -> dict[str, Any]:
         """JSON-ready record of kept indices, for every parameter/buffer (by dim; ``{}``: nothing removed)
         and every called module (its input and output channels)."""
-        params: dict[str, dict[str, list[int]]] = {name: {} for name in self.gm.state_dict()}
+        params: dict[str, dict[str, list[int]]] = {name: {} for name in self.gm.state_dict(keep_vars=True)}
         pruned = self.members.pruned()
         for (name, dim), idx in zip(pruned, self.members.lists(pruned)):
             params.setdefault(name, {})[str(dim)] = idx

@@ -49,7 +49,7 @@ def reshape(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[s
     sources = {d: [x for x, dim in found if is_channel_count(x, dim)] for d, (found, _) in enumerate(reads)}
     # A split into attention heads keeps whole heads even where head_dim is computed from a width:
     # that size becomes a literal below. Elsewhere a computed size decides the split (``compress``).
-    heads = feeds_attention(node)
+    heads = feeds_attention(s, node)
     out = on_labels(s, node, args, kwargs, frozenset() if heads else frozenset(d for d, src in sources.items() if src), heads)
 
     def literal(d: int) -> None:  # size d of the output becomes a literal that follows pruning
@@ -76,10 +76,12 @@ def reshape(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[s
     return out
 
 
-def feeds_attention(node: torch.fx.Node, depth: int = 12) -> bool:
+def feeds_attention(s: State, node: torch.fx.Node, depth: int = 12) -> bool:
     """True when ``node``'s output reaches an attention product (matmul, bmm, einsum, scaled dot-product
     attention) through layout and scaling ops only, and no later reshape splits it again: a reshape that
     splits channels into heads (an earlier split, q, k and v out of one projection, is not)."""
+    if not s.attention:  # a CNN's channel shuffles need not walk the graph
+        return False
     frontier = [node]
     for _ in range(depth):
         nxt = []
@@ -208,7 +210,7 @@ def unbind(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[st
 def unflatten(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
     """``unflatten(x, dim, sizes)``: a reshape of one dim; a literal size of the channel dim follows pruning."""
     src, x = s.input_of(node)
-    out = on_labels(s, node, args, kwargs, heads=feeds_attention(node))
+    out = on_labels(s, node, args, kwargs, heads=feeds_attention(s, node))
     dim, sizes = arg(args, kwargs, 1, "dim") % len(x.shape), arg(args, kwargs, 2, "sizes")
     k = -1 if out.dim is None else out.dim - dim
     if 0 <= k < len(sizes) and isinstance(node.args[2][k], int) and sizes[k] != -1:

@@ -22,7 +22,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 from ...core import metakeys as keys
 from ...core.fxutil import modules_of
 from ...core.groups import Family, Member, Patch, Role
-from ...core.optable import canonical
+from ...core.optable import ATTENTION_PRODUCTS, canonical
 from .labels import Labels, Param, UnionFind
 
 __all__ = ["Unsupported", "Rule", "State", "family", "owner", "target_name"]
@@ -109,6 +109,11 @@ class State:
         self.buffer_slots: list[tuple[str, int, torch.Tensor]] = []  # bound in ``grouping`` only where they meet channels
         self.table_ids: set[int] = set()  # labels of parameters and buffers read as data
         self.families: dict[str, Family] = {}
+
+    @functools.cached_property
+    def attention(self) -> bool:
+        """Whether the graph has an attention product (matmul, bmm, einsum, scaled dot-product attention)."""
+        return any(canonical(n.target) in ATTENTION_PRODUCTS for n in self.gm.graph.nodes)  # as feeds_attention tests users
 
     def module(self, node: torch.fx.Node) -> nn.Module | None:
         """The module a call_module node runs; None for other nodes."""
