@@ -34,6 +34,8 @@ _TABLES = ("_parameters", "_buffers", "_modules")
 def modules_of(root: nn.Module) -> dict[str, nn.Module]:
     """``dict(root.named_modules())``, walking the ``_modules`` tables: ``named_modules`` nests a generator
     per level (a few microseconds a module), and the passes ask for every module of a graph many times."""
+    if not root._modules:  # a leaf (the report and the layer list ask for each layer's tensors)
+        return {"": root}
     out: dict[str, nn.Module] = {}
     seen: set[int] = set()
     stack = [("", root)]
