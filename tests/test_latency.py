@@ -19,7 +19,7 @@ from torch import nn
 
 import fxprune
 from fxprune import pipeline, targets
-from fxprune.latency import costmodel, multiple, timing
+from fxprune.latency import costmodel, machine, multiple, timing
 from conftest import X16, FlopClock, fake_measure, flop_ms, layer_latency, two_groups, width
 from fxprune.latency.cache import TimingCache
 from fxprune.latency.timing import Latency, Setting, measure_in_turns
@@ -663,3 +663,38 @@ def test_a_comparison_keeps_its_rounds_when_every_pair_of_the_original_differs_a
     c = timing.compare(original, candidate, (X,), rounds=12, most=40, precision=0.025)
     assert c.dropped == 0 and c.rounds >= 12
     assert c.ratio == pytest.approx(50.0 / 107.5)
+
+
+def big_maps() -> nn.Sequential:
+    """Two maps of 44 MiB and 22 MiB at 1x3x1200x1200: the first over glibc malloc's 32 MiB mmap ceiling."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+
+
+BIG = torch.randn(1, 3, 1200, 1200, generator=torch.Generator().manual_seed(0))
+
+
+def test_fresh_pages_names_tensors_over_glibcs_mmap_ceiling_unless_malloc_is_tuned() -> None:
+    a = pipeline.analyze(big_maps(), BIG)
+    note = machine.fresh_pages(a.gm, "cpu", environ={}, libc="glibc")
+    assert note is not None and note.startswith("2 tensors of a forward") and "44 MiB" in note
+    assert "MALLOC_MMAP_THRESHOLD_" in note and "MALLOC_TRIM_THRESHOLD_" in note
+    for environ in ({"MALLOC_MMAP_THRESHOLD_": "1073741824"}, {"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"},
+                    {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=1073741824"}):
+        assert machine.fresh_pages(a.gm, "cpu", environ=environ, libc="glibc") is None
+    assert machine.fresh_pages(a.gm, "cpu", environ={}, libc="") is None  # not glibc
+    assert machine.fresh_pages(a.gm, "cuda:0", environ={}, libc="glibc") is None
+    small = pipeline.analyze(big_maps(), BIG[..., :600, :600])
+    assert machine.fresh_pages(small.gm, "cpu", environ={}, libc="glibc") is None
+
+
+def test_a_latency_target_says_when_its_timings_include_malloc_page_faults(fake_clock: FlopClock, monkeypatch: pytest.MonkeyPatch,
+                                                                           caplog: pytest.LogCaptureFixture) -> None:
+    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "LD_PRELOAD", "GLIBC_TUNABLES"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(machine.platform, "libc_ver", lambda: ("glibc", "2.36"))
+    with caplog.at_level(logging.WARNING, logger="fxprune"):
+        pruned = fxprune.compile(big_maps(), speedup=1.5, example_inputs=BIG)
+    notes = pruned.meta["fxprune"]["report"]["notes"]
+    assert any(n.startswith("2 tensors of a forward are over glibc malloc's 32 MiB mmap ceiling") for n in notes)
+    assert "32 MiB mmap ceiling" in caplog.text

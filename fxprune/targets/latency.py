@@ -1,33 +1,31 @@
 """latency: a latency target (``speedup=``, ``target_latency_ms=``) met as measured, in seconds, never claimed on noise.
 
 Both targets are a goal for the ratio of the result's time to the original's, timed in turns
-(``timing.compare``): 1 / speedup, or the target's milliseconds over the original's. First the machine
-is checked for a few seconds (``machine.check``, twice when the first look finds it busy): a machine whose
-noise or stalls could not decide the target gets ``MeasurementError`` at once, with the figures and
-what to do. Then the latency model
-proposes and the clock confirms: each candidate is the plan the model puts at the current budget, timed
-against the original until its interval decides the goal (``FEWEST`` rounds or more; rounds hit by a
-burst are dropped). A result meets the goal when its whole interval, widened by the A/A noise, does.
+(``timing.compare``): 1 / speedup, or the target's milliseconds over the original's. First the machine is
+checked for a few seconds (``machine.check``, twice when the first look finds it busy): a machine whose
+noise or stalls could not decide the target gets ``MeasurementError`` at once, with the figures and what to
+do. Then the latency model proposes and the clock confirms: each candidate is the plan the model puts at the
+current budget, timed against the original until its interval decides the goal (``FEWEST`` rounds or more;
+rounds hit by a burst are dropped). A result meets the goal when its whole interval, widened by the A/A
+noise, does.
 
 Until one result meets the aim (``MARGIN`` below the goal) and one misses it, the next budget is the last
-estimate scaled by aim / measured (at most 2x either way); then it moves between the closest pair by
-linear interpolation. It stops at a result that meets the goal within 6% of the aim, or when the
-closest pair is estimated within ``trials.NEAR`` of each other. A measured ratio
-far from the model's estimate (outside ``BAND``) is timed again before it is believed, and so are two
-timings that contradict the width order (a plan with more channels in every group measured faster
-than one with fewer, beyond the noise): if they still do, the machine changed under the search, and it
-refuses. The slowest result that meets the goal wins; when it is more than ``OVERSHOOT`` times faster
-than asked, the nearest wider results are timed again, and plans between are tried by bisection; a
-result that far past the target is returned only when the widths step from one to the other (the
-report says so), never when the noise left nearer ones undecided.
+estimate scaled by aim / measured (at most 2x either way); then it moves between the closest pair by linear
+interpolation. It stops at a result that meets the goal within 6% of the aim, or when the closest pair is
+estimated within ``trials.NEAR`` of each other. A measured ratio far from the model's estimate (outside
+``BAND``) is timed again before it is believed, and so are two timings that contradict the width order (a
+plan with more channels in every group measured faster than one with fewer, beyond the noise): if they still
+do, the machine changed under the search, and it refuses. The slowest result that meets the goal wins; when
+it is more than ``OVERSHOOT`` times faster than asked, the nearest wider results are timed again, and plans
+between are tried by bisection; a result that far past the target is returned only when the widths step from
+one to the other (the report says so), never when the noise left nearer ones undecided.
 
-The chosen result is timed once more against the original, never from the cache, until its interval
-is within ``PRECISE``: that timing is the one reported. The widths chosen for a model, target and
-strategy are kept, so a warm compile confirms that result first and searches only when it no longer
-meets the goal: then afresh (the machine runs otherwise than when its comparisons were cached), from
-that result's new timing. Comparisons are cached (``TimingCache``) under the captured architecture and the
-result's widths, only when stable; when the confirming timing misses the goal, the cached comparisons
-of the model are dropped and the search runs afresh, once.
+The chosen result is timed once more against the original, never from the cache, until its interval is within
+``PRECISE``: that timing is the one reported. The widths chosen for a model, target and strategy are kept, so
+a warm compile confirms that result first and searches only when it no longer meets the goal: then afresh (the
+machine runs otherwise than when its comparisons were cached), from that result's new timing. Comparisons are
+cached (``TimingCache``) under the captured architecture and the result's widths, only when stable; when the
+confirming timing misses the goal, the model's cached comparisons are dropped and it searches afresh, once.
 """
 
 from __future__ import annotations
@@ -43,7 +41,7 @@ import torch.fx
 
 from ..latency import costmodel
 from ..latency.cache import TimingCache
-from ..latency.machine import SECONDS, Machine, check
+from ..latency.machine import SECONDS, Machine, check, fresh_pages
 from ..latency.timing import CONFIDENCE, STABLE, Comparison, Setting
 from ..core.dataflow import layers
 from ..core.groups import Plan
@@ -97,6 +95,8 @@ def check_machine(a: Analysis, target: Target) -> Checked:
         log.info("the machine looked busy (%s): checking again", why.split(" (")[0])
         machine = check(a.model, a.inputs)
     undecidable(machine.refusal(), machine.noise, target, setting.device)
+    if (machine := dataclasses.replace(machine, faults=fresh_pages(a.gm, setting.device))).faults:
+        log.warning(machine.faults)
     log.info("the original takes %.4g ms at %d threads; its A/A pairs varied by %.1f%%", machine.original.median_ms,
              setting.threads, 100 * machine.noise)
     if machine.noise > STABLE:  # timings taken now may sit in a burst; use them, keep none
@@ -116,7 +116,7 @@ class Search:
     def __init__(self, a: Analysis, chooser: Chooser, target: Target, seed: int, setting: Setting, cache: TimingCache,
                  machine: Machine) -> None:
         self.a, self.chooser, self.target, self.setting, self.cache = a, chooser, target, setting, cache
-        self.original, self.noise = machine.original, machine.noise
+        self.original, self.noise, self.faults = machine.original, machine.noise, [machine.faults] if machine.faults else []
         original_ms = self.original_ms = machine.original.median_ms
         self.goal = target.latency_ms / original_ms if target.latency_ms is not None else 1 / target.speedup
         self.aim = self.goal * (1 - MARGIN)
@@ -172,7 +172,7 @@ class Search:
                   "comparison_rounds": c.rounds, "estimated_speedup": 1 / chosen.estimate, "cached_speedup": cached,
                   "batch": c.before.batch, "device": self.setting.device, "device_name": self.setting.device_name,
                   "threads": self.setting.threads, "dtype": self.setting.dtype, "timings_taken": self.cache.measured,
-                  "rounds": self.timed, "results_timed": self.clock.timed, "notes": overshoot(chosen, trials, self.goal, self.step)}
+                  "rounds": self.timed, "results_timed": self.clock.timed, "notes": overshoot(chosen, trials, self.goal, self.step) + self.faults}
         if "model" in self.__dict__:  # a remembered result builds no latency model
             names = {n.name: name for n, (name, _) in layers(self.a.gm).items()}
             removed = removed_mask(self.a.deps, chosen.plan)
