@@ -49,17 +49,18 @@ def finalize(s: State, opaque: tuple[str, ...]) -> DependencyGraph:
     if tied:
         uf.union_pairs(torch.cat([a for a, _ in tied]), torch.cat([b for _, b in tied]))
     root = uf.root_table()
-    channels = torch.zeros(uf.size, dtype=torch.bool)
-    vectors, _ = distinct([bound[0] for bound in s.slots.values()])
-    if vectors:
-        channels[root[torch.cat(vectors)]] = True
+    keys = list(s.slots)
+    vectors, vector_of = distinct([s.slots[k][0] for k in keys])
     if s.buffer_slots:  # a buffer holds channels where its labels meet a parameter's
+        channels = torch.zeros(uf.size, dtype=torch.bool)
+        if vectors:
+            channels[root[torch.cat(vectors)]] = True
         owner, flat = owned_cat([ids.reshape(-1) for _, _, ids in s.buffer_slots])
         for k in torch.unique(owner[channels[root[flat]]]).tolist():
             name, dim, ids = s.buffer_slots[k]
             s.bind(name, dim, ids, name.rpartition(".")[0] or name, Role.PARAM)
-    keys = list(s.slots)
-    vectors, vector_of = distinct([s.slots[k][0] for k in keys])
+        keys = list(s.slots)
+        vectors, vector_of = distinct([s.slots[k][0] for k in keys])
     # Atoms are the roots that own slots, numbered in order of first appearance.
     owner, firsts = owned_cat(vectors)
     ids = first_appearance_ids(root[firsts], uf.size)
