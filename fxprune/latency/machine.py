@@ -154,7 +154,7 @@ def fresh_pages(gm: torch.fx.GraphModule, device: str, environ: Mapping[str, str
             a in environ.get("LD_PRELOAD", "") for a in _ALLOCATORS) or "malloc" in environ.get("GLIBC_TUNABLES", ""):
         return None
     sizes = {n.name: m.dtype.itemsize * m.shape.numel() for n in gm.graph.nodes
-             if isinstance(m := n.meta.get(keys.TENSOR_META), TensorMetadata)}
+             if isinstance(m := n.meta.get(keys.TENSOR_META), TensorMetadata) and all(isinstance(d, int) for d in m.shape)}
     big = [name for name, size in sizes.items() if size > _MMAP_MAX]
     if not big:
         return None
