@@ -679,9 +679,12 @@ def test_fresh_pages_names_tensors_over_glibcs_mmap_ceiling_unless_malloc_is_tun
     note = machine.fresh_pages(a.gm, "cpu", environ={}, libc="glibc")
     assert note is not None and note.startswith("2 tensors of a forward") and "44 MiB" in note
     assert "MALLOC_MMAP_THRESHOLD_" in note and "MALLOC_TRIM_THRESHOLD_" in note
-    for environ in ({"MALLOC_MMAP_THRESHOLD_": "1073741824"}, {"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"},
-                    {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=1073741824"}):
+    for environ in ({"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "1073741824"},
+                    {"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"},
+                    {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=1073741824"}):
         assert machine.fresh_pages(a.gm, "cpu", environ=environ, libc="glibc") is None
+    for environ in ({"MALLOC_MMAP_THRESHOLD_": "1073741824"}, {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=1073741824"}):
+        assert machine.fresh_pages(a.gm, "cpu", environ=environ, libc="glibc") == note  # one threshold alone: still faults
     assert machine.fresh_pages(a.gm, "cpu", environ={}, libc="") is None  # not glibc
     assert machine.fresh_pages(a.gm, "cuda:0", environ={}, libc="glibc") is None
     small = pipeline.analyze(big_maps(), BIG[..., :600, :600])

@@ -135,6 +135,9 @@ def check(model: nn.Module, inputs: Sequence[Any], seconds: float = SECONDS) -> 
 
 
 _TUNED = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+"""Both are needed: with the mmap threshold alone fixed, glibc stops adapting its trim threshold and returns
+the freed heap top to the kernel, so every large tensor still faults (docs/latency.md)."""
+_TUNABLES = ("mmap_threshold", "trim_threshold")
 _ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
 
 
@@ -147,11 +150,12 @@ def fresh_pages(gm: torch.fx.GraphModule, device: str, environ: Mapping[str, str
     raised, and MobileNetV2 at batch 8 99 ms against 66 ms. A plan that brings such a tensor below 32 MiB
     then gains more than its FLOPs say (that model's 60%- and 62%-removed plans timed 1.6x and 2.1-2.7x,
     1.3x and 1.4x with the thresholds raised). None off glibc or the CPU, when no tensor is that large,
-    or when the environment sets glibc's thresholds or preloads another allocator.
+    or when the environment sets both of glibc's thresholds or preloads another allocator.
     """
     libc = platform.libc_ver()[0] if libc is None else libc
-    if not device.startswith("cpu") or libc != "glibc" or any(k in environ for k in _TUNED) or any(
-            a in environ.get("LD_PRELOAD", "") for a in _ALLOCATORS) or "malloc" in environ.get("GLIBC_TUNABLES", ""):
+    tunables = environ.get("GLIBC_TUNABLES", "")
+    if (not device.startswith("cpu") or libc != "glibc" or all(k in environ for k in _TUNED) or all(t in tunables for t in _TUNABLES)
+            or any(a in environ.get("LD_PRELOAD", "") for a in _ALLOCATORS)):
         return None
     sizes = {n.name: m.dtype.itemsize * m.shape.numel() for n in gm.graph.nodes
              if isinstance(m := n.meta.get(keys.TENSOR_META), TensorMetadata) and all(isinstance(d, int) for d in m.shape)}
