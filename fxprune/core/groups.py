@@ -163,6 +163,20 @@ class DependencyGraph:
 
         return Layout({name: atoms for name, (_, atoms) in self.tensor_atoms.items()})
 
+    @cached_property
+    def atom_kinds(self) -> dict[int, tuple[int, bool]]:
+        """Group id -> (channels per atom, whether its atoms repeat): ``masks.atom_kinds``."""
+        from .masks import atom_kinds
+
+        return atom_kinds(self)
+
+    @cached_property
+    def fragile_atoms(self) -> list[torch.Tensor]:
+        """The atoms of each tensor a plan could empty: ``masks.fragile_atoms``."""
+        from .masks import fragile_atoms
+
+        return fragile_atoms(self)
+
     def groups_of(self, module: str) -> list[Group]:
         """Groups that touch any parameter of ``module`` (a qualified module name)."""
         prefix = module + "."

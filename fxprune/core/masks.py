@@ -9,7 +9,7 @@ import torch
 
 from .groups import NEVER_REMOVED, DependencyGraph, Plan
 
-__all__ = ["removed_mask", "kept_mask", "Layout", "Kept", "owned_cat", "index_within", "distinct"]
+__all__ = ["removed_mask", "kept_mask", "Layout", "Kept", "owned_cat", "index_within", "distinct", "atom_kinds", "fragile_atoms"]
 
 
 def removed_mask(deps: DependencyGraph, plan: Plan) -> torch.Tensor:
@@ -111,3 +111,50 @@ def distinct(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[int]
             found.append(t.reshape(-1))
         which.append(k)
     return found, which
+
+
+def atom_kinds(deps: DependencyGraph) -> dict[int, tuple[int, bool]]:
+    """For each group, how many output channels its atom stands for (1, or the most indices per atom in a
+    member's dim 0: the output dim of weights, the only dim of biases and norm parameters) and whether
+    it repeats: in some member more than once, and nowhere at two neighbouring indices (a position in
+    every group of a grouped conv, not a head's block of channels). Read as ``deps.atom_kinds``."""
+    n = max(deps.num_atoms, 1)
+    per_atom = torch.ones(n, dtype=torch.long)
+    block = torch.zeros(n, dtype=torch.bool)
+    firsts, _ = distinct([atoms for (_, dim), atoms in deps.member_atoms.items() if dim == 0])  # all members at once
+    if firsts:
+        owner, ids = owned_cat(firsts)
+        at = index_within(owner, [a.numel() for a in firsts])
+        real = ids >= 0
+        if not bool(real.all()):
+            ids, owner, at = ids[real], owner[real], at[real]
+        pairs, counts = torch.unique(owner * n + ids, return_counts=True)
+        per_atom = per_atom.scatter_reduce(0, pairs % n, counts, "amax")
+        block[ids[1:][(owner[1:] == owner[:-1]) & (at[1:] == at[:-1] + 1) & (ids[1:] == ids[:-1])]] = True
+    repeats = ((per_atom > 1) & ~block)[: deps.num_atoms].long()
+    per_group = torch.ones(len(deps.groups), dtype=torch.long).scatter_reduce(0, deps.atom_group, per_atom[: deps.num_atoms], "amax")
+    repeated = torch.zeros(len(deps.groups), dtype=torch.long).scatter_reduce(0, deps.atom_group, repeats, "amax")
+    return {g.id: (int(per_group[g.id]), bool(repeated[g.id])) for g in deps.groups}
+
+
+def fragile_atoms(deps: DependencyGraph) -> list[torch.Tensor]:
+    """The atoms of each tensor that a plan could empty: one that holds only part of every group it
+    touches (a split piece, a slice), all prunable; each set once. Read as ``deps.fragile_atoms``."""
+    width = torch.zeros(len(deps.groups), dtype=torch.long)  # 0 for groups no plan prunes
+    for g in deps.prunable_groups:
+        width[g.id] = g.width
+    entries, _ = distinct([atoms for _, atoms in deps.tensor_atoms.values() if atoms.numel()])
+    if not entries:
+        return []
+    n, num_groups = max(deps.num_atoms, 1), len(deps.groups)
+    owner, atoms = owned_cat(entries)
+    untracked = torch.zeros(len(entries), dtype=torch.bool).index_fill_(0, owner[atoms < 0], True)
+    pairs = torch.unique((owner * n + atoms.clamp(min=0))[~untracked[owner]])  # each atom once per tensor
+    entry, atom = pairs // n, pairs % n
+    cells, held = torch.unique(entry * num_groups + deps.atom_group[atom], return_counts=True)  # atoms per (tensor, group)
+    whole = torch.zeros(len(entries), dtype=torch.bool).index_fill_(0, cells[width[cells % num_groups] <= held] // num_groups, True)
+    found: dict[tuple[int, ...], torch.Tensor] = {}
+    for e in (~untracked & ~whole).nonzero().flatten().tolist():  # no group whole here
+        a = atom[entry == e]
+        found.setdefault(tuple(a.tolist()), a)
+    return list(found.values())

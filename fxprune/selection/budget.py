@@ -47,10 +47,10 @@ import torch
 
 from ..errors import ArgumentError, TargetUnreachableError
 from ..core.groups import DependencyGraph, Group, Plan
-from ..core.masks import distinct, index_within, owned_cat
+from ..core.masks import index_within, owned_cat
 from ..core.widths import WidthRule
 
-__all__ = ["select", "CostModel", "MODES", "Tie", "atom_kinds", "repeated_groups"]
+__all__ = ["select", "CostModel", "MODES", "Tie", "repeated_groups"]
 
 MODES = ("per_group", "global")
 
@@ -95,8 +95,11 @@ class _Tied:
 
 
 def _check_scores(groups: list[Group], scores: dict[int, torch.Tensor]) -> None:
-    for g in groups:
-        s = scores.get(g.id)
+    given = [scores.get(g.id) for g in groups]
+    if all(isinstance(s, torch.Tensor) and s.shape == (g.width,) for g, s in zip(groups, given)) and (
+            not given or bool(torch.isfinite(torch.cat(given)).all())):
+        return
+    for g, s in zip(groups, given):
         if not isinstance(s, torch.Tensor) or tuple(s.shape) != (g.width,) or not bool(torch.isfinite(s).all()):
             got = f"shape {tuple(s.shape)}" if isinstance(s, torch.Tensor) else type(s).__name__
             raise ArgumentError(
@@ -146,7 +149,7 @@ def select(
     order = {g.id: torch.sort(scores[g.id], descending=True, stable=True).indices for g in groups}
     schedule = _per_group_schedule(groups) if mode == "per_group" else _global_schedule(groups, order, scores, comparable)
 
-    kinds = atom_kinds(deps, groups)
+    kinds = deps.atom_kinds
     by_id = {g.id: g for g in groups}
     tied = [_Tied([by_id[i] for i in t.groups], t.steps) for t in ties]
 
@@ -162,16 +165,24 @@ def select(
             at_schedule[key] = counts
         return dict(at_schedule[key])
 
-    fragile = _fragile_tensors(deps, groups, order)
-    # Every group's atoms, worst first, one after another: removing n of a group removes its first n.
+    # Every group's atoms, worst first: removing n of a group removes those whose place in it is below n
+    # (atoms of other groups are never reached).
     owner, worst = owned_cat([g.atoms[order[g.id].flip(0)] for g in groups])
-    rank = index_within(owner, [g.width for g in groups])
+    widths = [g.width for g in groups]
+    rank = index_within(owner, widths)
+    place = torch.full((deps.num_atoms,), deps.num_atoms, dtype=torch.long).index_put_((worst,), rank)
+    fragile = deps.fragile_atoms
+    if fragile:  # best atom first, in the selectors' order
+        best = torch.zeros(deps.num_atoms, dtype=torch.long).index_put_((worst,), torch.tensor(widths)[owner] - 1 - rank)
+        fragile = [a[torch.argsort(best[a], stable=True)] for a in fragile]
     in_fragile, fragile_atoms = owned_cat(fragile)
     fragile_sizes = torch.tensor([len(a) for a in fragile], dtype=torch.long)
+    limits = [0] * len(deps.groups)
 
     def removed_for(counts: dict[int, int]) -> torch.Tensor:
-        removed = torch.zeros(deps.num_atoms, dtype=torch.bool)
-        removed[worst[rank < torch.tensor([counts[g.id] for g in groups], dtype=torch.long)[owner]]] = True
+        for g in groups:
+            limits[g.id] = counts[g.id]
+        removed = place < torch.tensor(limits)[deps.atom_group]
         if fragile:  # never empty a tensor: keep its best atom
             emptied = torch.bincount(in_fragile, weights=removed[fragile_atoms].double(), minlength=len(fragile)) == fragile_sizes
             for k in emptied.nonzero().flatten().tolist():  # in turn: keeping one atom can keep another tensor non-empty
@@ -256,53 +267,4 @@ def repeated_groups(groups: list[Group]) -> list[list[Group]]:
     for g in groups:
         members = frozenset((re.sub(r"(?<=\.)\d+(?=\.)", "#", m.name), m.dim) for m in g.members)
         found.setdefault((g.width, members), []).append(g)
-    return list(found.values())
-
-
-def atom_kinds(deps: DependencyGraph, groups: list[Group]) -> dict[int, tuple[int, bool]]:
-    """For each group, how many output channels its atom stands for (1, or the most indices per atom in a
-    member's dim 0: the output dim of weights, the only dim of biases and norm parameters) and whether
-    it repeats: in some member more than once, and nowhere at two neighbouring indices (a position in
-    every group of a grouped conv, not a head's block of channels)."""
-    n = max(deps.num_atoms, 1)
-    per_atom = torch.ones(n, dtype=torch.long)
-    block = torch.zeros(n, dtype=torch.bool)
-    firsts, _ = distinct([atoms for (_, dim), atoms in deps.member_atoms.items() if dim == 0])  # all members at once
-    if firsts:
-        owner, ids = owned_cat(firsts)
-        at = index_within(owner, [a.numel() for a in firsts])
-        real = ids >= 0
-        if not bool(real.all()):
-            ids, owner, at = ids[real], owner[real], at[real]
-        pairs, counts = torch.unique(owner * n + ids, return_counts=True)
-        per_atom = per_atom.scatter_reduce(0, pairs % n, counts, "amax")
-        block[ids[1:][(owner[1:] == owner[:-1]) & (at[1:] == at[:-1] + 1) & (ids[1:] == ids[:-1])]] = True
-    repeats = ((per_atom > 1) & ~block)[: deps.num_atoms].long()
-    per_group = torch.ones(len(deps.groups), dtype=torch.long).scatter_reduce(0, deps.atom_group, per_atom[: deps.num_atoms], "amax")
-    repeated = torch.zeros(len(deps.groups), dtype=torch.long).scatter_reduce(0, deps.atom_group, repeats, "amax")
-    return {g.id: (int(per_group[g.id]), bool(repeated[g.id])) for g in groups}
-
-
-def _fragile_tensors(deps: DependencyGraph, groups: list[Group], order: dict[int, torch.Tensor]) -> list[torch.Tensor]:
-    """Atoms of each tensor that could lose all its channels: one that holds only part of every group it
-    touches (a split piece, a slice), all prunable. Each comes best atom first (the selectors' order)."""
-    width = torch.zeros(len(deps.groups), dtype=torch.long)
-    rank = torch.zeros(deps.num_atoms, dtype=torch.long)
-    for g in groups:
-        width[g.id] = g.width
-        rank[g.atoms[order[g.id]]] = torch.arange(g.width)
-    entries, _ = distinct([atoms for _, atoms in deps.tensor_atoms.values() if atoms.numel()])
-    if not entries:
-        return []
-    n, num_groups = max(deps.num_atoms, 1), len(deps.groups)
-    owner, atoms = owned_cat(entries)
-    untracked = torch.zeros(len(entries), dtype=torch.bool).index_fill_(0, owner[atoms < 0], True)
-    pairs = torch.unique((owner * n + atoms.clamp(min=0))[~untracked[owner]])  # each atom once per tensor
-    entry, atom = pairs // n, pairs % n
-    cells, held = torch.unique(entry * num_groups + deps.atom_group[atom], return_counts=True)  # atoms per (tensor, group)
-    whole = torch.zeros(len(entries), dtype=torch.bool).index_fill_(0, cells[width[cells % num_groups] <= held] // num_groups, True)
-    found: dict[tuple[int, ...], torch.Tensor] = {}
-    for e in (~untracked & ~whole).nonzero().flatten().tolist():  # no group whole here; width 0 marks non-prunable groups
-        a = atom[entry == e]
-        found.setdefault(tuple(a.tolist()), a[torch.argsort(rank[a], stable=True)])
     return list(found.values())

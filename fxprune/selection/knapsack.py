@@ -24,7 +24,7 @@ import torch.fx
 from ..core.flops import FlopModel, total_macs
 from ..core.groups import DependencyGraph
 from ..core.widths import WidthRule
-from .budget import CostModel, atom_kinds
+from .budget import CostModel
 from .costaware import greedy_scores
 from .datadriven import BNTaylor
 from .protocol import Scores, Selector
@@ -71,7 +71,7 @@ class Knapsack:
         rule = rule or WidthRule()
         groups = deps.prunable_groups
         value = normalized(deps, importance)
-        kinds = atom_kinds(deps, groups)
+        kinds = deps.atom_kinds
         order = {g.id: torch.sort(value[g.id], stable=True).indices for g in groups}
         size = {}
         for g in groups:
