@@ -69,9 +69,11 @@ def _is_layer(node: torch.fx.Node, modules: dict[str, torch.nn.Module], params: 
     return False
 
 
-def layers(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, tuple[str, str]]:
-    """Every layer node of ``gm``, in graph order, with its (name, op)."""
-    modules, params = modules_of(gm), tensors_of(gm)
+def layers(gm: torch.fx.GraphModule, modules: dict[str, torch.nn.Module] | None = None) -> dict[torch.fx.Node, tuple[str, str]]:
+    """Every layer node of ``gm``, in graph order, with its (name, op); ``modules``: ``modules_of(gm)``
+    when the caller has it."""
+    modules = modules_of(gm) if modules is None else modules
+    params = tensors_of(gm, modules=modules)
     found = {n: _name_and_op(n, modules) for n in gm.graph.nodes if _is_layer(n, modules, params)}
     uses = Counter(name for name, _ in found.values())
     called = {name for n, (name, _) in found.items() if n.op == "call_module"}

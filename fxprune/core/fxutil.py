@@ -49,11 +49,12 @@ def modules_of(root: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
-def tensors_of(root: nn.Module, table: str = "_parameters") -> dict[str, torch.Tensor]:
-    """``dict(root.named_parameters())`` (``table="_buffers"``: ``named_buffers``), the same way."""
+def tensors_of(root: nn.Module, table: str = "_parameters", modules: dict[str, nn.Module] | None = None) -> dict[str, torch.Tensor]:
+    """``dict(root.named_parameters())`` (``table="_buffers"``: ``named_buffers``), the same way;
+    ``modules``: ``modules_of(root)`` when the caller has it."""
     out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
-    for prefix, m in modules_of(root).items():
+    for prefix, m in (modules_of(root) if modules is None else modules).items():
         for k, t in getattr(m, table).items():
             if t is not None and id(t) not in seen:
                 seen.add(id(t))
@@ -113,13 +114,16 @@ def graph_module(source: torch.fx.GraphModule, graph: torch.fx.Graph, extra: dic
     return gm
 
 
-def copy_modes(source: nn.Module, target: nn.Module) -> None:
+def copy_modes(source: nn.Module, target: nn.Module, modules: dict[str, nn.Module] | None = None) -> None:
     """Give every submodule of ``target`` the training flag of ``source``'s submodule of the same name
     (``source``'s own where it has none): FX builds a GraphModule's root and containers anew, in
-    training mode, whatever mode the modules it copies are in."""
-    flags = {n: m.training for n, m in modules_of(source).items()}
+    training mode, whatever mode the modules it copies are in. ``modules``: ``modules_of(source)``
+    when the caller has it."""
+    flags = {n: m.training for n, m in (modules_of(source) if modules is None else modules).items()}
     for n, m in modules_of(target).items():
-        m.training = flags.get(n, source.training)
+        flag = flags.get(n, source.training)
+        if m.training != flag:  # most are copies that have it already
+            m.training = flag
 
 
 @contextlib.contextmanager

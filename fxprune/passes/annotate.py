@@ -58,8 +58,8 @@ def annotate(
     after = flop_model.per_node(removed)
     capture_note = gm.meta.get(keys.CAPTURE)
     before_mods, after_mods = modules_of(gm), modules_of(pruned)
-    before_params, after_params = tensors_of(gm), tensors_of(pruned)
-    named = layers(gm)
+    before_params, after_params = tensors_of(gm, modules=before_mods), tensors_of(pruned, modules=after_mods)
+    named = layers(gm, before_mods)
     pruned_nodes = {n.name: n for n in pruned.graph.nodes}
     kept = Kept(removed, deps.tensor_layout)
     rows: list[LayerRow] = []

@@ -182,7 +182,7 @@ class _Rewriter:
         edited = any(p.kind in _NODE_PATCHES for p in self.deps.patches)
         new = DirectGraphModule(attrs, new_graph, gm.__class__.__name__,
                                 code_of=gm if isinstance(gm, DirectGraphModule) and not edited else None)
-        copy_modes(gm, new)
+        copy_modes(gm, new, self.modules)
         for p in self.deps.patches:
             if p.kind == PatchKind.ATTR and p.target not in attrs:
                 setattr(new.get_submodule(p.target), p.field, self.size(p))
