@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import difflib
 import functools
-import json
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -231,7 +230,7 @@ def build_result(a: Analysis, plan: Plan, verify: bool, pruned: torch.fx.GraphMo
     if verify and a.tree is not None:
         _verified(record, verify_tree(a.gm, result, a.deps, removed, a.inputs))
     record["report"] = annotate(a.gm, pruned, a.deps, removed, a.flops).to_dict()
-    record["plan"] = json.loads(plan.to_json())
+    record["plan"] = plan.to_dict()
     record.update(provenance(a.deps, a.inputs))
     result.meta[keys.RECORD] = record
     return result
@@ -244,7 +243,7 @@ def _verified(record: dict[str, Any], check: Any) -> None:
 
 def apply_checked_plan(a: Analysis, plan: Plan | dict[int, Sequence[int]], verify: bool) -> nn.Module:
     """``build_result`` by an explicit plan (``prune``, ``apply_plan``), once each group's kept positions are checked."""
-    plan = plan if isinstance(plan, Plan) else Plan({int(k): list(v) for k, v in plan.items()})
+    plan = Plan({int(k): list(map(int, v)) for k, v in (plan.keep if isinstance(plan, Plan) else plan).items()})  # numpy or tensor ints too
     for gid, keep in plan.keep.items():
         if not 0 <= gid < len(a.deps.groups):
             raise PlanError(f"plan names group {gid}, but the model has groups 0..{len(a.deps.groups) - 1}")

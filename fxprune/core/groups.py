@@ -243,12 +243,16 @@ class DependencyGraph:
 
 @dataclass
 class Plan:
-    """For each group id, the positions (0..width-1) of the atoms to keep. Groups not listed keep all."""
+    """For each group id, the positions (0..width-1, Python ints) of the atoms to keep. Groups not listed keep all."""
 
     keep: dict[int, list[int]]
 
+    def to_dict(self) -> dict[str, list[int]]:
+        """What ``to_json`` writes, as the dict: group ids (as strings, in order) -> kept positions."""
+        return {str(k): list(v) for k, v in sorted(self.keep.items())}
+
     def to_json(self) -> str:
-        return json.dumps({str(k): v for k, v in sorted(self.keep.items())})
+        return json.dumps(self.to_dict())
 
     @classmethod
     def from_json(cls, text: str) -> Plan:

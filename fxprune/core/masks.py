@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import itertools
 from collections.abc import Hashable, Mapping, Sequence
 
@@ -18,11 +19,12 @@ def removed_mask(deps: DependencyGraph, plan: Plan) -> torch.Tensor:
     if not plan.keep:
         return removed
     atoms = [deps.groups[gid].atoms for gid in plan.keep]
-    starts = itertools.accumulate((a.numel() for a in atoms[:-1]), initial=0)
-    kept = [start + i for start, keep in zip(starts, plan.keep.values()) for i in keep]
+    starts = torch.tensor(list(itertools.accumulate((a.numel() for a in atoms[:-1]), initial=0)), dtype=torch.long)
+    positions = array.array("q", list(itertools.chain.from_iterable(plan.keep.values())))  # thousands of ints: torch.tensor takes 4x as long
+    kept = torch.frombuffer(positions, dtype=torch.long) if positions else torch.empty(0, dtype=torch.long)
     atoms = torch.cat(atoms)
     removed[atoms] = True
-    removed[atoms[torch.tensor(kept, dtype=torch.long)]] = False
+    removed[atoms[kept + starts.repeat_interleave(torch.tensor([len(k) for k in plan.keep.values()], dtype=torch.long))]] = False
     return removed
 
 
