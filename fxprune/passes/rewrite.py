@@ -193,7 +193,10 @@ class _Rewriter:
     def kept_record(self) -> dict[str, Any]:
         """JSON-ready record of kept indices, for every parameter/buffer (by dim; ``{}``: nothing removed)
         and every called module (its input and output channels)."""
-        params: dict[str, dict[str, list[int]]] = {name: {} for name in self.gm.state_dict(keep_vars=True)}
+        params: dict[str, dict[str, list[int]]] = {  # the state_dict's keys, in its order
+            f"{prefix}{'.' if prefix else ''}{k}": {} for prefix, m in self.modules.items()
+            for table, skip in ((m._parameters, ()), (m._buffers, m._non_persistent_buffers_set)) for k, t in table.items()
+            if t is not None and k not in skip}
         pruned = self.members.pruned()
         for (name, dim), idx in zip(pruned, self.members.lists(pruned)):
             params.setdefault(name, {})[str(dim)] = idx
