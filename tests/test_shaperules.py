@@ -11,6 +11,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 import fxprune
 from fxprune.core import metakeys as keys
 from fxprune.core import shaperules
+from fxprune.core.fxutil import modules_of
 from fxprune.passes import shapes
 from fxprune.passes.capture import capture
 
@@ -29,7 +30,7 @@ def _annotations(gm: torch.fx.GraphModule) -> dict[str, tuple]:
 
 def _both(model: nn.Module, x: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> tuple[dict, dict]:
     gm = capture(model, (x,))
-    assert shaperules.infer(gm, (x,)) is not None, "the rules should cover this graph"
+    assert shaperules.infer(gm, (x,), modules_of(gm)) is not None, "the rules should cover this graph"
     shapes.propagate_shapes(gm, (x,))
     inferred = _annotations(gm)
     with monkeypatch.context() as m:
@@ -86,7 +87,8 @@ def test_rules_annotate_every_op_they_cover_as_running_it_does(monkeypatch: pyte
                                      ("alexnet", torch.randn(1, 3, 16, 16))], ids=["channels", "dtype", "too small"])
 def test_an_input_the_model_rejects_runs_the_graph_and_says_where(name: str, x: torch.Tensor) -> None:
     model = torchvision.models.get_model(name, weights=None).eval()
-    assert shaperules.infer(capture(model, (x,)), (x,)) is None
+    gm = capture(model, (x,))
+    assert shaperules.infer(gm, (x,), modules_of(gm)) is None
     with pytest.raises(fxprune.ShapeError, match="at node"):
         fxprune.analyze(model, x)
 
@@ -114,7 +116,7 @@ class DataDependent(nn.Module):
 def test_a_graph_the_rules_cannot_cover_runs(model: nn.Module) -> None:
     x = torch.randn(1, 3, 16, 16)
     gm = capture(model, (x,))
-    assert shaperules.infer(gm, (x,)) is None
+    assert shaperules.infer(gm, (x,), modules_of(gm)) is None
     shapes.propagate_shapes(gm, (x,))
     assert all(keys.TENSOR_META in n.meta or keys.VALUE in n.meta for n in gm.graph.nodes)
 

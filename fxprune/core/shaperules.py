@@ -30,7 +30,6 @@ from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from .flops import counter
-from .fxutil import modules_of
 
 __all__ = ["infer"]
 
@@ -369,12 +368,11 @@ def _value(n: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any], modu
     return _on_meta(n, args, kwargs, device)
 
 
-def infer(gm: torch.fx.GraphModule, inputs: Sequence[Any]) -> tuple[dict[torch.fx.Node, Any], dict[torch.fx.Node, int]] | None:
+def infer(gm: torch.fx.GraphModule, inputs: Sequence[Any], modules: dict[str, nn.Module]) -> tuple[dict[torch.fx.Node, Any], dict[torch.fx.Node, int]] | None:
     """Each node's output as ``TensorMetadata`` (tuples of them for a chunk) or its plain value (a size),
     and the FLOPs of the nodes that ran on meta tensors; None when a module has no rule, an op would fail,
-    or the graph's tensors are on more than one device."""
+    or the graph's tensors are on more than one device. ``modules``: ``modules_of(gm)``."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    modules = modules_of(gm)
     devices = {t.device for t in inputs if isinstance(t, torch.Tensor)}
     devices |= {t.device for m in modules.values() for t in (*m._parameters.values(), *m._buffers.values()) if t is not None}
     if len(placeholders) != len(inputs) or len(devices) > 1:

@@ -92,9 +92,8 @@ def _formula(n: torch.fx.Node, mod: nn.Module | None) -> Callable[[torch.Tensor]
     return None
 
 
-def _annotate(gm: torch.fx.GraphModule, outputs: dict[torch.fx.Node, Any], counted: dict[torch.fx.Node, int]) -> None:
-    """Write what ``infer`` found as ``_ShapeFlopProp`` writes what it runs."""
-    modules = modules_of(gm)
+def _annotate(modules: dict[str, nn.Module], outputs: dict[torch.fx.Node, Any], counted: dict[torch.fx.Node, int]) -> None:
+    """Write what ``infer`` found as ``_ShapeFlopProp`` writes what it runs (``modules``: the graph module's table)."""
     for n, out in outputs.items():
         found = isinstance(out, TensorMetadata) or (isinstance(out, (tuple, list)) and any(isinstance(v, TensorMetadata) for v in out))
         n.meta[keys.TENSOR_META if found else keys.VALUE] = out
@@ -108,9 +107,10 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) ->
     for node in gm.graph.nodes:
         node.meta.pop(keys.TENSOR_META, None)
         node.meta.pop(keys.VALUE, None)
-    inferred = infer(gm, example_inputs)
+    modules = modules_of(gm)
+    inferred = infer(gm, example_inputs, modules)
     if inferred is not None:
-        _annotate(gm, *inferred)
+        _annotate(modules, *inferred)
         return
     prop = _ShapeFlopProp(gm)
     try:
