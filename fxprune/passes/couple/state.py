@@ -105,10 +105,14 @@ class State:
         self.flop_terms: list[tuple[str, int, list[torch.Tensor]]] = []
         self.consumers: list[tuple[str, int | tuple[int, int], int]] = []
         self.param_labels: dict[str, Labels] = {}
-        self.parameters = {name for name, _ in gm.named_parameters(remove_duplicate=False)}
         self.buffer_slots: list[tuple[str, int, torch.Tensor]] = []  # bound in ``grouping`` only where they meet channels
         self.table_ids: set[int] = set()  # labels of parameters and buffers read as data
         self.families: dict[str, Family] = {}
+
+    @functools.cached_property
+    def parameters(self) -> set[str]:
+        """The qualified names of the graph module's parameters (asked only when one is read as data)."""
+        return {name for name, _ in self.gm.named_parameters(remove_duplicate=False)}
 
     @functools.cached_property
     def attention(self) -> bool:
