@@ -71,8 +71,8 @@ def finalize(s: State, opaque: tuple[str, ...]) -> DependencyGraph:
 
     per_vector = torch.split(ids, [v.numel() for v in vectors])
     member_atoms = {k: per_vector[v] for k, v in zip(keys, vector_of)}
-    reasons = freeze_reasons(s, atom_of)
-    atom_group = group_ids(owner, ids, vector_of, reasons, num_atoms)
+    frozen, texts = freeze_reasons(s, atom_of)
+    atom_group = group_ids(owner, ids, vector_of, frozen, num_atoms)
     counts = torch.bincount(atom_group, minlength=int(atom_group.max()) + 1).tolist() if num_atoms else []
     group_atoms = torch.split(torch.argsort(atom_group, stable=True), counts)  # each group's atoms, ascending
     group_members: list[list[Member]] = [[] for _ in group_atoms]
@@ -82,11 +82,13 @@ def finalize(s: State, opaque: tuple[str, ...]) -> DependencyGraph:
     for k, v in zip(keys, vector_of):  # each key's groups, keys in order
         for g in vector_groups[v]:
             group_members[g].append(s.members[k])
-    leading = [int(atoms[0]) for atoms in group_atoms] if reasons else [0] * len(group_atoms)  # a group's reasons are its first atom's
-    groups = [
-        Group(gid, atoms, tuple(group_members[gid]), tuple(reasons.get(first, ())))
-        for gid, (atoms, first) in enumerate(zip(group_atoms, leading))
-    ]
+    leading = [int(atoms[0]) for atoms in group_atoms]  # a group's reasons are its first atom's
+    reasons: dict[int, list[str]] = defaultdict(list)
+    at = torch.isin(frozen[0], torch.tensor(leading, dtype=torch.long))
+    for a, c in zip(frozen[0][at].tolist(), frozen[1][at].tolist()):
+        reasons[a].append(texts[c])
+    groups = [Group(gid, atoms, tuple(group_members[gid]), tuple(reasons.get(first, ())))
+              for gid, (atoms, first) in enumerate(zip(group_atoms, leading))]
 
     values = {node: s.param_labels.get(v.name, v) if isinstance(v, Param) else v for node, v in s.env.items()}
     labelled = [(node.name, v) for node, v in values.items() if isinstance(v, Labels) and v.dim is not None]
@@ -110,32 +112,40 @@ def finalize(s: State, opaque: tuple[str, ...]) -> DependencyGraph:
     )
 
 
-def freeze_reasons(s: State, atom_of: torch.Tensor) -> dict[int, list[str]]:
-    """Why each frozen atom is frozen (its first three reasons; a label's first reason only);
-    ``atom_of``: the atom of every label."""
-    reasons: dict[int, list[str]] = defaultdict(list)
+def freeze_reasons(s: State, atom_of: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], list[str]]:
+    """Why atoms are frozen: (atoms, reasons) as two tensors of pairs, each frozen atom with its first three
+    reasons (a label's first reason only; reasons in the order they first froze a label), by atom, and
+    the reasons' texts; ``atom_of``: the atom of every label."""
+    none = torch.empty(0, dtype=torch.long)
     if not s.frozen:
-        return reasons
+        return (none, none), []
     owner, flat = owned_cat([ids for ids, _ in s.frozen])
     first = torch.full((s.uf.size,), len(s.frozen), dtype=torch.long).scatter_reduce_(0, flat, owner, "amin")
     labels = (first < len(s.frozen)).nonzero().flatten()
     winner = first[labels]  # the first entry that froze each label
     code: dict[str, int] = {}
-    for k in torch.unique(winner).tolist():  # reasons in the order they first froze a label
+    for k in torch.unique(winner).tolist():
         code.setdefault(s.frozen[k][1], len(code))
-    of_entry = torch.tensor([code.get(why, -1) for _, why in s.frozen], dtype=torch.long)[winner]
-    for why, c in code.items():
-        for a in torch.unique(atom_of[labels[of_entry == c]]).tolist():
-            if a != NEVER_REMOVED and len(reasons[a]) < 3:
-                reasons[a].append(why)
-    return reasons
+    if not code:
+        return (none, none), []
+    of_label = torch.tensor([code.get(why, -1) for _, why in s.frozen], dtype=torch.long)[winner]
+    atoms = atom_of[labels]
+    real = atoms != NEVER_REMOVED
+    pairs = torch.unique(atoms[real] * len(code) + of_label[real])  # by atom, then reason
+    atom, reason = pairs // len(code), pairs % len(code)
+    starts = torch.ones_like(atom, dtype=torch.bool)
+    starts[1:] = atom[1:] != atom[:-1]
+    run = torch.arange(atom.numel()) - torch.cummax(torch.where(starts, torch.arange(atom.numel()), 0), 0).values
+    return (atom[run < 3], reason[run < 3]), list(code)
 
 
-def group_ids(owner: torch.Tensor, atoms: torch.Tensor, vector_of: list[int], reasons: dict[int, list[str]], num_atoms: int) -> torch.Tensor:
+def group_ids(owner: torch.Tensor, atoms: torch.Tensor, vector_of: list[int], frozen: tuple[torch.Tensor, torch.Tensor],
+              num_atoms: int) -> torch.Tensor:
     """Group id of every atom: atoms with the same members and freeze reasons share one; ``atoms[i]`` is
-    an atom of label vector ``owner[i]``, and member k has vector ``vector_of[k]``.
+    an atom of label vector ``owner[i]``, member k has vector ``vector_of[k]``, and ``frozen`` pairs
+    atoms with their reasons (``freeze_reasons``).
 
-    Members are compared through a sum of random 62-bit codes, one per member.
+    Members, and reasons, are compared through sums of random 62-bit codes, one per member or reason.
     """
     codes = torch.randint(0, 2**62, (len(vector_of),), generator=torch.Generator().manual_seed(0))
     vector_codes = torch.zeros(max(vector_of, default=-1) + 1, dtype=torch.long)
@@ -143,9 +153,9 @@ def group_ids(owner: torch.Tensor, atoms: torch.Tensor, vector_of: list[int], re
     signature = torch.zeros(num_atoms, dtype=torch.long)
     which, atoms = _pairs(owner, atoms, num_atoms)
     signature.index_add_(0, atoms, vector_codes[which])
-    if reasons:  # one vectorized add: tens of thousands of atoms can be frozen (attention tables)
-        frozen = torch.tensor(list(reasons), dtype=torch.long)
-        signature.index_add_(0, frozen, torch.tensor([hash(tuple(r)) % 2**62 for r in reasons.values()], dtype=torch.long))
+    if frozen[0].numel():  # tens of thousands of atoms can be frozen (attention tables)
+        why = torch.randint(0, 2**62, (int(frozen[1].max()) + 1,), generator=torch.Generator().manual_seed(1))
+        signature.index_add_(0, frozen[0], why[frozen[1]])
     return first_appearance_ids(signature)
 
 
