@@ -330,6 +330,27 @@ def test_an_unsupported_use_freezes_with_its_reason(monkeypatch: pytest.MonkeyPa
     assert not stream.prunable and stream.frozen == ("no adds here (add)",)
 
 
+class FourWays(nn.Module):
+    """Four convs summed: each channel's atom joins four producers' labels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(3, 8, 3, padding=1) for _ in range(4))
+        self.tail = nn.Conv2d(8, 4, 1)
+        self.other = nn.Conv2d(3, 8, 1)
+
+    def forward(self, x):
+        return self.tail(sum(conv(x) for conv in self.convs) + self.other(x)), self.other(x)
+
+
+def test_a_group_keeps_the_first_three_reasons_that_froze_its_labels_in_order() -> None:
+    graph = fxprune.analyze(FourWays(), X, ignore=["convs.3", "convs.1", "convs.2", "convs.0"])
+    summed = next(g for g in graph.groups if any(m.name == "convs.0.weight" and m.dim == 0 for m in g.members))
+    assert summed.frozen == tuple(f"module convs.{i} is in ignore=" for i in range(3))  # in graph order, the fourth left out
+    assert not summed.prunable and summed.width == 8
+    assert {m.name for m in summed.members} >= {f"convs.{i}.weight" for i in range(4)} | {"other.weight"}
+
+
 class Branchy(nn.Module):
     def __init__(self) -> None:
         super().__init__()
