@@ -50,15 +50,24 @@ class UnionFind:
         self.union_pairs(torch.tensor([a]), torch.tensor([b]))
 
     def union_pairs(self, a: torch.Tensor, b: torch.Tensor) -> None:
-        """Merge ``a[i]`` with ``b[i]`` for every i (both flattened, same length)."""
+        """Merge ``a[i]`` with ``b[i]`` for every i (both flattened, same length).
+
+        Each round links the larger root of every pair to the smaller; where several pairs link one
+        root, the smallest wins, and only the pairs that lost go round again."""
         a, b = a.reshape(-1), b.reshape(-1)
         while True:
             ra, rb = self.roots(a), self.roots(b)
             differ = ra != rb
             if not bool(differ.any()):
                 return
-            a, b = ra[differ], rb[differ]
-            self._parent.scatter_reduce_(0, torch.maximum(a, b), torch.minimum(a, b), "amin")
+            ra, rb = ra[differ], rb[differ]
+            low, high = torch.minimum(ra, rb), torch.maximum(ra, rb)
+            self._parent.scatter_reduce_(0, high, low, "amin")
+            won = self._parent[high]
+            lost = won != low
+            if not bool(lost.any()):
+                return
+            a, b = low[lost], won[lost]
 
     def root_table(self) -> torch.Tensor:
         """The root of every label, ``0 .. size - 1``."""
