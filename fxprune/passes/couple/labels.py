@@ -57,11 +57,9 @@ class UnionFind:
         a, b = a.reshape(-1), b.reshape(-1)
         while True:
             ra, rb = self.roots(a), self.roots(b)
-            differ = ra != rb
-            if not bool(differ.any()):
+            if torch.equal(ra, rb):
                 return
-            ra, rb = ra[differ], rb[differ]
-            low, high = torch.minimum(ra, rb), torch.maximum(ra, rb)
+            low, high = torch.minimum(ra, rb), torch.maximum(ra, rb)  # a pair already joined links a root to itself
             self._parent.scatter_reduce_(0, high, low, "amin")
             won = self._parent[high]
             lost = won != low
