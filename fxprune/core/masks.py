@@ -59,12 +59,13 @@ class Kept:
     def __init__(self, removed: torch.Tensor, atoms: Mapping[Hashable, torch.Tensor] | Layout) -> None:
         layout = atoms if isinstance(atoms, Layout) else Layout(atoms)
         self._mask = layout.never | ~removed[layout.flat]
-        counts = torch.bincount(layout.owner[self._mask], minlength=len(layout.sizes)).tolist()
-        self._positions = layout.within[self._mask]
-        at = list(zip(layout.start, itertools.accumulate(counts, initial=0)))
+        at = self._mask.nonzero().flatten()  # once for both gathers
+        counts = torch.bincount(layout.owner[at], minlength=len(layout.sizes)).tolist()
+        self._positions = layout.within[at]
+        starts = list(zip(layout.start, itertools.accumulate(counts, initial=0)))
         self.size = layout.size
         self.count: dict[Hashable, int] = {k: counts[v] for k, v in zip(layout.keys, layout.vector_of)}
-        self._at = {k: at[v] for k, v in zip(layout.keys, layout.vector_of)}
+        self._at = {k: starts[v] for k, v in zip(layout.keys, layout.vector_of)}
 
     def mask(self, key: Hashable) -> torch.Tensor:
         start, _ = self._at[key]
