@@ -28,7 +28,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 from ..core import metakeys as keys
 from ..core.fxutil import eval_mode
 from . import timing
-from .timing import _MMAP_MAX, BURST, Latency, Setting, aa_noise, settle_malloc, summarize, synchronizer, threads, warm_calls
+from .timing import BURST, MMAP_MAX, Latency, Setting, aa_noise, settle_malloc, summarize, synchronizer, threads, warm_calls
 
 __all__ = ["Machine", "check", "fresh_pages", "SECONDS", "NOISY", "STALLED", "BURSTY"]
 
@@ -159,11 +159,11 @@ def fresh_pages(gm: torch.fx.GraphModule, device: str, environ: Mapping[str, str
         return None
     sizes = {n.name: m.dtype.itemsize * m.shape.numel() for n in gm.graph.nodes
              if isinstance(m := n.meta.get(keys.TENSOR_META), TensorMetadata) and all(isinstance(d, int) for d in m.shape)}
-    big = [name for name, size in sizes.items() if size > _MMAP_MAX]
+    big = [name for name, size in sizes.items() if size > MMAP_MAX]
     if not big:
         return None
     largest = max(big, key=sizes.__getitem__)
-    return (f"{len(big)} tensors of a forward are over glibc malloc's 32 MiB mmap ceiling (the largest, {largest}, "
+    return (f"{len(big)} tensors of a forward are over glibc malloc's {MMAP_MAX >> 20} MiB mmap ceiling (the largest, {largest}, "
             f"{sizes[largest] / 2**20:.0f} MiB): each call maps them afresh and page-faults them, in every timing here, so a plan "
             "that brings them under it gains more than its FLOPs say, and a deployment with a caching allocator sees less "
             "of that gain. To time without those faults, start the compile and the deployment with MALLOC_MMAP_THRESHOLD_ "

@@ -30,7 +30,7 @@ from ..core.fxutil import eval_mode
 
 __all__ = ["Latency", "Comparison", "measure_latency", "measure_in_turns", "compare", "median_interval", "time_calls", "layer_ms",
            "Setting", "threads", "settle_malloc", "warm_calls", "summarize", "synchronizer", "aa_noise", "STABLE", "CONFIDENCE",
-           "BURST", "FEWEST"]
+           "BURST", "FEWEST", "MMAP_MAX"]
 
 METHOD = 4
 """How timings are taken and kept; part of every cache key, so timings taken another way are taken again."""
@@ -51,7 +51,7 @@ FEWEST = 6
 """Rounds a comparison takes before it may decide: the fewest whose 95% interval of the median is not
 the whole range of a smaller sample."""
 
-_MMAP_MAX = 32 << 20
+MMAP_MAX = 32 << 20
 """glibc malloc's largest dynamic mmap threshold on 64-bit systems (``DEFAULT_MMAP_THRESHOLD_MAX``)."""
 
 
@@ -147,14 +147,14 @@ class Latency:
         return cls(median, q1, q3, runs, batch, setting, *interval)
 
 
-def settle_malloc(device: str, nbytes: int = _MMAP_MAX) -> None:
+def settle_malloc(device: str, nbytes: int = MMAP_MAX) -> None:
     """Raise glibc's mmap threshold to ``nbytes`` (at most its ceiling) by freeing a block that large, as
     a long-running process has: below the threshold freed memory is reused, above it every large tensor
     gets fresh pages from the kernel, so a model timed right after another one pays page faults that it
     does not pay when it runs alone (at batch 8, a MobileNetV2 timed 5-13% slower in a quarter of the
     rounds after a narrower copy of it)."""
     if device.startswith("cpu"):
-        torch.empty(min(nbytes, _MMAP_MAX - (1 << 20)), dtype=torch.uint8)
+        torch.empty(min(nbytes, MMAP_MAX - (1 << 20)), dtype=torch.uint8)
 
 
 def synchronizer(device: str) -> Callable[[], None]:
