@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import functools
 import logging
+import operator
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -243,7 +244,7 @@ def _verified(record: dict[str, Any], check: Any) -> None:
 
 def apply_checked_plan(a: Analysis, plan: Plan | dict[int, Sequence[int]], verify: bool) -> nn.Module:
     """``build_result`` by an explicit plan (``prune``, ``apply_plan``), once each group's kept positions are checked."""
-    plan = Plan({int(k): list(map(int, v)) for k, v in (plan.keep if isinstance(plan, Plan) else plan).items()})  # numpy or tensor ints too
+    plan = Plan({int(k): _positions(k, v) for k, v in (plan.keep if isinstance(plan, Plan) else plan).items()})
     for gid, keep in plan.keep.items():
         if not 0 <= gid < len(a.deps.groups):
             raise PlanError(f"plan names group {gid}, but the model has groups 0..{len(a.deps.groups) - 1}")
@@ -254,6 +255,14 @@ def apply_checked_plan(a: Analysis, plan: Plan | dict[int, Sequence[int]], verif
         if not keep or len(set(keep)) != len(keep) or min(keep) < 0 or max(keep) >= g.width:
             raise PlanError(f"group {gid} (width {g.width}, first member {g.members[0]}): keep must be distinct positions in 0..{g.width - 1}, at least one")
     return build_result(a, plan, verify)
+
+
+def _positions(gid: Any, keep: Iterable[Any]) -> list[int]:
+    """``keep`` as Python ints (numpy and tensor integers too); a ``PlanError`` for anything else."""
+    try:
+        return [operator.index(i) for i in keep]
+    except TypeError:
+        raise PlanError(f"group {gid}: kept positions must be integers, got {list(keep)!r:.200}") from None
 
 
 def restrict_classes(model: Model, given: Inputs, keep_classes: Sequence[int], verify: bool) -> tuple[torch.fx.GraphModule, tuple[Any, ...]]:

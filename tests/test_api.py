@@ -165,6 +165,10 @@ def test_bad_plans_are_plan_errors(resnet: nn.Module) -> None:
         fxprune.prune(resnet, {prunable.id: [0, prunable.width]}, X)
     with pytest.raises(fxprune.PlanError, match="groups 0"):
         fxprune.prune(resnet, {999: [0]}, X)
+    with pytest.raises(fxprune.PlanError, match="must be integers"):
+        fxprune.prune(resnet, {prunable.id: [0, 1.5]}, X)
+    given = fxprune.prune(resnet, {prunable.id: torch.tensor([0, 2])}, X)  # integer tensors (and numpy) are positions too
+    assert given.meta["fxprune"]["plan"] == {str(prunable.id): [0, 2]}
     plan = fxprune.Plan({prunable.id: [1, 2]})
     assert fxprune.Plan.from_json(plan.to_json()) == plan
 
