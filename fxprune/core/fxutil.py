@@ -9,7 +9,9 @@
 * ``is_get_attr``: whether a node argument reads a parameter or buffer of the graph module;
 * ``arg``: a call's argument given by position or by keyword;
 * ``module_stack``: the (qualified name, class) of each module a node's work is inside, outermost first;
-* ``is_hf``: whether a model is a Hugging Face ``PreTrainedModel`` (transformers is never imported here).
+* ``is_hf``: whether a model is a Hugging Face ``PreTrainedModel`` (transformers is never imported here);
+* ``MMAP_MAX``: the size above which every tensor gets fresh pages from the kernel, which the rewrite's
+  copies and the latency timings both pay.
 """
 
 from __future__ import annotations
@@ -25,7 +27,10 @@ import torch.fx
 from torch import nn
 
 __all__ = ["modules_of", "tensors_of", "module_copy", "structural_copy", "copy_graph", "copy_modes", "graph_module", "eval_mode", "is_get_attr", "arg",
-           "module_stack", "is_hf"]
+           "module_stack", "is_hf", "MMAP_MAX"]
+
+MMAP_MAX = 32 << 20
+"""glibc malloc's largest dynamic mmap threshold on 64-bit systems (``DEFAULT_MMAP_THRESHOLD_MAX``)."""
 
 
 _TABLES = ("_parameters", "_buffers", "_modules")

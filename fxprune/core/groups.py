@@ -148,6 +148,8 @@ class DependencyGraph:
     # Norm nodes (LayerNorm, GroupNorm) whose statistics span pruned channels: verification recomputes
     # their statistics over the kept channels only.
     masked_norms: tuple[str, ...] = ()
+    # The last plan ``masks.removed_mask`` was asked for (a copy of its keep) and its mask.
+    last_removed: tuple[dict[int, list[int]], torch.Tensor] | None = field(default=None, init=False, repr=False, compare=False)
 
     @cached_property
     def member_layout(self) -> Layout:

@@ -14,7 +14,19 @@ __all__ = ["removed_mask", "kept_mask", "Layout", "Kept", "owned_cat", "index_wi
 
 
 def removed_mask(deps: DependencyGraph, plan: Plan) -> torch.Tensor:
-    """Boolean mask over atoms: True where the plan drops the atom."""
+    """Boolean mask over atoms: True where the plan drops the atom. The last plan's mask is remembered on
+    ``deps``: a compile asks for it three times (the target's check, the rewrite, the result's record)."""
+    lists = all(type(k) is list for k in plan.keep.values())  # so that == compares them element by element
+    last = deps.last_removed
+    if lists and last is not None and last[0] == plan.keep:
+        return last[1].clone()
+    removed = _removed_mask(deps, plan)
+    if lists:
+        deps.last_removed = ({g: list(k) for g, k in plan.keep.items()}, removed.clone())
+    return removed
+
+
+def _removed_mask(deps: DependencyGraph, plan: Plan) -> torch.Tensor:
     removed = torch.zeros(deps.num_atoms, dtype=torch.bool)
     if not plan.keep:
         return removed
@@ -111,7 +123,7 @@ def distinct(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[int]
     for t in tensors:
         k = index.setdefault(id(t), len(found))  # every tensor is alive for the call: ids are unique
         if k == len(found):
-            found.append(t.reshape(-1))
+            found.append(t if t.dim() == 1 else t.reshape(-1))
         which.append(k)
     return found, which
 

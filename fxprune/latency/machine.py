@@ -26,9 +26,9 @@ from torch import nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from ..core import metakeys as keys
-from ..core.fxutil import eval_mode
+from ..core.fxutil import MMAP_MAX, eval_mode
 from . import timing
-from .timing import BURST, MMAP_MAX, Latency, Setting, aa_noise, settle_malloc, summarize, synchronizer, threads, warm_calls
+from .timing import BURST, Latency, Setting, aa_noise, settle_malloc, summarize, synchronizer, threads, warm_calls
 
 __all__ = ["Machine", "check", "fresh_pages", "SECONDS", "NOISY", "STALLED", "BURSTY"]
 

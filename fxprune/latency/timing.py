@@ -26,11 +26,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.fxutil import eval_mode
+from ..core.fxutil import MMAP_MAX, eval_mode
 
 __all__ = ["Latency", "Comparison", "measure_latency", "measure_in_turns", "compare", "median_interval", "time_calls", "layer_ms",
            "Setting", "threads", "settle_malloc", "warm_calls", "summarize", "synchronizer", "aa_noise", "STABLE", "CONFIDENCE",
-           "BURST", "FEWEST", "MMAP_MAX"]
+           "BURST", "FEWEST"]
 
 METHOD = 4
 """How timings are taken and kept; part of every cache key, so timings taken another way are taken again."""
@@ -50,10 +50,6 @@ A machine whose quiet A/A pairs already differ more than that gets a wider bound
 FEWEST = 6
 """Rounds a comparison takes before it may decide: the fewest whose 95% interval of the median is not
 the whole range of a smaller sample."""
-
-MMAP_MAX = 32 << 20
-"""glibc malloc's largest dynamic mmap threshold on 64-bit systems (``DEFAULT_MMAP_THRESHOLD_MAX``)."""
-
 
 @dataclass(frozen=True)
 class Setting:
