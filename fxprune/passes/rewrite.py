@@ -81,7 +81,8 @@ class _Rewriter:
         return (n,) if p.as_tuple else n
 
     def new_tensor(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        data = t.detach()
+        """``t`` sliced as the plan says, or cloned; called under ``no_grad`` (``attributes``), so no copy records history."""
+        data = t
         pruned = self.by_name.get(name)
         if not pruned:
             data = data.clone()
@@ -148,6 +149,7 @@ class _Rewriter:
         node.args = (x, sizes)
         node.kwargs = {"dim": p.dim}
 
+    @torch.no_grad()
     def attributes(self, graph: torch.fx.Graph) -> dict[str, Any]:
         """What each ``call_module`` and ``get_attr`` target of ``graph`` is in the result: copies of the
         modules with their tensors sliced, sliced or cloned tensors, other values as they are."""
