@@ -90,6 +90,8 @@ class Analysis:
     deps: DependencyGraph
     flops: FlopModel
     inputs: tuple[Any, ...]
+    modules: dict[str, nn.Module]
+    """``modules_of(gm)``, walked once: every pass of a compile reads it, and fxprune never changes ``gm``'s tree."""
     beyond_config: str = ""
     """Why the last plan prunes past what a Hugging Face model's config can describe (empty if it does not)."""
 
@@ -156,22 +158,24 @@ def analyze(model: Model, given: Inputs = None, ignore: Iterable[str] = (), seed
         given = model.example_inputs[0]
     inputs = example_inputs(given, seed)
     gm = capture(model, inputs)
+    modules = modules_of(gm)
     try:
-        propagate_shapes(gm, inputs)
+        propagate_shapes(gm, inputs, modules)
     except ShapeError as exc:
         if gm.meta[keys.CAPTURE] != "torch.fx.symbolic_trace":
             raise
         try:  # a traced graph that cannot run: fall back to torch.export
             gm = capture(model, inputs, untraceable=exc)
-            propagate_shapes(gm, inputs)
+            modules = modules_of(gm)
+            propagate_shapes(gm, inputs, modules)
         except Exception:
             raise exc from None
     level = logging.INFO if announce else logging.DEBUG
     log.log(level, "captured %d graph nodes with %s", len(gm.graph.nodes), gm.meta[keys.CAPTURE])
-    graph = couple(gm, ignore, free_output)
+    graph = couple(gm, ignore, free_output, modules)
     total = total_macs(gm)
     log.log(level, "%d channel groups, %d prunable; %.4g GFLOPs", len(graph.groups), len(graph.prunable_groups), 2 * total / 1e9)
-    return Analysis(gm, graph, FlopModel(graph, total), inputs)
+    return Analysis(gm, graph, FlopModel(graph, total), inputs, modules)
 
 
 def check_model(model: Any) -> None:
@@ -215,7 +219,7 @@ def build_result(a: Analysis, plan: Plan, verify: bool, pruned: torch.fx.GraphMo
     """Rewrite ``a`` as ``plan`` says (unless ``pruned`` is that rewrite already), verify the result (when
     asked), fold the means of the removed channels over the ``compensation`` data into the biases that
     read them (results/compensate.py; None: not) and record the report, plan and provenance in its ``meta``."""
-    pruned = rewrite(a.gm, a.deps, plan) if pruned is None else pruned
+    pruned = rewrite(a.gm, a.deps, plan, a.modules) if pruned is None else pruned
     removed = removed_mask(a.deps, plan)
     record = pruned.meta[keys.RECORD]
     log.info("rewrote the graph: %d of %d channel atoms removed", int(removed.sum()), a.deps.num_atoms)
@@ -230,7 +234,7 @@ def build_result(a: Analysis, plan: Plan, verify: bool, pruned: torch.fx.GraphMo
     result = a.result(pruned)
     if verify and a.tree is not None:
         _verified(record, verify_tree(a.gm, result, a.deps, removed, a.inputs))
-    record["report"] = annotate(a.gm, pruned, a.deps, removed, a.flops).to_dict()
+    record["report"] = annotate(a.gm, pruned, a.deps, removed, a.flops, a.modules).to_dict()
     record["plan"] = plan.to_dict()
     record.update(provenance(a.deps, a.inputs))
     result.meta[keys.RECORD] = record

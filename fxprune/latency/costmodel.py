@@ -168,10 +168,10 @@ def _spec(node: torch.fx.Node, gm: torch.fx.GraphModule, modules: dict[str, nn.M
                          "dilation": per_dim(arg(args, kwargs, 5, "dilation"), 1), "padding_mode": "zeros", "bias": bias}
 
 
-def measurable_layers(gm: torch.fx.GraphModule, deps: DependencyGraph) -> dict[int, Layer]:
-    """Index of each FlopTerm that ``Layer`` can rebuild, and its recipe."""
+def measurable_layers(gm: torch.fx.GraphModule, deps: DependencyGraph, modules: dict[str, nn.Module] | None = None) -> dict[int, Layer]:
+    """Index of each FlopTerm that ``Layer`` can rebuild, and its recipe; ``modules``: ``modules_of(gm)`` when the caller has it."""
     nodes = {n.name: n for n in gm.graph.nodes}
-    modules = modules_of(gm)
+    modules = modules_of(gm) if modules is None else modules
     found = {}
     for i, term in enumerate(deps.flop_terms):
         node = nodes.get(term.node)

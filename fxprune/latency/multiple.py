@@ -23,6 +23,7 @@ to time, so a FLOPs target gives the same plan on any machine and at any load.
 from __future__ import annotations
 
 import torch.fx
+from torch import nn
 
 from ..core.groups import DependencyGraph
 from .cache import TimingCache
@@ -52,11 +53,11 @@ def _narrow_multiple(layers: dict[int, Layer]) -> int:
     return GROUPED if any(layer.grouped for layer in layers.values()) else 1
 
 
-def steady_multiple(gm: torch.fx.GraphModule, deps: DependencyGraph) -> int:
+def steady_multiple(gm: torch.fx.GraphModule, deps: DependencyGraph, modules: dict[str, nn.Module] | None = None) -> int:
     """``round_to="auto"`` without the clock, for FLOPs targets: 8, the multiple ``fast_multiple`` picks
     unless 16's widths run faster, on every model wide enough to time; so the same model and target give
-    the same plan on any machine, at any load."""
-    layers = measurable_layers(gm, deps)
+    the same plan on any machine, at any load. ``modules``: ``modules_of(gm)`` when the caller has it."""
+    layers = measurable_layers(gm, deps, modules)
     return MULTIPLES[0] if _timed_layers(layers, deps) else _narrow_multiple(layers)
 
 

@@ -54,10 +54,13 @@ def annotate(
     deps: DependencyGraph,
     removed: torch.Tensor,
     flop_model: FlopModel,
+    modules: dict[str, nn.Module] | None = None,
 ) -> Report:
+    """The report of ``pruned`` against ``gm``: each layer's channels, parameters and MACs before and after,
+    the totals and the notes. ``modules``: ``modules_of(gm)`` when the caller has it."""
     after = flop_model.per_node(removed)
     capture_note = gm.meta.get(keys.CAPTURE)
-    before_mods, after_mods = modules_of(gm), modules_of(pruned)
+    before_mods, after_mods = modules_of(gm) if modules is None else modules, modules_of(pruned)
     before_params, after_params = tensors_of(gm, modules=before_mods), tensors_of(pruned, modules=after_mods)
     named = layers(gm, before_mods)
     pruned_nodes = {n.name: n for n in pruned.graph.nodes}

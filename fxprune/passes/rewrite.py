@@ -56,12 +56,12 @@ def _get_in(node: torch.fx.Node, path: tuple[Any, ...]) -> Any:
 
 
 class _Rewriter:
-    def __init__(self, gm: torch.fx.GraphModule, deps: DependencyGraph, plan: Plan) -> None:
+    def __init__(self, gm: torch.fx.GraphModule, deps: DependencyGraph, plan: Plan, modules: dict[str, nn.Module] | None) -> None:
         self.gm = gm
         self.deps = deps
         self.removed = removed_mask(deps, plan)
         self.nodes = {n.name: n for n in gm.graph.nodes}
-        self.modules = modules_of(gm)
+        self.modules = modules_of(gm) if modules is None else modules
         self.members = Kept(self.removed, deps.member_layout)
         self.by_name: dict[str, dict[int, torch.Tensor]] = {}
         for name, dim in self.members.pruned():
@@ -220,6 +220,7 @@ class _Rewriter:
         return {"parameters": params, "modules": modules}
 
 
-def rewrite(gm: torch.fx.GraphModule, deps: DependencyGraph, plan: Plan) -> torch.fx.GraphModule:
-    """A new GraphModule that keeps only the atoms ``plan`` keeps; ``gm`` is left as it was."""
-    return _Rewriter(gm, deps, plan).run()
+def rewrite(gm: torch.fx.GraphModule, deps: DependencyGraph, plan: Plan, modules: dict[str, nn.Module] | None = None) -> torch.fx.GraphModule:
+    """A new GraphModule that keeps only the atoms ``plan`` keeps; ``gm`` is left as it was.
+    ``modules``: ``modules_of(gm)`` when the caller has it."""
+    return _Rewriter(gm, deps, plan, modules).run()

@@ -102,12 +102,13 @@ def _annotate(modules: dict[str, nn.Module], outputs: dict[torch.fx.Node, Any], 
         n.meta[keys.FLOPS] = counted[n] if n in counted else flops(out) if flops is not None else 0  # the rules' other ops count nothing
 
 
-def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> None:
-    """Annotate ``gm`` in place for ``example_inputs``: from the shape rules, or by running it."""
+def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], modules: dict[str, nn.Module] | None = None) -> None:
+    """Annotate ``gm`` in place for ``example_inputs``: from the shape rules, or by running it.
+    ``modules``: ``modules_of(gm)`` when the caller has it."""
     for node in gm.graph.nodes:
         node.meta.pop(keys.TENSOR_META, None)
         node.meta.pop(keys.VALUE, None)
-    modules = modules_of(gm)
+    modules = modules_of(gm) if modules is None else modules
     inferred = infer(gm, example_inputs, modules)
     if inferred is not None:
         _annotate(modules, *inferred)

@@ -37,7 +37,7 @@ def measure_round_to(a: Analysis, chooser: Chooser, timed: bool, cache: TimingCa
         multiple = fast_multiple(a.gm, a.deps, Setting.of(a.gm, a.inputs), cache or TimingCache())
         log.info("round_to='auto': widths are multiples of %d, measured fastest on this device", multiple)
     else:
-        multiple = steady_multiple(a.gm, a.deps)
+        multiple = steady_multiple(a.gm, a.deps, a.modules)
     return replace(chooser, strategy=replace(chooser.strategy, round_to=multiple), measured=True)
 
 

@@ -83,7 +83,7 @@ class Clock:
     def result(self, plan: Plan) -> tuple[torch.fx.GraphModule, nn.Module]:
         key = widths(plan)
         if key not in self.pruned:
-            pruned = rewrite(self.a.gm, self.a.deps, plan)
+            pruned = rewrite(self.a.gm, self.a.deps, plan, self.a.modules)
             self.pruned[key] = pruned, self.a.result(pruned)
         return self.pruned[key]
 

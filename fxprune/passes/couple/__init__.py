@@ -19,6 +19,7 @@ from collections.abc import Iterable
 
 import torch
 import torch.fx
+from torch import nn
 
 from ...core import metakeys as keys
 from ...core.groups import DependencyGraph
@@ -29,12 +30,14 @@ from .state import State, Unsupported
 __all__ = ["couple", "Unsupported", "RuleError"]
 
 
-def couple(gm: torch.fx.GraphModule, ignore: Iterable[str] = (), free_output: bool = False) -> DependencyGraph:
+def couple(gm: torch.fx.GraphModule, ignore: Iterable[str] = (), free_output: bool = False,
+           modules: dict[str, nn.Module] | None = None) -> DependencyGraph:
     """Build the DependencyGraph of a GraphModule annotated by the shapes pass.
 
     The model's outputs keep all their channels unless ``free_output`` (used only to drop classes).
+    ``modules``: ``modules_of(gm)`` when the caller has it.
     """
-    state = State(gm, free_output)
+    state = State(gm, free_output, modules)
     with torch.no_grad():
         Coupler(gm, state, ignore).run(initial_env=state.env, enable_io_processing=False)
     return finalize(state, tuple(gm.meta.get(keys.OPAQUE, ())))

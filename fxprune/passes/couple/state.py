@@ -89,10 +89,10 @@ def target_name(node: torch.fx.Node) -> str:
 class State:
     """The union-find over labels and everything the rules record about a GraphModule's channels."""
 
-    def __init__(self, gm: torch.fx.GraphModule, free_output: bool) -> None:
+    def __init__(self, gm: torch.fx.GraphModule, free_output: bool, modules: dict[str, nn.Module] | None = None) -> None:
         self.gm = gm
         self.free_output = free_output
-        self.modules = modules_of(gm)
+        self.modules = modules_of(gm) if modules is None else modules
         self.uf = UnionFind()
         self.env: dict[torch.fx.Node, Any] = {}  # the interpreter's: node -> Labels / Param / value
         self.slots: dict[tuple[str, int], list[torch.Tensor]] = defaultdict(list)
