@@ -7,6 +7,7 @@ test checks behaviour, never the speed of this machine; benchmarks/latency.py me
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -701,3 +702,24 @@ def test_a_latency_target_says_when_its_timings_include_malloc_page_faults(fake_
     notes = pruned.meta["fxprune"]["report"]["notes"]
     assert any(n.startswith("2 tensors of a forward are over glibc malloc's 32 MiB mmap ceiling") for n in notes)
     assert "32 MiB mmap ceiling" in caplog.text
+
+
+def test_results_too_close_to_the_target_to_tell_make_the_search_prune_further(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Results truly 1.4-1.8x faster time, call after call, 0.6, 1 and 1.4 times their cost: intervals no
+    number of rounds narrows, so near the 1.5x asked none can be told from the target, even where the
+    median beats the aim (1.6x); results past 1.8x time exactly. The search aims past the noise and returns
+    one of those, within 1.3x of the target. (Aiming at 1.6x, it tried less pruned plans and refused as too noisy.)"""
+    monkeypatch.setattr(costmodel, "layer_ms", layer_latency)
+    clock, first, cycles = FlopClock(), [], {}
+
+    def factor(model: nn.Module) -> float:
+        first.append(model) if not first else None
+        speedup = clock.true_ms(first[0], (X,)) / clock.true_ms(model, (X,))
+        return next(cycles.setdefault(id(model), itertools.cycle((0.6, 1.0, 1.4)))) if 1.4 <= speedup < 1.8 else 1.0
+
+    clock.factor = factor
+    monkeypatch.setattr(timing, "time_calls", clock)
+    net = Net().eval()
+    pruned = fxprune.compile(net, speedup=1.5, example_inputs=X, verify=False, cache=False, round_to=1)
+    truth = flop_ms(net, (X,)) / flop_ms(pruned, (X,))
+    assert 1.8 <= truth <= 1.3 * 1.5, truth

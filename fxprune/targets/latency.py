@@ -1,31 +1,30 @@
 """latency: a latency target (``speedup=``, ``target_latency_ms=``) met as measured, in seconds, never claimed on noise.
 
-Both targets are a goal for the ratio of the result's time to the original's, timed in turns
-(``timing.compare``): 1 / speedup, or the target's milliseconds over the original's. First the machine is
-checked for a few seconds (``machine.check``, twice when the first look finds it busy): a machine whose
-noise or stalls could not decide the target gets ``MeasurementError`` at once, with the figures and what to
-do. Then the latency model proposes and the clock confirms: each candidate is the plan the model puts at the
-current budget, timed against the original until its interval decides the goal (``FEWEST`` rounds or more;
-rounds hit by a burst are dropped). A result meets the goal when its whole interval, widened by the A/A
-noise, does.
+Both targets are a goal for the ratio of the result's time to the original's, timed in turns (``timing.compare``): 1 /
+speedup, or the target's milliseconds over the original's. First the machine is checked for a few seconds
+(``machine.check``, twice when the first look finds it busy): a machine whose noise or stalls could not decide the
+target gets ``MeasurementError`` at once, with the figures and what to do. Then the latency model proposes and the clock
+confirms: each candidate is the plan the model puts at the current budget, timed against the original until its interval
+decides the goal (``FEWEST`` rounds or more; rounds hit by a burst are dropped). A result meets the goal when its whole
+interval, widened by the A/A noise, does.
 
-Until one result meets the aim (``MARGIN`` below the goal) and one misses it, the next budget is the last
-estimate scaled by aim / measured (at most 2x either way); then it moves between the closest pair by linear
-interpolation. It stops at a result that meets the goal within 6% of the aim, or when the closest pair is
-estimated within ``trials.NEAR`` of each other. A measured ratio far from the model's estimate (outside
-``BAND``) is timed again before it is believed, and so are two timings that contradict the width order (a
-plan with more channels in every group measured faster than one with fewer, beyond the noise): if they still
-do, the machine changed under the search, and it refuses. The slowest result that meets the goal wins; when
-it is more than ``OVERSHOOT`` times faster than asked, the nearest wider results are timed again, and plans
-between are tried by bisection; a result that far past the target is returned only when the widths step from
-one to the other (the report says so), never when the noise left nearer ones undecided.
+Until one result meets the aim (``MARGIN`` below the goal, lower after results too close to the goal to tell:
+``trials.decidable_aim``) and one misses it, the next budget is the last estimate scaled by aim / measured (at most 2x
+either way); then it moves between the closest pair by linear interpolation. It stops at a result that meets the goal
+within 6% of the aim, or when the closest pair is estimated within ``trials.NEAR`` of each other. A measured ratio far
+from the model's estimate (outside ``BAND``) is timed again before it is believed, and so are two timings that
+contradict the width order (a plan with more channels in every group measured faster than one with fewer, beyond the
+noise): if they still do, the machine changed under the search, and it refuses. The slowest result that meets the goal
+wins; when it is more than ``OVERSHOOT`` times faster than asked, the nearest wider results are timed again, and plans
+between are tried by bisection; a result that far past the target is returned only when the widths step from one to the
+other (the report says so), never when the noise left nearer ones undecided.
 
 The chosen result is timed once more against the original, never from the cache, until its interval is within
-``PRECISE``: that timing is the one reported. The widths chosen for a model, target and strategy are kept, so
-a warm compile confirms that result first and searches only when it no longer meets the goal: then afresh (the
-machine runs otherwise than when its comparisons were cached), from that result's new timing. Comparisons are
-cached (``TimingCache``) under the captured architecture and the result's widths, only when stable; when the
-confirming timing misses the goal, the model's cached comparisons are dropped and it searches afresh, once.
+``PRECISE``: that timing is the one reported. The widths chosen for a model, target and strategy are kept, so a warm
+compile confirms that result first and searches only when it no longer meets the goal: then afresh (the machine runs
+otherwise than when its comparisons were cached), from that result's new timing. Comparisons are cached
+(``TimingCache``) under the captured architecture and the result's widths, only when stable; when the confirming timing
+misses the goal, the model's cached comparisons are dropped and it searches afresh, once.
 """
 
 from __future__ import annotations
@@ -50,7 +49,7 @@ from ..errors import MeasurementError, TargetUnreachableError
 from ..pipeline import Analysis, select_plan
 from ..selection.strategy import Chooser
 from .target import Target
-from .trials import OVERSHOOT, Clock, Trial, contradict, far, fingerprint, next_budget, overshoot, raise_or_warn, too_noisy, undecidable, widths
+from .trials import OVERSHOOT, Clock, Trial, contradict, decidable_aim, far, fingerprint, next_budget, overshoot, raise_or_warn, too_noisy, undecidable, widths
 
 __all__ = ["check_machine", "measured", "Checked", "ROUNDS", "MARGIN", "BAND", "OVERSHOOT", "DRIFT"]
 
@@ -277,7 +276,7 @@ class Search:
             first, self.first = self.first, None
             trials.append(dataclasses.replace(first, estimate=self.model.cost(removed_mask(self.a.deps, first.plan)) / self.model.total))
             seen[widths(first.plan)] = trials[0]
-            budget, why = next_budget(trials, self.aim, self.model.total) or (budget, why)
+            budget, why = next_budget(trials, decidable_aim(trials, self.aim, self.goal), self.model.total) or (budget, why)
         while len(seen) < ROUNDS and len(trials) < 2 * ROUNDS:
             try:
                 plan = self.plan(budget)
@@ -292,9 +291,10 @@ class Search:
                 trial = self.ordered(trial, list(seen.values()))
             seen[key] = trial
             trials.append(trial)
-            if trial.comparison.meets(self.goal) and trial.ratio >= 0.94 * self.aim:
+            aim = decidable_aim(trials, self.aim, self.goal)
+            if trial.comparison.meets(self.goal) and trial.ratio >= 0.94 * aim:
                 break
-            proposal = next_budget(trials, self.aim, self.model.total)
+            proposal = next_budget(trials, aim, self.model.total)
             if proposal is None:
                 break
             budget, why = proposal

@@ -27,7 +27,7 @@ from ..passes.rewrite import rewrite
 from ..pipeline import Analysis
 from .target import Target
 
-__all__ = ["Trial", "Clock", "kept", "widths", "contradict", "fingerprint", "next_budget", "too_noisy", "undecidable", "raise_or_warn",
+__all__ = ["Trial", "Clock", "kept", "widths", "contradict", "fingerprint", "next_budget", "decidable_aim", "too_noisy", "undecidable", "raise_or_warn",
            "far", "overshoot", "PRECISE", "ORDER", "OVERSHOOT", "NEAR"]
 
 PRECISE = 0.025
@@ -156,6 +156,19 @@ def next_budget(trials: list[Trial], aim: float, total: float) -> tuple[float, s
         return total * e0 * 1.02, "just wider than the slowest that met the aim"
     w = min(0.9, max(0.1, (aim - m0) / (m1 - m0)))
     return total * (e0 + w * (e1 - e0)), f"between the closest pair, {1 / m0:.3g}x and {1 / m1:.3g}x"
+
+
+def decidable_aim(trials: list[Trial], aim: float, goal: float) -> float:
+    """``aim``, lowered below each result that timed faster than it but could not be told from ``goal``, to
+    where a result timed as loosely (its interval widened by the A/A noise, its quickest timings) would
+    meet the goal; never nearer ``OVERSHOOT`` past the goal than ``aim`` is to it. Plans nearer the goal would
+    time undecided too: on a machine noisier than the margin, the search went on to less pruned plans and refused."""
+    lowest = goal * goal / (OVERSHOOT * aim)
+    for t in trials:
+        c = t.comparison
+        if t.ratio <= aim and c.meets(goal) is None:
+            aim = min(aim, max(lowest, t.ratio * goal / max(c.high * (1 + c.noise), c.floor)))
+    return aim
 
 
 def too_noisy(message: str, undecided: Trial, warn: bool) -> Trial:
