@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import networkx as nx
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -12,6 +13,7 @@ from torch import nn
 
 import fxprune
 from conftest import lively, same_state, state_copy
+from fxprune.core.masks import removed_mask
 
 X = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 
@@ -153,6 +155,27 @@ def test_prune_with_explicit_plan(resnet: nn.Module) -> None:
     assert kept["parameters"]["layer3.0.conv1.weight"] == {}  # untouched
     assert set(kept["parameters"]) == set(resnet.state_dict())
     json.dumps(pruned.meta["fxprune"])  # the whole record is JSON-serializable
+
+
+def test_a_plan_changed_after_use_gets_its_own_removed_mask(resnet: nn.Module) -> None:
+    """removed_mask remembers the last plan's mask: a plan edited in place, a mask edited by its caller
+    and a plan of numpy positions each still get the mask their own positions say."""
+    graph = fxprune.analyze(resnet, X)
+    g = next(g for g in graph.prunable_groups if g.width > 8)
+
+    def expected(keep: list[int]) -> torch.Tensor:
+        mask = torch.zeros(graph.num_atoms, dtype=torch.bool)
+        mask[g.atoms] = True
+        mask[g.atoms[keep]] = False
+        return mask
+
+    plan = fxprune.Plan({g.id: [0, 2, 5]})
+    removed_mask(graph, plan)[:] = True  # the caller's copy
+    assert torch.equal(removed_mask(graph, plan), expected([0, 2, 5]))
+    plan.keep[g.id].append(7)
+    assert torch.equal(removed_mask(graph, plan), expected([0, 2, 5, 7]))
+    assert torch.equal(removed_mask(graph, fxprune.Plan({g.id: np.array([1, 3])})), expected([1, 3]))
+    assert not removed_mask(graph, fxprune.Plan({})).any()
 
 
 def test_bad_plans_are_plan_errors(resnet: nn.Module) -> None:
