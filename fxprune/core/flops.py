@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from functools import cached_property
 
 import torch
 import torch.fx
@@ -22,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from . import metakeys as keys
 from .groups import NEVER_REMOVED, DependencyGraph
-from .masks import Kept, Layout, distinct, owned_cat
+from .masks import distinct, owned_cat
 
 __all__ = ["FlopModel", "total_macs", "counter"]
 
@@ -125,17 +124,13 @@ class FlopModel:
         kept = torch.ones(key.numel(), dtype=torch.float64).scatter_reduce(0, inverse, left, "prod")
         return saved.index_add(0, key % width, self.macs_vec[key // width] * (1 - kept))
 
-    @cached_property
-    def factor_layout(self) -> Layout:
-        """The ``Layout`` of every term's factors, by (term, factor)."""
-        return Layout({(i, k): f for i, t in enumerate(self.terms) for k, f in enumerate(t.factors)})
-
     def per_node(self, removed: torch.Tensor) -> dict[str, int]:
-        """Exact integer MACs of every FlopTerm node (the sum of its terms) after removing ``removed``."""
-        kept = Kept(removed, self.factor_layout)
+        """Exact integer MACs of every FlopTerm node (the sum of its terms) after removing ``removed``
+        (``kept_per_factor``'s counts are whole numbers far below float64's 2**53)."""
+        kept = iter(self.kept_per_factor(removed).tolist())
         out: dict[str, int] = {}
-        for i, t in enumerate(self.terms):
-            num = math.prod(kept.count[(i, k)] for k in range(len(t.factors)))
+        for t in self.terms:
+            num = math.prod(int(next(kept)) for _ in t.factors)
             den = math.prod(f.numel() for f in t.factors)
             out[t.node] = out.get(t.node, 0) + t.macs * num // den
         return out
