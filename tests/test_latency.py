@@ -505,21 +505,26 @@ def test_the_estimated_column_adds_up_and_explains_rising_rows(fake_clock: FlopC
     assert "1 -> 2 *" in text and "timed slower alone at their kept widths" in text and "rows add up to" in text
 
 
+def by_speedup(monkeypatch: pytest.MonkeyPatch, factor) -> None:
+    """Time with a FlopClock whose timing of a model is scaled by ``factor(model, speed-up)``, its true
+    speed-up over the first model timed (the original)."""
+    clock, first = FlopClock(), []
+
+    def scaled(model: nn.Module) -> float:
+        first.append(model) if not first else None
+        return factor(model, clock.true_ms(first[0], (X,)) / clock.true_ms(model, (X,)))
+
+    clock.factor = scaled
+    monkeypatch.setattr(timing, "time_calls", clock)
+
+
 def test_a_result_far_past_the_target_is_not_returned_while_nearer_ones_are_undecided(monkeypatch: pytest.MonkeyPatch) -> None:
     """Results truly 1.4-1.95x faster time at random (0.5-2x their cost): undecidable; only results
     pruned past 1.95x (1.3 times the 1.5x asked) can meet the target. The compile refuses rather than
     return one of those, or returns it with a warning under on_noise="warn"."""
     def install() -> None:
-        rng, clock = random.Random(0), FlopClock()
-        first: list[nn.Module] = []
-
-        def factor(model: nn.Module) -> float:
-            first.append(model) if not first else None
-            speedup = clock.true_ms(first[0], (X,)) / clock.true_ms(model, (X,))
-            return rng.uniform(0.5, 2.0) if 1.4 <= speedup <= 1.95 else 1.0
-
-        clock.factor = factor
-        monkeypatch.setattr(timing, "time_calls", clock)
+        rng = random.Random(0)
+        by_speedup(monkeypatch, lambda model, speedup: rng.uniform(0.5, 2.0) if 1.4 <= speedup <= 1.95 else 1.0)
 
     monkeypatch.setattr(costmodel, "layer_ms", layer_latency)
     install()
@@ -536,15 +541,7 @@ def test_a_result_far_past_the_target_gives_way_to_a_plan_between(monkeypatch: p
     plans nearest the target miss; the search goes on between the results on either side, and one within
     1.3x of the 1.5x asked comes back, with no note blaming the widths."""
     monkeypatch.setattr(costmodel, "layer_ms", layer_latency)
-    clock, first = FlopClock(), []
-
-    def factor(model: nn.Module) -> float:
-        first.append(model) if not first else None
-        truth = clock.true_ms(first[0], (X,)) / clock.true_ms(model, (X,))
-        return truth / 1.2 if 1.5 <= truth < 1.7 else 1.0
-
-    clock.factor = factor
-    monkeypatch.setattr(timing, "time_calls", clock)
+    by_speedup(monkeypatch, lambda model, truth: truth / 1.2 if 1.5 <= truth < 1.7 else 1.0)
     net = Net().eval()
     pruned = fxprune.compile(net, speedup=1.5, example_inputs=X, verify=False, cache=False, round_to=1)
     truth = flop_ms(net, (X,)) / flop_ms(pruned, (X,))
@@ -710,15 +707,9 @@ def test_results_too_close_to_the_target_to_tell_make_the_search_prune_further(m
     median beats the aim (1.6x); results past 1.8x time exactly. The search aims past the noise and returns
     one of those, within 1.3x of the target. (Aiming at 1.6x, it tried less pruned plans and refused as too noisy.)"""
     monkeypatch.setattr(costmodel, "layer_ms", layer_latency)
-    clock, first, cycles = FlopClock(), [], {}
-
-    def factor(model: nn.Module) -> float:
-        first.append(model) if not first else None
-        speedup = clock.true_ms(first[0], (X,)) / clock.true_ms(model, (X,))
-        return next(cycles.setdefault(id(model), itertools.cycle((0.6, 1.0, 1.4)))) if 1.4 <= speedup < 1.8 else 1.0
-
-    clock.factor = factor
-    monkeypatch.setattr(timing, "time_calls", clock)
+    cycles: dict[int, itertools.cycle] = {}
+    by_speedup(monkeypatch, lambda model, speedup: next(cycles.setdefault(id(model), itertools.cycle((0.6, 1.0, 1.4))))
+               if 1.4 <= speedup < 1.8 else 1.0)
     net = Net().eval()
     pruned = fxprune.compile(net, speedup=1.5, example_inputs=X, verify=False, cache=False, round_to=1)
     truth = flop_ms(net, (X,)) / flop_ms(pruned, (X,))
