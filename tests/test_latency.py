@@ -711,6 +711,6 @@ def test_results_too_close_to_the_target_to_tell_make_the_search_prune_further(m
     by_speedup(monkeypatch, lambda model, speedup: next(cycles.setdefault(id(model), itertools.cycle((0.6, 1.0, 1.4))))
                if 1.4 <= speedup < 1.8 else 1.0)
     net = Net().eval()
-    pruned = fxprune.compile(net, speedup=1.5, example_inputs=X, verify=False, cache=False, round_to=1)
+    pruned = fxprune.compile(net, speedup=1.5, example_inputs=X, verify=False, cache=False)
     truth = flop_ms(net, (X,)) / flop_ms(pruned, (X,))
     assert 1.8 <= truth <= 1.3 * 1.5, truth
