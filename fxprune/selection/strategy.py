@@ -137,7 +137,9 @@ class Chooser:
 
     def scores(self, deps: DependencyGraph, gm: torch.fx.GraphModule, seed: int, untapped: bool = False,
                cost: CostModel | None = None, tapped: dict[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
-        """The selector's scores, with torch's global RNG seeded by ``seed`` and restored afterwards;
+        """The selector's scores, with torch's global CPU generator seeded by ``seed`` and restored afterwards
+        (the selectors draw on the CPU; ``torch.manual_seed`` would also seed every accelerator's generator,
+        which ``fork_rng`` does not restore);
         ``untapped``: the first step of coarse ranking, before any fine-tuning was tapped; ``tapped``: the
         statistics coarse ranking gathered (the scores themselves, unless the selector ranks importance
         with ``rank``). A selector that sets ``uses_width_rule`` also gets the width rule (the latency ones
@@ -145,7 +147,7 @@ class Chooser:
         extra = {"rule": self.rule} if getattr(self.selector, "uses_width_rule", False) else {}
         extra |= {"cost": cost} if getattr(self.selector, "uses_cost", False) else {}
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)
             if tapped is not None:
                 rank = getattr(self.selector, "rank", None)
                 return rank(deps, gm, tapped, **extra) if rank is not None else tapped
