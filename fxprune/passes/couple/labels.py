@@ -120,7 +120,7 @@ def compress(uf: UnionFind, t: torch.Tensor, force: frozenset[int] = frozenset()
     if t.numel() == 0:
         return Labels(shape, None, uf.fresh(1))
     varying = [
-        d for d in range(t.dim()) if shape[d] > 1 and not torch.equal(t, t.narrow(d, 0, 1).expand_as(t))
+        d for d in range(t.dim()) if t.shape[d] > 1 and not torch.equal(t, t.narrow(d, 0, 1).expand_as(t))  # size 1: broadcast
     ]
     if force and any(d not in force for d in varying):
         return _merge_slices(uf, t, max(force, key=lambda d: shape[d]), shape)
