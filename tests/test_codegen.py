@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -165,3 +166,22 @@ def test_a_rewrite_that_edits_a_node_compiles_its_own_code() -> None:
     assert type(pruned).forward is not type(a.gm).forward
     assert pruned.code == pruned.graph.python_code("self").src != a.gm.code
     assert pruned(x).shape == (1, 4, 8, 8)
+
+
+def test_an_edited_rewrite_emits_only_the_edited_lines_anew_and_runs_as_fx_code() -> None:
+    model = torchvision.models.shufflenet_v2_x1_0(weights=None).eval()
+    x = torch.randn(1, 3, 64, 64)
+    pruned = fxprune.compile(model, example_inputs=x, ratio=0.5, verify=False)
+    fresh = pruned.graph.python_code("self").src
+
+    def without_deletes(src: str) -> list[str]:
+        return [re.sub(r";  (?:\w+ = )+None$", "", line) for line in src.split("\n")]
+
+    assert ".split([" in pruned.code  # the channel shuffles' chunks became splits of the pruned sizes
+    assert without_deletes(pruned.code) == without_deletes(fresh)
+    assert pruned.code != fresh  # a value an edit no longer reads is dropped where the captured code dropped it
+    with torch.no_grad():
+        expected = pruned(x)
+        pruned.recompile()
+        assert pruned.code == fresh
+        torch.testing.assert_close(pruned(x), expected, rtol=1e-5, atol=1e-6)

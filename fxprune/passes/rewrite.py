@@ -34,7 +34,7 @@ unless the rows alone would be over ``MMAP_MAX``: that intermediate costs its pa
 gather is faster (VGG-16's 4096x25088 classifier; 4096x4096 to 70%: 14 ms, against 20 ms in two steps)."""
 
 _NODE_PATCHES = (PatchKind.ARG, PatchKind.SLICE, PatchKind.SPLIT, PatchKind.VALUE)
-"""The patches that edit graph nodes; without them the result's code is the captured module's."""
+"""The patches that edit graph nodes: the lines of the result's code that are not the captured module's."""
 
 
 def _set_in(container: Any, path: tuple[Any, ...], value: Any) -> Any:
@@ -183,9 +183,8 @@ class _Rewriter:
             for k in (keys.TENSOR_META, keys.VALUE, keys.FLOPS):
                 n.meta.pop(k, None)
         attrs = self.attributes(new_graph)
-        edited = any(p.kind in _NODE_PATCHES for p in self.deps.patches)
-        new = DirectGraphModule(attrs, new_graph, gm.__class__.__name__,
-                                code_of=gm if isinstance(gm, DirectGraphModule) and not edited else None)
+        new = DirectGraphModule(attrs, new_graph, gm.__class__.__name__, code_of=gm if isinstance(gm, DirectGraphModule) else None,
+                                edited={p.target for p in self.deps.patches if p.kind in _NODE_PATCHES})
         copy_modes(gm, new, self.modules)
         for p in self.deps.patches:
             if p.kind == PatchKind.ATTR and p.target not in attrs:
