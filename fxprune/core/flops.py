@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from . import metakeys as keys
 from .groups import NEVER_REMOVED, DependencyGraph
-from .masks import distinct, owned_cat
+from .masks import distinct, owned_cat, unique
 
 __all__ = ["FlopModel", "total_macs", "counter"]
 
@@ -76,7 +76,7 @@ class FlopModel:
         rows, cols = owned_cat(vectors)
         keep = cols != NEVER_REMOVED
         width = max(deps.num_atoms, 1)
-        key, counts = torch.unique(rows[keep] * width + cols[keep], return_counts=True)
+        key, counts = unique(rows[keep] * width + cols[keep], return_counts=True)
         self.rows, self.cols, self.counts = key // width, key % width, counts.to(torch.float64)
         # The same entries as a sparse (vector x atom) matrix, rows in order: one product counts the removed
         # indices of every vector (a fifth of the time of an index_add over the entries).
@@ -119,7 +119,7 @@ class FlopModel:
         # Each factor's (atom, count) entries are its vector's, which are contiguous in rows.
         spans = torch.split(torch.arange(self.rows.numel()), torch.bincount(self.rows, minlength=len(self.vector_sizes)).tolist())
         factor, entry = owned_cat([spans[v] for v in self.vector_of.tolist()])
-        key, inverse = torch.unique(self.term_of[factor] * width + self.cols[entry], return_inverse=True)
+        key, inverse = unique(self.term_of[factor] * width + self.cols[entry], return_inverse=True)
         left = 1 - self.counts[entry] / self.sizes[factor]
         kept = torch.ones(key.numel(), dtype=torch.float64).scatter_reduce(0, inverse, left, "prod")
         return saved.index_add(0, key % width, self.macs_vec[key // width] * (1 - kept))

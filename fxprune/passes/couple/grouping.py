@@ -11,7 +11,7 @@ from collections import defaultdict
 import torch
 
 from ...core.groups import NEVER_REMOVED, DependencyGraph, FlopTerm, Group, Member, Role
-from ...core.masks import distinct, owned_cat
+from ...core.masks import distinct, owned_cat, unique
 from .labels import Labels, Param
 from .state import State
 
@@ -131,7 +131,7 @@ def freeze_reasons(s: State, atom_of: torch.Tensor) -> tuple[tuple[torch.Tensor,
     of_label = torch.tensor([code.get(why, -1) for _, why in s.frozen], dtype=torch.long)[winner]
     atoms = atom_of[labels]
     real = atoms != NEVER_REMOVED
-    pairs = torch.unique(atoms[real] * len(code) + of_label[real])  # by atom, then reason
+    pairs = unique(atoms[real] * len(code) + of_label[real])  # by atom, then reason
     atom, reason = pairs // len(code), pairs % len(code)
     starts = torch.ones_like(atom, dtype=torch.bool)
     starts[1:] = atom[1:] != atom[:-1]
@@ -161,7 +161,7 @@ def group_ids(owner: torch.Tensor, atoms: torch.Tensor, vector_of: list[int], fr
 
 def _pairs(owner: torch.Tensor, values: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(k, v) for each distinct pair of ``owner[i] = k``, ``values[i] = v`` (v in ``0 .. size - 1``), sorted
-    by k then v, as two tensors: one ``torch.unique`` for what would be one per owner."""
+    by k then v, as two tensors: one ``unique`` for what would be one per owner."""
     size = max(size, 1)
-    keys = torch.unique(owner * size + values)
+    keys = unique(owner * size + values)
     return keys // size, keys % size
