@@ -159,7 +159,8 @@ def atom_kinds(deps: DependencyGraph) -> dict[int, tuple[int, bool]]:
     repeats = ((per_atom > 1) & ~block)[: deps.num_atoms].long()
     per_group = torch.ones(len(deps.groups), dtype=torch.long).scatter_reduce(0, deps.atom_group, per_atom[: deps.num_atoms], "amax")
     repeated = torch.zeros(len(deps.groups), dtype=torch.long).scatter_reduce(0, deps.atom_group, repeats, "amax")
-    return {g.id: (int(per_group[g.id]), bool(repeated[g.id])) for g in deps.groups}
+    widths, repeating = per_group.tolist(), repeated.tolist()
+    return {g.id: (widths[g.id], bool(repeating[g.id])) for g in deps.groups}
 
 
 def fragile_atoms(deps: DependencyGraph) -> list[torch.Tensor]:
@@ -179,7 +180,7 @@ def fragile_atoms(deps: DependencyGraph) -> list[torch.Tensor]:
     cells, held = unique(entry * num_groups + deps.atom_group[atom], return_counts=True)  # atoms per (tensor, group)
     whole = torch.zeros(len(entries), dtype=torch.bool).index_fill_(0, cells[width[cells % num_groups] <= held] // num_groups, True)
     found: dict[tuple[int, ...], torch.Tensor] = {}
+    per_entry = torch.split(atom, torch.bincount(entry, minlength=len(entries)).tolist())  # pairs are sorted by entry
     for e in (~untracked & ~whole).nonzero().flatten().tolist():  # no group whole here
-        a = atom[entry == e]
-        found.setdefault(tuple(a.tolist()), a)
+        found.setdefault(tuple(per_entry[e].tolist()), per_entry[e])
     return list(found.values())
