@@ -62,6 +62,15 @@ class Layout:
         self.within = index_within(self.owner, self.sizes)
         self.size: dict[Hashable, int] = {k: self.sizes[v] for k, v in zip(self.keys, self.vector_of)}
         self.start = list(itertools.accumulate(self.sizes, initial=0))
+        self._last: tuple[torch.Tensor, Kept] | None = None
+
+    def kept(self, removed: torch.Tensor) -> Kept:
+        """``Kept(removed, self)``, remembered for the last mask asked for: a compile's rewrite and report ask
+        for the same plan's (0.5 ms each on ShuffleNetV2). Read-only, as every ``Kept``."""
+        last = self._last
+        if last is None or last[0].shape != removed.shape or not torch.equal(last[0], removed):
+            last = self._last = (removed.clone(), Kept(removed, self))
+        return last[1]
 
 
 class Kept:

@@ -64,7 +64,7 @@ def annotate(
     before_params, after_params = tensors_of(gm, modules=before_mods), tensors_of(pruned, modules=after_mods)
     named = layers(gm, before_mods)
     pruned_nodes = {n.name: n for n in pruned.graph.nodes}
-    kept = Kept(removed, deps.tensor_layout)
+    kept = deps.tensor_layout.kept(removed)
     rows: list[LayerRow] = []
     other = [0, 0]
     for node in gm.graph.nodes:

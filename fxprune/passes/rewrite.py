@@ -66,7 +66,7 @@ class _Rewriter:
         self.by_name: dict[str, dict[int, torch.Tensor]] = {}
         for name, dim in self.members.pruned():
             self.by_name.setdefault(name, {})[dim] = self.members.positions((name, dim))
-        self.tensors = Kept(self.removed, deps.tensor_layout)
+        self.tensors = deps.tensor_layout.kept(self.removed)
 
     def tensor_kept(self, name: str, dim: int) -> torch.Tensor:
         """Kept-position mask of node ``name``'s output along ``dim``."""

@@ -108,8 +108,10 @@ def reshaped(s: State, node: torch.fx.Node, args: tuple[Any, ...], force: frozen
     a = 0
     while a < b and math.prod(out[a + 1:]) % (post * c) == 0:
         a += 1
-    flat = torch.arange(math.prod(out[a:b])) * math.prod(out[b:])
-    small = s.uf.roots(x.ids)[(flat // post) % c].view([1] * a + list(out[a:b]) + [1] * (n - b))
+    roots, inner = s.uf.roots(x.ids), math.prod(out[a:b])
+    if inner != c or math.prod(out[b:]) != post:  # else position f of dims a..b-1 is channel f (a channel shuffle's view)
+        roots = roots[torch.arange(inner).mul_(math.prod(out[b:])).div_(post, rounding_mode="floor").remainder_(c)]
+    small = roots.view([1] * a + list(out[a:b]) + [1] * (n - b))
     return compress(s.uf, small, force, heads, out)
 
 
