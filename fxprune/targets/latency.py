@@ -11,13 +11,14 @@ interval, widened by the A/A noise, does.
 Until one result meets the aim (``MARGIN`` below the goal, lower after results too close to the goal to tell:
 ``trials.decidable_aim``) and one misses it, the next budget is the last estimate scaled by aim / measured (at most 2x
 either way); then it moves between the closest pair by linear interpolation. It stops at a result that meets the goal
-within 6% of the aim, or when the closest pair is estimated within ``trials.NEAR`` of each other. A measured ratio far
-from the model's estimate (outside ``BAND``) is timed again before it is believed, and so are two timings that
-contradict the width order (a plan with more channels in every group measured faster than one with fewer, beyond the
-noise): if they still do, the machine changed under the search, and it refuses. The slowest result that meets the goal
-wins; when it is more than ``OVERSHOOT`` times faster than asked, the nearest wider results are timed again, and plans
-between are tried by bisection; a result that far past the target is returned only when the widths step from one to the
-other (the report says so), never when the noise left nearer ones undecided.
+within 6% of the aim, when the closest pair is estimated within ``trials.NEAR`` of each other, or when it measured a
+step the model does not see (``trials.stepped``). A measured ratio far from the model's estimate (outside ``BAND``) is
+timed again before it is believed, and so are two timings that contradict the width order (a plan with more channels in
+every group measured faster than one with fewer, beyond the noise): if they still do, the machine changed under the
+search, and it refuses. The slowest result that meets the goal wins; when it is more than ``OVERSHOOT`` times faster than
+asked, the nearest wider results are timed again, and plans between are tried by bisection; a result that far past the
+target is returned only when the speed steps from one to the other (the report says why), never when the noise left
+nearer ones undecided.
 
 The chosen result is timed once more against the original, never from the cache, until its interval is within
 ``PRECISE``: that timing is the one reported. The widths chosen for a model, target and strategy are kept, so a warm
@@ -49,7 +50,8 @@ from ..errors import MeasurementError, TargetUnreachableError
 from ..pipeline import Analysis, select_plan
 from ..selection.strategy import Chooser
 from .target import Target
-from .trials import OVERSHOOT, Clock, Trial, contradict, decidable_aim, far, fingerprint, next_budget, overshoot, raise_or_warn, too_noisy, undecidable, widths
+from .trials import (OVERSHOOT, Clock, Trial, contradict, decidable_aim, far, fingerprint, next_budget, overshoot, raise_or_warn, stepped,
+                     too_noisy, undecidable, widths)
 
 __all__ = ["check_machine", "measured", "Checked", "ROUNDS", "MARGIN", "BAND", "OVERSHOOT", "DRIFT"]
 
@@ -294,7 +296,8 @@ class Search:
             aim = decidable_aim(trials, self.aim, self.goal)
             if trial.comparison.meets(self.goal) and trial.ratio >= 0.94 * aim:
                 break
-            proposal = next_budget(trials, aim, self.model.total)
+            self.step = stepped(trials, aim)
+            proposal = None if self.step else next_budget(trials, aim, self.model.total)
             if proposal is None:
                 break
             budget, why = proposal
@@ -367,7 +370,7 @@ class Search:
                 return self.closest(again, trials)
             undecided += [again] if again.comparison.meets(self.goal) is None else []
         fast, slow = chosen, missed[0] if missed else None
-        for _ in range(BISECT if slow is not None and not undecided else 0):
+        for _ in range(BISECT if slow is not None and not undecided and self.step is None else 0):  # a step measured: none between
             plan = self.plan(self.model.total * (fast.estimate + slow.estimate) / 2)
             if not self.removed(slow.plan) < self.removed(plan) < self.removed(fast.plan):  # not between the two
                 self.step = (f"the nearest wider plan measured {slow.comparison.speedup:.3g}x, short of the target, and the latency "

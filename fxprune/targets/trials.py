@@ -28,7 +28,7 @@ from ..pipeline import Analysis
 from .target import Target
 
 __all__ = ["Trial", "Clock", "kept", "widths", "contradict", "fingerprint", "next_budget", "decidable_aim", "too_noisy", "undecidable", "raise_or_warn",
-           "far", "overshoot", "PRECISE", "ORDER", "OVERSHOOT", "NEAR"]
+           "far", "overshoot", "stepped", "PRECISE", "ORDER", "OVERSHOOT", "NEAR", "STEPPED"]
 
 PRECISE = 0.025
 """The reported speed-up is timed until its interval is within this (relative half-width), so that
@@ -45,6 +45,13 @@ NEAR = 0.02
 """The search stops once the closest results on either side of the aim are estimated this close: the
 latency model cannot order plans nearer than that (its layers are timed alone), so further candidates
 would be timed for nothing."""
+
+STEPPED = 5.0
+"""The search also stops when the closest results on either side of the aim are estimated within twice
+``NEAR`` (one more halving from where it stops anyway) and their measured ratios differ this many times as
+much: the machine's speed steps between them where the latency model sees none, and plans it puts between
+them time as one or the other (MobileNetV2 at batch 8, where a tensor over 32 MiB is page-faulted on every
+call: plans estimated 1.90x and 1.96x timed 1.95x and 2.87x, and the two timed between them 1.90x and 1.94x)."""
 
 
 @dataclass(frozen=True)
@@ -156,6 +163,20 @@ def next_budget(trials: list[Trial], aim: float, total: float) -> tuple[float, s
         return total * e0 * 1.02, "just wider than the slowest that met the aim"
     w = min(0.9, max(0.1, (aim - m0) / (m1 - m0)))
     return total * (e0 + w * (e1 - e0)), f"between the closest pair, {1 / m0:.3g}x and {1 / m1:.3g}x"
+
+
+def stepped(trials: list[Trial], aim: float) -> str | None:
+    """Why no plan between the closest results on either side of ``aim`` is worth timing (``STEPPED``), or None."""
+    fast, slow = [t for t in trials if t.ratio <= aim], [t for t in trials if t.ratio > aim]
+    if not fast or not slow:
+        return None
+    f, s = max(fast, key=lambda t: t.estimate), min(slow, key=lambda t: t.estimate)
+    apart = abs(s.estimate - f.estimate) / s.estimate
+    if apart > 2 * NEAR or s.ratio - f.ratio <= STEPPED * max(apart, NEAR) * s.ratio:
+        return None
+    return (f"the nearest plan short of the target measured {s.comparison.speedup:.3g}x, and the latency model puts the two "
+            f"{apart:.0%} apart: the speed steps between them (on the CPU, a tensor brought under 32 MiB, see the note on page "
+            "faults, or a kernel that changes with the widths) where the model sees no step")
 
 
 def decidable_aim(trials: list[Trial], aim: float, goal: float) -> float:
