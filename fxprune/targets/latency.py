@@ -11,14 +11,13 @@ interval, widened by the A/A noise, does.
 Until one result meets the aim (``MARGIN`` below the goal, lower after results too close to the goal to tell:
 ``trials.decidable_aim``) and one misses it, the next budget is the last estimate scaled by aim / measured (at most 2x
 either way); then it moves between the closest pair by linear interpolation. It stops at a result that meets the goal
-within 6% of the aim, when the closest pair is estimated within ``trials.NEAR`` of each other, or when it measured a
-step the model does not see (``trials.stepped``). A measured ratio far from the model's estimate (outside ``BAND``) is
-timed again before it is believed, and so are two timings that contradict the width order (a plan with more channels in
-every group measured faster than one with fewer, beyond the noise): if they still do, the machine changed under the
-search, and it refuses. The slowest result that meets the goal wins; when it is more than ``OVERSHOOT`` times faster than
-asked, the nearest wider results are timed again, and plans between are tried by bisection; a result that far past the
-target is returned only when the speed steps from one to the other (the report says why), never when the noise left
-nearer ones undecided.
+within 6% of the aim, when the closest pair is estimated within ``trials.NEAR``, or at a step the model does not see
+(``trials.stepped``). A measured ratio far from the model's estimate (outside ``BAND``) is timed again before it is
+believed, and so are two timings that contradict the width order (a plan with more channels in every group measured
+faster than one with fewer, beyond the noise): if they still do, the machine changed under the search, and it refuses.
+The slowest result that meets the goal wins; when it is more than ``OVERSHOOT`` times faster than asked, the nearest
+wider results are timed again, and plans between are tried by bisection; a result that far past the target is returned
+only when the speed steps from one to the other (the report says why), never when the noise left nearer ones undecided.
 
 The chosen result is timed once more against the original, never from the cache, until its interval is within
 ``PRECISE``: that timing is the one reported. The widths chosen for a model, target and strategy are kept, so a warm
@@ -116,13 +115,12 @@ class Search:
 
     def __init__(self, a: Analysis, chooser: Chooser, target: Target, seed: int, setting: Setting, cache: TimingCache,
                  machine: Machine) -> None:
-        self.a, self.chooser, self.target, self.setting, self.cache = a, chooser, target, setting, cache
+        self.a, self.chooser, self.target, self.setting, self.cache, self.seed = a, chooser, target, setting, cache, seed
         self.original, self.noise, self.faults = machine.original, machine.noise, [machine.faults] if machine.faults else []
         original_ms = self.original_ms = machine.original.median_ms
         self.goal = target.latency_ms / original_ms if target.latency_ms is not None else 1 / target.speedup
         self.aim = self.goal * (1 - MARGIN)
         self.clock = Clock(a, setting, cache, machine.burst)
-        self.seed = seed
         self.timed = 0  # candidates timed, over both passes
         self.budgets: dict[str, float] = {}  # widths -> the first estimated-ms budget that gave them
         self.step: str | None = None  # why the result is far past the target with no nearer plan to try
@@ -297,8 +295,7 @@ class Search:
             if trial.comparison.meets(self.goal) and trial.ratio >= 0.94 * aim:
                 break
             self.step = stepped(trials, aim)
-            proposal = None if self.step else next_budget(trials, aim, self.model.total)
-            if proposal is None:
+            if self.step or (proposal := next_budget(trials, aim, self.model.total)) is None:
                 break
             budget, why = proposal
         return trials
