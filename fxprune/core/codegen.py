@@ -107,19 +107,23 @@ def _edited_lines(code_of: DirectGraphModule, edited: Collection[str], nodes: li
     added = fresh.globals.keys() - known.keys()
     if any(known[k] is not v for k, v in fresh.globals.items() if k in known) or (added and added & {n.name for n in nodes}):
         return None
-    emitted = {line[4:].split(" ", 1)[0]: line for line in fresh.src.split("\n") if line.startswith("    ")}
+    emitted = {_assigned(line): line for line in fresh.src.split("\n")}
     lines, done = code_of._code.split("\n"), 0
     for k, line in enumerate(lines):
-        name = line[4:].split(" ", 1)[0] if line.startswith("    ") else None
-        if name not in edited:
+        if (name := _assigned(line)) not in edited:
             continue
         end = _DELETES.search(line)
         if end is not None and not set(end.group(1).split(" = ")[:-1]) <= {name, *(i.name for i in old[name].all_input_nodes)}:
             return None
         lines[k], done = emitted[name] + (end.group(0) if end is not None else ""), done + 1
-    if done != len(env) - len(mini.find_nodes(op="placeholder")):
+    if done != len(old):
         return None
     return PythonCode("\n".join(lines), {**known, **fresh.globals}, code_of._lineno_map, code_of._prologue_start)
+
+
+def _assigned(line: str) -> str | None:
+    """The first word of an indented line of FX's forward: on a node's line, the name it assigns."""
+    return line[4:].split(" ", 1)[0] if line.startswith("    ") else None
 
 
 def _plain(codegen: CodeGen) -> CodeGen:

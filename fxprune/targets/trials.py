@@ -149,14 +149,12 @@ def next_budget(trials: list[Trial], aim: float, total: float) -> tuple[float, s
     """The next estimated-ms budget and why: the last estimate corrected by aim / measured (at most 2x
     either way), or, once results lie on both sides of the aim, linear interpolation between the closest
     pair; None once that pair's estimates are within ``NEAR`` of each other."""
-    fast = [(t.estimate, t.ratio) for t in trials if t.ratio <= aim]
-    slow = [(t.estimate, t.ratio) for t in trials if t.ratio > aim]
-    last = trials[-1]
-    if not fast or not slow:
+    pair, last = _closest_pair(trials, aim), trials[-1]
+    if pair is None:
         side = "slower" if last.ratio > aim else "faster"
         return (total * last.estimate * min(2.0, max(0.5, aim / last.ratio)),
                 f"the last one timed {side} than aimed at, {last.comparison.speedup:.3g}x against {1 / aim:.3g}x")
-    (e0, m0), (e1, m1) = max(fast), min(slow)
+    (e0, m0), (e1, m1) = ((t.estimate, t.ratio) for t in pair)
     if abs(e1 - e0) < NEAR * e1:  # the model cannot order plans this close: no more candidates
         return None
     if e1 <= e0:  # a costlier estimate measured faster: look just above the best fast one
@@ -165,12 +163,21 @@ def next_budget(trials: list[Trial], aim: float, total: float) -> tuple[float, s
     return total * (e0 + w * (e1 - e0)), f"between the closest pair, {1 / m0:.3g}x and {1 / m1:.3g}x"
 
 
-def stepped(trials: list[Trial], aim: float) -> str | None:
-    """Why no plan between the closest results on either side of ``aim`` is worth timing (``STEPPED``), or None."""
+def _closest_pair(trials: list[Trial], aim: float) -> tuple[Trial, Trial] | None:
+    """The results nearest ``aim`` on either side by the latency model's estimate: (the costliest estimate that
+    met the aim, the cheapest that missed it; ties by measured ratio), or None until both sides have one."""
     fast, slow = [t for t in trials if t.ratio <= aim], [t for t in trials if t.ratio > aim]
     if not fast or not slow:
         return None
-    f, s = max(fast, key=lambda t: t.estimate), min(slow, key=lambda t: t.estimate)
+    return max(fast, key=lambda t: (t.estimate, t.ratio)), min(slow, key=lambda t: (t.estimate, t.ratio))
+
+
+def stepped(trials: list[Trial], aim: float) -> str | None:
+    """Why no plan between the closest results on either side of ``aim`` is worth timing (``STEPPED``), or None."""
+    pair = _closest_pair(trials, aim)
+    if pair is None:
+        return None
+    f, s = pair
     apart = abs(s.estimate - f.estimate) / s.estimate
     if apart > 2 * NEAR or s.ratio - f.ratio <= STEPPED * max(apart, NEAR) * s.ratio:
         return None
