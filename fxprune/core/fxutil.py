@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.fx
 from torch import nn
+from torch.fx.node import map_arg
 
 __all__ = ["modules_of", "tensors_of", "module_copy", "structural_copy", "copy_graph", "copy_modes", "graph_module", "eval_mode", "is_get_attr", "arg",
            "module_stack", "is_hf", "MMAP_MAX"]
@@ -98,13 +99,29 @@ def structural_copy(module: nn.Module, memo: dict[int, nn.Module] | None = None)
     return new
 
 
-def copy_graph(graph: torch.fx.Graph) -> tuple[torch.fx.Graph, dict[torch.fx.Node, torch.fx.Node], torch.fx.Node]:
-    """A copy of ``graph`` with the same codegen: (copy, old node -> new node, the copy's output node)."""
+def copy_graph(graph: torch.fx.Graph, drop_meta: frozenset[str] = frozenset()) -> tuple[torch.fx.Graph, dict[torch.fx.Node, torch.fx.Node], torch.fx.Node]:
+    """A copy of ``graph`` with the same codegen, each node's ``meta`` without the keys in ``drop_meta``:
+    (copy, old node -> new node, the copy's output node).
+
+    Each node is created without arguments and given them after: ``Graph.create_node`` walks the
+    arguments it is given with pytree to warn about raw symbolic values, which a copy of a checked graph
+    cannot hold (ShuffleNetV2's 369 nodes: 3.3 ms with ``Graph.graph_copy``, 2.0 ms so)."""
     new = torch.fx.Graph()
     new._codegen = graph._codegen
     val_map: dict[torch.fx.Node, torch.fx.Node] = {}
-    out = new.output(new.graph_copy(graph, val_map), type_expr=graph.output_node().type)
-    return new, val_map, out
+    mapped = val_map.__getitem__
+    out = graph.output_node()
+    for node in graph.nodes:
+        if node is out:
+            break
+        copied = new.create_node(node.op, node.target, None, None, node.name, node.type)
+        if node.args:
+            copied.args = map_arg(node.args, mapped)
+        if node.kwargs:
+            copied.kwargs = map_arg(node.kwargs, mapped)
+        copied.meta = {k: v for k, v in node.meta.items() if k not in drop_meta} if drop_meta else copy.copy(node.meta)
+        val_map[node] = copied
+    return new, val_map, new.output(map_arg(out.args[0], mapped), type_expr=out.type)
 
 
 def graph_module(source: torch.fx.GraphModule, graph: torch.fx.Graph, extra: dict[str, Any] | None = None) -> torch.fx.GraphModule:
