@@ -126,9 +126,9 @@ def main() -> int:
                 reported = fxprune.report(busy).latency["speedup"]
                 ok = abs(reported / quiet.speedup - 1) <= 0.10 and low <= quiet.speedup <= high and busy_s <= 300
             ok = ok and quiet_again is not None and quiet_again.speedup >= low
-            flops = fxprune.report(busy or again).flops
+            flops = fxprune.report(busy or again).flops if busy or again else None  # both refused: nothing to report
             rows.append([load, name, busy_text, f"{busy_s:.0f}", f"{quiet.speedup:.2f}x" if quiet else "-",
-                         f"{1 - flops[1] / flops[0]:.0%}", again_text, f"{again_s:.0f}",
+                         f"{1 - flops[1] / flops[0]:.0%}" if flops else "-", again_text, f"{again_s:.0f}",
                          f"{quiet_again.speedup:.2f}x" if quiet_again else "-", "yes" if ok else "NO"])
             print(tabulate(rows[-1:], tablefmt="plain"), file=sys.stderr, flush=True)
     headers = ["load", "model", "under load: reported (95% interval), A/A noise, estimate", "s", "quiet re-measure", "FLOPs removed",
