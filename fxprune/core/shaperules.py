@@ -30,6 +30,7 @@ from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from .flops import counter
+from .traceable import channel_shuffle
 
 __all__ = ["infer"]
 
@@ -109,13 +110,10 @@ def _layer_norm(x: TensorMetadata, shape: Sequence[int], weight: Any) -> TensorM
     return x
 
 
-@rule(nn.LayerNorm)
-def layer_norm_module(args: tuple[Any, ...], kwargs: dict[str, Any], mod: Any) -> TensorMetadata:
-    return _layer_norm(_t(args[0]), mod.normalized_shape, mod.weight)
-
-
-@rule(F.layer_norm)
+@rule(nn.LayerNorm, F.layer_norm)
 def layer_norm(args: tuple[Any, ...], kwargs: dict[str, Any], mod: Any) -> TensorMetadata:
+    if mod is not None:
+        return _layer_norm(_t(args[0]), mod.normalized_shape, mod.weight)
     return _layer_norm(_t(args[0]), _arg(args, kwargs, 1, "normalized_shape"), _arg(args, kwargs, 2, "weight"))
 
 
@@ -191,14 +189,18 @@ def _flatten(x: TensorMetadata, start: int, end: int) -> TensorMetadata:
     return tensor((*x.shape[:start], math.prod(x.shape[start:end + 1]), *x.shape[end + 1:]), x.dtype)
 
 
-@rule(nn.Flatten)
-def flatten_module(args: tuple[Any, ...], kwargs: dict[str, Any], mod: Any) -> TensorMetadata:
-    return _flatten(_t(args[0]), mod.start_dim, mod.end_dim)
-
-
-@rule(torch.flatten, "flatten")
+@rule(nn.Flatten, torch.flatten, "flatten")
 def flatten(args: tuple[Any, ...], kwargs: dict[str, Any], mod: Any) -> TensorMetadata:
+    if mod is not None:
+        return _flatten(_t(args[0]), mod.start_dim, mod.end_dim)
     return _flatten(_t(args[0]), _arg(args, kwargs, 1, "start_dim", 0), _arg(args, kwargs, 2, "end_dim", -1))
+
+
+@rule(F.channel_shuffle, channel_shuffle)
+def shuffle(args: tuple[Any, ...], kwargs: dict[str, Any], mod: Any) -> TensorMetadata:
+    x, groups = _t(_arg(args, kwargs, 0, "input")), _arg(args, kwargs, 1, "groups")
+    _check(len(x.shape) > 2 and isinstance(groups, int) and groups > 0 and x.shape[1] % groups == 0)
+    return tensor(x.shape, x.dtype)
 
 
 _ARITHMETIC = (operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv)

@@ -60,11 +60,12 @@ _EXPORT_ONLY = (nn.Transformer, nn.TransformerEncoder, nn.TransformerDecoder, nn
 
 class _Tracer(torch.fx.Tracer):
     """symbolic_trace's tracer that also treats the modules in ``opaque`` as leaves, records library
-    modules that ``traceable.expand`` knows as plain ops, and remembers which module was being traced
+    modules that ``traceable.expand`` knows as plain ops and the library functions that
+    ``traceable.library_functions`` replaces as leaves, and remembers which module was being traced
     when tracing failed."""
 
     def __init__(self, opaque: set[str]) -> None:
-        super().__init__()
+        super().__init__(autowrap_functions=tuple(library_functions()))
         self.opaque = opaque
         self.failed_in: str | None = None
 

@@ -5,7 +5,7 @@ on them and compresses the result back (``labels.compress``), so view, permute, 
 pixel_shuffle, tile ... need no rule of their own. Ops that only move, merge or join dims (permute,
 transpose, unsqueeze, flatten, cat), reshape one (view, reshape) or cut one into pieces (split, chunk,
 tensor_split) are done on the compact labels when they can be: the same result without building the
-label tensor. Channel shuffle and roll add their own checks.
+label tensor. Channel shuffle has a rule on the labels of its channels; roll adds its own checks.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from ...core import metakeys as keys
 from ...core.fxutil import arg
 from ...core.groups import Family
 from ...core.optable import SHAPE_FUNCS, SHAPE_METHODS
+from ...core.traceable import channel_shuffle
 from .labels import Labels, compress
 from .state import State, family, handles, target_name
 
@@ -194,21 +195,27 @@ def cat(s: State, args: tuple[Any, ...], kwargs: dict[str, Any], out_shape: tupl
     return None
 
 
-@handles(nn.ChannelShuffle, F.channel_shuffle)  # torch.channel_shuffle is the same function
+@handles(nn.ChannelShuffle, F.channel_shuffle, channel_shuffle)  # torch.channel_shuffle is the same function
 @family(Family.SHAPE)
-def channel_shuffle(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
-    """A view to (groups, C / groups), a transpose and a flatten: run exactly that."""
+def shuffle(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
+    """Channel j of the output is channel (j % groups) * (C / groups) + j // groups of the input: the
+    ``groups`` channels that land side by side go together (one atom), so C stays a multiple of groups.
+    Done on the channel labels alone, as a view to (groups, C / groups), a transpose and a flatten of the
+    whole label tensor would."""
     mod = s.module(node)
     groups = mod.groups if mod is not None else arg(args, kwargs, 1, "groups")
     x = s.labels(arg(args, kwargs, 0, "input"), node)
-    if x.dim not in (None, 1):
+    if x.dim is None:
+        return x
+    if x.dim != 1:
         s.freeze(x, f"channel shuffle at node {node.name} expects channels on dim 1")
         return x
-    n, c, *rest = x.shape
-    mid = compress(s.uf, s.full(x).view(n, groups, c // groups, *rest), frozenset({2}))
-    if mid.dim not in (None, 2):
-        s.freeze(x, f"channel shuffle at node {node.name}")
-    return compress(s.uf, mid.full().transpose(1, 2).reshape(x.shape))
+    table = s.uf.roots(x.ids).view(groups, -1)  # row k: the channels of group k
+    first = table[0].expand_as(table)
+    if not torch.equal(table, first):
+        s.uf.union_pairs(first, table)
+    ids = table[0].repeat_interleave(groups)
+    return Labels(x.shape, None, ids[:1].clone()) if bool((ids == ids[0]).all()) else Labels(x.shape, 1, ids)
 
 
 @handles(torch.roll, "roll")
