@@ -26,6 +26,22 @@ def test_exported_program_prunes_like_the_module() -> None:
     assert not any(m.training for m in pruned.modules())  # for inference: ONNX export does not warn of training mode
 
 
+def test_a_channel_shuffle_is_captured_as_one_op_that_runs_as_torchvision_s() -> None:
+    from fxprune.core.traceable import channel_shuffle
+    from fxprune.passes.capture import capture
+
+    torch.manual_seed(0)
+    model = lively(torchvision.models.shufflenet_v2_x0_5(weights=None).eval())
+    gm = capture(model, (X,))
+    assert sum(n.target is channel_shuffle for n in gm.graph.nodes) == 16  # one per block, none of its ten traced ops
+    assert not any(n.op == "call_method" and n.target == "transpose" for n in gm.graph.nodes)
+    x = torch.randn(2, 3, 48, 48).to(memory_format=torch.channels_last)  # another batch, size and layout than traced
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-6)
+    y = torch.randn(1, 8, 3, 3).to(memory_format=torch.channels_last)
+    assert channel_shuffle(y, 2).is_contiguous()  # as torchvision's own is, whatever the input's layout
+
+
 class ShapeDependent(nn.Module):
     def __init__(self) -> None:
         super().__init__()
