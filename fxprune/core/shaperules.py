@@ -30,7 +30,6 @@ from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from .flops import counter
-from .traceable import channel_shuffle
 
 __all__ = ["infer"]
 
@@ -196,7 +195,7 @@ def flatten(args: tuple[Any, ...], kwargs: dict[str, Any], mod: Any) -> TensorMe
     return _flatten(_t(args[0]), _arg(args, kwargs, 1, "start_dim", 0), _arg(args, kwargs, 2, "end_dim", -1))
 
 
-@rule(F.channel_shuffle, channel_shuffle)
+@rule(F.channel_shuffle)
 def shuffle(args: tuple[Any, ...], kwargs: dict[str, Any], mod: Any) -> TensorMetadata:
     x, groups = _t(_arg(args, kwargs, 0, "input")), _arg(args, kwargs, 1, "groups")
     _check(len(x.shape) > 2 and isinstance(groups, int) and groups > 0 and x.shape[1] % groups == 0)

@@ -6,10 +6,11 @@ could not be pruned. ``expand`` gives the capture pass the same computation as p
 projection, a head split, ``scaled_dot_product_attention``, the output projection), which the coupling
 pass understands and the rewrite can shrink; the literal head count in the split follows pruning.
 
-Library functions kept as leaves of the traced graph (``torch.fx.wrap``, or the capture's tracer for
-those their library does not wrap) are replaced by versions the passes and the result run better
-(``library_functions``): Swin's window attention by one that takes its widths from its weights, which
-the coupling pass gives a rule of its own; torchvision's ShuffleNetV2 channel shuffle by one op.
+Library functions kept as leaves of the traced graph (``torch.fx.wrap``) that take their widths from
+their input are replaced by versions that take them from their weights (``library_functions``):
+the coupling pass gives those a rule of their own. Library functions that trace to many nodes where a
+few torch ops do the same are kept as leaves by the capture's tracer and then replaced by those ops
+(``inlined_functions``): the result's code calls torch alone.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["expand", "shifted_window_attention", "window_and_shift_size", "channel_shuffle", "library_functions"]
+__all__ = ["expand", "shifted_window_attention", "window_and_shift_size", "channel_shuffle", "library_functions", "inlined_functions"]
 
 
 def expand(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any] | None:
@@ -152,22 +153,27 @@ def window_and_shift_size(shift_size: list[int], size_dhw: list[int], window_siz
 
 
 def channel_shuffle(input: torch.Tensor, groups: int) -> torch.Tensor:  # noqa: A002 - F.channel_shuffle's names
-    """torchvision's ``shufflenetv2.channel_shuffle`` as one op: its Python traces to ten nodes (the size
-    arithmetic, a view into groups, a transpose, a contiguous copy, a view back) that every pass walks,
-    16 times in ShuffleNetV2. ``F.channel_shuffle``'s kernel gives the same values, contiguous as
-    torchvision's are for any input, in half the time at batch 1 (116x28x28: 6 us against 14 us)."""
+    """torchvision's ``shufflenetv2.channel_shuffle`` in two ops, where its Python traces to ten (the size
+    arithmetic, a view into groups, a transpose, a contiguous copy, a view back) that every pass walks, 16
+    times in ShuffleNetV2: ``F.channel_shuffle``'s kernel gives the same values in half the time at batch 1
+    (116x28x28: 6 us against 14 us), contiguous as torchvision's are for any input."""
     return F.channel_shuffle(input, groups).contiguous()
 
 
 def library_functions() -> dict[Any, Any]:
-    """Leaf functions of library models -> the replacement the captured graph calls. The capture's
-    tracer keeps each of them as a leaf (``autowrap_functions``) where its library does not."""
-    from torchvision.models import shufflenetv2, swin_transformer
+    """Leaf functions of library models (``torch.fx.wrap``) -> the replacement the captured graph calls."""
+    from torchvision.models import swin_transformer
     from torchvision.models.video import swin_transformer as video_swin
 
     return {
         swin_transformer.shifted_window_attention: shifted_window_attention,
         video_swin.shifted_window_attention_3d: shifted_window_attention,
         video_swin._get_window_and_shift_size: window_and_shift_size,
-        shufflenetv2.channel_shuffle: channel_shuffle,
     }
+
+
+def inlined_functions() -> dict[Any, Any]:
+    """Library functions -> the function of torch ops whose trace takes their place in the captured graph."""
+    from torchvision.models import shufflenetv2
+
+    return {shufflenetv2.channel_shuffle: channel_shuffle}

@@ -30,11 +30,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import inspect
 import io
 import logging
 import traceback
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -46,7 +48,7 @@ from ..core import dynamic
 from ..core import metakeys as keys
 from ..errors import TraceError
 from ..core.fxutil import eval_mode, is_hf, structural_copy
-from ..core.traceable import expand, library_functions
+from ..core.traceable import expand, inlined_functions, library_functions
 
 log = logging.getLogger("fxprune")
 
@@ -61,11 +63,11 @@ _EXPORT_ONLY = (nn.Transformer, nn.TransformerEncoder, nn.TransformerDecoder, nn
 class _Tracer(torch.fx.Tracer):
     """symbolic_trace's tracer that also treats the modules in ``opaque`` as leaves, records library
     modules that ``traceable.expand`` knows as plain ops and the library functions that
-    ``traceable.library_functions`` replaces as leaves, and remembers which module was being traced
+    ``traceable.inlined_functions`` replaces as leaves, and remembers which module was being traced
     when tracing failed."""
 
     def __init__(self, opaque: set[str]) -> None:
-        super().__init__(autowrap_functions=tuple(library_functions()))
+        super().__init__(autowrap_functions=tuple(inlined_functions()))
         self.opaque = opaque
         self.failed_in: str | None = None
 
@@ -97,13 +99,31 @@ def _user_frame(exc: BaseException) -> str:
 def _trace(root: nn.Module, opaque: set[str]) -> torch.fx.GraphModule:
     tracer = _Tracer(opaque)
     graph = tracer.trace(root)
-    replacements = library_functions()
-    for node in graph.nodes:
+    replacements, inlined = library_functions(), inlined_functions()
+    for node in list(graph.nodes):
         if node.op == "call_function" and node.target in replacements:
             node.target = replacements[node.target]
+        elif node.op == "call_function" and node.target in inlined:
+            _inline(graph, node, inlined[node.target])
     gm = DirectGraphModule(tracer.root, graph, root.__class__.__name__)  # the code a result that edits no node keeps
     gm.meta[keys.OPAQUE] = sorted(opaque)
     return gm
+
+
+@functools.cache
+def _body(fn: Callable[..., Any]) -> torch.fx.Graph:
+    return torch.fx.symbolic_trace(fn).graph
+
+
+def _inline(graph: torch.fx.Graph, node: torch.fx.Node, fn: Callable[..., Any]) -> None:
+    """Put the traced ops of ``fn``, called with ``node``'s arguments, in place of ``node``."""
+    body = _body(fn)
+    given = inspect.signature(fn).bind(*node.args, **node.kwargs).arguments
+    env: dict[torch.fx.Node, Any] = {p: given[p.target] for p in body.nodes if p.op == "placeholder"}
+    with graph.inserting_before(node):
+        out = graph.graph_copy(body, env)
+    node.replace_all_uses_with(out)
+    graph.erase_node(node)
 
 
 def _trace_with_opaque(root: nn.Module) -> torch.fx.GraphModule:

@@ -25,7 +25,6 @@ from ...core import metakeys as keys
 from ...core.fxutil import arg
 from ...core.groups import Family
 from ...core.optable import SHAPE_FUNCS, SHAPE_METHODS
-from ...core.traceable import channel_shuffle
 from .labels import Labels, compress
 from .state import State, family, handles, target_name
 
@@ -195,7 +194,7 @@ def cat(s: State, args: tuple[Any, ...], kwargs: dict[str, Any], out_shape: tupl
     return None
 
 
-@handles(nn.ChannelShuffle, F.channel_shuffle, channel_shuffle)  # torch.channel_shuffle is the same function
+@handles(nn.ChannelShuffle, F.channel_shuffle)  # torch.channel_shuffle is the same function
 @family(Family.SHAPE)
 def shuffle(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Labels:
     """Channel j of the output is channel (j % groups) * (C / groups) + j // groups of the input: the
