@@ -116,10 +116,12 @@ def _body(fn: Callable[..., Any]) -> torch.fx.Graph:
 
 
 def _inline(graph: torch.fx.Graph, node: torch.fx.Node, fn: Callable[..., Any]) -> None:
-    """Put the traced ops of ``fn``, called with ``node``'s arguments, in place of ``node``."""
+    """Put the traced ops of ``fn``, called with ``node``'s arguments (bound as its own function takes them,
+    then in order), in place of ``node``."""
     body = _body(fn)
-    given = inspect.signature(fn).bind(*node.args, **node.kwargs).arguments
-    env: dict[torch.fx.Node, Any] = {p: given[p.target] for p in body.nodes if p.op == "placeholder"}
+    given = inspect.signature(node.target).bind(*node.args, **node.kwargs)
+    given.apply_defaults()
+    env: dict[torch.fx.Node, Any] = dict(zip((p for p in body.nodes if p.op == "placeholder"), given.arguments.values()))
     with graph.inserting_before(node):
         out = graph.graph_copy(body, env)
     node.replace_all_uses_with(out)
