@@ -9,6 +9,7 @@ from torch import nn
 
 import fxprune
 from conftest import lively
+from torchvision.models.shufflenetv2 import channel_shuffle as shuffle_channels
 
 X = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
@@ -41,6 +42,24 @@ def test_a_channel_shuffle_is_captured_as_one_op_that_runs_as_torchvision_s() ->
         torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-6)
     y = torch.randn(1, 8, 3, 3).to(memory_format=torch.channels_last)
     assert channel_shuffle(y, 2).is_contiguous()  # as torchvision's own is, whatever the input's layout
+
+
+class KeywordShuffle(nn.Module):
+    """torchvision's channel shuffle called by keywords, in a model of one's own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.b = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.b(shuffle_channels(x=self.a(x), groups=2))
+
+
+def test_a_channel_shuffle_called_by_keywords_is_inlined_too() -> None:
+    model = KeywordShuffle().eval()
+    pruned = fxprune.compile(model, ratio=0.5, example_inputs=X)
+    assert "torch.channel_shuffle(" in pruned.code and fxprune.report(pruned).flops[1] < fxprune.report(pruned).flops[0]
 
 
 class ShapeDependent(nn.Module):
