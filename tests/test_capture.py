@@ -37,6 +37,8 @@ def test_a_channel_shuffle_is_captured_as_one_op_that_runs_as_torchvision_s() ->
     assert sum(n.target is torch.nn.functional.channel_shuffle for n in gm.graph.nodes) == 16  # one per block
     assert not any(n.op == "call_method" and n.target == "transpose" for n in gm.graph.nodes)  # nor its ten traced ops
     assert "fxprune" not in gm.code  # the code calls torch alone
+    inlined = next(n for n in gm.graph.nodes if n.target is torch.nn.functional.channel_shuffle)
+    assert list(inlined.meta["nn_module_stack"])[-1] == "stage2.0"  # inside the block that calls it, for ignore=
     x = torch.randn(2, 3, 48, 48).to(memory_format=torch.channels_last)  # another batch, size and layout than traced
     with torch.no_grad():
         torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-6)

@@ -117,13 +117,16 @@ def _body(fn: Callable[..., Any]) -> torch.fx.Graph:
 
 def _inline(graph: torch.fx.Graph, node: torch.fx.Node, fn: Callable[..., Any]) -> None:
     """Put the traced ops of ``fn``, called with ``node``'s arguments (bound as its own function takes them,
-    then in order), in place of ``node``."""
+    then in order), in place of ``node``; they are inside the modules ``node`` was (its ``nn_module_stack``)."""
     body = _body(fn)
     given = inspect.signature(node.target).bind(*node.args, **node.kwargs)
     given.apply_defaults()
     env: dict[torch.fx.Node, Any] = dict(zip((p for p in body.nodes if p.op == "placeholder"), given.arguments.values()))
     with graph.inserting_before(node):
         out = graph.graph_copy(body, env)
+    for b in body.nodes:
+        if b.op == "call_function" or b.op == "call_method":
+            env[b].meta.update((k, v) for k, v in node.meta.items() if k != "is_wrapped")  # a leaf's mark: FX would wrap()
     node.replace_all_uses_with(out)
     graph.erase_node(node)
 
