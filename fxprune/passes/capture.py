@@ -36,7 +36,7 @@ import io
 import logging
 import traceback
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -121,14 +121,20 @@ def _inline(graph: torch.fx.Graph, node: torch.fx.Node, fn: Callable[..., Any]) 
     body = _body(fn)
     given = inspect.signature(node.target).bind(*node.args, **node.kwargs)
     given.apply_defaults()
-    env: dict[torch.fx.Node, Any] = dict(zip((p for p in body.nodes if p.op == "placeholder"), given.arguments.values()))
     with graph.inserting_before(node):
-        out = graph.graph_copy(body, env)
+        out, env = _splice(graph, body, given.arguments.values())
     for b in body.nodes:
         if b.op == "call_function" or b.op == "call_method":
             env[b].meta.update((k, v) for k, v in node.meta.items() if k != "is_wrapped")  # a leaf's mark: FX would wrap()
     node.replace_all_uses_with(out)
     graph.erase_node(node)
+
+
+def _splice(graph: torch.fx.Graph, body: torch.fx.Graph, args: Iterable[Any]) -> tuple[Any, dict[torch.fx.Node, Any]]:
+    """``body``'s ops copied into ``graph`` at its insert point, its placeholders given ``args`` in order:
+    (the value ``body`` outputs, each ``body`` node -> its copy or argument)."""
+    env: dict[torch.fx.Node, Any] = dict(zip((p for p in body.nodes if p.op == "placeholder"), args))
+    return graph.graph_copy(body, env), env
 
 
 def _trace_with_opaque(root: nn.Module) -> torch.fx.GraphModule:
@@ -169,12 +175,7 @@ def _inline_contexts(gm: torch.fx.GraphModule) -> None:
                 graph.call_function(torch._C._set_grad_enabled, node.args[:1])
             else:
                 entered = graph.call_function(torch.amp.autocast_mode._enter_autocast, node.args[:4])
-            env = dict(zip([n for n in body.graph.nodes if n.op == "placeholder"], node.args[at + 1:]))
-            for b in body.graph.nodes:
-                if b.op == "output":
-                    outputs = torch.fx.node.map_arg(b.args[0], env.__getitem__)
-                elif b.op != "placeholder":
-                    env[b] = graph.node_copy(b, env.__getitem__)
+            outputs, _ = _splice(graph, body.graph, node.args[at + 1:])
             if grad:
                 graph.call_function(torch._C._set_grad_enabled, (before,))
             else:
