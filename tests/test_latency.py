@@ -663,6 +663,24 @@ def test_a_comparison_keeps_its_rounds_when_every_pair_of_the_original_differs_a
     assert c.ratio == pytest.approx(50.0 / 107.5)
 
 
+def test_a_timing_as_fast_as_the_goal_stops_undecided_once_more_rounds_could_not_decide(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A candidate whose rounds spread 10% either side of exactly 2x, against a 2x goal: no number of rounds
+    decides it, so its timing stops after the fewest rounds instead of running to ``most``; the same spread
+    around 2.6x still decides (meets) within them. The rule's factor is the shipped one."""
+    original, candidate = Net().eval(), two_groups().eval()
+
+    def clocked(speedup: float) -> timing.Comparison:
+        spread = itertools.cycle((0.9, 1.0, 1.1, 1.05, 0.95))
+        monkeypatch.setattr(timing, "time_calls", lambda model, inputs, n, sync: 100.0 if model is original else 100.0 / speedup * next(spread))
+        return timing.compare(original, candidate, (X,), goal=0.5, most=20, seconds=1e9)
+
+    at_goal = clocked(2.0)
+    assert at_goal.meets(0.5) is None and at_goal.rounds < 20
+    assert timing.futile([(100.0, 50.0 * f, 100.0) for f in (0.9, 1.0, 1.1, 1.05, 0.95, 0.9)], 6 + timing.PATIENCE * 14, 0.5)
+    clear = clocked(2.6)
+    assert clear.meets(0.5) is True and clear.rounds == timing.FEWEST
+
+
 def big_maps() -> nn.Sequential:
     """Two maps of 44 MiB and 22 MiB at 1x3x1200x1200: the first over glibc malloc's 32 MiB mmap ceiling."""
     torch.manual_seed(0)
