@@ -549,6 +549,21 @@ def test_a_result_far_past_the_target_gives_way_to_a_plan_between(monkeypatch: p
     assert not any("widths step" in n for n in fxprune.report(pruned).notes)
 
 
+def test_a_note_on_a_result_far_past_the_target_quotes_the_speed_up_the_report_gives(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every plan short of 2x times 1.4x slower than it is, so the result lies far past the 1.5x asked and a
+    note says so; its confirming timing reads 3% faster than the candidate's timing did, and
+    the note quotes the confirmed figure, the one the report's latency line gives (it quoted the other)."""
+    monkeypatch.setattr(costmodel, "layer_ms", layer_latency)
+    by_speedup(monkeypatch, lambda model, truth: 1.4 if 1.02 < truth < 2.0 else 1.0)
+    confirm = targets.trials.Clock.confirm
+    monkeypatch.setattr(targets.trials.Clock, "confirm", lambda self, plan: dataclasses.replace(
+        c := confirm(self, plan), ratio=0.97 * c.ratio, low=0.97 * c.low, high=0.97 * c.high))
+    pruned = fxprune.compile(Net().eval(), speedup=1.5, example_inputs=X, verify=False, cache=False, round_to=1)
+    report = fxprune.report(pruned)
+    (note,) = [n for n in report.notes if "more than 1.3 times" in n]
+    assert note.startswith(f"the result measured {report.latency['speedup']:.3g}x,")
+
+
 def test_a_held_cache_keeps_its_claims_and_a_remembered_result_needs_no_layer_timings(fake_clock: FlopClock, tmp_path: Path,
                                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """A compile on a machine found noisy holds its timings (none reach the disk) but still keeps its result,

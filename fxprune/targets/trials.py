@@ -227,8 +227,8 @@ def far(trial: Trial, goal: float) -> bool:
 
 
 def overshoot(chosen: Trial, trials: list[Trial], goal: float, step: str | None) -> list[str]:
-    """A note when the result is more than ``OVERSHOOT`` times faster than asked for, and why (``step``: why
-    no nearer plan was left to try)."""
+    """A note when the result (``chosen``, with the confirming comparison the report gives) is more than
+    ``OVERSHOOT`` times faster than asked for, and why (``step``: why no nearer plan was left to try)."""
     if not far(chosen, goal):
         return []
     wider = [t for t in trials if t.wider(chosen) and not t.comparison.meets(goal)]
