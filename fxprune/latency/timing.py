@@ -192,11 +192,14 @@ def reachable_interval(values: Sequence[float], n: int, confidence: float = CONF
     """The interval of the median that ``n`` values spread like ``values`` would give: the ranks of
     ``median_interval`` at ``n``, read as quantiles of ``values`` (what more rounds of the same timing can narrow it to)."""
     xs, k = sorted(values), max(_rank(n, confidence), 1)
-    def quantile(p: float) -> float:
-        i = min(max(p * (len(xs) - 1), 0.0), len(xs) - 1.0)
-        lo = int(i)
-        return xs[lo] + (xs[min(lo + 1, len(xs) - 1)] - xs[lo]) * (i - lo)
-    return quantile((k - 1) / max(n - 1, 1)), quantile((n - k) / max(n - 1, 1))
+    return _quantile(xs, (k - 1) / max(n - 1, 1)), _quantile(xs, (n - k) / max(n - 1, 1))
+
+
+def _quantile(xs: list[float], p: float) -> float:
+    """The ``p`` quantile of the sorted ``xs``, interpolated between neighbours."""
+    i = p * (len(xs) - 1)
+    lo = min(int(i), len(xs) - 1)
+    return xs[lo] + (xs[min(lo + 1, len(xs) - 1)] - xs[lo]) * (i - lo)
 
 
 def summarize(ms: list[float], inputs: Sequence[Any], setting: Setting) -> Latency:
@@ -347,14 +350,14 @@ def futile(rounds: Sequence[tuple[float, float, float]], n: int, goal: float) ->
     inside the ratio's interval widened by the A/A noise: ``Comparison.meets`` undecided if the rest fell alike."""
     ratios, aa = _ratios(*zip(*rounds))
     low, high = reachable_interval(ratios, n)
-    aa_low, aa_high = reachable_interval(aa, n)
-    noise = (aa_high - aa_low) / 2 / statistics.median(aa)
+    noise = aa_noise(aa, n)
     return high * (1 + noise) > goal >= low * (1 - noise)
 
 
-def aa_noise(aa: Sequence[float]) -> float:
-    """The noise of A/A ratios (a model timed against itself): the relative half-width of their median's interval."""
-    low, high = median_interval(aa)
+def aa_noise(aa: Sequence[float], n: int | None = None) -> float:
+    """The noise of A/A ratios (a model timed against itself): the relative half-width of their median's interval
+    (``n``: the interval that many ratios spread alike would give, ``reachable_interval``)."""
+    low, high = median_interval(aa) if n is None else reachable_interval(aa, n)
     return (high - low) / 2 / statistics.median(aa)
 
 
