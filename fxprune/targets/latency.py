@@ -22,9 +22,10 @@ only when the speed steps from one to the other (the report says why), never whe
 The chosen result is timed once more against the original, never from the cache, until its interval is within
 ``PRECISE``: that timing is the one reported. The widths chosen for a model, target and strategy are kept, so a warm
 compile confirms that result first and searches only when it no longer meets the goal: then afresh (the machine runs
-otherwise than when its comparisons were cached), from that result's new timing. Comparisons are cached
-(``TimingCache``) under the captured architecture and the result's widths, only when stable; when the confirming timing
-misses the goal, the model's cached comparisons are dropped and it searches afresh, once.
+otherwise than when its comparisons were cached), from that result's new timing, as a search whose original moved off
+its checked speed for good does from the candidate timed at the new speed. Comparisons are cached (``TimingCache``) under
+the captured architecture and the result's widths, only when stable; when the confirming timing misses the goal, the
+model's cached comparisons are dropped and it searches afresh, once.
 """
 
 from __future__ import annotations
@@ -90,8 +91,7 @@ def check_machine(a: Analysis, target: Target) -> Checked:
     log.info("checking the machine: timing the original at %d threads%s for about %.0f s", setting.threads,
              " and at 1 thread" if setting.threads > 1 and setting.device == "cpu" else "", SECONDS)
     machine = check(a.model, a.inputs)
-    why = machine.refusal()
-    if why is not None:  # a burst may pass: one more look before refusing
+    if (why := machine.refusal()) is not None:  # a burst may pass: one more look before refusing
         log.info("the machine looked busy (%s): checking again", why.split(" (")[0])
         machine = check(a.model, a.inputs)
     undecidable(machine.refusal(), machine.noise, target, setting.device)
@@ -223,7 +223,7 @@ class Search:
             c, cached = self.clock.compare(plan, self.goal, turn=turn + 3)
             if self.drifted(c.before.median_ms):
                 if self.searching and not self.rechecked:
-                    raise _Moved(c.before.median_ms)
+                    raise _Moved(c.before.median_ms, Trial(plan, c, estimate, cached))
                 raise_or_warn(self.target.on_noise, MeasurementError(
                     f"the machine's load changed during the search on {self.setting.device}: the original took {c.before.median_ms:.4g} ms "
                     f"while a candidate was timed, against {self.original_ms:.4g} ms when the machine was checked, twice. Ratios "
@@ -248,15 +248,15 @@ class Search:
         return not 1 / DRIFT <= original_ms / self.original_ms <= DRIFT
 
     def searched(self) -> list[Trial]:
-        """The search; once, when the original's speed moved for good during it (the machine changed speed,
-        or its load did and stayed), the machine checked again and the search run afresh at the new speed."""
+        """The search; once, when the original's speed moved for good during it (the machine changed speed, or its load
+        did and stayed), the machine checked again and the search run afresh at the new speed, from the timing that found it."""
         self.searching = True
         try:
             return self.search()
         except _Moved as moved:
             self.rechecked = True
             log.info("the original took %.4g ms, twice, against %.4g ms when the machine was checked: checking it again and "
-                     "searching afresh at its new speed", moved.ms, self.original_ms)
+                     "searching afresh at its new speed, from that candidate's timing", moved.ms, self.original_ms)
             machine = check(self.a.model, self.a.inputs)
             undecidable(machine.refusal(), machine.noise, self.target, self.setting.device)
             self.original, self.noise, self.original_ms = machine.original, machine.noise, machine.original.median_ms
@@ -264,6 +264,7 @@ class Search:
                 self.goal = self.target.latency_ms / self.original_ms
                 self.aim = self.goal * (1 - MARGIN)
             self.clock.drop()
+            self.first = moved.trial
             return self.search()
         finally:
             self.searching = False
@@ -392,9 +393,8 @@ class Search:
         return fast
 
 
+@dataclasses.dataclass
 class _Moved(Exception):
-    """The original ran ``DRIFT`` times off its checked speed twice in a row (``ms`` the last time)."""
-
-    def __init__(self, ms: float) -> None:
-        super().__init__(ms)
-        self.ms = ms
+    """The original ran ``DRIFT`` times off its checked speed twice in a row (``ms`` the last time, in ``trial``'s timing)."""
+    ms: float
+    trial: Trial
