@@ -230,7 +230,7 @@ class Search:
                     "timed under another load do not hold on a quiet machine (other work stalls a small model more than a large "
                     "one). Close other work and compile again, use threads=1, or prune to FLOPs (target_gflops= or ratio=).",
                     interval=(1 / c.high, 1 / c.low), noise=c.noise))
-        verdict = {True: "meets", False: "misses", None: "cannot yet be told from"}[c.meets(self.goal)]
+        verdict = {True: "meets", False: "misses", None: "cannot be told from"}[c.meets(self.goal)]
         log.info("  %s%s: %s the %.3gx asked", c.describe(), " (cached)" if cached else "", verdict, 1 / self.goal)
         return Trial(plan, c, estimate, cached)
 
