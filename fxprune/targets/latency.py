@@ -171,7 +171,7 @@ class Search:
                   "comparison_rounds": c.rounds, "estimated_speedup": 1 / chosen.estimate, "cached_speedup": cached,
                   "batch": c.before.batch, "device": self.setting.device, "device_name": self.setting.device_name,
                   "threads": self.setting.threads, "dtype": self.setting.dtype, "timings_taken": self.cache.measured, "rounds": self.timed,
-                  "results_timed": self.clock.timed, "notes": overshoot(dataclasses.replace(chosen, comparison=c), trials, self.goal, self.step) + self.faults}
+                  "results_timed": self.clock.timed, "notes": overshoot(chosen, c, trials, self.goal, self.step) + self.faults}
         if "model" in self.__dict__:  # a remembered result builds no latency model
             names = {n.name: name for n, (name, _) in layers(self.a.gm).items()}
             removed = removed_mask(self.a.deps, chosen.plan)
