@@ -564,6 +564,20 @@ def test_a_note_on_a_result_far_past_the_target_quotes_the_speed_up_the_report_g
     assert note.startswith(f"the result measured {report.latency['speedup']:.3g}x,")
 
 
+def test_a_remembered_result_far_past_the_target_says_an_earlier_compile_chose_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Every plan short of 2x times 1.4x slower than it is, so the result lies far past the 1.5x asked and its
+    note says why. A warm compile returns the remembered result after timing it alone: its note says an earlier
+    compile chose it, not that this one found no wider plan."""
+    monkeypatch.setenv("FXPRUNE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(costmodel, "layer_ms", layer_latency)
+    by_speedup(monkeypatch, lambda model, truth: 1.4 if 1.02 < truth < 2.0 else 1.0)
+    first, second = (fxprune.compile(Net().eval(), speedup=1.5, example_inputs=X, verify=False, round_to=1) for _ in range(2))
+    assert first.meta["fxprune"]["plan"] == second.meta["fxprune"]["plan"]
+    assert fxprune.report(second).latency["results_timed"] == 1
+    (note,) = [n for n in fxprune.report(second).notes if "more than 1.3 times" in n]
+    assert note.endswith("an earlier compile here chose it (the timing cache remembers its widths), and this one timed no other plan")
+
+
 def test_a_result_the_confirming_timing_puts_far_past_the_target_says_the_machine_moved(monkeypatch: pytest.MonkeyPatch) -> None:
     """The search chose a result near the 1.5x asked, and its confirming timing read it 1.5 times faster (the
     machine's speed moved between the two; ResNet-18 at 112x112: a plan chosen near 1.3x confirmed at 1.68x): the

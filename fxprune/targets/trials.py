@@ -236,6 +236,8 @@ def overshoot(chosen: Trial, reported: Comparison, trials: list[Trial], goal: fl
         why = f"the search chose it at {chosen.comparison.speedup:.3g}x, and the machine's speed moved between that timing and this one"
     elif step:
         why = step
+    elif not trials:
+        why = "an earlier compile here chose it (the timing cache remembers its widths), and this one timed no other plan"
     elif wider := [t for t in trials if t.wider(chosen) and not t.comparison.meets(goal)]:
         nearest = min(wider, key=lambda t: t.estimate).comparison.speedup
         why = f"the plans between it and the nearest wider one ({nearest:.3g}x) were not all tried within the candidates the search takes"
