@@ -292,7 +292,7 @@ class Comparison:
         return None
 
     def describe(self) -> str:
-        bursts = f", {self.dropped} rounds dropped as bursts" if self.dropped else ""
+        bursts = {0: "", 1: ", 1 round dropped as a burst"}.get(self.dropped, f", {self.dropped} rounds dropped as bursts")
         return (f"{self.speedup:.3g}x ({CONFIDENCE:.0%} interval {1 / self.high:.3g}-{1 / self.low:.3g}x over {self.rounds} rounds{bursts}; "
                 f"the original against itself varied by {self.noise:.1%}; {self.before.setting.threads} threads)")
 
