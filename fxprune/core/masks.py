@@ -61,7 +61,8 @@ class Layout:
         self.never = flat == NEVER_REMOVED
         self.flat = flat.masked_fill(self.never, 0)
         self.within = index_within(self.owner, self.sizes)
-        self.size: dict[Hashable, int] = {k: self.sizes[v] for k, v in zip(self.keys, self.vector_of)}
+        self.vector: dict[Hashable, int] = dict(zip(self.keys, self.vector_of))
+        self.size: dict[Hashable, int] = {k: self.sizes[v] for k, v in self.vector.items()}
         self.start = list(itertools.accumulate(self.sizes, initial=0))
         self._last: tuple[torch.Tensor, Kept] | None = None
 
@@ -85,15 +86,13 @@ class Kept:
         at = self._mask.nonzero().flatten()  # once for both gathers
         counts = torch.bincount(layout.owner[at], minlength=len(layout.sizes)).tolist()
         self._positions = layout.within[at]
-        starts = list(zip(layout.start, itertools.accumulate(counts, initial=0)))
+        self._vector, self._starts = layout.vector, layout.start  # the layout's, shared (no reference back to it)
+        self._counts, self._offsets = counts, list(itertools.accumulate(counts, initial=0))
         self.size = layout.size
-        self.count: dict[Hashable, int] = {k: counts[v] for k, v in zip(layout.keys, layout.vector_of)}
-        self._at = {k: starts[v] for k, v in zip(layout.keys, layout.vector_of)}
-        self._vector = dict(zip(layout.keys, layout.vector_of))
-        self._counts = counts
+        self.count: dict[Hashable, int] = {k: counts[v] for k, v in layout.vector.items()}
 
     def mask(self, key: Hashable) -> torch.Tensor:
-        start, _ = self._at[key]
+        start = self._starts[self._vector[key]]
         return self._mask[start:start + self.size[key]]
 
     def positions(self, key: Hashable) -> torch.Tensor:
@@ -107,7 +106,7 @@ class Kept:
     def lists(self, keys: list[Hashable]) -> list[list[int]]:
         """The kept positions of each of ``keys`` as lists, with one conversion for all."""
         flat = self._positions.tolist()
-        return [flat[self._at[k][1]:self._at[k][1] + self.count[k]] for k in keys]
+        return [flat[self._offsets[self._vector[k]]:self._offsets[self._vector[k]] + self.count[k]] for k in keys]
 
     def pruned(self) -> list[Hashable]:
         """The keys that lose some positions."""
