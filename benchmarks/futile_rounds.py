@@ -18,7 +18,7 @@ import statistics
 
 from tabulate import tabulate
 
-from fxprune.latency.timing import FEWEST, PATIENCE, futile, median_interval
+from fxprune.latency.timing import FEWEST, PATIENCE, aa_noise, futile, median_interval
 
 GOAL = 0.5  # 2x asked
 MOST = 20
@@ -34,8 +34,7 @@ def timed(rng: random.Random, speedup: float, spread: float, patience: float | N
         ratios = [c / ((a + b) / 2) for a, c, b in rounds]
         aa = [b / a for a, _, b in rounds]
         low, high = median_interval(ratios)
-        aa_low, aa_high = median_interval(aa)
-        noise = (aa_high - aa_low) / 2 / statistics.median(aa)
+        noise = aa_noise(aa)
         meets = True if high * (1 + noise) <= GOAL else False if low * (1 - noise) > GOAL else None
         if meets is not None or len(rounds) >= MOST:
             return meets, len(rounds)

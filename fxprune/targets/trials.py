@@ -221,16 +221,16 @@ def raise_or_warn(on_noise: str, error: MeasurementError, warning: str | None = 
     warnings.warn(f"fxprune.compile: {warning or error}", stacklevel=6)
 
 
-def far(trial: Trial, goal: float) -> bool:
-    """Whether ``trial`` is more than ``OVERSHOOT`` times faster than the goal asks."""
-    return trial.ratio * OVERSHOOT < goal
+def far(timed: Trial | Comparison, goal: float) -> bool:
+    """Whether ``timed`` (a trial, or a comparison of its own) is more than ``OVERSHOOT`` times faster than the goal asks."""
+    return timed.ratio * OVERSHOOT < goal
 
 
 def overshoot(chosen: Trial, reported: Comparison, trials: list[Trial], goal: float, step: str | None) -> list[str]:
     """A note when the result, as ``reported`` (its confirming timing, the report's figure), is more than ``OVERSHOOT``
     times faster than asked for, and why: ``chosen`` is the result as the search timed it, ``step`` why no nearer
     plan was left to try."""
-    if reported.ratio * OVERSHOOT >= goal:
+    if not far(reported, goal):
         return []
     if not far(chosen, goal):
         why = f"the search chose it at {chosen.comparison.speedup:.3g}x, and the machine's speed moved between that timing and this one"
