@@ -549,15 +549,20 @@ def test_a_result_far_past_the_target_gives_way_to_a_plan_between(monkeypatch: p
     assert not any("widths step" in n for n in fxprune.report(pruned).notes)
 
 
+def confirmed_faster(monkeypatch: pytest.MonkeyPatch, factor: float) -> None:
+    """Every confirming timing reads its ratio (and interval) ``factor`` times faster than the clock says."""
+    confirm = targets.trials.Clock.confirm
+    monkeypatch.setattr(targets.trials.Clock, "confirm", lambda self, plan: dataclasses.replace(
+        c := confirm(self, plan), ratio=c.ratio / factor, low=c.low / factor, high=c.high / factor))
+
+
 def test_a_note_on_a_result_far_past_the_target_quotes_the_speed_up_the_report_gives(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every plan short of 2x times 1.4x slower than it is, so the result lies far past the 1.5x asked and a
     note says so; its confirming timing reads 3% faster than the candidate's timing did, and
     the note quotes the confirmed figure, the one the report's latency line gives (it quoted the other)."""
     monkeypatch.setattr(costmodel, "layer_ms", layer_latency)
     by_speedup(monkeypatch, lambda model, truth: 1.4 if 1.02 < truth < 2.0 else 1.0)
-    confirm = targets.trials.Clock.confirm
-    monkeypatch.setattr(targets.trials.Clock, "confirm", lambda self, plan: dataclasses.replace(
-        c := confirm(self, plan), ratio=0.97 * c.ratio, low=0.97 * c.low, high=0.97 * c.high))
+    confirmed_faster(monkeypatch, 1 / 0.97)
     pruned = fxprune.compile(Net().eval(), speedup=1.5, example_inputs=X, verify=False, cache=False, round_to=1)
     report = fxprune.report(pruned)
     (note,) = [n for n in report.notes if "more than 1.3 times" in n]
@@ -584,9 +589,7 @@ def test_a_result_the_confirming_timing_puts_far_past_the_target_says_the_machin
     report's figure is more than 1.3x past the target, so a note says so, and why, quoting both timings."""
     monkeypatch.setattr(costmodel, "layer_ms", layer_latency)
     monkeypatch.setattr(timing, "time_calls", FlopClock())
-    confirm = targets.trials.Clock.confirm
-    monkeypatch.setattr(targets.trials.Clock, "confirm", lambda self, plan: dataclasses.replace(
-        c := confirm(self, plan), ratio=c.ratio / 1.5, low=c.low / 1.5, high=c.high / 1.5))
+    confirmed_faster(monkeypatch, 1.5)
     pruned = fxprune.compile(Net().eval(), speedup=1.5, example_inputs=X, verify=False, cache=False)
     report = fxprune.report(pruned)
     chosen = report.latency["speedup"] / 1.5
