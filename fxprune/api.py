@@ -71,9 +71,10 @@ def compile(  # noqa: A001 - the product's verb
     (the result's measured latency is at most the original's divided by it) or ``target_latency_ms``.
     Latency is measured on the device that holds the model, at the batch size of ``example_inputs``, with
     ``threads`` intra-op threads (default: torch's current count; give the count you deploy with), in eval
-    mode under no_grad (see ``measure_latency``). The machine is checked for about 2 s first (up to 6 s while it looks noisy): one too
-    noisy to decide the target, or whose threads stall on cores that other work holds, raises
-    ``MeasurementError`` at once, saying what was measured and what to do. Then a latency cost model
+    mode under no_grad (see ``measure_latency``). The machine is checked first, for about 2 s or nine rounds of a
+    slower model (the log says how long; up to three times as long while it looks noisy): one too noisy to
+    decide the target, or whose threads stall on cores that other work holds, raises ``MeasurementError`` at
+    once, saying what was measured and what to do. Then a latency cost model
     built from timings of the model's own layers picks the widths, and each candidate is timed in turns
     with the original until the interval of its speed-up decides the target (see targets/latency.py). A
     machine too noisy to decide raises ``MeasurementError`` (``on_noise="warn"``: the best result is

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -343,6 +344,46 @@ def test_a_machine_too_noisy_to_decide_raises_or_warns(monkeypatch: pytest.Monke
         pruned = fxprune.compile(Net().eval(), speedup=1.5, example_inputs=X, verify=False, cache=False, on_noise="warn")
     record = pruned.meta["fxprune"]["report"]["latency"]
     assert record["interval"][0] <= record["speedup"] <= record["interval"][1]
+
+
+def test_each_timed_stage_says_before_it_starts_what_it_times_and_about_how_long(monkeypatch: pytest.MonkeyPatch,
+                                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """A latency compile announces its machine check (at least nine rounds of three forwards: a model whose
+    forward takes 100 ms is checked for about 3 s, not the 2 s of a fast one), round_to="auto"'s layer timings
+    and the latency model's, each with its estimate, before it waits on them."""
+    monkeypatch.setattr(timing, "time_calls", lambda model, inputs, calls, sync: 100.0 * calls)
+    with caplog.at_level(logging.INFO, logger="fxprune"), timing.threads(2):
+        machine.check(Net().eval(), (X,))
+    assert "checking the machine: timing the original at 2 threads and at 1 thread for about 3 s" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(timing, "time_calls", FlopClock())
+    monkeypatch.setattr(costmodel, "layer_ms", layer_latency)
+    with caplog.at_level(logging.INFO, logger="fxprune"):
+        fxprune.compile(Net().eval(), speedup=1.5, example_inputs=X, verify=False, cache=False)
+    lines = [r.getMessage() for r in caplog.records]
+    stages = ["checking the machine", "alone for round_to='auto'", "alone for the latency model", "candidate 1 ("]
+    at = [next(k for k, line in enumerate(lines) if stage in line) for stage in stages]
+    assert at == sorted(at), lines
+    assert all(re.search(r"about \d+ s", lines[k]) for k in at[:3])
+
+
+def test_layers_of_one_shape_are_announced_as_one_timing(caplog: pytest.LogCaptureFixture) -> None:
+    """Two layers of one shape share their timings: the estimate counts them once (ResNet-50's 54 layers have 24 shapes)."""
+    class Twins(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(3, 64, 3, padding=1), nn.Conv2d(64, 64, 3, padding=1), nn.Conv2d(64, 64, 3, padding=1)
+
+        def forward(self, x):
+            return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+    a = pipeline.analyze(Twins().eval(), X)
+    layers = costmodel.measurable_layers(a.gm, a.deps)
+    twins = [i for i, layer in layers.items() if layer.sizes == (64, 64)]
+    assert len(twins) == 2
+    with caplog.at_level(logging.INFO, logger="fxprune"):
+        costmodel.announce(a.deps, layers, [(i, (32, 32)) for i in twins], None, Setting.of(a.gm, a.inputs), TimingCache(), "for a test")
+    assert "timing 1 layer widths of 1 layer shapes alone for a test" in caplog.text
 
 
 class Contention:

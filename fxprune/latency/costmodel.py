@@ -22,7 +22,7 @@ import logging
 import math
 import operator
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +41,7 @@ from ..core.widths import WidthRule
 from .cache import TimingCache
 from .timing import Latency, Setting, layer_ms
 
-__all__ = ["Layer", "Traffic", "LatencyModel", "measurable_layers", "removable_atoms"]
+__all__ = ["Layer", "Traffic", "LatencyModel", "measurable_layers", "removable_atoms", "announce"]
 
 log = logging.getLogger("fxprune")
 
@@ -260,19 +260,23 @@ def _interpolate(grid: list[list[int]], values: torch.Tensor, kept: list[float])
     return float(v)
 
 
-def _announce(deps: DependencyGraph, layers: dict[int, Layer], grids: dict[int, tuple[list[list[int]], list[list[int]]]],
-              total_ms: float | None, setting: Setting, cache: TimingCache) -> float:
-    """Log how many layer timings the cache lacks and about how long they take (each about 12 calls of
-    at least 1 ms; a layer at full width about its share of the model's MACs of ``total_ms``); the seconds."""
-    todo = [(i, [a[j] for a, j in zip(axes, index)]) for i, (axes, points) in grids.items() for index in points
-            if cache.lookup(setting, layers[i].key(tuple(a[j] for a, j in zip(axes, index)))) is None]
-    if not todo:
+def announce(deps: DependencyGraph, layers: dict[int, Layer], wanted: Iterable[tuple[int, tuple[int, ...]]], total_ms: float | None,
+             setting: Setting, cache: TimingCache, purpose: str) -> float:
+    """Log how many of the ``wanted`` layer timings (layer, kept widths) the cache lacks, what for, and about how
+    long they take (each about 12 calls of at least 1 ms; a layer at full width about its share of the model's
+    MACs of ``total_ms``); the seconds. Layers of one shape share their timings (ResNet-50's 54 layers have 24
+    shapes), so each is counted once."""
+    missing: dict[str, tuple[int, tuple[int, ...]]] = {}  # timing key -> (the first layer that needs it, its widths)
+    for i, kept in wanted:
+        if (key := layers[i].key(kept)) not in missing and cache.lookup(setting, key) is None:
+            missing[key] = i, kept
+    if not missing:
         return 0.0
     macs = sum(deps.flop_terms[i].macs for i in layers) or 1
     ms = sum(12 * max(1.0, (total_ms or 0.0) * deps.flop_terms[i].macs / macs * math.prod(k / n for k, n in zip(kept, layers[i].sizes)))
-             for i, kept in todo)
-    log.info("timing %d layer widths of %d layers alone for the latency model (about %.0f s; kept for next time)",
-             len(todo), len({i for i, _ in todo}), ms / 1e3)
+             for i, kept in missing.values())
+    log.info("timing %d layer widths of %d layer shapes alone %s (about %.0f s; kept for next time)",
+             len(missing), len({i for i, _ in missing.values()}), purpose, max(1.0, ms / 1e3))
     return ms / 1e3
 
 
@@ -294,7 +298,8 @@ class LatencyModel:
             axes = [[n] if fixed[d] else sorted({layer.snap((round(f * n),) * len(layer.sizes), multiple)[d] for f in GRID})
                     for d, n in enumerate(layer.sizes)]
             grids[i] = axes, torch.cartesian_prod(*[torch.arange(len(a)) for a in axes]).reshape(-1, len(axes)).tolist()
-        allowed = 2 * _announce(deps, layers, grids, total_ms, setting, cache) + 5.0
+        wanted = ((i, tuple(a[j] for a, j in zip(axes, index))) for i, (axes, points) in grids.items() for index in points)
+        allowed = 2 * announce(deps, layers, wanted, total_ms, setting, cache, "for the latency model") + 5.0
         due = time.perf_counter() + allowed
         self.grids: dict[int, tuple[list[list[int]], torch.Tensor]] = {}
         for i, (axes, points) in grids.items():

@@ -13,6 +13,7 @@ faults that the allocator, not the model, decides.
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import statistics
@@ -31,6 +32,8 @@ from . import timing
 from .timing import BURST, Latency, Setting, aa_noise, settle_malloc, summarize, synchronizer, threads, warm_calls
 
 __all__ = ["Machine", "check", "fresh_pages", "SECONDS", "NOISY", "STALLED", "BURSTY"]
+
+log = logging.getLogger("fxprune")
 
 SECONDS = 2.0
 """How long ``check`` times the original (at least ``LEAST`` rounds, at most ``MOST``)."""
@@ -104,7 +107,8 @@ def _aa(first: Sequence[float], second: Sequence[float]) -> tuple[float, float, 
 
 
 def check(model: nn.Module, inputs: Sequence[Any], seconds: float = SECONDS) -> Machine:
-    """Time ``model`` in rounds (twice at the chosen thread count, once at one thread) for about ``seconds``;
+    """Time ``model`` in rounds (twice at the chosen thread count, once at one thread) for about ``seconds``,
+    or ``LEAST`` rounds of a slower model (logged after the first round, with what they are expected to take);
     up to three times as long while the A/A noise is above ``NOISY``, since its interval narrows with the
     rounds (a model slow enough for few rounds in ``seconds`` looks noisier than it is)."""
     inputs = tuple(inputs)
@@ -127,6 +131,9 @@ def check(model: nn.Module, inputs: Sequence[Any], seconds: float = SECONDS) -> 
             if n > 1 and setting.device == "cpu":
                 with threads(1):
                     single.append(timing.time_calls(model, inputs, calls, sync))
+            if len(first) == 1:
+                log.info("checking the machine: timing the original at %d thread%s%s for about %.0f s", n, "s" * (n > 1),
+                         " and at 1 thread" if single else "", max(seconds, LEAST * sum(first + second + single) * calls / 1e3))
     noise, bursts, burst = _aa(first, second)
     mean = [(a + b) / 2 for a, b in zip(first, second)]
     return Machine(summarize(first + second, inputs, setting), summarize(single, inputs, replace(setting, threads=1)) if single else None,

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..core.groups import DependencyGraph
 from .cache import TimingCache
-from .costmodel import Layer, measurable_layers, removable_atoms
+from .costmodel import Layer, announce, measurable_layers, removable_atoms
 from .timing import Setting
 
 __all__ = ["fast_multiple", "steady_multiple", "MULTIPLES"]
@@ -61,22 +61,35 @@ def steady_multiple(gm: torch.fx.GraphModule, deps: DependencyGraph, modules: di
     return MULTIPLES[0] if _timed_layers(layers, deps) else _narrow_multiple(layers)
 
 
-def fast_multiple(gm: torch.fx.GraphModule, deps: DependencyGraph, setting: Setting, cache: TimingCache) -> int:
-    """The channel multiple that ``round_to="auto"`` stands for on this model and device, for latency targets (module docstring)."""
+def _window(layer: Layer, pruned_in: bool) -> dict[int, tuple[int, ...]]:
+    """Each output width ``fast_multiple`` times ``layer`` at, and the widths it keeps there: the window of
+    ``WINDOW`` widths ending at the multiple of ``WINDOW`` nearest half its width, its input narrowed in
+    proportion when pruned too (as a pruned model narrows a layer's inputs with its outputs)."""
+    top = max(WINDOW, WINDOW * round(layer.sizes[-1] / 2 / WINDOW))
+    c_in = layer.sizes[0]
+    out = {}
+    for w in range(top - WINDOW + 1, top + 1):
+        if pruned_in:
+            c_in = max(1, round(layer.sizes[0] * w / layer.sizes[-1]))
+        out[w] = (w,) if layer.multiplier else (c_in, w)
+    return out
+
+
+def fast_multiple(gm: torch.fx.GraphModule, deps: DependencyGraph, setting: Setting, cache: TimingCache,
+                  total_ms: float | None = None) -> int:
+    """The channel multiple that ``round_to="auto"`` stands for on this model and device, for latency targets
+    (module docstring); ``total_ms``, the model's milliseconds, sizes the estimate of how long the timings take."""
     layers, removable = measurable_layers(gm, deps), removable_atoms(deps)
     chosen = _timed_layers(layers, deps)
     if not chosen:
         return _narrow_multiple(layers)
+    windows = {i: _window(layers[i], bool(removable[deps.flop_terms[i].factors[0]].any())) for i in chosen}
+    announce(deps, layers, ((i, kept) for i in chosen for kept in windows[i].values()), total_ms, setting, cache,
+             "for round_to='auto', which takes the multiple of 8 or 16 they run fastest at")
     slowdown = dict.fromkeys(MULTIPLES, 0.0)
     for i in chosen:
-        layer, c_in = layers[i], layers[i].sizes[0]
-        pruned_in = bool(removable[deps.flop_terms[i].factors[0]].any())
-        top = max(WINDOW, WINDOW * round(layer.sizes[-1] / 2 / WINDOW))
-        ms = {}
-        for w in range(top - WINDOW + 1, top + 1):
-            if pruned_in:  # a pruned model narrows a layer's inputs with its outputs
-                c_in = max(1, round(layer.sizes[0] * w / layer.sizes[-1]))
-            ms[w] = layer.time((w,) if layer.multiplier else (c_in, w), setting, cache)
+        ms = {w: layers[i].time(kept, setting, cache) for w, kept in windows[i].items()}
+        top = max(ms)
         low = {w: min(ms[v] for v in ms if v >= w) for w in ms}
         for r in MULTIPLES:
             on = [ms[w] / low[w] for w in ms if w % r == 0 and w < top]  # the top is on every step

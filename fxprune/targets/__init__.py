@@ -38,7 +38,7 @@ def reach(a: Analysis, chooser: Chooser, target: Target, seed: int, verify: bool
         return _finish(a, decided, used, target, verify, plan, None, None), used
     with using_threads(threads):
         checked = latency.check_machine(a, target)  # before any timing: none is kept from a machine found noisy
-        decided = measure_round_to(a, chooser, timed=True, cache=checked[1])
+        decided = measure_round_to(a, chooser, timed=True, cache=checked[1], total_ms=checked[2].original.median_ms)
         finest = finer(decided)[-1]
         try:
             return _finish(a, decided, decided, target, verify, *latency.measured(a, decided, target, seed, checked)), decided

@@ -41,7 +41,7 @@ import torch.fx
 
 from ..latency import costmodel
 from ..latency.cache import TimingCache
-from ..latency.machine import SECONDS, Machine, check, fresh_pages
+from ..latency.machine import Machine, check, fresh_pages
 from ..latency.timing import CONFIDENCE, STABLE, Comparison, Setting
 from ..core.dataflow import layers
 from ..core.groups import Plan
@@ -88,8 +88,6 @@ def check_machine(a: Analysis, target: Target) -> Checked:
     if not a.deps.prunable_groups:
         raise TargetUnreachableError(f"the latency target {target.describe()} is out of reach: no channel group of the model can be "
                                      "pruned (see analyze() for why each is frozen), so the best speed-up was 1x", best_speedup=1.0)
-    log.info("checking the machine: timing the original at %d threads%s for about %.0f s", setting.threads,
-             " and at 1 thread" if setting.threads > 1 and setting.device == "cpu" else "", SECONDS)
     machine = check(a.model, a.inputs)
     if (why := machine.refusal()) is not None:  # a burst may pass: one more look before refusing
         log.info("the machine looked busy (%s): checking again", why.split(" (")[0])
@@ -236,8 +234,8 @@ class Search:
 
     def overdue(self) -> None:
         """The layer timings run late: ``MeasurementError`` when the machine is now too busy to decide."""
+        log.info("the layer timings take longer than estimated: checking the machine again")
         machine = check(self.a.model, self.a.inputs)
-        log.info("the layer timings take longer than estimated: the machine was checked again")
         ms = machine.original.median_ms
         why = machine.refusal() or (f"the original now takes {ms:.4g} ms against {self.original_ms:.4g} ms at the start: other work "
                                     "took the cores" if self.drifted(ms) else None)

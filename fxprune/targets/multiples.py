@@ -26,15 +26,16 @@ __all__ = ["measure_round_to", "finer", "close", "multiple_reaching", "within", 
 log = logging.getLogger("fxprune")
 
 
-def measure_round_to(a: Analysis, chooser: Chooser, timed: bool, cache: TimingCache | None = None) -> Chooser:
+def measure_round_to(a: Analysis, chooser: Chooser, timed: bool, cache: TimingCache | None = None, total_ms: float | None = None) -> Chooser:
     """``chooser`` with ``round_to="auto"`` made a number: for a latency target (``timed``) the multiple
     measured fastest on ``a`` (``latency.multiple.fast_multiple``; its timings go to ``cache``, the checked
-    machine's), for a FLOPs target the one decided without the clock (``latency.multiple.steady_multiple``),
-    so that a FLOPs target gives the same plan at any moment."""
+    machine's, and ``total_ms``, the original's time there, sizes their estimate), for a FLOPs target the one
+    decided without the clock (``latency.multiple.steady_multiple``), so that a FLOPs target gives the same
+    plan at any moment."""
     if chooser.strategy.round_to != "auto":
         return chooser
     if timed:
-        multiple = fast_multiple(a.gm, a.deps, Setting.of(a.gm, a.inputs), cache or TimingCache())
+        multiple = fast_multiple(a.gm, a.deps, Setting.of(a.gm, a.inputs), cache or TimingCache(), total_ms)
         log.info("round_to='auto': widths are multiples of %d, measured fastest on this device", multiple)
     else:
         multiple = steady_multiple(a.gm, a.deps, a.modules)
