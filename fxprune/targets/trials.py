@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import warnings
 from dataclasses import dataclass
@@ -28,7 +29,9 @@ from ..pipeline import Analysis
 from .target import Target
 
 __all__ = ["Trial", "Clock", "kept", "widths", "contradict", "fingerprint", "next_budget", "decidable_aim", "too_noisy", "undecidable", "raise_or_warn",
-           "far", "overshoot", "stepped", "PRECISE", "ORDER", "OVERSHOOT", "NEAR", "STEPPED"]
+           "far", "overshoot", "stepped", "span", "PRECISE", "ORDER", "OVERSHOOT", "NEAR", "STEPPED", "LIMITS", "CONFIRM"]
+
+log = logging.getLogger("fxprune")
 
 PRECISE = 0.025
 """The reported speed-up is timed until its interval is within this (relative half-width), so that
@@ -52,6 +55,14 @@ STEPPED = 5.0
 much: the machine's speed steps between them where the latency model sees none, and plans it puts between
 them time as one or the other (MobileNetV2 at batch 8, where a tensor over 32 MiB is page-faulted on every
 call: plans estimated 1.90x and 1.96x timed 1.95x and 2.87x, and the two timed between them 1.90x and 1.94x)."""
+
+
+LIMITS = {True: (FEWEST, 20, 10.0), False: (FEWEST, 30, 15.0)}
+"""A candidate's timing against the goal, its first (True) and later ones: (fewest rounds, most rounds, seconds
+of timed calls after which it stops once it has its fewest)."""
+
+CONFIRM = (2 * FEWEST, 60, 5.0)
+"""The same for the confirming timing, which goes on until its interval is within ``PRECISE``."""
 
 
 @dataclass(frozen=True)
@@ -96,12 +107,12 @@ class Clock:
 
     def compare(self, plan: Plan, goal: float, turn: int = 1) -> tuple[Comparison, bool]:
         """``plan``'s result against the original (``turn``: the how-manieth timing of this pair; later
-        ones may take more rounds); whether it was read from the cache."""
+        ones may take more rounds: ``LIMITS``); whether it was read from the cache."""
         def measure() -> list[Any]:
             self.timed += 1
-            first = turn == 1
-            return compare(self.a.model, self.result(plan)[1], self.a.inputs, goal=goal, most=20 if first else 30,
-                           seconds=10.0 if first else 15.0, burst=self.burst).to_row()
+            rounds, most, seconds = LIMITS[turn == 1]
+            return compare(self.a.model, self.result(plan)[1], self.a.inputs, goal=goal, rounds=rounds, most=most, seconds=seconds,
+                           burst=self.burst).to_row()
 
         timed = self.timed
         row = self.cache.get(self.setting, f"{self.prefix}widths {widths(plan)} timing {turn}", measure,
@@ -109,17 +120,30 @@ class Clock:
         self.cache.save()
         return Comparison.from_row(row, self.setting), self.timed == timed
 
-    def confirm(self, plan: Plan) -> Comparison:
-        """The timing reported for the chosen result: against the original, never cached, until its
-        interval is within ``PRECISE`` (or 5 s of timed calls have passed)."""
+    def confirm(self, plan: Plan, why: str, original_ms: float, ratio: float) -> Comparison:
+        """The timing reported for the chosen result: against the original, never cached, until its interval is
+        within ``PRECISE`` (or 5 s of timed calls have passed); logged with ``why`` and how long it may take."""
         self.timed += 1
-        return compare(self.a.model, self.result(plan)[1], self.a.inputs, rounds=2 * FEWEST, most=60, seconds=5.0,
-                       precision=PRECISE, burst=self.burst)
+        log.info("%s (%s)", why, span(CONFIRM, original_ms, ratio))
+        rounds, most, seconds = CONFIRM
+        c = compare(self.a.model, self.result(plan)[1], self.a.inputs, rounds=rounds, most=most, seconds=seconds, precision=PRECISE,
+                    burst=self.burst)
+        log.info("  %s", c.describe())
+        return c
 
     def drop(self) -> None:
         """Forget every cached comparison of this architecture."""
         self.cache.drop(self.setting, self.prefix)
         self.cache.save()
+
+
+def span(limits: tuple[int, int, float], original_ms: float, ratio: float) -> str:
+    """About how long a comparison with these ``LIMITS`` (or ``CONFIRM``) takes, its fewest rounds to its most, for
+    an original of ``original_ms`` and a result ``ratio`` as fast: each round times the original twice and the
+    result once, a timing at least 5 ms of calls, and it stops after ``seconds`` of them once it may."""
+    rounds, most, seconds = limits
+    one = (2 * max(original_ms, 5.0) + max(ratio * original_ms, 5.0)) / 1e3
+    return f"{rounds}-{most} rounds, {rounds * one:.2g}-{min(most * one, max(seconds, rounds * one) + one):.2g} s"
 
 
 def kept(plan: Plan) -> dict[int, int]:
