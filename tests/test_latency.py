@@ -572,6 +572,18 @@ def test_a_latency_model_off_by_the_same_factor_each_time_costs_one_timing_again
     assert pruned.meta["fxprune"]["report"]["latency"]["speedup"] >= 2.5
 
 
+def test_a_timing_near_its_own_estimate_is_believed_after_one_far_from_it(monkeypatch: pytest.MonkeyPatch,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """Only models pruned past 2x time 1.67x faster than their FLOPs say (a latency model whose fixed part was timed
+    too slow errs more the more is pruned): the first far from its estimate is timed again; a lighter one that
+    measures as estimated is believed, though the search's timings so far ran faster than estimated."""
+    by_speedup(monkeypatch, lambda model, speedup: 0.6 if speedup > 2.0 else 1.0)
+    monkeypatch.setattr(costmodel, "layer_ms", layer_latency)
+    with caplog.at_level(logging.INFO, logger="fxprune"):
+        fxprune.compile(Net().eval(), speedup=2.5, example_inputs=X, verify=False, cache=False)
+    assert caplog.text.count("candidate ") >= 2 and caplog.text.count("timing it again before believing it") == 1
+
+
 def test_a_result_far_past_the_target_is_not_returned_while_nearer_ones_are_undecided(monkeypatch: pytest.MonkeyPatch) -> None:
     """Results truly 1.4-1.95x faster time at random (0.5-2x their cost): undecidable; only results
     pruned past 1.95x (1.3 times the 1.5x asked) can meet the target. The compile refuses rather than
@@ -719,6 +731,26 @@ def test_a_remembered_result_that_misses_now_starts_a_fresh_search_from_its_timi
     record = second.meta["fxprune"]["report"]["latency"]
     assert record["speedup"] >= 1.5 and second.meta["fxprune"]["plan"] != first.meta["fxprune"]["plan"]
     assert (fake_clock.true_ms(net, (X,)) + 40.0) / (fake_clock.true_ms(second, (X,)) + 40.0) >= 1.5
+
+
+def test_a_result_whose_confirming_interval_holds_the_target_is_remembered_and_timed_first(fake_clock: FlopClock, tmp_path: Path,
+                                                                                          monkeypatch: pytest.MonkeyPatch,
+                                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """The confirming timing's median meets the target, but its interval, widened by the noise, holds it (ResNet-50's
+    2.10x for 2x asked, 2.08-2.17x, 4.7%): the compile returns the result, and remembers it, so that a warm compile
+    times it first and returns it when it meets the target then, instead of searching from nothing again."""
+    monkeypatch.setenv("FXPRUNE_CACHE_DIR", str(tmp_path))
+    confirm = targets.trials.Clock.confirm
+    monkeypatch.setattr(targets.trials.Clock, "confirm", lambda self, plan, *how: dataclasses.replace(
+        c := confirm(self, plan, *how), high=max(c.high, 1 / 1.5 * 1.01)))  # the interval reaches past the goal
+    net = Net().eval()
+    first = fxprune.compile(net, speedup=1.5, example_inputs=X, verify=False)
+    assert first.meta["fxprune"]["report"]["latency"]["speedup"] >= 1.5
+    monkeypatch.setattr(targets.trials.Clock, "confirm", confirm)
+    with caplog.at_level(logging.INFO, logger="fxprune"):
+        second = fxprune.compile(net, speedup=1.5, example_inputs=X, verify=False)
+    assert "an earlier compile chose a result" in caplog.text and "candidate 1 (" not in caplog.text
+    assert second.meta["fxprune"]["plan"] == first.meta["fxprune"]["plan"]
 
 
 def test_a_result_far_past_the_target_is_returned_when_a_plan_with_a_little_fewer_flops_removed_missed() -> None:
