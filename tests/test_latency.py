@@ -747,6 +747,7 @@ def test_a_result_whose_confirming_interval_holds_the_target_is_remembered_and_t
     first = fxprune.compile(net, speedup=1.5, example_inputs=X, verify=False)
     assert first.meta["fxprune"]["report"]["latency"]["speedup"] >= 1.5
     monkeypatch.setattr(targets.trials.Clock, "confirm", confirm)
+    caplog.clear()
     with caplog.at_level(logging.INFO, logger="fxprune"):
         second = fxprune.compile(net, speedup=1.5, example_inputs=X, verify=False)
     assert "an earlier compile chose a result" in caplog.text and "candidate 1 (" not in caplog.text
