@@ -754,6 +754,27 @@ def test_a_result_whose_confirming_interval_holds_the_target_is_remembered_and_t
     assert second.meta["fxprune"]["plan"] == first.meta["fxprune"]["plan"]
 
 
+def test_a_result_whose_confirming_timing_misses_starts_the_search_afresh_from_that_timing(fake_clock: FlopClock,
+                                                                                             monkeypatch: pytest.MonkeyPatch,
+                                                                                             caplog: pytest.LogCaptureFixture) -> None:
+    """The first confirming timing reads the chosen result 30% slower than its candidate timing did (the machine's
+    speed moved between the two): the search starts afresh from that timing, as from a remembered result that misses,
+    rather than from the latency model's plan, which it had timed already."""
+    confirm, calls = targets.trials.Clock.confirm, []
+
+    def slower_once(self, plan, *how):
+        c = confirm(self, plan, *how)
+        calls.append(plan)
+        return c if len(calls) > 1 else dataclasses.replace(c, ratio=c.ratio * 1.3, low=c.low * 1.3, high=c.high * 1.3)
+
+    monkeypatch.setattr(targets.trials.Clock, "confirm", slower_once)
+    with caplog.at_level(logging.INFO, logger="fxprune"):
+        pruned = fxprune.compile(Net().eval(), speedup=1.5, example_inputs=X, verify=False, cache=False)
+    before, _, after = caplog.text.partition("did not hold when timed again")
+    assert after and "candidate 1 (the latency model's plan" in before and "the latency model's plan" not in after
+    assert len(calls) == 2 and pruned.meta["fxprune"]["report"]["latency"]["speedup"] >= 1.5
+
+
 def test_a_result_far_past_the_target_is_returned_when_a_plan_with_a_little_fewer_flops_removed_missed() -> None:
     """Speed can step with the kernels more than with the FLOPs (MobileNetV2 at batch 8: 55% of the FLOPs
     removed ran 2.9x, 53% 1.8x): a result far past the target is returned when a plan that removed at most

@@ -26,7 +26,7 @@ timing's median meets the goal), so a warm compile confirms that result first an
 does not meet the goal now: then afresh (the machine runs otherwise than when its comparisons were cached), from that
 result's new timing, as a search whose original moved off its checked speed for good does from the candidate timed at
 the new speed. Comparisons are cached (``TimingCache``) under the captured architecture and the result's widths, only
-when stable; when the confirming timing misses the goal, they are dropped and it searches afresh, once.
+when stable; when the confirming timing misses the goal, they are dropped and it searches afresh from it, once.
 """
 
 from __future__ import annotations
@@ -159,10 +159,10 @@ class Search:
                                        self.original_ms, chosen.ratio)
             if c.ratio <= self.goal or fresh or self.target.on_noise == "warn":
                 break
-            log.warning("the %s timing of this result (%s) did not hold when timed again (%s): searching afresh",
+            log.warning("the %s timing of this result (%s) did not hold when timed again (%s): searching afresh, from that timing",
                         "cached" if chosen.cached else "first", chosen.comparison.describe(), c.describe())
             self.clock.drop()
-            chosen, confirmed = None, False
+            self.first, chosen, confirmed = dataclasses.replace(chosen, comparison=c, cached=False), None, False
         if c.ratio <= self.goal and chosen.comparison.rounds:  # returned as meeting it: a warm compile times it first
             self.cache.put(self.setting, self.outcome, [self.budgets[widths(chosen.plan)], widths(chosen.plan), c.speedup,
                                                         fingerprint(self.scores), chosen.plan.to_json(), chosen.estimate])
