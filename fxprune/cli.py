@@ -218,8 +218,8 @@ def _cache(action: str) -> None:
     tables = json.loads(path.read_text()) if path.is_file() else {}
     print(f"{path}: {sum(len(t) for t in tables.values())} timings" if tables else f"{path}: empty")
     for key, table in tables.items():
-        models = sum(k.startswith("model ") for k in table)
-        print(f"  {key}: {len(table) - models} layer timings, {models} model comparisons")
+        models, decided = (sum(k.startswith(prefix) for k in table) for prefix in ("model ", "round_to="))
+        print(f"  {key}: {len(table) - models - decided} layer timings, {models} model comparisons, {decided} round_to='auto' decisions")
 
 
 def _inspect(args: argparse.Namespace, model: nn.Module, x: torch.Tensor) -> None:

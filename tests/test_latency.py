@@ -93,7 +93,7 @@ def test_the_cache_is_used(fake_clock: FlopClock, tmp_path: Path, monkeypatch: p
     assert second.meta["fxprune"]["plan"] == first.meta["fxprune"]["plan"]
     (key, table), = json.loads((tmp_path / "latency.json").read_text()).items()
     assert f"{torch.get_num_threads()} threads" in key and "torch.float32" in key and torch.__version__ in key
-    assert all(k.startswith(("Conv2d[1, ", "Linear[1, ", "BatchNorm2d[1, ", "model ")) for k in table)
+    assert all(k.startswith(("Conv2d[1, ", "Linear[1, ", "BatchNorm2d[1, ", "model ", "round_to=auto Conv2d[1, ")) for k in table)
 
 
 def test_unreachable_speedup_names_the_best_reached(fake_clock: FlopClock) -> None:
@@ -170,6 +170,23 @@ def test_round_to_auto_wants_the_fast_steps_even_a_few_percent_off(monkeypatch: 
     monkeypatch.setattr(costmodel.Layer, "time", lambda self, kept, setting, cache: 1.0 if kept[-1] % 8 == 0 else 1.05)
     a = pipeline.analyze(Net().eval(), X)
     assert multiple.fast_multiple(a.gm, a.deps, Setting.of(a.gm, a.inputs), TimingCache()) == 8
+
+
+def test_round_to_auto_is_decided_once_per_setting_even_on_a_noisy_machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compile on a machine found noisy keeps none of its timings, but keeps the multiple it decided: a warm
+    compile takes it without timing a layer (and so cannot decide otherwise and miss the result its cold compile
+    remembered); on another setting (thread count, device, dtype, torch) it is decided again."""
+    a = pipeline.analyze(Net().eval(), X)
+    setting = Setting.of(a.gm, a.inputs)
+    held = TimingCache(tmp_path / "latency.json")
+    held.hold()
+    decided = multiple.fast_multiple(a.gm, a.deps, setting, held)
+    held.save()
+    timed: list[tuple[int, ...]] = []
+    monkeypatch.setattr(costmodel.Layer, "time", lambda self, kept, setting, cache: timed.append(kept) or 1.0)
+    assert multiple.fast_multiple(a.gm, a.deps, setting, TimingCache(tmp_path / "latency.json")) == decided and not timed
+    multiple.fast_multiple(a.gm, a.deps, dataclasses.replace(setting, threads=setting.threads + 1), TimingCache(tmp_path / "latency.json"))
+    assert timed
 
 
 def test_round_to_auto_narrows_a_pruned_input_with_the_output(monkeypatch: pytest.MonkeyPatch) -> None:

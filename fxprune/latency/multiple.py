@@ -78,11 +78,17 @@ def _window(layer: Layer, pruned_in: bool) -> dict[int, tuple[int, ...]]:
 def fast_multiple(gm: torch.fx.GraphModule, deps: DependencyGraph, setting: Setting, cache: TimingCache,
                   total_ms: float | None = None) -> int:
     """The channel multiple that ``round_to="auto"`` stands for on this model and device, for latency targets
-    (module docstring); ``total_ms``, the model's milliseconds, sizes the estimate of how long the timings take."""
+    (module docstring); ``total_ms``, the model's milliseconds, sizes the estimate of how long the timings take.
+    The decision is kept in ``cache`` under the setting and the layers it timed, even when a noisy machine holds
+    the timings themselves: the stakes are a few percent (``TOLERANCE``), and a warm compile that decided again
+    would spend seconds on it and could decide otherwise, and then not find the result its cold compile chose."""
     layers, removable = measurable_layers(gm, deps), removable_atoms(deps)
     chosen = _timed_layers(layers, deps)
     if not chosen:
         return _narrow_multiple(layers)
+    decision = "round_to=auto " + " ".join(layers[i].key(layers[i].sizes) for i in chosen)
+    if (kept := cache.lookup(setting, decision)) in MULTIPLES:
+        return kept
     windows = {i: _window(layers[i], bool(removable[deps.flop_terms[i].factors[0]].any())) for i in chosen}
     announce(deps, layers, ((i, kept) for i in chosen for kept in windows[i].values()), total_ms, setting, cache,
              "for round_to='auto', which takes the multiple of 8 or 16 they run fastest at")
@@ -94,5 +100,6 @@ def fast_multiple(gm: torch.fx.GraphModule, deps: DependencyGraph, setting: Sett
         for r in MULTIPLES:
             on = [ms[w] / low[w] for w in ms if w % r == 0 and w < top]  # the top is on every step
             slowdown[r] += sum(on) / len(on) / len(chosen)
-    cache.save()
-    return next(r for r in MULTIPLES if slowdown[r] <= min(slowdown.values()) + TOLERANCE)
+    multiple = next(r for r in MULTIPLES if slowdown[r] <= min(slowdown.values()) + TOLERANCE)
+    cache.put(setting, decision, multiple)  # kept (and saved) even when the timings are held: decided once per setting
+    return multiple
