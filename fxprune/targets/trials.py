@@ -140,10 +140,12 @@ class Clock:
 def span(limits: tuple[int, int, float], original_ms: float, ratio: float) -> str:
     """About how long a comparison with these ``LIMITS`` (or ``CONFIRM``) takes, its fewest rounds to its most, for
     an original of ``original_ms`` and a result ``ratio`` as fast: each round times the original twice and the
-    result once, a timing at least 5 ms of calls, and it stops after ``seconds`` of them once it may."""
+    result once, a timing at least 5 ms of calls, and it stops after ``seconds`` of them once it may; each model is
+    called three times before."""
     rounds, most, seconds = limits
     one = (2 * max(original_ms, 5.0) + max(ratio * original_ms, 5.0)) / 1e3
-    return f"{rounds}-{most} rounds, {rounds * one:.2g}-{min(most * one, max(seconds, rounds * one) + one):.2g} s"
+    warmup = 3 * (1 + ratio) * original_ms / 1e3  # two calls of each model, and one to size their timings
+    return f"{rounds}-{most} rounds, {warmup + rounds * one:.2g}-{warmup + min(most * one, max(seconds, rounds * one) + one):.2g} s"
 
 
 def kept(plan: Plan) -> dict[int, int]:
