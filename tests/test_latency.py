@@ -792,6 +792,26 @@ def test_a_result_whose_confirming_timing_misses_starts_the_search_afresh_from_t
     assert len(calls) == 2 and pruned.meta["fxprune"]["report"]["latency"]["speedup"] >= 1.5
 
 
+def test_a_result_confirmed_barely_past_the_target_is_searched_past_once(fake_clock: FlopClock, monkeypatch: pytest.MonkeyPatch,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """The first confirming timing reads the result 1% past the 1.5x asked: true now, false after the machine moves a
+    few percent (ResNet-18 confirmed 1.27x for 1.25x and re-measured 1.24x seconds later). The search runs afresh
+    from that timing, once, as for a result that missed; the second result is reported as timed."""
+    confirm, calls = targets.trials.Clock.confirm, []
+
+    def barely_once(self, plan, *how):
+        c = confirm(self, plan, *how)
+        calls.append(plan)
+        scale = 1 / 1.5 / 1.01 / c.ratio
+        return c if len(calls) > 1 else dataclasses.replace(c, ratio=c.ratio * scale, low=c.low * scale, high=c.high * scale)
+
+    monkeypatch.setattr(targets.trials.Clock, "confirm", barely_once)
+    with caplog.at_level(logging.INFO, logger="fxprune"):
+        pruned = fxprune.compile(Net().eval(), speedup=1.5, example_inputs=X, verify=False, cache=False)
+    assert "held by under 3% when timed again" in caplog.text and len(calls) == 2
+    assert pruned.meta["fxprune"]["report"]["latency"]["speedup"] >= 1.5
+
+
 def test_a_result_far_past_the_target_is_returned_when_a_plan_with_a_little_fewer_flops_removed_missed() -> None:
     """Speed can step with the kernels more than with the FLOPs (MobileNetV2 at batch 8: 55% of the FLOPs
     removed ran 2.9x, 53% 1.8x): a result far past the target is returned when a plan that removed at most

@@ -26,7 +26,8 @@ timing's median meets the goal), so a warm compile confirms that result first an
 does not meet the goal now: then afresh (the machine runs otherwise than when its comparisons were cached), from that
 result's new timing, as a search whose original moved off its checked speed for good does from the candidate timed at
 the new speed. Comparisons are cached (``TimingCache``) under the captured architecture and the result's widths, only
-when stable; when the confirming timing misses the goal, they are dropped and it searches afresh from it, once.
+when stable; when the confirming timing misses the goal (or meets it by less than ``MARGIN`` / 2), they are dropped and
+it searches afresh from it, once.
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ ROUNDS = 8
 """How many pruned models a latency target measures at most."""
 
 MARGIN = 0.06
-"""A latency target aims this much below its goal, so that the goal holds when the user measures again."""
+"""A latency target aims this much below its goal, so that the goal holds when the user measures again; a result confirmed
+less than half as far below is searched past once (ResNet-18 at 1.27x and 1.28x for 1.25x re-measured 1.24x and 1.22x)."""
 
 BAND = 1.5
 """A measured speed-up more than this factor away from the latency model's estimate, and from it as far off as the
@@ -157,10 +159,10 @@ class Search:
             if not confirmed:
                 c = self.clock.confirm(chosen.plan, "confirming the result against the original: its speed-up is what the report gives",
                                        self.original_ms, chosen.ratio)
-            if c.ratio <= self.goal or fresh or self.target.on_noise == "warn":
+            if c.ratio <= self.goal * (1 - MARGIN / 2) or fresh or self.target.on_noise == "warn":
                 break
-            log.warning("the %s timing of this result (%s) did not hold when timed again (%s): searching afresh, from that timing",
-                        "cached" if chosen.cached else "first", chosen.comparison.describe(), c.describe())
+            log.warning("the %s timing of this result (%s) %s when timed again (%s): searching afresh, from that timing", "cached" if chosen.cached
+                        else "first", chosen.comparison.describe(), "did not hold" if c.ratio > self.goal else f"held by under {MARGIN / 2:.0%}", c.describe())
             self.clock.drop()
             self.first, chosen, confirmed = dataclasses.replace(chosen, comparison=c, cached=False), None, False
         if c.ratio <= self.goal and chosen.comparison.rounds:  # returned as meeting it: a warm compile times it first
@@ -324,8 +326,7 @@ class Search:
     def refuse(self, trials: list[Trial]) -> Trial:
         """No result met the goal: the noise error when the best one was undecided, else the unreachable one;
         with ``on_noise="warn"``, an undecided best result whose median meets the goal is returned instead."""
-        best = min(trials, key=lambda t: t.ratio)
-        c = best.comparison
+        c = (best := min(trials, key=lambda t: t.ratio)).comparison
         asked = f"{self.target.describe()} ({1 / self.goal:.3g}x faster than the original's {self.original_ms:.4g} ms)"
         if c.meets(self.goal) is None:
             message = (f"the machine was too noisy to tell whether a result meets {asked} on {self.setting.device}: the best one "
@@ -344,11 +345,10 @@ class Search:
         return 1 - self.a.flops.macs(removed_mask(self.a.deps, plan)) / self.a.flops.total
 
     def closest(self, chosen: Trial, trials: list[Trial]) -> Trial:
-        """``chosen``, unless it is more than ``OVERSHOOT`` times faster than asked and no plan that removed at
-        most ``STEP`` fewer of the FLOPs missed: then the nearest wider results that missed are timed again
-        (two at most), and plans between are tried by bisection (``BISECT`` at most) until one meets within
-        ``OVERSHOOT``, or none lies between (``self.step``: the report says why). A plan between that the
-        noise leaves undecided means the machine was too noisy to find a result near the target."""
+        """``chosen``, unless it is more than ``OVERSHOOT`` times faster than asked and no plan that removed at most ``STEP``
+        fewer of the FLOPs missed: then the nearest wider results that missed are timed again (two at most), and plans
+        between tried by bisection (``BISECT`` at most) until one meets within ``OVERSHOOT``, or none lies between
+        (``self.step``: the report says why); one the noise leaves undecided: too noisy to find a result near the target."""
         if not far(chosen, self.goal):
             return chosen
         gone = {id(t): self.removed(t.plan) for t in [*trials, chosen]}  # the share of the FLOPs each plan removes
