@@ -161,8 +161,9 @@ class Search:
                                        self.original_ms, chosen.ratio)
             if c.ratio <= self.goal * (1 - MARGIN / 2) or fresh or self.target.on_noise == "warn":
                 break
-            log.warning("the %s timing of this result (%s) %s when timed again (%s): searching afresh, from that timing", "cached" if chosen.cached
-                        else "first", chosen.comparison.describe(), "did not hold" if c.ratio > self.goal else f"held by under {MARGIN / 2:.0%}", c.describe())
+            log.warning("the %s timing of this result (%s) %s when timed again (%s): searching afresh, from that timing",
+                        "cached" if chosen.cached else "first", chosen.comparison.describe(),
+                        "did not hold" if c.ratio > self.goal else f"held by under {MARGIN / 2:.0%}", c.describe())
             self.clock.drop()
             self.first, chosen, confirmed = dataclasses.replace(chosen, comparison=c, cached=False), None, False
         if c.ratio <= self.goal and chosen.comparison.rounds:  # returned as meeting it: a warm compile times it first
@@ -245,8 +246,7 @@ class Search:
                                     "took the cores" if self.drifted(ms) else None)
         undecidable(why, machine.noise, self.target, self.setting.device)
 
-    def drifted(self, original_ms: float) -> bool:
-        """Whether the original ran ``DRIFT`` times off the milliseconds the machine check measured."""
+    def drifted(self, original_ms: float) -> bool:  # the original ran ``DRIFT`` times off the machine check's milliseconds
         return not 1 / DRIFT <= original_ms / self.original_ms <= DRIFT
 
     def searched(self) -> list[Trial]:
