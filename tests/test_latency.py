@@ -400,7 +400,7 @@ def test_layers_of_one_shape_are_announced_as_one_timing(caplog: pytest.LogCaptu
     assert len(twins) == 2
     with caplog.at_level(logging.INFO, logger="fxprune"):
         costmodel.announce(a.deps, layers, [(i, (32, 32)) for i in twins], None, Setting.of(a.gm, a.inputs), TimingCache(), "for a test")
-    assert "timing 1 layer widths of 1 layer shapes alone for a test" in caplog.text
+    assert "timing 1 layer width of 1 layer shape alone for a test" in caplog.text
 
 
 class Contention:
