@@ -22,10 +22,10 @@ only when the speed steps from one to the other (the report says why), never whe
 
 The chosen result is timed once more against the original, never from the cache, until its interval is within
 ``PRECISE``: that timing is the one reported. The widths chosen for a model, target and strategy are kept (when that
-timing's median meets the goal), so a warm compile confirms that result first and searches only when its whole interval
-does not meet the goal now: then afresh (the machine runs otherwise than when its comparisons were cached), from that
-result's new timing, as a search whose original moved off its checked speed for good does from the candidate timed at
-the new speed. Comparisons are cached (``TimingCache``) under the captured architecture and the result's widths, only
+timing's median meets the goal), so a warm compile confirms that result first and returns it when its whole interval
+meets the goal; else it searches from that timing (without the cached comparisons when it misses: the machine runs
+otherwise than when they were taken), as a search whose original moved off its checked speed for good does from the
+candidate timed at the new speed. Comparisons are cached (``TimingCache``) under the captured architecture and the result's widths, only
 when stable; when the confirming timing misses the goal (or meets it by less than ``MARGIN`` / 2), they are dropped and
 it searches afresh from it, once.
 """
@@ -199,12 +199,12 @@ class Search:
         self.budgets.setdefault(chosen, budget)
         c = self.clock.confirm(plan, "an earlier compile chose a result for this target here: confirming it against the original",
                                self.original_ms, 1 / self.claimed)
-        if not c.meets(self.goal):  # the machine runs otherwise than when it was chosen: so did the cached comparisons
-            log.info("  it does not meet the target now: searching afresh from it, without the cached comparisons")
+        if (verdict := c.meets(self.goal)) is False:  # the machine runs otherwise than when it was chosen: so did the cached comparisons
             self.clock.drop()
+        if not verdict:
+            log.info("  it %s the target now: searching afresh from it", "misses" if verdict is False else "cannot be told from")
             self.first = Trial(plan, c, estimate, False)
-            return None
-        return Trial(plan, c, estimate, False)
+        return Trial(plan, c, estimate, False) if verdict else None
 
     def trial(self, plan: Plan, why: str, turn: int = 1) -> Trial:
         """``plan`` timed against the original (again when far from the model's estimate), with a line that says why."""
