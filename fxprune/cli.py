@@ -219,7 +219,7 @@ def _cache(action: str) -> None:
     print(f"{path}: {sum(len(t) for t in tables.values())} timings" if tables else f"{path}: empty")
     for key, table in tables.items():
         models, decided = (sum(k.startswith(prefix) for k in table) for prefix in ("model ", "round_to="))
-        print(f"  {key}: {len(table) - models - decided} layer timings, {models} model comparisons, {decided} round_to='auto' decisions")
+        print(f"  {key}: {len(table) - models - decided} layer timings, {models} model comparisons, {decided} round_to='auto' decision{'s' * (decided != 1)}")
 
 
 def _inspect(args: argparse.Namespace, model: nn.Module, x: torch.Tensor) -> None:
