@@ -11,14 +11,15 @@ interval, widened by the A/A noise, does.
 Until one result meets the aim (``MARGIN`` below the goal, lower after results too close to the goal to tell:
 ``trials.decidable_aim``) and one misses it, the next budget is the last estimate scaled by aim / measured (at most 2x
 either way); then it moves between the closest pair by linear interpolation. It stops at a result that meets the goal
-within 6% of the aim, when the closest pair is estimated within ``trials.NEAR``, or at a step the model does not see
-(``trials.stepped``). A measured ratio far (outside ``BAND``) from the model's estimate, and from it scaled by the median
-measured over estimated ratio of the search's timings so far, is timed again before it is believed, and so are two
-timings that contradict the width order (a plan with more channels in every group measured faster than one with fewer,
-beyond the noise): if they still do, the machine changed under the search, and it refuses.
-The slowest result that meets the goal wins; when it is more than ``OVERSHOOT`` times faster than asked, the nearest
-wider results are timed again, and plans between are tried by bisection; a result that far past the target is returned
-only when the speed steps from one to the other (the report says why), never when the noise left nearer ones undecided.
+with ``MARGIN`` / 2 to spare and within 6% of the aim, when the closest pair is estimated within ``trials.NEAR``, or at
+a step the model does not see (``trials.stepped``). A measured ratio far (outside ``BAND``) from the model's estimate,
+and from it scaled by the median measured over estimated ratio of the search's timings so far, is timed again before
+it is believed, and so are two timings that contradict the width order (a plan with more channels in every group
+measured faster than one with fewer, beyond the noise): if they still do, the machine changed under the search, and
+it refuses. The slowest result that meets the goal with that much to spare wins (else the slowest that meets it); when
+it is more than ``OVERSHOOT`` times faster than asked, the nearest wider results are timed again, and plans between are
+tried by bisection; a result that far past the target is returned only when the speed steps from one to the other (the
+report says why), never when the noise left nearer ones undecided.
 
 The chosen result is timed once more against the original, never from the cache, until its interval is within
 ``PRECISE``: that timing is the one reported. The widths chosen for a model, target and strategy are kept (when that
@@ -152,7 +153,8 @@ class Search:
             if chosen is None:
                 trials = self.searched()
                 met = [t for t in trials if t.comparison.meets(self.goal)]
-                chosen = self.refuse(trials) if not met else self.closest(max(met, key=lambda t: t.ratio), trials)
+                roomy = [t for t in met if t.ratio <= self.goal * (1 - MARGIN / 2)] or met  # room for the machine to move
+                chosen = self.refuse(trials) if not met else self.closest(max(roomy, key=lambda t: t.ratio), trials)
             c, cached = chosen.comparison, self.claimed if confirmed else chosen.comparison.speedup if chosen.cached else None
             if chosen.comparison.rounds == 0:  # nothing removed: 1x by definition
                 break
@@ -262,9 +264,8 @@ class Search:
             machine = check(self.a.model, self.a.inputs)
             undecidable(machine.refusal(), machine.noise, self.target, self.setting.device)
             self.original, self.noise, self.original_ms = machine.original, machine.noise, machine.original.median_ms
-            if self.target.latency_ms is not None:
-                self.goal = self.target.latency_ms / self.original_ms
-                self.aim = self.goal * (1 - MARGIN)
+            self.goal = self.target.latency_ms / self.original_ms if self.target.latency_ms is not None else self.goal
+            self.aim = self.goal * (1 - MARGIN)
             self.clock.drop()
             self.first = moved.trial
             return self.search()
@@ -296,7 +297,7 @@ class Search:
             seen[key] = trial
             trials.append(trial)
             aim = decidable_aim(trials, self.aim, self.goal)
-            if trial.comparison.meets(self.goal) and trial.ratio >= 0.94 * aim:
+            if trial.comparison.meets(self.goal) and 0.94 * aim <= trial.ratio <= self.goal * (1 - MARGIN / 2):
                 break
             self.step = stepped(trials, aim)
             if self.step or (proposal := next_budget(trials, aim, self.model.total)) is None:
@@ -338,8 +339,7 @@ class Search:
             f"the latency target {asked} is out of reach on {self.setting.device}: the best speed-up measured ({len(trials)} results "
             f"timed) was {c.speedup:.3g}x ({c.after.median_ms:.4g} ms, {self.chooser.rule}; {CONFIDENCE:.0%} interval "
             f"{1 / c.high:.3g}-{1 / c.low:.3g}x). Ask for at most that, lower min_width/round_to, or un-freeze groups (see analyze()).",
-            best_speedup=c.speedup,
-        )
+            best_speedup=c.speedup)
 
     def removed(self, plan: Plan) -> float:  # the share of the FLOPs ``plan`` removes
         return 1 - self.a.flops.macs(removed_mask(self.a.deps, plan)) / self.a.flops.total
