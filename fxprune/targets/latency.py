@@ -11,7 +11,7 @@ interval, widened by the A/A noise, does.
 Until one result meets the aim (``MARGIN`` below the goal, lower after results too close to the goal to tell:
 ``trials.decidable_aim``) and one misses it, the next budget is the last estimate scaled by aim / measured (at most 2x
 either way); then it moves between the closest pair by linear interpolation. It stops at a result that meets the goal
-with ``MARGIN`` / 2 to spare and within 6% of the aim, when the closest pair is estimated within ``trials.NEAR``, or at
+with ``trials.SPARE`` to spare and within 6% of the aim, when the closest pair is estimated within ``trials.NEAR``, or at
 a step the model does not see (``trials.stepped``). A measured ratio far (outside ``BAND``) from the model's estimate,
 and from it scaled by the median measured over estimated ratio of the search's timings so far, is timed again before
 it is believed, and so are two timings that contradict the width order (a plan with more channels in every group
@@ -27,7 +27,7 @@ timing's median meets the goal), so a warm compile confirms that result first an
 meets the goal; else it searches from that timing (without the cached comparisons when it misses: the machine runs
 otherwise than when they were taken), as a search whose original moved off its checked speed for good does from the
 candidate timed at the new speed. Comparisons are cached (``TimingCache``) under the captured architecture and the result's widths, only
-when stable; when the confirming timing misses the goal (or meets it by less than ``MARGIN`` / 2), they are dropped and
+when stable; when the confirming timing misses the goal (or meets it by less than ``SPARE``), they are dropped and
 it searches afresh from it, once.
 """
 
@@ -54,8 +54,8 @@ from ..errors import MeasurementError, TargetUnreachableError
 from ..pipeline import Analysis, select_plan
 from ..selection.strategy import Chooser
 from .target import Target
-from .trials import (LIMITS, OVERSHOOT, Clock, Trial, contradict, decidable_aim, far, fingerprint, next_budget, overshoot, raise_or_warn, span,
-                     stepped, too_noisy, undecidable, widths)
+from .trials import (LIMITS, OVERSHOOT, SPARE, Clock, Trial, contradict, decidable_aim, far, fingerprint, next_budget, overshoot, raise_or_warn,
+                     span, spared, stepped, too_noisy, undecidable, widths)
 
 __all__ = ["check_machine", "measured", "Checked", "ROUNDS", "MARGIN", "BAND", "OVERSHOOT", "DRIFT"]
 
@@ -65,8 +65,7 @@ ROUNDS = 8
 """How many pruned models a latency target measures at most."""
 
 MARGIN = 0.06
-"""A latency target aims this much below its goal, so that the goal holds when the user measures again; a result confirmed
-less than half as far below is searched past once (ResNet-18 at 1.27x and 1.28x for 1.25x re-measured 1.24x and 1.22x)."""
+"""A latency target aims this much below its goal, so that the goal holds when the user measures again (``trials.SPARE``)."""
 
 BAND = 1.5
 """A measured speed-up more than this factor away from the latency model's estimate, and from it as far off as the
@@ -153,7 +152,7 @@ class Search:
             if chosen is None:
                 trials = self.searched()
                 met = [t for t in trials if t.comparison.meets(self.goal)]
-                roomy = [t for t in met if t.ratio <= self.goal * (1 - MARGIN / 2)] or met  # room for the machine to move
+                roomy = [t for t in met if spared(t, self.goal)] or met  # room for the machine to move
                 chosen = self.refuse(trials) if not met else self.closest(max(roomy, key=lambda t: t.ratio), trials)
             c, cached = chosen.comparison, self.claimed if confirmed else chosen.comparison.speedup if chosen.cached else None
             if chosen.comparison.rounds == 0:  # nothing removed: 1x by definition
@@ -161,11 +160,11 @@ class Search:
             if not confirmed:
                 c = self.clock.confirm(chosen.plan, "confirming the result against the original: its speed-up is what the report gives",
                                        self.original_ms, chosen.ratio)
-            if c.ratio <= self.goal * (1 - MARGIN / 2) or fresh or self.target.on_noise == "warn":
+            if spared(c, self.goal) or fresh or self.target.on_noise == "warn":
                 break
             log.warning("the %s timing of this result (%s) %s when timed again (%s): searching afresh, from that timing",
                         "cached" if chosen.cached else "first", chosen.comparison.describe(),
-                        "did not hold" if c.ratio > self.goal else f"held by under {MARGIN / 2:.0%}", c.describe())
+                        "did not hold" if c.ratio > self.goal else f"held by under {SPARE:.0%}", c.describe())
             self.clock.drop()
             self.first, chosen, confirmed = dataclasses.replace(chosen, comparison=c, cached=False), None, False
         if c.ratio <= self.goal and chosen.comparison.rounds:  # returned as meeting it: a warm compile times it first
@@ -201,12 +200,13 @@ class Search:
         self.budgets.setdefault(chosen, budget)
         c = self.clock.confirm(plan, "an earlier compile chose a result for this target here: confirming it against the original",
                                self.original_ms, 1 / self.claimed)
+        timed = Trial(plan, c, estimate, False)
         if (verdict := c.meets(self.goal)) is False:  # the machine runs otherwise than when it was chosen: so did the cached comparisons
             self.clock.drop()
         if not verdict:
             log.info("  it %s the target now: searching afresh from it", "misses" if verdict is False else "cannot be told from")
-            self.first = Trial(plan, c, estimate, False)
-        return Trial(plan, c, estimate, False) if verdict else None
+            self.first = timed
+        return timed if verdict else None
 
     def trial(self, plan: Plan, why: str, turn: int = 1) -> Trial:
         """``plan`` timed against the original (again when far from the model's estimate), with a line that says why."""
@@ -297,7 +297,7 @@ class Search:
             seen[key] = trial
             trials.append(trial)
             aim = decidable_aim(trials, self.aim, self.goal)
-            if trial.comparison.meets(self.goal) and 0.94 * aim <= trial.ratio <= self.goal * (1 - MARGIN / 2):
+            if trial.comparison.meets(self.goal) and trial.ratio >= 0.94 * aim and spared(trial, self.goal):
                 break
             self.step = stepped(trials, aim)
             if self.step or (proposal := next_budget(trials, aim, self.model.total)) is None:
