@@ -3,7 +3,7 @@ stops it once more rounds could not decide (``fxprune.latency.timing.futile``, `
 
 Simulated rounds, no model and no clock: each round times the original twice and the candidate once, each
 timing off by log-normal noise of the given spread, the candidate ``speedup`` times faster. The decision is
-``Comparison.meets`` (without its quickest-quartile check), taken as ``timing.compare`` takes it for a
+``timing.verdict`` (``Comparison.meets`` without its quickest-quartile check), taken as ``timing.compare`` takes it for a
 candidate's first timing: after 6 rounds, up to 20.
 
     python benchmarks/futile_rounds.py                     # noise 4% and 8%, patience 1, 2 and 4
@@ -18,7 +18,7 @@ import statistics
 
 from tabulate import tabulate
 
-from fxprune.latency.timing import FEWEST, PATIENCE, aa_noise, futile, median_interval
+from fxprune.latency.timing import FEWEST, PATIENCE, aa_noise, futile, median_interval, round_ratios, verdict
 
 GOAL = 0.5  # 2x asked
 MOST = 20
@@ -31,14 +31,11 @@ def timed(rng: random.Random, speedup: float, spread: float, patience: float | N
         rounds.append((rng.lognormvariate(0, spread), rng.lognormvariate(0, spread) / speedup, rng.lognormvariate(0, spread)))
         if len(rounds) < FEWEST:
             continue
-        ratios = [c / ((a + b) / 2) for a, c, b in rounds]
-        aa = [b / a for a, _, b in rounds]
-        low, high = median_interval(ratios)
-        noise = aa_noise(aa)
-        meets = True if high * (1 + noise) <= GOAL else False if low * (1 - noise) > GOAL else None
+        ratios, aa = round_ratios(*zip(*rounds))
+        meets = verdict(*median_interval(ratios), aa_noise(aa), GOAL)
         if meets is not None or len(rounds) >= MOST:
             return meets, len(rounds)
-        if patience is not None and futile(rounds, len(rounds) + int(patience * (MOST - len(rounds))), GOAL):
+        if patience is not None and futile(ratios, aa, len(rounds) + int(patience * (MOST - len(rounds))), GOAL):
             return None, len(rounds)
 
 

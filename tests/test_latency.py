@@ -837,7 +837,8 @@ def test_a_result_far_past_the_target_is_returned_when_a_plan_with_a_little_fewe
     ``STEP`` fewer of the FLOPs missed, with a note that says so, instead of bisecting towards plans that
     remove more FLOPs and run slower."""
     from fxprune.core.groups import Plan
-    from fxprune.targets.latency import STEP, Search
+    from fxprune.targets.latency import Search
+    from fxprune.targets.nearer import STEP, nearer
     from fxprune.targets.trials import Trial
 
     a = pipeline.analyze(Net().eval(), X)
@@ -854,7 +855,7 @@ def test_a_result_far_past_the_target_is_returned_when_a_plan_with_a_little_fewe
 
     fast, near = trial(14, 2.9), trial(15, 1.8)  # the nearer one keeps more channels, so fewer FLOPs go
     assert 0 < search.removed(fast.plan) - search.removed(near.plan) <= STEP
-    assert search.closest(fast, [near, fast]) is fast
+    assert nearer(search, fast, [near, fast]) is fast
     (note,) = targets.latency.overshoot(fast, fast.comparison, [near, fast], search.goal, search.step)
     assert "measured 2.9x" in note and "fewer FLOPs" in note and "1.8x, short of the target" in note
 
@@ -891,7 +892,8 @@ def test_a_timing_as_fast_as_the_goal_stops_undecided_once_more_rounds_could_not
 
     at_goal = clocked(2.0)
     assert at_goal.meets(0.5) is None and at_goal.rounds < 20
-    assert timing.futile([(100.0, 50.0 * f, 100.0) for f in (0.9, 1.0, 1.1, 1.05, 0.95, 0.9)], 6 + timing.PATIENCE * 14, 0.5)
+    assert timing.futile(*timing.round_ratios([100.0] * 6, [50.0 * f for f in (0.9, 1.0, 1.1, 1.05, 0.95, 0.9)], [100.0] * 6),
+                         6 + timing.PATIENCE * 14, 0.5)
     clear = clocked(2.6)
     assert clear.meets(0.5) is True and clear.rounds == timing.FEWEST
 

@@ -30,7 +30,7 @@ from ..core.fxutil import MMAP_MAX, eval_mode
 
 __all__ = ["Latency", "Comparison", "measure_latency", "measure_in_turns", "compare", "median_interval", "time_calls", "layer_ms",
            "Setting", "threads", "settle_malloc", "warm_calls", "summarize", "synchronizer", "aa_noise", "STABLE", "CONFIDENCE",
-           "BURST", "FEWEST", "PATIENCE", "futile", "reachable_interval"]
+           "BURST", "FEWEST", "PATIENCE", "futile", "verdict", "round_ratios", "reachable_interval"]
 
 METHOD = 4
 """How timings are taken and kept; part of every cache key, so timings taken another way are taken again."""
@@ -285,11 +285,8 @@ class Comparison:
         """Whether the ratio is at most ``goal``: True or False when the whole interval, widened by the
         A/A noise, says so and the quickest timings (``floor``) agree; None when the interval holds
         ``goal`` or the two disagree (the noise is as large as the distance to the goal)."""
-        if self.high * (1 + self.noise) <= goal:
-            return True if self.floor <= goal else None
-        if self.low * (1 - self.noise) > goal:
-            return False if self.floor > goal else None
-        return None
+        decided = verdict(self.low, self.high, self.noise, goal)
+        return decided if decided is None or decided == (self.floor <= goal) else None
 
     def describe(self) -> str:
         bursts = {0: "", 1: ", 1 round dropped as a burst"}.get(self.dropped, f", {self.dropped} rounds dropped as bursts")
@@ -338,20 +335,30 @@ def compare(original: nn.Module, candidate: nn.Module, inputs: Sequence[Any], *,
             spent = sum((a + b) * n_orig + c * n_cand for a, c, b in taken) / 1e3
             done = len(taken) >= most or (len(kept) >= rounds and spent > seconds)
             if len(kept) >= rounds or done:
-                result = _comparison(*zip(*(kept if len(kept) >= 2 else taken)), inputs, setting, len(taken) - len(kept))
+                first, cand, second = zip(*(kept if len(kept) >= 2 else taken))
+                ratios, aa = round_ratios(first, cand, second)
+                result = Comparison(statistics.median(ratios), *median_interval(ratios), aa_noise(aa), len(ratios),
+                                    summarize([*first, *second], inputs, setting), summarize(list(cand), inputs, setting), len(taken) - len(kept))
                 decided = len(kept) >= rounds and (result.meets(goal) is not None if goal is not None else result.uncertainty <= precision)
                 left = min(most - len(taken), int(max(seconds - spent, 0) / max(spent / len(taken), 1e-9)))
-                if decided or done or (goal is not None and len(kept) >= rounds and futile(kept, len(kept) + PATIENCE * left, goal)):
+                if decided or done or (goal is not None and len(kept) >= rounds and futile(ratios, aa, len(kept) + PATIENCE * left, goal)):
                     return result
 
 
-def futile(rounds: Sequence[tuple[float, float, float]], n: int, goal: float) -> bool:
-    """Whether ``n`` rounds spread like ``rounds`` (original, candidate, original) would still leave ``goal``
-    inside the ratio's interval widened by the A/A noise: ``Comparison.meets`` undecided if the rest fell alike."""
-    ratios, aa = _ratios(*zip(*rounds))
-    low, high = reachable_interval(ratios, n)
-    noise = aa_noise(aa, n)
-    return high * (1 + noise) > goal >= low * (1 - noise)
+def verdict(low: float, high: float, noise: float, goal: float) -> bool | None:
+    """Whether an interval ``low``-``high`` of a ratio, widened by the A/A ``noise``, lies wholly at or below ``goal``
+    (True), wholly above it (False), or holds it (None): the rule every decision on a timing takes."""
+    if high * (1 + noise) <= goal:
+        return True
+    if low * (1 - noise) > goal:
+        return False
+    return None
+
+
+def futile(ratios: Sequence[float], aa: Sequence[float], n: int, goal: float) -> bool:
+    """Whether ``n`` rounds whose ratios and A/A ratios spread like ``ratios`` and ``aa`` (``round_ratios``) would still
+    leave ``goal`` inside the ratio's interval widened by the A/A noise: ``Comparison.meets`` undecided if the rest fell alike."""
+    return verdict(*reachable_interval(ratios, n), aa_noise(aa, n), goal) is None
 
 
 def aa_noise(aa: Sequence[float], n: int | None = None) -> float:
@@ -361,17 +368,9 @@ def aa_noise(aa: Sequence[float], n: int | None = None) -> float:
     return (high - low) / 2 / statistics.median(aa)
 
 
-def _ratios(first: Sequence[float], cand: Sequence[float], second: Sequence[float]) -> tuple[list[float], list[float]]:
+def round_ratios(first: Sequence[float], cand: Sequence[float], second: Sequence[float]) -> tuple[list[float], list[float]]:
     """Each round's ratio (the candidate over the mean of the original's two timings around it) and A/A ratio."""
     return [c / ((a + b) / 2) for a, b, c in zip(first, second, cand)], [b / a for a, b in zip(first, second)]
-
-
-def _comparison(first: Sequence[float], cand: Sequence[float], second: Sequence[float], inputs: Sequence[Any], setting: Setting,
-                dropped: int = 0) -> Comparison:
-    ratios, aa = _ratios(first, cand, second)
-    low, high = median_interval(ratios)
-    return Comparison(statistics.median(ratios), low, high, aa_noise(aa), len(ratios),
-                      summarize([*first, *second], inputs, setting), summarize(list(cand), inputs, setting), dropped)
 
 
 def layer_ms(layer: nn.Module, x: torch.Tensor) -> Latency:

@@ -18,7 +18,7 @@ it is believed, and so are two timings that contradict the width order (a plan w
 measured faster than one with fewer, beyond the noise): if they still do, the machine changed under the search, and
 it refuses. The slowest result that meets the goal with that much to spare wins (else the slowest that meets it); when
 it is more than ``OVERSHOOT`` times faster than asked, the nearest wider results are timed again, and plans between are
-tried by bisection; a result that far past the target is returned only when the speed steps from one to the other (the
+tried by bisection (``nearer``); a result that far past the target is returned only when the speed steps from one to the other (the
 report says why), never when the noise left nearer ones undecided.
 
 The chosen result is timed once more against the original, never from the cache, until its interval is within
@@ -38,6 +38,7 @@ import functools
 import json
 import logging
 import statistics
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -53,8 +54,9 @@ from ..core.masks import removed_mask
 from ..errors import MeasurementError, TargetUnreachableError
 from ..pipeline import Analysis, select_plan
 from ..selection.strategy import Chooser
+from .nearer import nearer
 from .target import Target
-from .trials import (LIMITS, OVERSHOOT, SPARE, Clock, Trial, contradict, decidable_aim, far, fingerprint, next_budget, overshoot, raise_or_warn,
+from .trials import (LIMITS, OVERSHOOT, SPARE, Clock, Trial, contradict, decidable_aim, fingerprint, next_budget, overshoot, raise_or_warn,
                      span, spared, stepped, too_noisy, undecidable, widths)
 
 __all__ = ["check_machine", "measured", "Checked", "ROUNDS", "MARGIN", "BAND", "OVERSHOOT", "DRIFT"]
@@ -70,13 +72,6 @@ MARGIN = 0.06
 BAND = 1.5
 """A measured speed-up more than this factor away from the latency model's estimate, and from it as far off as the
 search's timings so far (MobileNetV2 at batch 8 ran 1.5-1.7x faster than estimated, each), is timed again."""
-
-BISECT = 4
-"""Plans between a result far past the target and the nearest that misses it, tried at most."""
-
-STEP = 0.03
-"""A result far past the target is returned at once when a plan that removes at most this share fewer
-of the FLOPs missed it: nothing lies between (MobileNetV2 at batch 8: 55% removed 2.9x, 53% 1.8x)."""
 
 DRIFT = 1.3
 """A comparison whose original ran this many times slower or faster than during the machine check was
@@ -130,7 +125,6 @@ class Search:
         self.claimed: float | None = None  # the speed-up an earlier compile reported for the remembered result
         self.searching = self.rechecked = False  # in the search; the machine checked again after its speed moved
         self.first: Trial | None = None  # the remembered result, when it missed as timed now: the search starts from it
-        self.bias: list[float] = []  # measured over estimated ratio of each timing of this search
         self.outcome = f"{self.clock.prefix}result {target.describe()} {json.dumps(chooser.describe(), sort_keys=True)}"
 
     @functools.cached_property
@@ -153,7 +147,7 @@ class Search:
                 trials = self.searched()
                 met = [t for t in trials if t.comparison.meets(self.goal)]
                 roomy = [t for t in met if spared(t, self.goal)] or met  # room for the machine to move
-                chosen = self.refuse(trials) if not met else self.closest(max(roomy, key=lambda t: t.ratio), trials)
+                chosen = self.refuse(trials) if not met else nearer(self, max(roomy, key=lambda t: t.ratio), trials)
             c, cached = chosen.comparison, self.claimed if confirmed else chosen.comparison.speedup if chosen.cached else None
             if chosen.comparison.rounds == 0:  # nothing removed: 1x by definition
                 break
@@ -208,8 +202,9 @@ class Search:
             self.first = timed
         return timed if verdict else None
 
-    def trial(self, plan: Plan, why: str, turn: int = 1) -> Trial:
-        """``plan`` timed against the original (again when far from the model's estimate), with a line that says why."""
+    def trial(self, plan: Plan, why: str, turn: int = 1, earlier: Iterable[Trial] = ()) -> Trial:
+        """``plan`` timed against the original, with a line that says why; at its first turn, again when far from the model's
+        estimate and from it as far off as the ``earlier`` timings of this search (their median measured over estimated ratio)."""
         removed = removed_mask(self.a.deps, plan)
         estimate = self.model.cost(removed) / self.model.total
         if not bool(removed.any()):
@@ -218,7 +213,8 @@ class Search:
         log.info("candidate %d (%s): %.0f%% of the FLOPs removed, %.3gx estimated; timing it against the original (%s)",
                  self.timed, why, 100 * self.removed(plan), 1 / estimate, span(LIMITS[turn == 1], self.original_ms, estimate))
         c, cached = self.clock.compare(plan, self.goal, turn)
-        expected = [estimate] + ([estimate * statistics.median(self.bias)] if self.bias else [])  # and as far off as so far
+        bias = [t.ratio / t.estimate for t in earlier if t.comparison.rounds]
+        expected = [estimate] + ([estimate * statistics.median(bias)] if bias else [])
         if turn == 1 and not any(1 / BAND <= c.ratio / e <= BAND for e in expected):
             log.info("  measured %.3gx against %s expected: timing it again before believing it", c.speedup, " or ".join(f"{1 / e:.3g}x" for e in expected))
             c, cached = self.clock.compare(plan, self.goal, turn=2)
@@ -234,7 +230,6 @@ class Search:
                     f"candidate was timed, against {self.original_ms:.4g} ms when the machine was checked, twice. Ratios timed under another load "
                     "do not hold on a quiet machine (other work stalls a small model more than a large one). Close other work and compile "
                     "again, use threads=1, or prune to FLOPs (target_gflops= or ratio=).", interval=(1 / c.high, 1 / c.low), noise=c.noise))
-        self.bias.append(c.ratio / estimate)
         verdict = {True: "meets", False: "misses", None: "cannot be told from"}[c.meets(self.goal)]
         log.info("  %s%s: %s the %.3gx asked", c.describe(), " (cached)" if cached else "", verdict, 1 / self.goal)
         return Trial(plan, c, estimate, cached)
@@ -281,7 +276,6 @@ class Search:
             trials.append(dataclasses.replace(first, estimate=self.model.cost(removed_mask(self.a.deps, first.plan)) / self.model.total))
             seen[widths(first.plan)] = trials[0]
             budget, why = next_budget(trials, decidable_aim(trials, self.aim, self.goal), self.model.total) or (budget, why)
-        self.bias = [t.ratio / t.estimate for t in trials]  # the first's, when the search starts from one
         while len(seen) < ROUNDS and len(trials) < 2 * ROUNDS:
             try:
                 plan = self.plan(budget)
@@ -291,7 +285,7 @@ class Search:
                 budget, smallest, why = self.model.total / exc.best_speedup, True, "the smallest plan the widths allow"
                 plan = self.plan(budget)
             key = widths(plan)
-            trial = seen.get(key) or self.trial(plan, why)
+            trial = seen.get(key) or self.trial(plan, why, earlier=seen.values())
             if key not in seen:
                 trial = self.ordered(trial, list(seen.values()))
             seen[key] = trial
@@ -343,54 +337,6 @@ class Search:
 
     def removed(self, plan: Plan) -> float:  # the share of the FLOPs ``plan`` removes
         return 1 - self.a.flops.macs(removed_mask(self.a.deps, plan)) / self.a.flops.total
-
-    def closest(self, chosen: Trial, trials: list[Trial]) -> Trial:
-        """``chosen``, unless it is more than ``OVERSHOOT`` times faster than asked and no plan that removed at most ``STEP``
-        fewer of the FLOPs missed: then the nearest wider results that missed are timed again (two at most), and plans
-        between tried by bisection (``BISECT`` at most) until one meets within ``OVERSHOOT``, or none lies between
-        (``self.step``: the report says why); one the noise leaves undecided: too noisy to find a result near the target."""
-        if not far(chosen, self.goal):
-            return chosen
-        gone = {id(t): self.removed(t.plan) for t in [*trials, chosen]}  # the share of the FLOPs each plan removes
-        lighter = max((t for t in trials if gone[id(t)] < gone[id(chosen)]), key=lambda t: gone[id(t)], default=None)
-        if lighter is not None and lighter.comparison.meets(self.goal) is False and gone[id(chosen)] - gone[id(lighter)] <= STEP:
-            self.step = (f"a plan that removed fewer FLOPs ({gone[id(lighter)]:.0%} against {gone[id(chosen)]:.0%}) measured "
-                         f"{lighter.comparison.speedup:.3g}x, short of the target: the speed steps with the layers' widths (the kernels "
-                         "they run) more than with the FLOPs there")
-            return chosen
-        missed = sorted({widths(t.plan): t for t in trials if t.wider(chosen) and not t.comparison.meets(self.goal)}.values(),
-                        key=lambda t: t.estimate)
-        undecided = []
-        for t in [t for t in missed if t.comparison.rounds][:2]:  # a plan that removes nothing needs no timing
-            again = self.trial(t.plan, "timed again: the result is far past the target", turn=3)
-            trials.append(again)
-            if again.comparison.meets(self.goal):
-                return self.closest(again, trials)
-            undecided += [again] if again.comparison.meets(self.goal) is None else []
-        fast, slow = chosen, missed[0] if missed else None
-        for _ in range(BISECT if slow is not None and not undecided and self.step is None else 0):  # a step measured: none between
-            plan = self.plan(self.model.total * (fast.estimate + slow.estimate) / 2)
-            if not self.removed(slow.plan) < self.removed(plan) < self.removed(fast.plan):  # not between the two
-                self.step = (f"the nearest wider plan measured {slow.comparison.speedup:.3g}x, short of the target, and the latency "
-                             "model has no plan between the two: the allowed widths step from one to the other")
-                break
-            between = self.trial(plan, "between the fastest result that meets the target and the nearest that misses")
-            trials.append(between)
-            verdict = between.comparison.meets(self.goal)
-            if verdict is None:
-                undecided.append(between)
-                break
-            fast, slow = (between, slow) if verdict else (fast, between)
-            if verdict and not far(between, self.goal):
-                return between
-        if not undecided:
-            return fast
-        message = (f"the machine was too noisy to find a result near {self.target.describe()}: the results that met it measured "
-                   f"{fast.comparison.speedup:.3g}x and faster (more than {OVERSHOOT:g} times the target), and the one nearer it, "
-                   f"{undecided[0].comparison.describe()}, could not be told from the target. Close other work and compile again, or "
-                   "prune to FLOPs (target_gflops= or ratio=); on_noise='warn' returns the faster result with a warning.")
-        too_noisy(message, undecided[0], self.target.on_noise == "warn")
-        return fast
 
 
 @dataclasses.dataclass
