@@ -240,6 +240,15 @@ def test_console_script_and_module_entry_points() -> None:
         assert done.returncode == 0 and "fxprune compile torchvision:resnet50 --target-gflops 2.0" in done.stdout
 
 
+def test_importing_fxprune_leaves_what_few_commands_need_for_later() -> None:
+    """Every command starts with ``import fxprune``: it pulls in neither sympy (0.35 s, for an exported program's
+    symbolic ranges), networkx (for ``to_networkx``) nor torch's FLOP counter (which imports triton, for counting)."""
+    code = "import sys, torch; before = set(sys.modules); import fxprune; print(*sorted(set(sys.modules) - before))"
+    added = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout.split()
+    heavy = [m for m in added if m.split(".")[0] in {"sympy", "networkx", "triton"} or m == "torch.utils.flop_counter"]
+    assert "fxprune.api" in added and not heavy, heavy
+
+
 def test_cli_calibration_folder_feeds_the_data_driven_selectors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import numpy as np
     from PIL import Image

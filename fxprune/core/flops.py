@@ -15,13 +15,17 @@ from __future__ import annotations
 import math
 import warnings
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.fx
-from torch.utils.flop_counter import FlopCounterMode
 
 from . import metakeys as keys
 from .groups import NEVER_REMOVED, DependencyGraph
 from .masks import distinct, owned_cat, unique
+
+if TYPE_CHECKING:
+    from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = ["FlopModel", "total_macs", "counter"]
 
@@ -47,7 +51,10 @@ _FUSED_ATTENTION = {
 
 
 def counter() -> FlopCounterMode:
-    """A FlopCounterMode (not displayed) that also counts fused attention kernels."""
+    """A FlopCounterMode (not displayed) that also counts fused attention kernels. Its module is imported here,
+    not with fxprune: it imports triton where installed (a tenth of a second that only counting needs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     return FlopCounterMode(display=False, custom_mapping=_FUSED_ATTENTION)
 
 

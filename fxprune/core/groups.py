@@ -14,11 +14,12 @@ from functools import cached_property
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
-import networkx as nx
 import torch
 from tabulate import tabulate
 
 if TYPE_CHECKING:
+    import networkx as nx
+
     from .masks import Layout
 
 __all__ = ["Member", "Group", "Patch", "FlopTerm", "DependencyGraph", "Plan", "Role", "PatchKind", "Family", "NEVER_REMOVED"]
@@ -201,6 +202,8 @@ class DependencyGraph:
 
     def to_networkx(self) -> nx.Graph:
         """Bipartite graph: ``("group", id)`` nodes joined to ``("member", "param[dim]")`` nodes."""
+        import networkx as nx  # a twelfth of a second, for this alone
+
         g = nx.Graph()
         for grp in self.groups:
             g.add_node(("group", grp.id), kind="group", width=grp.width, frozen=list(grp.frozen))

@@ -22,7 +22,6 @@ import torch.fx
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata, _extract_tensor_metadata
 from torch import nn
-from torch.utils.flop_counter import conv_flop_count
 
 from ..core import metakeys as keys
 from ..errors import ShapeError
@@ -86,6 +85,8 @@ def _formula(n: torch.fx.Node, mod: nn.Module | None) -> Callable[[torch.Tensor]
     if x is None:
         return None
     if isinstance(mod, nn.modules.conv._ConvNd) and len(x.shape) == mod.weight.dim():
+        from torch.utils.flop_counter import conv_flop_count  # not with fxprune: see ``flops.counter``
+
         return lambda out: conv_flop_count(list(x.shape), list(mod.weight.shape), list(out.shape), mod.transposed)
     if isinstance(mod, nn.Linear):
         return lambda out: 2 * math.prod(x.shape) * mod.out_features
