@@ -242,12 +242,13 @@ def save(gm: nn.Module, path: PathLike, example_inputs: Inputs = None) -> None:
                            "check that example_inputs= are inputs the model accepts") from e
     ep.example_inputs = None  # torch.export.save would pickle them, and load would unpickle them
     ep._guards_code = []  # code that load would compile; the loaded module checks its inputs' static dims itself
-    bare = io.BytesIO()
-    torch.export.save(ep, bare)
-    record = {**record, "inputs": input_specs(inputs), "dims": dims}
-    doc = {"format": FORMAT, "sha256": _digest(*_open(bare.getvalue(), path), record, path), "fxprune": record}
     out = io.BytesIO()
-    torch.export.save(ep, out, extra_files={_RECORD_NAME: json.dumps(doc)})
+    torch.export.save(ep, out)
+    record = {**record, "inputs": input_specs(inputs), "dims": dims}
+    zf, root = _open(out.getvalue(), path)
+    doc = {"format": FORMAT, "sha256": _digest(zf, root, record, path), "fxprune": record}
+    with zipfile.ZipFile(out, "a") as archive:  # where torch.export.save(extra_files=) puts it, without saving twice
+        archive.writestr(root + _RECORD, json.dumps(doc))
     _write(path, out.getvalue())
 
 
