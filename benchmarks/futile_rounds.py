@@ -1,9 +1,9 @@
 """How often does a timing with a goal decide, and in how many rounds, with and without the rule that
-stops it once more rounds could not decide (``fxprune.latency.timing.futile``, ``PATIENCE``)?
+stops it once more rounds could not decide (``fxprune.latency.intervals.futile``, ``timing.PATIENCE``)?
 
 Simulated rounds, no model and no clock: each round times the original twice and the candidate once, each
 timing off by log-normal noise of the given spread, the candidate ``speedup`` times faster. The decision is
-``timing.verdict`` (``Comparison.meets`` without its quickest-quartile check), taken as ``timing.compare`` takes it for a
+``intervals.verdict`` (``Comparison.meets`` without its quickest-quartile check), taken as ``timing.compare`` takes it for a
 candidate's first timing: after 6 rounds, up to 20.
 
     python benchmarks/futile_rounds.py                     # noise 4% and 8%, patience 1, 2 and 4
@@ -18,7 +18,8 @@ import statistics
 
 from tabulate import tabulate
 
-from fxprune.latency.timing import FEWEST, PATIENCE, aa_noise, futile, median_interval, round_ratios, verdict
+from fxprune.latency.intervals import aa_noise, futile, median_interval, round_ratios, verdict
+from fxprune.latency.timing import FEWEST, PATIENCE
 
 GOAL = 0.5  # 2x asked
 MOST = 20

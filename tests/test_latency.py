@@ -21,7 +21,7 @@ from torch import nn
 
 import fxprune
 from fxprune import pipeline, targets
-from fxprune.latency import costmodel, machine, multiple, timing
+from fxprune.latency import costmodel, intervals, machine, multiple, timing
 from conftest import X16, FlopClock, fake_measure, flop_ms, layer_latency, two_groups, width
 from fxprune.latency.cache import TimingCache
 from fxprune.latency.timing import Latency, Setting, measure_in_turns
@@ -892,7 +892,7 @@ def test_a_timing_as_fast_as_the_goal_stops_undecided_once_more_rounds_could_not
 
     at_goal = clocked(2.0)
     assert at_goal.meets(0.5) is None and at_goal.rounds < 20
-    assert timing.futile(*timing.round_ratios([100.0] * 6, [50.0 * f for f in (0.9, 1.0, 1.1, 1.05, 0.95, 0.9)], [100.0] * 6),
+    assert intervals.futile(*intervals.round_ratios([100.0] * 6, [50.0 * f for f in (0.9, 1.0, 1.1, 1.05, 0.95, 0.9)], [100.0] * 6),
                          6 + timing.PATIENCE * 14, 0.5)
     clear = clocked(2.6)
     assert clear.meets(0.5) is True and clear.rounds == timing.FEWEST

@@ -29,7 +29,8 @@ from torch.fx.passes.shape_prop import TensorMetadata
 from ..core import metakeys as keys
 from ..core.fxutil import MMAP_MAX, eval_mode
 from . import timing
-from .timing import BURST, Latency, Setting, aa_noise, settle_malloc, summarize, synchronizer, threads, warm_calls
+from .intervals import aa_noise
+from .timing import BURST, Latency, Setting, settle_malloc, summarize, synchronizer, threads, warm_calls
 
 __all__ = ["Machine", "check", "fresh_pages", "SECONDS", "NOISY", "STALLED", "BURSTY"]
 

@@ -47,7 +47,8 @@ import torch.fx
 from ..latency import costmodel
 from ..latency.cache import TimingCache
 from ..latency.machine import Machine, check, fresh_pages
-from ..latency.timing import CONFIDENCE, STABLE, Comparison, Setting
+from ..latency.intervals import CONFIDENCE
+from ..latency.timing import STABLE, Comparison, Setting
 from ..core.dataflow import layers
 from ..core.groups import Plan
 from ..core.masks import removed_mask
