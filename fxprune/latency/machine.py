@@ -30,7 +30,7 @@ from ..core import metakeys as keys
 from ..core.fxutil import MMAP_MAX, eval_mode
 from . import timing
 from .intervals import aa_noise
-from .timing import BURST, Latency, Setting, settle_malloc, summarize, synchronizer, threads, warm_calls
+from .timing import BURST, MIN_MS, WARMUP, Latency, Setting, settle_malloc, summarize, synchronizer, threads, warm_calls
 
 __all__ = ["Machine", "check", "fresh_pages", "SECONDS", "NOISY", "STALLED", "BURSTY"]
 
@@ -121,7 +121,7 @@ def check(model: nn.Module, inputs: Sequence[Any], seconds: float = SECONDS) -> 
     single: list[float] = []
     second: list[float] = []
     with torch.no_grad(), eval_mode(model):
-        (calls,) = warm_calls([model], inputs, 2, 5.0, sync)
+        (calls,) = warm_calls([model], inputs, WARMUP, MIN_MS, sync)
         def more() -> bool:
             spent = sum(first + second + single) * calls / 1e3
             return len(first) < LEAST or spent < seconds or (spent < 3 * seconds and _aa(first, second)[0] > NOISY)

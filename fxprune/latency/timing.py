@@ -29,7 +29,8 @@ from ..core.fxutil import MMAP_MAX, eval_mode
 from .intervals import CONFIDENCE, aa_noise, futile, median_interval, round_ratios, verdict
 
 __all__ = ["Latency", "Comparison", "measure_latency", "measure_in_turns", "compare", "time_calls", "layer_ms",
-           "Setting", "threads", "settle_malloc", "warm_calls", "summarize", "synchronizer", "STABLE", "BURST", "FEWEST", "PATIENCE"]
+           "Setting", "threads", "settle_malloc", "warm_calls", "summarize", "synchronizer", "STABLE", "BURST", "FEWEST", "PATIENCE",
+           "WARMUP", "MIN_MS"]
 
 METHOD = 4
 """How timings are taken and kept; part of every cache key, so timings taken another way are taken again."""
@@ -54,6 +55,12 @@ factor at 1, up to 29 points less often."""
 FEWEST = 6
 """Rounds a comparison takes before it may decide: the fewest whose 95% interval of the median is not
 the whole range of a smaller sample."""
+
+WARMUP = 2
+"""Calls of each model before a comparison or the machine check times it (``warm_calls``)."""
+
+MIN_MS = 5.0
+"""A timing of a whole model runs enough calls to last about this many milliseconds (``warm_calls``)."""
 
 @dataclass(frozen=True)
 class Setting:
@@ -191,7 +198,7 @@ def warm_calls(models: Sequence[nn.Module], inputs: Sequence[Any], warmup: int, 
     return out
 
 
-def measure_in_turns(models: Sequence[nn.Module], inputs: Sequence[Any], *, repeat: int = 15, warmup: int = 3, min_ms: float = 5.0) -> list[Latency]:
+def measure_in_turns(models: Sequence[nn.Module], inputs: Sequence[Any], *, repeat: int = 15, warmup: int = 3, min_ms: float = MIN_MS) -> list[Latency]:
     """Latency of each of ``models`` on the same ``inputs``, timed in turns (one timing of each model per
     round, ``repeat`` rounds after ``warmup``). A timing runs enough calls to last about ``min_ms``."""
     inputs = tuple(inputs)
@@ -274,7 +281,7 @@ class Comparison:
 
 def compare(original: nn.Module, candidate: nn.Module, inputs: Sequence[Any], *, rounds: int = FEWEST, most: int = 40,
             goal: float | None = None, seconds: float = 20.0, precision: float = STABLE, burst: float = BURST,
-            warmup: int = 2, min_ms: float = 5.0) -> Comparison:
+            warmup: int = WARMUP, min_ms: float = MIN_MS) -> Comparison:
     """Time ``candidate`` against ``original`` in turns (see ``Comparison``), sequentially: once ``rounds``
     rounds are kept, stop as soon as the ratio's interval decides ``goal`` (without a goal: is within
     ``precision``), else go on up to ``most`` rounds, or ``seconds`` of timed calls once ``rounds`` are

@@ -23,7 +23,7 @@ from torch import nn
 from ..core.groups import Plan
 from ..errors import MeasurementError
 from ..latency.cache import TimingCache
-from ..latency.timing import FEWEST, Comparison, Setting, compare
+from ..latency.timing import FEWEST, MIN_MS, WARMUP, Comparison, Setting, compare
 from ..passes.rewrite import rewrite
 from ..pipeline import Analysis
 from .target import Target
@@ -146,11 +146,11 @@ class Clock:
 def span(limits: tuple[int, int, float], original_ms: float, ratio: float) -> str:
     """About how long a comparison with these ``LIMITS`` (or ``CONFIRM``) takes, its fewest rounds to its most, for
     an original of ``original_ms`` and a result ``ratio`` as fast: each round times the original twice and the
-    result once, a timing at least 5 ms of calls, and it stops after ``seconds`` of them once it may; each model is
-    called three times before."""
+    result once, a timing at least ``MIN_MS`` of calls, and it stops after ``seconds`` of them once it may; each model
+    is called ``WARMUP`` times before, and once more to size its timings."""
     rounds, most, seconds = limits
-    one = (2 * max(original_ms, 5.0) + max(ratio * original_ms, 5.0)) / 1e3
-    warmup = 3 * (1 + ratio) * original_ms / 1e3  # two calls of each model, and one to size their timings
+    one = (2 * max(original_ms, MIN_MS) + max(ratio * original_ms, MIN_MS)) / 1e3
+    warmup = (WARMUP + 1) * (1 + ratio) * original_ms / 1e3
     return f"{rounds}-{most} rounds, {warmup + rounds * one:.2g}-{warmup + min(most * one, max(seconds, rounds * one) + one):.2g} s"
 
 
