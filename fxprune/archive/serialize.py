@@ -62,8 +62,7 @@ FORMAT = "fxprune/1"
 
 PathLike = str | os.PathLike[str]
 
-_RECORD_NAME = "fxprune.json"
-_RECORD = "extra/" + _RECORD_NAME
+_RECORD = "extra/fxprune.json"
 # Every entry torch.export.save (torch 2.14) writes for one static-shape model, relative to the root.
 _ENTRIES = re.compile(
     r"archive_format|archive_version|byteorder|\.data/(version|serialization_id)|models/model\.json"
