@@ -13,6 +13,7 @@ import logging
 import math
 import random
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -632,11 +633,29 @@ def test_a_result_far_past_the_target_gives_way_to_a_plan_between(monkeypatch: p
     assert not any("widths step" in n for n in fxprune.report(pruned).notes)
 
 
-def confirmed_faster(monkeypatch: pytest.MonkeyPatch, factor: float) -> None:
-    """Every confirming timing reads its ratio (and interval) ``factor`` times faster than the clock says."""
-    confirm = targets.trials.Clock.confirm
-    monkeypatch.setattr(targets.trials.Clock, "confirm", lambda self, plan, *how: dataclasses.replace(
-        c := confirm(self, plan, *how), ratio=c.ratio / factor, low=c.low / factor, high=c.high / factor))
+CONFIRM = targets.trials.Clock.confirm
+
+
+def on_confirm(monkeypatch: pytest.MonkeyPatch, change: Callable[[timing.Comparison, int], timing.Comparison]) -> list:
+    """Every confirming timing as ``change(its comparison, how many came before it)`` says; the plans confirmed, in order."""
+    plans: list = []
+
+    def confirm(self, plan, *how):
+        plans.append(plan)
+        return change(CONFIRM(self, plan, *how), len(plans) - 1)
+
+    monkeypatch.setattr(targets.trials.Clock, "confirm", confirm)
+    return plans
+
+
+def slower(c: timing.Comparison, factor: float) -> timing.Comparison:
+    """``c`` with its ratio and interval ``factor`` times slower."""
+    return dataclasses.replace(c, ratio=c.ratio * factor, low=c.low * factor, high=c.high * factor)
+
+
+def reaching_past_1_5x(c: timing.Comparison, _: int = 0) -> timing.Comparison:
+    """``c`` with its interval reaching past the goal of 1.5x asked."""
+    return dataclasses.replace(c, high=max(c.high, 1 / 1.5 * 1.01))
 
 
 def test_a_note_on_a_result_far_past_the_target_quotes_the_speed_up_the_report_gives(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -645,7 +664,7 @@ def test_a_note_on_a_result_far_past_the_target_quotes_the_speed_up_the_report_g
     the note quotes the confirmed figure, the one the report's latency line gives (it quoted the other)."""
     monkeypatch.setattr(costmodel, "layer_ms", layer_latency)
     by_speedup(monkeypatch, lambda model, truth: 1.4 if 1.02 < truth < 2.0 else 1.0)
-    confirmed_faster(monkeypatch, 1 / 0.97)
+    on_confirm(monkeypatch, lambda c, _: slower(c, 0.97))
     pruned = fxprune.compile(Net().eval(), speedup=1.5, example_inputs=X, verify=False, cache=False, round_to=1)
     report = fxprune.report(pruned)
     (note,) = [n for n in report.notes if "more than 1.3 times" in n]
@@ -672,7 +691,7 @@ def test_a_result_the_confirming_timing_puts_far_past_the_target_says_the_machin
     report's figure is more than 1.3x past the target, so a note says so, and why, quoting both timings."""
     monkeypatch.setattr(costmodel, "layer_ms", layer_latency)
     monkeypatch.setattr(timing, "time_calls", FlopClock())
-    confirmed_faster(monkeypatch, 1.5)
+    on_confirm(monkeypatch, lambda c, _: slower(c, 1 / 1.5))
     pruned = fxprune.compile(Net().eval(), speedup=1.5, example_inputs=X, verify=False, cache=False)
     report = fxprune.report(pruned)
     chosen = report.latency["speedup"] / 1.5
@@ -757,13 +776,11 @@ def test_a_result_whose_confirming_interval_holds_the_target_is_remembered_and_t
     2.10x for 2x asked, 2.08-2.17x, 4.7%): the compile returns the result, and remembers it, so that a warm compile
     times it first and returns it when it meets the target then, instead of searching from nothing again."""
     monkeypatch.setenv("FXPRUNE_CACHE_DIR", str(tmp_path))
-    confirm = targets.trials.Clock.confirm
-    monkeypatch.setattr(targets.trials.Clock, "confirm", lambda self, plan, *how: dataclasses.replace(
-        c := confirm(self, plan, *how), high=max(c.high, 1 / 1.5 * 1.01)))  # the interval reaches past the goal
+    on_confirm(monkeypatch, reaching_past_1_5x)
     net = Net().eval()
     first = fxprune.compile(net, speedup=1.5, example_inputs=X, verify=False)
     assert first.meta["fxprune"]["report"]["latency"]["speedup"] >= 1.5
-    monkeypatch.setattr(targets.trials.Clock, "confirm", confirm)
+    monkeypatch.setattr(targets.trials.Clock, "confirm", CONFIRM)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="fxprune"):
         second = fxprune.compile(net, speedup=1.5, example_inputs=X, verify=False)
@@ -777,14 +794,7 @@ def test_a_result_whose_confirming_timing_misses_starts_the_search_afresh_from_t
     """The first confirming timing reads the chosen result 30% slower than its candidate timing did (the machine's
     speed moved between the two): the search starts afresh from that timing, as from a remembered result that misses,
     rather than from the latency model's plan, which it had timed already."""
-    confirm, calls = targets.trials.Clock.confirm, []
-
-    def slower_once(self, plan, *how):
-        c = confirm(self, plan, *how)
-        calls.append(plan)
-        return c if len(calls) > 1 else dataclasses.replace(c, ratio=c.ratio * 1.3, low=c.low * 1.3, high=c.high * 1.3)
-
-    monkeypatch.setattr(targets.trials.Clock, "confirm", slower_once)
+    calls = on_confirm(monkeypatch, lambda c, before: c if before else slower(c, 1.3))
     with caplog.at_level(logging.INFO, logger="fxprune"):
         pruned = fxprune.compile(Net().eval(), speedup=1.5, example_inputs=X, verify=False, cache=False)
     before, _, after = caplog.text.partition("did not hold when timed again")
@@ -797,15 +807,7 @@ def test_a_result_confirmed_barely_past_the_target_is_searched_past_once(fake_cl
     """The first confirming timing reads the result 1% past the 1.5x asked: true now, false after the machine moves a
     few percent (ResNet-18 confirmed 1.27x for 1.25x and re-measured 1.24x seconds later). The search runs afresh
     from that timing, once, as for a result that missed, and prefers a result with 3% to spare: not that one again."""
-    confirm, calls = targets.trials.Clock.confirm, []
-
-    def barely_once(self, plan, *how):
-        c = confirm(self, plan, *how)
-        calls.append(plan)
-        scale = 1 / 1.5 / 1.01 / c.ratio
-        return c if len(calls) > 1 else dataclasses.replace(c, ratio=c.ratio * scale, low=c.low * scale, high=c.high * scale)
-
-    monkeypatch.setattr(targets.trials.Clock, "confirm", barely_once)
+    calls = on_confirm(monkeypatch, lambda c, before: c if before else slower(c, 1 / 1.5 / 1.01 / c.ratio))
     with caplog.at_level(logging.INFO, logger="fxprune"):
         pruned = fxprune.compile(Net().eval(), speedup=1.5, example_inputs=X, verify=False, cache=False)
     assert "held by under 3% when timed again" in caplog.text and len(calls) == 2
@@ -821,9 +823,8 @@ def test_a_remembered_result_the_noise_leaves_undecided_is_searched_from_with_th
     monkeypatch.setenv("FXPRUNE_CACHE_DIR", str(tmp_path))
     net = Net().eval()
     fxprune.compile(net, speedup=1.5, example_inputs=X, verify=False)
-    confirm, dropped = targets.trials.Clock.confirm, []
-    monkeypatch.setattr(targets.trials.Clock, "confirm", lambda self, plan, *how: dataclasses.replace(
-        c := confirm(self, plan, *how), high=max(c.high, 1 / 1.5 * 1.01)))
+    dropped: list = []
+    on_confirm(monkeypatch, reaching_past_1_5x)
     monkeypatch.setattr(targets.trials.Clock, "drop", lambda self: dropped.append(self))
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="fxprune"):
