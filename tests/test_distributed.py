@@ -24,7 +24,7 @@ def test_two_ranks_end_with_identical_pruned_models(tmp_path):
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     # each rank's own data ranks the channels differently ...
     own = [r["own_scores"] for r in ranks]
-    assert any(not torch.equal(own[0][g], own[1][g]) for g in own[0])
+    assert any(not torch.allclose(own[0][g], own[1][g], rtol=1e-3, atol=1e-6) for g in own[0])  # by more than rounding
     # ... yet both ranks hold the same plan and the same pruned model after two prune/fine-tune steps
     assert ranks[0]["plan"] == ranks[1]["plan"]
     assert ranks[0]["gflops"] == ranks[1]["gflops"] and ranks[0]["gflops"][2] < ranks[0]["gflops"][0]
