@@ -478,6 +478,15 @@ def test_timings_that_contradict_the_width_order_are_timed_again_or_refused(monk
     assert flop_ms(net, (X,)) / flop_ms(pruned, (X,)) >= 1.5
 
 
+def test_a_third_of_the_rounds_in_bursts_is_not_over_a_third() -> None:
+    """4 of 12 and 3 of 9 rounds hit: exactly ``BURSTY``, which refuses only above it (1 - 8/12 is a hair over 1/3)."""
+    for rounds, hit in ((12, 4), (9, 3)):
+        first = [10.0] * rounds
+        second = [15.0] * hit + [10.0 + 0.01 * k for k in range(rounds - hit)]
+        noise, bursts, _ = machine._aa(first, second)
+        assert bursts == hit / rounds and not bursts > machine.BURSTY
+
+
 def test_stalled_threads_refuse_in_seconds_and_name_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     """Two threads stall (a 2-thread call takes 4x a 1-thread one): the machine check refuses before any
     layer is timed and names threads=1; at threads=1 the same target is met, and the latency says 1 thread."""
