@@ -13,7 +13,7 @@ import math
 import statistics
 from collections.abc import Sequence
 
-__all__ = ["CONFIDENCE", "median_interval", "reachable_interval", "verdict", "futile", "aa_noise", "round_ratios"]
+__all__ = ["CONFIDENCE", "median_interval", "reachable_interval", "verdict", "futile", "aa_noise", "round_ratios", "burst_limit"]
 
 CONFIDENCE = 0.95
 """Coverage of the intervals of medians that decisions are taken on."""
@@ -77,3 +77,9 @@ def aa_noise(aa: Sequence[float], n: int | None = None) -> float:
 def round_ratios(first: Sequence[float], cand: Sequence[float], second: Sequence[float]) -> tuple[list[float], list[float]]:
     """Each round's ratio (the candidate over the mean of the original's two timings around it) and A/A ratio."""
     return [c / ((a + b) / 2) for a, b, c in zip(first, second, cand)], [b / a for a, b in zip(first, second)]
+
+
+def burst_limit(aa: Sequence[float], burst: float) -> float:
+    """How far an A/A ratio may be from 1 before its round counts as a burst: ``burst``, or three times the rounds'
+    median distance where the machine's every pair differs more (a burst stands out from its usual noise)."""
+    return max(burst, 3 * statistics.median(abs(r - 1) for r in aa))

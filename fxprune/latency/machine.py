@@ -29,7 +29,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 from ..core import metakeys as keys
 from ..core.fxutil import MMAP_MAX, eval_mode
 from . import timing
-from .intervals import aa_noise
+from .intervals import aa_noise, burst_limit
 from .timing import BURST, MIN_MS, WARMUP, Latency, Setting, settle_malloc, summarize, synchronizer, threads, warm_calls
 
 __all__ = ["Machine", "check", "fresh_pages", "SECONDS", "NOISY", "STALLED", "BURSTY"]
@@ -102,7 +102,7 @@ class Machine:
 def _aa(first: Sequence[float], second: Sequence[float]) -> tuple[float, float, float]:
     """(A/A noise over the rounds no burst hit, share of rounds a burst hit, the disagreement that counts as one)."""
     aa = [b / a for a, b in zip(first, second)]
-    burst = max(BURST, 3 * statistics.median(abs(r - 1) for r in aa))
+    burst = burst_limit(aa, BURST)
     steady = [r for r in aa if abs(r - 1) <= burst]  # as a comparison keeps them
     return aa_noise(steady if len(steady) >= 2 else aa), (len(aa) - len(steady)) / len(aa), burst  # 4 of 12 is 1/3, not over it
 

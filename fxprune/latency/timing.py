@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..core.fxutil import MMAP_MAX, eval_mode
-from .intervals import CONFIDENCE, aa_noise, futile, median_interval, round_ratios, verdict
+from .intervals import CONFIDENCE, aa_noise, burst_limit, futile, median_interval, round_ratios, verdict
 
 __all__ = ["Latency", "Comparison", "measure_latency", "measure_in_turns", "compare", "time_calls", "layer_ms",
            "Setting", "threads", "settle_malloc", "warm_calls", "summarize", "synchronizer", "STABLE", "BURST", "FEWEST", "PATIENCE",
@@ -301,7 +301,7 @@ def compare(original: nn.Module, candidate: nn.Module, inputs: Sequence[Any], *,
         while True:
             taken.append((time_calls(original, inputs, n_orig, sync), time_calls(candidate, inputs, n_cand, sync),
                           time_calls(original, inputs, n_orig, sync)))
-            limit = max(burst, 3 * statistics.median(abs(r[2] / r[0] - 1) for r in taken))
+            limit = burst_limit([b / a for a, _, b in taken], burst)
             kept = [r for r in taken if abs(r[2] / r[0] - 1) <= limit]
             spent = sum((a + b) * n_orig + c * n_cand for a, c, b in taken) / 1e3
             done = len(taken) >= most or (len(kept) >= rounds and spent > seconds)

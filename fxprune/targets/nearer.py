@@ -46,9 +46,9 @@ def nearer(search: Search, chosen: Trial, trials: list[Trial]) -> Trial:
     for t in [t for t in missed if t.comparison.rounds][:2]:  # a plan that removes nothing needs no timing
         again = search.trial(t.plan, "timed again: the result is far past the target", turn=3)
         trials.append(again)
-        if again.comparison.meets(search.goal):
+        if verdict := again.comparison.meets(search.goal):
             return nearer(search, again, trials)
-        undecided += [again] if again.comparison.meets(search.goal) is None else []
+        undecided += [again] if verdict is None else []
     fast, slow = chosen, missed[0] if missed else None
     for _ in range(BISECT if slow is not None and not undecided and search.step is None else 0):  # a step measured: none between
         plan = search.plan(search.model.total * (fast.estimate + slow.estimate) / 2)
