@@ -185,3 +185,14 @@ def test_a_hook_on_a_pruned_module_stays_on_it() -> None:
         first(X)
     assert seen == [first.get_submodule("layer1.0.conv1").out_channels]
 
+
+def test_a_buffer_made_non_persistent_in_the_result_stays_in_the_models_state_dict() -> None:
+    """The copies' sets of non-persistent buffer names are their own too: a buffer the user makes
+    non-persistent in the result leaves the model's ``state_dict`` as it was."""
+    model = torchvision.models.resnet18(weights=None).eval()
+    before = list(model.state_dict())
+    pruned = fxprune.compile(model, ratio=0.5, example_inputs=X, verify=False)
+    bn = pruned.get_submodule("bn1")
+    bn.register_buffer("running_mean", bn.running_mean, persistent=False)
+    assert list(model.state_dict()) == before and "bn1.running_mean" not in pruned.state_dict()
+

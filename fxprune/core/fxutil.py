@@ -34,7 +34,7 @@ MMAP_MAX = 32 << 20
 """glibc malloc's largest dynamic mmap threshold on 64-bit systems (``DEFAULT_MMAP_THRESHOLD_MAX``)."""
 
 
-_TABLES = ("_parameters", "_buffers", "_modules")
+_TABLES = ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set")
 
 
 def modules_of(root: nn.Module) -> dict[str, nn.Module]:
@@ -58,6 +58,10 @@ def modules_of(root: nn.Module) -> dict[str, nn.Module]:
 def tensors_of(root: nn.Module, table: str = "_parameters", modules: dict[str, nn.Module] | None = None) -> dict[str, torch.Tensor]:
     """``dict(root.named_parameters())`` (``table="_buffers"``: ``named_buffers``), the same way;
     ``modules``: ``modules_of(root)`` when the caller has it."""
+    if modules is None and not root._modules:  # a leaf (the report asks for each layer's): its own table
+        own = {k: t for k, t in getattr(root, table).items() if t is not None}
+        if len({id(t) for t in own.values()}) == len(own):
+            return own
     out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     for prefix, m in (modules_of(root) if modules is None else modules).items():
@@ -70,7 +74,8 @@ def tensors_of(root: nn.Module, table: str = "_parameters", modules: dict[str, n
 
 def module_copy(module: nn.Module) -> nn.Module:
     """A shallow copy of ``module`` (same class, same attribute values) with tables of its own: parameters,
-    buffers, submodules and hooks, so that registering or replacing one never reaches ``module``."""
+    buffers, submodules, hooks and the names of non-persistent buffers, so that registering or replacing
+    one never reaches ``module``."""
     cls = type(module)
     if hasattr(cls, "__copy__") or cls.__reduce_ex__ is not object.__reduce_ex__ or cls.__reduce__ is not object.__reduce__:
         new = copy.copy(module)  # a class with its own copy (a GraphModule builds its code anew)
@@ -78,7 +83,7 @@ def module_copy(module: nn.Module) -> nn.Module:
         new = cls.__new__(cls)  # what copy.copy does, without its generic protocol
         new.__dict__.update(module.__dict__)
     for name, value in module.__dict__.items():
-        if isinstance(value, dict) and (name in _TABLES or "hook" in name):
+        if isinstance(value, (dict, set)) and (name in _TABLES or "hook" in name):
             new.__dict__[name] = value.copy()  # its own type (OrderedDict, dict): a third of the time of type(value)(value)
     return new
 

@@ -238,9 +238,12 @@ OUT_FIELDS = ("out_channels", "out_features", "num_features", "num_channels", "n
 
 
 def module_channels(mod: nn.Module, fields: tuple[str, ...]) -> int | None:
-    """A module's channel count from the first of ``fields`` it has (IN_FIELDS or OUT_FIELDS)."""
+    """A module's channel count from the first of ``fields`` it has (IN_FIELDS or OUT_FIELDS). A field is an
+    instance attribute or the class's (a property): ``getattr`` of one a module lacks goes through
+    ``nn.Module.__getattr__``, which raises and catches an AttributeError (the report asks four times a layer)."""
+    own, cls = mod.__dict__, type(mod)
     for f in fields:
-        v = getattr(mod, f, None)
+        v = own[f] if f in own else getattr(mod, f, None) if hasattr(cls, f) else None
         if isinstance(v, int):
             return v
         if isinstance(v, (tuple, list)) and v and isinstance(v[-1], int):
