@@ -22,7 +22,9 @@ tried by bisection (``nearer``); a result that far past the target is returned o
 report says why), never when the noise left nearer ones undecided.
 
 The chosen result is timed once more against the original, never from the cache, until its interval is within
-``PRECISE``: that timing is the one reported. The widths chosen for a model, target and strategy are kept (when that
+``PRECISE``: that timing is the one reported, unless it and the search's timing of the result disagree (each median
+outside the other's interval): then a third timing is taken, and the report gives the confirming one nearer the
+median of the three. The widths chosen for a model, target and strategy are kept (when that
 timing's median meets the goal), so a warm compile confirms that result first and returns it when its whole interval
 meets the goal; else it searches from that timing (without the cached comparisons when it misses: the machine runs
 otherwise than when they were taken), as a search whose original moved off its checked speed for good does from the
@@ -57,8 +59,8 @@ from ..pipeline import Analysis, select_plan
 from ..selection.strategy import Chooser
 from .nearer import nearer
 from .target import Target
-from .trials import (LIMITS, OVERSHOOT, SPARE, Clock, Trial, contradict, decidable_aim, fingerprint, next_budget, overshoot, raise_or_warn,
-                     span, spared, stepped, too_noisy, undecidable, widths)
+from .trials import (LIMITS, OVERSHOOT, SPARE, Clock, Trial, contradict, decidable_aim, disagree, fingerprint, next_budget, overshoot,
+                     raise_or_warn, span, spared, stepped, too_noisy, undecidable, widths)
 
 __all__ = ["check_machine", "measured", "Checked", "ROUNDS", "MARGIN", "BAND", "OVERSHOOT", "DRIFT"]
 
@@ -115,7 +117,7 @@ class Search:
     def __init__(self, a: Analysis, chooser: Chooser, target: Target, seed: int, setting: Setting, cache: TimingCache,
                  machine: Machine) -> None:
         self.a, self.chooser, self.target, self.setting, self.cache, self.seed = a, chooser, target, setting, cache, seed
-        self.original, self.noise, self.faults = machine.original, machine.noise, [machine.faults] if machine.faults else []
+        self.original, self.noise, self.notes = machine.original, machine.noise, [machine.faults] if machine.faults else []
         original_ms = self.original_ms = machine.original.median_ms
         self.goal = target.latency_ms / original_ms if target.latency_ms is not None else 1 / target.speedup
         self.aim = self.goal * (1 - MARGIN)
@@ -153,8 +155,8 @@ class Search:
             if chosen.comparison.rounds == 0:  # nothing removed: 1x by definition
                 break
             if not confirmed:
-                c = self.clock.confirm(chosen.plan, "confirming the result against the original: its speed-up is what the report gives",
-                                       self.original_ms, chosen.ratio)
+                c = self.settled(chosen, self.clock.confirm(chosen.plan, "confirming the result against the original: its speed-up is what "
+                                                            "the report gives", self.original_ms, chosen.ratio))
             if spared(c, self.goal) or fresh or self.target.on_noise == "warn":
                 break
             log.warning("the %s timing of this result (%s) %s when timed again (%s): searching afresh, from that timing",
@@ -171,12 +173,26 @@ class Search:
                   "comparison_rounds": c.rounds, "estimated_speedup": 1 / chosen.estimate, "cached_speedup": cached,
                   "batch": c.before.batch, "device": self.setting.device, "device_name": self.setting.device_name,
                   "threads": self.setting.threads, "dtype": self.setting.dtype, "timings_taken": self.cache.measured, "rounds": self.timed,
-                  "results_timed": self.clock.timed, "notes": overshoot(chosen, c, trials, self.goal, self.step) + self.faults}
+                  "results_timed": self.clock.timed, "notes": overshoot(chosen, c, trials, self.goal, self.step) + self.notes}
         if "model" in self.__dict__:  # a remembered result builds no latency model
             names = {n.name: name for n, (name, _) in layers(self.a.gm).items()}
             removed = removed_mask(self.a.deps, chosen.plan)
             record["layers_ms"] = {names.get(node, node): ms for node, ms in self.model.layers(removed).items()}
         return chosen.plan, self.clock.result(chosen.plan)[0], record
+
+    def settled(self, chosen: Trial, c: Comparison) -> Comparison:
+        """``c``, the confirming timing of ``chosen``; when it and ``chosen``'s own timing ``disagree``, of ``c`` and a
+        third timing the one nearer the median of the three, so that a timing taken while the machine ran otherwise
+        (a burst, the allocator's state) does not set the report alone; a note gives all three."""
+        if not disagree(chosen.comparison, c):
+            return c
+        again = self.clock.confirm(chosen.plan, f"it timed {chosen.comparison.speedup:.3g}x in the search and {c.speedup:.3g}x now, each "
+                                   "outside the other's interval: timing it a third time", self.original_ms, c.ratio)
+        middle = statistics.median([chosen.ratio, c.ratio, again.ratio])
+        reported = min((again, c), key=lambda t: abs(t.ratio - middle))
+        self.notes.append(f"the result timed {chosen.comparison.speedup:.3g}x in the search, then {c.speedup:.3g}x and {again.speedup:.3g}x: "
+                          f"the machine ran otherwise during one of them, and the report gives {reported.speedup:.3g}x, the nearer the middle")
+        return reported
 
     def plan(self, budget: float) -> Plan:
         plan = select_plan(self.a, self.chooser, budget, self.scores, self.model)

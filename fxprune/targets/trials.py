@@ -253,6 +253,12 @@ def raise_or_warn(on_noise: str, error: MeasurementError, warning: str | None = 
     warnings.warn(f"fxprune.compile: {warning or error}", stacklevel=6)
 
 
+def disagree(a: Comparison, b: Comparison) -> bool:
+    """Two timings of one plan whose medians each lie outside the other's interval: the machine ran otherwise
+    during one of them."""
+    return a.rounds > 0 and b.rounds > 0 and not a.low <= b.ratio <= a.high and not b.low <= a.ratio <= b.high
+
+
 def spared(timed: Trial | Comparison, goal: float) -> bool:
     """Whether ``timed``'s median meets ``goal`` with ``SPARE`` to spare."""
     return timed.ratio <= goal * (1 - SPARE)
