@@ -13,7 +13,7 @@ import torchvision
 from torch import nn
 
 import fxprune
-from fxprune.core.codegen import direct_access, fx_code
+from fxprune.core.codegen import DirectGraphModule, direct_access, fx_code
 
 
 @contextmanager
@@ -186,3 +186,25 @@ def test_an_edited_rewrite_emits_only_the_edited_lines_anew_and_runs_as_fx_code(
         pruned.recompile()
         assert pruned.code == fresh
         torch.testing.assert_close(pruned(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_dict_of_targets_builds_the_tree_graph_module_builds() -> None:
+    """``DirectGraphModule`` places a dict's targets itself: the same tree as ``GraphModule`` builds, shallower
+    targets first (a module and a parameter inside it), a tensor that is not a parameter as a buffer, new
+    containers as plain modules, and the same objects at every name."""
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    block = graph.call_module("stage.block", (x,))
+    bias = graph.get_attr("stage.block.bias")
+    scale = graph.get_attr("head.scale")
+    graph.output(graph.call_function(torch.mul, (graph.call_function(torch.add, (block, bias)), scale)))
+    linear = nn.Linear(4, 4)
+    attrs = {"stage.block": linear, "stage.block.bias": linear.bias, "head.scale": torch.tensor(2.0)}
+    ours, theirs = DirectGraphModule(attrs, copy.deepcopy(graph)), torch.fx.GraphModule(attrs, copy.deepcopy(graph))
+    for table in ("named_modules", "named_parameters", "named_buffers"):
+        got, want = dict(getattr(ours, table)()), dict(getattr(theirs, table)())
+        assert got.keys() == want.keys() and all(type(got[k]) is type(want[k]) for k in got if k), table
+        assert all(got[k] is want[k] for k in got if k in attrs or table != "named_modules"), table  # containers are each one's own
+    assert dict(ours.named_modules()).keys() == {"", "stage", "stage.block", "head"}
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(ours(x), theirs(x))  # the same modules and ops: within float32's default tolerance

@@ -182,6 +182,8 @@ def _assign(gm: torch.fx.GraphModule, attrs: dict[str, Any], graph: torch.fx.Gra
         owner = gm
         for step in path:
             child = owner._modules.get(step)
+            if child is None:  # a step that is not a submodule, read as FX reads it
+                child = getattr(owner, step, None)
             if child is None:
                 child = nn.Module()
                 setattr(owner, step, child)
