@@ -827,6 +827,21 @@ def test_a_result_whose_confirming_timing_misses_starts_the_search_afresh_from_t
     assert len(calls) == 3 and pruned.meta["fxprune"]["report"]["latency"]["speedup"] >= 1.5
 
 
+def test_a_result_whose_confirming_timings_keep_missing_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every confirming timing reads its result 30% slower than the search did (the machine slows whenever a result is
+    confirmed): after the search afresh, the second result's confirmation misses the 1.5x asked too. That result
+    was returned with the missed figure as its report; now it is ``MeasurementError``, or with ``on_noise="warn"``
+    the result and a warning that gives both timings."""
+    monkeypatch.setattr(costmodel, "layer_ms", layer_latency)
+    monkeypatch.setattr(timing, "time_calls", FlopClock())
+    on_confirm(monkeypatch, lambda c, _: slower(c, 1.3))
+    with pytest.raises(fxprune.MeasurementError, match=r"short of the 1.5x asked: the machine's speed on cpu moved under the compile"):
+        fxprune.compile(Net().eval(), speedup=1.5, example_inputs=X, verify=False, cache=False)
+    with pytest.warns(UserWarning, match=r"timed again to confirm it, short of the 1.5x asked"):
+        pruned = fxprune.compile(Net().eval(), speedup=1.5, example_inputs=X, verify=False, cache=False, on_noise="warn")
+    assert fxprune.report(pruned).latency["speedup"] < 1.5
+
+
 def test_a_result_confirmed_barely_past_the_target_is_searched_past_once(fake_clock: FlopClock, monkeypatch: pytest.MonkeyPatch,
                                                                         caplog: pytest.LogCaptureFixture) -> None:
     """The first confirming timing, and the third that it calls for, read the result 1% past the 1.5x asked: true now,

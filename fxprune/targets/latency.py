@@ -30,7 +30,8 @@ meets the goal; else it searches from that timing (without the cached comparison
 otherwise than when they were taken), as a search whose original moved off its checked speed for good does from the
 candidate timed at the new speed. Comparisons are cached (``TimingCache``) under the captured architecture and the result's widths, only
 when stable; when the confirming timing misses the goal (or meets it by less than ``SPARE``), they are dropped and
-it searches afresh from it, once.
+it searches afresh from it, once. A result whose confirming timing misses the goal then is not returned as meeting it:
+``MeasurementError`` (``on_noise="warn"``: returned with a warning).
 """
 
 from __future__ import annotations
@@ -125,6 +126,7 @@ class Search:
         self.timed = 0  # candidates timed, over both passes
         self.budgets: dict[str, float] = {}  # widths -> the first estimated-ms budget that gave them
         self.step: str | None = None  # why the result is far past the target with no nearer plan to try
+        self.third: str | None = None  # the note of the returned result's third timing (``settled``)
         self.claimed: float | None = None  # the speed-up an earlier compile reported for the remembered result
         self.searching = self.rechecked = False  # in the search; the machine checked again after its speed moved
         self.first: Trial | None = None  # the remembered result, when it missed as timed now: the search starts from it
@@ -164,6 +166,12 @@ class Search:
                         "did not hold" if c.ratio > self.goal else f"held by under {SPARE:.0%}", c.describe())
             self.clock.drop()
             self.first, chosen, confirmed = dataclasses.replace(chosen, comparison=c, cached=False), None, False
+        if c.ratio > self.goal and chosen.comparison.rounds:  # what the report would give misses the goal
+            raise_or_warn(self.target.on_noise, MeasurementError(
+                f"the result timed {chosen.comparison.speedup:.3g}x in the search and {c.speedup:.3g}x when timed again to confirm it, short of "
+                f"the {1 / self.goal:.3g}x asked: the machine's speed on {self.setting.device} moved under the compile, which searches again "
+                "from such a timing once. Close other work and compile again, or prune to FLOPs (target_gflops= or ratio=); "
+                "on_noise='warn' returns the result with a warning.", interval=(1 / c.high, 1 / c.low), noise=c.noise))
         if c.ratio <= self.goal and chosen.comparison.rounds:  # returned as meeting it: a warm compile times it first
             self.cache.put(self.setting, self.outcome, [self.budgets[widths(chosen.plan)], widths(chosen.plan), c.speedup,
                                                         fingerprint(self.scores), chosen.plan.to_json(), chosen.estimate])
@@ -173,7 +181,8 @@ class Search:
                   "comparison_rounds": c.rounds, "estimated_speedup": 1 / chosen.estimate, "cached_speedup": cached,
                   "batch": c.before.batch, "device": self.setting.device, "device_name": self.setting.device_name,
                   "threads": self.setting.threads, "dtype": self.setting.dtype, "timings_taken": self.cache.measured, "rounds": self.timed,
-                  "results_timed": self.clock.timed, "notes": overshoot(chosen, c, trials, self.goal, self.step) + self.notes}
+                  "results_timed": self.clock.timed,
+                  "notes": overshoot(chosen, c, trials, self.goal, self.step) + self.notes + ([self.third] if self.third else [])}
         if "model" in self.__dict__:  # a remembered result builds no latency model
             names = {n.name: name for n, (name, _) in layers(self.a.gm).items()}
             removed = removed_mask(self.a.deps, chosen.plan)
@@ -184,14 +193,15 @@ class Search:
         """``c``, the confirming timing of ``chosen``; when it and ``chosen``'s own timing ``disagree``, of ``c`` and a
         third timing the one nearer the median of the three, so that a timing taken while the machine ran otherwise
         (a burst, the allocator's state) does not set the report alone; a note gives all three."""
+        self.third = None  # the note of this result's third timing, if it takes one
         if not disagree(chosen.comparison, c):
             return c
         again = self.clock.confirm(chosen.plan, f"it timed {chosen.comparison.speedup:.3g}x in the search and {c.speedup:.3g}x now, each "
                                    "outside the other's interval: timing it a third time", self.original_ms, c.ratio)
         middle = statistics.median([chosen.ratio, c.ratio, again.ratio])
         reported = min((again, c), key=lambda t: abs(t.ratio - middle))
-        self.notes.append(f"the result timed {chosen.comparison.speedup:.3g}x in the search, then {c.speedup:.3g}x and {again.speedup:.3g}x: "
-                          f"the machine ran otherwise during one of them, and the report gives {reported.speedup:.3g}x, the nearer the middle")
+        self.third = (f"the result timed {chosen.comparison.speedup:.3g}x in the search, then {c.speedup:.3g}x and {again.speedup:.3g}x: "
+                      f"the machine ran otherwise during one of them, and the report gives {reported.speedup:.3g}x, the nearer the middle")
         return reported
 
     def plan(self, budget: float) -> Plan:
