@@ -126,7 +126,6 @@ class Search:
         self.timed = 0  # candidates timed, over both passes
         self.budgets: dict[str, float] = {}  # widths -> the first estimated-ms budget that gave them
         self.step: str | None = None  # why the result is far past the target with no nearer plan to try
-        self.third: str | None = None  # the note of the returned result's third timing (``settled``)
         self.claimed: float | None = None  # the speed-up an earlier compile reported for the remembered result
         self.searching = self.rechecked = False  # in the search; the machine checked again after its speed moved
         self.first: Trial | None = None  # the remembered result, when it missed as timed now: the search starts from it
@@ -145,7 +144,7 @@ class Search:
         return self.chooser.scores(self.a.deps, self.a.gm, self.seed, cost=cost)
 
     def run(self) -> tuple[Plan, torch.fx.GraphModule, dict[str, Any]]:
-        chosen, trials = self.remembered(), []
+        chosen, trials, third = self.remembered(), [], None  # third: the note of the result's third timing (``settled``)
         confirmed = chosen is not None  # and its comparison is the confirming timing
         for fresh in (True,) if self.first else (False, True):
             if chosen is None:
@@ -157,8 +156,8 @@ class Search:
             if chosen.comparison.rounds == 0:  # nothing removed: 1x by definition
                 break
             if not confirmed:
-                c = self.settled(chosen, self.clock.confirm(chosen.plan, "confirming the result against the original: its speed-up is what "
-                                                            "the report gives", self.original_ms, chosen.ratio))
+                c, third = self.settled(chosen, self.clock.confirm(chosen.plan, "confirming the result against the original: its speed-up "
+                                                                   "is what the report gives", self.original_ms, chosen.ratio))
             if spared(c, self.goal) or fresh or self.target.on_noise == "warn":
                 break
             log.warning("the %s timing of this result (%s) %s when timed again (%s): searching afresh, from that timing",
@@ -182,27 +181,25 @@ class Search:
                   "batch": c.before.batch, "device": self.setting.device, "device_name": self.setting.device_name,
                   "threads": self.setting.threads, "dtype": self.setting.dtype, "timings_taken": self.cache.measured, "rounds": self.timed,
                   "results_timed": self.clock.timed,
-                  "notes": overshoot(chosen, c, trials, self.goal, self.step) + self.notes + ([self.third] if self.third else [])}
+                  "notes": overshoot(chosen, c, trials, self.goal, self.step) + self.notes + ([third] if third else [])}
         if "model" in self.__dict__:  # a remembered result builds no latency model
             names = {n.name: name for n, (name, _) in layers(self.a.gm).items()}
             removed = removed_mask(self.a.deps, chosen.plan)
             record["layers_ms"] = {names.get(node, node): ms for node, ms in self.model.layers(removed).items()}
         return chosen.plan, self.clock.result(chosen.plan)[0], record
 
-    def settled(self, chosen: Trial, c: Comparison) -> Comparison:
+    def settled(self, chosen: Trial, c: Comparison) -> tuple[Comparison, str | None]:
         """``c``, the confirming timing of ``chosen``; when it and ``chosen``'s own timing ``disagree``, of ``c`` and a
         third timing the one nearer the median of the three, so that a timing taken while the machine ran otherwise
-        (a burst, the allocator's state) does not set the report alone; a note gives all three."""
-        self.third = None  # the note of this result's third timing, if it takes one
+        (a burst, the allocator's state) does not set the report alone, with a note that gives all three."""
         if not disagree(chosen.comparison, c):
-            return c
+            return c, None
         again = self.clock.confirm(chosen.plan, f"it timed {chosen.comparison.speedup:.3g}x in the search and {c.speedup:.3g}x now, each "
                                    "outside the other's interval: timing it a third time", self.original_ms, c.ratio)
         middle = statistics.median([chosen.ratio, c.ratio, again.ratio])
         reported = min((again, c), key=lambda t: abs(t.ratio - middle))
-        self.third = (f"the result timed {chosen.comparison.speedup:.3g}x in the search, then {c.speedup:.3g}x and {again.speedup:.3g}x: "
-                      f"the machine ran otherwise during one of them, and the report gives {reported.speedup:.3g}x, the nearer the middle")
-        return reported
+        return reported, (f"the result timed {chosen.comparison.speedup:.3g}x in the search, then {c.speedup:.3g}x and {again.speedup:.3g}x: "
+                          f"the machine ran otherwise during one of them, and the report gives {reported.speedup:.3g}x, the nearer the middle")
 
     def plan(self, budget: float) -> Plan:
         plan = select_plan(self.a, self.chooser, budget, self.scores, self.model)
