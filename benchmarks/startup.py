@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from tabulate import tabulate
 
 from noisy_latency import Load
@@ -60,8 +61,6 @@ def main() -> None:
                              *([f"{med['this'] / med['base']:.2f}"] if args.base else [])])
     print(tabulate(rows, headers=["load", "what", *(f"{n} s, median (range)" for n in roots), *(["this / base"] if args.base else [])],
                    tablefmt="github"))
-    import torch
-
     print(f"medians of {args.repeat} fresh interpreters in turns; torch {torch.__version__}, {torch.get_num_threads()} threads")
 
 
