@@ -385,8 +385,9 @@ def test_each_timed_stage_says_before_it_starts_what_it_times_and_about_how_long
     assert all(re.search(r"about \d+ s", lines[k]) for k in at[:3])
 
 
-def test_layers_of_one_shape_are_announced_as_one_timing(caplog: pytest.LogCaptureFixture) -> None:
-    """Two layers of one shape share their timings: the estimate counts them once (ResNet-50's 54 layers have 24 shapes)."""
+def test_layers_of_one_shape_are_announced_as_one_timing(caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
+    """Two layers of one shape share their timings: the estimate counts them once (ResNet-50's 54 layers have 24 shapes).
+    The line says whether the timings will be on disk next time: not from a cache held on a noisy machine."""
     class Twins(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -401,7 +402,13 @@ def test_layers_of_one_shape_are_announced_as_one_timing(caplog: pytest.LogCaptu
     assert len(twins) == 2
     with caplog.at_level(logging.INFO, logger="fxprune"):
         costmodel.announce(a.deps, layers, [(i, (32, 32)) for i in twins], None, Setting.of(a.gm, a.inputs), TimingCache(), "for a test")
-    assert "timing 1 layer width of 1 layer shape alone for a test" in caplog.text
+    assert "timing 1 layer width of 1 layer shape alone for a test (about 1 s; kept for next time)" in caplog.text
+    held = TimingCache(tmp_path / "held.json")
+    held.hold()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="fxprune"):
+        costmodel.announce(a.deps, layers, [(i, (32, 32)) for i in twins], None, Setting.of(a.gm, a.inputs), held, "for a test")
+    assert "(about 1 s; not kept: taken on a machine found noisy)" in caplog.text
 
 
 class Contention:

@@ -102,6 +102,13 @@ class TimingCache:
         """The timings in memory, and what the file may hold once they are held."""
         return [self.data] if self.held is None else [self.data, self.held]
 
+    @property
+    def not_kept(self) -> str | None:
+        """Why the timings taken now will not be on disk next time (None: they will, when stable)."""
+        if not self.enabled:
+            return "caching is off"
+        return "taken on a machine found noisy" if self.held is not None else None
+
     def hold(self) -> None:
         """Keep no more timings on disk from this instance: they were taken on a machine found too noisy
         (bursts of other work inflate a short timing without widening its interval). Claims still are."""

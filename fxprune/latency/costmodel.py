@@ -276,8 +276,8 @@ def announce(deps: DependencyGraph, layers: dict[int, Layer], wanted: Iterable[t
     ms = sum(12 * max(1.0, (total_ms or 0.0) * deps.flop_terms[i].macs / macs * math.prod(k / n for k, n in zip(kept, layers[i].sizes)))
              for i, kept in missing.values())
     shapes = len({i for i, _ in missing.values()})
-    log.info("timing %d layer width%s of %d layer shape%s alone %s (about %.0f s; kept for next time)", len(missing),
-             "s" * (len(missing) > 1), shapes, "s" * (shapes > 1), purpose, max(1.0, ms / 1e3))
+    log.info("timing %d layer width%s of %d layer shape%s alone %s (about %.0f s; %s)", len(missing), "s" * (len(missing) > 1),
+             shapes, "s" * (shapes > 1), purpose, max(1.0, ms / 1e3), f"not kept: {cache.not_kept}" if cache.not_kept else "kept for next time")
     return ms / 1e3
 
 
