@@ -51,6 +51,15 @@ ZOO: dict[str, tuple[str, str, dict]] = {
                                                        "num_attention_heads": 4, "intermediate_size": 128}),
     "swin": ("SwinForImageClassification", "SwinConfig", {**IMAGE, "patch_size": 4, "embed_dim": 16, "depths": [1, 1], "num_heads": [1, 2],
                                                           "window_size": 4}),
+    "opt": ("OPTForCausalLM", "OPTConfig", {"vocab_size": 100, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                            "ffn_dim": 128, "word_embed_proj_dim": 64, "max_position_embeddings": 64}),
+    "electra": ("ElectraForSequenceClassification", "ElectraConfig", {**TEXT, "embedding_size": 64, "num_attention_heads": 4, "num_labels": 3}),
+    "distilbert": ("DistilBertForSequenceClassification", "DistilBertConfig", {"vocab_size": 100, "dim": 64, "n_layers": 2, "n_heads": 4,
+                                                                                "hidden_dim": 128, "num_labels": 3}),
+    "gpt_neo": ("GPTNeoForCausalLM", "GPTNeoConfig", {"vocab_size": 100, "hidden_size": 64, "num_layers": 2, "num_heads": 4,
+                                                      "attention_types": [[["global", "local"], 1]], "max_position_embeddings": 64}),
+    "gemma": ("GemmaForCausalLM", "GemmaConfig", {**TEXT, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}),
+    "stablelm": ("StableLmForCausalLM", "StableLmConfig", {**TEXT, "num_attention_heads": 4, "num_key_value_heads": 2}),
 }
 
 

@@ -16,7 +16,9 @@ from fxprune import pipeline
 from fxprune.core.groups import Plan
 from fxprune.core.masks import removed_mask
 from fxprune.passes.rewrite import rewrite
-from fxprune.passes.verify import build_oracle
+from fxprune.errors import VerificationError
+from fxprune.passes.verify import build_oracle, verify_same
+from fxprune.results.hfconfig import probe, truthful_config
 
 T = pytest.importorskip("transformers")
 
@@ -31,11 +33,36 @@ def segformer() -> torch.nn.Module:
     return test_hf.segformer(heads=(2, 4))
 
 
+def opt() -> torch.nn.Module:
+    """Embeddings as wide as the hidden size (``word_embed_proj_dim``): no projection between them, before or after."""
+    return T.OPTForCausalLM(T.OPTConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
+                                        word_embed_proj_dim=64, max_position_embeddings=64))
+
+
+def electra() -> torch.nn.Module:
+    """``embedding_size`` equal to ``hidden_size``, as in ELECTRA-base."""
+    return T.ElectraForSequenceClassification(T.ElectraConfig(vocab_size=100, embedding_size=64, hidden_size=64, num_hidden_layers=2,
+                                                              num_attention_heads=4, intermediate_size=128, max_position_embeddings=64))
+
+
+def distilbert() -> torch.nn.Module:
+    """Widths named ``dim``, ``hidden_dim``, heads ``n_heads``; the head size is dim / n_heads."""
+    return T.DistilBertForSequenceClassification(T.DistilBertConfig(vocab_size=100, dim=64, n_layers=2, n_heads=4, hidden_dim=128,
+                                                                    max_position_embeddings=64))
+
+
+def gpt_neo() -> torch.nn.Module:
+    """Heads counted by ``num_heads``, the head size hidden_size / num_heads."""
+    return T.GPTNeoForCausalLM(T.GPTNeoConfig(vocab_size=100, hidden_size=64, num_layers=2, num_heads=4, max_position_embeddings=64,
+                                              attention_types=[[["global", "local"], 1]]))
+
+
 def _logits(out: object) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") else out[0]
 
 
-@pytest.mark.parametrize("make, x", [(gpt2, IDS), (bert, IDS), (segformer, IMAGE), (swin, IMAGE), (convnextv2, IMAGE)],
+@pytest.mark.parametrize("make, x", [(gpt2, IDS), (bert, IDS), (segformer, IMAGE), (swin, IMAGE), (convnextv2, IMAGE), (opt, IDS),
+                                     *(pytest.param(m, IDS, marks=pytest.mark.slow) for m in (electra, distilbert, gpt_neo))],
                          ids=lambda v: getattr(v, "__name__", ""))
 def test_a_model_comes_back_as_its_class_matching_the_pruned_graph_and_round_trips(make, x: torch.Tensor, tmp_path) -> None:
     model = make().eval()
@@ -176,3 +203,23 @@ def test_a_pruned_bart_comes_back_as_its_class_and_generates(tmp_path) -> None:
     again = T.BartForConditionalGeneration.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(again(ids).logits, pruned(ids).logits, **TOL)
+
+
+def test_a_config_that_cannot_give_the_pruned_shapes_is_refused_naming_the_parameter() -> None:
+    """The reason names the first parameter the solved config builds otherwise, and the widths it solved."""
+    p = probe(gpt2())
+    shapes = {**p.shapes, "transformer.wte.weight": (99, 64)}  # a vocabulary no width field sizes
+    config, why = truthful_config(p, shapes)
+    assert config is None
+    assert "GPT2LMHeadModel's transformer.wte.weight is (100, 64) where the pruned graph's is (99, 64)" in why, why
+
+
+def test_a_rebuilt_class_that_computes_otherwise_is_named_in_the_reason_not_called_a_coupling_bug() -> None:
+    """``verify_same`` compares a class rebuilt from the solved config with the pruned graph: its message names both."""
+    graph, rebuilt = torch.nn.Linear(4, 4).eval(), torch.nn.Linear(4, 4).eval()
+    with pytest.raises(VerificationError) as info:
+        verify_same(graph, rebuilt, (torch.randn(2, 4),))
+    assert str(info.value).startswith("output 0: Linear built from the solved config differs from the pruned graph by ")
+    assert "bug" not in str(info.value)
+    with pytest.raises(VerificationError, match="^Linear built from the solved config fails to run: RuntimeError"):
+        verify_same(graph, torch.nn.Linear(3, 4), (torch.randn(2, 4),))

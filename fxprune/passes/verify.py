@@ -182,28 +182,30 @@ def _leaves(x: Any) -> list[torch.Tensor]:
     return out
 
 
-def compare(want: list[torch.Tensor], got: list[torch.Tensor], rtol: float) -> VerifyResult:
-    """The oracle's outputs ``want`` against the pruned model's ``got``; VerificationError if they differ."""
+_BUG = (" This is a bug in fxprune's coupling analysis; please report it with the model. Workaround: put the module that feeds "
+        "the wrong channels in ignore=.")
+
+
+def compare(want: list[torch.Tensor], got: list[torch.Tensor], rtol: float, names: tuple[str, str] = ("the masked original", "the pruned model"),
+            blame: str = _BUG) -> VerifyResult:
+    """The oracle's outputs ``want`` against the pruned model's ``got``; VerificationError if they differ. ``names``: what
+    gave ``want`` and ``got``, and ``blame``: what the message adds, for other pairs (``verify_same``)."""
     if len(want) != len(got):
-        raise VerificationError(f"the pruned model returns {len(got)} tensors, the original {len(want)}")
+        raise VerificationError(f"{names[1]} returns {len(got)} tensors, {names[0]} {len(want)}")
     worst = VerifyResult(0.0, 0.0)
     for i, (a, b) in enumerate(zip(want, got)):
         if a.shape != b.shape:
-            raise VerificationError(f"output {i}: pruned shape {tuple(b.shape)} != original {tuple(a.shape)}")
+            raise VerificationError(f"output {i}: {names[1]} gives shape {tuple(b.shape)}, {names[0]} {tuple(a.shape)}")
         if not a.is_floating_point():
             if not torch.equal(a, b):
-                raise VerificationError(f"output {i} differs between the pruned model and the oracle")
+                raise VerificationError(f"output {i} differs between {names[1]} and {names[0]}")
             continue
         scale = float(a.abs().max()) if a.numel() else 0.0
         err = float((a - b).abs().max()) if a.numel() else 0.0
         tol = rtol * scale + torch.finfo(a.dtype).tiny
         if not err <= tol:
-            raise VerificationError(
-                f"output {i}: the pruned model differs from the masked original by {err:.3g} "
-                f"(tolerance {tol:.3g}, output scale {scale:.3g}). This is a bug in fxprune's coupling "
-                "analysis; please report it with the model. Workaround: put the module that feeds the "
-                "wrong channels in ignore=."
-            )
+            raise VerificationError(f"output {i}: {names[1]} differs from {names[0]} by {err:.3g} (tolerance {tol:.3g}, "
+                                    f"output scale {scale:.3g}).{blame}")
         if err / max(tol, 1e-30) >= worst.max_abs_error / max(worst.tolerance, 1e-30):
             worst = VerifyResult(err, tol)
     return worst
@@ -230,17 +232,14 @@ def verify(
     return compare(want, got, rtol)
 
 
-def _run_pruned(pruned: nn.Module, example_inputs: Sequence[Any]) -> list[torch.Tensor]:
+def _run_pruned(pruned: nn.Module, example_inputs: Sequence[Any], name: str = "the pruned model",
+                blame: str = _BUG.replace("that feeds the wrong channels", "around the failing node")) -> list[torch.Tensor]:
     try:
         return _leaves(pruned(*example_inputs))
     except VerificationError:
         raise
     except Exception as exc:
-        raise VerificationError(
-            f"the pruned model fails to run: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}. This is a bug "
-            "in fxprune's coupling analysis; please report it with the model. Workaround: put the module "
-            "around the failing node in ignore=."
-        ) from exc
+        raise VerificationError(f"{name} fails to run: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}.{blame}") from exc
 
 
 def _input_mask(w: torch.Tensor, keep: torch.Tensor, groups: int, transposed: bool) -> torch.Tensor:
@@ -332,4 +331,5 @@ def verify_same(reference: nn.Module, result: nn.Module, example_inputs: Sequenc
     """``result``, a model built anew from the verified pruned graph ``reference`` (a Hugging Face model of
     the original's class), against that graph on the example inputs: its own forward must agree."""
     with torch.no_grad(), eval_mode(result):
-        return compare(_leaves(reference(*example_inputs)), _run_pruned(result, example_inputs), rtol)
+        names = ("the pruned graph", f"{type(result).__name__} built from the solved config")
+        return compare(_leaves(reference(*example_inputs)), _run_pruned(result, example_inputs, names[1], ""), rtol, names, "")

@@ -37,11 +37,14 @@ log = logging.getLogger("fxprune")
 
 WIDTH_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "n_embd", "n_inner", "n_head",
                 "d_model", "encoder_ffn_dim", "decoder_ffn_dim", "ffn_dim", "encoder_attention_heads", "decoder_attention_heads",
-                "hidden_sizes", "num_heads", "mlp_ratios", "mlp_ratio", "embed_dim", "decoder_hidden_size")
-"""Config fields that hold widths a pruned model may change: one number per model, or one per stage (a list)."""
+                "hidden_sizes", "num_heads", "mlp_ratios", "mlp_ratio", "embed_dim", "decoder_hidden_size",
+                "word_embed_proj_dim", "embedding_size", "dim", "hidden_dim", "n_heads")
+"""Config fields that hold widths a pruned model may change: one number per model, or one per stage (a list).
+The embeddings' own width (OPT's ``word_embed_proj_dim``, ELECTRA's ``embedding_size``) follows the hidden size
+it equals, or the class would add a projection between them; DistilBERT names its widths ``dim``, ``hidden_dim``."""
 
-HEADS = {"num_attention_heads": ("hidden_size", "hidden_sizes"), "n_head": ("n_embd",), "encoder_attention_heads": ("d_model",),
-         "decoder_attention_heads": ("d_model",)}
+HEADS = {"num_attention_heads": ("hidden_size", "hidden_sizes"), "n_head": ("n_embd", "hidden_size"), "encoder_attention_heads": ("d_model",),
+         "decoder_attention_heads": ("d_model",), "num_heads": ("hidden_size",), "n_heads": ("dim",)}
 """Head counts and the hidden sizes they divide into heads, where a class derives the head size from them."""
 
 Slot = tuple[str, int | None]
@@ -257,10 +260,23 @@ def truthful_config(p: Probe, shapes: Shapes) -> tuple[Any, str]:
         type(new).from_dict(new.to_dict())
     except Exception as exc:  # noqa: BLE001 - any refusal of the config's own validation
         return None, f"{type(new).__name__} refuses the pruned widths ({str(exc).strip().splitlines()[-1].strip()})"
-    if _shapes(p.cls, new) != shapes:
-        return None, (f"no {type(p.config).__name__} describes the pruned weights: widths its config ties together "
-                      f"({', '.join(sorted({f for f, _ in p.sizes})) or 'none found'}) were pruned apart (a plan given to apply_plan)")
+    built = _shapes(p.cls, new)
+    if built != shapes:
+        return None, f"no {type(p.config).__name__} describes the pruned weights: {_mismatch(name, built, shapes, {**values, **heads})}"
     return new, ""
+
+
+def _mismatch(name: str, built: Shapes | None, shapes: Shapes, values: dict[Slot, Any]) -> str:
+    """What ``name`` built from the solved ``values`` gives (``built``) that the pruned ``shapes`` are not: the first parameter that differs."""
+    solved = ", ".join(f"{_name(s)}={v}" for s, v in values.items()) or "its own widths"
+    if built is None:
+        return f"{name} cannot be built with {solved}"
+    for n, shape in shapes.items():
+        if n not in built:
+            return f"with {solved}, {name} has no {n}, which the pruned graph has"
+        if built[n] != shape:
+            return f"with {solved}, {name}'s {n} is {tuple(built[n])} where the pruned graph's is {tuple(shape)}"
+    return f"with {solved}, {name} has {min(set(built) - set(shapes))}, which the pruned graph does not"
 
 
 BIAS_FLAGS = ("attention_bias", "mlp_bias")
