@@ -227,6 +227,47 @@ def test_functional_ops_on_parameters_and_per_channel_buffers() -> None:
     assert pruned.w1.shape[0] == pruned.scale.shape[0] == pruned.shift.shape[1] == pruned.w2.shape[1] < 8
 
 
+class HandLinear(nn.Module):
+    """A linear layer written out, as custom layers often are: ``x @ weight.T`` (``how="T"``), ``weight.t()``,
+    ``transpose(0, 1)``, or a weight stored (in, out) and read as it is."""
+
+    def __init__(self, n_in: int, n_out: int, how: str) -> None:
+        super().__init__()
+        self.how = how
+        shape = (n_in, n_out) if how == "stored" else (n_out, n_in)
+        self.weight = nn.Parameter(torch.randn(*shape) / n_in**0.5)
+        self.bias = nn.Parameter(torch.randn(n_out))
+
+    def forward(self, x):
+        w = {"T": lambda: self.weight.T, "t": lambda: self.weight.t(), "transpose": lambda: self.weight.transpose(0, 1),
+             "stored": lambda: self.weight}[self.how]()
+        return torch.matmul(x, w) + self.bias
+
+
+class HandMLP(nn.Module):
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.a, self.b, self.c = HandLinear(12, 32, how), HandLinear(32, 32, how), HandLinear(32, 5, how)
+
+    def forward(self, x):
+        return self.c(F.gelu(self.b(F.relu(self.a(x)))))
+
+
+@pytest.mark.parametrize("how", ["T", "t", "transpose", "stored"])
+@pytest.mark.parametrize("export", [False, True], ids=["traced", "exported"])
+def test_a_product_with_a_weight_parameter_is_a_linear_layer(how: str, export: bool) -> None:
+    """``x @ self.weight.T + self.bias`` couples as ``nn.Linear`` does, traced (``getattr(w, "T")``) or exported
+    (aten ``numpy_T``, ``t``, ``transpose``): the weight's rows with the bias and the next weight's columns."""
+    x = torch.randn(3, 7, 12)
+    model = HandMLP(how).eval()
+    given = torch.export.export(model, (x,)) if export else model
+    g = group_with(given, "a.weight", 1 if how == "stored" else 0, x)
+    assert member_names(g) == ({"a.weight[1]", "a.bias[0]", "b.weight[0]"} if how == "stored" else {"a.weight[0]", "a.bias[0]", "b.weight[1]"})
+    pruned = fxprune.compile(given, ratio=0.5, example_inputs=x)  # verified against the masked original
+    assert pruned.a.weight.shape[1 if how == "stored" else 0] < 32
+    assert pruned(torch.randn(2, 7, 12)).shape == (2, 7, 5)
+
+
 class Dims(nn.Module):
     def __init__(self, kind: str) -> None:
         super().__init__()

@@ -83,7 +83,7 @@ SHAPE_FUNCS: set[Any] = {
     torch.repeat_interleave,
 }
 SHAPE_METHODS = {
-    "flatten", "permute", "transpose", "swapaxes", "movedim", "squeeze", "unsqueeze", "flip", "t",
+    "flatten", "permute", "transpose", "swapaxes", "movedim", "squeeze", "unsqueeze", "flip", "t", "numpy_T",
     "expand_as", "view_as", "reshape_as", "repeat", "tile", "repeat_interleave",
 }
 RESHAPE_METHODS = {"view", "reshape", "expand", "broadcast_to"}

@@ -148,7 +148,7 @@ def addmm(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str
     scaled = arg(args, kwargs, 3, "beta", 1) != 1 or arg(args, kwargs, 4, "alpha", 1) != 1
     if not isinstance(weight, Param) or not isinstance(bias, Param) or bias.tensor.dim() != 1 or scaled:
         raise Unsupported(f"addmm at node {node.name} is not a bias plus input times a weight parameter")
-    return linear(s, node, weight, bias.name, at=1, stored_in_out=True)
+    return linear(s, node, Param(weight.name, weight.tensor), bias.name, at=1, stored_in_out=not weight.transposed)
 
 
 def linear(s: State, node: torch.fx.Node, w: Param, bias: str | None, at: int = 0, stored_in_out: bool = False) -> Labels:
@@ -187,6 +187,9 @@ def matmul(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[st
     labels along the same batch dim of both (attention heads) are tied and passed."""
     if len(args) != 2 or kwargs:
         raise Unsupported(f"matmul at node {node.name} takes its operands by keyword")
+    w = args[1]
+    if isinstance(w, Param) and w.tensor.dim() == 2 and w.name not in s.param_labels and isinstance(node.args[0], torch.fx.Node):
+        return linear(s, node, Param(w.name, w.tensor), None, stored_in_out=not w.transposed)  # x @ weight, x @ weight.T
     a, b = (s.labels(v, node) for v in args)
     if len(a.shape) < 2 or len(b.shape) < 2:
         raise Unsupported(f"matmul with a 1-d operand at node {node.name}")

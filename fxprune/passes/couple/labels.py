@@ -94,10 +94,12 @@ class Labels:
 
 @dataclass(frozen=True)
 class Param:
-    """A parameter or buffer read by a ``get_attr`` node, before it is used as data."""
+    """A parameter or buffer read by a ``get_attr`` node, before it is used as data; ``transposed``: read as
+    ``tensor.T`` (a 2-d weight that a matrix product takes as ``x @ weight.T``), ``tensor`` as stored."""
 
     name: str
     tensor: torch.Tensor
+    transposed: bool = False
 
 
 def compress(uf: UnionFind, t: torch.Tensor, force: frozenset[int] = frozenset(), heads: bool = False,

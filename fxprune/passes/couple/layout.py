@@ -25,8 +25,8 @@ from ...core import metakeys as keys
 from ...core.fxutil import arg
 from ...core.groups import Family
 from ...core.optable import SHAPE_FUNCS, SHAPE_METHODS
-from .labels import Labels, compress
-from .state import State, family, handles, target_name
+from .labels import Labels, Param, compress
+from .state import State, Unsupported, family, handles, target_name
 
 Moved = tuple[int, torch.Tensor] | None  # (new dim, ids) of a tensor whose labels only moved, or None
 
@@ -35,7 +35,37 @@ Moved = tuple[int, torch.Tensor] | None  # (new dim, ids) of a tensor whose labe
 @family(Family.SHAPE)
 def shape_op(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Any op that only rearranges, repeats or joins positions."""
-    return on_labels(s, node, args, kwargs)
+    return weight_transposed(s, node, args, kwargs) or on_labels(s, node, args, kwargs)
+
+
+@handles(getattr)
+@family(Family.SHAPE)
+def attribute(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """``x.T`` and ``x.mT`` as symbolic tracing records them (``getattr(x, "T")``): dims reversed, or the last two swapped."""
+    if len(args) != 2 or args[1] not in ("T", "mT"):
+        raise Unsupported(f"attribute {args[1:2]} of a tensor at node {node.name}")
+    if (w := weight_transposed(s, node, args, kwargs)) is not None:
+        return w
+    x = s.labels(args[0], node)
+    n = len(x.shape)
+    move = {d: n - 1 - d for d in range(n)} if args[1] == "T" else {n - 1: n - 2, n - 2: n - 1}
+    return Labels(s.shape(node), None if x.dim is None else move.get(x.dim, x.dim), x.ids)
+
+
+def weight_transposed(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Param | None:
+    """A 2-d parameter transposed (``weight.T``, ``.mT``, ``.t()``, ``transpose(0, 1)``, ``permute(1, 0)``) for matrix products
+    alone (``x @ weight.T``): kept a ``Param`` read transposed, so that the product binds it as a linear layer's weight."""
+    w = args[0] if args else None
+    if not isinstance(w, Param) or w.tensor.dim() != 2 or w.name in s.param_labels:
+        return None
+    name, rest = target_name(node), list(args[1:]) + list(kwargs.values())
+    swaps = (name in ("t", "numpy_T") or (name == "getattr" and rest in (["T"], ["mT"]))
+             or (name in ("transpose", "swapaxes") and {d % 2 for d in rest} == {0, 1})
+             or (name == "permute" and [d % 2 for d in (rest[0] if len(rest) == 1 else rest)] == [1, 0]))
+    if not swaps or not node.users or any(target_name(u) not in ("matmul", "mm", "addmm") or u.args[-1 if target_name(u) != "addmm" else 2] is not node
+                                          for u in node.users):
+        return None
+    return Param(w.name, w.tensor, not w.transposed)
 
 
 def on_labels(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -155,6 +185,11 @@ def t(x: Labels, rest: tuple[Any, ...], kwargs: dict[str, Any]) -> Moved:
     return (1 - x.dim if len(x.shape) == 2 else x.dim), x.ids
 
 
+def reverse(x: Labels, rest: tuple[Any, ...], kwargs: dict[str, Any]) -> Moved:
+    """``Tensor.T`` (aten ``numpy_T``): every dim reversed."""
+    return len(x.shape) - 1 - x.dim, x.ids
+
+
 def unsqueeze(x: Labels, rest: tuple[Any, ...], kwargs: dict[str, Any]) -> Moved:
     k = arg(rest, kwargs, 0, "dim") % (len(x.shape) + 1)
     return x.dim + (k <= x.dim), x.ids
@@ -172,7 +207,7 @@ def flatten(x: Labels, rest: tuple[Any, ...], kwargs: dict[str, Any]) -> Moved:
 
 
 MOVES: dict[str, Callable[[Labels, tuple[Any, ...], dict[str, Any]], Moved]] = {
-    "permute": permute, "transpose": transpose, "swapaxes": transpose, "t": t, "unsqueeze": unsqueeze,
+    "permute": permute, "transpose": transpose, "swapaxes": transpose, "t": t, "numpy_T": reverse, "unsqueeze": unsqueeze,
     "flatten": flatten,
 }
 

@@ -138,6 +138,9 @@ class State:
         use reads by position (a relative-position table gathered by index), so they hold no channels."""
         if not isinstance(v, Param):
             return v
+        if v.transposed:
+            lab = self.as_labels(Param(v.name, v.tensor))
+            return Labels(lab.shape[::-1], None if lab.dim is None else 1 - lab.dim, lab.ids)
         if v.name in self.param_labels:
             return self.param_labels[v.name]
         shape = tuple(v.tensor.shape)
