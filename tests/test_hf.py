@@ -165,7 +165,7 @@ def t5() -> torch.nn.Module:
     return T.T5ForConditionalGeneration(T.T5Config(vocab_size=100, d_model=64, d_kv=16, d_ff=128, num_layers=1, num_heads=4))
 
 
-@pytest.mark.parametrize("make", [bart, t5], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("make", [bart, pytest.param(t5, marks=pytest.mark.slow)], ids=lambda f: getattr(f, "__name__", ""))
 def test_encoder_decoders_with_cross_attention_prune_and_freeze_only_with_a_reason(make) -> None:
     """Keys and values from the encoder's sequence: BART's cross-attention heads prune; T5's bias of literal
     head count (zeros of n_heads) keeps its cross-attention heads, with that reason."""

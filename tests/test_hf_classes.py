@@ -88,11 +88,14 @@ def test_a_pruned_gpt2_keeps_its_head_size_and_generates() -> None:
 
 
 def test_layers_pruned_to_different_widths_say_so_and_a_report_has_no_tracing_noise() -> None:
+    """The result stays the pruned graph, and that graph takes any batch and sequence length, as the note says."""
     pruned = fxprune.compile(bert().eval(), example_inputs=IDS, ratio=0.5, equal_widths=False)
     why = pruned.meta["fxprune"]["huggingface"].get("why", "")
     assert isinstance(pruned, torch.fx.GraphModule) and "equal_widths=False" in why and "equal_widths=True" not in why
-    assert any("static: the sequence length of token input 0" in n for n in pruned.meta["fxprune"]["report"]["notes"])  # and why
+    assert any("dynamic dims: batch of input 0, sequence of input 0" in n for n in pruned.meta["fxprune"]["report"]["notes"])
     assert "co_varnames" not in str(fxprune.report(pruned))
+    ids = torch.randint(1, 100, (3, 19), generator=torch.Generator().manual_seed(1))
+    assert _logits(pruned(ids)).shape == (3, bert().config.num_labels)
 
 
 def test_a_target_beyond_the_configs_widths_gives_a_graph_with_that_reason() -> None:

@@ -2,7 +2,7 @@
 
 ``torch.export`` specializes every dim to the example's size unless told otherwise, so a graph captured
 from a batch of 1 rejects a batch of 8 ("Guard failed: x.size()[0] == 1"). ``export`` asks for the batch
-dim of every tensor input to stay symbolic (``wanted``: sequence lengths stay static). Sizes of 0 and
+dim of every tensor input to stay symbolic, and the sequence dim of every token input (``wanted``). Sizes of 0 and
 1 are not specialized (``backed_size_oblivious``) and are traced at 2, so an example of batch 1 still
 gives a graph for any batch. A dim the model's code pins to one size (a
 literal in a reshape, a check on it) stays static, and the note says which and why; export never fails
@@ -25,10 +25,15 @@ _NOT_ONE = re.compile(r"L\['\w+'\]\.size\(\)\[(\d+)\] (?:!= 1|> 1|>= 2)")
 
 
 def wanted(inputs: Sequence[Any]) -> dict[tuple[int, int], str]:
-    """The dims to keep dynamic, ``(input index, dim) -> "batch"``: dim 0 of every tensor input. Token
-    inputs keep their sequence length static: with a symbolic length, the coupling pass sees a rotary
-    position table sliced to it as a slice of channels and freezes the attention heads (Qwen3)."""
-    return {(i, 0): "batch" for i, x in enumerate(inputs) if isinstance(x, torch.Tensor) and x.dim() >= 1}
+    """The dims to keep dynamic, ``(input index, dim) -> name``: dim 0 of every tensor input ("batch"), and
+    dim 1 of every token input ("sequence": an integer tensor of two dims or more, token ids or a mask)."""
+    dims = {(i, 0): "batch" for i, x in enumerate(inputs) if isinstance(x, torch.Tensor) and x.dim() >= 1}
+    dims.update({(i, 1): "sequence" for i, x in enumerate(inputs) if _tokens(x)})
+    return dims
+
+
+def _tokens(x: Any) -> bool:
+    return isinstance(x, torch.Tensor) and x.dim() >= 2 and not (x.is_floating_point() or x.is_complex())
 
 
 def _spec(inputs: Sequence[Any], dims: dict[tuple[int, int], str], hint: Any) -> tuple[Any, ...]:
@@ -57,17 +62,14 @@ def _why(exc: BaseException) -> str:
     return "; ".join(said[:2] or lines[:1])[:300]
 
 
-def describe(dims: dict[tuple[int, int], str], dynamic: set[tuple[int, int]], why: str, inputs: Sequence[Any] = ()) -> str:
+def describe(dims: dict[tuple[int, int], str], dynamic: set[tuple[int, int]], why: str) -> str:
     """``"dynamic dims: batch of input 1; static (...): batch of input 0 (why)"``."""
     name = {k: f"{v} of input {k[0]}" for k, v in dims.items()}
     kept = [name[k] for k in dims if k in dynamic]
     pinned = [name[k] for k in dims if k not in dynamic]
     text = f"dynamic dims: {', '.join(kept) or 'none'}"
-    text += (f"; static (the model fixes them, so inputs must have the example's size there): {', '.join(pinned)} ({why})"
-             if pinned else "")
-    tokens = [str(i) for i, x in enumerate(inputs) if isinstance(x, torch.Tensor) and x.dim() >= 2 and not x.is_floating_point()]
-    return text + (f"; static: the sequence length of token input {', '.join(tokens)} (a symbolic length would make the coupling "
-                   "pass read a rotary position table sliced to it as channels and freeze the attention heads)" if tokens else "")
+    return text + (f"; static (inputs must have the example's size there): {', '.join(pinned)} ({why})"
+                   if pinned else "")
 
 
 def _widened(inputs: Sequence[Any], dims: dict[tuple[int, int], str]) -> tuple[Any, ...]:
@@ -106,7 +108,8 @@ def export(module: torch.nn.Module, inputs: Sequence[Any], strict: bool = False,
     tried again (once); static shapes last: export never fails for a dim. ``arithmetic=False``: static
     also where the program computes with a symbolic size (``size_arithmetic``), for graphs to prune."""
     dims = wanted(inputs)
-    trying = [dims]
+    batch = {k: v for k, v in dims.items() if v == "batch"}
+    trying = [dims] + ([batch] if batch != dims else [])  # the batch alone when the sequence cannot be dynamic
     why = ""
     with fx_config.patch(backed_size_oblivious=True):
         while trying:
@@ -121,11 +124,12 @@ def export(module: torch.nn.Module, inputs: Sequence[Any], strict: bool = False,
             _unpin_one(ep, inputs, free)
             kept = dynamic_dims(ep) & free.keys()
             if kept == free.keys() and not arithmetic and size_arithmetic(ep):
-                why = ("the batch size enters shape arithmetic (batch x heads in a reshape), whose literals the rewrite "
-                       "cannot patch yet")
-                break
+                why = why or (f"with the {' and '.join(dict.fromkeys(free.values()))} dynamic, a size enters shape arithmetic (a size x heads "
+                              "in a reshape), whose literals the rewrite cannot patch yet")
+                continue
             if kept == free.keys():
-                return ep, describe(dims, kept, why, inputs)
+                return ep, describe(dims, kept, why)
             why = why or _guards(ep)
-            trying = [{k: v for k, v in free.items() if k in kept}] if kept else []
-    return torch.export.export(module, tuple(inputs), strict=strict), describe(dims, set(), why or "no tensor inputs", inputs)
+            if kept:
+                trying.insert(0, {k: v for k, v in free.items() if k in kept})
+    return torch.export.export(module, tuple(inputs), strict=strict), describe(dims, set(), why or "no tensor inputs")

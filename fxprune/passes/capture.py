@@ -211,12 +211,12 @@ def _given_program(ep: torch.export.ExportedProgram, example_inputs: Sequence[An
     how = "torch.export (an ExportedProgram was given)"
     dims = dynamic.wanted(example_inputs)
     if dims.keys() <= dynamic.dynamic_dims(ep) and not dynamic.size_arithmetic(ep):
-        return _exported(ep, f"{how}; {dynamic.describe(dims, set(dims), '', example_inputs)}")
+        return _exported(ep, f"{how}; {dynamic.describe(dims, set(dims), '')}")
     try:
         again, note = dynamic.export(ep.module(check_guards=False), example_inputs, arithmetic=False)
     except Exception as exc:  # export fails in many ways; the program as given still works at its own shapes
         why = f"exporting its module again with dynamic dims failed: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
-        return _exported(ep, f"{how}; {dynamic.describe(dims, dynamic.dynamic_dims(ep), why, example_inputs)}")
+        return _exported(ep, f"{how}; {dynamic.describe(dims, dynamic.dynamic_dims(ep), why)}")
     return _exported(again, f"{how}, exported again for dynamic dims; {note}")
 
 

@@ -76,10 +76,12 @@ def reshape(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[s
     return out
 
 
-def feeds_attention(s: State, node: torch.fx.Node, depth: int = 12) -> bool:
+def feeds_attention(s: State, node: torch.fx.Node, depth: int = 24) -> bool:
     """True when ``node``'s output reaches an attention product (matmul, bmm, einsum, scaled dot-product
     attention) through layout and scaling ops only, and no later reshape splits it again: a reshape that
-    splits channels into heads (an earlier split, q, k and v out of one projection, is not)."""
+    splits channels into heads (an earlier split, q, k and v out of one projection, is not). Up to ``depth`` ops
+    on: Qwen3's keys reach attention 13 ops after the split when the sequence length is symbolic (per-head norm,
+    rotary embedding, grouped-query expansion)."""
     if not s.attention:  # a CNN's channel shuffles need not walk the graph
         return False
     frontier = [node]
