@@ -226,3 +226,25 @@ def test_a_rebuilt_class_that_computes_otherwise_is_named_in_the_reason_not_call
     assert "bug" not in str(info.value)
     with pytest.raises(VerificationError, match="^Linear built from the solved config fails to run: RuntimeError"):
         verify_same(graph, torch.nn.Linear(3, 4), (torch.randn(2, 4),))
+
+
+@pytest.mark.slow
+def test_a_graph_captured_with_a_mask_takes_any_batch_length_and_left_padding() -> None:
+    """A result that stays a graph takes what it was captured with: given ``(ids, attention_mask)``, Gemma's graph
+    (its class scales embeddings by sqrt(hidden_size), so a pruned one stays a graph) runs at another batch and
+    length with left padding, as the model does (nothing removed: the same outputs)."""
+    torch.manual_seed(0)
+    model = T.GemmaForCausalLM(T.GemmaConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                              intermediate_size=128, num_key_value_heads=2, head_dim=16)).eval()
+    a = pipeline.analyze(model, (IDS, torch.ones_like(IDS)), announce=False)
+    graph = rewrite(a.gm, a.deps, Plan({}))
+    ids = torch.randint(1, 100, (2, 13), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    with torch.no_grad():
+        want, got = model(ids, attention_mask=mask).logits, graph(ids, attention_mask=mask).logits
+    torch.testing.assert_close(got[1], want[1], **TOL)
+    torch.testing.assert_close(got[0, 4:], want[0, 4:], **TOL)
+    pruned = fxprune.compile(model, example_inputs=(IDS, torch.ones_like(IDS)), ratio=0.5)
+    assert isinstance(pruned, torch.fx.GraphModule)
+    assert _logits(pruned(ids, attention_mask=mask)).shape == (2, 13, 100)
