@@ -26,14 +26,14 @@ _NOT_ONE = re.compile(r"L\['\w+'\]\.size\(\)\[(\d+)\] (?:!= 1|> 1|>= 2)")
 
 def wanted(inputs: Sequence[Any]) -> dict[tuple[int, int], str]:
     """The dims to keep dynamic, ``(input index, dim) -> name``: dim 0 of every tensor input ("batch"), and
-    dim 1 of every token input ("sequence": an integer tensor of two dims or more, token ids or a mask)."""
+    dim 1 of every token input ("sequence": an integer or boolean tensor of two dims, token ids or a mask)."""
     dims = {(i, 0): "batch" for i, x in enumerate(inputs) if isinstance(x, torch.Tensor) and x.dim() >= 1}
     dims.update({(i, 1): "sequence" for i, x in enumerate(inputs) if _tokens(x)})
     return dims
 
 
 def _tokens(x: Any) -> bool:
-    return isinstance(x, torch.Tensor) and x.dim() >= 2 and not (x.is_floating_point() or x.is_complex())
+    return isinstance(x, torch.Tensor) and x.dim() == 2 and not (x.is_floating_point() or x.is_complex())
 
 
 def _spec(inputs: Sequence[Any], dims: dict[tuple[int, int], str], hint: Any) -> tuple[Any, ...]:
