@@ -47,9 +47,9 @@ def attribute(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict
     if (w := weight_transposed(s, node, args, kwargs)) is not None:
         return w
     x = s.labels(args[0], node)
-    n = len(x.shape)
-    move = {d: n - 1 - d for d in range(n)} if args[1] == "T" else {n - 1: n - 2, n - 2: n - 1}
-    return Labels(s.shape(node), None if x.dim is None else move.get(x.dim, x.dim), x.ids)
+    if x.dim is None:
+        return x.with_shape(s.shape(node))
+    return Labels(s.shape(node), *(reverse(x, (), {}) if args[1] == "T" else transpose(x, (-2, -1), {})))
 
 
 def weight_transposed(s: State, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Param | None:
