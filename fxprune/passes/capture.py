@@ -9,7 +9,8 @@ done to the graph or to module attributes afterwards can reach the user's model.
    when a traced graph fails to run, e.g. because a leaf function mutates a list argument). Skipped
    when the run has sizes that depend on the data, as a detector's do: export fails on those, slowly.
    That run (step 3's) is therefore taken first: one extra eval-mode run where export then succeeds,
-   against minutes of a failing export on a detector;
+   against minutes of a failing export on a detector. Not for a Hugging Face model, which is not
+   traced first and whose forward computes no data-sized tensors (a fifth of its capture's time);
 2. symbolic tracing again, keeping each submodule that cannot be traced as one opaque call; the
    coupling pass then freezes every channel it touches;
 3. the ops that one eval-mode run on the example inputs executes (``make_fx`` with real tensors, at the
@@ -252,6 +253,14 @@ def _executed(root: nn.Module, example_inputs: Sequence[Any], how: str) -> torch
     return gm
 
 
+def _recorded(root: nn.Module, example_inputs: Sequence[Any], how: str) -> tuple[torch.fx.GraphModule | None, Exception | None]:
+    """``_executed``'s graph, or why the run failed."""
+    try:
+        return _executed(root, example_inputs, how), None
+    except Exception as exc:
+        return None, exc
+
+
 def _idle_modules(gm: torch.fx.GraphModule, root: nn.Module) -> list[str]:
     """The outermost modules of ``root`` with parameters, none of which the recorded run read."""
     params = dict(root.named_parameters(remove_duplicate=False))
@@ -323,10 +332,8 @@ def capture(model: nn.Module | torch.export.ExportedProgram, example_inputs: Seq
         first = untraceable
         reason = f"the symbolically traced graph fails to run: {str(first).splitlines()[0]}"
     executed = f"the ops one run on the example inputs executes; the result is a pruned copy of the module tree ({reason})"
-    try:
-        run: torch.fx.GraphModule | None = _executed(root, example_inputs, executed)
-    except Exception as exc:
-        run, run_error = None, exc
+    recorded = functools.partial(_recorded, root, example_inputs, executed)
+    run, run_error = (None, None) if is_hf(model) else recorded()
     printed = io.StringIO()
     try:
         if run is not None and _sized_by_data(run):
@@ -342,6 +349,8 @@ def capture(model: nn.Module | torch.export.ExportedProgram, example_inputs: Seq
     finally:
         if printed.getvalue().strip():
             log.debug("torch.export printed:\n%s", printed.getvalue())
+    if run is None and run_error is None:
+        run, run_error = recorded()
     try:
         gm = _trace_with_opaque(root)
         gm.meta[keys.CAPTURE] = f"torch.fx.symbolic_trace with opaque submodules ({reason})"
