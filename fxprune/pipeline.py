@@ -136,8 +136,7 @@ class Analysis:
             try:
                 verify_same(pruned, model, self.inputs)
             except VerificationError as exc:
-                model, why = None, (f"{str(exc).rstrip('.')}: its code derives something from the config's widths that the pruned "
-                                    "weights do not follow (Gemma, for one, scales its embeddings by sqrt(hidden_size))")
+                model, why = None, f"{str(exc).rstrip('.')}: its code derives something from the config's widths that the pruned weights do not follow"
         pruned.meta[keys.RECORD]["huggingface"] = {"class": type(hf).__name__, "returned": type(model or pruned).__name__,
                                                    **({"why": why} if why else {})}
         if model is None:

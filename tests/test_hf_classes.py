@@ -71,6 +71,30 @@ def test_a_model_comes_back_as_its_class_matching_the_pruned_graph_and_round_tri
     assert type(pruned) is type(model), pruned.meta["fxprune"]["huggingface"]
     before, after = fxprune.report(pruned).flops
     assert after <= 0.5 * before
+    _matches_its_graph_and_round_trips(model, pruned, x, tmp_path)
+
+
+def gemma(tied: bool = True) -> torch.nn.Module:
+    return T.GemmaForCausalLM(T.GemmaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                            num_key_value_heads=2, head_dim=16, max_position_embeddings=64, tie_word_embeddings=tied))
+
+
+@pytest.mark.parametrize("tied", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["tied", "untied"])
+def test_embeddings_scaled_by_the_hidden_size_follow_a_pruned_hidden_size(tied: bool, tmp_path) -> None:
+    """Gemma multiplies its embeddings by sqrt(hidden_size), a number its class computes from the config: with the hidden
+    size pruned it comes back as its class, its embedding weights carrying the original's number over the new one and,
+    where the output head shares them, its final norm dividing by the same; it generates and round-trips."""
+    model = gemma(tied).eval()
+    pruned = fxprune.compile(model, example_inputs=IDS, ratio=0.5)
+    assert type(pruned) is type(model), pruned.meta["fxprune"]["huggingface"]
+    assert pruned.config.hidden_size < model.config.hidden_size
+    assert pruned.model.embed_tokens.embed_scale < model.model.embed_tokens.embed_scale
+    assert pruned.generate(IDS, max_new_tokens=3, min_new_tokens=3, do_sample=False).shape == (1, IDS.shape[1] + 3)
+    _matches_its_graph_and_round_trips(model, pruned, IDS, tmp_path)
+
+
+def _matches_its_graph_and_round_trips(model: torch.nn.Module, pruned: torch.nn.Module, x: torch.Tensor, tmp_path) -> None:
+    """``pruned`` (a class) gives the outputs of the graph its plan rewrites, and so does what ``save_pretrained`` wrote."""
     a = pipeline.analyze(model, x, announce=False)
     graph = rewrite(a.gm, a.deps, Plan({int(k): v for k, v in pruned.meta["fxprune"]["plan"].items()}))
     pruned.save_pretrained(tmp_path)
@@ -230,12 +254,11 @@ def test_a_rebuilt_class_that_computes_otherwise_is_named_in_the_reason_not_call
 
 @pytest.mark.slow
 def test_a_graph_captured_with_a_mask_takes_any_batch_length_and_left_padding() -> None:
-    """A result that stays a graph takes what it was captured with: given ``(ids, attention_mask)``, Gemma's graph
-    (its class scales embeddings by sqrt(hidden_size), so a pruned one stays a graph) runs at another batch and
-    length with left padding, as the model does (nothing removed: the same outputs)."""
+    """A result that stays a graph takes what it was captured with: given ``(ids, attention_mask)``, Llama's graph
+    (layers pruned to different widths, which no config describes) runs at another batch and length with left
+    padding, as the model does (nothing removed: the same outputs)."""
     torch.manual_seed(0)
-    model = T.GemmaForCausalLM(T.GemmaConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                              intermediate_size=128, num_key_value_heads=2, head_dim=16)).eval()
+    model = test_hf.llama().eval()
     a = pipeline.analyze(model, (IDS, torch.ones_like(IDS)), announce=False)
     graph = rewrite(a.gm, a.deps, Plan({}))
     ids = torch.randint(1, 100, (2, 13), generator=torch.Generator().manual_seed(1))
@@ -245,6 +268,7 @@ def test_a_graph_captured_with_a_mask_takes_any_batch_length_and_left_padding() 
         want, got = model(ids, attention_mask=mask).logits, graph(ids, attention_mask=mask).logits
     torch.testing.assert_close(got[1], want[1], **TOL)
     torch.testing.assert_close(got[0, 4:], want[0, 4:], **TOL)
-    pruned = fxprune.compile(model, example_inputs=(IDS, torch.ones_like(IDS)), ratio=0.5)
+    mlp = [g for g in a.deps.prunable_groups if any(m.name.endswith("mlp.up_proj.weight") and m.dim == 0 for m in g.members)]
+    pruned = fxprune.apply_plan(model, Plan({mlp[0].id: list(range(64)), mlp[1].id: list(range(96))}), example_inputs=(IDS, torch.ones_like(IDS)))
     assert isinstance(pruned, torch.fx.GraphModule)
     assert _logits(pruned(ids, attention_mask=mask)).shape == (2, 13, 100)

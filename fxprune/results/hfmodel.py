@@ -63,7 +63,65 @@ def hf_model(model: nn.Module, pruned: torch.fx.GraphModule) -> tuple[nn.Module 
         zeros = {k: torch.zeros_like(v) for k, v in own.items() if k not in state and k.endswith(".bias")} if gained else {}
         return {k: (state[k] if k in state else zeros[k]).detach() for k in own}  # the other biases the flags turned on: zero
 
-    return of_class(model, config, loaded), ""
+    new = of_class(model, config, loaded)
+    _follow_scales(model, new)
+    return new, ""
+
+
+def _follow_scales(model: nn.Module, new: nn.Module) -> None:
+    """Where the class scales an embedding by a number it derives from the hidden size (``embed_scale``: Gemma's
+    ``sqrt(hidden_size)`` in a buffer, BART's with ``scale_embedding`` as a number), the embedding's weight takes the
+    ratio of the original's number to the new one, so that the class computes what the pruned graph does; when that
+    weight is also the output head's, the module feeding the head divides its output by the ratio (``_divided``).
+    Only saved weights change, so ``save_pretrained``/``from_pretrained`` keep it; what is left unmatched,
+    ``verify_same`` finds."""
+    head = new.get_output_embeddings() if hasattr(new, "get_output_embeddings") else None
+    originals = dict(model.named_modules())
+    for name, m in new.named_modules():
+        now, was = _scale(m), _scale(originals.get(name))
+        if now is None or was is None or now == 0 or was == now:
+            continue
+        with torch.no_grad():
+            m.weight.mul_(was / now)
+        if head is not None and head.weight is m.weight and (feeding := _feeding(new, head)) is not None:
+            _divided(feeding, was / now)
+
+
+def _scale(m: nn.Module | None) -> float | None:
+    """The number an embedding module multiplies its output by (its ``embed_scale``), if it has one."""
+    scale = getattr(m, "embed_scale", None) if isinstance(m, nn.Embedding) else None
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1:
+        return scale.item()
+    return float(scale) if isinstance(scale, (int, float)) else None
+
+
+def _feeding(model: nn.Module, head: nn.Module) -> nn.Module | None:
+    """The last module with a weight before ``head`` among the base model's children: the final norm of a Hugging Face
+    model (``norm``, ``ln_f``, ``final_layernorm``), whose output the head reads."""
+    base = getattr(model, "base_model", None)
+    if base is None or base is model:
+        return None
+    last = [m for m in base.children() if isinstance(getattr(m, "weight", None), nn.Parameter) and m.weight.dim() == 1]
+    return last[-1] if last else None
+
+
+def _divided(norm: nn.Module, ratio: float) -> None:
+    """Rescale ``norm``'s weight (and bias) so that its output is divided by ``ratio``: a weight read as ``w`` (LayerNorm,
+    Llama's RMSNorm) or as ``1 + w`` (Gemma's), found by trying both on a probe input; left as it was when neither does it."""
+    w, bias = norm.weight, getattr(norm, "bias", None)
+    x = torch.randn(2, w.shape[0], generator=torch.Generator().manual_seed(0)).to(w)
+    with torch.no_grad():
+        want = norm(x) / ratio
+        w0, b0 = w.clone(), None if bias is None else bias.clone()
+        for offset in (0.0, 1.0):
+            w.copy_((w0 + offset) / ratio - offset)
+            if b0 is not None:
+                bias.copy_(b0 / ratio)
+            if torch.allclose(norm(x), want, rtol=1e-4, atol=1e-5 * float(want.abs().max())):
+                return
+        w.copy_(w0)
+        if b0 is not None:
+            bias.copy_(b0)
 
 
 def of_class(model: nn.Module, config: Any, state: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]) -> nn.Module:
