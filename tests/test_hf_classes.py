@@ -57,11 +57,18 @@ def gpt_neo() -> torch.nn.Module:
                                               attention_types=[[["global", "local"], 1]]))
 
 
+def stablelm() -> torch.nn.Module:
+    """The head size is hidden_size / num_attention_heads, and key/value heads are grouped: 2 heads of 16 and 4 heads of 8
+    give the same shapes, and only the first is the pruned graph (its rotary embedding reads 16)."""
+    return T.StableLmForCausalLM(T.StableLmConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+
+
 def _logits(out: object) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") else out[0]
 
 
-@pytest.mark.parametrize("make, x", [(gpt2, IDS), (bert, IDS), (swin, IMAGE), (convnextv2, IMAGE), (opt, IDS),
+@pytest.mark.parametrize("make, x", [(gpt2, IDS), (bert, IDS), (swin, IMAGE), (convnextv2, IMAGE), (opt, IDS), (stablelm, IDS),
                                      *(pytest.param(m, x, marks=pytest.mark.slow)
                                        for m, x in ((segformer, IMAGE), (electra, IDS), (distilbert, IDS), (gpt_neo, IDS)))],
                          ids=lambda v: getattr(v, "__name__", ""))

@@ -11,7 +11,8 @@ config leaves unset (GPT-2's ``n_inner``) are first given the value the class us
   tied to a group that cannot prune (frozen, or one atom wide), keeps all its atoms.
 * ``truthful_config``: the config whose widths give exactly the pruned shapes. Each slot is solved from
   the dims it alone sizes; a head count that sizes no weight (GPT-2, BERT, SegFormer derive the head size
-  from the hidden size) follows from its hidden size at the original head size.
+  from the hidden size) follows from its hidden size at the original head size, and so does one that sizes
+  weights only with other slots (StableLM's, with its key/value heads), those slots scaled with it.
 """
 
 from __future__ import annotations
@@ -219,6 +220,27 @@ def _heads(p: Probe, values: dict[Slot, Any]) -> dict[Slot, Any] | str:
     return out
 
 
+def _whole_heads(p: Probe, values: dict[Slot, Any]) -> dict[Slot, Any]:
+    """Head counts that the pruned shapes do not fix, set from the solved hidden size at the original head size, and
+    the slots that size the same weights scaled with them: StableLM derives its head size from hidden_size /
+    num_attention_heads, so its head count and key/value head count size the key and value projections only together,
+    and 4 heads of 8 give the shapes of 2 heads of 16. Pruning keeps heads whole, so the original head size is the
+    graph's (single-head attention, which prunes within its head, keeps its count: no whole number of heads)."""
+    out: dict[Slot, Any] = {}
+    for (f, i), sized in p.sizes.items():
+        hidden = next(((h, i) for h in HEADS.get(f, ()) if (h, i) in values), None)
+        if hidden is None or (f, i) in values or not sized or value(p.config, (f, i)) < 2:
+            continue
+        size, count = value(p.config, hidden) // value(p.config, (f, i)), value(p.config, (f, i))
+        if values[hidden] % size or values[hidden] // size == count:
+            continue
+        scale = values[hidden] // size / count
+        for t, dims in p.sizes.items():
+            if t not in values and dims & sized and isinstance(value(p.config, t), int) and (value(p.config, t) * scale).is_integer():
+                out[t] = int(value(p.config, t) * scale)
+    return out
+
+
 def _name(slot: Slot) -> str:
     return slot[0] if slot[1] is None else f"{slot[0]}[{slot[1]}]"
 
@@ -255,6 +277,9 @@ def truthful_config(p: Probe, shapes: Shapes) -> tuple[Any, str]:
     heads = _heads(p, values)
     if isinstance(heads, str):
         return None, f"the pruned widths give {name} no head size it derives: {heads}"
+    whole = _whole_heads(p, values)
+    if whole and _shapes(p.cls, _rebuilt(with_values(p.config, {**values, **heads, **whole}))) == shapes:
+        heads = {**heads, **whole}
     new = _rebuilt(with_values(p.config, {**values, **heads}))
     try:  # what from_pretrained will check
         type(new).from_dict(new.to_dict())
