@@ -13,6 +13,7 @@ import logging
 import math
 import random
 import re
+import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -907,6 +908,41 @@ def test_a_result_far_past_the_target_is_returned_when_a_plan_with_a_little_fewe
     assert nearer(search, fast, [near, fast]) is fast
     (note,) = targets.latency.overshoot(fast, fast.comparison, [near, fast], search.goal, search.step)
     assert "measured 2.9x" in note and "fewer FLOPs" in note and "1.8x, short of the target" in note
+
+
+def test_a_result_far_past_the_target_gives_way_to_one_between_it_and_a_lighter_plan_that_is_not_wider() -> None:
+    """Plans of two budgets need not nest (MobileNetV2 at batch 8: its 54% plan kept fewer channels than its 58% one in
+    one layer). The only plan that missed removes fewer FLOPs but is narrower in one group, so none is wider than the
+    result, 2.9x for the 2x asked; before, the result came back at once. Now the lighter plan is timed again and
+    plans between are tried: one at 2.2x comes back."""
+    from fxprune.core.groups import Plan
+    from fxprune.targets.latency import Search
+    from fxprune.targets.nearer import nearer
+    from fxprune.targets.trials import Trial
+
+    a = pipeline.analyze(Net().eval(), X)
+    one, *rest = [g for g in a.deps.prunable_groups if g.width >= 32]
+    def plan(first: int, others: int) -> Plan:
+        return Plan({one.id: list(range(first * one.width // 32)), **{g.id: list(range(others * g.width // 32)) for g in rest}})
+
+    search = object.__new__(Search)
+    search.a, search.goal, search.step = a, 0.5, None
+    original = fake_measure([Net().eval()], (X,))[0]
+    def timed(p: Plan, *_, **__) -> Trial:
+        gone = search.removed(p)
+        speedup = 1.6 if gone < 0.45 else 2.2 if gone < 0.6 else 2.9  # speed steps with the FLOPs removed
+        after = dataclasses.replace(original, median_ms=original.median_ms / speedup, q1_ms=original.q1_ms / speedup)
+        c = timing.Comparison(1 / speedup, 0.99 / speedup, 1.01 / speedup, 0.0, 6, original, after)
+        return Trial(p, c, 1 - gone, False)
+
+    def budget_plan(budget: float) -> Plan:  # the latency model's plan for a budget: its estimate is the FLOPs kept
+        return min((plan(k, k) for k in range(1, 33)), key=lambda p: abs(1 - search.removed(p) - budget))
+
+    search.trial, search.plan, search.model = timed, budget_plan, types.SimpleNamespace(total=1.0)
+    fast, light = timed(plan(28, 14)), timed(plan(20, 30))  # 62% and 38% of the FLOPs removed
+    assert search.removed(light.plan) < 0.45 and search.removed(fast.plan) >= 0.6 and not light.wider(fast)
+    chosen = nearer(search, fast, [light, fast])
+    assert chosen.comparison.speedup == pytest.approx(2.2) and search.step is None
 
 
 def test_a_comparison_keeps_its_rounds_when_every_pair_of_the_original_differs_alike(monkeypatch: pytest.MonkeyPatch) -> None:

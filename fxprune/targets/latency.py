@@ -17,7 +17,7 @@ and from it scaled by the median measured over estimated ratio of the search's t
 it is believed, and so are two timings that contradict the width order (a plan with more channels in every group
 measured faster than one with fewer, beyond the noise): if they still do, the machine changed under the search, and
 it refuses. The slowest result that meets the goal with that much to spare wins (else the slowest that meets it); when
-it is more than ``OVERSHOOT`` times faster than asked, the nearest wider results are timed again, and plans between are
+it is more than ``OVERSHOOT`` times faster than asked, the nearest results that keep more are timed again, and plans between are
 tried by bisection (``nearer``); a result that far past the target is returned only when the speed steps from one to the other (the
 report says why), never when the noise left nearer ones undecided.
 

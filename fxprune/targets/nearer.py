@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .trials import OVERSHOOT, Trial, far, too_noisy, widths
+from .trials import OVERSHOOT, Trial, far, keeping_more, too_noisy
 
 if TYPE_CHECKING:
     from .latency import Search
@@ -28,9 +28,9 @@ of the FLOPs missed it: nothing lies between (MobileNetV2 at batch 8: 55% remove
 
 def nearer(search: Search, chosen: Trial, trials: list[Trial]) -> Trial:
     """``chosen``, unless it is more than ``OVERSHOOT`` times faster than asked and no plan that removed at most ``STEP``
-    fewer of the FLOPs missed: then the nearest wider results that missed are timed again (two at most), and plans
-    between tried by bisection (``BISECT`` at most) until one meets within ``OVERSHOOT``, or none lies between
-    (``search.step``: the report says why); one the noise leaves undecided: too noisy to find a result near the target."""
+    fewer of the FLOPs missed: then the nearest results that missed and keep more (``keeping_more``) are timed again (two
+    at most), and plans between tried by bisection (``BISECT`` at most) until one meets within ``OVERSHOOT``, or none lies
+    between (``search.step``: the report says why); one the noise leaves undecided: too noisy to find a result near the target."""
     if not far(chosen, search.goal):
         return chosen
     gone = {id(t): search.removed(t.plan) for t in [*trials, chosen]}  # the share of the FLOPs each plan removes
@@ -40,8 +40,7 @@ def nearer(search: Search, chosen: Trial, trials: list[Trial]) -> Trial:
                        f"{lighter.comparison.speedup:.3g}x, short of the target: the speed steps with the layers' widths (the kernels "
                        "they run) more than with the FLOPs there")
         return chosen
-    missed = sorted({widths(t.plan): t for t in trials if t.wider(chosen) and not t.comparison.meets(search.goal)}.values(),
-                    key=lambda t: t.estimate)
+    missed = keeping_more(chosen, trials, search.goal)
     undecided = []
     for t in [t for t in missed if t.comparison.rounds][:2]:  # a plan that removes nothing needs no timing
         again = search.trial(t.plan, "timed again: the result is far past the target", turn=3)
@@ -53,7 +52,7 @@ def nearer(search: Search, chosen: Trial, trials: list[Trial]) -> Trial:
     for _ in range(BISECT if slow is not None and not undecided and search.step is None else 0):  # a step measured: none between
         plan = search.plan(search.model.total * (fast.estimate + slow.estimate) / 2)
         if not search.removed(slow.plan) < search.removed(plan) < search.removed(fast.plan):  # not between the two
-            search.step = (f"the nearest wider plan measured {slow.comparison.speedup:.3g}x, short of the target, and the latency "
+            search.step = (f"the nearest plan that keeps more measured {slow.comparison.speedup:.3g}x, short of the target, and the latency "
                            "model has no plan between the two: the allowed widths step from one to the other")
             break
         between = search.trial(plan, "between the fastest result that meets the target and the nearest that misses", earlier=trials)
