@@ -637,6 +637,26 @@ def test_a_result_far_past_the_target_is_not_returned_while_nearer_ones_are_unde
     assert pruned.meta["fxprune"]["report"]["latency"]["speedup"] > 1.95
 
 
+def test_a_compile_that_refuses_on_noise_leaves_none_of_its_timings_in_the_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The machine check finds the machine quiet, so the layer timings and comparisons are kept as they are taken; then
+    results near the target time at random and the compile refuses. Its timings may sit in the onset of that load, so
+    they leave the cache again (round_to="auto"'s decision stays: it is kept even on a noisy machine): the next compile
+    times the layers afresh (it built its latency model from them before). A compile that returns keeps its timings."""
+    monkeypatch.setenv("FXPRUNE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(costmodel, "layer_ms", layer_latency)
+    rng = random.Random(0)
+    by_speedup(monkeypatch, lambda model, speedup: rng.uniform(0.5, 2.0) if 1.4 <= speedup <= 1.95 else 1.0)
+    with pytest.raises(fxprune.MeasurementError, match="too noisy"):
+        fxprune.compile(Net().eval(), speedup=1.5, example_inputs=X, verify=False)
+    (table,) = json.loads((tmp_path / "latency.json").read_text()).values()
+    assert table and all(k.startswith("round_to=auto ") for k in table), table
+    monkeypatch.setattr(timing, "time_calls", FlopClock())
+    pruned = fxprune.compile(Net().eval(), speedup=1.5, example_inputs=X, verify=False)
+    assert pruned.meta["fxprune"]["report"]["latency"]["timings_taken"] > 0
+    (table,) = json.loads((tmp_path / "latency.json").read_text()).values()
+    assert any(k.startswith("Conv2d[1, ") for k in table) and any(k.startswith("model ") for k in table)
+
+
 def test_a_result_far_past_the_target_gives_way_to_a_plan_between(monkeypatch: pytest.MonkeyPatch) -> None:
     """Results truly 1.5-1.7x faster always time 1.2x (a kernel that is slow at those widths), so the
     plans nearest the target miss; the search goes on between the results on either side, and one within

@@ -54,6 +54,7 @@ class TimingCache:
         self.enabled = _CACHING.get()
         self.held: dict[str, dict[str, Any]] | None = None  # what the file may hold once timings are held
         self.measured = 0
+        self.taken: list[tuple[str, str]] = []  # (setting key, key) of each timing kept from this instance
         self.unsaved = False
         self.data: dict[str, dict[str, Any]] = {}
         if self.enabled:
@@ -82,6 +83,7 @@ class TimingCache:
         self.measured += 1
         if keep(value):
             table[key] = value
+            self.taken.append((setting.key(), key))
             self.unsaved = True
         return value
 
@@ -114,6 +116,17 @@ class TimingCache:
         (bursts of other work inflate a short timing without widening its interval). Claims still are."""
         if self.held is None:
             self.held = copy.deepcopy(self.data)
+
+    def withdraw(self) -> None:
+        """Take the timings kept from this instance off the disk again: the compile that took them found the machine
+        too noisy to decide its target after they were taken, so they may sit in the onset of that load (a quiet
+        compile after it built its latency model from layer timings taken under load, and returned 3.4x for 1.5x)."""
+        for setting_key, key in self.taken:
+            for data in self._tables():
+                data.get(setting_key, {}).pop(key, None)
+        self.unsaved = self.unsaved or bool(self.taken)
+        self.taken = []
+        self.save()
 
     def drop(self, setting: Setting, prefix: str) -> int:
         """Forget the timings whose key starts with ``prefix``; how many there were."""

@@ -31,7 +31,8 @@ otherwise than when they were taken), as a search whose original moved off its c
 candidate timed at the new speed. Comparisons are cached (``TimingCache``) under the captured architecture and the result's widths, only
 when stable; when the confirming timing misses the goal (or meets it by less than ``SPARE``), they are dropped and
 it searches afresh from it, once. A result whose confirming timing misses the goal then is not returned as meeting it:
-``MeasurementError`` (``on_noise="warn"``: returned with a warning).
+``MeasurementError`` (``on_noise="warn"``: returned with a warning). A search that ends in ``MeasurementError`` takes
+the timings it kept off the cache again (``TimingCache.withdraw``): they may sit in the onset of the load that ended it.
 """
 
 from __future__ import annotations
@@ -108,8 +109,13 @@ def check_machine(a: Analysis, target: Target) -> Checked:
 
 
 def measured(a: Analysis, chooser: Chooser, target: Target, seed: int, checked: Checked) -> tuple[Plan, torch.fx.GraphModule, dict[str, Any]]:
-    """The plan, rewritten model and measurement record of ``target`` on the ``checked`` machine (module docstring)."""
-    return Search(a, chooser, target, seed, *checked).run()
+    """The plan, rewritten model and measurement record of ``target`` on the ``checked`` machine (module docstring);
+    on ``MeasurementError``, the timings the search kept are withdrawn from the cache."""
+    try:
+        return Search(a, chooser, target, seed, *checked).run()
+    except MeasurementError:
+        checked[1].withdraw()
+        raise
 
 
 class Search:
