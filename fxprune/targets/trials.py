@@ -270,8 +270,8 @@ def keeping_more(chosen: Trial, trials: list[Trial], goal: float) -> list[Trial]
     need not nest (MobileNetV2 at batch 8: its plan with 54% of the FLOPs removed kept fewer channels in one layer than
     its 58% one), so the one that missed may be narrower somewhere and still keep more."""
     missed = [t for t in trials if not t.comparison.meets(goal)]
-    nearer = [t for t in missed if t.wider(chosen)] or [t for t in missed if t.estimate > chosen.estimate]
-    return sorted({widths(t.plan): t for t in nearer}.values(), key=lambda t: t.estimate)
+    more = [t for t in missed if t.wider(chosen)] or [t for t in missed if t.estimate > chosen.estimate]
+    return sorted({widths(t.plan): t for t in more}.values(), key=lambda t: t.estimate)
 
 
 def far(timed: Trial | Comparison, goal: float) -> bool:
