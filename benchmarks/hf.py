@@ -60,6 +60,13 @@ ZOO: dict[str, tuple[str, str, dict]] = {
                                                       "attention_types": [[["global", "local"], 1]], "max_position_embeddings": 64}),
     "gemma": ("GemmaForCausalLM", "GemmaConfig", {**TEXT, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}),
     "stablelm": ("StableLmForCausalLM", "StableLmConfig", {**TEXT, "num_attention_heads": 4, "num_key_value_heads": 2}),
+    "gpt_neox": ("GPTNeoXForCausalLM", "GPTNeoXConfig", {**TEXT, "num_attention_heads": 4, "max_position_embeddings": 64}),
+    "phi": ("PhiForCausalLM", "PhiConfig", {**TEXT, "num_attention_heads": 4, "max_position_embeddings": 64}),
+    "granite": ("GraniteForCausalLM", "GraniteConfig", {**TEXT, "num_attention_heads": 4, "num_key_value_heads": 2}),
+    "cohere": ("CohereForCausalLM", "CohereConfig", {**TEXT, "num_attention_heads": 4, "num_key_value_heads": 2}),
+    "roberta": ("RobertaForSequenceClassification", "RobertaConfig", {**TEXT, "num_attention_heads": 4, "num_labels": 3,
+                                                                      "max_position_embeddings": 70}),
+    "deberta_v2": ("DebertaV2ForSequenceClassification", "DebertaV2Config", {**TEXT, "num_attention_heads": 4, "num_labels": 3}),
 }
 
 

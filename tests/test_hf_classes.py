@@ -64,13 +64,19 @@ def stablelm() -> torch.nn.Module:
                                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
 
 
+def deberta_v2() -> torch.nn.Module:
+    """A pooler whose width is a field of its own (``pooler_hidden_size``, the hidden size unless given)."""
+    return T.DebertaV2ForSequenceClassification(T.DebertaV2Config(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                                  intermediate_size=128, max_position_embeddings=64))
+
+
 def _logits(out: object) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") else out[0]
 
 
 @pytest.mark.parametrize("make, x", [(gpt2, IDS), (bert, IDS), (swin, IMAGE), (convnextv2, IMAGE), (opt, IDS), (stablelm, IDS),
                                      *(pytest.param(m, x, marks=pytest.mark.slow)
-                                       for m, x in ((segformer, IMAGE), (electra, IDS), (distilbert, IDS), (gpt_neo, IDS)))],
+                                       for m, x in ((segformer, IMAGE), (electra, IDS), (distilbert, IDS), (gpt_neo, IDS), (deberta_v2, IDS)))],
                          ids=lambda v: getattr(v, "__name__", ""))
 def test_a_model_comes_back_as_its_class_matching_the_pruned_graph_and_round_trips(make, x: torch.Tensor, tmp_path) -> None:
     model = make().eval()

@@ -39,10 +39,11 @@ log = logging.getLogger("fxprune")
 WIDTH_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "n_embd", "n_inner", "n_head",
                 "d_model", "encoder_ffn_dim", "decoder_ffn_dim", "ffn_dim", "encoder_attention_heads", "decoder_attention_heads",
                 "hidden_sizes", "num_heads", "mlp_ratios", "mlp_ratio", "embed_dim", "decoder_hidden_size",
-                "word_embed_proj_dim", "embedding_size", "dim", "hidden_dim", "n_heads")
+                "word_embed_proj_dim", "embedding_size", "dim", "hidden_dim", "n_heads", "pooler_hidden_size")
 """Config fields that hold widths a pruned model may change: one number per model, or one per stage (a list).
 The embeddings' own width (OPT's ``word_embed_proj_dim``, ELECTRA's ``embedding_size``) follows the hidden size
-it equals, or the class would add a projection between them; DistilBERT names its widths ``dim``, ``hidden_dim``."""
+it equals, or the class would add a projection between them; DistilBERT names its widths ``dim``, ``hidden_dim``; DeBERTa-v2's
+pooler has ``pooler_hidden_size``."""
 
 HEADS = {"num_attention_heads": ("hidden_size", "hidden_sizes"), "n_head": ("n_embd", "hidden_size"), "encoder_attention_heads": ("d_model",),
          "decoder_attention_heads": ("d_model",), "num_heads": ("hidden_size",), "n_heads": ("dim",)}
