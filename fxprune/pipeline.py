@@ -130,11 +130,11 @@ class Analysis:
             return transplant(tree, pruned)
         if hf is None:
             return pruned
-        model, why = hf_model(hf, pruned)
+        model, why, rtol = hf_model(hf, pruned)
         why = self.beyond_config or why
         if model is not None:  # its own forward must give the pruned graph's outputs
             try:
-                verify_same(pruned, model, self.inputs)
+                verify_same(pruned, model, self.inputs, rtol)
             except VerificationError as exc:
                 model, why = None, f"{str(exc).rstrip('.')}: its code derives something from the config's widths that the pruned weights do not follow"
         pruned.meta[keys.RECORD]["huggingface"] = {"class": type(hf).__name__, "returned": type(model or pruned).__name__,

@@ -22,7 +22,10 @@ from torch import nn
 from ..core import metakeys as keys
 from .hfconfig import probe, truthful_config, with_biases
 
-__all__ = ["hf_model", "of_class"]
+__all__ = ["hf_model", "of_class", "RTOL"]
+
+RTOL = 1e-4
+"""How closely a class rebuilt from the solved config must give the pruned graph's outputs (``verify_same``)."""
 
 
 def _by_every_name(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -39,9 +42,11 @@ def _by_every_name(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[s
     return out
 
 
-def hf_model(model: nn.Module, pruned: torch.fx.GraphModule) -> tuple[nn.Module | None, str]:
+def hf_model(model: nn.Module, pruned: torch.fx.GraphModule) -> tuple[nn.Module | None, str, float]:
     """A model of ``model``'s class with ``pruned``'s tensors and a config that describes them, or None
-    and the reason why no config can."""
+    and the reason why no config can; and the relative tolerance within which its outputs must be the pruned
+    graph's: 1e-4 (the same ops on the same weights), or 8 epsilons of its dtype where weights stored coarser than
+    float32 were rescaled (``_follow_scales``: Gemma in bfloat16 differs by one rounding, 0.0078 in outputs of 1.15)."""
     read = {n.target for n in pruned.graph.nodes if n.op == "get_attr" and n.users}  # a tied weight is read under one of its names
     held = {**dict(pruned.named_parameters(remove_duplicate=False)), **dict(pruned.named_buffers(remove_duplicate=False))}
     tensors = _by_every_name(model, {n: t for n, t in held.items() if n in read})
@@ -49,14 +54,14 @@ def hf_model(model: nn.Module, pruned: torch.fx.GraphModule) -> tuple[nn.Module 
     shapes = {n: tuple(tensors[n].shape) if n in tensors else tuple(p.shape) for n, p in ref.items()}
     p = probe(model)
     if p is None:
-        return None, f"{type(model).__name__} built from its own config has other parameters than the model"
+        return None, f"{type(model).__name__} built from its own config has other parameters than the model", RTOL
     config, why = truthful_config(p, shapes)
     compensated = pruned.meta.get(keys.RECORD, {}).get("compensated", [])
     gained = {w.rpartition(".")[0] + ".bias" for w in compensated} - set(ref)  # biases that compensation added
     if config is not None and gained:
         config, why = with_biases(type(model), config, gained)
     if config is None:
-        return None, why
+        return None, why, RTOL
     state = {**model.state_dict(), **tensors}
 
     def loaded(own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -64,27 +69,30 @@ def hf_model(model: nn.Module, pruned: torch.fx.GraphModule) -> tuple[nn.Module 
         return {k: (state[k] if k in state else zeros[k]).detach() for k in own}  # the other biases the flags turned on: zero
 
     new = of_class(model, config, loaded)
-    _follow_scales(model, new)
-    return new, ""
+    coarse = model.dtype.is_floating_point and torch.finfo(model.dtype).bits < 32
+    return new, "", 8 * torch.finfo(model.dtype).eps if _follow_scales(model, new) and coarse else RTOL
 
 
-def _follow_scales(model: nn.Module, new: nn.Module) -> None:
+def _follow_scales(model: nn.Module, new: nn.Module) -> bool:
     """Where the class scales an embedding by a number it derives from the hidden size (``embed_scale``: Gemma's
     ``sqrt(hidden_size)`` in a buffer, BART's with ``scale_embedding`` as a number), the embedding's weight takes the
     ratio of the original's number to the new one, so that the class computes what the pruned graph does; when that
     weight is also the output head's, the module feeding the head divides its output by the ratio (``_divided``).
     Only saved weights change, so ``save_pretrained``/``from_pretrained`` keep it; what is left unmatched,
-    ``verify_same`` finds."""
+    ``verify_same`` finds. Whether any weight changed."""
     head = new.get_output_embeddings() if hasattr(new, "get_output_embeddings") else None
     originals = dict(model.named_modules())
+    rescaled = False
     for name, m in new.named_modules():
         now, was = _scale(m), _scale(originals.get(name))
         if now is None or was is None or now == 0 or was == now:
             continue
         with torch.no_grad():
             m.weight.mul_(was / now)
+        rescaled = True
         if head is not None and head.weight is m.weight and (feeding := _feeding(new, head)) is not None:
             _divided(feeding, was / now)
+    return rescaled
 
 
 def _scale(m: nn.Module | None) -> float | None:
@@ -107,21 +115,22 @@ def _feeding(model: nn.Module, head: nn.Module) -> nn.Module | None:
 
 def _divided(norm: nn.Module, ratio: float) -> None:
     """Rescale ``norm``'s weight (and bias) so that its output is divided by ``ratio``: a weight read as ``w`` (LayerNorm,
-    Llama's RMSNorm) or as ``1 + w`` (Gemma's), found by trying both on a probe input; left as it was when neither does it."""
-    w, bias = norm.weight, getattr(norm, "bias", None)
-    x = torch.randn(2, w.shape[0], generator=torch.Generator().manual_seed(0)).to(w)
+    Llama's RMSNorm) or as ``1 + w`` (Gemma's), found by trying both on a probe input with a float32 copy of ``norm``;
+    left as it was when neither does it."""
+    probe = copy.deepcopy(norm).float()
+    x = torch.randn(2, probe.weight.shape[0], generator=torch.Generator().manual_seed(0)).to(probe.weight.device)
     with torch.no_grad():
-        want = norm(x) / ratio
-        w0, b0 = w.clone(), None if bias is None else bias.clone()
+        want = probe(x) / ratio
+        w0, b0 = probe.weight.clone(), None if getattr(probe, "bias", None) is None else probe.bias.clone()
         for offset in (0.0, 1.0):
-            w.copy_((w0 + offset) / ratio - offset)
+            probe.weight.copy_((w0 + offset) / ratio - offset)
             if b0 is not None:
-                bias.copy_(b0 / ratio)
-            if torch.allclose(norm(x), want, rtol=1e-4, atol=1e-5 * float(want.abs().max())):
+                probe.bias.copy_(b0 / ratio)
+            if torch.allclose(probe(x), want, rtol=1e-4, atol=1e-5 * float(want.abs().max())):
+                norm.weight.copy_(probe.weight)
+                if b0 is not None:
+                    norm.bias.copy_(probe.bias)
                 return
-        w.copy_(w0)
-        if b0 is not None:
-            bias.copy_(b0)
 
 
 def of_class(model: nn.Module, config: Any, state: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]) -> nn.Module:
