@@ -268,22 +268,27 @@ def test_a_product_with_a_weight_parameter_is_a_linear_layer(how: str, export: b
     assert pruned(torch.randn(2, 7, 12)).shape == (2, 7, 5)
 
 
-class ClampedScores(nn.Module):
-    """Scores clamped from below by ``torch.max`` with a 0-d tensor, as XGLM's attention does (aten ``max.other``)."""
+class Elementwise(nn.Module):
+    """A hidden layer through ``torch.max`` with a 0-d tensor (XGLM clamps its attention scores so: aten ``max.other``)
+    or through ``torch.reciprocal``."""
 
-    def __init__(self) -> None:
+    def __init__(self, op: str) -> None:
         super().__init__()
+        self.op = op
         self.a, self.b = nn.Linear(12, 32), nn.Linear(32, 5)
 
     def forward(self, x):
-        return self.b(torch.max(self.a(x), torch.tensor(-1.0)))
+        h = self.a(x)
+        return self.b(torch.max(h, torch.tensor(-1.0)) if self.op == "max" else torch.reciprocal(h.abs() + 1))
 
 
-def test_an_elementwise_max_of_an_exported_graph_is_elementwise() -> None:
+@pytest.mark.parametrize("op", ["max", "reciprocal"])
+def test_elementwise_ops_of_an_exported_graph_pass_channels_through(op: str) -> None:
     """aten ``max.other`` (the two-tensor ``torch.max``) maps to ``torch.maximum``, not to the ``max`` reduction, whose
-    overloads share its name: the channels it passes stay prunable (XGLM's heads were frozen by it)."""
+    overloads share its name, and ``reciprocal`` is elementwise: the channels they pass stay prunable (XGLM's heads were
+    frozen by the first, "not understood")."""
     x = torch.randn(3, 7, 12)
-    given = torch.export.export(ClampedScores().eval(), (x,))
+    given = torch.export.export(Elementwise(op).eval(), (x,))
     g = group_with(given, "a.weight", 0, x)
     assert member_names(g) == {"a.weight[0]", "a.bias[0]", "b.weight[1]"} and not g.frozen
     assert fxprune.compile(given, ratio=0.5, example_inputs=x).a.weight.shape[0] < 32

@@ -20,7 +20,7 @@ ELEMENTWISE_FUNCS: set[Any] = {
     torch.add, torch.sub, torch.subtract, torch.mul, torch.multiply, torch.div, torch.true_divide,
     torch.maximum, torch.minimum, torch.where, torch.lerp, torch.addcmul, torch.addcdiv, torch.pow,
     torch.clamp, torch.clip, torch.sqrt, torch.rsqrt, torch.exp, torch.log, torch.abs, torch.neg,
-    torch.sigmoid, torch.tanh, torch.relu, torch.relu_, torch.erf, torch.sign, torch.square, torch.cos, torch.sin,
+    torch.sigmoid, torch.tanh, torch.relu, torch.relu_, torch.erf, torch.sign, torch.square, torch.cos, torch.sin, torch.reciprocal,
     F.relu, F.relu_, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.sigmoid, F.tanh,
     F.leaky_relu, F.elu, F.selu, F.celu, F.mish, F.softplus, F.hardtanh, F.logsigmoid,
     F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
@@ -30,7 +30,7 @@ ELEMENTWISE_METHODS = {
     "eq", "ne", "lt", "le", "gt", "ge",
     "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "pow", "sqrt", "rsqrt", "exp",
     "abs", "neg", "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "clamp", "clamp_", "clip",
-    "square", "masked_fill", "masked_fill_", "lerp", "addcmul", "maximum", "minimum", "copy_", "cos", "sin",
+    "square", "masked_fill", "masked_fill_", "lerp", "addcmul", "maximum", "minimum", "copy_", "cos", "sin", "reciprocal",
 }
 # Calls that enter and leave grad mode or autocast around a region (torch.export's wrapped regions, inlined
 # by the capture pass): no tensors, no channels.
