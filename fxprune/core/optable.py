@@ -197,7 +197,7 @@ def _by_name() -> dict[str, Any]:
 
 
 _ATEN_BY_NAME = {**_by_name(), **_ATEN_AS, **_ATEN_ONLY}
-_ATEN_BY_OVERLOAD = {("max", "other"): torch.maximum, ("min", "other"): torch.minimum}
+_ATEN_BY_OVERLOAD = {torch.ops.aten.max.other: torch.maximum, torch.ops.aten.min.other: torch.minimum}
 """aten ops whose overload decides the function: ``max.other`` is elementwise (XGLM clamps its attention scores with it), ``max.dim`` a reduction."""
 
 
@@ -205,7 +205,7 @@ def canonical(target: Any) -> Any:
     """The torch function (or Tensor method name) a graph target stands for: one table serves both
     capture paths, so an aten op (torch.export) maps to the function or method of the same name."""
     if isinstance(target, torch._ops.OpOverload) and target.namespace == "aten":
-        return _ATEN_BY_OVERLOAD.get((target._opname, target._overloadname)) or _ATEN_BY_NAME.get(target._opname, target)
+        return _ATEN_BY_OVERLOAD.get(target) or _ATEN_BY_NAME.get(target._opname, target)
     if isinstance(target, torch._ops.OpOverload) and target.namespace == "torchvision":
         return _TORCHVISION_AS.get(target._opname, target)
     return target

@@ -182,12 +182,13 @@ def _leaves(x: Any) -> list[torch.Tensor]:
     return out
 
 
-_BUG = (" This is a bug in fxprune's coupling analysis; please report it with the model. Workaround: put the module that feeds "
-        "the wrong channels in ignore=.")
+def _bug(module: str) -> str:
+    """What a verification error adds when the pruned model is at fault: a coupling bug, and which ``module`` to ignore."""
+    return f" This is a bug in fxprune's coupling analysis; please report it with the model. Workaround: put the module {module} in ignore=."
 
 
 def compare(want: list[torch.Tensor], got: list[torch.Tensor], rtol: float, names: tuple[str, str] = ("the masked original", "the pruned model"),
-            blame: str = _BUG) -> VerifyResult:
+            blame: str = _bug("that feeds the wrong channels")) -> VerifyResult:
     """The oracle's outputs ``want`` against the pruned model's ``got``; VerificationError if they differ. ``names``: what
     gave ``want`` and ``got``, and ``blame``: what the message adds, for other pairs (``verify_same``)."""
     if len(want) != len(got):
@@ -233,7 +234,7 @@ def verify(
 
 
 def _run_pruned(pruned: nn.Module, example_inputs: Sequence[Any], name: str = "the pruned model",
-                blame: str = _BUG.replace("that feeds the wrong channels", "around the failing node")) -> list[torch.Tensor]:
+                blame: str = _bug("around the failing node")) -> list[torch.Tensor]:
     try:
         return _leaves(pruned(*example_inputs))
     except VerificationError:

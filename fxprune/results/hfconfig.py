@@ -232,7 +232,8 @@ def _whole_heads(p: Probe, values: dict[Slot, Any]) -> dict[Slot, Any]:
         hidden = next(((h, i) for h in HEADS.get(f, ()) if (h, i) in values), None)
         if hidden is None or (f, i) in values or not sized or value(p.config, (f, i)) < 2:
             continue
-        size, count = value(p.config, hidden) // value(p.config, (f, i)), value(p.config, (f, i))
+        count = value(p.config, (f, i))
+        size = value(p.config, hidden) // count
         if values[hidden] % size or values[hidden] // size == count:
             continue
         scale = values[hidden] // size / count
