@@ -1029,6 +1029,46 @@ def test_fresh_pages_names_tensors_over_glibcs_mmap_ceiling_unless_malloc_is_tun
     assert machine.fresh_pages(small.gm, "cpu", environ={}, libc="glibc") is None
 
 
+class FakeLibc:
+    """Records ``mallopt`` calls, as (parameter, value)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, int]] = []
+
+    def mallopt(self, param: int, value: int) -> int:
+        self.calls.append((param, value))
+        return 1
+
+
+def test_every_timing_holds_glibcs_heap_trimming_off_and_gives_it_back_after(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "LD_PRELOAD", "GLIBC_TUNABLES"):
+        monkeypatch.delenv(name, raising=False)
+    libc = FakeLibc()
+    monkeypatch.setattr(timing, "_glibc", lambda: libc)
+    held: list[list[tuple[int, int]]] = []
+    real = timing.time_calls
+    monkeypatch.setattr(timing, "time_calls", lambda *args: (held.append(list(libc.calls)), real(*args))[1])
+    model, x = nn.Sequential(nn.Linear(8, 8)).eval(), torch.randn(2, 8)
+    off, back = (timing.M_TRIM_THRESHOLD, (1 << 31) - 1), (timing.M_TRIM_THRESHOLD, 2 * (timing.MMAP_MAX - (1 << 20)))
+    for timed in (lambda: timing.compare(model, model, (x,), rounds=2, most=2), lambda: measure_in_turns([model], (x,), repeat=2),
+                  lambda: machine.check(model, (x,), seconds=0.01)):
+        libc.calls.clear(), held.clear()
+        timed()
+        assert held and all(calls == [off] for calls in held)  # every clock reading with trimming held off
+        assert libc.calls == [off, back]
+    libc.calls.clear()
+    with timing.steady_malloc("cpu"):
+        measure_in_turns([model], (x,), repeat=2)
+        assert libc.calls == [off]  # the inner block leaves it to the outer one
+    assert libc.calls == [off, back]
+    libc.calls.clear()
+    for device, environ in (("cuda:0", {}), ("cpu", {"MALLOC_TRIM_THRESHOLD_": "0"}), ("cpu", {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=1"}),
+                            ("cpu", {"LD_PRELOAD": "libtcmalloc.so.4"})):
+        with timing.steady_malloc(device, environ):
+            pass
+    assert libc.calls == []  # the user's allocator settings stand
+
+
 def test_a_latency_target_says_when_its_timings_include_malloc_page_faults(fake_clock: FlopClock, monkeypatch: pytest.MonkeyPatch,
                                                                            caplog: pytest.LogCaptureFixture) -> None:
     for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "LD_PRELOAD", "GLIBC_TUNABLES"):

@@ -30,7 +30,7 @@ from ..core import metakeys as keys
 from ..core.fxutil import MMAP_MAX, eval_mode
 from . import timing
 from .intervals import aa_noise, burst_limit
-from .timing import BURST, MIN_MS, WARMUP, Latency, Setting, settle_malloc, summarize, synchronizer, threads, warm_calls
+from .timing import BURST, MIN_MS, WARMUP, Latency, Setting, malloc_fixed, steady_malloc, summarize, synchronizer, threads, warm_calls
 
 __all__ = ["Machine", "check", "fresh_pages", "SECONDS", "NOISY", "STALLED", "BURSTY"]
 
@@ -116,11 +116,10 @@ def check(model: nn.Module, inputs: Sequence[Any], seconds: float = SECONDS) -> 
     setting = Setting.of(model, inputs)
     sync = synchronizer(setting.device)
     n = torch.get_num_threads()
-    settle_malloc(setting.device)
     first: list[float] = []
     single: list[float] = []
     second: list[float] = []
-    with torch.no_grad(), eval_mode(model):
+    with torch.no_grad(), eval_mode(model), steady_malloc(setting.device):
         (calls,) = warm_calls([model], inputs, WARMUP, MIN_MS, sync)
         def more() -> bool:
             spent = sum(first + second + single) * calls / 1e3
@@ -142,13 +141,6 @@ def check(model: nn.Module, inputs: Sequence[Any], seconds: float = SECONDS) -> 
                    sum(first + second + single) * calls / 1e3, burst)
 
 
-_TUNED = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
-"""Both are needed: with the mmap threshold alone fixed, glibc stops adapting its trim threshold and returns
-the freed heap top to the kernel, so every large tensor still faults (docs/latency.md)."""
-_TUNABLES = ("mmap_threshold", "trim_threshold")
-_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
-
-
 def fresh_pages(gm: torch.fx.GraphModule, device: str, environ: Mapping[str, str] = os.environ, libc: str | None = None) -> str | None:
     """What every timing of ``gm`` pays that a deployment with another allocator does not, or None.
 
@@ -158,12 +150,11 @@ def fresh_pages(gm: torch.fx.GraphModule, device: str, environ: Mapping[str, str
     raised, and MobileNetV2 at batch 8 99 ms against 66 ms. A plan that brings such a tensor below 32 MiB
     then gains more than its FLOPs say (that model's 60%- and 62%-removed plans timed 1.6x and 2.1-2.7x,
     1.3x and 1.4x with the thresholds raised). None off glibc or the CPU, when no tensor is that large,
-    or when the environment sets both of glibc's thresholds or preloads another allocator.
+    or when the environment sets both of glibc's thresholds (one alone stops glibc adapting the other, and
+    every large tensor still faults) or preloads another allocator.
     """
     libc = platform.libc_ver()[0] if libc is None else libc
-    tunables = environ.get("GLIBC_TUNABLES", "")
-    if (not device.startswith("cpu") or libc != "glibc" or all(k in environ for k in _TUNED) or all(t in tunables for t in _TUNABLES)
-            or any(a in environ.get("LD_PRELOAD", "") for a in _ALLOCATORS)):
+    if not device.startswith("cpu") or libc != "glibc" or len(malloc_fixed(environ)) == 2:
         return None
     sizes = {n.name: m.dtype.itemsize * m.shape.numel() for n in gm.graph.nodes
              if isinstance(m := n.meta.get(keys.TENSOR_META), TensorMetadata) and all(isinstance(d, int) for d in m.shape)}
@@ -174,5 +165,7 @@ def fresh_pages(gm: torch.fx.GraphModule, device: str, environ: Mapping[str, str
     return (f"{len(big)} tensors of a forward are over glibc malloc's {MMAP_MAX >> 20} MiB mmap ceiling (the largest, {largest}, "
             f"{sizes[largest] / 2**20:.0f} MiB): each call maps them afresh and page-faults them, in every timing here, so a plan "
             "that brings them under it gains more than its FLOPs say, and a deployment with a caching allocator sees less "
-            "of that gain. To time without those faults, start the compile and the deployment with MALLOC_MMAP_THRESHOLD_ "
+            "of that gain. The timings keep the heap's freed top from going back to the kernel (whether it does depends on "
+            "the process's history), so a deployment on glibc's defaults may page-fault more than timed. To time without "
+            "those faults, start the compile and the deployment with MALLOC_MMAP_THRESHOLD_ "
             "and MALLOC_TRIM_THRESHOLD_ set (e.g. both 1073741824), or with jemalloc or tcmalloc in LD_PRELOAD")

@@ -15,10 +15,13 @@ latency.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
+import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -29,10 +32,10 @@ from ..core.fxutil import MMAP_MAX, eval_mode
 from .intervals import CONFIDENCE, aa_noise, burst_limit, futile, median_interval, round_ratios, verdict
 
 __all__ = ["Latency", "Comparison", "measure_latency", "measure_in_turns", "compare", "time_calls", "layer_ms",
-           "Setting", "threads", "settle_malloc", "warm_calls", "summarize", "synchronizer", "STABLE", "BURST", "FEWEST", "PATIENCE",
+           "Setting", "threads", "steady_malloc", "malloc_fixed", "warm_calls", "summarize", "synchronizer", "STABLE", "BURST", "FEWEST", "PATIENCE",
            "WARMUP", "MIN_MS"]
 
-METHOD = 4
+METHOD = 5
 """How timings are taken and kept; part of every cache key, so timings taken another way are taken again."""
 
 STABLE = 0.05
@@ -154,14 +157,59 @@ class Latency:
         return cls(median, q1, q3, runs, batch, setting, *interval)
 
 
-def settle_malloc(device: str, nbytes: int = MMAP_MAX) -> None:
-    """Raise glibc's mmap threshold to ``nbytes`` (at most its ceiling) by freeing a block that large, as
-    a long-running process has: below the threshold freed memory is reused, above it every large tensor
-    gets fresh pages from the kernel, so a model timed right after another one pays page faults that it
-    does not pay when it runs alone (at batch 8, a MobileNetV2 timed 5-13% slower in a quarter of the
-    rounds after a narrower copy of it)."""
-    if device.startswith("cpu"):
-        torch.empty(min(nbytes, MMAP_MAX - (1 << 20)), dtype=torch.uint8)
+_THRESHOLDS = ("mmap", "trim")
+_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
+
+M_TRIM_THRESHOLD = -1
+"""glibc's ``mallopt`` parameter: the size of free memory at the heap's top that a ``free`` returns to the kernel."""
+
+_held = 0  # timings now inside ``steady_malloc``: the outermost one restores the trim threshold
+
+
+def malloc_fixed(environ: Mapping[str, str] = os.environ) -> frozenset[str]:
+    """Which of glibc malloc's thresholds (``"mmap"``, ``"trim"``) the environment sets (``MALLOC_MMAP_THRESHOLD_``,
+    ``MALLOC_TRIM_THRESHOLD_`` or ``GLIBC_TUNABLES``); both when it preloads another allocator."""
+    if any(a in environ.get("LD_PRELOAD", "") for a in _ALLOCATORS):
+        return frozenset(_THRESHOLDS)
+    tunables = environ.get("GLIBC_TUNABLES", "")
+    return frozenset(t for t in _THRESHOLDS if f"MALLOC_{t.upper()}_THRESHOLD_" in environ or f"{t}_threshold" in tunables)
+
+
+@functools.cache
+def _glibc() -> Any:
+    """The C library, where it is glibc's (its ``mallopt``); else None."""
+    if platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def steady_malloc(device: str, environ: Mapping[str, str] = os.environ) -> Iterator[None]:
+    """glibc's malloc, for the length of a timing, in a state the process's history cannot move: its mmap threshold
+    raised to the ceiling (a block that large freed, as a long-running process has done), so that only tensors over
+    32 MiB get fresh pages on every call, and the free top of the heap kept rather than returned to the kernel. Whether
+    a ``free`` returns it depends on what the process allocated before: one MobileNetV2 plan at batch 8 page-faulted
+    784 pages a call in one process and 11,532 in another, its original 26,070 and 42,502 by turns in one, and the
+    plan timed 1.73x and 2.31x. After the block the trim threshold is the one glibc sets at that mmap threshold.
+    Nothing is changed off glibc or the CPU, or where the environment sets malloc's thresholds or another allocator."""
+    global _held
+    libc = _glibc() if device.startswith("cpu") and not malloc_fixed(environ) else None
+    if libc is None:
+        yield
+        return
+    torch.empty(MMAP_MAX - (1 << 20), dtype=torch.uint8)  # freed at once: glibc raises its thresholds to its size
+    if not _held:
+        libc.mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1)
+    _held += 1
+    try:
+        yield
+    finally:
+        _held -= 1
+        if not _held:
+            libc.mallopt(M_TRIM_THRESHOLD, 2 * (MMAP_MAX - (1 << 20)))
 
 
 def synchronizer(device: str) -> Callable[[], None]:
@@ -205,7 +253,7 @@ def measure_in_turns(models: Sequence[nn.Module], inputs: Sequence[Any], *, repe
     setting = Setting.of(models[0], inputs)
     sync = synchronizer(setting.device)
     samples: list[list[float]] = [[] for _ in models]
-    with torch.no_grad(), eval_mode(*models):
+    with torch.no_grad(), eval_mode(*models), steady_malloc(setting.device):
         calls = warm_calls(models, inputs, warmup, min_ms, sync)
         for _ in range(repeat):
             for i, m in enumerate(models):
@@ -295,8 +343,7 @@ def compare(original: nn.Module, candidate: nn.Module, inputs: Sequence[Any], *,
     setting = Setting.of(original, inputs)
     sync = synchronizer(setting.device)
     taken: list[tuple[float, float, float]] = []  # (original, candidate, original) per round
-    settle_malloc(setting.device)
-    with torch.no_grad(), eval_mode(original, candidate):
+    with torch.no_grad(), eval_mode(original, candidate), steady_malloc(setting.device):
         n_orig, n_cand = warm_calls([original, candidate], inputs, warmup, min_ms, sync)
         while True:
             taken.append((time_calls(original, inputs, n_orig, sync), time_calls(candidate, inputs, n_cand, sync),
@@ -322,11 +369,8 @@ def layer_ms(layer: nn.Module, x: torch.Tensor) -> Latency:
     A loop that allocates the same large output again and again is the worst case of glibc's malloc:
     a block at least as large as the largest it has unmapped gets fresh pages from the kernel each time,
     and faulting them in took 10x a 16->64 conv's time at 160x160 (10 ms against 1 ms) on a virtual
-    machine, while inside the model, where larger blocks were freed before, it took 1.8 ms. So one
-    block twice the size of the layer's largest tensor is freed first, as a model's run does."""
-    with torch.no_grad(), eval_mode(layer):
-        out = layer(x)
-    settle_malloc(x.device.type, 2 * max(x.nbytes, out.nbytes))
+    machine, while inside the model, where larger blocks were freed before, it took 1.8 ms: the timing
+    runs in ``steady_malloc``, as every timing here does."""
     return measure_in_turns([layer], (x,), repeat=9, warmup=2, min_ms=1.0)[0]
 
 
