@@ -1021,8 +1021,10 @@ def test_fresh_pages_names_tensors_over_glibcs_mmap_ceiling_unless_malloc_is_tun
                     {"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"},
                     {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=1073741824"}):
         assert machine.fresh_pages(a.gm, "cpu", environ=environ, libc="glibc") is None
+    assert "keep every tensor in the heap" in note  # as the timings do: steady_malloc
     for environ in ({"MALLOC_MMAP_THRESHOLD_": "1073741824"}, {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=1073741824"}):
-        assert machine.fresh_pages(a.gm, "cpu", environ=environ, libc="glibc") == note  # one threshold alone: still faults
+        alone = machine.fresh_pages(a.gm, "cpu", environ=environ, libc="glibc")  # one threshold alone: still faults, timings too
+        assert alone is not None and "sets glibc's mmap threshold alone" in alone and "in these timings too" in alone
     assert machine.fresh_pages(a.gm, "cpu", environ={}, libc="") is None  # not glibc
     assert machine.fresh_pages(a.gm, "cuda:0", environ={}, libc="glibc") is None
     small = pipeline.analyze(big_maps(), BIG[..., :600, :600])
@@ -1040,7 +1042,7 @@ class FakeLibc:
         return 1
 
 
-def test_every_timing_holds_glibcs_heap_trimming_off_and_gives_it_back_after(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_every_timing_keeps_glibcs_freed_memory_in_the_heap_and_sets_the_thresholds_back_after(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "LD_PRELOAD", "GLIBC_TUNABLES"):
         monkeypatch.delenv(name, raising=False)
     libc = FakeLibc()
@@ -1049,18 +1051,19 @@ def test_every_timing_holds_glibcs_heap_trimming_off_and_gives_it_back_after(mon
     real = timing.time_calls
     monkeypatch.setattr(timing, "time_calls", lambda *args: (held.append(list(libc.calls)), real(*args))[1])
     model, x = nn.Sequential(nn.Linear(8, 8)).eval(), torch.randn(2, 8)
-    off, back = (timing.M_TRIM_THRESHOLD, (1 << 31) - 1), (timing.M_TRIM_THRESHOLD, 2 * (timing.MMAP_MAX - (1 << 20)))
+    off = [(timing.M_MMAP_THRESHOLD, (1 << 31) - 1), (timing.M_TRIM_THRESHOLD, (1 << 31) - 1)]
+    back = [(timing.M_MMAP_THRESHOLD, timing.MMAP_MAX), (timing.M_TRIM_THRESHOLD, 2 * timing.MMAP_MAX)]
     for timed in (lambda: timing.compare(model, model, (x,), rounds=2, most=2), lambda: measure_in_turns([model], (x,), repeat=2),
                   lambda: machine.check(model, (x,), seconds=0.01)):
         libc.calls.clear(), held.clear()
         timed()
-        assert held and all(calls == [off] for calls in held)  # every clock reading with trimming held off
-        assert libc.calls == [off, back]
+        assert held and all(calls == off for calls in held)  # every clock reading with both thresholds past any tensor
+        assert libc.calls == off + back
     libc.calls.clear()
     with timing.steady_malloc("cpu"):
         measure_in_turns([model], (x,), repeat=2)
-        assert libc.calls == [off]  # the inner block leaves it to the outer one
-    assert libc.calls == [off, back]
+        assert libc.calls == off  # the inner block leaves them to the outer one
+    assert libc.calls == off + back
     libc.calls.clear()
     for device, environ in (("cuda:0", {}), ("cpu", {"MALLOC_TRIM_THRESHOLD_": "0"}), ("cpu", {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=1"}),
                             ("cpu", {"LD_PRELOAD": "libtcmalloc.so.4"})):

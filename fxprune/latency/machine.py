@@ -142,19 +142,19 @@ def check(model: nn.Module, inputs: Sequence[Any], seconds: float = SECONDS) -> 
 
 
 def fresh_pages(gm: torch.fx.GraphModule, device: str, environ: Mapping[str, str] = os.environ, libc: str | None = None) -> str | None:
-    """What every timing of ``gm`` pays that a deployment with another allocator does not, or None.
+    """What a deployment of ``gm`` on glibc's defaults may pay that its timings (``timing.steady_malloc``) do not, or None.
 
-    glibc's malloc maps a block above its largest mmap threshold (32 MiB) from the kernel at each
-    allocation and unmaps it when freed, so a forward page-faults each tensor that large, every call: a
+    glibc's malloc maps a block above its largest mmap threshold (32 MiB) from the kernel when the heap has
+    no room for it and unmaps it when freed, so a forward may page-fault each tensor that large, every call: a
     1x1 16->96 conv over 8x16x112x112 (a 38 MB output) took 28 ms here, 4.6 ms with glibc's thresholds
     raised, and MobileNetV2 at batch 8 99 ms against 66 ms. A plan that brings such a tensor below 32 MiB
     then gains more than its FLOPs say (that model's 60%- and 62%-removed plans timed 1.6x and 2.1-2.7x,
     1.3x and 1.4x with the thresholds raised). None off glibc or the CPU, when no tensor is that large,
-    or when the environment sets both of glibc's thresholds (one alone stops glibc adapting the other, and
-    every large tensor still faults) or preloads another allocator.
+    or when the environment sets both of glibc's thresholds or preloads another allocator; where it sets
+    one alone, the timings keep it (``steady_malloc``) and the note says that glibc then faults more.
     """
-    libc = platform.libc_ver()[0] if libc is None else libc
-    if not device.startswith("cpu") or libc != "glibc" or len(malloc_fixed(environ)) == 2:
+    libc, fixed = platform.libc_ver()[0] if libc is None else libc, malloc_fixed(environ)
+    if not device.startswith("cpu") or libc != "glibc" or len(fixed) == 2:
         return None
     sizes = {n.name: m.dtype.itemsize * m.shape.numel() for n in gm.graph.nodes
              if isinstance(m := n.meta.get(keys.TENSOR_META), TensorMetadata) and all(isinstance(d, int) for d in m.shape)}
@@ -162,10 +162,15 @@ def fresh_pages(gm: torch.fx.GraphModule, device: str, environ: Mapping[str, str
     if not big:
         return None
     largest = max(big, key=sizes.__getitem__)
-    return (f"{len(big)} tensors of a forward are over glibc malloc's {MMAP_MAX >> 20} MiB mmap ceiling (the largest, {largest}, "
-            f"{sizes[largest] / 2**20:.0f} MiB): each call maps them afresh and page-faults them, in every timing here, so a plan "
-            "that brings them under it gains more than its FLOPs say, and a deployment with a caching allocator sees less "
-            "of that gain. The timings keep the heap's freed top from going back to the kernel (whether it does depends on "
-            "the process's history), so a deployment on glibc's defaults may page-fault more than timed. To time without "
-            "those faults, start the compile and the deployment with MALLOC_MMAP_THRESHOLD_ "
-            "and MALLOC_TRIM_THRESHOLD_ set (e.g. both 1073741824), or with jemalloc or tcmalloc in LD_PRELOAD")
+    both = ("MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ set (e.g. both 1073741824), or with jemalloc or tcmalloc in "
+            "LD_PRELOAD")
+    head = (f"{len(big)} tensors of a forward are over glibc malloc's {MMAP_MAX >> 20} MiB mmap ceiling (the largest, {largest}, "
+            f"{sizes[largest] / 2**20:.0f} MiB)")
+    if fixed:
+        (one,) = fixed
+        return (f"{head}, and the environment sets glibc's {one} threshold alone, so glibc no longer adapts the other one and may "
+                f"page-fault such tensors on every call, in these timings too. Start the compile and the deployment with {both}")
+    return (f"{head}. The timings here keep every tensor in the heap, as a caching allocator does; a process on glibc's "
+            "defaults maps such a tensor afresh and page-faults it whenever its heap has no room for it (its history decides), "
+            f"which can make the original and this result slower than timed, the original more. To run as timed, start the "
+            f"deployment with {both}")

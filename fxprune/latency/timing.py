@@ -160,10 +160,11 @@ class Latency:
 _THRESHOLDS = ("mmap", "trim")
 _ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
 
-M_TRIM_THRESHOLD = -1
-"""glibc's ``mallopt`` parameter: the size of free memory at the heap's top that a ``free`` returns to the kernel."""
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+"""glibc's ``mallopt`` parameters: the free memory at the heap's top that a ``free`` returns to the kernel, and the
+size from which a block is mapped afresh from the kernel (and unmapped when freed) when the heap has no room."""
 
-_held = 0  # timings now inside ``steady_malloc``: the outermost one restores the trim threshold
+_held = 0  # timings now inside ``steady_malloc``: the outermost one sets the thresholds back
 
 
 def malloc_fixed(environ: Mapping[str, str] = os.environ) -> frozenset[str]:
@@ -188,20 +189,22 @@ def _glibc() -> Any:
 
 @contextlib.contextmanager
 def steady_malloc(device: str, environ: Mapping[str, str] = os.environ) -> Iterator[None]:
-    """glibc's malloc, for the length of a timing, in a state the process's history cannot move: its mmap threshold
-    raised to the ceiling (a block that large freed, as a long-running process has done), so that only tensors over
-    32 MiB get fresh pages on every call, and the free top of the heap kept rather than returned to the kernel. Whether
-    a ``free`` returns it depends on what the process allocated before: one MobileNetV2 plan at batch 8 page-faulted
-    784 pages a call in one process and 11,532 in another, its original 26,070 and 42,502 by turns in one, and the
-    plan timed 1.73x and 2.31x. After the block the trim threshold is the one glibc sets at that mmap threshold.
-    Nothing is changed off glibc or the CPU, or where the environment sets malloc's thresholds or another allocator."""
+    """glibc's malloc, for the length of a timing, in the one state the process's history cannot move: every block
+    from the heap and none returned to the kernel (both thresholds past any tensor), so a model's calls reuse
+    their memory and page-fault none of it, as with a caching allocator (jemalloc, tcmalloc) or both thresholds
+    set. On glibc's own settings a block over the mmap threshold is mapped afresh only when the heap has no
+    room, and a ``free`` returns the heap's top only past the trim threshold: both depend on what the process
+    allocated before, not on the model (MobileNetV2's original at batch 8 timed 111 ms in one compile and 74 ms in
+    the next, one process; one plan of it 1.73x and 2.31x in two: docs/latency.md). After the block the
+    thresholds are where glibc's own adaptation ends (32 MiB, and trim at twice that). Nothing changes off
+    glibc or the CPU, or where the environment sets malloc's thresholds or another allocator."""
     global _held
     libc = _glibc() if device.startswith("cpu") and not malloc_fixed(environ) else None
     if libc is None:
         yield
         return
-    torch.empty(MMAP_MAX - (1 << 20), dtype=torch.uint8)  # freed at once: glibc raises its thresholds to its size
     if not _held:
+        libc.mallopt(M_MMAP_THRESHOLD, (1 << 31) - 1)
         libc.mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1)
     _held += 1
     try:
@@ -209,7 +212,8 @@ def steady_malloc(device: str, environ: Mapping[str, str] = os.environ) -> Itera
     finally:
         _held -= 1
         if not _held:
-            libc.mallopt(M_TRIM_THRESHOLD, 2 * (MMAP_MAX - (1 << 20)))
+            libc.mallopt(M_MMAP_THRESHOLD, MMAP_MAX)
+            libc.mallopt(M_TRIM_THRESHOLD, 2 * MMAP_MAX)
 
 
 def synchronizer(device: str) -> Callable[[], None]:
