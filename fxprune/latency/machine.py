@@ -144,8 +144,8 @@ def check(model: nn.Module, inputs: Sequence[Any], seconds: float = SECONDS) -> 
 def fresh_pages(gm: torch.fx.GraphModule, device: str, environ: Mapping[str, str] = os.environ, libc: str | None = None) -> str | None:
     """What a deployment of ``gm`` on glibc's defaults may pay that its timings (``timing.steady_malloc``) do not, or None.
 
-    glibc's malloc maps a block above its largest mmap threshold (32 MiB) from the kernel when the heap has
-    no room for it and unmaps it when freed, so a forward may page-fault each tensor that large, every call: a
+    glibc's malloc maps a block above its largest mmap threshold (32 MiB) from the kernel at each
+    allocation and unmaps it when freed, so a forward page-faults each tensor that large, every call: a
     1x1 16->96 conv over 8x16x112x112 (a 38 MB output) took 28 ms here, 4.6 ms with glibc's thresholds
     raised, and MobileNetV2 at batch 8 99 ms against 66 ms. A plan that brings such a tensor below 32 MiB
     then gains more than its FLOPs say (that model's 60%- and 62%-removed plans timed 1.6x and 2.1-2.7x,
@@ -171,6 +171,6 @@ def fresh_pages(gm: torch.fx.GraphModule, device: str, environ: Mapping[str, str
         return (f"{head}, and the environment sets glibc's {one} threshold alone, so glibc no longer adapts the other one and may "
                 f"page-fault such tensors on every call, in these timings too. Start the compile and the deployment with {both}")
     return (f"{head}. The timings here keep every tensor in the heap, as a caching allocator does; a process on glibc's "
-            "defaults maps such a tensor afresh and page-faults it whenever its heap has no room for it (its history decides), "
-            f"which can make the original and this result slower than timed, the original more. To run as timed, start the "
-            f"deployment with {both}")
+            "defaults maps such a tensor afresh and page-faults it on every call, and returns freed memory to the kernel as its "
+            "history decides, which can make the original and this result slower than timed, the original more. To run as "
+            f"timed, start the deployment with {both}")

@@ -192,12 +192,12 @@ def steady_malloc(device: str, environ: Mapping[str, str] = os.environ) -> Itera
     """glibc's malloc, for the length of a timing, in the one state the process's history cannot move: every block
     from the heap and none returned to the kernel (both thresholds past any tensor), so a model's calls reuse
     their memory and page-fault none of it, as with a caching allocator (jemalloc, tcmalloc) or both thresholds
-    set. On glibc's own settings a block over the mmap threshold is mapped afresh only when the heap has no
-    room, and a ``free`` returns the heap's top only past the trim threshold: both depend on what the process
-    allocated before, not on the model (MobileNetV2's original at batch 8 timed 111 ms in one compile and 74 ms in
-    the next, one process; one plan of it 1.73x and 2.31x in two: docs/latency.md). After the block the
-    thresholds are where glibc's own adaptation ends (32 MiB, and trim at twice that). Nothing changes off
-    glibc or the CPU, or where the environment sets malloc's thresholds or another allocator."""
+    set. On glibc's own settings a tensor over the mmap threshold is mapped afresh and page-faulted on every
+    call, and whether a ``free`` returns the heap's top to the kernel depends on what the process allocated
+    before: one MobileNetV2 plan at batch 8 timed 1.73x and 2.31x in two processes, and with the trim threshold
+    alone held off, another timed 2.38x in one compile and 1.45x in the next (docs/latency.md). After the
+    block the thresholds are where glibc's own adaptation ends (32 MiB, and trim at twice that). Nothing
+    changes off glibc or the CPU, or where the environment sets malloc's thresholds or another allocator."""
     global _held
     libc = _glibc() if device.startswith("cpu") and not malloc_fixed(environ) else None
     if libc is None:
