@@ -7,8 +7,8 @@ for about ``SECONDS``; the first two are an A/A pair, whose disagreement is what
 ratio that is 1, and the third shows stalls (it comes last: the first call after a change of thread
 count is often slower). ``Machine.refusal`` says
 why a target cannot be decided now, so that ``compile`` refuses in seconds instead of searching for
-minutes on timings that say nothing. ``fresh_pages`` says when every timing of a model includes page
-faults that the allocator, not the model, decides.
+minutes on timings that say nothing. ``fresh_pages`` says when a deployment on glibc's defaults pays page
+faults that the timings, which keep every tensor in the heap (``timing.steady_malloc``), leave out.
 """
 
 from __future__ import annotations

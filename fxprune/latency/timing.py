@@ -161,8 +161,8 @@ _THRESHOLDS = ("mmap", "trim")
 _ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-"""glibc's ``mallopt`` parameters: the free memory at the heap's top that a ``free`` returns to the kernel, and the
-size from which a block is mapped afresh from the kernel (and unmapped when freed) when the heap has no room."""
+"""glibc's ``mallopt`` parameters: the free memory at the heap's top past which a ``free`` returns it to the kernel,
+and the size from which a block is mapped afresh from the kernel (and unmapped when freed)."""
 
 _held = 0  # timings now inside ``steady_malloc``: the outermost one sets the thresholds back
 
