@@ -23,16 +23,17 @@ report says why), never when the noise left nearer ones undecided.
 
 The chosen result is timed once more against the original, never from the cache, until its interval is within
 ``PRECISE``: that timing is the one reported, unless it and the search's timing of the result disagree (each median
-outside the other's interval): then a third timing is taken, and the report gives the confirming one nearer the
-median of the three. The widths chosen for a model, target and strategy are kept (when that
-timing's median meets the goal), so a warm compile confirms that result first and returns it when its whole interval
-meets the goal; else it searches from that timing (without the cached comparisons when it misses: the machine runs
-otherwise than when they were taken), as a search whose original moved off its checked speed for good does from the
-candidate timed at the new speed. Comparisons are cached (``TimingCache``) under the captured architecture and the result's widths, only
-when stable; when the confirming timing misses the goal (or meets it by less than ``SPARE``), they are dropped and
-it searches afresh from it, once. A result whose confirming timing misses the goal then is not returned as meeting it:
-``MeasurementError`` (``on_noise="warn"``: returned with a warning). A search that ends in ``MeasurementError`` takes
-the timings it kept off the cache again (``TimingCache.withdraw``): they may sit in the onset of the load that ended it.
+outside the other's interval): then a third timing is taken, and the report gives the confirming one nearer the median
+of the three. The widths chosen for a model, target and strategy are kept (when that timing's median meets the goal),
+so a warm compile confirms that result first (twice when the noise leaves the first timing undecided) and returns it
+when its whole interval meets the goal; else it searches from that timing (without the cached comparisons when it
+misses: the machine runs otherwise than when they were taken), as a search whose original moved off its checked speed
+for good does from the candidate timed at the new speed. Comparisons are cached (``TimingCache``) under the captured
+architecture and the result's widths, only when stable; when the confirming timing misses the goal (or meets it by
+less than ``SPARE``), they are dropped and it searches afresh from it, once. A result whose confirming timing misses
+the goal then is not returned as meeting it: ``MeasurementError`` (``on_noise="warn"``: returned with a warning). A
+search that ends in ``MeasurementError`` takes the timings it kept off the cache again (``TimingCache.withdraw``):
+they may sit in the onset of the load that ended it.
 """
 
 from __future__ import annotations
@@ -224,6 +225,9 @@ class Search:
         self.budgets.setdefault(chosen, budget)
         c = self.clock.confirm(plan, "an earlier compile chose a result for this target here: confirming it against the original",
                                self.original_ms, 1 / self.claimed)
+        if c.meets(self.goal) is None:  # the noise hid the goal: a burst may pass, and a search would time in it too
+            c = self.clock.confirm(plan, f"  it cannot be told from the target now (A/A noise {c.noise:.1%}): timing it once more",
+                                   self.original_ms, c.ratio)
         timed = Trial(plan, c, estimate, False)
         if (verdict := c.meets(self.goal)) is False:  # the machine runs otherwise than when it was chosen: so did the cached comparisons
             self.clock.drop()
