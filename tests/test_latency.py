@@ -1049,13 +1049,17 @@ def test_fresh_pages_names_tensors_over_glibcs_mmap_ceiling_unless_malloc_is_tun
 
 
 class FakeLibc:
-    """Records ``mallopt`` calls, as (parameter, value)."""
+    """Records ``mallopt`` calls, as (parameter, value), and ``malloc_trim`` calls, as ("trim", pad)."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[int, int]] = []
 
     def mallopt(self, param: int, value: int) -> int:
         self.calls.append((param, value))
+        return 1
+
+    def malloc_trim(self, pad: int) -> int:
+        self.calls.append(("trim", pad))
         return 1
 
 
@@ -1069,7 +1073,7 @@ def test_every_timing_keeps_glibcs_freed_memory_in_the_heap_and_sets_the_thresho
     monkeypatch.setattr(timing, "time_calls", lambda *args: (held.append(list(libc.calls)), real(*args))[1])
     model, x = nn.Sequential(nn.Linear(8, 8)).eval(), torch.randn(2, 8)
     off = [(timing.M_MMAP_THRESHOLD, (1 << 31) - 1), (timing.M_TRIM_THRESHOLD, (1 << 31) - 1)]
-    back = [(timing.M_MMAP_THRESHOLD, timing.MMAP_MAX), (timing.M_TRIM_THRESHOLD, 2 * timing.MMAP_MAX)]
+    back = [(timing.M_MMAP_THRESHOLD, timing.MMAP_MAX), (timing.M_TRIM_THRESHOLD, 2 * timing.MMAP_MAX), ("trim", 0)]
     for timed in (lambda: timing.compare(model, model, (x,), rounds=2, most=2), lambda: measure_in_turns([model], (x,), repeat=2),
                   lambda: machine.check(model, (x,), seconds=0.01)):
         libc.calls.clear(), held.clear()
