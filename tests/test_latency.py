@@ -737,6 +737,27 @@ def test_a_result_the_confirming_timing_puts_far_past_the_target_says_the_machin
                     f"at {chosen:.3g}x, and the machine's speed moved between that timing and this one")
 
 
+def test_a_result_far_past_the_target_where_the_speed_does_not_step_is_not_remembered(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """Under a torch load ResNet-18's compile returned 2.42x for the 1.5x asked, and the quiet compile after it returned
+    the same plan at 2.47x: it had remembered it. A result that far past the target is kept for the next compile only
+    where the speed steps (``test_a_remembered_result_far_past_the_target_says_an_earlier_compile_chose_it``): here its
+    confirming timing read it 1.5 times faster than the search did, so the next compile searches again."""
+    monkeypatch.setenv("FXPRUNE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(costmodel, "layer_ms", layer_latency)
+    monkeypatch.setattr(timing, "time_calls", FlopClock())
+    moved = [True]
+    on_confirm(monkeypatch, lambda c, _: slower(c, 1 / 1.5) if moved[0] else c)
+    first = fxprune.report(fxprune.compile(Net().eval(), speedup=1.5, example_inputs=X, verify=False))
+    assert [n for n in first.notes if "more than 1.3 times" in n]
+    moved[0] = False
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="fxprune"):
+        second = fxprune.report(fxprune.compile(Net().eval(), speedup=1.5, example_inputs=X, verify=False))
+    assert "an earlier compile chose a result" not in caplog.text and "candidate 1" in caplog.text
+    assert not [n for n in second.notes if "more than 1.3 times" in n]
+
+
 def test_a_confirming_timing_that_disagrees_with_the_search_is_outvoted_by_a_third(monkeypatch: pytest.MonkeyPatch) -> None:
     """The first confirming timing reads the result 1.3 times faster than the search timed it (MobileNetV2 at
     batch 8: chosen at 2.56x, confirmed at 3.18x, re-measured 2.65x): the result is timed a third time, and the

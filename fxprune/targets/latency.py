@@ -24,16 +24,17 @@ report says why), never when the noise left nearer ones undecided.
 The chosen result is timed once more against the original, never from the cache, until its interval is within
 ``PRECISE``: that timing is the one reported, unless it and the search's timing of the result disagree (each median
 outside the other's interval): then a third timing is taken, and the report gives the confirming one nearer the median
-of the three. The widths chosen for a model, target and strategy are kept (when that timing's median meets the goal),
-so a warm compile confirms that result first (twice when the noise leaves the first timing undecided) and returns it
-when its whole interval meets the goal; else it searches from that timing (without the cached comparisons when it
-misses: the machine runs otherwise than when they were taken), as a search whose original moved off its checked speed
-for good does from the candidate timed at the new speed. Comparisons are cached (``TimingCache``) under the captured
-architecture and the result's widths, only when stable; when the confirming timing misses the goal (or meets it by
-less than ``SPARE``), they are dropped and it searches afresh from it, once. A result whose confirming timing misses
-the goal then is not returned as meeting it: ``MeasurementError`` (``on_noise="warn"``: returned with a warning). A
-search that ends in ``MeasurementError`` takes the timings it kept off the cache again (``TimingCache.withdraw``):
-they may sit in the onset of the load that ended it.
+of the three. The widths chosen for a model, target and strategy are kept (when that timing's median meets the goal
+and, for a result more than ``OVERSHOOT`` past it, only where the speed steps), so a warm compile confirms that result
+first (twice when the noise leaves the first timing undecided) and returns it when its whole interval meets the goal;
+else it searches from that timing (without the cached comparisons when it misses: the machine runs otherwise than when
+they were taken), as a search whose original moved off its checked speed for good does from the candidate timed at the
+new speed. Comparisons are cached (``TimingCache``) under the captured architecture and the result's widths, only when
+stable; when the confirming timing misses the goal (or meets it by less than ``SPARE``), they are dropped and it
+searches afresh from it, once. A result whose confirming timing misses the goal then is not returned as meeting it:
+``MeasurementError`` (``on_noise="warn"``: returned with a warning). A search that ends in ``MeasurementError`` takes
+the timings it kept off the cache again (``TimingCache.withdraw``): they may sit in the onset of the load that ended
+it.
 """
 
 from __future__ import annotations
@@ -62,8 +63,8 @@ from ..pipeline import Analysis, select_plan
 from ..selection.strategy import Chooser
 from .nearer import nearer
 from .target import Target
-from .trials import (LIMITS, OVERSHOOT, SPARE, Clock, Trial, contradict, decidable_aim, disagree, fingerprint, next_budget, overshoot,
-                     raise_or_warn, span, spared, stepped, too_noisy, undecidable, widths)
+from .trials import (LIMITS, OVERSHOOT, SPARE, Clock, Trial, contradict, decidable_aim, disagree, far, fingerprint, next_budget,
+                     overshoot, raise_or_warn, span, spared, stepped, too_noisy, undecidable, widths)
 
 __all__ = ["check_machine", "measured", "Checked", "ROUNDS", "MARGIN", "BAND", "OVERSHOOT", "DRIFT"]
 
@@ -178,7 +179,8 @@ class Search:
                 f"the {1 / self.goal:.3g}x asked: the machine's speed on {self.setting.device} moved under the compile, which searches again "
                 "from such a timing once. Close other work and compile again, or prune to FLOPs (target_gflops= or ratio=); "
                 "on_noise='warn' returns the result with a warning.", interval=(1 / c.high, 1 / c.low), noise=c.noise))
-        if c.ratio <= self.goal and chosen.comparison.rounds:  # returned as meeting it: a warm compile times it first
+        if c.ratio <= self.goal and chosen.comparison.rounds and (self.step or not far(c, self.goal)):
+            # returned as meeting it: a warm compile times it first; one far past the target only where the speed steps
             self.cache.put(self.setting, self.outcome, [self.budgets[widths(chosen.plan)], widths(chosen.plan), c.speedup,
                                                         fingerprint(self.scores), chosen.plan.to_json(), chosen.estimate])
         record = {"target": {"speedup": self.target.speedup, "latency_ms": self.target.latency_ms}, "goal_ms": self.goal * self.original_ms,
