@@ -7,8 +7,8 @@ then idle for 0.2-3 s: other PyTorch work, whose OpenMP threads and ours stall e
 The load then stops and the result is timed again against the original in interleaved rounds
 (``fxprune.latency.timing.compare``, medians). A compile that refuses with ``MeasurementError`` (the machine was
 too noisy to decide) is an honest outcome too. Last, a second compile on the same cache, on the quiet
-machine, is timed again the same way. Each refusal's whole message and each result's latency notes (why it lies far
-past its target, say) go to stderr.
+machine, is timed again the same way. Each refusal's whole message and each result's report notes (why it lies far past
+its target, say) go to stderr.
 
 Last, ``ratio=0.5`` on the first model is compiled once quiet and once under each load: a FLOPs
 target must give the same plan. A row passes when the compile refused with ``MeasurementError`` within 120 s, or returned within 300 s
@@ -93,9 +93,8 @@ def compiled(model: torch.nn.Module, x: torch.Tensor, speedup: float, threads: i
         return None, f"refused: {best}A/A {exc.noise:.0%}: {str(exc)[:60]}...", time.perf_counter() - t
     report = fxprune.report(result)
     record = report.latency
-    for note in report.notes:  # the latency notes (why a result lies far past its target...): the row's figures do not say
-        if "timed" in note or "measured" in note:
-            print(f"  {model.__class__.__name__} {speedup:g}x: {note}", file=sys.stderr, flush=True)
+    for note in report.notes:  # why a result lies far past its target, among others: the row's figures do not say
+        print(f"  {model.__class__.__name__} {speedup:g}x: {note}", file=sys.stderr, flush=True)
     lo, hi = record["interval"]
     text = f"{record['speedup']:.2f}x ({lo:.2f}-{hi:.2f}), A/A {record['noise']:.0%}, est. {record['estimated_speedup']:.2f}x"
     return result, text, time.perf_counter() - t
