@@ -432,6 +432,41 @@ class Contention:
         return ms
 
 
+class TwoSpeeds:
+    """A machine that adds ``extra`` ms to every call from virtual time ``start`` on (a cost per call that changes
+    with the machine's state, as on a virtual machine whose 2-thread forwards run at two speeds), on a virtual
+    clock that advances by what it charges."""
+
+    def __init__(self, start: float, extra: float) -> None:
+        self.clock, self.now, self.start, self.extra = FlopClock(), 0.0, start, extra
+
+    def __call__(self, model, inputs, calls, sync) -> float:
+        ms = self.clock.true_ms(model, inputs) + (self.extra if self.now >= self.start else 0.0)
+        self.now += ms * calls
+        return ms
+
+
+@pytest.mark.parametrize("extra", [0.0, 0.25])
+def test_a_compile_whose_timings_catch_the_machine_at_two_speeds_says_so(monkeypatch: pytest.MonkeyPatch, extra: float) -> None:
+    """From just after the machine check on, every call costs ``extra`` times the original's time more (less than
+    ``DRIFT``, so nothing is timed again): the result meets the target as timed, and its report names both of the
+    original's speeds and what the result timed at; on a machine of one speed (0) no such note."""
+    monkeypatch.setattr(costmodel, "layer_ms", layer_latency)
+    net = Net().eval()
+    full = flop_ms(net, (X,))
+    monkeypatch.setattr(timing, "time_calls", TwoSpeeds(21 * full, extra * full))
+    with timing.threads(2):
+        pruned = fxprune.compile(net, speedup=1.25, example_inputs=X, verify=False, cache=False, round_to=1)
+    record = pruned.meta["fxprune"]["report"]["latency"]
+    assert record["speedup"] >= 1.25
+    notes = [n for n in pruned.meta["fxprune"]["report"]["notes"] if "more than one speed" in n]
+    if not extra:
+        assert not notes
+        return
+    assert len(notes) == 1 and f"{full:.4g}-{full * (1 + extra):.4g} ms" in notes[0]
+    assert f"{record['speedup']:.3g}x with the original at {record['before_ms']:.4g} ms" in notes[0] and "threads=1" in notes[0]
+
+
 @pytest.mark.parametrize("length", [20, 80, 160, 10 ** 4])
 def test_contention_in_long_bursts_never_over_prunes(monkeypatch: pytest.MonkeyPatch, length: int) -> None:
     """Contention starts right after the machine check and lasts ``length`` forwards of the original

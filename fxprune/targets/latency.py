@@ -24,7 +24,7 @@ report says why), never when the noise left nearer ones undecided.
 The chosen result is timed once more against the original, never from the cache, until its interval is within
 ``PRECISE``: that timing is the one reported, unless it and the search's timing of the result disagree (each median
 outside the other's interval): then a third timing is taken, and the report gives the confirming one nearer the median
-of the three. The widths chosen for a model, target and strategy are kept (when that timing's median meets the goal
+of the three; when this compile's steady timings caught the original at two speeds (``trials.SPEEDS``), a note says so. The widths chosen for a model, target and strategy are kept (when that timing's median meets the goal
 and, for a result more than ``OVERSHOOT`` past it, only where the speed steps), so a warm compile confirms that result
 first (twice when the noise leaves the first timing undecided) and returns it when its whole interval meets the goal;
 else it searches from that timing (without the cached comparisons when it misses: the machine runs otherwise than when
@@ -64,7 +64,7 @@ from ..selection.strategy import Chooser
 from .nearer import nearer
 from .target import Target
 from .trials import (LIMITS, OVERSHOOT, SPARE, Clock, Trial, contradict, decidable_aim, disagree, far, fingerprint, next_budget,
-                     overshoot, raise_or_warn, span, spared, stepped, too_noisy, undecidable, widths)
+                     overshoot, raise_or_warn, span, spared, speeds, stepped, too_noisy, undecidable, widths)
 
 __all__ = ["check_machine", "measured", "Checked", "ROUNDS", "MARGIN", "BAND", "OVERSHOOT", "DRIFT"]
 
@@ -190,7 +190,9 @@ class Search:
                   "batch": c.before.batch, "device": self.setting.device, "device_name": self.setting.device_name,
                   "threads": self.setting.threads, "dtype": self.setting.dtype, "timings_taken": self.cache.measured, "rounds": self.timed,
                   "results_timed": self.clock.timed,
-                  "notes": overshoot(chosen, c, trials, self.goal, self.step) + self.notes + ([third] if third else [])}
+                  "notes": overshoot(chosen, c, trials, self.goal, self.step) + self.notes + ([third] if third else [])
+                  + speeds([self.original_ms] * (self.noise <= STABLE) + self.clock.originals, [*[chosen.comparison] * (not chosen.cached), c],
+                           self.setting.threads)}
         if "model" in self.__dict__:  # a remembered result builds no latency model
             names = {n.name: name for n, (name, _) in layers(self.a.gm).items()}
             removed = removed_mask(self.a.deps, chosen.plan)

@@ -23,13 +23,14 @@ from torch import nn
 from ..core.groups import Plan
 from ..errors import MeasurementError
 from ..latency.cache import TimingCache
-from ..latency.timing import FEWEST, MIN_MS, WARMUP, Comparison, Setting, compare
+from ..latency.timing import FEWEST, MIN_MS, STABLE, WARMUP, Comparison, Setting, compare
 from ..passes.rewrite import rewrite
 from ..pipeline import Analysis
 from .target import Target
 
 __all__ = ["Trial", "Clock", "kept", "widths", "contradict", "fingerprint", "next_budget", "decidable_aim", "too_noisy", "undecidable", "raise_or_warn",
-           "far", "spared", "overshoot", "stepped", "span", "SPARE", "PRECISE", "ORDER", "OVERSHOOT", "NEAR", "STEPPED", "LIMITS", "CONFIRM"]
+           "far", "spared", "overshoot", "stepped", "speeds", "span", "SPARE", "PRECISE", "ORDER", "OVERSHOOT", "NEAR", "STEPPED", "LIMITS",
+           "CONFIRM", "SPEEDS"]
 
 log = logging.getLogger("fxprune")
 
@@ -70,6 +71,12 @@ of timed calls after which it stops once it has its fewest)."""
 CONFIRM = (2 * FEWEST, 60, 5.0)
 """The same for the confirming timing, which goes on until its interval is within ``PRECISE``."""
 
+SPEEDS = 1.15
+"""Steady timings of one compile whose originals took this many times as long as each other caught the machine at
+two speeds: a cost it adds to every call compresses a small model's speed-up (ResNet-18 at 112x112 on 2 threads:
+the original 10.2-10.8 ms and one plan 1.47-1.51x, or 12.2-13.2 ms and 1.28-1.39x, switching every few seconds),
+which the report says (``speeds``); within one speed the original's timings varied by 8% at most."""
+
 
 @dataclass(frozen=True)
 class Trial:
@@ -103,6 +110,7 @@ class Clock:
         self.prefix = f"model {hashlib.sha1(chr(10).join(parts).encode()).hexdigest()} "
         self.timed = 0
         self.pruned: dict[str, tuple[torch.fx.GraphModule, nn.Module]] = {}  # widths -> (rewritten graph, result)
+        self.originals: list[float] = []  # the original's milliseconds in each steady timing taken (``speeds``)
 
     def result(self, plan: Plan) -> tuple[torch.fx.GraphModule, nn.Module]:
         key = widths(plan)
@@ -117,8 +125,8 @@ class Clock:
         def measure() -> list[Any]:
             self.timed += 1
             rounds, most, seconds = LIMITS[turn == 1]
-            return compare(self.a.model, self.result(plan)[1], self.a.inputs, goal=goal, rounds=rounds, most=most, seconds=seconds,
-                           burst=self.burst).to_row()
+            return self.noted(compare(self.a.model, self.result(plan)[1], self.a.inputs, goal=goal, rounds=rounds, most=most,
+                                     seconds=seconds, burst=self.burst)).to_row()
 
         timed = self.timed
         row = self.cache.get(self.setting, f"{self.prefix}widths {widths(plan)} timing {turn}", measure,
@@ -132,9 +140,15 @@ class Clock:
         self.timed += 1
         log.info("%s (%s)", why, span(CONFIRM, original_ms, ratio))
         rounds, most, seconds = CONFIRM
-        c = compare(self.a.model, self.result(plan)[1], self.a.inputs, rounds=rounds, most=most, seconds=seconds, precision=PRECISE,
-                    burst=self.burst)
+        c = self.noted(compare(self.a.model, self.result(plan)[1], self.a.inputs, rounds=rounds, most=most, seconds=seconds,
+                              precision=PRECISE, burst=self.burst))
         log.info("  %s", c.describe())
+        return c
+
+    def noted(self, c: Comparison) -> Comparison:
+        """``c``, its original's milliseconds noted when the timing was steady (``originals``)."""
+        if c.noise <= STABLE:
+            self.originals.append(c.before.median_ms)
         return c
 
     def drop(self) -> None:
@@ -152,6 +166,19 @@ def span(limits: tuple[int, int, float], original_ms: float, ratio: float) -> st
     one = (2 * max(original_ms, MIN_MS) + max(ratio * original_ms, MIN_MS)) / 1e3
     warmup = (WARMUP + 1) * (1 + ratio) * original_ms / 1e3
     return f"{rounds}-{most} rounds, {warmup + rounds * one:.2g}-{warmup + min(most * one, max(seconds, rounds * one) + one):.2g} s"
+
+
+def speeds(originals: list[float], result: list[Comparison], threads: int) -> list[str]:
+    """A note when the ``originals`` (milliseconds of steady timings of one compile) lie more than ``SPEEDS`` apart:
+    the machine ran at two speeds, and the ``result``'s speed-up, timed at one or both, moves with them."""
+    low, high = min(originals), max(originals)
+    if high <= SPEEDS * low:
+        return []
+    timed = ", ".join(f"{c.speedup:.3g}x with the original at {c.before.median_ms:.4g} ms" for c in result if c.rounds)
+    fewer = ", and fewer threads may steady it (threads=1 runs a call on one core)" if threads > 1 else ""
+    return [f"the original took {low:.4g}-{high:.4g} ms in this compile's steady timings at {threads} threads: the machine ran at more "
+            f"than one speed, and a cost it adds to every call moves a small model's speed-up most (this result: {timed}). A machine "
+            f"that does so where the result runs moves its speed-up the same way{fewer}."]
 
 
 def kept(plan: Plan) -> dict[int, int]:
