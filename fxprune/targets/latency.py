@@ -24,7 +24,8 @@ report says why), never when the noise left nearer ones undecided.
 The chosen result is timed once more against the original, never from the cache, until its interval is within
 ``PRECISE``: that timing is the one reported, unless it and the search's timing of the result disagree (each median
 outside the other's interval): then a third timing is taken, and the report gives the confirming one nearer the median
-of the three; when this compile's steady timings caught the original at two speeds (``trials.SPEEDS``), a note says so. The widths chosen for a model, target and strategy are kept (when that timing's median meets the goal
+of the three; when this compile's steady timings caught the original at two speeds (``trials.SPEEDS``),
+a note says so. The widths chosen for a model, target and strategy are kept (when that timing's median meets the goal
 and, for a result more than ``OVERSHOOT`` past it, only where the speed steps), so a warm compile confirms that result
 first (twice when the noise leaves the first timing undecided) and returns it when its whole interval meets the goal;
 else it searches from that timing (without the cached comparisons when it misses: the machine runs otherwise than when
