@@ -467,6 +467,47 @@ def test_a_compile_whose_timings_catch_the_machine_at_two_speeds_says_so(monkeyp
     assert f"{record['speedup']:.3g}x with the original at {record['before_ms']:.4g} ms" in notes[0] and "threads=1" in notes[0]
 
 
+class LoadThatLeaves:
+    """A steady load that makes every call, of whole models and of layers alike, ``slow`` times as long plus ``extra`` ms
+    (a cost per call, which flattens the layers' timings), until the first candidate is timed after the layer
+    timings: then it leaves. ``layers`` counts the layer timings taken under the load and after it."""
+
+    def __init__(self, slow: float = 1.7, extra: float = 30.0) -> None:
+        self.clock, self.slow, self.extra, self.gone, self.layers = FlopClock(), slow, extra, False, {True: 0, False: 0}
+        self.under_load: set[float] = set()  # the layer timings it gave under the load
+
+    def __call__(self, model, inputs, calls, sync) -> float:
+        self.gone = self.gone or self.layers[True] > 0
+        return self.loaded(self.clock.true_ms(model, inputs))
+
+    def loaded(self, ms: float) -> float:
+        return ms if self.gone else self.slow * ms + self.extra
+
+    def layer(self, layer: nn.Module, x: torch.Tensor) -> Latency:
+        self.layers[not self.gone] += 1
+        ms = self.loaded(flop_ms(layer, (x,)))
+        self.under_load |= set() if self.gone else {ms}
+        return Latency(ms, ms, ms, 9, int(x.shape[0]), Setting.of(layer, (x,)), ms, ms)
+
+
+def test_a_load_that_leaves_after_the_layer_timings_gets_them_taken_again(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The machine check and the layer timings run under a steady load, which leaves as the first candidate is timed:
+    the original runs 1.7 times as fast as checked, so the machine is checked again, the layers are timed again (the
+    loaded ones flattened the latency model's estimates) and taken off the cache, and the result's estimate agrees
+    with its timing."""
+    monkeypatch.setenv("FXPRUNE_CACHE_DIR", str(tmp_path))
+    load = LoadThatLeaves()
+    monkeypatch.setattr(timing, "time_calls", load)
+    monkeypatch.setattr(costmodel, "layer_ms", load.layer)
+    pruned = fxprune.compile(Net().eval(), speedup=1.5, example_inputs=X, verify=False, round_to=1)
+    record = pruned.meta["fxprune"]["report"]["latency"]
+    assert record["speedup"] >= 1.5 and load.layers[False] == load.layers[True] > 0
+    assert record["estimated_speedup"] == pytest.approx(record["speedup"], rel=0.1)
+    kept = json.loads((tmp_path / "latency.json").read_text())
+    layer_rows = [row for table in kept.values() for key, row in table.items() if not key.startswith(("model ", "round_to"))]
+    assert layer_rows and not {row[0] for row in layer_rows} & load.under_load
+
+
 @pytest.mark.parametrize("length", [20, 80, 160, 10 ** 4])
 def test_contention_in_long_bursts_never_over_prunes(monkeypatch: pytest.MonkeyPatch, length: int) -> None:
     """Contention starts right after the machine check and lasts ``length`` forwards of the original
