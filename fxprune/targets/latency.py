@@ -289,7 +289,7 @@ class Search:
     def searched(self) -> list[Trial]:
         """The search; once, when the original's speed moved for good during it (the machine changed speed, or its load
         did and stayed), the machine checked again and the search run afresh at the new speed, from the timing that found it.
-        When the original now runs faster, the layers were timed under a load that has left (other work stalls small layers
+        When the original now runs ``DRIFT`` times faster, the layers were timed under a load that has left (other work stalls small layers
         most, which flattened the latency model's estimates: under the spin load ResNet-18's plan with 60% of the FLOPs removed
         was estimated 1.28x and timed 1.9x quiet): their timings are taken off the cache and the latency model is built anew."""
         self.searching = True
@@ -301,13 +301,14 @@ class Search:
                      "searching afresh at its new speed, from that candidate's timing", moved.ms, self.original_ms)
             machine = check(self.a.model, self.a.inputs)
             undecidable(machine.refusal(), machine.noise, self.target, self.setting.device)
-            left = machine.original.median_ms < self.original_ms  # the load the layers were timed under has left
+            was = self.original_ms  # the original's speed when the layers were timed
             self.original, self.noise, self.original_ms = machine.original, machine.noise, machine.original.median_ms
             self.goal = self.target.latency_ms / self.original_ms if self.target.latency_ms is not None else self.goal
             self.aim = self.goal * (1 - MARGIN)
             self.clock.drop()
-            if left and "model" in self.__dict__:
-                log.info("the original runs faster than when the layers were timed: timing them again for the latency model")
+            if self.original_ms * DRIFT < was and "model" in self.__dict__:  # the load they were timed under has left
+                log.info("the original runs %.3g times as fast as when the layers were timed: timing them again for the latency model",
+                         was / self.original_ms)
                 self.cache.withdraw()
                 del self.model
                 if getattr(self.chooser.selector, "uses_cost", False):
