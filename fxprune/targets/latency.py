@@ -288,7 +288,8 @@ class Search:
 
     def searched(self) -> list[Trial]:
         """The search; once, when the original's speed moved for good during it (the machine changed speed, or its load
-        did and stayed), the machine checked again and the search run afresh at the new speed, from the timing that found it.
+        did and stayed), the machine checked again and the search run afresh at the new speed, from the timing that found it
+        when the check finds the original at that timing's speed (else without it: a load that has left flattened it).
         When the original now runs ``DRIFT`` times faster, the layers were timed under a load that has left (other work stalls small layers
         most, which flattened the latency model's estimates: under the spin load ResNet-18's plan with 60% of the FLOPs removed
         was estimated 1.28x and timed 1.9x quiet): their timings are taken off the cache and the latency model is built anew."""
@@ -298,7 +299,7 @@ class Search:
         except _Moved as moved:
             self.rechecked = True
             log.info("the original took %.4g ms, twice, against %.4g ms when the machine was checked: checking it again and "
-                     "searching afresh at its new speed, from that candidate's timing", moved.ms, self.original_ms)
+                     "searching afresh at its new speed", moved.ms, self.original_ms)
             machine = check(self.a.model, self.a.inputs)
             undecidable(machine.refusal(), machine.noise, self.target, self.setting.device)
             was = self.original_ms  # the original's speed when the layers were timed
@@ -313,7 +314,10 @@ class Search:
                 del self.model
                 if getattr(self.chooser.selector, "uses_cost", False):
                     self.__dict__.pop("scores", None)
-            self.first = moved.trial
+            if not self.drifted(moved.ms):  # the speed it was timed at, checked: else timed under a load that has left
+                self.first = moved.trial
+            log.info("  the original takes %.4g ms now: searching %s that candidate's timing", self.original_ms,
+                     "from" if self.first else "without")
             return self.search()
         finally:
             self.searching = False
