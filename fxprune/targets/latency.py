@@ -311,9 +311,8 @@ class Search:
                 log.info("the original runs %.3g times as fast as when the layers were timed: timing them again for the latency model",
                          was / self.original_ms)
                 self.cache.withdraw()
-                del self.model
-                if getattr(self.chooser.selector, "uses_cost", False):
-                    self.__dict__.pop("scores", None)
+                for built in ("model", "scores") if getattr(self.chooser.selector, "uses_cost", False) else ("model",):
+                    self.__dict__.pop(built, None)  # built again when next asked for
             if not self.drifted(moved.ms):  # the speed it was timed at, checked: else timed under a load that has left
                 self.first = moved.trial
             log.info("  the original takes %.4g ms now: searching %s that candidate's timing", self.original_ms,
