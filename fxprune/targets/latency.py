@@ -30,7 +30,7 @@ and, for a result more than ``OVERSHOOT`` past it, only where the speed steps), 
 first (twice when the noise leaves the first timing undecided) and returns it when its whole interval meets the goal;
 else it searches from that timing (without the cached comparisons when it misses: the machine runs otherwise than when
 they were taken), as a search whose original moved off its checked speed for good does from the candidate timed at the
-new speed (with its layers timed again when the original now runs faster: ``Search.searched``). Comparisons are
+new speed (with its layers timed again when the original now runs ``DRIFT`` times faster: ``Search.searched``). Comparisons are
 cached (``TimingCache``) under the captured architecture and the result's widths, only when
 stable; when the confirming timing misses the goal (or meets it by less than ``SPARE``), they are dropped and it
 searches afresh from it, once. A result whose confirming timing misses the goal then is not returned as meeting it:

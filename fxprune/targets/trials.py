@@ -74,7 +74,7 @@ CONFIRM = (2 * FEWEST, 60, 5.0)
 SPEEDS = 1.15
 """Steady timings of one compile whose originals took this many times as long as each other caught the machine at
 two speeds: a cost it adds to every call compresses a small model's speed-up (ResNet-18 at 112x112 on 2 threads:
-the original 10.2-10.8 ms and one plan 1.47-1.51x, or 12.2-13.2 ms and 1.28-1.39x, switching every few seconds),
+the original 10.2-10.8 ms and one plan 1.47-1.51x, or 12.2-13.2 ms and 1.28-1.39x, for seconds to minutes each),
 which the report says (``speeds``); within one speed the original's timings varied by 8% at most."""
 
 
