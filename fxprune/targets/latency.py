@@ -274,13 +274,13 @@ class Search:
         log.info("  %s%s: %s the %.3gx asked", c.describe(), " (cached)" if cached else "", verdict, 1 / self.goal)
         return Trial(plan, c, estimate, cached)
 
-    def overdue(self) -> None:
-        """The layer timings run late: ``MeasurementError`` when the machine is now too busy to decide."""
-        log.info("the layer timings take longer than estimated: checking the machine again")
+    def overdue(self, why: str = "the layer timings take longer than estimated") -> None:
+        """The layer timings run late or slow (``why``): ``MeasurementError`` when the machine is now too busy to decide."""
+        log.info("%s: checking the machine again", why)
         machine = check(self.a.model, self.a.inputs)
         ms = machine.original.median_ms
-        why = machine.refusal() or (f"the original now takes {ms:.4g} ms against {self.original_ms:.4g} ms at the start: other work "
-                                    "took the cores" if self.drifted(ms) else None)
+        why = machine.refusal() or (f"the original now takes {ms:.4g} ms against {self.original_ms:.4g} ms at the start: the load "
+                                    "changed" if self.drifted(ms) else None)
         undecidable(why, machine.noise, self.target, self.setting.device)
 
     def drifted(self, original_ms: float) -> bool:  # the original ran ``DRIFT`` times off the machine check's milliseconds
