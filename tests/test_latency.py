@@ -512,11 +512,11 @@ class LoadOnTheLayers:
     """Other work that holds the cores only while the latency model's layers are first timed: each layer timing then
     takes ``slow`` times as long plus ``extra`` ms; the machine checks before and after find it quiet."""
 
-    def __init__(self, slow: float = 3.0, extra: float = 20.0) -> None:
-        self.clock, self.slow, self.extra, self.gone, self.under_load = FlopClock(), slow, extra, False, set()
+    def __init__(self, leaves: bool = True, slow: float = 3.0, extra: float = 20.0) -> None:
+        self.clock, self.leaves, self.slow, self.extra, self.gone, self.under_load = FlopClock(), leaves, slow, extra, False, set()
 
     def __call__(self, model, inputs, calls, sync) -> float:
-        self.gone = self.gone or bool(self.under_load)  # the machine checked again after the layers: the load has left
+        self.gone = self.gone or (self.leaves and bool(self.under_load))  # the machine checked again after the layers
         return self.clock.true_ms(model, inputs)
 
     def layer(self, layer: nn.Module, x: torch.Tensor) -> Latency:
@@ -527,23 +527,45 @@ class LoadOnTheLayers:
         return Latency(ms, ms, ms, 9, int(x.shape[0]), Setting.of(layer, (x,)), ms, ms)
 
 
+@pytest.mark.parametrize("leaves", [True, False])
 def test_layers_timed_alone_slower_than_the_whole_model_are_timed_again(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                                                                       caplog: pytest.LogCaptureFixture) -> None:
+                                                                       caplog: pytest.LogCaptureFixture, leaves: bool) -> None:
     """The machine checks find the original quiet, but other work held the cores while the layers were timed alone: they
-    add up to more than ``LOADED`` times the whole model, so the machine is checked again and the layers timed again (the
-    loaded timings taken off the cache), and the result's estimate agrees with its timing."""
+    add up to more than ``LOADED`` times the whole model, so the machine is checked again and the layers timed again, and
+    the result's estimate agrees with its timing; where the load stays on the layers, a warning, and the search's timings
+    still reach the target. No loaded timing stays in the cache."""
     monkeypatch.setenv("FXPRUNE_CACHE_DIR", str(tmp_path))
-    load = LoadOnTheLayers()
+    load = LoadOnTheLayers(leaves)
     monkeypatch.setattr(timing, "time_calls", load)
     monkeypatch.setattr(costmodel, "layer_ms", load.layer)
     with caplog.at_level(logging.INFO, logger="fxprune"):
         pruned = fxprune.compile(Net().eval(), speedup=1.5, example_inputs=X, verify=False, round_to=1)
     assert "times as long as the whole model at the machine check" in caplog.text and "checking the machine again" in caplog.text
     record = pruned.meta["fxprune"]["report"]["latency"]
-    assert record["speedup"] >= 1.5 and record["estimated_speedup"] == pytest.approx(record["speedup"], rel=0.1)
+    assert record["speedup"] >= 1.5 and ("twice" in caplog.text) is not leaves
+    if leaves:
+        assert record["estimated_speedup"] == pytest.approx(record["speedup"], rel=0.1)
     kept = json.loads((tmp_path / "latency.json").read_text())
     layer_rows = [row for table in kept.values() for key, row in table.items() if not key.startswith(("model ", "round_to"))]
-    assert layer_rows and not {row[0] for row in layer_rows} & load.under_load
+    assert bool(layer_rows) is leaves and not {row[0] for row in layer_rows} & load.under_load  # twice loaded: none kept
+
+
+def test_loaded_layer_timings_an_earlier_compile_kept_are_taken_off_the_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """An earlier compile kept layer timings taken under load (its rule off); a quiet compile that reads them finds its
+    layers alone slower than the whole model, takes them off the cache, times them again and estimates its result right."""
+    monkeypatch.setenv("FXPRUNE_CACHE_DIR", str(tmp_path))
+    load = LoadOnTheLayers(leaves=False)
+    monkeypatch.setattr(timing, "time_calls", load)
+    monkeypatch.setattr(costmodel, "layer_ms", load.layer)
+    with monkeypatch.context() as off:
+        off.setattr(costmodel, "LOADED", math.inf)
+        fxprune.compile(Net().eval(), speedup=1.5, example_inputs=X, verify=False, round_to=1)
+    load.gone = True  # quiet from now on
+    pruned = fxprune.compile(Net().eval(), speedup=2.0, example_inputs=X, verify=False, round_to=1)
+    record = pruned.meta["fxprune"]["report"]["latency"]
+    assert record["speedup"] >= 2.0 and record["estimated_speedup"] == pytest.approx(record["speedup"], rel=0.1)
+    kept = json.loads((tmp_path / "latency.json").read_text())
+    assert not {row[0] for table in kept.values() for key, row in table.items() if not key.startswith(("model ", "round_to"))} & load.under_load
 
 
 class PassingLoad:

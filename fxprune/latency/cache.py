@@ -12,7 +12,7 @@ import copy
 import contextvars
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +126,14 @@ class TimingCache:
                 data.get(setting_key, {}).pop(key, None)
         self.unsaved = self.unsaved or bool(self.taken)
         self.taken = []
+        self.save()
+
+    def forget(self, setting: Setting, keys: Iterable[str]) -> None:
+        """Take the timings of ``keys`` off the cache, whichever compile took them: they were found taken under load."""
+        for data in self._tables():
+            for key in keys:
+                data.get(setting.key(), {}).pop(key, None)
+        self.unsaved = True
         self.save()
 
     def drop(self, setting: Setting, prefix: str) -> int:

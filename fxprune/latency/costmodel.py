@@ -249,7 +249,11 @@ def element_ms(shape: torch.Size, setting: Setting, cache: TimingCache) -> float
         norm = nn.BatchNorm2d(shape[1]).eval().to(device=device, dtype=dtype)
         return layer_ms(norm, torch.randn(shape, device=device, dtype=dtype))
 
-    return cache.steady_ms(setting, f"BatchNorm2d{list(shape)}", measure) / (2 * math.prod(shape))
+    return cache.steady_ms(setting, element_key(shape), measure) / (2 * math.prod(shape))
+
+
+def element_key(shape: torch.Size) -> str:
+    return f"BatchNorm2d{list(shape)}"
 
 
 def _interpolate(grid: list[list[int]], values: torch.Tensor, kept: list[float]) -> float:
@@ -314,11 +318,12 @@ class LatencyModel:
                 break
             why = (f"the layers alone timed {(layer_ms + other + memory) / total_ms:.3g} times as long as the whole model at the machine "
                    "check: other work took the cores while they were timed")
+            cache.withdraw()
+            cache.forget(setting, self.keys)  # read from the cache too: taken under load by an earlier compile
             if not again:  # the second time: the search's own timings correct the estimates as they go
                 log.warning("%s, twice: the latency model's estimates may lean towards 1", why)
                 break
             overdue(why)
-            cache.withdraw()
             layer_ms, other, memory, per_element = self.timed(deps, layers, grids, total_ms, setting, cache, overdue)
         if total_ms is None:
             total_ms = layer_ms + other + memory
@@ -350,6 +355,8 @@ class LatencyModel:
         largest = self.traffic.largest
         per_element = element_ms(largest, setting, cache) if largest is not None and len(largest) == 4 else 0.0
         cache.save()
+        self.keys = [layers[i].key(tuple(a[j] for a, j in zip(axes, index))) for i, (axes, points) in grids.items() for index in points]
+        self.keys += [element_key(largest)] if per_element else []  # the timings this model reads
         terms = deps.flop_terms
         layer_ms = sum(float(v.flatten()[-1]) for _, v in self.grids.values())
         layer_macs = sum(terms[i].macs for i in self.grids)
