@@ -46,8 +46,8 @@ __all__ = ["Layer", "Traffic", "LatencyModel", "measurable_layers", "removable_a
 log = logging.getLogger("fxprune")
 
 LOADED = 1.5
-"""Layers timed alone add up to 0.56-0.86 of the whole model's time on a quiet machine (batch 1: ShuffleNetV2 to
-ConvNeXt-T; ResNet-18 at batch 16), 1.04 for MobileNetV2 at batch 8; timed while other work held the cores, 1.9-3.4
+"""Layers timed alone add up to 0.49-0.92 of the whole model's time on a quiet machine (SqueezeNet at batch 8 to ViT-B/16
+at batch 1, 17 cases), 1.04 for MobileNetV2 at batch 8; timed while other work held the cores, 1.9-3.4
 (two processes of 2-thread matmuls) and 7-8 (two spinning Python loops) for ResNet-18 and MobileNetV2 at batch 1. Past
 this, a latency model's layers are timed again: loaded timings flatten its estimates (MobileNetV2's plan with 91% of
 the FLOPs removed estimated at 1.6x)."""
