@@ -6,7 +6,9 @@ For each case (model, input size, batch, speed-up), in one process, on a fresh c
 cache empty, then the same call again (warm cache). Each result is then timed again against the
 original in interleaved rounds (``fxprune.latency.timing.compare``, at least --rounds rounds, until its
 interval is within 5%; every round kept: the median needs no burst filter), and once more the same way
-right after, which shows how far the machine's speed moves between two timings seconds apart. A row holds
+right after, which shows how far the machine's speed moves between two timings seconds apart; the original's
+milliseconds in the report and in the first re-measurement say whether the machine ran at another speed between
+them (docs/latency.md, "Two speeds of two threads"). A row holds
 when its compile took at most the case's limit (warm: 30 s and no longer than cold), the first re-measured
 speed-up is at least the target and within 5% of what the compile reported.
 
@@ -52,7 +54,7 @@ def main() -> int:
             try:
                 pruned = fxprune.compile(model, speedup=speedup, example_inputs=x, threads=args.threads)
             except fxprune.FxPruneError as exc:
-                rows.append([name, f"{batch}x{size}", f"{speedup:g}", cache, f"{time.perf_counter() - start:.1f}", "-", "-", "-", "-", "-",
+                rows.append([name, f"{batch}x{size}", f"{speedup:g}", cache, f"{time.perf_counter() - start:.1f}", "-", "-", "-", "-", "-", "-",
                              f"{type(exc).__name__}: {str(exc)[:80]}", "NO"])
                 print(tabulate(rows[-1:], tablefmt="plain"), file=sys.stderr, flush=True)
                 print(f"  {name} {cache}: {exc}", file=sys.stderr, flush=True)  # the whole message: its figures say why
@@ -66,13 +68,15 @@ def main() -> int:
                   and abs(lat["speedup"] / again.speedup - 1) <= 0.05)
             cold_s = seconds if cache == "empty" else cold_s
             rows.append([name, f"{batch}x{size}", f"{speedup:g}", cache, f"{seconds:.1f}", f"{lat['speedup']:.3g}x",
-                         f"{again.speedup:.3g}x ({1 / again.high:.3g}-{1 / again.low:.3g})", f"{twice.speedup:.3g}x", f"{1 - flops[1] / flops[0]:.0%}",
+                         f"{again.speedup:.3g}x ({1 / again.high:.3g}-{1 / again.low:.3g})", f"{twice.speedup:.3g}x",
+                         f"{lat['before_ms']:.4g} / {again.before.median_ms:.4g}", f"{1 - flops[1] / flops[0]:.0%}",
                          lat["results_timed"], "", "yes" if ok else "NO"])
             print(tabulate(rows[-1:], tablefmt="plain"), file=sys.stderr, flush=True)
     with threads(args.threads) as count:
         print(f"{count} threads, torch {torch.__version__}; re-measured in interleaved rounds right after each compile")
     print(tabulate(rows, headers=["model", "input", "speedup", "cache", "compile s", "reported", "re-measured (95% interval)",
-                                  "again", "FLOPs removed", "results timed", "error", "holds"], tablefmt="github"))
+                                  "again", "original ms (report / re-measure)", "FLOPs removed", "results timed", "error", "holds"],
+                   tablefmt="github"))
     return 0 if all(r[-1] == "yes" for r in rows) else 1
 
 
