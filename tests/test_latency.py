@@ -446,6 +446,18 @@ class TwoSpeeds:
         return ms
 
 
+def test_a_compile_with_no_steady_timing_returns_its_result_under_on_noise_warn(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every call 1-1.6 times its cost at random: no timing is steady, so there are no speeds of the original to compare,
+    and ``on_noise="warn"`` returns the result with its warnings (the note on two speeds raised ValueError here)."""
+    monkeypatch.setattr(costmodel, "layer_ms", layer_latency)
+    rng = random.Random(0)
+    monkeypatch.setattr(timing, "time_calls", FlopClock(lambda model: rng.uniform(1, 1.6)))
+    with pytest.warns(UserWarning):
+        pruned = fxprune.compile(Net().eval(), speedup=1.5, example_inputs=X, verify=False, cache=False, round_to=1, on_noise="warn")
+    record = pruned.meta["fxprune"]["report"]["latency"]
+    assert record["noise"] > timing.STABLE and not [n for n in pruned.meta["fxprune"]["report"]["notes"] if "more than one speed" in n]
+
+
 @pytest.mark.parametrize("extra", [0.0, 0.25])
 def test_a_compile_whose_timings_catch_the_machine_at_two_speeds_says_so(monkeypatch: pytest.MonkeyPatch, extra: float) -> None:
     """From just after the machine check on, every call costs ``extra`` times the original's time more (less than

@@ -171,9 +171,9 @@ def span(limits: tuple[int, int, float], original_ms: float, ratio: float) -> st
 def speeds(originals: list[float], result: list[Comparison], threads: int) -> list[str]:
     """A note when the ``originals`` (milliseconds of steady timings of one compile) lie more than ``SPEEDS`` apart:
     the machine ran at two speeds, and the ``result``'s speed-up, timed at one or both, moves with them."""
-    low, high = min(originals), max(originals)
-    if high <= SPEEDS * low:
+    if len(originals) < 2 or max(originals) <= SPEEDS * min(originals):  # none steady on a noisy machine: nothing to say
         return []
+    low, high = min(originals), max(originals)
     timed = ", ".join(f"{c.speedup:.3g}x with the original at {c.before.median_ms:.4g} ms" for c in result if c.rounds)
     fewer = ", and fewer threads may steady it (threads=1 runs a call on one core)" if threads > 1 else ""
     return [f"the original took {low:.4g}-{high:.4g} ms in this compile's steady timings at {threads} threads: the machine ran at more "
