@@ -458,6 +458,26 @@ def test_a_compile_with_no_steady_timing_returns_its_result_under_on_noise_warn(
     assert record["noise"] > timing.STABLE and not [n for n in pruned.meta["fxprune"]["report"]["notes"] if "more than one speed" in n]
 
 
+@pytest.mark.parametrize("on_noise", ["raise", "warn"])
+def test_a_confirming_timing_the_noise_leaves_undecided_is_not_reported(monkeypatch: pytest.MonkeyPatch, on_noise: str) -> None:
+    """The machine is quiet for the check and the search, then every call takes 1-3 times its cost at random while the
+    chosen result is confirmed: the confirming timing and a third one cannot be told from the target, so the compile
+    refuses with MeasurementError (with ``on_noise="warn"``, returns it with a warning) rather than report either."""
+    monkeypatch.setattr(costmodel, "layer_ms", layer_latency)
+    rng, noisy = random.Random(0), []
+    monkeypatch.setattr(timing, "time_calls", FlopClock(lambda model: rng.uniform(1, 3) if noisy else 1.0))
+    confirm = targets.trials.Clock.confirm
+    monkeypatch.setattr(targets.trials.Clock, "confirm", lambda self, *args: noisy.append(1) or confirm(self, *args))
+    run = lambda: fxprune.compile(Net().eval(), speedup=1.5, example_inputs=X, verify=False, cache=False, round_to=1, on_noise=on_noise)
+    if on_noise == "raise":
+        with pytest.raises(fxprune.MeasurementError, match="too noisy to confirm the result"):
+            run()
+    else:
+        with pytest.warns(UserWarning, match="too noisy to confirm the result"):
+            run()
+    assert len(noisy) == 2  # the confirming timing and a third
+
+
 @pytest.mark.parametrize("extra", [0.0, 0.25])
 def test_a_compile_whose_timings_catch_the_machine_at_two_speeds_says_so(monkeypatch: pytest.MonkeyPatch, extra: float) -> None:
     """From just after the machine check on, every call costs ``extra`` times the original's time more (less than

@@ -23,8 +23,9 @@ report says why), never when the noise left nearer ones undecided.
 
 The chosen result is timed once more against the original, never from the cache, until its interval is within
 ``PRECISE``: that timing is the one reported, unless it and the search's timing of the result disagree (each median
-outside the other's interval): then a third timing is taken, and the report gives the confirming one nearer the median
-of the three; when this compile's steady timings caught the original at two speeds (``trials.SPEEDS``),
+outside the other's interval) or a noisy machine left it undecided: then a third timing is taken, and the report gives
+the confirming one nearer the median of the three that the noise did not leave undecided (``MeasurementError`` when it
+left both: ``Clock.settled``); when this compile's steady timings caught the original at two speeds (``trials.SPEEDS``),
 a note says so. The widths chosen for a model, target and strategy are kept (when that timing's median meets the goal
 and, for a result more than ``OVERSHOOT`` past it, only where the speed steps), so a warm compile confirms that result
 first (twice when the noise leaves the first timing undecided) and returns it when its whole interval meets the goal;
@@ -65,7 +66,7 @@ from ..pipeline import Analysis, select_plan
 from ..selection.strategy import Chooser
 from .nearer import nearer
 from .target import Target
-from .trials import (LIMITS, OVERSHOOT, SPARE, Clock, Trial, contradict, decidable_aim, disagree, far, fingerprint, next_budget,
+from .trials import (LIMITS, OVERSHOOT, SPARE, Clock, Trial, contradict, decidable_aim, far, fingerprint, next_budget,
                      overshoot, raise_or_warn, span, spared, speeds, stepped, too_noisy, undecidable, widths)
 
 __all__ = ["check_machine", "measured", "Checked", "ROUNDS", "MARGIN", "BAND", "OVERSHOOT", "DRIFT"]
@@ -154,7 +155,7 @@ class Search:
         return self.chooser.scores(self.a.deps, self.a.gm, self.seed, cost=cost)
 
     def run(self) -> tuple[Plan, torch.fx.GraphModule, dict[str, Any]]:
-        chosen, trials, third = self.remembered(), [], None  # third: the note of the result's third timing (``settled``)
+        chosen, trials, third = self.remembered(), [], None  # third: the note of the result's third timing (``Clock.settled``)
         confirmed = chosen is not None  # and its comparison is the confirming timing
         for fresh in (True,) if self.first else (False, True):
             if chosen is None:
@@ -166,8 +167,9 @@ class Search:
             if chosen.comparison.rounds == 0:  # nothing removed: 1x by definition
                 break
             if not confirmed:
-                c, third = self.settled(chosen, self.clock.confirm(chosen.plan, "confirming the result against the original: its speed-up "
-                                                                   "is what the report gives", self.original_ms, chosen.ratio))
+                c, third = self.clock.settled(chosen, self.clock.confirm(chosen.plan, "confirming the result against the original: its "
+                                                                         "speed-up is what the report gives", self.original_ms, chosen.ratio),
+                                              self.original_ms, self.goal, self.target.on_noise)
             if spared(c, self.goal) or fresh or self.target.on_noise == "warn":
                 break
             log.warning("the %s timing of this result (%s) %s when timed again (%s): searching afresh, from that timing",
@@ -200,19 +202,6 @@ class Search:
             removed = removed_mask(self.a.deps, chosen.plan)
             record["layers_ms"] = {names.get(node, node): ms for node, ms in self.model.layers(removed).items()}
         return chosen.plan, self.clock.result(chosen.plan)[0], record
-
-    def settled(self, chosen: Trial, c: Comparison) -> tuple[Comparison, str | None]:
-        """``c``, the confirming timing of ``chosen``; when it and ``chosen``'s own timing ``disagree``, of ``c`` and a
-        third timing the one nearer the median of the three, so that a timing taken while the machine ran otherwise
-        (a burst, the allocator's state) does not set the report alone, with a note that gives all three."""
-        if not disagree(chosen.comparison, c):
-            return c, None
-        again = self.clock.confirm(chosen.plan, f"it timed {chosen.comparison.speedup:.3g}x in the search and {c.speedup:.3g}x now, each "
-                                   "outside the other's interval: timing it a third time", self.original_ms, c.ratio)
-        middle = statistics.median([chosen.ratio, c.ratio, again.ratio])
-        reported = min((again, c), key=lambda t: abs(t.ratio - middle))
-        return reported, (f"the result timed {chosen.comparison.speedup:.3g}x in the search, then {c.speedup:.3g}x and {again.speedup:.3g}x: "
-                          f"the machine ran otherwise during one of them, and the report gives {reported.speedup:.3g}x, the nearer the middle")
 
     def plan(self, budget: float) -> Plan:
         plan = select_plan(self.a, self.chooser, budget, self.scores, self.model)

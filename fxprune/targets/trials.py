@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import math
+import statistics
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -144,6 +145,31 @@ class Clock:
                               precision=PRECISE, burst=self.burst))
         log.info("  %s", c.describe())
         return c
+
+    def settled(self, chosen: Trial, c: Comparison, original_ms: float, goal: float, on_noise: str) -> tuple[Comparison, str | None]:
+        """``c``, the confirming timing of ``chosen``; when it and ``chosen``'s own timing ``disagree``, or when a noisy machine
+        (A/A beyond ``STABLE``) left it undecided, of ``c`` and a third timing the one nearer the median of the three that the
+        noise did not leave undecided, so that a timing taken while the machine ran otherwise (a burst, the allocator's state)
+        does not set the report alone, with a note that gives all three; ``MeasurementError`` when the noise left both undecided
+        (``on_noise="warn"``: a warning, and the nearer one)."""
+        def undecided(t: Comparison) -> bool:
+            return t.noise > STABLE and t.meets(goal) is None
+
+        if not disagree(chosen.comparison, c) and not undecided(c):
+            return c, None
+        why = f"the noise left it undecided (A/A {c.noise:.0%})" if undecided(c) else "each outside the other's interval"
+        again = self.confirm(chosen.plan, f"it timed {chosen.comparison.speedup:.3g}x in the search and {c.speedup:.3g}x now, {why}: timing "
+                             "it a third time", original_ms, c.ratio)
+        middle = statistics.median([chosen.ratio, c.ratio, again.ratio])
+        reported = min([t for t in (again, c) if not undecided(t)] or [again, c], key=lambda t: abs(t.ratio - middle))
+        if undecided(reported):
+            raise_or_warn(on_noise, MeasurementError(
+                f"the machine was too noisy to confirm the result on {self.setting.device}: it timed {chosen.comparison.speedup:.3g}x in the "
+                f"search, then {c.describe()} and {again.describe()}, neither told from the {1 / goal:.3g}x asked. Close other work and "
+                "compile again, or prune to FLOPs (target_gflops= or ratio=); on_noise='warn' returns it with a warning.",
+                interval=(1 / reported.high, 1 / reported.low), noise=reported.noise))
+        return reported, (f"the result timed {chosen.comparison.speedup:.3g}x in the search, then {c.speedup:.3g}x and {again.speedup:.3g}x: "
+                          f"the machine ran otherwise during one of them, and the report gives {reported.speedup:.3g}x, the nearer the middle")
 
     def noted(self, c: Comparison) -> Comparison:
         """``c``, its original's milliseconds noted when the timing was steady (``originals``)."""
