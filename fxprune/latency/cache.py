@@ -129,20 +129,17 @@ class TimingCache:
         self.save()
 
     def forget(self, setting: Setting, keys: Iterable[str]) -> None:
-        """Take the timings of ``keys`` off the cache, whichever compile took them: they were found taken under load."""
+        """Take the timings of ``keys`` off the cache, whichever compile took them (found taken under load, say); not saved."""
+        keys = list(keys)
         for data in self._tables():
             for key in keys:
                 data.get(setting.key(), {}).pop(key, None)
-        self.unsaved = True
-        self.save()
+        self.unsaved = self.unsaved or bool(keys)
 
     def drop(self, setting: Setting, prefix: str) -> int:
         """Forget the timings whose key starts with ``prefix``; how many there were."""
         gone = [k for k in self.data.get(setting.key(), {}) if k.startswith(prefix)]
-        for data in self._tables():
-            for k in gone:
-                data.get(setting.key(), {}).pop(k, None)
-        self.unsaved = self.unsaved or bool(gone)
+        self.forget(setting, gone)
         return len(gone)
 
     def save(self) -> None:

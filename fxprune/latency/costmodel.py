@@ -256,6 +256,11 @@ def element_key(shape: torch.Size) -> str:
     return f"BatchNorm2d{list(shape)}"
 
 
+def _widths(grids: dict[int, tuple[list[list[int]], list[list[int]]]]) -> list[tuple[int, tuple[int, ...]]]:
+    """Each (layer, kept widths) that ``grids`` (each layer's widths along each factor, and the grid's points) time."""
+    return [(i, tuple(a[j] for a, j in zip(axes, index))) for i, (axes, points) in grids.items() for index in points]
+
+
 def _interpolate(grid: list[list[int]], values: torch.Tensor, kept: list[float]) -> float:
     """Multilinear interpolation of ``values`` (one axis per factor, at the ``grid`` widths) at ``kept``;
     below the smallest grid width the value shrinks in proportion to the width."""
@@ -319,7 +324,9 @@ class LatencyModel:
             why = (f"the layers alone timed {(layer_ms + other + memory) / total_ms:.3g} times as long as the whole model at the machine "
                    "check: other work took the cores while they were timed")
             cache.withdraw()
-            cache.forget(setting, self.keys)  # read from the cache too: taken under load by an earlier compile
+            cache.forget(setting, [layers[i].key(kept) for i, kept in _widths(grids)]  # read from the cache too: an earlier compile's
+                         + ([element_key(self.traffic.largest)] if per_element else []))
+            cache.save()
             if not again:  # the second time: the search's own timings correct the estimates as they go
                 log.warning("%s, twice: the latency model's estimates may lean towards 1", why)
                 break
@@ -340,8 +347,7 @@ class LatencyModel:
               total_ms: float | None, setting: Setting, cache: TimingCache, overdue: Callable[..., None] | None) -> tuple[float, ...]:
         """Time the ``layers`` at their ``grids``' widths (``self.grids``, ``self.rate``): the milliseconds of the layers at
         full width, of the contractions that cannot be rebuilt, of the memory-bound nodes, and per element of the latter."""
-        allowed = 2 * announce(deps, layers, ((i, tuple(a[j] for a, j in zip(axes, index))) for i, (axes, points) in grids.items()
-                                              for index in points), total_ms, setting, cache, "for the latency model") + 5.0
+        allowed = 2 * announce(deps, layers, _widths(grids), total_ms, setting, cache, "for the latency model") + 5.0
         due = time.perf_counter() + allowed
         self.grids: dict[int, tuple[list[list[int]], torch.Tensor]] = {}
         for i, (axes, points) in grids.items():
@@ -355,8 +361,6 @@ class LatencyModel:
         largest = self.traffic.largest
         per_element = element_ms(largest, setting, cache) if largest is not None and len(largest) == 4 else 0.0
         cache.save()
-        self.keys = [layers[i].key(tuple(a[j] for a, j in zip(axes, index))) for i, (axes, points) in grids.items() for index in points]
-        self.keys += [element_key(largest)] if per_element else []  # the timings this model reads
         terms = deps.flop_terms
         layer_ms = sum(float(v.flatten()[-1]) for _, v in self.grids.values())
         layer_macs = sum(terms[i].macs for i in self.grids)

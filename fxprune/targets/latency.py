@@ -195,8 +195,8 @@ class Search:
                   "threads": self.setting.threads, "dtype": self.setting.dtype, "timings_taken": self.cache.measured, "rounds": self.timed,
                   "results_timed": self.clock.timed,
                   "notes": overshoot(chosen, c, trials, self.goal, self.step) + self.notes + ([third] if third else [])
-                  + speeds([self.original_ms] * (self.noise <= STABLE) + self.clock.originals, [*[chosen.comparison] * (not chosen.cached), c],
-                           self.setting.threads)}
+                  + speeds(([self.original_ms] if self.noise <= STABLE else []) + self.clock.originals,  # the steady timings' originals
+                           [c] if chosen.cached else [chosen.comparison, c], self.setting.threads)}
         if "model" in self.__dict__:  # a remembered result builds no latency model
             names = {n.name: name for n, (name, _) in layers(self.a.gm).items()}
             removed = removed_mask(self.a.deps, chosen.plan)
