@@ -500,17 +500,19 @@ def test_a_compile_whose_timings_catch_the_machine_at_two_speeds_says_so(monkeyp
 
 
 class LoadThatLeaves:
-    """A steady load that makes every call, of whole models and of layers alike, ``slow`` times as long plus ``extra`` ms
-    (a cost per call, which flattens the layers' timings), until the first candidate is timed after the layer
-    timings: then it leaves. ``layers`` counts the layer timings taken under the load and after it."""
+    """A steady load that makes every layer timing, and every whole-model call too when ``models``, ``slow`` times as long
+    plus ``extra`` ms (a cost per call, which flattens the layers' timings), until the first whole-model call after a
+    loaded layer timing (the first candidate, or the machine checked again): then it leaves, unless it never ``leaves``.
+    ``layers`` counts the layer timings taken under the load and after it, ``under_load`` holds what they gave."""
 
-    def __init__(self, slow: float = 1.7, extra: float = 20.0) -> None:
-        self.clock, self.slow, self.extra, self.gone, self.layers = FlopClock(), slow, extra, False, {True: 0, False: 0}
-        self.under_load: set[float] = set()  # the layer timings it gave under the load
+    def __init__(self, models: bool, leaves: bool = True, slow: float = 1.7, extra: float = 20.0) -> None:
+        self.clock, self.models, self.leaves, self.slow, self.extra = FlopClock(), models, leaves, slow, extra
+        self.gone, self.layers, self.under_load = False, {True: 0, False: 0}, set()
 
     def __call__(self, model, inputs, calls, sync) -> float:
-        self.gone = self.gone or self.layers[True] > 0
-        return self.loaded(self.clock.true_ms(model, inputs))
+        self.gone = self.gone or (self.leaves and self.layers[True] > 0)
+        ms = self.clock.true_ms(model, inputs)
+        return self.loaded(ms) if self.models else ms
 
     def loaded(self, ms: float) -> float:
         return ms if self.gone else self.slow * ms + self.extra
@@ -528,7 +530,7 @@ def test_a_load_that_leaves_after_the_layer_timings_gets_them_taken_again(monkey
     loaded ones flattened the latency model's estimates) and taken off the cache, and the result's estimate agrees
     with its timing."""
     monkeypatch.setenv("FXPRUNE_CACHE_DIR", str(tmp_path))
-    load = LoadThatLeaves()
+    load = LoadThatLeaves(models=True)
     monkeypatch.setattr(timing, "time_calls", load)
     monkeypatch.setattr(costmodel, "layer_ms", load.layer)
     pruned = fxprune.compile(Net().eval(), speedup=1.5, example_inputs=X, verify=False, round_to=1)
@@ -540,25 +542,6 @@ def test_a_load_that_leaves_after_the_layer_timings_gets_them_taken_again(monkey
     assert layer_rows and not {row[0] for row in layer_rows} & load.under_load
 
 
-class LoadOnTheLayers:
-    """Other work that holds the cores only while the latency model's layers are first timed: each layer timing then
-    takes ``slow`` times as long plus ``extra`` ms; the machine checks before and after find it quiet."""
-
-    def __init__(self, leaves: bool = True, slow: float = 3.0, extra: float = 20.0) -> None:
-        self.clock, self.leaves, self.slow, self.extra, self.gone, self.under_load = FlopClock(), leaves, slow, extra, False, set()
-
-    def __call__(self, model, inputs, calls, sync) -> float:
-        self.gone = self.gone or (self.leaves and bool(self.under_load))  # the machine checked again after the layers
-        return self.clock.true_ms(model, inputs)
-
-    def layer(self, layer: nn.Module, x: torch.Tensor) -> Latency:
-        ms = flop_ms(layer, (x,))
-        if not self.gone:
-            ms = self.slow * ms + self.extra
-            self.under_load.add(ms)
-        return Latency(ms, ms, ms, 9, int(x.shape[0]), Setting.of(layer, (x,)), ms, ms)
-
-
 @pytest.mark.parametrize("leaves", [True, False])
 def test_layers_timed_alone_slower_than_the_whole_model_are_timed_again(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                                                        caplog: pytest.LogCaptureFixture, leaves: bool) -> None:
@@ -567,7 +550,7 @@ def test_layers_timed_alone_slower_than_the_whole_model_are_timed_again(monkeypa
     the result's estimate agrees with its timing; where the load stays on the layers, a warning, and the search's timings
     still reach the target. No loaded timing stays in the cache."""
     monkeypatch.setenv("FXPRUNE_CACHE_DIR", str(tmp_path))
-    load = LoadOnTheLayers(leaves)
+    load = LoadThatLeaves(models=False, leaves=leaves, slow=3.0)  # the machine checks find it quiet
     monkeypatch.setattr(timing, "time_calls", load)
     monkeypatch.setattr(costmodel, "layer_ms", load.layer)
     with caplog.at_level(logging.INFO, logger="fxprune"):
@@ -586,7 +569,7 @@ def test_loaded_layer_timings_an_earlier_compile_kept_are_taken_off_the_cache(mo
     """An earlier compile kept layer timings taken under load (its rule off); a quiet compile that reads them finds its
     layers alone slower than the whole model, takes them off the cache, times them again and estimates its result right."""
     monkeypatch.setenv("FXPRUNE_CACHE_DIR", str(tmp_path))
-    load = LoadOnTheLayers(leaves=False)
+    load = LoadThatLeaves(models=False, leaves=False, slow=3.0)
     monkeypatch.setattr(timing, "time_calls", load)
     monkeypatch.setattr(costmodel, "layer_ms", load.layer)
     with monkeypatch.context() as off:
@@ -600,21 +583,18 @@ def test_loaded_layer_timings_an_earlier_compile_kept_are_taken_off_the_cache(mo
     assert not {row[0] for table in kept.values() for key, row in table.items() if not key.startswith(("model ", "round_to"))} & load.under_load
 
 
-class PassingLoad:
-    """Other work that takes the cores from the first candidate's timing until the machine is checked again (its first
-    1-thread call): every call then takes twice as long plus ``stall`` ms at more than one thread (``Contention``)."""
+class PassingLoad(Contention):
+    """``Contention`` from the first call after the layer timings (the first candidate's timing) until the machine is
+    checked again (its first 1-thread call)."""
 
-    def __init__(self, stall: float = 200.0) -> None:
-        self.clock, self.stall, self.state = FlopClock(), stall, "before"  # before, loaded, after
-        self.loaded_ms: list[float] = []  # the original's milliseconds of each call under the load
+    def __init__(self) -> None:
+        super().__init__([])
+        self.state = "before"  # before, loaded, after
 
-    def __call__(self, model, inputs, calls, sync) -> float:
-        ms = self.clock.true_ms(model, inputs)
+    def busy(self) -> bool:
         if self.state == "loaded" and torch.get_num_threads() == 1:
             self.state = "after"
-        if self.state == "loaded":
-            ms = 2 * ms + self.stall
-        return ms
+        return self.state == "loaded"
 
     def layer(self, layer: nn.Module, x: torch.Tensor) -> Latency:
         self.state = "loaded"
